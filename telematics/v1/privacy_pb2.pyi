@@ -1,0 +1,39 @@
+from telematics.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PrivacySettings(_message.Message):
+    __slots__ = ("header", "revision", "privacy_mode", "location", "features")
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bool
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bool] = ...) -> None: ...
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_MODE_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    header: _common_pb2.Header
+    revision: int
+    privacy_mode: bool
+    location: _common_pb2.LocationMode
+    features: _containers.ScalarMap[str, bool]
+    def __init__(self, header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., revision: _Optional[int] = ..., privacy_mode: _Optional[bool] = ..., location: _Optional[_Union[_common_pb2.LocationMode, str]] = ..., features: _Optional[_Mapping[str, bool]] = ...) -> None: ...
+
+class PrivacyApplied(_message.Message):
+    __slots__ = ("vin", "revision", "policy_version")
+    VIN_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    vin: str
+    revision: int
+    policy_version: str
+    def __init__(self, vin: _Optional[str] = ..., revision: _Optional[int] = ..., policy_version: _Optional[str] = ...) -> None: ...
