@@ -1,0 +1,139 @@
+"""Start a private Mosquitto broker on a free port with its own config.
+
+Used by the demo, the integration tests and the benchmarks so none of them
+depends on a broker already running on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def find_mosquitto() -> str:
+    for candidate in MOSQUITTO_CANDIDATES:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    raise FileNotFoundError(
+        "mosquitto not found: install it (Debian: apt-get install mosquitto) "
+        "or run the README's commands, which install it"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class MosquittoBroker:
+    """A mosquitto process listening on 127.0.0.1:<free port>.
+
+    Queues are sized for outages: a persistent session keeps up to
+    `max_queued` QoS 1 messages while its client is away (mosquitto's
+    default of 1000 silently drops beyond that).
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        max_queued: int = 1_000_000,
+        max_inflight: int = 1000,
+        workdir: Path | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.max_queued = max_queued
+        self.max_inflight = max_inflight
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="mosquitto-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: BinaryIO | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mosquitto.log"
+
+    def config_text(self) -> str:
+        return "\n".join(
+            [
+                f"listener {self.port} 127.0.0.1",
+                "allow_anonymous true",
+                "persistence false",
+                f"max_queued_messages {self.max_queued}",
+                "max_queued_bytes 0",
+                f"max_inflight_messages {self.max_inflight}",
+                "max_keepalive 65535",
+                "set_tcp_nodelay true",
+                "log_dest stderr",
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
+                "connection_messages true",
+                "",
+            ]
+        )
+
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self.config_text())
+        # Logs go to a file we own: mosquitto started as root drops to its own
+        # user and could not write into our private temp directory.
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [find_mosquitto(), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited at start: {self.log_path.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"mosquitto did not listen on port {self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self.process = None
+        if self._own_workdir and not os.environ.get("KEEP_BROKER_LOGS"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> MosquittoBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
