@@ -1,0 +1,32 @@
+"""The pure decision core: no I/O, no clock, no globals it mutates."""
+
+from gateway.core.decide import (
+    ApplySettings,
+    CommandDecision,
+    Decision,
+    DecisionContext,
+    Drop,
+    DropReason,
+    Forward,
+    decide,
+    decide_command,
+    state_from_snapshot,
+)
+from gateway.core.state import CoarseFix, LocationMode, SettingsSnapshot, VehicleState
+
+__all__ = [
+    "ApplySettings",
+    "CoarseFix",
+    "CommandDecision",
+    "Decision",
+    "DecisionContext",
+    "Drop",
+    "DropReason",
+    "Forward",
+    "LocationMode",
+    "SettingsSnapshot",
+    "VehicleState",
+    "decide",
+    "decide_command",
+    "state_from_snapshot",
+]

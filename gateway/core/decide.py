@@ -1,0 +1,459 @@
+"""The privacy decision: (policy, state, topic, payload, now) -> decision.
+
+Pure and synchronous: no I/O, no clock (time comes in as `now`), no mutation
+of its inputs. Every rule of the wire contract's "Decisions" list lives here.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from google.protobuf.message import DecodeError, Message
+
+from gateway.core.state import (
+    VIN_PATTERN,
+    CoarseFix,
+    LocationMode,
+    SettingsSnapshot,
+    VehicleState,
+)
+from gateway.core.transforms import (
+    coarsen_geopoint,
+    grid_offset,
+    pseudonym,
+    pseudonymize_field,
+    truncate_ip,
+)
+from gateway.policy import CompiledPolicy, CompiledStream
+from telematics.v1 import command_pb2, common_pb2, privacy_pb2
+
+SETTINGS_TOPIC = "avn/privacy"
+APPLIED_TOPIC = "avn/privacy/applied"
+
+
+class DropReason(StrEnum):
+    UNKNOWN_TOPIC = "unknown_topic"
+    INVALID_VIN = "invalid_vin"
+    UNDECODABLE = "undecodable"
+    VIN_MISMATCH = "vin_mismatch"
+    UNKNOWN_VEHICLE = "unknown_vehicle"
+    PRIVACY_MODE = "privacy_mode"
+    FEATURE_DISABLED = "feature_disabled"
+    LOCATION_OFF = "location_off"
+    NO_WINDOW = "no_find_my_car_window"
+    STALE_REVISION = "stale_revision"
+    VIN_IN_PAYLOAD = "vin_in_pseudonymized_payload"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionContext:
+    """Everything a decision depends on besides per-vehicle state.
+
+    Replaced as a whole (never mutated) when the policy changes, so every
+    message is decided under exactly one policy version.
+    """
+
+    policy: CompiledPolicy
+    key: bytes
+    vehicle_prefix: str = "vehicle"
+    backend_prefix: str = "tsp"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    topic: str
+    payload: bytes
+    user_properties: tuple[tuple[str, str], ...]
+    vin: str
+    stream: str
+    feature: str
+    transforms: tuple[str, ...]
+    coarse_fix: CoarseFix | None = None  # new refresh-interval anchor, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    reason: DropReason
+    stream: str
+    vin: str = ""
+    detail: str = ""
+    # For a settings message equal to the applied revision (a redelivery):
+    # announce the applied state again so the car converges.
+    reannounce: tuple[str, bytes] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApplySettings:
+    snapshot: SettingsSnapshot
+    state: VehicleState
+    applied_topic: str
+    applied_payload: bytes
+
+
+Decision = Forward | Drop | ApplySettings
+
+
+@dataclass(frozen=True, slots=True)
+class CommandDecision:
+    vin: str
+    command: str
+    accepted: bool
+    reason: str
+    result_topic: str
+    result_payload: bytes
+    forward_topic: str | None = None
+    forward_payload: bytes | None = None
+    state: VehicleState | None = None  # new state when the command opens a window
+
+
+# --------------------------------------------------------------------------
+# Vehicle -> backend
+
+
+def split_vehicle_topic(prefix: str, topic: str) -> tuple[str, str] | None:
+    """'vehicle/{vin}/tbox/status' -> ('{vin}', 'tbox/status')."""
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return None
+    vin, sep, rest = topic[len(head) :].partition("/")
+    if not sep or not rest:
+        return None
+    return vin, rest
+
+
+def decide(
+    ctx: DecisionContext,
+    topic: str,
+    payload: bytes,
+    states: Mapping[str, VehicleState],
+    coarse_fixes: Mapping[str, CoarseFix],
+    now: float,
+) -> Decision:
+    """Decide one message received from the vehicle side."""
+    parts = split_vehicle_topic(ctx.vehicle_prefix, topic)
+    if parts is None:
+        return Drop(DropReason.UNKNOWN_TOPIC, "", detail=topic)
+    vin, relative = parts
+    if relative == SETTINGS_TOPIC:
+        if not VIN_PATTERN.match(vin):
+            return Drop(DropReason.INVALID_VIN, SETTINGS_TOPIC, detail=vin)
+        return _decide_settings(ctx, vin, payload, states.get(vin), now)
+    route = ctx.policy.route(relative)
+    if route is None:
+        return Drop(DropReason.UNKNOWN_TOPIC, "", vin=vin, detail=relative)
+    stream, app_id = route
+    if not VIN_PATTERN.match(vin):
+        return Drop(DropReason.INVALID_VIN, stream.key, detail=vin)
+    message = stream.message_cls()
+    try:
+        message.ParseFromString(payload)
+    except DecodeError:
+        return Drop(DropReason.UNDECODABLE, stream.key, vin=vin)
+    header: common_pb2.Header = message.header  # type: ignore[attr-defined]
+    if header.vin != vin:
+        return Drop(DropReason.VIN_MISMATCH, stream.key, vin=vin, detail=header.vin[:32])
+    feature = stream.feature if app_id is None else f"{stream.feature}.{app_id}"
+    if stream.legal_obligation:
+        # Legal obligation (eCall): always forwarded, byte for byte.
+        return Forward(
+            topic=f"{ctx.backend_prefix}/{vin}/{relative}",
+            payload=payload,
+            user_properties=_properties(ctx.policy, stream, feature, ()),
+            vin=vin,
+            stream=stream.key,
+            feature=feature,
+            transforms=(),
+        )
+    state = states.get(vin)
+    if state is None:
+        return Drop(DropReason.UNKNOWN_VEHICLE, stream.key, vin=vin)
+    if state.privacy_mode:
+        return Drop(DropReason.PRIVACY_MODE, stream.key, vin=vin)
+    if feature not in state.enabled:
+        return Drop(DropReason.FEATURE_DISABLED, stream.key, vin=vin, detail=feature)
+    mode = state.location.effective
+    if stream.location_purpose and mode is LocationMode.OFF:
+        return Drop(DropReason.LOCATION_OFF, stream.key, vin=vin)
+    if stream.requires_window and not state.window_open(now):
+        return Drop(DropReason.NO_WINDOW, stream.key, vin=vin)
+    timestamp_ms = header.timestamp_ms or int(now * 1000)
+    transforms, fix = _transform(ctx, stream, message, vin, mode, coarse_fixes.get(vin), timestamp_ms)
+    ref = vin
+    if stream.pseudonymize_vin:
+        ref = pseudonym(ctx.key, f"vin/{app_id or stream.key}", vin)
+        header.vin = ref
+        transforms.append("pseudonymize:vin")
+    out = message.SerializeToString()
+    if stream.pseudonymize_vin and vin.encode() in out:
+        # The car put its VIN somewhere we cannot rewrite (opaque app bytes).
+        return Drop(DropReason.VIN_IN_PAYLOAD, stream.key, vin=vin)
+    return Forward(
+        topic=f"{ctx.backend_prefix}/{ref}/{relative}",
+        payload=out,
+        user_properties=_properties(ctx.policy, stream, feature, transforms),
+        vin=vin,
+        stream=stream.key,
+        feature=feature,
+        transforms=tuple(transforms),
+        coarse_fix=fix,
+    )
+
+
+def _properties(
+    policy: CompiledPolicy, stream: CompiledStream, feature: str, transforms: list[str] | tuple[()]
+) -> tuple[tuple[str, str], ...]:
+    return (
+        ("policy-version", policy.version),
+        ("feature", feature),
+        ("legal-basis", stream.legal_basis),
+        ("retention-days", str(stream.retention_days)),
+        ("transforms", ",".join(transforms)),
+    )
+
+
+def _transform(
+    ctx: DecisionContext,
+    stream: CompiledStream,
+    message: Message,
+    vin: str,
+    mode: LocationMode,
+    fix: CoarseFix | None,
+    timestamp_ms: int,
+) -> tuple[list[str], CoarseFix | None]:
+    """Apply the stream's field rules in place; returns what was applied."""
+    applied: list[str] = []
+    new_fix: CoarseFix | None = None
+    policy = ctx.policy
+    for geo in stream.geo_fields:
+        if geo.repeated:
+            points = list(getattr(message, geo.name))
+            if not points:
+                continue
+            if mode is LocationMode.OFF:
+                message.ClearField(geo.name)
+                applied.append(f"clear:{geo.name}")
+            elif mode is LocationMode.APPROXIMATE:
+                offset = grid_offset(ctx.key, vin)
+                for point in points:
+                    coarsen_geopoint(point, policy.cell_size_m, offset)
+                applied.append(f"coarsen:{geo.name}")
+            continue
+        if not message.HasField(geo.name):
+            continue
+        if mode is LocationMode.OFF:
+            message.ClearField(geo.name)
+            applied.append(f"clear:{geo.name}")
+        elif mode is LocationMode.APPROXIMATE:
+            point = getattr(message, geo.name)
+            current = fix if new_fix is None else new_fix
+            if (
+                geo.is_position
+                and current is not None
+                and abs(timestamp_ms - current.timestamp_ms) < policy.refresh_interval_ms
+            ):
+                # Within the refresh interval the coarse value does not move.
+                point.Clear()
+                point.latitude = current.latitude
+                point.longitude = current.longitude
+                point.horizontal_accuracy_m = policy.cell_size_m
+            else:
+                coarsen_geopoint(point, policy.cell_size_m, grid_offset(ctx.key, vin))
+                if geo.is_position:
+                    new_fix = CoarseFix(timestamp_ms, point.latitude, point.longitude)
+            applied.append(f"coarsen:{geo.name}")
+    for name in stream.place_id_fields:
+        if mode is not LocationMode.PRECISE and getattr(message, name):
+            message.ClearField(name)
+            applied.append(f"clear:{name}")
+    for name in stream.pseudonymize_fields:
+        value = getattr(message, name)
+        if value:
+            setattr(message, name, pseudonymize_field(ctx.key, name, value))
+            applied.append(f"hmac:{name}")
+    for name in stream.truncate_ip_fields:
+        value = getattr(message, name)
+        if value:
+            setattr(message, name, truncate_ip(value))
+            applied.append(f"truncate_ip:{name}")
+    for name in stream.remove_fields:
+        if message.HasField(name) if _has_presence(message, name) else bool(getattr(message, name)):
+            message.ClearField(name)
+            applied.append(f"remove:{name}")
+    # Fields the policy does not know (a newer car schema) never leave.
+    message.DiscardUnknownFields()
+    return applied, new_fix
+
+
+def _has_presence(message: Message, name: str) -> bool:
+    fd = message.DESCRIPTOR.fields_by_name[name]
+    return bool(fd.has_presence)
+
+
+# --------------------------------------------------------------------------
+# Privacy settings
+
+
+def _decide_settings(
+    ctx: DecisionContext, vin: str, payload: bytes, current: VehicleState | None, now: float
+) -> Decision:
+    settings = privacy_pb2.PrivacySettings()
+    try:
+        settings.ParseFromString(payload)
+    except DecodeError:
+        return Drop(DropReason.UNDECODABLE, SETTINGS_TOPIC, vin=vin)
+    if settings.header.vin != vin:
+        return Drop(DropReason.VIN_MISMATCH, SETTINGS_TOPIC, vin=vin, detail=settings.header.vin[:32])
+    applied_revision = current.revision if current is not None else 0
+    if settings.revision <= applied_revision:
+        reannounce = None
+        if current is not None and settings.revision == applied_revision:
+            reannounce = applied_message(ctx, vin, applied_revision)
+        return Drop(
+            DropReason.STALE_REVISION,
+            SETTINGS_TOPIC,
+            vin=vin,
+            detail=f"{settings.revision}<={applied_revision}",
+            reannounce=reannounce,
+        )
+    snapshot = SettingsSnapshot(
+        vin=vin,
+        revision=settings.revision,
+        privacy_mode=settings.privacy_mode,
+        location=LocationMode.parse(settings.location),
+        features=dict(settings.features),
+        applied_at=now,
+        policy_version=ctx.policy.version,
+    )
+    state = state_from_snapshot(ctx.policy, snapshot, current.window_until if current else 0.0)
+    topic, body = applied_message(ctx, vin, settings.revision)
+    return ApplySettings(snapshot, state, topic, body)
+
+
+def state_from_snapshot(
+    policy: CompiledPolicy, snapshot: SettingsSnapshot, window_until: float = 0.0
+) -> VehicleState:
+    """The enforceable state of a snapshot under a policy.
+
+    Features the snapshot does not mention take the policy default (never on
+    for consent); unknown feature ids are ignored.
+    """
+    enabled = set(policy.default_on - snapshot.features.keys())
+    for feature_id, on in snapshot.features.items():
+        if on and policy.feature_is_known(feature_id):
+            enabled.add(sys.intern(feature_id))
+    return VehicleState(
+        revision=snapshot.revision,
+        privacy_mode=snapshot.privacy_mode,
+        location=snapshot.location,
+        enabled=_intern_set(frozenset(enabled)),
+        window_until=window_until,
+    )
+
+
+_SET_CACHE: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _intern_set(value: frozenset[str]) -> frozenset[str]:
+    # Fleets share a few hundred distinct feature combinations: keep one copy each.
+    if len(_SET_CACHE) > 100_000:
+        _SET_CACHE.clear()
+    return _SET_CACHE.setdefault(value, value)
+
+
+def applied_message(ctx: DecisionContext, vin: str, revision: int) -> tuple[str, bytes]:
+    body = privacy_pb2.PrivacyApplied(vin=vin, revision=revision, policy_version=ctx.policy.version)
+    return f"{ctx.vehicle_prefix}/{vin}/{APPLIED_TOPIC}", body.SerializeToString()
+
+
+# --------------------------------------------------------------------------
+# Backend -> vehicle commands
+
+
+def split_command_topic(prefix: str, topic: str) -> tuple[str, str] | None:
+    """'tsp/{vin}/cmd/{command}' -> ('{vin}', '{command}')."""
+    parts = topic.split("/")
+    head = prefix.split("/")
+    if len(parts) != len(head) + 3 or parts[: len(head)] != head or parts[len(head) + 1] != "cmd":
+        return None
+    return parts[len(head)], parts[len(head) + 2]
+
+
+def decide_command(
+    ctx: DecisionContext,
+    topic: str,
+    payload: bytes,
+    states: Mapping[str, VehicleState],
+    now: float,
+) -> CommandDecision | None:
+    """Decide one backend command. None when the topic is not a command topic."""
+    parts = split_command_topic(ctx.backend_prefix, topic)
+    if parts is None:
+        return None
+    vin, name = parts
+    result_topic = f"{ctx.backend_prefix}/{vin}/cmd/{name}/result"
+    command = command_pb2.Command()
+    try:
+        command.ParseFromString(payload)
+    except DecodeError:
+        return _refuse(vin, name, "", result_topic, "undecodable")
+    request_id = command.request_id
+
+    def refuse(reason: str) -> CommandDecision:
+        return _refuse(vin, name, request_id, result_topic, reason)
+
+    if not VIN_PATTERN.match(vin):
+        return refuse("invalid_vin")
+    if command.command and command.command != name:
+        return refuse("command_mismatch")
+    rule = ctx.policy.commands.get(name)
+    if rule is None:
+        return refuse("unknown_command")
+    state = states.get(vin)
+    if state is None:
+        return refuse("unknown_vehicle")
+    if state.privacy_mode:
+        return refuse("privacy_mode")
+    if rule.feature not in state.enabled:
+        return refuse(f"feature_disabled:{rule.feature}")
+    new_state = None
+    if rule.opens_window:
+        new_state = VehicleState(
+            revision=state.revision,
+            privacy_mode=state.privacy_mode,
+            location=state.location,
+            enabled=state.enabled,
+            window_until=now + ctx.policy.window_s,
+        )
+    result = command_pb2.CommandResult(
+        request_id=request_id, command=name, accepted=True, reason="forwarded"
+    )
+    if not command.command:
+        command.command = name
+    return CommandDecision(
+        vin=vin,
+        command=name,
+        accepted=True,
+        reason="forwarded",
+        result_topic=result_topic,
+        result_payload=result.SerializeToString(),
+        forward_topic=f"{ctx.vehicle_prefix}/{vin}/cmd/{name}",
+        forward_payload=command.SerializeToString(),
+        state=new_state,
+    )
+
+
+def _refuse(vin: str, name: str, request_id: str, result_topic: str, reason: str) -> CommandDecision:
+    result = command_pb2.CommandResult(
+        request_id=request_id, command=name, accepted=False, reason=reason
+    )
+    return CommandDecision(
+        vin=vin,
+        command=name,
+        accepted=False,
+        reason=reason,
+        result_topic=result_topic,
+        result_payload=result.SerializeToString(),
+    )

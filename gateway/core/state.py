@@ -1,0 +1,78 @@
+"""Per-vehicle privacy state as the decision core sees it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from telematics.v1 import common_pb2
+
+# ISO 3779: 17 characters, no I, O or Q.
+VIN_PATTERN = re.compile(r"^[A-HJ-NPR-Z0-9]{17}$")
+
+
+class LocationMode(IntEnum):
+    UNSPECIFIED = common_pb2.LOCATION_MODE_UNSPECIFIED
+    OFF = common_pb2.LOCATION_OFF
+    APPROXIMATE = common_pb2.LOCATION_APPROXIMATE
+    PRECISE = common_pb2.LOCATION_PRECISE
+
+    @property
+    def effective(self) -> LocationMode:
+        """UNSPECIFIED (or anything unknown) is enforced as OFF: fail closed."""
+        return self if self in (LocationMode.APPROXIMATE, LocationMode.PRECISE) else LocationMode.OFF
+
+    @classmethod
+    def parse(cls, value: int | str) -> LocationMode:
+        if isinstance(value, str):
+            name = value.strip().upper().removeprefix("LOCATION_")
+            if name == "MODE_UNSPECIFIED":
+                name = "UNSPECIFIED"
+            return cls[name]
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.UNSPECIFIED
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsSnapshot:
+    """A PrivacySettings snapshot as applied (what the store persists)."""
+
+    vin: str
+    revision: int
+    privacy_mode: bool
+    location: LocationMode
+    features: dict[str, bool] = field(hash=False)
+    applied_at: float  # gateway wall clock, epoch seconds
+    policy_version: str
+    source: str = "vehicle"
+
+
+@dataclass(frozen=True, slots=True)
+class VehicleState:
+    """What the hot path needs to decide a message of one vehicle.
+
+    `enabled` holds only feature ids the active policy knows, interned, so a
+    million vehicles share the same few strings.
+    """
+
+    revision: int
+    privacy_mode: bool
+    location: LocationMode
+    enabled: frozenset[str]
+    window_until: float = 0.0  # find-my-car window end, gateway epoch seconds
+
+    def window_open(self, now: float) -> bool:
+        return now < self.window_until
+
+
+@dataclass(frozen=True, slots=True)
+class CoarseFix:
+    """Last approximate current-position value sent for a vehicle, for the
+    refresh-interval rule (the coarse value changes at most once per interval)."""
+
+    timestamp_ms: int
+    latitude: float
+    longitude: float

@@ -1,0 +1,121 @@
+"""Field transforms: small pure functions over values and protobuf messages.
+
+Nothing here does I/O or reads a clock. Keys are passed in explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import math
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+
+from telematics.v1 import common_pb2
+
+METRES_PER_DEGREE_LAT = 111_320.0
+_MIN_COS_LAT = 0.01  # keeps longitude cells finite near the poles
+
+
+def pseudonym(key: bytes, purpose: str, value: str) -> str:
+    """Keyed HMAC-SHA-256 pseudonym (128 bits, hex).
+
+    The purpose separates domains: the same VIN gets unrelated pseudonyms in
+    different apps, and a MAC pseudonym cannot be matched against a VIN one.
+    """
+    mac = hmac.new(key, purpose.encode() + b"\x00" + value.encode(), hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+# Pseudonym domain per field name; the field name itself when not listed.
+_FIELD_PURPOSE = {"session_id": "voice_session"}
+
+
+def pseudonymize_field(key: bytes, field_name: str, value: str) -> str:
+    if field_name == "bluetooth_mac":
+        value = normalize_mac(value)
+    return pseudonym(key, _FIELD_PURPOSE.get(field_name, field_name), value)
+
+
+@dataclass(frozen=True, slots=True)
+class GridOffset:
+    """Sticky per-vehicle grid offset, as fractions of a cell in [0, 1)."""
+
+    lat_fraction: float
+    lon_fraction: float
+
+
+@lru_cache(maxsize=65536)
+def grid_offset(key: bytes, vin: str) -> GridOffset:
+    """Derived from the operator key, so it is stable across restarts without
+    storing anything, and unknowable to anyone without the key. Averaging many
+    coarse reports of a parked car converges on the cell centre, not the car.
+    """
+    digest = hmac.new(key, b"grid-offset\x00" + vin.encode(), hashlib.sha256).digest()
+    a, b = struct.unpack_from(">QQ", digest)
+    return GridOffset(a / 2.0**64, b / 2.0**64)
+
+
+def coarse_cell_degrees(cell_size_m: float, latitude: float) -> tuple[float, float]:
+    """Cell height and width in degrees at a (snapped) latitude."""
+    dlat = cell_size_m / METRES_PER_DEGREE_LAT
+    cos_lat = max(math.cos(math.radians(latitude)), _MIN_COS_LAT)
+    dlon = min(cell_size_m / (METRES_PER_DEGREE_LAT * cos_lat), 360.0)
+    return dlat, dlon
+
+
+def coarsen_position(
+    latitude: float, longitude: float, cell_size_m: float, offset: GridOffset
+) -> tuple[float, float]:
+    """Snap a point to the centre of its cell in a grid shifted by `offset`.
+
+    Latitude is quantized first; the longitude cell width is taken at the
+    snapped latitude, so it reveals nothing finer than the latitude band.
+    """
+    dlat = cell_size_m / METRES_PER_DEGREE_LAT
+    lat_shift = offset.lat_fraction * dlat
+    row = math.floor((latitude + 90.0 + lat_shift) / dlat)
+    snapped_lat = (row + 0.5) * dlat - lat_shift - 90.0
+    snapped_lat = min(max(snapped_lat, -90.0), 90.0)
+    _, dlon = coarse_cell_degrees(cell_size_m, snapped_lat)
+    lon_shift = offset.lon_fraction * dlon
+    col = math.floor((longitude + 180.0 + lon_shift) / dlon)
+    snapped_lon = (col + 0.5) * dlon - lon_shift - 180.0
+    snapped_lon = (snapped_lon + 180.0) % 360.0 - 180.0
+    if snapped_lat == latitude and snapped_lon == longitude:
+        # The input sat exactly on a cell centre: move within the cell so the
+        # output never reproduces the input.
+        snapped_lon = (snapped_lon + dlon / 4.0 + 180.0) % 360.0 - 180.0
+    return snapped_lat, snapped_lon
+
+
+def coarsen_geopoint(
+    point: common_pb2.GeoPoint, cell_size_m: float, offset: GridOffset
+) -> None:
+    """Approximate a GeoPoint in place: grid-snapped position, motion cleared,
+    accuracy stated as the cell size."""
+    lat, lon = coarsen_position(point.latitude, point.longitude, cell_size_m, offset)
+    point.Clear()
+    point.latitude = lat
+    point.longitude = lon
+    point.horizontal_accuracy_m = cell_size_m
+
+
+def truncate_ip(value: str) -> str:
+    """IPv4 -> /24, IPv6 -> /48. Unparseable input yields "" (fail closed)."""
+    try:
+        addr = ipaddress.ip_address(value.strip())
+    except ValueError:
+        return ""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    prefix = 24 if addr.version == 4 else 48
+    network = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+    return str(network.network_address)
+
+
+def normalize_mac(value: str) -> str:
+    """Canonical form before hashing, so 'aa-bb-..' and 'AA:BB:..' match."""
+    return value.strip().upper().replace("-", ":")

@@ -1,0 +1,58 @@
+"""Prometheus metrics of one gateway instance (own registry: tests run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "gateway_messages_received_total", "Messages received", ["source"], registry=r
+        )
+        self.forwarded = Counter(
+            "gateway_messages_forwarded_total",
+            "Messages forwarded to the backend",
+            ["stream", "feature"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "gateway_messages_dropped_total", "Messages dropped", ["stream", "reason"], registry=r
+        )
+        self.transforms = Counter(
+            "gateway_transforms_total", "Field transforms applied", ["transform"], registry=r
+        )
+        self.settings_applied = Counter(
+            "gateway_settings_applied_total", "Privacy settings made durable and enforced", registry=r
+        )
+        self.commands = Counter(
+            "gateway_commands_total", "Backend commands", ["command", "accepted"], registry=r
+        )
+        self.publish_retries = Counter(
+            "gateway_publish_retries_total", "Publishes retried after a refusal", ["edge"], registry=r
+        )
+        self.internal_errors = Counter(
+            "gateway_internal_errors_total", "Messages that raised inside the gateway", registry=r
+        )
+        self.decision_seconds = Histogram(
+            "gateway_decision_seconds",
+            "Time to decide one message (decode, decide, transform, encode)",
+            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2),
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "gateway_inflight_messages", "Received but not yet acknowledged", ["source"], registry=r
+        )
+        self.connected = Gauge(
+            "gateway_broker_connected", "1 when the broker connection is up", ["edge"], registry=r
+        )
+        self.vehicles = Gauge("gateway_known_vehicles", "Vehicles with applied settings", registry=r)
+        self.policy_info = Gauge(
+            "gateway_policy_info", "Active policy", ["version", "digest"], registry=r
+        )
+
+    def value(self, name: str, **labels: str) -> float:
+        """Current value of a sample (tests and the shutdown summary)."""
+        return self.registry.get_sample_value(name, labels) or 0.0

@@ -1,0 +1,453 @@
+"""The operator's policy: YAML document -> validated model -> compiled lookup tables.
+
+Validation happens once, at load time, and names the file, the path inside it
+and what is wrong. The compiled form (`CompiledPolicy`) is immutable and is
+what the decision core reads on every message: dictionary lookups only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from telematics.v1 import streams_pb2
+
+LegalBasis = Literal["consent", "contract", "legal_obligation", "legitimate_interest"]
+FieldAction = Literal[
+    "position", "place", "place_id", "pseudonymize", "truncate_ip", "remove", "keep"
+]
+GEO_ACTIONS = frozenset({"position", "place"})
+STRING_ACTIONS = frozenset({"place_id", "pseudonymize", "truncate_ip"})
+GEOPOINT_TYPE = "telematics.v1.GeoPoint"
+HEADER_TYPE = "telematics.v1.Header"
+MIN_CELL_SIZE_M = 200.0
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_PLACEHOLDER = re.compile(r"^\{([a-z][a-z0-9_]*)\}$")
+_PLACEHOLDER_VALUE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.', so feature ids stay unambiguous
+
+
+class PolicyError(Exception):
+    """A policy that cannot be used. `problems` are (path, message) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {path or '<root>'}: {msg}" for path, msg in problems]
+        super().__init__("invalid policy\n  " + "\n  ".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocationSpec(_Strict):
+    cell_size_m: float = Field(2000.0, description="approximate-location grid cell")
+    refresh_interval_s: float = Field(900.0, ge=0)
+
+
+class FindMyCarSpec(_Strict):
+    window_s: float = Field(120.0, gt=0, le=3600)
+
+
+class FeatureSpec(_Strict):
+    legal_basis: LegalBasis
+    description: str = ""
+    default: bool = False
+    per_app: bool = False
+
+
+class StreamSpec(_Strict):
+    message: str
+    feature: str
+    retention_days: int = Field(ge=0, le=3650)
+    location_purpose: bool = False
+    requires_window: bool = False
+    pseudonymize_vin: bool = False
+    fields: dict[str, FieldAction] = Field(default_factory=dict)
+
+
+class CommandSpec(_Strict):
+    feature: str
+    opens_window: bool = False
+
+
+class PolicyDocument(_Strict):
+    version: str = Field(min_length=1, max_length=64)
+    location: LocationSpec = LocationSpec()
+    find_my_car: FindMyCarSpec = FindMyCarSpec()
+    features: dict[str, FeatureSpec]
+    streams: dict[str, StreamSpec]
+    commands: dict[str, CommandSpec] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------
+# Compiled form
+
+
+@dataclass(frozen=True, slots=True)
+class GeoField:
+    name: str
+    repeated: bool
+    is_position: bool  # the car's current position: refresh-limited when approximate
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledStream:
+    key: str  # policy key, e.g. "tbox/status" or "avn/app/{app_id}"
+    unit: str
+    message_name: str
+    message_cls: type[Message]
+    feature: str  # base feature id ("third_party" for per-app streams)
+    per_app_placeholder: str | None  # "app_id" when the feature is per app
+    legal_basis: str
+    legal_obligation: bool
+    retention_days: int
+    location_purpose: bool
+    requires_window: bool
+    pseudonymize_vin: bool
+    geo_fields: tuple[GeoField, ...]
+    place_id_fields: tuple[str, ...]
+    pseudonymize_fields: tuple[str, ...]
+    truncate_ip_fields: tuple[str, ...]
+    remove_fields: tuple[str, ...]
+    keep_fields: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledCommand:
+    name: str
+    feature: str
+    opens_window: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _TemplateRoute:
+    parts: tuple[str | None, ...]  # literal segment, or None for a placeholder
+    placeholder_index: int
+    stream: CompiledStream
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    version: str
+    digest: str
+    cell_size_m: float
+    refresh_interval_ms: int
+    window_s: float
+    features: Mapping[str, FeatureSpec]
+    per_app_features: frozenset[str]
+    default_on: frozenset[str]  # non-consent features on when a snapshot omits them
+    legal_obligation_features: frozenset[str]
+    exact_routes: Mapping[str, CompiledStream]
+    template_routes: tuple[_TemplateRoute, ...]
+    commands: Mapping[str, CompiledCommand]
+    document: PolicyDocument
+
+    def route(self, relative_topic: str) -> tuple[CompiledStream, str | None] | None:
+        """Stream rule for a topic relative to vehicle/{vin}/, plus the app id if any."""
+        stream = self.exact_routes.get(relative_topic)
+        if stream is not None:
+            return stream, None
+        parts = relative_topic.split("/")
+        for route in self.template_routes:
+            if len(parts) != len(route.parts):
+                continue
+            if all(lit is None or lit == seg for lit, seg in zip(route.parts, parts, strict=True)):
+                value = parts[route.placeholder_index]
+                return (route.stream, value) if _PLACEHOLDER_VALUE.match(value) else None
+        return None
+
+    def feature_is_known(self, feature_id: str) -> bool:
+        if feature_id in self.features:
+            return True
+        base, _, app = feature_id.partition(".")
+        return bool(app) and base in self.per_app_features
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def load_policy(path: str | Path) -> CompiledPolicy:
+    """Read, validate and compile a policy file; raises PolicyError naming the problem."""
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(source, [("", f"cannot read file: {exc.strerror or exc}")]) from exc
+    return parse_policy(raw, source=source)
+
+
+def parse_policy(raw: bytes | str, *, source: str = "<policy>") -> CompiledPolicy:
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(source, [(where, f"not valid YAML: {problem}")]) from exc
+    if not isinstance(data, dict):
+        raise PolicyError(source, [("", "the policy must be a YAML mapping")])
+    try:
+        document = PolicyDocument.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            (".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()
+        ]
+        raise PolicyError(source, problems) from exc
+    problems = check_document(document)
+    if problems:
+        raise PolicyError(source, problems)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return compile_policy(document, digest=digest)
+
+
+def _message_descriptor(name: str) -> Descriptor | None:
+    desc = streams_pb2.DESCRIPTOR.message_types_by_name.get(name)
+    return desc
+
+
+def _feature_ref(feature: str, placeholders: set[str]) -> tuple[str, str | None]:
+    """Split "third_party.{app_id}" into ("third_party", "app_id")."""
+    base, dot, rest = feature.partition(".")
+    if not dot:
+        return feature, None
+    m = _PLACEHOLDER.match(rest)
+    if m and m.group(1) in placeholders:
+        return base, m.group(1)
+    return feature, None
+
+
+def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
+    """Semantic checks pydantic cannot express. Returns (path, problem) pairs."""
+    problems: list[tuple[str, str]] = []
+    if doc.location.cell_size_m < MIN_CELL_SIZE_M:
+        problems.append(
+            ("location.cell_size_m", f"must be at least {MIN_CELL_SIZE_M:g} m, got {doc.location.cell_size_m:g}")
+        )
+    for name, feat in doc.features.items():
+        path = f"features.{name}"
+        if not _NAME.match(name):
+            problems.append((path, "feature ids are lower_snake_case"))
+        if feat.legal_basis == "consent" and feat.default:
+            problems.append(
+                (f"{path}.default", "a consent-based feature cannot default to on (privacy by default)")
+            )
+        if feat.per_app and feat.legal_basis == "legal_obligation":
+            problems.append((f"{path}.per_app", "a legal obligation cannot be per app"))
+    for key, stream in doc.streams.items():
+        path = f"streams.{key}"
+        segments = key.split("/")
+        placeholders = set()
+        if len(segments) < 2 or segments[0] not in ("tbox", "avn"):
+            problems.append((path, "stream topics start with 'tbox/' or 'avn/' and name a stream"))
+        for seg in segments[1:]:
+            m = _PLACEHOLDER.match(seg)
+            if m:
+                placeholders.add(m.group(1))
+            elif not _NAME.match(seg):
+                problems.append((path, f"topic segment {seg!r} must be lower_snake_case or {{placeholder}}"))
+        if len(placeholders) > 1:
+            problems.append((path, "at most one {placeholder} per stream topic"))
+        base_feature, per_app = _feature_ref(stream.feature, placeholders)
+        feat = doc.features.get(base_feature)
+        if feat is None:
+            problems.append((f"{path}.feature", f"unknown feature {stream.feature!r}"))
+        elif feat.per_app and per_app is None:
+            problems.append(
+                (f"{path}.feature", f"feature {base_feature!r} is per app: use '{base_feature}.{{placeholder}}'")
+            )
+        elif per_app is not None and not feat.per_app:
+            problems.append((f"{path}.feature", f"feature {base_feature!r} is not declared per_app"))
+        if placeholders and per_app is None and feat is not None:
+            problems.append((f"{path}.feature", "a stream with a {placeholder} needs a per-app feature"))
+        desc = _message_descriptor(stream.message)
+        if desc is None:
+            known = ", ".join(sorted(streams_pb2.DESCRIPTOR.message_types_by_name))
+            problems.append((f"{path}.message", f"unknown message {stream.message!r} (known: {known})"))
+            continue
+        header = desc.fields_by_name.get("header")
+        if header is None or header.message_type is None or header.message_type.full_name != HEADER_TYPE:
+            problems.append((f"{path}.message", f"{stream.message} has no 'header' field of type Header"))
+        legal = feat is not None and feat.legal_basis == "legal_obligation"
+        if legal and any(a != "keep" for a in stream.fields.values()):
+            problems.append((f"{path}.fields", "legal-obligation streams are forwarded untouched"))
+        if legal and (stream.pseudonymize_vin or stream.requires_window):
+            problems.append((path, "legal-obligation streams are forwarded untouched and unconditionally"))
+        if stream.pseudonymize_vin and not placeholders and per_app is None:
+            pass  # allowed: any stream may be pseudonymized
+        for field_name, action in stream.fields.items():
+            fpath = f"{path}.fields.{field_name}"
+            fd = desc.fields_by_name.get(field_name)
+            if fd is None:
+                names = ", ".join(f.name for f in desc.fields)
+                problems.append((fpath, f"{stream.message} has no field {field_name!r} (fields: {names})"))
+                continue
+            if field_name == "header":
+                problems.append((fpath, "the header is managed by the gateway"))
+                continue
+            is_geo = fd.message_type is not None and fd.message_type.full_name == GEOPOINT_TYPE
+            if action in GEO_ACTIONS and not is_geo:
+                problems.append((fpath, f"'{action}' applies to GeoPoint fields; {field_name} is not one"))
+            if is_geo and action not in GEO_ACTIONS and action != "remove":
+                problems.append(
+                    (fpath, f"GeoPoint fields take 'position', 'place' or 'remove', not '{action}'")
+                )
+            if action in STRING_ACTIONS and (
+                fd.type != FieldDescriptor.TYPE_STRING or _is_repeated(fd)
+            ):
+                problems.append((fpath, f"'{action}' applies to single string fields"))
+            if action == "position" and _is_repeated(fd):
+                problems.append((fpath, "'position' is a single current position; use 'place'"))
+    for name, cmd in doc.commands.items():
+        path = f"commands.{name}"
+        if not _NAME.match(name):
+            problems.append((path, "command names are lower_snake_case"))
+        feat = doc.features.get(cmd.feature)
+        if feat is None:
+            problems.append((f"{path}.feature", f"unknown feature {cmd.feature!r}"))
+        elif feat.per_app:
+            problems.append((f"{path}.feature", "commands cannot depend on a per-app feature"))
+    if any(s.requires_window for s in doc.streams.values()) and not any(
+        c.opens_window for c in doc.commands.values()
+    ):
+        problems.append(("commands", "a stream requires a find-my-car window but no command opens one"))
+    return problems
+
+
+def _is_repeated(fd: FieldDescriptor) -> bool:
+    return bool(fd.is_repeated)
+
+
+def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
+    exact: dict[str, CompiledStream] = {}
+    templates: list[_TemplateRoute] = []
+    for key, spec in doc.streams.items():
+        segments = key.split("/")
+        placeholders = {m.group(1) for s in segments if (m := _PLACEHOLDER.match(s))}
+        base_feature, per_app = _feature_ref(spec.feature, placeholders)
+        feat = doc.features[base_feature]
+        desc = _message_descriptor(spec.message)
+        assert desc is not None  # checked
+        message_cls = getattr(streams_pb2, spec.message)
+        geo: list[GeoField] = []
+        removes = [n for n, a in spec.fields.items() if a == "remove"]
+        legal = feat.legal_basis == "legal_obligation"
+        for fd in desc.fields:
+            if fd.message_type is None or fd.message_type.full_name != GEOPOINT_TYPE:
+                continue
+            action = spec.fields.get(fd.name, "place")  # undeclared GeoPoints: never leaked
+            if action == "remove":
+                continue
+            geo.append(GeoField(fd.name, _is_repeated(fd), action == "position"))
+
+        def named(action: str, spec: StreamSpec = spec) -> tuple[str, ...]:
+            return tuple(n for n, a in spec.fields.items() if a == action)
+
+        stream = CompiledStream(
+            key=key,
+            unit=segments[0],
+            message_name=spec.message,
+            message_cls=message_cls,
+            feature=base_feature,
+            per_app_placeholder=per_app,
+            legal_basis=feat.legal_basis,
+            legal_obligation=legal,
+            retention_days=spec.retention_days,
+            location_purpose=spec.location_purpose,
+            requires_window=spec.requires_window,
+            pseudonymize_vin=spec.pseudonymize_vin,
+            geo_fields=() if legal else tuple(geo),
+            place_id_fields=named("place_id"),
+            pseudonymize_fields=named("pseudonymize"),
+            truncate_ip_fields=named("truncate_ip"),
+            remove_fields=tuple(removes),
+            keep_fields=named("keep"),
+        )
+        if placeholders:
+            parts = tuple(None if _PLACEHOLDER.match(s) else s for s in segments)
+            index = parts.index(None)
+            templates.append(_TemplateRoute(parts, index, stream))
+        else:
+            exact[key] = stream
+    return CompiledPolicy(
+        version=doc.version,
+        digest=digest,
+        cell_size_m=doc.location.cell_size_m,
+        refresh_interval_ms=int(doc.location.refresh_interval_s * 1000),
+        window_s=doc.find_my_car.window_s,
+        features=dict(doc.features),
+        per_app_features=frozenset(n for n, f in doc.features.items() if f.per_app),
+        default_on=frozenset(
+            n for n, f in doc.features.items() if f.default and f.legal_basis != "consent"
+        ),
+        legal_obligation_features=frozenset(
+            n for n, f in doc.features.items() if f.legal_basis == "legal_obligation"
+        ),
+        exact_routes=exact,
+        template_routes=tuple(templates),
+        commands={
+            n: CompiledCommand(n, c.feature, c.opens_window) for n, c in doc.commands.items()
+        },
+        document=doc,
+    )
+
+
+def summary_rows(policy: CompiledPolicy) -> list[dict[str, Any]]:
+    """One row per stream for `check-policy`: what each privacy state does to it."""
+    rows = []
+    streams = list(policy.exact_routes.values()) + [r.stream for r in policy.template_routes]
+    for s in streams:
+        feature = s.feature + (f".{{{s.per_app_placeholder}}}" if s.per_app_placeholder else "")
+        rows.append(
+            {
+                "stream": s.key,
+                "message": s.message_name,
+                "feature": feature,
+                "legal_basis": s.legal_basis,
+                "retention_days": s.retention_days,
+                "unknown_or_privacy_mode": "forward untouched" if s.legal_obligation else "drop",
+                "feature_off": "forward untouched" if s.legal_obligation else "drop",
+                "location_off": _describe(s, "off"),
+                "approximate": _describe(s, "approximate"),
+                "precise": _describe(s, "precise"),
+            }
+        )
+    return rows
+
+
+def _describe(s: CompiledStream, mode: str) -> str:
+    if s.legal_obligation:
+        return "forward untouched"
+    if mode == "off" and s.location_purpose:
+        return "drop (location is its purpose)"
+    steps: list[str] = []
+    if s.requires_window:
+        steps.append("only in find-my-car window")
+    geo = ", ".join(g.name for g in s.geo_fields)
+    if geo and mode == "off":
+        steps.append(f"clear {geo}")
+    elif geo and mode == "approximate":
+        steps.append(f"coarsen {geo}")
+    if s.place_id_fields and mode != "precise":
+        steps.append("clear " + ", ".join(s.place_id_fields))
+    if s.pseudonymize_fields:
+        steps.append("hmac " + ", ".join(s.pseudonymize_fields))
+    if s.truncate_ip_fields:
+        steps.append("truncate " + ", ".join(s.truncate_ip_fields))
+    if s.remove_fields:
+        steps.append("remove " + ", ".join(s.remove_fields))
+    if s.pseudonymize_vin:
+        steps.append("pseudonymize VIN")
+    return "; ".join(steps) or "forward"

@@ -1,0 +1,38 @@
+"""The consent store interface: small enough for a PostgreSQL twin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.core.state import SettingsSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVehicle:
+    snapshot: SettingsSnapshot
+    window_until: float
+
+
+class ConsentStore(Protocol):
+    """Durable per-vehicle privacy state.
+
+    Every method returns only once the change is durable (committed and
+    synced): callers rely on that before acknowledging or announcing it.
+    Methods are blocking; the service runs them off the event loop.
+    """
+
+    def apply_settings(self, snapshot: SettingsSnapshot) -> None:
+        """Make `snapshot` the vehicle's applied settings and append it to the history."""
+
+    def open_window(self, vin: str, until: float) -> None:
+        """Record an open find-my-car window (gateway epoch seconds)."""
+
+    def load_all(self) -> Iterator[StoredVehicle]:
+        """Every vehicle with applied settings, for the in-memory hot path."""
+
+    def history(self, vin: str) -> list[SettingsSnapshot]:
+        """Applied settings of one vehicle, oldest first."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,87 @@
+"""The parts of the gateway policy (config/policy.yaml) the simulator and checker need.
+
+Read independently of the gateway's own loader on purpose: the checker must judge
+the gateway against the policy file, not against the gateway's interpretation of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_POLICY_PATH = REPO_ROOT / "config" / "policy.yaml"
+APP_STREAM_PREFIX = "avn/app/"
+APP_STREAM_KEY = "avn/app/{app_id}"
+
+
+@dataclass(frozen=True)
+class StreamRule:
+    key: str  # "tbox/status" or the template "avn/app/{app_id}"
+    message: str
+    feature: str  # may contain "{app_id}"
+    retention_days: int
+    location_purpose: bool
+    requires_window: bool
+    pseudonymize_vin: bool
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Policy:
+    version: str
+    cell_size_m: float
+    refresh_interval_s: float
+    find_my_car_window_s: float
+    legal_basis: dict[str, str]  # feature id (without ".{app_id}") -> legal basis
+    streams: dict[str, StreamRule]
+    commands: dict[str, str]  # command -> feature
+
+    def rule_for(self, stream: str) -> StreamRule | None:
+        """The rule for a concrete stream name such as "avn/app/music"."""
+        if stream.startswith(APP_STREAM_PREFIX):
+            return self.streams.get(APP_STREAM_KEY)
+        return self.streams.get(stream)
+
+    def feature_for(self, stream: str) -> str:
+        rule = self.rule_for(stream)
+        if rule is None:
+            raise KeyError(stream)
+        if stream.startswith(APP_STREAM_PREFIX):
+            return rule.feature.replace("{app_id}", stream[len(APP_STREAM_PREFIX) :])
+        return rule.feature
+
+    def legal_basis_for(self, feature: str) -> str:
+        return self.legal_basis[feature.split(".", 1)[0]]
+
+    def is_legal_obligation(self, stream: str) -> bool:
+        return self.legal_basis_for(self.feature_for(stream)) == "legal_obligation"
+
+
+def load_policy(path: Path = DEFAULT_POLICY_PATH) -> Policy:
+    raw: dict[str, Any] = yaml.safe_load(path.read_text())
+    streams = {
+        key: StreamRule(
+            key=key,
+            message=str(body["message"]),
+            feature=str(body["feature"]),
+            retention_days=int(body["retention_days"]),
+            location_purpose=bool(body.get("location_purpose", False)),
+            requires_window=bool(body.get("requires_window", False)),
+            pseudonymize_vin=bool(body.get("pseudonymize_vin", False)),
+            fields={str(k): str(v) for k, v in (body.get("fields") or {}).items()},
+        )
+        for key, body in raw["streams"].items()
+    }
+    return Policy(
+        version=str(raw["version"]),
+        cell_size_m=float(raw["location"]["cell_size_m"]),
+        refresh_interval_s=float(raw["location"]["refresh_interval_s"]),
+        find_my_car_window_s=float(raw["find_my_car"]["window_s"]),
+        legal_basis={name: str(body["legal_basis"]) for name, body in raw["features"].items()},
+        streams=streams,
+        commands={name: str(body["feature"]) for name, body in raw["commands"].items()},
+    )
