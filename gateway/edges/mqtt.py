@@ -316,9 +316,11 @@ class MqttEdge:
         properties: Properties | None,
     ) -> None:
         server_max = getattr(properties, "ReceiveMaximum", None) if properties else None
-        if server_max:
-            # paho does not honour the broker's Receive Maximum by itself.
-            client.max_inflight_messages_set(min(self._max_inflight_publishes, int(server_max)))
+        # paho does not honour the broker's Receive Maximum, and its public
+        # setter refuses to run once connected; paho resends queued messages
+        # right after this callback, so the limit is in place for them.
+        limit = min(self._max_inflight_publishes, int(server_max or 65535))
+        client._max_inflight_messages = limit
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(reason_code)
 

@@ -1,0 +1,348 @@
+"""Command line: `python -m gateway {run,check-policy,explain}`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.core import (
+    ApplySettings,
+    DecisionContext,
+    Drop,
+    Forward,
+    LocationMode,
+    SettingsSnapshot,
+    VehicleState,
+    decide,
+    state_from_snapshot,
+)
+from gateway.core.decide import SETTINGS_TOPIC, split_vehicle_topic
+from gateway.edges.mqtt import BrokerEndpoint, BrokerUrlError
+from gateway.keys import KeyFileError, load_or_create_key
+from gateway.logs import setup_logging
+from gateway.policy import CompiledPolicy, PolicyError, load_policy, summary_rows
+from telematics.v1 import privacy_pb2
+
+log = logging.getLogger("gateway")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="Privacy gateway between connected vehicles and the telematics backend.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway", description="Run the gateway until SIGTERM/SIGINT.")
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="runtime config (TOML)")
+    run.add_argument("--vehicle-broker", metavar="URL", help="vehicle-side broker, mqtt://host:port or mqtts://")
+    run.add_argument("--backend-broker", metavar="URL", help="backend-side broker URL")
+    run.add_argument("--state-dir", type=Path, help="directory of the consent store and generated key")
+    run.add_argument("--policy", type=Path, help="policy file (overrides the config)")
+    run.add_argument("--json-logs", action="store_true", help="log JSON lines to stderr")
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    check = sub.add_parser(
+        "check-policy",
+        help="validate a policy and print what it does",
+        description="Validate a policy file; print its features, streams and decisions. Exit 2 if invalid.",
+    )
+    check.add_argument("policy", type=Path)
+    check.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    explain = sub.add_parser(
+        "explain",
+        help="dry-run one message through the policy",
+        description=(
+            "Decide one message without any broker and print the decision and why. "
+            "SETTINGS.json holds the car's privacy screen, e.g. "
+            '{"revision": 3, "privacy_mode": false, "location": "approximate", '
+            '"features": {"remote_control": true}, "find_my_car_window_open": false}; '
+            'use "unknown" for a vehicle that never sent settings.'
+        ),
+    )
+    explain.add_argument("--policy", type=Path, required=True)
+    explain.add_argument("--settings", required=True, help="JSON file, inline JSON, or 'unknown'")
+    explain.add_argument("--topic", required=True, help="vehicle-side topic, e.g. vehicle/VIN/tbox/status")
+    explain.add_argument("--payload-json", required=True, help="the message as protobuf JSON (file or inline)")
+    explain.add_argument("--key-file", type=Path, help="pseudonymization key (default: a random one)")
+    explain.add_argument("--vehicle-prefix", default="vehicle")
+    explain.add_argument("--backend-prefix", default="tsp")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "check-policy":
+        return cmd_check_policy(args)
+    if args.command == "explain":
+        return cmd_explain(args)
+    raise AssertionError(args.command)
+
+
+# ---------------------------------------------------------------------- run
+
+
+def resolve_run_config(args: argparse.Namespace) -> GatewayConfig:
+    config = load_config(args.config)
+    try:
+        if args.vehicle_broker:
+            BrokerEndpoint.parse(args.vehicle_broker)
+            config.vehicle_broker.url = args.vehicle_broker
+        if args.backend_broker:
+            BrokerEndpoint.parse(args.backend_broker)
+            config.backend_broker.url = args.backend_broker
+    except BrokerUrlError as exc:
+        raise ConfigError(str(exc)) from exc
+    if args.state_dir:
+        config.state_dir = args.state_dir.resolve()
+    if args.policy:
+        config.policy = args.policy.resolve()
+    if args.json_logs:
+        config.logging.json_lines = True
+    if args.log_level:
+        config.logging.level = args.log_level
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.service import GatewayService
+    from gateway.store import SqliteConsentStore
+
+    try:
+        config = resolve_run_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.logging.level, config.logging.json_lines)
+    try:
+        policy = load_policy(config.policy)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        key = load_or_create_key(config.key_path)
+        store = SqliteConsentStore.in_state_dir(config.state_dir)
+    except (PolicyError, KeyFileError, OSError, RuntimeError) as exc:
+        log.error("refusing to start: %s", exc)
+        return EXIT_CONFIG
+
+    async def serve() -> None:
+        service = GatewayService(config, policy, key, store)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "starting: vehicle broker %s, backend broker %s, state %s",
+            config.vehicle_broker.endpoint.redacted(),
+            config.backend_broker.endpoint.redacted(),
+            config.state_dir,
+        )
+        await service.start()
+        await stop.wait()
+        log.info("shutting down")
+        await service.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+# ------------------------------------------------------------- check-policy
+
+
+def cmd_check_policy(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    rows = summary_rows(policy)
+    if args.json:
+        print(json.dumps({"version": policy.version, "digest": policy.digest, "streams": rows}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=200)
+    console.print(f"[bold]policy {policy.version}[/] (sha256 {policy.digest[:16]}…) is valid")
+    console.print(
+        f"approximate location: {policy.cell_size_m:g} m cells, refresh at most every "
+        f"{policy.refresh_interval_ms / 1000:g} s; find-my-car window {policy.window_s:g} s"
+    )
+    features = Table(title="features")
+    for col in ("feature", "legal basis", "default", "per app", "description"):
+        features.add_column(col)
+    for name, spec in policy.features.items():
+        features.add_row(
+            name, spec.legal_basis, "on" if spec.default else "off", "yes" if spec.per_app else "",
+            spec.description,
+        )
+    console.print(features)
+    streams = Table(title="streams and decisions")
+    columns = [
+        ("stream", "stream"), ("message", "message"), ("feature", "feature"),
+        ("legal basis", "legal_basis"), ("days", "retention_days"),
+        ("unknown / privacy mode", "unknown_or_privacy_mode"), ("feature off", "feature_off"),
+        ("location off", "location_off"), ("approximate", "approximate"), ("precise", "precise"),
+    ]
+    for title, _ in columns:
+        streams.add_column(title, overflow="fold")
+    for row in rows:
+        streams.add_row(*(str(row[key]) for _, key in columns))
+    console.print(streams)
+    commands = Table(title="commands")
+    for col in ("command", "needs feature", "opens find-my-car window"):
+        commands.add_column(col)
+    for cmd in policy.commands.values():
+        commands.add_row(cmd.name, cmd.feature, "yes" if cmd.opens_window else "")
+    console.print(commands)
+    return 0
+
+
+# ------------------------------------------------------------------ explain
+
+
+def _json_arg(value: str) -> Any:
+    text = value
+    if not value.lstrip().startswith(("{", "[", '"')) and Path(value).exists():
+        text = Path(value).read_text()
+    return json.loads(text)
+
+
+def _explain_state(policy: CompiledPolicy, vin: str, raw: Any) -> VehicleState | None:
+    if raw == "unknown" or raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError("settings must be a JSON object or 'unknown'")
+    snapshot = SettingsSnapshot(
+        vin=vin,
+        revision=int(raw.get("revision", 1)),
+        privacy_mode=bool(raw.get("privacy_mode", False)),
+        location=LocationMode.parse(raw.get("location", "off")),
+        features={str(k): bool(v) for k, v in raw.get("features", {}).items()},
+        applied_at=0.0,
+        policy_version=policy.version,
+    )
+    window = 1.0 if raw.get("find_my_car_window_open") else 0.0
+    return state_from_snapshot(policy, snapshot, window_until=window)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    key_note = "random key (pseudonyms differ from production)"
+    key = secrets.token_bytes(32)
+    if args.key_file:
+        key, key_note = args.key_file.read_bytes(), f"key from {args.key_file}"
+    ctx = DecisionContext(policy, key, args.vehicle_prefix, args.backend_prefix)
+    parts = split_vehicle_topic(args.vehicle_prefix, args.topic)
+    if parts is None:
+        print(f"error: topic must start with {args.vehicle_prefix}/{{vin}}/", file=sys.stderr)
+        return EXIT_CONFIG
+    vin, relative = parts
+    try:
+        settings_raw = args.settings if args.settings == "unknown" else _json_arg(args.settings)
+        state = _explain_state(policy, vin, settings_raw)
+        payload_obj = _json_arg(args.payload_json)
+    except (ValueError, KeyError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if relative == SETTINGS_TOPIC:
+        message_cls: Any = privacy_pb2.PrivacySettings
+    else:
+        route = policy.route(relative)
+        if route is None:
+            report = {"decision": "drop", "reason": "unknown_topic", "why": "no stream of the policy matches this topic (default deny)"}
+            print(json.dumps(report, indent=2))
+            return 0
+        message_cls = route[0].message_cls
+    try:
+        message = json_format.ParseDict(payload_obj, message_cls())
+    except json_format.ParseError as exc:
+        print(f"error: payload does not fit {message_cls.DESCRIPTOR.name}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    states = {vin: state} if state is not None else {}
+    decision = decide(ctx, args.topic, message.SerializeToString(), states, {}, now=0.5)
+    print(json.dumps(explain_decision(decision, message_cls, state, key_note), indent=2))
+    return 0
+
+
+_WHY = {
+    "unknown_topic": "no stream of the policy matches this topic (default deny)",
+    "invalid_vin": "the topic's VIN is not a valid 17-character VIN",
+    "undecodable": "the payload is not a valid message of the stream's type",
+    "vin_mismatch": "header.vin differs from the VIN in the topic (spoofing)",
+    "unknown_vehicle": "no privacy settings received from this vehicle: only legal-obligation streams pass",
+    "privacy_mode": "privacy mode is on: only legal-obligation streams pass",
+    "feature_disabled": "the driver switched this stream's feature off",
+    "location_off": "location is off and this stream's purpose is location",
+    "no_find_my_car_window": "tbox/location passes only inside a find-my-car window",
+    "stale_revision": "settings revision not newer than the applied one",
+    "vin_in_pseudonymized_payload": "the VIN appears in bytes of a pseudonymized stream",
+}
+
+
+def explain_decision(
+    decision: Forward | Drop | ApplySettings,
+    message_cls: Any,
+    state: VehicleState | None,
+    key_note: str,
+) -> dict[str, Any]:
+    vehicle = (
+        "unknown vehicle"
+        if state is None
+        else {
+            "revision": state.revision,
+            "privacy_mode": state.privacy_mode,
+            "location": state.location.name,
+            "enabled_features": sorted(state.enabled),
+        }
+    )
+    if isinstance(decision, Drop):
+        return {
+            "decision": "drop",
+            "reason": decision.reason.value,
+            "why": _WHY.get(decision.reason.value, ""),
+            "detail": decision.detail,
+            "stream": decision.stream,
+            "vehicle": vehicle,
+            "published": "nothing",
+        }
+    if isinstance(decision, ApplySettings):
+        return {
+            "decision": "apply_settings",
+            "vehicle_after": {
+                "revision": decision.state.revision,
+                "privacy_mode": decision.state.privacy_mode,
+                "location": decision.state.location.name,
+                "enabled_features": sorted(decision.state.enabled),
+            },
+            "publishes": decision.applied_topic,
+        }
+    out = message_cls.FromString(decision.payload)
+    return {
+        "decision": "forward",
+        "topic": decision.topic,
+        "stream": decision.stream,
+        "feature": decision.feature,
+        "user_properties": dict(decision.user_properties),
+        "transforms": list(decision.transforms),
+        "payload": json_format.MessageToDict(out, preserving_proto_field_name=True),
+        "vehicle": vehicle,
+        "key": key_note,
+    }
