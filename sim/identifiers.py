@@ -25,7 +25,11 @@ def make_imsi(rng: random.Random) -> str:
 
 def make_iccid(rng: random.Random) -> str:
     """SIM serial: 89 (telecom) 49 (Germany), issuer, account, Luhn check digit; 20 digits."""
-    body = "8949" + rng.choice(("22", "11", "02")) + "".join(rng.choice("0123456789") for _ in range(13))
+    body = (
+        "8949"
+        + rng.choice(("22", "11", "02"))
+        + "".join(rng.choice("0123456789") for _ in range(13))
+    )
     return body + luhn_digit(body)
 
 

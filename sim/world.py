@@ -188,7 +188,5 @@ def drive(
         )
         if speed == 0.0 and dwell > 0:
             t_s += dwell
-            samples.append(
-                Sample(round(t_s * 1000), position, 0.0, heading, altitude_at(position))
-            )
+            samples.append(Sample(round(t_s * 1000), position, 0.0, heading, altitude_at(position)))
     return samples
