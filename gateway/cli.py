@@ -45,11 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the gateway", description="Run the gateway until SIGTERM/SIGINT.")
+    run = sub.add_parser(
+        "run", help="run the gateway", description="Run the gateway until SIGTERM/SIGINT."
+    )
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="runtime config (TOML)")
-    run.add_argument("--vehicle-broker", metavar="URL", help="vehicle-side broker, mqtt://host:port or mqtts://")
+    run.add_argument(
+        "--vehicle-broker", metavar="URL", help="vehicle-side broker, mqtt://host:port or mqtts://"
+    )
     run.add_argument("--backend-broker", metavar="URL", help="backend-side broker URL")
-    run.add_argument("--state-dir", type=Path, help="directory of the consent store and generated key")
+    run.add_argument(
+        "--state-dir", type=Path, help="directory of the consent store and generated key"
+    )
     run.add_argument("--policy", type=Path, help="policy file (overrides the config)")
     run.add_argument("--json-logs", action="store_true", help="log JSON lines to stderr")
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -57,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check-policy",
         help="validate a policy and print what it does",
-        description="Validate a policy file; print its features, streams and decisions. Exit 2 if invalid.",
+        description=(
+            "Validate a policy file; print its features, streams and decisions. "
+            "Exit 2 if invalid."
+        ),
     )
     check.add_argument("policy", type=Path)
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -75,9 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--policy", type=Path, required=True)
     explain.add_argument("--settings", required=True, help="JSON file, inline JSON, or 'unknown'")
-    explain.add_argument("--topic", required=True, help="vehicle-side topic, e.g. vehicle/VIN/tbox/status")
-    explain.add_argument("--payload-json", required=True, help="the message as protobuf JSON (file or inline)")
-    explain.add_argument("--key-file", type=Path, help="pseudonymization key (default: a random one)")
+    explain.add_argument(
+        "--topic", required=True, help="vehicle-side topic, e.g. vehicle/VIN/tbox/status"
+    )
+    explain.add_argument(
+        "--payload-json", required=True, help="the message as protobuf JSON (file or inline)"
+    )
+    explain.add_argument(
+        "--key-file", type=Path, help="pseudonymization key (default: a random one)"
+    )
     explain.add_argument("--vehicle-prefix", default="vehicle")
     explain.add_argument("--backend-prefix", default="tsp")
     return parser
@@ -170,7 +185,11 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     rows = summary_rows(policy)
     if args.json:
-        print(json.dumps({"version": policy.version, "digest": policy.digest, "streams": rows}, indent=2))
+        print(
+            json.dumps(
+                {"version": policy.version, "digest": policy.digest, "streams": rows}, indent=2
+            )
+        )
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -186,16 +205,25 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         features.add_column(col)
     for name, spec in policy.features.items():
         features.add_row(
-            name, spec.legal_basis, "on" if spec.default else "off", "yes" if spec.per_app else "",
+            name,
+            spec.legal_basis,
+            "on" if spec.default else "off",
+            "yes" if spec.per_app else "",
             spec.description,
         )
     console.print(features)
     streams = Table(title="streams and decisions")
     columns = [
-        ("stream", "stream"), ("message", "message"), ("feature", "feature"),
-        ("legal basis", "legal_basis"), ("days", "retention_days"),
-        ("unknown / privacy mode", "unknown_or_privacy_mode"), ("feature off", "feature_off"),
-        ("location off", "location_off"), ("approximate", "approximate"), ("precise", "precise"),
+        ("stream", "stream"),
+        ("message", "message"),
+        ("feature", "feature"),
+        ("legal basis", "legal_basis"),
+        ("days", "retention_days"),
+        ("unknown / privacy mode", "unknown_or_privacy_mode"),
+        ("feature off", "feature_off"),
+        ("location off", "location_off"),
+        ("approximate", "approximate"),
+        ("precise", "precise"),
     ]
     for title, _ in columns:
         streams.add_column(title, overflow="fold")
@@ -267,7 +295,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         route = policy.route(relative)
         if route is None:
-            report = {"decision": "drop", "reason": "unknown_topic", "why": "no stream of the policy matches this topic (default deny)"}
+            report = {
+                "decision": "drop",
+                "reason": "unknown_topic",
+                "why": "no stream of the policy matches this topic (default deny)",
+            }
             print(json.dumps(report, indent=2))
             return 0
         message_cls = route[0].message_cls
@@ -287,7 +319,9 @@ _WHY = {
     "invalid_vin": "the topic's VIN is not a valid 17-character VIN",
     "undecodable": "the payload is not a valid message of the stream's type",
     "vin_mismatch": "header.vin differs from the VIN in the topic (spoofing)",
-    "unknown_vehicle": "no privacy settings received from this vehicle: only legal-obligation streams pass",
+    "unknown_vehicle": (
+        "no privacy settings received from this vehicle: only legal-obligation streams pass"
+    ),
     "privacy_mode": "privacy mode is on: only legal-obligation streams pass",
     "feature_disabled": "the driver switched this stream's feature off",
     "location_off": "location is off and this stream's purpose is location",

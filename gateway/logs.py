@@ -33,9 +33,7 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     if json_lines:
         handler.setFormatter(JsonLinesFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -25,13 +25,18 @@ class GatewayMetrics:
             "gateway_transforms_total", "Field transforms applied", ["transform"], registry=r
         )
         self.settings_applied = Counter(
-            "gateway_settings_applied_total", "Privacy settings made durable and enforced", registry=r
+            "gateway_settings_applied_total",
+            "Privacy settings made durable and enforced",
+            registry=r,
         )
         self.commands = Counter(
             "gateway_commands_total", "Backend commands", ["command", "accepted"], registry=r
         )
         self.publish_retries = Counter(
-            "gateway_publish_retries_total", "Publishes retried after a refusal", ["edge"], registry=r
+            "gateway_publish_retries_total",
+            "Publishes retried after a refusal",
+            ["edge"],
+            registry=r,
         )
         self.internal_errors = Counter(
             "gateway_internal_errors_total", "Messages that raised inside the gateway", registry=r
@@ -48,7 +53,9 @@ class GatewayMetrics:
         self.connected = Gauge(
             "gateway_broker_connected", "1 when the broker connection is up", ["edge"], registry=r
         )
-        self.vehicles = Gauge("gateway_known_vehicles", "Vehicles with applied settings", registry=r)
+        self.vehicles = Gauge(
+            "gateway_known_vehicles", "Vehicles with applied settings", registry=r
+        )
         self.policy_info = Gauge(
             "gateway_policy_info", "Active policy", ["version", "digest"], registry=r
         )

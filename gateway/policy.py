@@ -202,9 +202,7 @@ def parse_policy(raw: bytes | str, *, source: str = "<policy>") -> CompiledPolic
     try:
         document = PolicyDocument.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            (".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()
-        ]
+        problems = [(".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()]
         raise PolicyError(source, problems) from exc
     problems = check_document(document)
     if problems:
@@ -234,17 +232,23 @@ def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if doc.location.cell_size_m < MIN_CELL_SIZE_M:
         problems.append(
-            ("location.cell_size_m", f"must be at least {MIN_CELL_SIZE_M:g} m, got {doc.location.cell_size_m:g}")
+            (
+                "location.cell_size_m",
+                f"must be at least {MIN_CELL_SIZE_M:g} m, got {doc.location.cell_size_m:g}",
+            )
         )
-    for name, feat in doc.features.items():
+    for name, spec in doc.features.items():
         path = f"features.{name}"
         if not _NAME.match(name):
             problems.append((path, "feature ids are lower_snake_case"))
-        if feat.legal_basis == "consent" and feat.default:
+        if spec.legal_basis == "consent" and spec.default:
             problems.append(
-                (f"{path}.default", "a consent-based feature cannot default to on (privacy by default)")
+                (
+                    f"{path}.default",
+                    "a consent-based feature cannot default to on (privacy by default)",
+                )
             )
-        if feat.per_app and feat.legal_basis == "legal_obligation":
+        if spec.per_app and spec.legal_basis == "legal_obligation":
             problems.append((f"{path}.per_app", "a legal obligation cannot be per app"))
     for key, stream in doc.streams.items():
         path = f"streams.{key}"
@@ -257,34 +261,53 @@ def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
             if m:
                 placeholders.add(m.group(1))
             elif not _NAME.match(seg):
-                problems.append((path, f"topic segment {seg!r} must be lower_snake_case or {{placeholder}}"))
+                problems.append(
+                    (path, f"topic segment {seg!r} must be lower_snake_case or {{placeholder}}")
+                )
         if len(placeholders) > 1:
             problems.append((path, "at most one {placeholder} per stream topic"))
         base_feature, per_app = _feature_ref(stream.feature, placeholders)
-        feat = doc.features.get(base_feature)
+        feat: FeatureSpec | None = doc.features.get(base_feature)
         if feat is None:
             problems.append((f"{path}.feature", f"unknown feature {stream.feature!r}"))
         elif feat.per_app and per_app is None:
             problems.append(
-                (f"{path}.feature", f"feature {base_feature!r} is per app: use '{base_feature}.{{placeholder}}'")
+                (
+                    f"{path}.feature",
+                    f"feature {base_feature!r} is per app: use '{base_feature}.{{placeholder}}'",
+                )
             )
         elif per_app is not None and not feat.per_app:
-            problems.append((f"{path}.feature", f"feature {base_feature!r} is not declared per_app"))
+            problems.append(
+                (f"{path}.feature", f"feature {base_feature!r} is not declared per_app")
+            )
         if placeholders and per_app is None and feat is not None:
-            problems.append((f"{path}.feature", "a stream with a {placeholder} needs a per-app feature"))
+            problems.append(
+                (f"{path}.feature", "a stream with a {placeholder} needs a per-app feature")
+            )
         desc = _message_descriptor(stream.message)
         if desc is None:
             known = ", ".join(sorted(streams_pb2.DESCRIPTOR.message_types_by_name))
-            problems.append((f"{path}.message", f"unknown message {stream.message!r} (known: {known})"))
+            problems.append(
+                (f"{path}.message", f"unknown message {stream.message!r} (known: {known})")
+            )
             continue
         header = desc.fields_by_name.get("header")
-        if header is None or header.message_type is None or header.message_type.full_name != HEADER_TYPE:
-            problems.append((f"{path}.message", f"{stream.message} has no 'header' field of type Header"))
+        if (
+            header is None
+            or header.message_type is None
+            or header.message_type.full_name != HEADER_TYPE
+        ):
+            problems.append(
+                (f"{path}.message", f"{stream.message} has no 'header' field of type Header")
+            )
         legal = feat is not None and feat.legal_basis == "legal_obligation"
         if legal and any(a != "keep" for a in stream.fields.values()):
             problems.append((f"{path}.fields", "legal-obligation streams are forwarded untouched"))
         if legal and (stream.pseudonymize_vin or stream.requires_window):
-            problems.append((path, "legal-obligation streams are forwarded untouched and unconditionally"))
+            problems.append(
+                (path, "legal-obligation streams are forwarded untouched and unconditionally")
+            )
         if stream.pseudonymize_vin and not placeholders and per_app is None:
             pass  # allowed: any stream may be pseudonymized
         for field_name, action in stream.fields.items():
@@ -292,14 +315,18 @@ def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
             fd = desc.fields_by_name.get(field_name)
             if fd is None:
                 names = ", ".join(f.name for f in desc.fields)
-                problems.append((fpath, f"{stream.message} has no field {field_name!r} (fields: {names})"))
+                problems.append(
+                    (fpath, f"{stream.message} has no field {field_name!r} (fields: {names})")
+                )
                 continue
             if field_name == "header":
                 problems.append((fpath, "the header is managed by the gateway"))
                 continue
             is_geo = fd.message_type is not None and fd.message_type.full_name == GEOPOINT_TYPE
             if action in GEO_ACTIONS and not is_geo:
-                problems.append((fpath, f"'{action}' applies to GeoPoint fields; {field_name} is not one"))
+                problems.append(
+                    (fpath, f"'{action}' applies to GeoPoint fields; {field_name} is not one")
+                )
             if is_geo and action not in GEO_ACTIONS and action != "remove":
                 problems.append(
                     (fpath, f"GeoPoint fields take 'position', 'place' or 'remove', not '{action}'")
@@ -314,15 +341,17 @@ def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
         path = f"commands.{name}"
         if not _NAME.match(name):
             problems.append((path, "command names are lower_snake_case"))
-        feat = doc.features.get(cmd.feature)
-        if feat is None:
+        cmd_feat = doc.features.get(cmd.feature)
+        if cmd_feat is None:
             problems.append((f"{path}.feature", f"unknown feature {cmd.feature!r}"))
-        elif feat.per_app:
+        elif cmd_feat.per_app:
             problems.append((f"{path}.feature", "commands cannot depend on a per-app feature"))
     if any(s.requires_window for s in doc.streams.values()) and not any(
         c.opens_window for c in doc.commands.values()
     ):
-        problems.append(("commands", "a stream requires a find-my-car window but no command opens one"))
+        problems.append(
+            ("commands", "a stream requires a find-my-car window but no command opens one")
+        )
     return problems
 
 

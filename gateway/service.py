@@ -171,9 +171,7 @@ class GatewayService:
             on_state_change=self._edge_state,
         )
         for edge in (self.vehicle_edge, self.backend_edge):
-            self._windows[edge.name] = AckWindow(
-                edge, self.metrics.inflight.labels(edge.name).set
-            )
+            self._windows[edge.name] = AckWindow(edge, self.metrics.inflight.labels(edge.name).set)
         self._tasks = [
             asyncio.create_task(self.backend_edge.run(), name="backend-edge"),
             asyncio.create_task(self.vehicle_edge.run(), name="vehicle-edge"),
@@ -221,7 +219,9 @@ class GatewayService:
     def summary(self) -> dict[str, float]:
         m = self.metrics
         return {
-            "received": sum(m.value("gateway_messages_received_total", source=s) for s in (VEHICLE, BACKEND)),
+            "received": sum(
+                m.value("gateway_messages_received_total", source=s) for s in (VEHICLE, BACKEND)
+            ),
             "settings_applied": m.value("gateway_settings_applied_total"),
             "internal_errors": m.value("gateway_internal_errors_total"),
         }
@@ -267,7 +267,11 @@ class GatewayService:
             for transform in decision.transforms:
                 self.metrics.transforms.labels(transform).inc()
             self._deliver(
-                self.backend_edge, decision.topic, decision.payload, decision.user_properties, slot.settle
+                self.backend_edge,
+                decision.topic,
+                decision.payload,
+                decision.user_properties,
+                slot.settle,
             )
         elif isinstance(decision, Drop):
             self.metrics.dropped.labels(decision.stream, decision.reason.value).inc()
@@ -324,7 +328,11 @@ class GatewayService:
 
         if decision.accepted and decision.forward_topic and decision.forward_payload is not None:
             self._deliver(
-                self.vehicle_edge, decision.forward_topic, decision.forward_payload, (), publish_result
+                self.vehicle_edge,
+                decision.forward_topic,
+                decision.forward_payload,
+                (),
+                publish_result,
             )
         else:
             publish_result()

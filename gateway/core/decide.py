@@ -180,7 +180,9 @@ def decide(
     if stream.requires_window and not state.window_open(now):
         return Drop(DropReason.NO_WINDOW, stream.key, vin=vin)
     timestamp_ms = header.timestamp_ms or int(now * 1000)
-    transforms, fix = _transform(ctx, stream, message, vin, mode, coarse_fixes.get(vin), timestamp_ms)
+    transforms, fix = _transform(
+        ctx, stream, message, vin, mode, coarse_fixes.get(vin), timestamp_ms
+    )
     ref = vin
     if stream.pseudonymize_vin:
         ref = pseudonym(ctx.key, f"vin/{app_id or stream.key}", vin)
@@ -305,7 +307,9 @@ def _decide_settings(
     except DecodeError:
         return Drop(DropReason.UNDECODABLE, SETTINGS_TOPIC, vin=vin)
     if settings.header.vin != vin:
-        return Drop(DropReason.VIN_MISMATCH, SETTINGS_TOPIC, vin=vin, detail=settings.header.vin[:32])
+        return Drop(
+            DropReason.VIN_MISMATCH, SETTINGS_TOPIC, vin=vin, detail=settings.header.vin[:32]
+        )
     applied_revision = current.revision if current is not None else 0
     if settings.revision <= applied_revision:
         reannounce = None
@@ -445,7 +449,9 @@ def decide_command(
     )
 
 
-def _refuse(vin: str, name: str, request_id: str, result_topic: str, reason: str) -> CommandDecision:
+def _refuse(
+    vin: str, name: str, request_id: str, result_topic: str, reason: str
+) -> CommandDecision:
     result = command_pb2.CommandResult(
         request_id=request_id, command=name, accepted=False, reason=reason
     )

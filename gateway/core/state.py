@@ -21,7 +21,9 @@ class LocationMode(IntEnum):
     @property
     def effective(self) -> LocationMode:
         """UNSPECIFIED (or anything unknown) is enforced as OFF: fail closed."""
-        return self if self in (LocationMode.APPROXIMATE, LocationMode.PRECISE) else LocationMode.OFF
+        return (
+            self if self in (LocationMode.APPROXIMATE, LocationMode.PRECISE) else LocationMode.OFF
+        )
 
     @classmethod
     def parse(cls, value: int | str) -> LocationMode:

@@ -91,9 +91,7 @@ def coarsen_position(
     return snapped_lat, snapped_lon
 
 
-def coarsen_geopoint(
-    point: common_pb2.GeoPoint, cell_size_m: float, offset: GridOffset
-) -> None:
+def coarsen_geopoint(point: common_pb2.GeoPoint, cell_size_m: float, offset: GridOffset) -> None:
     """Approximate a GeoPoint in place: grid-snapped position, motion cleared,
     accuracy stated as the cell size."""
     lat, lon = coarsen_position(point.latitude, point.longitude, cell_size_m, offset)

@@ -12,6 +12,7 @@ message's outcome is final.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -205,10 +206,8 @@ class MqttEdge:
         self._stopping = True
         if self._client.is_connected():
             self._client.disconnect()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._disconnected.wait(), timeout)
-            except TimeoutError:
-                pass
         self._teardown_socket()
         self._disconnected.set()
 
@@ -225,7 +224,7 @@ class MqttEdge:
         """
         props = None
         if user_properties:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.UserProperty = list(user_properties)
         info = self._client.publish(topic, payload, qos=1, properties=props)
         future: asyncio.Future[None] = self._loop.create_future()
@@ -263,7 +262,7 @@ class MqttEdge:
         except BaseException:
             sock.close()
             raise
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.ReceiveMaximum = self._receive_maximum  # the broker's in-flight window toward us
         if self._session_expiry_s:
             props.SessionExpiryInterval = self._session_expiry_s
@@ -356,7 +355,7 @@ class MqttEdge:
             InboundMessage(
                 source=self.name,
                 topic=msg.topic,
-                payload=msg.payload,
+                payload=bytes(msg.payload),
                 qos=msg.qos,
                 mid=msg.mid,
                 generation=self.generation,

@@ -112,9 +112,7 @@ class SqliteConsentStore:
 
     def open_window(self, vin: str, until: float) -> None:
         with self._lock:
-            self._db.execute(
-                "UPDATE vehicle_settings SET window_until=? WHERE vin=?", (until, vin)
-            )
+            self._db.execute("UPDATE vehicle_settings SET window_until=? WHERE vin=?", (until, vin))
 
     def load_all(self) -> Iterator[StoredVehicle]:
         with self._lock:
