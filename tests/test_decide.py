@@ -1,0 +1,914 @@
+"""The pure decision core against the wire contract's "Decisions" list.
+
+Every test runs `decide` / `decide_command` with the shipped default policy;
+no broker, no clock (time is passed in).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from google.protobuf.message import Message
+
+from gateway.core import (
+    ApplySettings,
+    CoarseFix,
+    CommandDecision,
+    DecisionContext,
+    Drop,
+    DropReason,
+    Forward,
+    LocationMode,
+    SettingsSnapshot,
+    VehicleState,
+    decide,
+    decide_command,
+    state_from_snapshot,
+)
+from gateway.core.decide import applied_message
+from gateway.core.transforms import (
+    coarse_cell_degrees,
+    coarsen_position,
+    grid_offset,
+    normalize_mac,
+    pseudonym,
+    pseudonymize_field,
+)
+from gateway.policy import load_policy
+from telematics.v1 import command_pb2, common_pb2, privacy_pb2, streams_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICY = load_policy(ROOT / "config" / "policy.yaml")
+KEY = bytes(range(32))
+CTX = DecisionContext(POLICY, KEY)
+VIN = "WVWZZZ1JZXW000001"
+OTHER_VIN = "WVWZZZ1JZXW000002"
+NOW = 1_800_000_000.0
+TS_MS = 1_800_000_000_000
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+# Relative topic -> (feature id that enables it, message class)
+STREAMS: dict[str, tuple[str, type[Message]]] = {
+    "tbox/status": ("remote_control", streams_pb2.VehicleStatus),
+    "tbox/alarm": ("remote_control", streams_pb2.Alarm),
+    "tbox/location": ("find_my_car", streams_pb2.Location),
+    "tbox/battery": ("charging", streams_pb2.BatteryStatus),
+    "tbox/trip": ("energy_consumption", streams_pb2.Trip),
+    "tbox/digital_key": ("digital_key", streams_pb2.DigitalKeyEvent),
+    "tbox/connectivity": ("remote_control", streams_pb2.Connectivity),
+    "tbox/ecall": ("ecall", streams_pb2.ECall),
+    "avn/nav": ("online_navigation", streams_pb2.NavRequest),
+    "avn/search": ("online_search", streams_pb2.SearchQuery),
+    "avn/voice": ("voice_recognition", streams_pb2.VoiceChunk),
+    "avn/app/music": ("third_party.music", streams_pb2.AppTraffic),
+}
+CONSENT_STREAMS = [s for s in STREAMS if s != "tbox/ecall"]
+LOCATION_PURPOSE = {"tbox/location", "avn/nav"}
+ALL_FEATURES = {feature: True for feature, _ in STREAMS.values()}
+COMMANDS = ["find_my_car", "lock", "unlock", "climate", "horn_lights"]
+
+
+def _geo(lat: float, lon: float) -> common_pb2.GeoPoint:
+    return common_pb2.GeoPoint(
+        latitude=lat,
+        longitude=lon,
+        altitude_m=512.5,
+        heading_deg=93.0,
+        speed_kmh=47.5,
+        horizontal_accuracy_m=3.5,
+    )
+
+
+def geo_fields(cls: type[Message]) -> list[str]:
+    return [
+        f.name
+        for f in cls.DESCRIPTOR.fields
+        if f.message_type is not None and f.message_type.full_name == "telematics.v1.GeoPoint"
+    ]
+
+
+def sample(stream: str, vin: str = VIN, ts_ms: int = TS_MS, seq: int = 1) -> Message:
+    """A fully populated message of the stream, every GeoPoint set to a distinct place."""
+    if stream.startswith("avn/app/"):
+        stream = "avn/app/music"  # every app stream carries AppTraffic
+    _, cls = STREAMS[stream]
+    msg = cls()
+    msg.header.vin = vin  # type: ignore[attr-defined]
+    msg.header.seq = seq  # type: ignore[attr-defined]
+    msg.header.timestamp_ms = ts_ms  # type: ignore[attr-defined]
+    for i, name in enumerate(geo_fields(cls)):
+        point = _geo(48.137154 + 0.05 * i, 11.576124 + 0.07 * i)
+        fd = cls.DESCRIPTOR.fields_by_name[name]
+        if fd.is_repeated:
+            getattr(msg, name).extend([point, _geo(48.2, 11.6), _geo(48.3, 11.7)])
+        else:
+            getattr(msg, name).CopyFrom(point)
+    extra: dict[str, dict[str, object]] = {
+        "tbox/status": {"fuel_level_pct": 55.0, "doors_locked": True, "odometer_km": 12345.6},
+        "tbox/alarm": {"type": streams_pb2.ALARM_SECURITY, "detail": "glass break"},
+        "tbox/battery": {"state_of_charge_pct": 80.0, "charging": True, "evse_id": "DE*ABC*E123"},
+        "tbox/trip": {"trip_id": "t-1", "distance_km": 12.5, "energy_kwh": 2.25},
+        "tbox/digital_key": {"key_id": "k-1", "bluetooth_mac": "aa-bb-cc-dd-ee-ff"},
+        "tbox/connectivity": {
+            "ip_address": "10.20.30.40",
+            "iccid": "8949020000000000001",
+            "imsi": "262011234567890",
+            "network_type": "LTE",
+        },
+        "tbox/ecall": {"trigger": streams_pb2.ECALL_AUTOMATIC, "passengers": 2},
+        "avn/nav": {"route_id": "r-1", "traffic_requested": True},
+        "avn/search": {"text": "pharmacy near me", "category": "health"},
+        "avn/voice": {"session_id": "voice-session-42", "chunk_index": 3, "audio": b"\x01\x02"},
+        "avn/app/music": {"app_id": "music", "content_type": "audio/ogg", "payload": b"song"},
+    }
+    for name, value in extra.get(stream, {}).items():
+        setattr(msg, name, value)
+    return msg
+
+
+def state(
+    features: dict[str, bool] | None = None,
+    location: LocationMode = LocationMode.PRECISE,
+    privacy_mode: bool = False,
+    window_until: float = 0.0,
+    revision: int = 1,
+) -> VehicleState:
+    snapshot = SettingsSnapshot(
+        vin=VIN,
+        revision=revision,
+        privacy_mode=privacy_mode,
+        location=location,
+        features=dict(ALL_FEATURES if features is None else features),
+        applied_at=NOW,
+        policy_version=POLICY.version,
+    )
+    return state_from_snapshot(POLICY, snapshot, window_until)
+
+
+def run(
+    stream: str,
+    st: VehicleState | None,
+    msg: Message | None = None,
+    *,
+    fixes: dict[str, CoarseFix] | None = None,
+    now: float = NOW,
+    vin: str = VIN,
+) -> Forward | Drop | ApplySettings:
+    payload = (msg if msg is not None else sample(stream, vin)).SerializeToString()
+    states = {vin: st} if st is not None else {}
+    return decide(CTX, f"vehicle/{vin}/{stream}", payload, states, fixes or {}, now)
+
+
+def open_window() -> float:
+    return NOW + 60.0
+
+
+def forwarded(decision: object) -> Forward:
+    assert isinstance(decision, Forward), decision
+    return decision
+
+
+def dropped(decision: object, reason: DropReason) -> Drop:
+    assert isinstance(decision, Drop), decision
+    assert decision.reason is reason, decision
+    return decision
+
+
+def settings_payload(
+    revision: int,
+    features: dict[str, bool] | None = None,
+    location: int = common_pb2.LOCATION_PRECISE,
+    privacy_mode: bool = False,
+    vin: str = VIN,
+) -> bytes:
+    msg = privacy_pb2.PrivacySettings(
+        revision=revision,
+        privacy_mode=privacy_mode,
+        location=location,  # type: ignore[arg-type]
+        features=ALL_FEATURES if features is None else features,
+    )
+    msg.header.vin = vin
+    msg.header.timestamp_ms = TS_MS
+    return msg.SerializeToString()
+
+
+def settings(
+    payload: bytes, current: VehicleState | None = None, vin: str = VIN
+) -> Forward | Drop | ApplySettings:
+    states = {vin: current} if current is not None else {}
+    return decide(CTX, f"vehicle/{vin}/avn/privacy", payload, states, {}, NOW)
+
+
+def command(
+    name: str,
+    st: VehicleState | None,
+    *,
+    payload: bytes | None = None,
+    vin: str = VIN,
+    now: float = NOW,
+) -> CommandDecision:
+    if payload is None:
+        payload = command_pb2.Command(
+            request_id="req-1", command=name, issued_at_ms=TS_MS
+        ).SerializeToString()
+    states = {vin: st} if st is not None else {}
+    decision = decide_command(CTX, f"tsp/{vin}/cmd/{name}", payload, states, now)
+    assert decision is not None
+    return decision
+
+
+def window_for(stream: str) -> float:
+    return open_window() if stream == "tbox/location" else 0.0
+
+
+# ------------------------------------------------------------------ sanity
+
+
+def test_stream_table_matches_default_policy() -> None:
+    keys = set(POLICY.exact_routes) | {r.stream.key for r in POLICY.template_routes}
+    assert keys == {s if s != "avn/app/music" else "avn/app/{app_id}" for s in STREAMS}
+
+
+# ------------------------------------------------- (1) unknown vehicle
+
+
+@pytest.mark.parametrize("stream", CONSENT_STREAMS)
+def test_unknown_vehicle_drops_every_consent_stream(stream: str) -> None:
+    d = dropped(run(stream, None), DropReason.UNKNOWN_VEHICLE)
+    assert d.vin == VIN
+    assert d.stream == POLICY.route(stream)[0].key  # type: ignore[index]
+
+
+def test_unknown_vehicle_ecall_forwarded_byte_identical() -> None:
+    msg = sample("tbox/ecall")
+    payload = msg.SerializeToString()
+    fwd = forwarded(decide(CTX, f"vehicle/{VIN}/tbox/ecall", payload, {}, {}, NOW))
+    assert fwd.payload == payload
+    assert fwd.topic == f"tsp/{VIN}/tbox/ecall"
+    assert fwd.transforms == ()
+
+
+# ----------------------------------------------------- (2) privacy mode
+
+
+@pytest.mark.parametrize("stream", CONSENT_STREAMS)
+def test_privacy_mode_drops_everything_but_ecall(stream: str) -> None:
+    st = state(privacy_mode=True, window_until=open_window())
+    dropped(run(stream, st), DropReason.PRIVACY_MODE)
+
+
+def test_privacy_mode_still_forwards_ecall() -> None:
+    msg = sample("tbox/ecall")
+    fwd = forwarded(run("tbox/ecall", state(privacy_mode=True), msg))
+    assert fwd.payload == msg.SerializeToString()
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_privacy_mode_refuses_commands(name: str) -> None:
+    d = command(name, state(privacy_mode=True))
+    assert not d.accepted
+    assert d.reason == "privacy_mode"
+    assert d.forward_topic is None and d.forward_payload is None and d.state is None
+
+
+# ------------------------------------------------------ (3) feature off
+
+
+@pytest.mark.parametrize("stream", CONSENT_STREAMS)
+def test_feature_off_drops_stream(stream: str) -> None:
+    feature = STREAMS[stream][0]
+    st = state({**ALL_FEATURES, feature: False}, window_until=window_for(stream))
+    d = dropped(run(stream, st), DropReason.FEATURE_DISABLED)
+    assert d.detail == feature
+    # ...and the same stream passes with only that feature switched on.
+    forwarded(run(stream, state({feature: True}, window_until=window_for(stream))))
+
+
+def test_feature_missing_from_snapshot_is_off() -> None:
+    dropped(run("tbox/status", state({})), DropReason.FEATURE_DISABLED)
+
+
+def test_ecall_cannot_be_switched_off() -> None:
+    st = state({feature: False for feature in ALL_FEATURES}, location=LocationMode.OFF)
+    msg = sample("tbox/ecall")
+    assert forwarded(run("tbox/ecall", st, msg)).payload == msg.SerializeToString()
+
+
+# ---------------------------------------------------- (4) location modes
+
+GEO_CASES = [
+    (stream, name) for stream in CONSENT_STREAMS for name in geo_fields(STREAMS[stream][1])
+]
+
+
+def test_geo_cases_cover_every_geopoint_field() -> None:
+    assert {name for _, name in GEO_CASES} >= {
+        "position",
+        "charging_location",
+        "start",
+        "end",
+        "destination",
+    }
+    assert len(GEO_CASES) == 9
+
+
+@pytest.mark.parametrize(("stream", "field"), GEO_CASES)
+def test_location_off_clears_geopoints_or_drops_location_streams(stream: str, field: str) -> None:
+    st = state(location=LocationMode.OFF, window_until=window_for(stream))
+    decision = run(stream, st)
+    if stream in LOCATION_PURPOSE:
+        dropped(decision, DropReason.LOCATION_OFF)
+        return
+    fwd = forwarded(decision)
+    out = STREAMS[stream][1].FromString(fwd.payload)
+    assert not out.HasField(field)
+    assert f"clear:{field}" in fwd.transforms
+
+
+@pytest.mark.parametrize("stream", ["tbox/location", "avn/nav"])
+def test_location_purpose_streams_pass_when_location_on(stream: str) -> None:
+    for mode in (LocationMode.APPROXIMATE, LocationMode.PRECISE):
+        forwarded(run(stream, state(location=mode, window_until=window_for(stream))))
+
+
+@pytest.mark.parametrize(("stream", "field"), GEO_CASES)
+def test_location_approximate_coarsens_geopoints(stream: str, field: str) -> None:
+    msg = sample(stream)
+    original = getattr(msg, field)
+    st = state(location=LocationMode.APPROXIMATE, window_until=window_for(stream))
+    fwd = forwarded(run(stream, st, msg))
+    point = getattr(STREAMS[stream][1].FromString(fwd.payload), field)
+    assert point.altitude_m == 0 and point.heading_deg == 0 and point.speed_kmh == 0
+    assert point.horizontal_accuracy_m == POLICY.cell_size_m
+    assert (point.latitude, point.longitude) != (original.latitude, original.longitude)
+    dlat, dlon = coarse_cell_degrees(POLICY.cell_size_m, point.latitude)
+    assert abs(point.latitude - original.latitude) <= dlat / 2 + 1e-9
+    assert abs(point.longitude - original.longitude) <= dlon / 2 + 1e-9
+    expected = coarsen_position(
+        original.latitude, original.longitude, POLICY.cell_size_m, grid_offset(KEY, VIN)
+    )
+    assert (point.latitude, point.longitude) == expected
+    assert f"coarsen:{field}" in fwd.transforms
+
+
+@pytest.mark.parametrize(("stream", "field"), GEO_CASES)
+def test_location_precise_keeps_geopoints(stream: str, field: str) -> None:
+    msg = sample(stream)
+    st = state(location=LocationMode.PRECISE, window_until=window_for(stream))
+    fwd = forwarded(run(stream, st, msg))
+    out = STREAMS[stream][1].FromString(fwd.payload)
+    assert getattr(out, field) == getattr(msg, field)
+    assert not any(t.endswith(f":{field}") for t in fwd.transforms)
+
+
+@pytest.mark.parametrize(
+    ("mode", "kept"),
+    [(LocationMode.OFF, False), (LocationMode.APPROXIMATE, False), (LocationMode.PRECISE, True)],
+)
+def test_evse_id_cleared_unless_precise(mode: LocationMode, kept: bool) -> None:
+    fwd = forwarded(run("tbox/battery", state(location=mode)))
+    out = streams_pb2.BatteryStatus.FromString(fwd.payload)
+    assert out.evse_id == ("DE*ABC*E123" if kept else "")
+    assert ("clear:evse_id" in fwd.transforms) is not kept
+    assert out.state_of_charge_pct == 80.0  # the rest of the message survives
+
+
+@pytest.mark.parametrize("mode", list(LocationMode))
+def test_ecall_untouched_in_every_location_mode(mode: LocationMode) -> None:
+    msg = sample("tbox/ecall")
+    assert len(msg.recent_positions) == 3  # type: ignore[attr-defined]
+    fwd = forwarded(run("tbox/ecall", state(location=mode), msg))
+    assert fwd.payload == msg.SerializeToString()
+    assert dict(fwd.user_properties)["transforms"] == ""
+
+
+# ---------------------------------------------- (5) approximate refresh
+
+
+def _status_at(lat: float, lon: float, ts_ms: int) -> Message:
+    msg = sample("tbox/status", ts_ms=ts_ms)
+    msg.position.CopyFrom(_geo(lat, lon))  # type: ignore[attr-defined]
+    return msg
+
+
+def test_approximate_position_reuses_fix_within_refresh_interval() -> None:
+    st = state(location=LocationMode.APPROXIMATE)
+    first = forwarded(run("tbox/status", st, _status_at(48.137, 11.576, TS_MS)))
+    fix = first.coarse_fix
+    assert fix is not None and fix.timestamp_ms == TS_MS
+    out1 = streams_pb2.VehicleStatus.FromString(first.payload).position
+    assert (fix.latitude, fix.longitude) == (out1.latitude, out1.longitude)
+
+    # 10 km away, a minute later (vehicle clock): the coarse value does not move.
+    later = TS_MS + 60_000
+    second = forwarded(
+        run("tbox/status", st, _status_at(48.227, 11.676, later), fixes={VIN: fix})
+    )
+    out2 = streams_pb2.VehicleStatus.FromString(second.payload).position
+    assert (out2.latitude, out2.longitude) == (fix.latitude, fix.longitude)
+    assert out2.horizontal_accuracy_m == POLICY.cell_size_m
+    assert out2.altitude_m == 0 and out2.speed_kmh == 0 and out2.heading_deg == 0
+    assert second.coarse_fix is None
+
+    # Just inside the interval: still the old value.
+    edge = TS_MS + POLICY.refresh_interval_ms - 1
+    third = forwarded(run("tbox/status", st, _status_at(48.227, 11.676, edge), fixes={VIN: fix}))
+    out3 = streams_pb2.VehicleStatus.FromString(third.payload).position
+    assert (out3.latitude, out3.longitude) == (fix.latitude, fix.longitude)
+
+
+def test_approximate_position_refreshes_after_interval() -> None:
+    st = state(location=LocationMode.APPROXIMATE)
+    fix = CoarseFix(TS_MS, 10.0, 10.0)
+    ts = TS_MS + POLICY.refresh_interval_ms
+    fwd = forwarded(run("tbox/status", st, _status_at(48.227, 11.676, ts), fixes={VIN: fix}))
+    out = streams_pb2.VehicleStatus.FromString(fwd.payload).position
+    expected = coarsen_position(48.227, 11.676, POLICY.cell_size_m, grid_offset(KEY, VIN))
+    assert (out.latitude, out.longitude) == expected
+    assert fwd.coarse_fix == CoarseFix(ts, *expected)
+
+
+def test_refresh_uses_vehicle_timestamp_not_gateway_clock() -> None:
+    st = state(location=LocationMode.APPROXIMATE)
+    fix = CoarseFix(TS_MS, 10.0, 10.0)
+    # Gateway clock a day later, vehicle clock 1 s later: no refresh.
+    fwd = forwarded(
+        run("tbox/status", st, _status_at(48.2, 11.6, TS_MS + 1000), fixes={VIN: fix},
+            now=NOW + 86_400)
+    )
+    out = streams_pb2.VehicleStatus.FromString(fwd.payload).position
+    assert (out.latitude, out.longitude) == (10.0, 10.0)
+
+
+def test_fix_of_another_vehicle_is_not_used() -> None:
+    st = state(location=LocationMode.APPROXIMATE)
+    fixes = {OTHER_VIN: CoarseFix(TS_MS, 10.0, 10.0)}
+    fwd = forwarded(run("tbox/status", st, _status_at(48.2, 11.6, TS_MS + 1), fixes=fixes))
+    out = streams_pb2.VehicleStatus.FromString(fwd.payload).position
+    assert (out.latitude, out.longitude) != (10.0, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("stream", "fields"),
+    [("tbox/trip", ["start", "end"]), ("tbox/battery", ["charging_location"]),
+     ("avn/nav", ["destination"])],
+)
+def test_place_fields_coarsened_per_message_despite_fix(stream: str, fields: list[str]) -> None:
+    msg = sample(stream, ts_ms=TS_MS + 1000)
+    fix = CoarseFix(TS_MS, 10.0, 10.0)
+    fwd = forwarded(
+        run(stream, state(location=LocationMode.APPROXIMATE), msg, fixes={VIN: fix})
+    )
+    out = STREAMS[stream][1].FromString(fwd.payload)
+    offset = grid_offset(KEY, VIN)
+    for name in fields:
+        src, got = getattr(msg, name), getattr(out, name)
+        expected = coarsen_position(src.latitude, src.longitude, POLICY.cell_size_m, offset)
+        assert (got.latitude, got.longitude) == expected
+    if stream == "avn/nav":  # its current position does follow the refresh rule
+        assert (out.position.latitude, out.position.longitude) == (10.0, 10.0)
+    else:
+        assert fwd.coarse_fix is None  # places never set the refresh anchor
+
+
+# ---------------------------------------------------------- (6) identifiers
+
+
+def test_bluetooth_mac_is_keyed_pseudonym() -> None:
+    fwd = forwarded(run("tbox/digital_key", state()))
+    out = streams_pb2.DigitalKeyEvent.FromString(fwd.payload)
+    assert HEX32.match(out.bluetooth_mac)
+    assert out.bluetooth_mac == pseudonymize_field(KEY, "bluetooth_mac", "aa-bb-cc-dd-ee-ff")
+    assert out.bluetooth_mac == pseudonym(KEY, "bluetooth_mac", normalize_mac("AA:BB:CC:DD:EE:FF"))
+    assert b"aa-bb" not in fwd.payload and b"AA:BB" not in fwd.payload
+    assert "hmac:bluetooth_mac" in fwd.transforms
+    other = DecisionContext(POLICY, b"\x01" * 32)
+    again = decide(other, f"vehicle/{VIN}/tbox/digital_key",
+                   sample("tbox/digital_key").SerializeToString(), {VIN: state()}, {}, NOW)
+    other_mac = streams_pb2.DigitalKeyEvent.FromString(forwarded(again).payload).bluetooth_mac
+    assert other_mac != out.bluetooth_mac
+
+
+def test_voice_session_id_is_keyed_pseudonym() -> None:
+    fwd = forwarded(run("avn/voice", state()))
+    out = streams_pb2.VoiceChunk.FromString(fwd.payload)
+    assert HEX32.match(out.session_id)
+    assert out.session_id == pseudonymize_field(KEY, "session_id", "voice-session-42")
+    assert out.session_id == pseudonym(KEY, "voice_session", "voice-session-42")
+    assert out.audio == b"\x01\x02" and out.chunk_index == 3
+    assert b"voice-session-42" not in fwd.payload
+
+
+@pytest.mark.parametrize(
+    ("ip", "expected"),
+    [
+        ("10.20.30.40", "10.20.30.0"),
+        ("2001:db8:abcd:12:1::5", "2001:db8:abcd::"),
+        ("::ffff:192.0.2.77", "192.0.2.0"),
+        ("not-an-ip", ""),
+        ("10.20.30.40/32", ""),
+    ],
+)
+def test_connectivity_ids_removed_ip_truncated(ip: str, expected: str) -> None:
+    msg = sample("tbox/connectivity")
+    msg.ip_address = ip  # type: ignore[attr-defined]
+    fwd = forwarded(run("tbox/connectivity", state(), msg))
+    out = streams_pb2.Connectivity.FromString(fwd.payload)
+    assert out.ip_address == expected
+    assert out.iccid == "" and out.imsi == ""
+    assert b"262011234567890" not in fwd.payload and b"8949020000000000001" not in fwd.payload
+    assert out.network_type == "LTE"
+    assert dict(fwd.user_properties)["transforms"] == (
+        "truncate_ip:ip_address,remove:iccid,remove:imsi"
+    )
+
+
+def test_app_stream_pseudonymizes_vin() -> None:
+    fwd = forwarded(run("avn/app/music", state({"third_party.music": True})))
+    ref = fwd.topic.split("/")[1]
+    assert fwd.topic == f"tsp/{ref}/avn/app/music"
+    assert HEX32.match(ref) and ref != VIN
+    assert ref == pseudonym(KEY, "vin/music", VIN)
+    out = streams_pb2.AppTraffic.FromString(fwd.payload)
+    assert out.header.vin == ref
+    assert out.payload == b"song"
+    assert VIN not in fwd.topic
+    assert VIN.encode() not in fwd.payload
+    assert "pseudonymize:vin" in fwd.transforms
+    assert fwd.vin == VIN  # internal bookkeeping keeps the real VIN
+
+
+def test_app_pseudonyms_differ_per_app_and_per_vehicle() -> None:
+    st = state({"third_party.music": True, "third_party.weather": True})
+    music = forwarded(run("avn/app/music", st)).topic.split("/")[1]
+    weather = forwarded(run("avn/app/weather", st)).topic.split("/")[1]
+    other = decide(CTX, f"vehicle/{OTHER_VIN}/avn/app/music",
+                   sample("avn/app/music", OTHER_VIN).SerializeToString(),
+                   {OTHER_VIN: st}, {}, NOW)
+    assert len({music, weather, forwarded(other).topic.split("/")[1]}) == 3
+
+
+def test_vin_inside_app_payload_is_dropped() -> None:
+    msg = sample("avn/app/music")
+    msg.payload = b'{"car": "' + VIN.encode() + b'"}'  # type: ignore[attr-defined]
+    dropped(run("avn/app/music", state({"third_party.music": True}), msg),
+            DropReason.VIN_IN_PAYLOAD)
+
+
+def test_per_app_feature_enables_only_that_app() -> None:
+    st = state({"third_party.music": True})
+    forwarded(run("avn/app/music", st))
+    d = dropped(run("avn/app/weather", st), DropReason.FEATURE_DISABLED)
+    assert d.detail == "third_party.weather"
+    # The base toggle alone enables no app.
+    dropped(run("avn/app/music", state({"third_party": True})), DropReason.FEATURE_DISABLED)
+
+
+@pytest.mark.parametrize("app", ["a.b", "x" * 65, "sp ace"])
+def test_app_id_outside_placeholder_syntax_is_unknown_topic(app: str) -> None:
+    payload = sample("avn/app/music").SerializeToString()
+    d = decide(CTX, f"vehicle/{VIN}/avn/app/{app}", payload, {VIN: state()}, {}, NOW)
+    dropped(d, DropReason.UNKNOWN_TOPIC)
+
+
+# ----------------------------------------------------------- user properties
+
+
+@pytest.mark.parametrize("stream", list(STREAMS))
+def test_every_forward_carries_user_properties(stream: str) -> None:
+    fwd = forwarded(run(stream, state(window_until=window_for(stream))))
+    props = dict(fwd.user_properties)
+    assert [k for k, _ in fwd.user_properties] == [
+        "policy-version", "feature", "legal-basis", "retention-days", "transforms"
+    ]
+    route = POLICY.route(stream)
+    assert route is not None
+    rule = route[0]
+    assert props["policy-version"] == POLICY.version == "2026.11.1"
+    assert props["feature"] == STREAMS[stream][0] == fwd.feature
+    assert props["legal-basis"] == rule.legal_basis
+    assert props["legal-basis"] == (
+        "legal_obligation" if stream == "tbox/ecall"
+        else "consent" if stream.startswith("avn/") else "contract"
+    )
+    assert props["retention-days"] == str(rule.retention_days)
+    assert props["transforms"] == ",".join(fwd.transforms)
+
+
+def test_transforms_empty_when_nothing_applied() -> None:
+    fwd = forwarded(run("tbox/status", state(location=LocationMode.PRECISE)))
+    assert fwd.transforms == ()
+    assert dict(fwd.user_properties)["transforms"] == ""
+
+
+def test_transforms_list_every_step() -> None:
+    fwd = forwarded(run("avn/nav", state(location=LocationMode.APPROXIMATE)))
+    assert dict(fwd.user_properties)["transforms"] == "coarsen:position,coarsen:destination"
+
+
+# ------------------------------------------------------------ unknown fields
+
+
+def _unknown_field(number: int, data: bytes) -> bytes:
+    tag = (number << 3) | 2
+    out = bytearray()
+    while True:
+        byte = tag & 0x7F
+        tag >>= 7
+        out.append(byte | (0x80 if tag else 0))
+        if not tag:
+            break
+    return bytes(out) + bytes([len(data)]) + data
+
+
+@pytest.mark.parametrize("stream", CONSENT_STREAMS)
+def test_unknown_fields_are_not_forwarded(stream: str) -> None:
+    secret = b"HIDDEN-NEW-FIELD"
+    payload = sample(stream).SerializeToString() + _unknown_field(99, secret)
+    st = state(window_until=window_for(stream))
+    fwd = forwarded(decide(CTX, f"vehicle/{VIN}/{stream}", payload, {VIN: st}, {}, NOW))
+    assert secret not in fwd.payload
+
+
+def test_unknown_fields_inside_submessages_are_not_forwarded() -> None:
+    secret = b"NESTED-SECRET"
+    header = sample("tbox/status").header.SerializeToString() + _unknown_field(50, secret)  # type: ignore[attr-defined]
+    position = _geo(48.1, 11.5).SerializeToString() + _unknown_field(40, secret)
+    payload = _unknown_field(1, header) + _unknown_field(17, position)
+    fwd = forwarded(decide(CTX, f"vehicle/{VIN}/tbox/status", payload, {VIN: state()}, {}, NOW))
+    assert secret not in fwd.payload
+    assert streams_pb2.VehicleStatus.FromString(fwd.payload).position.latitude == 48.1
+
+
+def test_ecall_keeps_unknown_fields_byte_for_byte() -> None:
+    payload = sample("tbox/ecall").SerializeToString() + _unknown_field(99, b"future")
+    fwd = forwarded(decide(CTX, f"vehicle/{VIN}/tbox/ecall", payload, {}, {}, NOW))
+    assert fwd.payload == payload
+
+
+# ----------------------------------------------------------------- (7) settings
+
+
+def test_first_settings_apply() -> None:
+    d = settings(settings_payload(3, {"remote_control": True, "online_search": False},
+                                  location=common_pb2.LOCATION_APPROXIMATE))
+    assert isinstance(d, ApplySettings)
+    assert d.applied_topic == f"vehicle/{VIN}/avn/privacy/applied"
+    applied = privacy_pb2.PrivacyApplied.FromString(d.applied_payload)
+    assert (applied.vin, applied.revision, applied.policy_version) == (VIN, 3, POLICY.version)
+    assert d.snapshot.vin == VIN and d.snapshot.revision == 3
+    assert d.snapshot.features == {"remote_control": True, "online_search": False}
+    assert d.snapshot.applied_at == NOW and d.snapshot.policy_version == POLICY.version
+    assert d.state.revision == 3
+    assert d.state.enabled == frozenset({"remote_control"})
+    assert d.state.location is LocationMode.APPROXIMATE
+    assert not d.state.privacy_mode
+
+
+def test_settings_with_privacy_mode() -> None:
+    d = settings(settings_payload(1, privacy_mode=True))
+    assert isinstance(d, ApplySettings)
+    assert d.state.privacy_mode and d.snapshot.privacy_mode
+    dropped(run("tbox/status", d.state), DropReason.PRIVACY_MODE)
+
+
+@pytest.mark.parametrize("revision", [1, 4])
+def test_lower_revision_is_stale_without_reannounce(revision: int) -> None:
+    d = dropped(settings(settings_payload(revision), state(revision=5)), DropReason.STALE_REVISION)
+    assert d.reannounce is None
+
+
+def test_revision_zero_for_unknown_vehicle_is_stale() -> None:
+    d = dropped(settings(settings_payload(0)), DropReason.STALE_REVISION)
+    assert d.reannounce is None
+
+
+def test_equal_revision_reannounces_applied_revision() -> None:
+    # Different content, same revision: ignored, but the applied state is announced again.
+    current = state({"remote_control": True}, revision=5)
+    d = dropped(settings(settings_payload(5, {}), current), DropReason.STALE_REVISION)
+    assert d.reannounce is not None
+    topic, body = d.reannounce
+    assert topic == f"vehicle/{VIN}/avn/privacy/applied"
+    applied = privacy_pb2.PrivacyApplied.FromString(body)
+    assert (applied.vin, applied.revision, applied.policy_version) == (VIN, 5, POLICY.version)
+    assert d.reannounce == applied_message(CTX, VIN, 5)
+
+
+def test_settings_vin_mismatch() -> None:
+    d = dropped(settings(settings_payload(1, vin=OTHER_VIN)), DropReason.VIN_MISMATCH)
+    assert d.detail == OTHER_VIN
+
+
+@pytest.mark.parametrize("stream", list(STREAMS))
+def test_telemetry_vin_mismatch(stream: str) -> None:
+    st = state(window_until=window_for(stream))
+    msg = sample(stream, vin=OTHER_VIN)
+    dropped(run(stream, st, msg), DropReason.VIN_MISMATCH)
+
+
+def test_missing_header_is_vin_mismatch() -> None:
+    dropped(run("tbox/status", state(), streams_pb2.VehicleStatus(fuel_level_pct=1.0)),
+            DropReason.VIN_MISMATCH)
+
+
+TRUNCATED = b"\x0a\x05ab"  # field 1, length 5, only 2 bytes follow
+
+
+@pytest.mark.parametrize("stream", [*STREAMS, "avn/privacy"])
+def test_undecodable_payload(stream: str) -> None:
+    d = decide(CTX, f"vehicle/{VIN}/{stream}", TRUNCATED, {VIN: state()}, {}, NOW)
+    dropped(d, DropReason.UNDECODABLE)
+
+
+@pytest.mark.parametrize("bad_vin", ["WVWZZZ1JZXW00000I", "SHORT", "wvwzzz1jzxw000001",
+                                     "WVWZZZ1JZXW0000012"])
+@pytest.mark.parametrize("stream", ["tbox/status", "tbox/ecall", "avn/privacy"])
+def test_invalid_vin_in_topic(stream: str, bad_vin: str) -> None:
+    if stream == "avn/privacy":
+        payload = settings_payload(1, vin=bad_vin)
+    else:
+        payload = sample(stream, vin=bad_vin).SerializeToString()
+    d = decide(CTX, f"vehicle/{bad_vin}/{stream}", payload, {}, {}, NOW)
+    dropped(d, DropReason.INVALID_VIN)
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        f"vehicle/{VIN}/tbox/unknown",
+        f"vehicle/{VIN}/tbox",
+        f"vehicle/{VIN}",
+        f"vehicle/{VIN}/",
+        f"vehicle/{VIN}/avn/privacy/applied",
+        f"vehicle/{VIN}/tbox/status/extra",
+        f"other/{VIN}/tbox/status",
+        f"tsp/{VIN}/tbox/status",
+        "",
+    ],
+)
+def test_unknown_topic(topic: str) -> None:
+    payload = sample("tbox/status").SerializeToString()
+    dropped(decide(CTX, topic, payload, {VIN: state()}, {}, NOW), DropReason.UNKNOWN_TOPIC)
+
+
+@pytest.mark.parametrize("location", [common_pb2.LOCATION_MODE_UNSPECIFIED, 7])
+def test_unspecified_location_is_enforced_as_off(location: int) -> None:
+    d = settings(settings_payload(1, location=location))
+    assert isinstance(d, ApplySettings)
+    assert d.state.location.effective is LocationMode.OFF
+    fwd = forwarded(run("tbox/status", d.state))
+    assert not streams_pb2.VehicleStatus.FromString(fwd.payload).HasField("position")
+    dropped(run("avn/nav", d.state), DropReason.LOCATION_OFF)
+
+
+def test_unknown_feature_ids_are_ignored() -> None:
+    d = settings(settings_payload(1, {"remote_control": True, "telepathy": True,
+                                      "third_party.music": True, "ecall": False}))
+    assert isinstance(d, ApplySettings)
+    assert d.state.enabled == frozenset({"remote_control", "third_party.music"})
+    assert d.snapshot.features["telepathy"] is True  # recorded as sent, not enforced
+
+
+def test_settings_keep_an_open_window() -> None:
+    current = state(window_until=open_window(), revision=1)
+    d = settings(settings_payload(2), current)
+    assert isinstance(d, ApplySettings)
+    assert d.state.window_until == open_window()
+
+
+def test_decide_does_not_mutate_inputs() -> None:
+    st = state(location=LocationMode.APPROXIMATE)
+    states = {VIN: st}
+    fixes = {VIN: CoarseFix(0, 1.0, 1.0)}
+    before = (dict(states), dict(fixes))
+    decide(CTX, f"vehicle/{VIN}/tbox/status", sample("tbox/status").SerializeToString(),
+           states, fixes, NOW)
+    decide(CTX, f"vehicle/{VIN}/avn/privacy", settings_payload(9), states, fixes, NOW)
+    assert (states, fixes) == before
+    assert states[VIN] is st
+
+
+# ---------------------------------------------------------- (8) arrival order
+
+
+def test_newer_settings_disabling_feature_drop_next_message() -> None:
+    first = settings(settings_payload(1, {"remote_control": True}))
+    assert isinstance(first, ApplySettings)
+    forwarded(run("tbox/status", first.state))
+    second = settings(settings_payload(2, {"remote_control": False}), first.state)
+    assert isinstance(second, ApplySettings)
+    dropped(run("tbox/status", second.state), DropReason.FEATURE_DISABLED)
+    # A late redelivery of the older, permissive settings changes nothing.
+    late = settings(settings_payload(1, {"remote_control": True}), second.state)
+    dropped(late, DropReason.STALE_REVISION)
+
+
+def test_newer_settings_turning_location_off_clear_next_message() -> None:
+    first = settings(settings_payload(1, location=common_pb2.LOCATION_PRECISE))
+    assert isinstance(first, ApplySettings)
+    second = settings(settings_payload(2, location=common_pb2.LOCATION_OFF), first.state)
+    assert isinstance(second, ApplySettings)
+    fwd = forwarded(run("tbox/status", second.state))
+    assert not streams_pb2.VehicleStatus.FromString(fwd.payload).HasField("position")
+
+
+# ------------------------------------------------------------ (10) find my car
+
+
+def test_find_my_car_opens_window() -> None:
+    st = state({"find_my_car": True}, location=LocationMode.PRECISE)
+    d = command("find_my_car", st)
+    assert d.accepted and d.reason == "forwarded"
+    assert d.result_topic == f"tsp/{VIN}/cmd/find_my_car/result"
+    result = command_pb2.CommandResult.FromString(d.result_payload)
+    assert (result.request_id, result.command, result.accepted) == ("req-1", "find_my_car", True)
+    assert d.forward_topic == f"vehicle/{VIN}/cmd/find_my_car"
+    assert d.forward_payload is not None
+    fwd_cmd = command_pb2.Command.FromString(d.forward_payload)
+    assert (fwd_cmd.request_id, fwd_cmd.command) == ("req-1", "find_my_car")
+    assert d.state is not None
+    assert d.state.window_until == NOW + POLICY.window_s == NOW + 120
+    assert d.state.enabled == st.enabled and d.state.revision == st.revision
+
+    window_end = d.state.window_until
+    dropped(run("tbox/location", st, now=NOW), DropReason.NO_WINDOW)
+    forwarded(run("tbox/location", d.state, now=NOW))
+    forwarded(run("tbox/location", d.state, now=window_end - 0.001))
+    dropped(run("tbox/location", d.state, now=window_end), DropReason.NO_WINDOW)
+    dropped(run("tbox/location", d.state, now=window_end + 3600), DropReason.NO_WINDOW)
+
+
+def test_find_my_car_location_follows_location_mode() -> None:
+    st = state({"find_my_car": True}, location=LocationMode.APPROXIMATE)
+    d = command("find_my_car", st)
+    assert d.state is not None
+    fwd = forwarded(run("tbox/location", d.state))
+    assert "coarsen:position" in fwd.transforms
+    off = state({"find_my_car": True}, location=LocationMode.OFF, window_until=open_window())
+    dropped(run("tbox/location", off), DropReason.LOCATION_OFF)
+
+
+def test_command_without_command_field_is_filled_in() -> None:
+    payload = command_pb2.Command(request_id="r2").SerializeToString()
+    d = command("lock", state(), payload=payload)
+    assert d.accepted and d.state is None  # lock opens no window
+    assert d.forward_payload is not None
+    assert command_pb2.Command.FromString(d.forward_payload).command == "lock"
+
+
+@pytest.mark.parametrize(
+    ("name", "st", "payload", "vin", "reason"),
+    [
+        ("find_my_car", None, None, VIN, "unknown_vehicle"),
+        ("find_my_car", state(privacy_mode=True), None, VIN, "privacy_mode"),
+        ("find_my_car", state({"remote_control": True}), None, VIN,
+         "feature_disabled:find_my_car"),
+        ("lock", state({"find_my_car": True}), None, VIN, "feature_disabled:remote_control"),
+        ("self_destruct", state(), None, VIN, "unknown_command"),
+        ("find_my_car", state(), TRUNCATED, VIN, "undecodable"),
+        ("find_my_car", state(),
+         command_pb2.Command(request_id="req-1", command="unlock").SerializeToString(),
+         VIN, "command_mismatch"),
+        ("find_my_car", state(), None, "WVWZZZ1JZXW00000O", "invalid_vin"),
+    ],
+)
+def test_command_refusals(
+    name: str, st: VehicleState | None, payload: bytes | None, vin: str, reason: str
+) -> None:
+    d = command(name, st, payload=payload, vin=vin)
+    assert not d.accepted
+    assert d.reason == reason
+    assert d.forward_topic is None and d.forward_payload is None and d.state is None
+    assert d.result_topic == f"tsp/{vin}/cmd/{name}/result"
+    result = command_pb2.CommandResult.FromString(d.result_payload)
+    assert not result.accepted
+    assert result.reason == reason
+    assert result.command == name
+    assert result.request_id == ("" if reason == "undecodable" else "req-1")
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [f"tsp/{VIN}/cmd/find_my_car/result", f"tsp/{VIN}/tbox/status", f"tsp/{VIN}/cmd",
+     f"vehicle/{VIN}/cmd/find_my_car", f"tsp/{VIN}/xcmd/lock"],
+)
+def test_non_command_topics_are_not_commands(topic: str) -> None:
+    payload = command_pb2.Command(command="lock").SerializeToString()
+    assert decide_command(CTX, topic, payload, {VIN: state()}, NOW) is None
+
+
+def test_custom_prefixes() -> None:
+    ctx = DecisionContext(POLICY, KEY, vehicle_prefix="fleet/v1/cars", backend_prefix="b/e")
+    payload = sample("tbox/status").SerializeToString()
+    fwd = forwarded(decide(ctx, f"fleet/v1/cars/{VIN}/tbox/status", payload, {VIN: state()},
+                           {}, NOW))
+    assert fwd.topic == f"b/e/{VIN}/tbox/status"
+    d = decide_command(ctx, f"b/e/{VIN}/cmd/lock",
+                       command_pb2.Command(command="lock").SerializeToString(),
+                       {VIN: state()}, NOW)
+    assert d is not None and d.accepted
+    assert d.forward_topic == f"fleet/v1/cars/{VIN}/cmd/lock"
+    assert d.result_topic == f"b/e/{VIN}/cmd/lock/result"
