@@ -51,12 +51,14 @@ class MosquittoBroker:
         max_queued: int = 1_000_000,
         max_inflight: int = 1000,
         workdir: Path | None = None,
+        persistence: bool = False,
     ) -> None:
         self.port = port or free_port()
         self.max_queued = max_queued
         self.max_inflight = max_inflight
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="mosquitto-"))
+        self.persistence = persistence
         self.process: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
 
@@ -73,7 +75,7 @@ class MosquittoBroker:
             [
                 f"listener {self.port} 127.0.0.1",
                 "allow_anonymous true",
-                "persistence false",
+                *self._persistence_lines(),
                 f"max_queued_messages {self.max_queued}",
                 "max_queued_bytes 0",
                 f"max_inflight_messages {self.max_inflight}",
@@ -87,6 +89,15 @@ class MosquittoBroker:
                 "",
             ]
         )
+
+    def _persistence_lines(self) -> list[str]:
+        if not self.persistence:
+            return ["persistence false"]
+        self.workdir.chmod(0o755)
+        store = self.workdir / "persist"
+        store.mkdir(exist_ok=True)
+        store.chmod(0o777)  # mosquitto started as root writes as its own user
+        return ["persistence true", f"persistence_location {store}/", "autosave_interval 1"]
 
     def start(self, timeout: float = 10.0) -> MosquittoBroker:
         conf = self.workdir / "mosquitto.conf"
@@ -111,6 +122,15 @@ class MosquittoBroker:
                 time.sleep(0.02)
         self.stop()
         raise TimeoutError(f"mosquitto did not listen on port {self.port} within {timeout}s")
+
+    def stop_keep_state(self) -> None:
+        """Stop the process but keep the work directory, to start() it again
+        on the same port (with persistence, sessions survive)."""
+        own, self._own_workdir = self._own_workdir, False
+        try:
+            self.stop()
+        finally:
+            self._own_workdir = own
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -25,7 +25,7 @@ from sim.model import (
     Settings,
     SettingsEvent,
 )
-from sim.mqtt import make_client
+from sim.mqtt import ClientFactory, ClientLike, MessageLike, aiomqtt_factory
 from sim.policy import Policy
 from sim.scenario import Scenario, VehicleScenario
 from telematics.v1 import command_pb2, privacy_pb2
@@ -136,8 +136,14 @@ class VehicleState:
 
 class Fleet:
     def __init__(
-        self, scenario: Scenario, policy: Policy, options: FleetOptions, out_dir: Path
+        self,
+        scenario: Scenario,
+        policy: Policy,
+        options: FleetOptions,
+        out_dir: Path,
+        client_factory: ClientFactory = aiomqtt_factory,
     ) -> None:
+        self.client_factory = client_factory
         self.scenario = scenario
         self.policy = policy
         self.options = options
@@ -145,9 +151,9 @@ class Fleet:
         self.stats = FleetStats(sim_now_ms=scenario.sim_start_ms)
         self.truth = JsonLinesWriter(out_dir / GROUND_TRUTH_FILE)
         self.vehicles = {vehicle.vin: VehicleState(vehicle) for vehicle in scenario.vehicles}
-        self.tbox_clients: dict[str, aiomqtt.Client] = {}
-        self.avn_clients: dict[str, aiomqtt.Client] = {}
-        self.backend: aiomqtt.Client | None = None
+        self.tbox_clients: dict[str, ClientLike] = {}
+        self.avn_clients: dict[str, ClientLike] = {}
+        self.backend: ClientLike | None = None
         self.pending_results: dict[
             str, asyncio.Future[tuple[command_pb2.CommandResult, float]]
         ] = {}
@@ -201,7 +207,7 @@ class Fleet:
     async def connect(self, stack: contextlib.AsyncExitStack) -> None:
         options = self.options
         self.backend = await stack.enter_async_context(
-            make_client(options.backend_broker, "tsp-backend-sim", mqtt5=True)
+            self.client_factory(options.backend_broker, "tsp-backend-sim", True)
         )
         await self.backend.subscribe(f"{options.backend_prefix}/+/cmd/+/result", qos=1)
         self._readers.append(
@@ -210,10 +216,10 @@ class Fleet:
         self.stats.clients_connected += 1
         semaphore = asyncio.Semaphore(64)  # don't SYN-flood the broker with hundreds of connects
 
-        async def open_client(client_id: str, mqtt5: bool, vins: list[str]) -> aiomqtt.Client:
+        async def open_client(client_id: str, mqtt5: bool, vins: list[str]) -> ClientLike:
             async with semaphore:
                 client = await stack.enter_async_context(
-                    make_client(options.vehicle_broker, client_id, mqtt5=mqtt5)
+                    self.client_factory(options.vehicle_broker, client_id, mqtt5)
                 )
                 topics = []
                 for vin in vins:
@@ -253,13 +259,13 @@ class Fleet:
             await asyncio.gather(*(open_vehicle(vin) for vin in vins))
 
     async def _read(
-        self, client: aiomqtt.Client, handler: Callable[[aiomqtt.Message], None]
+        self, client: ClientLike, handler: Callable[[MessageLike], None]
     ) -> None:
         with contextlib.suppress(aiomqtt.MqttError):
             async for message in client.messages:
                 handler(message)
 
-    def _on_vehicle_message(self, message: aiomqtt.Message) -> None:
+    def _on_vehicle_message(self, message: MessageLike) -> None:
         parts = message.topic.value.split("/")
         if len(parts) < 3 or parts[1] not in self.vehicles:
             return
@@ -310,7 +316,7 @@ class Fleet:
             if waiter is not None and not waiter.done():
                 waiter.set_result(now)
 
-    def _on_backend_message(self, message: aiomqtt.Message) -> None:
+    def _on_backend_message(self, message: MessageLike) -> None:
         result = command_pb2.CommandResult()
         try:
             result.ParseFromString(

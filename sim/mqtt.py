@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import aiomqtt
@@ -52,3 +54,45 @@ def user_properties(properties: Properties | None) -> list[tuple[str, str]]:
         return []
     pairs = getattr(properties, "UserProperty", None) or []
     return [(str(name), str(value)) for name, value in pairs]
+
+
+class MessageLike(Protocol):
+    """What the sim reads from a received message (aiomqtt.Message satisfies it)."""
+
+    @property
+    def topic(self) -> Any: ...  # has .value: str
+
+    @property
+    def payload(self) -> Any: ...
+
+    @property
+    def properties(self) -> Properties | None: ...
+
+    @property
+    def qos(self) -> int: ...
+
+    @property
+    def retain(self) -> bool: ...
+
+
+class ClientLike(Protocol):
+    """The subset of aiomqtt.Client the sim uses, so an in-memory broker can stand in."""
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc_info: object) -> Any: ...
+
+    async def publish(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False,
+                      properties: Properties | None = None) -> None: ...
+
+    async def subscribe(self, topic: Any, qos: int = 0) -> Any: ...
+
+    @property
+    def messages(self) -> AsyncIterator[Any]: ...
+
+
+ClientFactory = Callable[[str, str, bool], ClientLike]
+
+
+def aiomqtt_factory(url: str, client_id: str, mqtt5: bool) -> ClientLike:
+    return make_client(url, client_id, mqtt5=mqtt5)  # type: ignore[return-value]

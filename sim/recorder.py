@@ -11,7 +11,7 @@ from pathlib import Path
 import aiomqtt
 
 from sim.groundtruth import RECORDING_FILE, JsonLinesWriter, b64
-from sim.mqtt import make_client, user_properties
+from sim.mqtt import ClientFactory, MessageLike, aiomqtt_factory, user_properties
 
 BACKEND_FILTER = "tsp/#"
 
@@ -27,7 +27,9 @@ class Recorder:
         *,
         client_id: str = "tsp-recorder-sim",
         topic_prefix: str = "tsp",
+        client_factory: ClientFactory = aiomqtt_factory,
     ) -> None:
+        self.client_factory = client_factory
         self.broker_url = broker_url
         self.client_id = client_id
         self.topic_filter = f"{topic_prefix}/#"
@@ -52,13 +54,13 @@ class Recorder:
             raise TimeoutError(f"recorder could not subscribe on {self.broker_url}")
 
     async def _run(self) -> None:
-        async with make_client(self.broker_url, self.client_id, mqtt5=True) as client:
+        async with self.client_factory(self.broker_url, self.client_id, True) as client:
             await client.subscribe(self.topic_filter, qos=1)
             self.ready.set()
             async for message in client.messages:
                 self._store(message)
 
-    def _store(self, message: aiomqtt.Message) -> None:
+    def _store(self, message: MessageLike) -> None:
         payload = (
             message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
         )

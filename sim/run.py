@@ -18,6 +18,7 @@ from rich.text import Text
 
 from sim.fleet import Fleet, FleetOptions, FleetStats
 from sim.groundtruth import RUN_FILE
+from sim.mqtt import ClientFactory, aiomqtt_factory
 from sim.policy import DEFAULT_POLICY_PATH, load_policy
 from sim.recorder import Recorder
 from sim.scenario import DEFAULT_SIM_START_MS, build_scenario
@@ -118,12 +119,16 @@ def _side_by_side(left: Table, right: Table) -> Table:
     return grid
 
 
-async def run_simulation(config: RunConfig, console: Console | None = None) -> RunSummary:
+async def run_simulation(
+    config: RunConfig,
+    console: Console | None = None,
+    client_factory: ClientFactory = aiomqtt_factory,
+) -> RunSummary:
     console = console or Console(stderr=True)
     policy = load_policy(config.policy_path)
     scenario = build_scenario(config.seed, config.vehicles, config.duration_s, config.sim_start_ms)
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    recorder = Recorder(config.backend_url, config.out_dir)
+    recorder = Recorder(config.backend_url, config.out_dir, client_factory=client_factory)
     await recorder.start()
     options = FleetOptions(
         vehicle_broker=config.broker,
@@ -132,7 +137,7 @@ async def run_simulation(config: RunConfig, console: Console | None = None) -> R
         multiplex=config.multiplex,
         applied_timeout_s=config.applied_timeout_s,
     )
-    fleet = Fleet(scenario, policy, options, config.out_dir)
+    fleet = Fleet(scenario, policy, options, config.out_dir, client_factory)
     started = time.monotonic()
     meta = {
         "policy_path": str(config.policy_path),

@@ -1,0 +1,998 @@
+"""Judge what the backend received (recording) against what the cars did (ground truth).
+
+Every published message gets an expectation from the wire contract and the
+settings in force when it was published: it must arrive (and be transformed
+exactly as the contract says), it must not arrive, or it is ambiguous (a
+find-my-car window edge, settings the gateway had not confirmed yet). The
+checker reports:
+
+- leaks: anything forwarded that the contract forbids,
+- losses: anything allowed that never arrived (duplicates are fine: QoS 1),
+- over-coarsening / wrong transforms, missing or wrong user properties,
+- protocol problems (PrivacyApplied missing or wrong, command results),
+- utility: share of allowed messages delivered, error of approximate positions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import json
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+from rich.console import Console
+from rich.table import Table
+
+from sim.contract import ACCEPT, AMBIGUOUS, LOCATION_ON, PASS, decide_command, decide_message
+from sim.geo import Point, cell_half_extent_deg, distance_m
+from sim.groundtruth import GROUND_TRUTH_FILE, RECORDING_FILE, read_json_lines, unb64
+from sim.model import (
+    MUST_NOT_ARRIVE,
+    PURPOSE_MALFORMED,
+    PURPOSE_SPOOFED,
+    Settings,
+)
+from sim.policy import APP_STREAM_PREFIX, DEFAULT_POLICY_PATH, Policy, load_policy
+from telematics.v1 import common_pb2, privacy_pb2, streams_pb2
+
+LEAK = "leak"
+LOSS = "loss"
+OVER_COARSENING = "over_coarsening"
+WRONG_TRANSFORM = "wrong_transform"
+USER_PROPERTIES = "user_properties"
+PROTOCOL = "protocol"
+CATEGORIES = (LEAK, LOSS, OVER_COARSENING, WRONG_TRANSFORM, USER_PROPERTIES, PROTOCOL)
+WINDOW_TOLERANCE_S = 2.0  # messages this close to a window boundary may go either way
+SLACK = 1.01  # 1 % slack on the approximate-location cell bounds
+REQUIRED_PROPERTIES = ("policy-version", "feature", "legal-basis", "retention-days", "transforms")
+CHECK_FILE = "check.json"
+GEOPOINT = "telematics.v1.GeoPoint"
+
+
+def pseudonym(key: bytes, purpose: str, value: str) -> str:
+    """The contract's keyed pseudonym (HMAC-SHA-256, hex, 128 bits)."""
+    return hmac.new(key, purpose.encode() + b"\x00" + value.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def truncate_ip(address: str) -> str:
+    """IPv4 -> a.b.c.0 (/24); IPv6 -> first three hextets, rest zero (/48)."""
+    parsed = ipaddress.ip_address(address)
+    prefix = 24 if parsed.version == 4 else 48
+    network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    return str(network.network_address)
+
+
+def message_class(policy: Policy, stream: str) -> type[Message] | None:
+    rule = policy.rule_for(stream)
+    if rule is None:
+        return None
+    cls = getattr(streams_pb2, rule.message, None)
+    return cls if isinstance(cls, type) and issubclass(cls, Message) else None
+
+
+def geopoint_fields(message: Message) -> list[str]:
+    return [
+        f.name
+        for f in message.DESCRIPTOR.fields
+        if f.message_type is not None
+        and f.message_type.full_name == GEOPOINT
+        and not _is_repeated(f)
+    ]
+
+
+def _is_repeated(field_descriptor: Any) -> bool:
+    repeated = getattr(field_descriptor, "is_repeated", None)
+    if isinstance(repeated, bool):
+        return repeated
+    return bool(field_descriptor.label == field_descriptor.LABEL_REPEATED)
+
+
+@dataclass
+class Issue:
+    category: str
+    rule: str
+    stream: str
+    vin: str
+    detail: str
+    topic: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "category": self.category,
+            "rule": self.rule,
+            "stream": self.stream,
+            "vin": self.vin,
+            "detail": self.detail,
+            "topic": self.topic,
+        }
+
+
+@dataclass
+class StreamTally:
+    published: int = 0
+    must_pass: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    ambiguous: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)  # correct drops by reason
+    issues: Counter[str] = field(default_factory=Counter)  # category -> count
+
+
+@dataclass
+class CheckResult:
+    issues: list[Issue]
+    tallies: dict[str, StreamTally]
+    utility_delivered: float
+    approx_errors_m: list[float]
+    recorded: int
+    published: int
+    commands: Counter[str]
+    settings_timeouts: int
+    key_available: bool
+    # Per published message: (vin, stream, outcome) for the report's decision mix.
+    outcomes: list[tuple[str, str, str]] = field(default_factory=list)
+    # Received positions per vin for the report: (ts_ms, lat, lon, mode, stream).
+    received_positions: dict[str, list[tuple[int, float, float, str, str]]] = field(
+        default_factory=dict
+    )
+
+    def count(self, category: str) -> int:
+        return sum(1 for issue in self.issues if issue.category == category)
+
+    @property
+    def leaks(self) -> int:
+        return self.count(LEAK)
+
+    @property
+    def losses(self) -> int:
+        return self.count(LOSS)
+
+    @property
+    def median_approx_error_m(self) -> float | None:
+        return statistics.median(self.approx_errors_m) if self.approx_errors_m else None
+
+    def by_rule(self) -> Counter[tuple[str, str]]:
+        return Counter((issue.category, issue.rule) for issue in self.issues)
+
+    def exit_code(self) -> int:
+        """1 on any leak or loss; 3 on other contract violations only; 0 when clean."""
+        if self.leaks or self.losses:
+            return 1
+        return 3 if self.issues else 0
+
+    def summary_json(self) -> dict[str, Any]:
+        rules = self.by_rule()
+        return {
+            "leaks": self.leaks,
+            "losses": self.losses,
+            "issues_by_category": {c: self.count(c) for c in CATEGORIES},
+            "issues_by_rule": [
+                {"category": c, "rule": r, "count": n} for (c, r), n in rules.most_common()
+            ],
+            "utility_delivered_share": round(self.utility_delivered, 4),
+            "median_approximate_error_m": (
+                None if self.median_approx_error_m is None else round(self.median_approx_error_m, 1)
+            ),
+            "approximate_positions": len(self.approx_errors_m),
+            "published": self.published,
+            "recorded": self.recorded,
+            "commands": dict(self.commands),
+            "settings_timeouts": self.settings_timeouts,
+            "pseudonym_key_available": self.key_available,
+            "streams": {
+                stream: {
+                    "published": t.published,
+                    "must_pass": t.must_pass,
+                    "delivered": t.delivered,
+                    "duplicates": t.duplicates,
+                    "ambiguous": t.ambiguous,
+                    "dropped": dict(t.dropped),
+                    "issues": dict(t.issues),
+                }
+                for stream, t in sorted(self.tallies.items())
+            },
+        }
+
+
+@dataclass
+class Recorded:
+    index: int
+    wall: float
+    topic: str
+    payload: bytes
+    props: list[tuple[str, str]]
+    ref: str = ""
+    stream: str = ""
+    matched: bool = False
+
+
+@dataclass
+class Published:
+    record: dict[str, Any]
+    payload: bytes
+    message: Message | None
+
+    @property
+    def vin(self) -> str:
+        return str(self.record["vin"])
+
+    @property
+    def stream(self) -> str:
+        return str(self.record["stream"])
+
+    @property
+    def ts_ms(self) -> int:
+        return int(self.record["ts_ms"])
+
+
+class Checker:
+    def __init__(
+        self,
+        truth: list[dict[str, Any]],
+        recording: list[dict[str, Any]],
+        policy: Policy,
+        key: bytes | None = None,
+    ) -> None:
+        self.policy = policy
+        self.key = key
+        self.truth = truth
+        meta = next((r for r in truth if r["type"] == "meta"), {})
+        self.backend_prefix = str(meta.get("backend_prefix", "tsp"))
+        self.vins = [str(r["vin"]) for r in truth if r["type"] == "vehicle"]
+        self.issues: list[Issue] = []
+        self.tallies: dict[str, StreamTally] = defaultdict(StreamTally)
+        self.approx_errors: list[float] = []
+        self.outcomes: list[tuple[str, str, str]] = []
+        self.received_positions: dict[str, list[tuple[int, float, float, str, str]]] = (
+            defaultdict(list)
+        )
+        self.settings: dict[str, dict[int, Settings]] = defaultdict(dict)
+        self.settings_applied_wall: dict[str, list[tuple[float, Settings]]] = defaultdict(list)
+        self.settings_timeouts = 0
+        for record in truth:
+            if record["type"] == "settings":
+                snapshot = Settings.from_json(record["settings"])
+                self.settings[record["vin"]][snapshot.revision] = snapshot
+                if record.get("applied"):
+                    self.settings_applied_wall[record["vin"]].append(
+                        (float(record["wall_applied"]), snapshot)
+                    )
+                else:
+                    self.settings_timeouts += 1
+        self.recorded = [
+            Recorded(
+                index=n,
+                wall=float(r["wall"]),
+                topic=str(r["topic"]),
+                payload=unb64(r["payload"]),
+                props=[(str(k), str(v)) for k, v in r.get("props", [])],
+            )
+            for n, r in enumerate(recording)
+        ]
+        self.published = [self._published(r) for r in truth if r["type"] == "publish"]
+        self.positions = self._true_positions()
+        self.windows = self._windows()
+        # pseudonym stability without the key: input -> outputs seen
+        self.pseudonyms_seen: dict[tuple[str, str], set[str]] = defaultdict(set)
+
+    # --- loading helpers ------------------------------------------------------------
+    def _published(self, record: dict[str, Any]) -> Published:
+        payload = unb64(record["payload"])
+        message: Message | None = None
+        cls = message_class(self.policy, str(record["stream"]))
+        if cls is not None and record.get("purpose") != PURPOSE_MALFORMED:
+            message = cls()
+            try:
+                message.ParseFromString(payload)
+            except DecodeError:
+                message = None
+        return Published(record, payload, message)
+
+    def _true_positions(self) -> dict[str, tuple[list[int], list[Point]]]:
+        """Every `position` GeoPoint each car published, by vehicle time."""
+        points: dict[str, list[tuple[int, Point]]] = defaultdict(list)
+        for pub in self.published:
+            if pub.message is None or pub.record.get("purpose") == PURPOSE_SPOOFED:
+                continue
+            rule = self.policy.rule_for(pub.stream)
+            for name in geopoint_fields(pub.message):
+                action = rule.fields.get(name, "place") if rule else "place"
+                if (action == "position" or pub.stream == "tbox/ecall") and pub.message.HasField(
+                    name
+                ):
+                    geo = getattr(pub.message, name)
+                    points[pub.vin].append((pub.ts_ms, Point(geo.latitude, geo.longitude)))
+        result: dict[str, tuple[list[int], list[Point]]] = {}
+        for vin, items in points.items():
+            items.sort(key=lambda item: item[0])
+            result[vin] = ([t for t, _ in items], [p for _, p in items])
+        return result
+
+    def _windows(self) -> dict[str, list[float]]:
+        """Wall-clock times at which the gateway opened a find-my-car window, per car."""
+        forwarded: dict[str, float] = {}
+        for record in self.truth:
+            if record["type"] == "command_received" and record["command"] == "find_my_car":
+                forwarded.setdefault(str(record["request_id"]), float(record["wall"]))
+        windows: dict[str, list[float]] = defaultdict(list)
+        for record in self.truth:
+            if record["type"] != "command" or record["command"] != "find_my_car":
+                continue
+            times = []
+            if record.get("wall_forwarded") is not None:
+                times.append(float(record["wall_forwarded"]))
+            if str(record["request_id"]) in forwarded:
+                times.append(forwarded[str(record["request_id"])])
+            result = record.get("result")
+            if result and result.get("accepted") and record.get("wall_result") is not None:
+                times.append(float(record["wall_result"]))
+            if times:
+                windows[str(record["vin"])].append(min(times))
+        for opens in windows.values():
+            opens.sort()
+        return windows
+
+    def _settings_candidates(self, record: dict[str, Any]) -> list[Settings | None]:
+        history = self.settings.get(str(record["vin"]), {})
+        applied = record.get("applied_rev")
+        candidates: list[Settings | None] = [
+            history.get(int(applied)) if applied is not None else None
+        ]
+        pending = record.get("pending_rev")
+        if pending is not None and int(pending) in history:
+            candidates.append(history[int(pending)])
+        return candidates
+
+    def _window_state(self, vin: str, wall_start: float, wall_end: float) -> bool | None:
+        """True: certainly inside a window; False: certainly outside; None: too close to say."""
+        length = self.policy.find_my_car_window_s
+        tol = WINDOW_TOLERANCE_S
+        certainly_in = False
+        near = False
+        for opened in self.windows.get(vin, []):
+            closes = opened + length
+            if opened + tol <= wall_start and wall_end <= closes - tol:
+                certainly_in = True
+                # A settings change that disabled the feature inside the window may or may
+                # not close it: the contract does not say, so do not judge such messages.
+                for applied_wall, settings in self.settings_applied_wall.get(vin, []):
+                    if opened <= applied_wall <= wall_start and (
+                        settings.privacy_mode or not settings.enabled("find_my_car")
+                    ):
+                        return None
+            elif not (wall_end < opened - tol or wall_start > closes + tol):
+                near = True
+        if certainly_in:
+            return True
+        return None if near else False
+
+    # --- the check ------------------------------------------------------------------
+    def run(self) -> CheckResult:
+        index = self._index_recording()
+        self._check_publishes(index)
+        self._check_unmatched()
+        self._check_app_topics()
+        commands = self._check_commands()
+        self._check_applied()
+        must_pass = sum(t.must_pass for t in self.tallies.values())
+        delivered = sum(t.delivered for t in self.tallies.values())
+        return CheckResult(
+            issues=self.issues,
+            tallies=dict(self.tallies),
+            utility_delivered=delivered / must_pass if must_pass else 1.0,
+            approx_errors_m=self.approx_errors,
+            recorded=len(self.recorded),
+            published=len(self.published),
+            commands=commands,
+            settings_timeouts=self.settings_timeouts,
+            key_available=self.key is not None,
+            outcomes=self.outcomes,
+            received_positions=dict(self.received_positions),
+        )
+
+    def _issue(self, category: str, rule: str, stream: str, vin: str, detail: str, topic: str = "") -> None:
+        self.issues.append(Issue(category, rule, stream, vin, detail, topic))
+        self.tallies[stream].issues[category] += 1
+
+    def _index_recording(self) -> dict[tuple[Any, ...], list[Recorded]]:
+        index: dict[tuple[Any, ...], list[Recorded]] = defaultdict(list)
+        prefix = self.backend_prefix + "/"
+        for rec in self.recorded:
+            if not rec.topic.startswith(prefix):
+                continue
+            parts = rec.topic.split("/")
+            if len(parts) < 4 or parts[2] == "cmd":
+                continue
+            rec.ref, rec.stream = parts[1], "/".join(parts[2:])
+            index[("raw", rec.stream, rec.payload)].append(rec)
+            cls = message_class(self.policy, rec.stream)
+            if cls is None:
+                continue
+            message = cls()
+            try:
+                message.ParseFromString(rec.payload)
+            except DecodeError:
+                continue
+            if rec.stream.startswith(APP_STREAM_PREFIX):
+                nonce = _app_nonce(message)
+                if nonce:
+                    index[("app", nonce)].append(rec)
+            else:
+                header = message.header  # type: ignore[attr-defined]
+                index[(rec.ref, rec.stream, header.seq, header.timestamp_ms)].append(rec)
+        return index
+
+    def _keys_for(self, pub: Published) -> list[tuple[Any, ...]]:
+        record = pub.record
+        if record.get("purpose") == PURPOSE_MALFORMED:
+            return [("raw", pub.stream, pub.payload)]
+        if pub.stream.startswith(APP_STREAM_PREFIX):
+            return [("app", str(record["nonce"]))]
+        keys = [(pub.vin, pub.stream, int(record["seq"]), pub.ts_ms)]
+        if record.get("purpose") == PURPOSE_SPOOFED:
+            # A gateway that trusts header.vin would forward it under the claimed VIN.
+            keys.append((str(record["header_vin"]), pub.stream, int(record["seq"]), pub.ts_ms))
+        return keys
+
+    def _check_publishes(self, index: dict[tuple[Any, ...], list[Recorded]]) -> None:
+        for pub in self.published:
+            record = pub.record
+            tally = self.tallies[pub.stream]
+            tally.published += 1
+            matches: list[Recorded] = []
+            for key in self._keys_for(pub):
+                matches.extend(r for r in index.get(key, []) if r not in matches)
+            if pub.stream.startswith(APP_STREAM_PREFIX):
+                matches = [r for r in matches if r.stream == pub.stream]
+            for rec in matches:
+                rec.matched = True
+            if record.get("error"):
+                tally.ambiguous += 1
+                self.outcomes.append((pub.vin, pub.stream, "publish_failed"))
+                continue
+            purpose = str(record.get("purpose"))
+            if purpose in MUST_NOT_ARRIVE:
+                decision = purpose
+            else:
+                decision = self._decision(pub)
+            if decision == PASS:
+                tally.must_pass += 1
+                if not matches:
+                    self._issue(
+                        LOSS,
+                        "allowed_message_not_delivered",
+                        pub.stream,
+                        pub.vin,
+                        f"seq {record['seq']} ts {pub.ts_ms} ({purpose}) never reached the backend",
+                        str(record["topic"]),
+                    )
+                    self.outcomes.append((pub.vin, pub.stream, "lost"))
+                    continue
+                tally.delivered += 1
+                tally.duplicates += len(matches) - 1
+                settings = self._candidates_allowing(pub)
+                for rec in matches:
+                    self._check_forwarded(pub, rec, settings)
+                self.outcomes.append((pub.vin, pub.stream, "delivered"))
+            elif decision == AMBIGUOUS:
+                tally.ambiguous += 1
+                settings = self._candidates_allowing(pub)
+                for rec in matches:
+                    self._check_forwarded(pub, rec, settings)
+                self.outcomes.append(
+                    (pub.vin, pub.stream, "ambiguous_delivered" if matches else "ambiguous_dropped")
+                )
+            else:
+                if matches:
+                    self._issue(
+                        LEAK,
+                        _leak_rule(decision),
+                        pub.stream,
+                        pub.vin,
+                        f"seq {record['seq']} ts {pub.ts_ms} must be dropped ({decision}) "
+                        f"but arrived {len(matches)}x on {matches[0].topic}",
+                        matches[0].topic,
+                    )
+                    self.outcomes.append((pub.vin, pub.stream, "leaked"))
+                else:
+                    tally.dropped[decision] += 1
+                    self.outcomes.append((pub.vin, pub.stream, f"dropped:{decision}"))
+
+    def _decision(self, pub: Published) -> str:
+        window: bool | None = None
+        rule = self.policy.rule_for(pub.stream)
+        if rule is not None and rule.requires_window:
+            window = self._window_state(
+                pub.vin, float(pub.record["wall_start"]), float(pub.record["wall_end"])
+            )
+        decisions = {
+            decide_message(self.policy, pub.stream, settings, window)
+            for settings in self._settings_candidates(pub.record)
+        }
+        return decisions.pop() if len(decisions) == 1 else AMBIGUOUS
+
+    def _candidates_allowing(self, pub: Published) -> list[Settings | None]:
+        """Settings under which this message may be forwarded (to judge its transforms)."""
+        candidates = self._settings_candidates(pub.record)
+        allowing = [
+            s
+            for s in candidates
+            if decide_message(self.policy, pub.stream, s, True) in (PASS, AMBIGUOUS)
+        ]
+        return allowing or candidates
+
+    # --- transforms ---------------------------------------------------------------
+    def _check_forwarded(
+        self, pub: Published, rec: Recorded, candidates: list[Settings | None]
+    ) -> None:
+        """Judge one delivered copy; accept it if it is right under any candidate settings."""
+        attempts: list[list[Issue]] = []
+        for settings in candidates:
+            saved_errors = len(self.approx_errors)
+            saved_positions = {k: len(v) for k, v in self.received_positions.items()}
+            found = self._transform_issues(pub, rec, settings)
+            if not found:
+                return
+            del self.approx_errors[saved_errors:]
+            for vin, items in self.received_positions.items():
+                del items[saved_positions.get(vin, 0) :]
+            attempts.append(found)
+        if attempts:
+            for issue in min(attempts, key=len):
+                self._issue(issue.category, issue.rule, issue.stream, issue.vin, issue.detail, issue.topic)
+
+    def _transform_issues(
+        self, pub: Published, rec: Recorded, settings: Settings | None
+    ) -> list[Issue]:
+        found: list[Issue] = []
+        stream, vin = pub.stream, pub.vin
+
+        def add(category: str, rule: str, detail: str) -> None:
+            found.append(Issue(category, rule, stream, vin, detail, rec.topic))
+
+        self._check_properties(pub, rec, add)
+        if self.policy.is_legal_obligation(stream):
+            if rec.payload != pub.payload:
+                add(WRONG_TRANSFORM, "legal_obligation_payload_modified", "eCall must be byte-identical")
+            if rec.ref != vin:
+                add(WRONG_TRANSFORM, "wrong_topic_ref", f"eCall forwarded under {rec.ref}")
+            return found
+        cls = message_class(self.policy, stream)
+        if cls is None or pub.message is None:
+            return found
+        received = cls()
+        try:
+            received.ParseFromString(rec.payload)
+        except DecodeError:
+            add(WRONG_TRANSFORM, "undecodable_forward", "forwarded payload does not decode")
+            return found
+        original = pub.message
+        rule = self.policy.rule_for(stream)
+        assert rule is not None
+        is_app = stream.startswith(APP_STREAM_PREFIX)
+        if is_app:
+            self._check_app(pub, rec, received, add)
+        else:
+            if rec.ref != vin:
+                add(WRONG_TRANSFORM, "wrong_topic_ref", f"forwarded under {rec.ref}, expected the VIN")
+            if received.header.vin != vin:  # type: ignore[attr-defined]
+                add(WRONG_TRANSFORM, "header_vin_changed", "header.vin differs from the car's VIN")
+        mode = settings.location if settings is not None else common_pb2.LOCATION_OFF
+        cleared: list[str] = []
+        for name in geopoint_fields(original):
+            cleared.append(name)
+            action = rule.fields.get(name, "place")
+            self._check_geopoint(pub, received, original, name, action, mode, add)
+        for name, action in rule.fields.items():
+            if action == "place_id":
+                cleared.append(name)
+                got, want = getattr(received, name), getattr(original, name)
+                if mode == common_pb2.LOCATION_PRECISE:
+                    if got != want:
+                        add(OVER_COARSENING, f"{name}_changed_under_precise", f"{got!r} != {want!r}")
+                elif got:
+                    add(LEAK, f"{name}_present", f"{name}={got!r} under {_mode_name(mode)}")
+            elif action == "remove":
+                cleared.append(name)
+                if getattr(received, name):
+                    add(LEAK, f"{name}_present", f"{name} was forwarded")
+            elif action == "truncate_ip":
+                cleared.append(name)
+                self._check_ip(getattr(original, name), getattr(received, name), add)
+            elif action == "pseudonymize" and name != "payload":
+                cleared.append(name)
+                purpose = "bluetooth_mac" if name == "bluetooth_mac" else "voice_session"
+                value = getattr(original, name)
+                if name == "bluetooth_mac":
+                    value = value.upper()
+                self._check_pseudonym(purpose, value, getattr(received, name), add, name)
+        # Everything the policy does not act on must arrive unchanged.
+        left, right = cls(), cls()
+        left.CopyFrom(original)
+        right.CopyFrom(received)
+        for name in cleared:
+            left.ClearField(name)
+            right.ClearField(name)
+        if is_app:
+            left.header.ClearField("vin")  # type: ignore[attr-defined]
+            right.header.ClearField("vin")  # type: ignore[attr-defined]
+        if left.SerializeToString(deterministic=True) != right.SerializeToString(deterministic=True):
+            add(WRONG_TRANSFORM, "unexpected_field_change", "fields the policy keeps were changed")
+        return found
+
+    def _check_properties(self, pub: Published, rec: Recorded, add: Any) -> None:
+        props: dict[str, str] = {}
+        for name, value in rec.props:
+            props.setdefault(name, value)
+        missing = [name for name in REQUIRED_PROPERTIES if name not in props]
+        for name in missing:
+            add(USER_PROPERTIES, f"missing_{name}", f"user property {name} absent")
+        feature = self.policy.feature_for(pub.stream)
+        rule = self.policy.rule_for(pub.stream)
+        assert rule is not None
+        expected = {
+            "policy-version": self.policy.version,
+            "legal-basis": self.policy.legal_basis_for(feature),
+            "retention-days": str(rule.retention_days),
+        }
+        for name, want in expected.items():
+            if name in props and props[name] != want:
+                add(USER_PROPERTIES, f"wrong_{name}", f"{name}={props[name]!r}, expected {want!r}")
+        if "feature" in props and props["feature"] not in (feature, feature.split(".", 1)[0]):
+            add(USER_PROPERTIES, "wrong_feature", f"feature={props['feature']!r}, expected {feature!r}")
+        if "transforms" in props and not props["transforms"] and rec.payload != pub.payload:
+            add(USER_PROPERTIES, "transforms_not_listed", "payload changed but transforms is empty")
+
+    def _check_geopoint(
+        self,
+        pub: Published,
+        received: Message,
+        original: Message,
+        name: str,
+        action: str,
+        mode: int,
+        add: Any,
+    ) -> None:
+        has_original, has_received = original.HasField(name), received.HasField(name)
+        if mode not in LOCATION_ON:
+            if has_received:
+                add(LEAK, "geopoint_under_location_off", f"{name} present under {_mode_name(mode)}")
+            return
+        if not has_original:
+            if has_received:
+                add(WRONG_TRANSFORM, "geopoint_invented", f"{name} was not sent by the car")
+            return
+        if not has_received:
+            add(OVER_COARSENING, "geopoint_removed", f"{name} removed under {_mode_name(mode)}")
+            return
+        got, want = getattr(received, name), getattr(original, name)
+        if mode == common_pb2.LOCATION_PRECISE:
+            if got.SerializeToString(deterministic=True) != want.SerializeToString(deterministic=True):
+                add(OVER_COARSENING, "geopoint_changed_under_precise", f"{name} changed")
+            else:
+                self.received_positions[pub.vin].append(
+                    (pub.ts_ms, got.latitude, got.longitude, "precise", pub.stream)
+                )
+            return
+        # Approximate.
+        cell = self.policy.cell_size_m
+        if got.latitude == want.latitude and got.longitude == want.longitude:
+            add(LEAK, "location_finer_than_mode", f"{name} forwarded exactly under APPROXIMATE")
+            return
+        if got.altitude_m or got.heading_deg or got.speed_kmh:
+            add(LEAK, "approximate_keeps_motion", f"{name} keeps altitude/heading/speed")
+        if abs(got.horizontal_accuracy_m - cell) > 0.5:
+            add(WRONG_TRANSFORM, "approximate_accuracy", f"accuracy {got.horizontal_accuracy_m} != {cell}")
+        candidates = [Point(want.latitude, want.longitude)]
+        if action == "position":
+            candidates.extend(self._positions_between(pub.vin, pub.ts_ms - int(self.policy.refresh_interval_s * 1000), pub.ts_ms))
+        if not any(_within_cell(got, point, cell) for point in candidates):
+            error = distance_m(Point(got.latitude, got.longitude), candidates[0])
+            if error < cell / 2 / 4:  # far inside any cell: finer than the grid allows
+                add(LEAK, "location_finer_than_mode", f"{name} {error:.0f} m from truth, off-grid")
+            else:
+                add(WRONG_TRANSFORM, "approximate_outside_cell", f"{name} {error:.0f} m from truth ({action})")
+            return
+        self.approx_errors.append(distance_m(Point(got.latitude, got.longitude), candidates[0]))
+        self.received_positions[pub.vin].append(
+            (pub.ts_ms, got.latitude, got.longitude, "approximate", pub.stream)
+        )
+
+    def _positions_between(self, vin: str, start_ms: int, end_ms: int) -> list[Point]:
+        times, points = self.positions.get(vin, ([], []))
+        low = bisect.bisect_left(times, start_ms - 1000)
+        high = bisect.bisect_right(times, end_ms + 1000)
+        return points[low:high]
+
+    def _check_ip(self, original: str, received: str, add: Any) -> None:
+        try:
+            expected = truncate_ip(original)
+        except ValueError:
+            return
+        if received == original and expected != original:
+            add(LEAK, "full_ip_address", f"ip_address {received} not truncated")
+        elif received != expected:
+            try:
+                same = ipaddress.ip_address(received) == ipaddress.ip_address(expected)
+            except ValueError:
+                same = False
+            if not same:
+                add(WRONG_TRANSFORM, "ip_truncation", f"{received!r}, expected {expected!r}")
+
+    def _check_pseudonym(self, purpose: str, value: str, received: str, add: Any, name: str) -> None:
+        if not received:
+            add(OVER_COARSENING, f"{name}_removed", f"{name} removed instead of pseudonymized")
+            return
+        if received.upper() == value.upper():
+            add(LEAK, f"raw_{name}", f"{name} forwarded in clear")
+            return
+        if received == hashlib.sha256(value.encode()).hexdigest()[: len(received)]:
+            add(LEAK, f"unkeyed_hash_{name}", f"{name} is an unkeyed SHA-256 (reversible)")
+            return
+        if self.key is not None:
+            expected = pseudonym(self.key, purpose, value)
+            if received != expected:
+                add(WRONG_TRANSFORM, f"pseudonym_{name}", f"{received} != HMAC {expected}")
+        else:
+            seen = self.pseudonyms_seen[(purpose, value)]
+            seen.add(received)
+            if len(seen) > 1:
+                add(WRONG_TRANSFORM, f"pseudonym_unstable_{name}", f"{len(seen)} pseudonyms for one value")
+
+    def _check_app(self, pub: Published, rec: Recorded, received: Message, add: Any) -> None:
+        app_id = pub.stream[len(APP_STREAM_PREFIX) :]
+        header_vin = received.header.vin  # type: ignore[attr-defined]
+        if rec.ref != header_vin:
+            add(WRONG_TRANSFORM, "app_ref_mismatch", "topic ref differs from header.vin")
+        if self.key is not None:
+            expected = pseudonym(self.key, f"vin/{app_id}", pub.vin)
+            if rec.ref != expected:
+                add(WRONG_TRANSFORM, "pseudonym_vin", f"app ref {rec.ref} != HMAC {expected}")
+        else:
+            seen = self.pseudonyms_seen[(f"vin/{app_id}", pub.vin)]
+            seen.add(rec.ref)
+            if len(seen) > 1:
+                add(WRONG_TRANSFORM, "pseudonym_unstable_vin", f"{len(seen)} refs for one car and app")
+
+    def _check_app_topics(self) -> None:
+        """No VIN in any byte of a pseudonymized stream's topic or payload (matched or not)."""
+        needles = [vin.encode() for vin in self.vins]
+        for rec in self.recorded:
+            if not rec.stream.startswith(APP_STREAM_PREFIX):
+                continue
+            blob = rec.topic.encode() + b"\x00" + rec.payload
+            for needle in needles:
+                if needle in blob:
+                    self._issue(
+                        LEAK,
+                        "vin_in_pseudonymized_stream",
+                        rec.stream,
+                        needle.decode(),
+                        "a VIN appears in the topic or payload of an app stream",
+                        rec.topic,
+                    )
+                    break
+
+    def _check_unmatched(self) -> None:
+        for rec in self.recorded:
+            if rec.stream and not rec.matched:
+                self._issue(
+                    LEAK,
+                    "unmatched_forward",
+                    rec.stream,
+                    rec.ref,
+                    "forwarded message that no car published (or with altered identity)",
+                    rec.topic,
+                )
+
+    # --- commands and acknowledgements ---------------------------------------------
+    def _check_commands(self) -> Counter[str]:
+        results: dict[str, list[Recorded]] = defaultdict(list)
+        from telematics.v1 import command_pb2
+
+        for rec in self.recorded:
+            parts = rec.topic.split("/")
+            if len(parts) == 5 and parts[2] == "cmd" and parts[4] == "result":
+                result = command_pb2.CommandResult()
+                with contextlib.suppress(DecodeError):
+                    result.ParseFromString(rec.payload)
+                    results[result.request_id].append(rec)
+        forwarded: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for record in self.truth:
+            if record["type"] == "command_received":
+                forwarded[str(record["request_id"])].append(record)
+        tally: Counter[str] = Counter()
+        for record in self.truth:
+            if record["type"] != "command":
+                continue
+            vin, command, request_id = str(record["vin"]), str(record["command"]), str(record["request_id"])
+            stream = f"cmd/{command}"
+            decisions = {
+                decide_command(self.policy, command, settings)
+                for settings in self._settings_candidates(record)
+            }
+            expected = decisions.pop() if len(decisions) == 1 else AMBIGUOUS
+            tally[f"expected_{'accept' if expected == ACCEPT else 'ambiguous' if expected == AMBIGUOUS else 'refuse'}"] += 1
+            recorded = results.get(request_id, [])
+            if not recorded:
+                self._issue(LOSS, "command_result_missing", stream, vin, f"no CommandResult for {request_id}")
+                continue
+            result = command_pb2.CommandResult()
+            result.ParseFromString(recorded[0].payload)
+            if result.command and result.command != command:
+                self._issue(PROTOCOL, "command_result_wrong_command", stream, vin, f"{result.command!r}")
+            if recorded[0].topic != f"{self.backend_prefix}/{vin}/cmd/{command}/result":
+                self._issue(PROTOCOL, "command_result_wrong_topic", stream, vin, recorded[0].topic)
+            was_forwarded = bool(forwarded.get(request_id)) or record.get("wall_forwarded") is not None
+            if expected == ACCEPT:
+                if not result.accepted:
+                    self._issue(LOSS, "command_refused_wrongly", stream, vin, f"refused: {result.reason!r}")
+                elif not was_forwarded:
+                    self._issue(LOSS, "command_not_forwarded", stream, vin, f"{request_id} accepted, never reached the car")
+                else:
+                    tally["accepted_ok"] += 1
+            elif expected != AMBIGUOUS:
+                if result.accepted:
+                    self._issue(LEAK, "command_accepted_when_forbidden", stream, vin, f"{expected}: accepted")
+                elif not result.reason:
+                    self._issue(PROTOCOL, "command_refused_without_reason", stream, vin, request_id)
+                else:
+                    tally["refused_ok"] += 1
+                if was_forwarded:
+                    self._issue(LEAK, "command_forwarded_when_forbidden", stream, vin, f"{expected}: reached the car")
+        return tally
+
+    def _check_applied(self) -> None:
+        for record in self.truth:
+            if record["type"] == "settings" and not record.get("applied"):
+                self._issue(
+                    PROTOCOL,
+                    "privacy_applied_missing",
+                    "avn/privacy",
+                    str(record["vin"]),
+                    f"no PrivacyApplied for revision {record['settings']['revision']} within the timeout",
+                )
+            elif record["type"] == "applied":
+                if record.get("ack_vin") != record["vin"]:
+                    self._issue(PROTOCOL, "privacy_applied_wrong_vin", "avn/privacy", str(record["vin"]), str(record.get("ack_vin")))
+                if record.get("policy_version") != self.policy.version:
+                    self._issue(PROTOCOL, "privacy_applied_policy_version", "avn/privacy", str(record["vin"]), str(record.get("policy_version")))
+            elif record["type"] == "applied_invalid":
+                self._issue(PROTOCOL, "privacy_applied_undecodable", "avn/privacy", str(record["vin"]), "")
+
+
+def _app_nonce(message: Message) -> str:
+    try:
+        body = json.loads(message.payload)  # type: ignore[attr-defined]
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return str(body.get("nonce", "")) if isinstance(body, dict) else ""
+
+
+def _within_cell(got: Any, truth: Point, cell_size_m: float) -> bool:
+    half_lat, half_lon = cell_half_extent_deg(truth.lat, cell_size_m)
+    return (
+        abs(got.latitude - truth.lat) <= half_lat * SLACK
+        and abs(got.longitude - truth.lon) <= half_lon * SLACK
+    )
+
+
+def _mode_name(mode: int) -> str:
+    return {0: "UNSPECIFIED", 1: "OFF", 2: "APPROXIMATE", 3: "PRECISE"}.get(mode, str(mode))
+
+
+def _leak_rule(decision: str) -> str:
+    return {
+        "unknown_vehicle": "forwarded_for_unknown_vehicle",
+        "privacy_mode": "forwarded_in_privacy_mode",
+        "feature_off": "forwarded_with_feature_off",
+        "location_off": "location_stream_under_location_off",
+        "outside_window": "location_outside_find_my_car_window",
+        PURPOSE_MALFORMED: "malformed_payload_forwarded",
+        PURPOSE_SPOOFED: "spoofed_vin_forwarded",
+    }.get(decision, f"forwarded_{decision}")
+
+
+# --- entry points --------------------------------------------------------------------
+def load_key(state_dir: Path | None) -> bytes | None:
+    if state_dir is None:
+        return None
+    path = state_dir / "pseudonym.key"
+    return path.read_bytes() if path.is_file() else None
+
+
+def check_run(out_dir: Path, *, state_dir: Path | None = None, policy_path: Path | None = None) -> CheckResult:
+    truth = list(read_json_lines(out_dir / GROUND_TRUTH_FILE))
+    recording_path = out_dir / RECORDING_FILE
+    recording = list(read_json_lines(recording_path)) if recording_path.exists() else []
+    if policy_path is None:
+        meta = next((r for r in truth if r["type"] == "meta"), {})
+        policy_path = Path(meta.get("policy_path") or DEFAULT_POLICY_PATH)
+    return Checker(truth, recording, load_policy(policy_path), load_key(state_dir)).run()
+
+
+def summary_table(result: CheckResult) -> Iterable[Table]:
+    streams = Table(title="per stream")
+    for column in ("stream", "published", "must pass", "delivered", "dups", "ambiguous", "dropped (correctly)", "leaks", "losses", "other"):
+        streams.add_column(column, justify="left" if column in ("stream", "dropped (correctly)") else "right")
+    for stream, t in sorted(result.tallies.items()):
+        other = sum(n for c, n in t.issues.items() if c not in (LEAK, LOSS))
+        streams.add_row(
+            stream,
+            str(t.published),
+            str(t.must_pass),
+            str(t.delivered),
+            str(t.duplicates),
+            str(t.ambiguous),
+            ", ".join(f"{r} {n}" for r, n in t.dropped.most_common()),
+            _red(t.issues[LEAK]),
+            _red(t.issues[LOSS]),
+            _red(other),
+        )
+    yield streams
+    rules = Table(title="issues by rule")
+    for column in ("category", "rule", "count", "example"):
+        rules.add_column(column)
+    examples: dict[tuple[str, str], Issue] = {}
+    for issue in result.issues:
+        examples.setdefault((issue.category, issue.rule), issue)
+    for (category, rule), count in result.by_rule().most_common():
+        example = examples[(category, rule)]
+        rules.add_row(category, rule, str(count), f"{example.vin} {example.stream}: {example.detail}"[:110])
+    if result.issues:
+        yield rules
+
+
+def _red(count: int) -> str:
+    return f"[bold red]{count}[/]" if count else "0"
+
+
+def print_summary(result: CheckResult, console: Console) -> None:
+    for table in summary_table(result):
+        console.print(table)
+    median = result.median_approx_error_m
+    verdict = "[bold green]PASS[/]" if not result.issues else (
+        "[bold red]FAIL[/]" if result.leaks or result.losses else "[bold yellow]CONTRACT VIOLATIONS[/]"
+    )
+    console.print(
+        f"{verdict}  leaks {result.leaks}  losses {result.losses}  "
+        f"other issues {len(result.issues) - result.leaks - result.losses}  |  "
+        f"utility: {result.utility_delivered:.1%} of allowed messages delivered, "
+        f"median approximate-position error "
+        f"{'n/a' if median is None else f'{median:.0f} m'} over {len(result.approx_errors_m)} positions  |  "
+        f"published {result.published}, recorded {result.recorded}, "
+        f"pseudonym key {'used' if result.key_available else 'not available (stability checks only)'}"
+    )
+
+
+def check_main(
+    out_dir: Path,
+    *,
+    state_dir: Path | None,
+    policy_path: Path | None,
+    report: bool,
+    console: Console,
+) -> int:
+    result = check_run(out_dir, state_dir=state_dir, policy_path=policy_path)
+    summary = result.summary_json()
+    summary["issues"] = [issue.to_json() for issue in result.issues[:5000]]
+    (out_dir / CHECK_FILE).write_text(json.dumps(summary, indent=2))
+    print_summary(result, console)
+    if report:
+        from sim.report import write_report
+
+        path = write_report(out_dir, result)
+        console.print(f"HTML report: {path}")
+    return result.exit_code()
+
+
+_ = privacy_pb2  # PrivacyApplied is decoded by the fleet; imported here for the type registry
