@@ -1,0 +1,423 @@
+"""Policy loading, validation (errors name file, path and problem) and compilation."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.core import (
+    DecisionContext,
+    Drop,
+    Forward,
+    LocationMode,
+    SettingsSnapshot,
+    decide,
+    state_from_snapshot,
+)
+from gateway.core.transforms import coarsen_position, grid_offset
+from gateway.policy import (
+    CompiledPolicy,
+    PolicyError,
+    load_policy,
+    parse_policy,
+    summary_rows,
+)
+from telematics.v1 import common_pb2, streams_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "config" / "policy.yaml"
+VIN = "WVWZZZ1JZXW000001"
+KEY = b"\x07" * 32
+
+Doc = dict[str, Any]
+
+
+def default_doc() -> Doc:
+    return copy.deepcopy(yaml.safe_load(DEFAULT.read_text()))
+
+
+def write(tmp_path: Path, doc: Doc | str, name: str = "policy.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+# -------------------------------------------------------------- default policy
+
+
+def test_default_policy_loads() -> None:
+    policy = load_policy(DEFAULT)
+    assert policy.version == "2026.11.1"
+    assert policy.digest == hashlib.sha256(DEFAULT.read_bytes()).hexdigest()
+    assert policy.cell_size_m == 2000.0
+    assert policy.refresh_interval_ms == 900_000
+    assert policy.window_s == 120.0
+    assert set(policy.exact_routes) == {
+        "tbox/status", "tbox/alarm", "tbox/location", "tbox/battery", "tbox/trip",
+        "tbox/digital_key", "tbox/connectivity", "tbox/ecall", "avn/nav", "avn/search",
+        "avn/voice",
+    }
+    assert [r.stream.key for r in policy.template_routes] == ["avn/app/{app_id}"]
+    assert set(policy.commands) == {"find_my_car", "lock", "unlock", "climate", "horn_lights"}
+    assert policy.commands["find_my_car"].opens_window
+    assert not any(c.opens_window for n, c in policy.commands.items() if n != "find_my_car")
+    assert policy.legal_obligation_features == {"ecall"}
+    assert policy.per_app_features == {"third_party"}
+    # Privacy by default: nothing is on for a snapshot that does not mention it.
+    assert policy.default_on == frozenset()
+
+
+def test_default_policy_compiled_fields() -> None:
+    policy = load_policy(DEFAULT)
+    status = policy.exact_routes["tbox/status"]
+    assert [(g.name, g.is_position) for g in status.geo_fields] == [("position", True)]
+    trip = policy.exact_routes["tbox/trip"]
+    assert [(g.name, g.is_position) for g in trip.geo_fields] == [
+        ("start", False), ("end", False)
+    ]
+    ecall = policy.exact_routes["tbox/ecall"]
+    assert ecall.legal_obligation and ecall.geo_fields == ()
+    conn = policy.exact_routes["tbox/connectivity"]
+    assert conn.remove_fields == ("iccid", "imsi") and conn.truncate_ip_fields == ("ip_address",)
+    assert policy.exact_routes["tbox/battery"].place_id_fields == ("evse_id",)
+    app = policy.template_routes[0].stream
+    assert app.pseudonymize_vin and app.per_app_placeholder == "app_id"
+
+
+def test_routing() -> None:
+    policy = load_policy(DEFAULT)
+    route = policy.route("avn/app/music")
+    assert route is not None and route[0].key == "avn/app/{app_id}" and route[1] == "music"
+    status = policy.route("tbox/status")
+    assert status is not None and status[1] is None
+    for topic in ("avn/app", "avn/app/a/b", "avn/app/a.b", "tbox/nope", "avn/privacy"):
+        assert policy.route(topic) is None
+    assert policy.feature_is_known("third_party.music")
+    assert policy.feature_is_known("remote_control")
+    assert not policy.feature_is_known("remote_control.x")
+    assert not policy.feature_is_known("third_party.")
+    assert not policy.feature_is_known("telepathy")
+
+
+def test_summary_rows_describe_decisions() -> None:
+    rows = {r["stream"]: r for r in summary_rows(load_policy(DEFAULT))}
+    assert len(rows) == 12
+    assert rows["tbox/ecall"]["unknown_or_privacy_mode"] == "forward untouched"
+    assert rows["tbox/status"]["unknown_or_privacy_mode"] == "drop"
+    assert rows["avn/nav"]["location_off"].startswith("drop")
+    assert "coarsen position" in rows["tbox/status"]["approximate"]
+    assert rows["avn/app/{app_id}"]["feature"] == "third_party.{app_id}"
+
+
+# ---------------------------------------------------------------- broken ones
+
+Mutation = Callable[[Doc], None]
+
+
+def _set(path: str, value: Any) -> Mutation:
+    def mutate(doc: Doc) -> None:
+        *parents, last = path.split("|")
+        node = doc
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+
+    return mutate
+
+
+BROKEN: list[tuple[str, Mutation, str, str]] = [
+    ("unknown top-level key", _set("retention", 5), "retention", "Extra inputs are not permitted"),
+    (
+        "consent feature on by default",
+        _set("features|online_search|default", True),
+        "features.online_search.default",
+        "privacy by default",
+    ),
+    ("cell too small", _set("location|cell_size_m", 199), "location.cell_size_m", "at least 200"),
+    (
+        "unknown message type",
+        _set("streams|tbox/status|message", "VehicleStatusV2"),
+        "streams.tbox/status.message",
+        "unknown message 'VehicleStatusV2'",
+    ),
+    (
+        "unknown field",
+        _set("streams|tbox/status|fields|gps", "position"),
+        "streams.tbox/status.fields.gps",
+        "VehicleStatus has no field 'gps'",
+    ),
+    (
+        "position on a non-GeoPoint",
+        _set("streams|tbox/status|fields|odometer_km", "position"),
+        "streams.tbox/status.fields.odometer_km",
+        "'position' applies to GeoPoint fields",
+    ),
+    (
+        "place on a string",
+        _set("streams|avn/search|fields|text", "place"),
+        "streams.avn/search.fields.text",
+        "'place' applies to GeoPoint fields",
+    ),
+    (
+        "GeoPoint kept",
+        _set("streams|tbox/status|fields|position", "keep"),
+        "streams.tbox/status.fields.position",
+        "GeoPoint fields take 'position', 'place' or 'remove'",
+    ),
+    (
+        "truncate_ip on an int",
+        _set("streams|tbox/connectivity|fields|signal_dbm", "truncate_ip"),
+        "streams.tbox/connectivity.fields.signal_dbm",
+        "'truncate_ip' applies to single string fields",
+    ),
+    (
+        "pseudonymize on bytes",
+        _set("streams|avn/voice|fields|audio", "pseudonymize"),
+        "streams.avn/voice.fields.audio",
+        "'pseudonymize' applies to single string fields",
+    ),
+    (
+        "header action",
+        _set("streams|tbox/status|fields|header", "remove"),
+        "streams.tbox/status.fields.header",
+        "the header is managed by the gateway",
+    ),
+    (
+        "unknown field action",
+        _set("streams|tbox/status|fields|position", "blur"),
+        "streams.tbox/status.fields.position",
+        "Input should be",
+    ),
+    (
+        "stream with unknown feature",
+        _set("streams|tbox/status|feature", "teleport"),
+        "streams.tbox/status.feature",
+        "unknown feature 'teleport'",
+    ),
+    (
+        "per-app feature without placeholder",
+        _set("streams|avn/radio", {"message": "AppTraffic", "feature": "third_party",
+                                   "retention_days": 1}),
+        "streams.avn/radio.feature",
+        "feature 'third_party' is per app",
+    ),
+    (
+        "placeholder stream with a plain feature",
+        _set("streams|avn/app/{app_id}|feature", "online_search"),
+        "streams.avn/app/{app_id}.feature",
+        "needs a per-app feature",
+    ),
+    (
+        "legal obligation with transforms",
+        _set("streams|tbox/ecall|fields", {"position": "place"}),
+        "streams.tbox/ecall.fields",
+        "legal-obligation streams are forwarded untouched",
+    ),
+    (
+        "legal obligation behind a window",
+        _set("streams|tbox/ecall|requires_window", True),
+        "streams.tbox/ecall",
+        "forwarded untouched and unconditionally",
+    ),
+    (
+        "command with unknown feature",
+        _set("commands|lock|feature", "nope"),
+        "commands.lock.feature",
+        "unknown feature 'nope'",
+    ),
+    (
+        "command on a per-app feature",
+        _set("commands|play", {"feature": "third_party"}),
+        "commands.play.feature",
+        "commands cannot depend on a per-app feature",
+    ),
+    (
+        "window stream without a window command",
+        _set("commands|find_my_car|opens_window", False),
+        "commands",
+        "no command opens one",
+    ),
+    (
+        "stream outside tbox/avn",
+        _set("streams|gps/raw", {"message": "Location", "feature": "find_my_car",
+                                 "retention_days": 1}),
+        "streams.gps/raw",
+        "start with 'tbox/' or 'avn/'",
+    ),
+    (
+        "negative retention",
+        _set("streams|tbox/status|retention_days", -1),
+        "streams.tbox/status.retention_days",
+        "greater than or equal to 0",
+    ),
+    (
+        "bad legal basis",
+        _set("features|charging|legal_basis", "because"),
+        "features.charging.legal_basis",
+        "Input should be",
+    ),
+    (
+        "legal obligation per app",
+        _set("features|ecall|per_app", True),
+        "features.ecall.per_app",
+        "a legal obligation cannot be per app",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where", "problem"),
+    [pytest.param(m, w, p, id=name) for name, m, w, p in BROKEN],
+)
+def test_broken_policy_names_file_path_and_problem(
+    tmp_path: Path, mutate: Mutation, where: str, problem: str
+) -> None:
+    doc = default_doc()
+    mutate(doc)
+    path = write(tmp_path, doc)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    message = str(info.value)
+    assert f"{path}: {where}: " in message
+    assert problem in message
+    assert info.value.source == str(path)
+    assert any(p == where and problem in m for p, m in info.value.problems)
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    lines = DEFAULT.read_text().splitlines()
+    index = lines.index("streams:")
+    lines.insert(index + 1, "  tbox/broken: {message: [unclosed")
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    message = str(info.value)
+    assert str(path) in message and "not valid YAML" in message
+    (where, _), = info.value.problems
+    line = int(where.split(",")[0].removeprefix("line "))
+    assert index + 2 <= line <= index + 3  # the broken line or the one after
+
+
+def test_tab_indentation_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "version: x\nfeatures: {}\n\tstreams: {}\n")
+    with pytest.raises(PolicyError, match=r"line 3, column 1: not valid YAML"):
+        load_policy(path)
+
+
+@pytest.mark.parametrize("text", ["", "- a list\n", "just a string\n"])
+def test_non_mapping_document(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyError, match="must be a YAML mapping") as info:
+        load_policy(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    doc = default_doc()
+    del doc["streams"]
+    path = write(tmp_path, doc)
+    with pytest.raises(PolicyError, match=r": streams: Field required"):
+        load_policy(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert f"{path}: <root>: cannot read file" in str(info.value)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    doc = default_doc()
+    doc["location"]["cell_size_m"] = 50
+    doc["streams"]["tbox/status"]["feature"] = "teleport"
+    doc["commands"]["lock"]["feature"] = "nope"
+    with pytest.raises(PolicyError) as info:
+        load_policy(write(tmp_path, doc))
+    paths = {p for p, _ in info.value.problems}
+    assert {"location.cell_size_m", "streams.tbox/status.feature",
+            "commands.lock.feature"} <= paths
+
+
+def test_minimum_cell_size_is_accepted(tmp_path: Path) -> None:
+    doc = default_doc()
+    doc["location"]["cell_size_m"] = 200
+    assert load_policy(write(tmp_path, doc)).cell_size_m == 200.0
+
+
+# ------------------------------------- undeclared GeoPoints are never leaked
+
+
+def _compiled_without_status_fields() -> CompiledPolicy:
+    doc = default_doc()
+    del doc["streams"]["tbox/status"]["fields"]
+    return parse_policy(yaml.safe_dump(doc), source="test")
+
+
+def _status_decision(policy: CompiledPolicy, mode: LocationMode) -> Forward | Drop:
+    snapshot = SettingsSnapshot(VIN, 1, False, mode, {"remote_control": True}, 0.0, "t")
+    state = state_from_snapshot(policy, snapshot)
+    msg = streams_pb2.VehicleStatus(fuel_level_pct=40.0)
+    msg.header.vin = VIN
+    msg.header.timestamp_ms = 1_000
+    msg.position.CopyFrom(common_pb2.GeoPoint(latitude=52.52, longitude=13.405, altitude_m=34))
+    d = decide(DecisionContext(policy, KEY), f"vehicle/{VIN}/tbox/status",
+               msg.SerializeToString(), {VIN: state}, {}, 1.0)
+    assert isinstance(d, Forward | Drop)
+    return d
+
+
+def test_undeclared_geopoint_is_treated_as_place() -> None:
+    policy = _compiled_without_status_fields()
+    status = policy.exact_routes["tbox/status"]
+    assert [(g.name, g.is_position) for g in status.geo_fields] == [("position", False)]
+
+
+def test_undeclared_geopoint_cleared_when_location_off() -> None:
+    d = _status_decision(_compiled_without_status_fields(), LocationMode.OFF)
+    assert isinstance(d, Forward)
+    out = streams_pb2.VehicleStatus.FromString(d.payload)
+    assert not out.HasField("position")
+    assert out.fuel_level_pct == 40.0
+
+
+def test_undeclared_geopoint_coarsened_when_approximate() -> None:
+    d = _status_decision(_compiled_without_status_fields(), LocationMode.APPROXIMATE)
+    assert isinstance(d, Forward)
+    point = streams_pb2.VehicleStatus.FromString(d.payload).position
+    expected = coarsen_position(52.52, 13.405, 2000.0, grid_offset(KEY, VIN))
+    assert (point.latitude, point.longitude) == expected
+    assert point.altitude_m == 0 and point.horizontal_accuracy_m == 2000.0
+    assert d.coarse_fix is None  # a place: coarsened per message, no refresh anchor
+
+
+@pytest.mark.parametrize("mode", [LocationMode.OFF, LocationMode.APPROXIMATE,
+                                  LocationMode.PRECISE])
+def test_removed_geopoint_is_gone_in_every_mode(mode: LocationMode) -> None:
+    doc = default_doc()
+    doc["streams"]["tbox/status"]["fields"] = {"position": "remove"}
+    policy = parse_policy(yaml.safe_dump(doc), source="test")
+    d = _status_decision(policy, mode)
+    assert isinstance(d, Forward)
+    assert not streams_pb2.VehicleStatus.FromString(d.payload).HasField("position")
+    assert d.transforms == ("remove:position",)
+
+
+def test_non_consent_default_on_feature(tmp_path: Path) -> None:
+    doc = default_doc()
+    doc["features"]["remote_control"]["default"] = True
+    policy = load_policy(write(tmp_path, doc))
+    assert policy.default_on == {"remote_control"}
+    snapshot = SettingsSnapshot(VIN, 1, False, LocationMode.OFF, {}, 0.0, "t")
+    assert state_from_snapshot(policy, snapshot).enabled == {"remote_control"}
+    # An explicit "off" in the snapshot wins over the default.
+    snapshot = SettingsSnapshot(VIN, 1, False, LocationMode.OFF, {"remote_control": False},
+                                0.0, "t")
+    assert state_from_snapshot(policy, snapshot).enabled == frozenset()
+    assert isinstance(_status_decision(policy, LocationMode.OFF), Forward)
