@@ -60,7 +60,9 @@ GEOPOINT = "telematics.v1.GeoPoint"
 
 def pseudonym(key: bytes, purpose: str, value: str) -> str:
     """The contract's keyed pseudonym (HMAC-SHA-256, hex, 128 bits)."""
-    return hmac.new(key, purpose.encode() + b"\x00" + value.encode(), hashlib.sha256).hexdigest()[:32]
+    return hmac.new(key, purpose.encode() + b"\x00" + value.encode(), hashlib.sha256).hexdigest()[
+        :32
+    ]
 
 
 def truncate_ip(address: str) -> str:
@@ -252,8 +254,8 @@ class Checker:
         self.tallies: dict[str, StreamTally] = defaultdict(StreamTally)
         self.approx_errors: list[float] = []
         self.outcomes: list[tuple[str, str, str]] = []
-        self.received_positions: dict[str, list[tuple[int, float, float, str, str]]] = (
-            defaultdict(list)
+        self.received_positions: dict[str, list[tuple[int, float, float, str, str]]] = defaultdict(
+            list
         )
         self.settings: dict[str, dict[int, Settings]] = defaultdict(dict)
         self.settings_applied_wall: dict[str, list[tuple[float, Settings]]] = defaultdict(list)
@@ -399,7 +401,9 @@ class Checker:
             received_positions=dict(self.received_positions),
         )
 
-    def _issue(self, category: str, rule: str, stream: str, vin: str, detail: str, topic: str = "") -> None:
+    def _issue(
+        self, category: str, rule: str, stream: str, vin: str, detail: str, topic: str = ""
+    ) -> None:
         self.issues.append(Issue(category, rule, stream, vin, detail, topic))
         self.tallies[stream].issues[category] += 1
 
@@ -548,7 +552,9 @@ class Checker:
             attempts.append(found)
         if attempts:
             for issue in min(attempts, key=len):
-                self._issue(issue.category, issue.rule, issue.stream, issue.vin, issue.detail, issue.topic)
+                self._issue(
+                    issue.category, issue.rule, issue.stream, issue.vin, issue.detail, issue.topic
+                )
 
     def _transform_issues(
         self, pub: Published, rec: Recorded, settings: Settings | None
@@ -562,7 +568,11 @@ class Checker:
         self._check_properties(pub, rec, add)
         if self.policy.is_legal_obligation(stream):
             if rec.payload != pub.payload:
-                add(WRONG_TRANSFORM, "legal_obligation_payload_modified", "eCall must be byte-identical")
+                add(
+                    WRONG_TRANSFORM,
+                    "legal_obligation_payload_modified",
+                    "eCall must be byte-identical",
+                )
             if rec.ref != vin:
                 add(WRONG_TRANSFORM, "wrong_topic_ref", f"eCall forwarded under {rec.ref}")
             return found
@@ -583,7 +593,11 @@ class Checker:
             self._check_app(pub, rec, received, add)
         else:
             if rec.ref != vin:
-                add(WRONG_TRANSFORM, "wrong_topic_ref", f"forwarded under {rec.ref}, expected the VIN")
+                add(
+                    WRONG_TRANSFORM,
+                    "wrong_topic_ref",
+                    f"forwarded under {rec.ref}, expected the VIN",
+                )
             if received.header.vin != vin:  # type: ignore[attr-defined]
                 add(WRONG_TRANSFORM, "header_vin_changed", "header.vin differs from the car's VIN")
         mode = settings.location if settings is not None else common_pb2.LOCATION_OFF
@@ -598,7 +612,9 @@ class Checker:
                 got, want = getattr(received, name), getattr(original, name)
                 if mode == common_pb2.LOCATION_PRECISE:
                     if got != want:
-                        add(OVER_COARSENING, f"{name}_changed_under_precise", f"{got!r} != {want!r}")
+                        add(
+                            OVER_COARSENING, f"{name}_changed_under_precise", f"{got!r} != {want!r}"
+                        )
                 elif got:
                     add(LEAK, f"{name}_present", f"{name}={got!r} under {_mode_name(mode)}")
             elif action == "remove":
@@ -625,7 +641,9 @@ class Checker:
         if is_app:
             left.header.ClearField("vin")  # type: ignore[attr-defined]
             right.header.ClearField("vin")  # type: ignore[attr-defined]
-        if left.SerializeToString(deterministic=True) != right.SerializeToString(deterministic=True):
+        if left.SerializeToString(deterministic=True) != right.SerializeToString(
+            deterministic=True
+        ):
             add(WRONG_TRANSFORM, "unexpected_field_change", "fields the policy keeps were changed")
         return found
 
@@ -648,7 +666,11 @@ class Checker:
             if name in props and props[name] != want:
                 add(USER_PROPERTIES, f"wrong_{name}", f"{name}={props[name]!r}, expected {want!r}")
         if "feature" in props and props["feature"] not in (feature, feature.split(".", 1)[0]):
-            add(USER_PROPERTIES, "wrong_feature", f"feature={props['feature']!r}, expected {feature!r}")
+            add(
+                USER_PROPERTIES,
+                "wrong_feature",
+                f"feature={props['feature']!r}, expected {feature!r}",
+            )
         if "transforms" in props and not props["transforms"] and rec.payload != pub.payload:
             add(USER_PROPERTIES, "transforms_not_listed", "payload changed but transforms is empty")
 
@@ -676,7 +698,9 @@ class Checker:
             return
         got, want = getattr(received, name), getattr(original, name)
         if mode == common_pb2.LOCATION_PRECISE:
-            if got.SerializeToString(deterministic=True) != want.SerializeToString(deterministic=True):
+            if got.SerializeToString(deterministic=True) != want.SerializeToString(
+                deterministic=True
+            ):
                 add(OVER_COARSENING, "geopoint_changed_under_precise", f"{name} changed")
             else:
                 self.received_positions[pub.vin].append(
@@ -691,16 +715,28 @@ class Checker:
         if got.altitude_m or got.heading_deg or got.speed_kmh:
             add(LEAK, "approximate_keeps_motion", f"{name} keeps altitude/heading/speed")
         if abs(got.horizontal_accuracy_m - cell) > 0.5:
-            add(WRONG_TRANSFORM, "approximate_accuracy", f"accuracy {got.horizontal_accuracy_m} != {cell}")
+            add(
+                WRONG_TRANSFORM,
+                "approximate_accuracy",
+                f"accuracy {got.horizontal_accuracy_m} != {cell}",
+            )
         candidates = [Point(want.latitude, want.longitude)]
         if action == "position":
-            candidates.extend(self._positions_between(pub.vin, pub.ts_ms - int(self.policy.refresh_interval_s * 1000), pub.ts_ms))
+            candidates.extend(
+                self._positions_between(
+                    pub.vin, pub.ts_ms - int(self.policy.refresh_interval_s * 1000), pub.ts_ms
+                )
+            )
         if not any(_within_cell(got, point, cell) for point in candidates):
             error = distance_m(Point(got.latitude, got.longitude), candidates[0])
             if error < cell / 2 / 4:  # far inside any cell: finer than the grid allows
                 add(LEAK, "location_finer_than_mode", f"{name} {error:.0f} m from truth, off-grid")
             else:
-                add(WRONG_TRANSFORM, "approximate_outside_cell", f"{name} {error:.0f} m from truth ({action})")
+                add(
+                    WRONG_TRANSFORM,
+                    "approximate_outside_cell",
+                    f"{name} {error:.0f} m from truth ({action})",
+                )
             return
         self.approx_errors.append(distance_m(Point(got.latitude, got.longitude), candidates[0]))
         self.received_positions[pub.vin].append(
@@ -728,7 +764,9 @@ class Checker:
             if not same:
                 add(WRONG_TRANSFORM, "ip_truncation", f"{received!r}, expected {expected!r}")
 
-    def _check_pseudonym(self, purpose: str, value: str, received: str, add: Any, name: str) -> None:
+    def _check_pseudonym(
+        self, purpose: str, value: str, received: str, add: Any, name: str
+    ) -> None:
         if not received:
             add(OVER_COARSENING, f"{name}_removed", f"{name} removed instead of pseudonymized")
             return
@@ -746,7 +784,11 @@ class Checker:
             seen = self.pseudonyms_seen[(purpose, value)]
             seen.add(received)
             if len(seen) > 1:
-                add(WRONG_TRANSFORM, f"pseudonym_unstable_{name}", f"{len(seen)} pseudonyms for one value")
+                add(
+                    WRONG_TRANSFORM,
+                    f"pseudonym_unstable_{name}",
+                    f"{len(seen)} pseudonyms for one value",
+                )
 
     def _check_app(self, pub: Published, rec: Recorded, received: Message, add: Any) -> None:
         app_id = pub.stream[len(APP_STREAM_PREFIX) :]
@@ -761,7 +803,11 @@ class Checker:
             seen = self.pseudonyms_seen[(f"vin/{app_id}", pub.vin)]
             seen.add(rec.ref)
             if len(seen) > 1:
-                add(WRONG_TRANSFORM, "pseudonym_unstable_vin", f"{len(seen)} refs for one car and app")
+                add(
+                    WRONG_TRANSFORM,
+                    "pseudonym_unstable_vin",
+                    f"{len(seen)} refs for one car and app",
+                )
 
     def _check_app_topics(self) -> None:
         """No VIN in any byte of a pseudonymized stream's topic or payload (matched or not)."""
@@ -814,41 +860,77 @@ class Checker:
         for record in self.truth:
             if record["type"] != "command":
                 continue
-            vin, command, request_id = str(record["vin"]), str(record["command"]), str(record["request_id"])
+            vin, command, request_id = (
+                str(record["vin"]),
+                str(record["command"]),
+                str(record["request_id"]),
+            )
             stream = f"cmd/{command}"
             decisions = {
                 decide_command(self.policy, command, settings)
                 for settings in self._settings_candidates(record)
             }
             expected = decisions.pop() if len(decisions) == 1 else AMBIGUOUS
-            tally[f"expected_{'accept' if expected == ACCEPT else 'ambiguous' if expected == AMBIGUOUS else 'refuse'}"] += 1
+            tally[
+                f"expected_{'accept' if expected == ACCEPT else 'ambiguous' if expected == AMBIGUOUS else 'refuse'}"
+            ] += 1
             recorded = results.get(request_id, [])
             if not recorded:
-                self._issue(LOSS, "command_result_missing", stream, vin, f"no CommandResult for {request_id}")
+                self._issue(
+                    LOSS,
+                    "command_result_missing",
+                    stream,
+                    vin,
+                    f"no CommandResult for {request_id}",
+                )
                 continue
             result = command_pb2.CommandResult()
             result.ParseFromString(recorded[0].payload)
             if result.command and result.command != command:
-                self._issue(PROTOCOL, "command_result_wrong_command", stream, vin, f"{result.command!r}")
+                self._issue(
+                    PROTOCOL, "command_result_wrong_command", stream, vin, f"{result.command!r}"
+                )
             if recorded[0].topic != f"{self.backend_prefix}/{vin}/cmd/{command}/result":
                 self._issue(PROTOCOL, "command_result_wrong_topic", stream, vin, recorded[0].topic)
-            was_forwarded = bool(forwarded.get(request_id)) or record.get("wall_forwarded") is not None
+            was_forwarded = (
+                bool(forwarded.get(request_id)) or record.get("wall_forwarded") is not None
+            )
             if expected == ACCEPT:
                 if not result.accepted:
-                    self._issue(LOSS, "command_refused_wrongly", stream, vin, f"refused: {result.reason!r}")
+                    self._issue(
+                        LOSS, "command_refused_wrongly", stream, vin, f"refused: {result.reason!r}"
+                    )
                 elif not was_forwarded:
-                    self._issue(LOSS, "command_not_forwarded", stream, vin, f"{request_id} accepted, never reached the car")
+                    self._issue(
+                        LOSS,
+                        "command_not_forwarded",
+                        stream,
+                        vin,
+                        f"{request_id} accepted, never reached the car",
+                    )
                 else:
                     tally["accepted_ok"] += 1
             elif expected != AMBIGUOUS:
                 if result.accepted:
-                    self._issue(LEAK, "command_accepted_when_forbidden", stream, vin, f"{expected}: accepted")
+                    self._issue(
+                        LEAK,
+                        "command_accepted_when_forbidden",
+                        stream,
+                        vin,
+                        f"{expected}: accepted",
+                    )
                 elif not result.reason:
                     self._issue(PROTOCOL, "command_refused_without_reason", stream, vin, request_id)
                 else:
                     tally["refused_ok"] += 1
                 if was_forwarded:
-                    self._issue(LEAK, "command_forwarded_when_forbidden", stream, vin, f"{expected}: reached the car")
+                    self._issue(
+                        LEAK,
+                        "command_forwarded_when_forbidden",
+                        stream,
+                        vin,
+                        f"{expected}: reached the car",
+                    )
         return tally
 
     def _check_applied(self) -> None:
@@ -863,11 +945,25 @@ class Checker:
                 )
             elif record["type"] == "applied":
                 if record.get("ack_vin") != record["vin"]:
-                    self._issue(PROTOCOL, "privacy_applied_wrong_vin", "avn/privacy", str(record["vin"]), str(record.get("ack_vin")))
+                    self._issue(
+                        PROTOCOL,
+                        "privacy_applied_wrong_vin",
+                        "avn/privacy",
+                        str(record["vin"]),
+                        str(record.get("ack_vin")),
+                    )
                 if record.get("policy_version") != self.policy.version:
-                    self._issue(PROTOCOL, "privacy_applied_policy_version", "avn/privacy", str(record["vin"]), str(record.get("policy_version")))
+                    self._issue(
+                        PROTOCOL,
+                        "privacy_applied_policy_version",
+                        "avn/privacy",
+                        str(record["vin"]),
+                        str(record.get("policy_version")),
+                    )
             elif record["type"] == "applied_invalid":
-                self._issue(PROTOCOL, "privacy_applied_undecodable", "avn/privacy", str(record["vin"]), "")
+                self._issue(
+                    PROTOCOL, "privacy_applied_undecodable", "avn/privacy", str(record["vin"]), ""
+                )
 
 
 def _app_nonce(message: Message) -> str:
@@ -910,7 +1006,9 @@ def load_key(state_dir: Path | None) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-def check_run(out_dir: Path, *, state_dir: Path | None = None, policy_path: Path | None = None) -> CheckResult:
+def check_run(
+    out_dir: Path, *, state_dir: Path | None = None, policy_path: Path | None = None
+) -> CheckResult:
     truth = list(read_json_lines(out_dir / GROUND_TRUTH_FILE))
     recording_path = out_dir / RECORDING_FILE
     recording = list(read_json_lines(recording_path)) if recording_path.exists() else []
@@ -922,8 +1020,21 @@ def check_run(out_dir: Path, *, state_dir: Path | None = None, policy_path: Path
 
 def summary_table(result: CheckResult) -> Iterable[Table]:
     streams = Table(title="per stream")
-    for column in ("stream", "published", "must pass", "delivered", "dups", "ambiguous", "dropped (correctly)", "leaks", "losses", "other"):
-        streams.add_column(column, justify="left" if column in ("stream", "dropped (correctly)") else "right")
+    for column in (
+        "stream",
+        "published",
+        "must pass",
+        "delivered",
+        "dups",
+        "ambiguous",
+        "dropped (correctly)",
+        "leaks",
+        "losses",
+        "other",
+    ):
+        streams.add_column(
+            column, justify="left" if column in ("stream", "dropped (correctly)") else "right"
+        )
     for stream, t in sorted(result.tallies.items()):
         other = sum(n for c, n in t.issues.items() if c not in (LEAK, LOSS))
         streams.add_row(
@@ -947,7 +1058,9 @@ def summary_table(result: CheckResult) -> Iterable[Table]:
         examples.setdefault((issue.category, issue.rule), issue)
     for (category, rule), count in result.by_rule().most_common():
         example = examples[(category, rule)]
-        rules.add_row(category, rule, str(count), f"{example.vin} {example.stream}: {example.detail}"[:110])
+        rules.add_row(
+            category, rule, str(count), f"{example.vin} {example.stream}: {example.detail}"[:110]
+        )
     if result.issues:
         yield rules
 
@@ -960,8 +1073,14 @@ def print_summary(result: CheckResult, console: Console) -> None:
     for table in summary_table(result):
         console.print(table)
     median = result.median_approx_error_m
-    verdict = "[bold green]PASS[/]" if not result.issues else (
-        "[bold red]FAIL[/]" if result.leaks or result.losses else "[bold yellow]CONTRACT VIOLATIONS[/]"
+    verdict = (
+        "[bold green]PASS[/]"
+        if not result.issues
+        else (
+            "[bold red]FAIL[/]"
+            if result.leaks or result.losses
+            else "[bold yellow]CONTRACT VIOLATIONS[/]"
+        )
     )
     console.print(
         f"{verdict}  leaks {result.leaks}  losses {result.losses}  "

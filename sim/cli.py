@@ -13,17 +13,24 @@ from sim.policy import DEFAULT_POLICY_PATH
 from sim.run import RunConfig, parse_duration, run_simulation
 
 
-def _add_fleet_arguments(parser: argparse.ArgumentParser, *, vehicles: int, duration: str,
-                         speedup: float) -> None:
+def _add_fleet_arguments(
+    parser: argparse.ArgumentParser, *, vehicles: int, duration: str, speedup: float
+) -> None:
     parser.add_argument("--vehicles", type=int, default=vehicles, help="fleet size")
     parser.add_argument("--duration", default=duration, help="simulated time, e.g. 10m, 6h, 1h30m")
-    parser.add_argument("--speedup", type=float, default=speedup,
-                        help="simulated seconds per wall-clock second")
+    parser.add_argument(
+        "--speedup", type=float, default=speedup, help="simulated seconds per wall-clock second"
+    )
     parser.add_argument("--seed", type=int, default=1, help="scenario seed (same seed, same fleet)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--multiplex", type=int, default=0, metavar="N",
-                        help="load mode: carry all cars over N shared connections "
-                             "(default: two connections per car, tbox-{vin} and avn-{vin})")
+    parser.add_argument(
+        "--multiplex",
+        type=int,
+        default=0,
+        metavar="N",
+        help="load mode: carry all cars over N shared connections "
+        "(default: two connections per car, tbox-{vin} and avn-{vin})",
+    )
     parser.add_argument("--policy", type=Path, default=DEFAULT_POLICY_PATH, help="policy.yaml")
     parser.add_argument("--no-live", action="store_true", help="no live progress display")
 
@@ -32,11 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sim", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a simulated fleet (and the recorder) against brokers")
+    run = commands.add_parser(
+        "run", help="run a simulated fleet (and the recorder) against brokers"
+    )
     _add_fleet_arguments(run, vehicles=10, duration="10m", speedup=60)
     run.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="vehicle-side broker URL")
-    run.add_argument("--backend-broker", default=None,
-                     help="backend-side broker URL for tsp/ topics (default: --broker)")
+    run.add_argument(
+        "--backend-broker",
+        default=None,
+        help="backend-side broker URL for tsp/ topics (default: --broker)",
+    )
 
     record = commands.add_parser("record", help="record everything on tsp/# (MQTT v5, QoS 1)")
     record.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="backend-side broker URL")
@@ -45,25 +57,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="judge a recording against the ground truth")
     check.add_argument("--out", type=Path, required=True, help="directory of a run")
-    check.add_argument("--state-dir", type=Path, default=None,
-                       help="gateway state directory (its pseudonym.key makes pseudonym checks exact)")
+    check.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="gateway state directory (its pseudonym.key makes pseudonym checks exact)",
+    )
     check.add_argument("--policy", type=Path, default=None, help="policy.yaml (default: the run's)")
     check.add_argument("--no-report", action="store_true", help="skip the HTML report")
 
-    demo = commands.add_parser("demo", help="mosquitto + real gateway + fleet + checker, end to end")
+    demo = commands.add_parser(
+        "demo", help="mosquitto + real gateway + fleet + checker, end to end"
+    )
     _add_fleet_arguments(demo, vehicles=20, duration="6h", speedup=240)
     demo.add_argument("--gateway-config", type=Path, default=None, help="gateway TOML config")
-    demo.add_argument("--gateway-command", default=None,
-                      help="override the gateway command line (the broker URLs and state dir are "
-                           "passed as --vehicle-broker/--backend-broker/--state-dir)")
-    demo.add_argument("--ready-timeout", type=float, default=60.0,
-                      help="seconds to wait for the gateway's 'gateway ready' log line")
+    demo.add_argument(
+        "--gateway-command",
+        default=None,
+        help="override the gateway command line (the broker URLs and state dir are "
+        "passed as --vehicle-broker/--backend-broker/--state-dir)",
+    )
+    demo.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the gateway's 'gateway ready' log line",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=200)  # logs and CI: don't squeeze the tables
     if args.command == "run":
         config = RunConfig(
             vehicles=args.vehicles,
@@ -78,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             live=not args.no_live,
         )
         summary = asyncio.run(run_simulation(config, console))
-        console.print(f"published {summary.published}, received at backend {summary.received}, "
-                      f"settings timeouts {summary.settings_timeouts}; ground truth and recording "
-                      f"in {args.out}")
+        console.print(
+            f"published {summary.published}, received at backend {summary.received}, "
+            f"settings timeouts {summary.settings_timeouts}; ground truth and recording "
+            f"in {args.out}"
+        )
         return 0
     if args.command == "record":
         from sim.recorder import record_until_cancelled
@@ -95,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         from sim.checker import check_main
 
-        return check_main(args.out, state_dir=args.state_dir, policy_path=args.policy,
-                          report=not args.no_report, console=console)
+        return check_main(
+            args.out,
+            state_dir=args.state_dir,
+            policy_path=args.policy,
+            report=not args.no_report,
+            console=console,
+        )
     if args.command == "demo":
         from sim.demo import demo_main
 

@@ -258,9 +258,7 @@ class Fleet:
 
             await asyncio.gather(*(open_vehicle(vin) for vin in vins))
 
-    async def _read(
-        self, client: ClientLike, handler: Callable[[MessageLike], None]
-    ) -> None:
+    async def _read(self, client: ClientLike, handler: Callable[[MessageLike], None]) -> None:
         with contextlib.suppress(aiomqtt.MqttError):
             async for message in client.messages:
                 handler(message)

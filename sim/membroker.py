@@ -59,8 +59,14 @@ class MemoryClient:
         self.broker.clients.pop(self.client_id, None)
         self.queue.put_nowait(None)
 
-    async def publish(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False,
-                      properties: Properties | None = None) -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
         data = payload if isinstance(payload, bytes) else str(payload or "").encode()
         self.broker.route(topic, data, properties)
         await asyncio.sleep(0)  # a real publish yields while waiting for PUBACK

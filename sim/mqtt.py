@@ -82,8 +82,14 @@ class ClientLike(Protocol):
 
     async def __aexit__(self, *exc_info: object) -> Any: ...
 
-    async def publish(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False,
-                      properties: Properties | None = None) -> None: ...
+    async def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None: ...
 
     async def subscribe(self, topic: Any, qos: int = 0) -> Any: ...
 

@@ -81,7 +81,9 @@ class ReferenceGateway:
             await backend.subscribe(f"{self.backend_prefix}/+/cmd/+", qos=1)
             self.ready.set()
             print("reference gateway ready", file=sys.stderr, flush=True)
-            await asyncio.gather(self._pump(vehicle, self.on_vehicle), self._pump(backend, self.on_backend))
+            await asyncio.gather(
+                self._pump(vehicle, self.on_vehicle), self._pump(backend, self.on_backend)
+            )
 
     async def _pump(self, client: ClientLike, handler: Callable[[MessageLike], object]) -> None:
         async for message in client.messages:
@@ -214,7 +216,7 @@ class ReferenceGateway:
                 transforms.append(f"{name}:pseudonymized")
         ref = vin
         if stream.startswith(APP_STREAM_PREFIX):
-            ref = pseudonym(self.key, f"vin/{stream[len(APP_STREAM_PREFIX):]}", vin)
+            ref = pseudonym(self.key, f"vin/{stream[len(APP_STREAM_PREFIX) :]}", vin)
             message.header.vin = ref  # type: ignore[attr-defined]
             transforms.append("vin:pseudonymized")
         return message.SerializeToString(deterministic=True), ref, transforms
@@ -296,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             await task
 
     asyncio.run(serve())
-    print(f"reference gateway stopped: forwarded {gateway.forwarded}, dropped {gateway.dropped}",
-          file=sys.stderr)
+    print(
+        f"reference gateway stopped: forwarded {gateway.forwarded}, dropped {gateway.dropped}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -103,8 +103,11 @@ def progress_view(fleet: Fleet, recorder: Recorder, started: float) -> Group:
     streams.add_column("sent", justify="right")
     streams.add_column("received", justify="right")
     for stream in sorted(stats.published_by_stream):
-        streams.add_row(stream, str(stats.published_by_stream[stream]),
-                        str(recorder.received_by_stream.get(stream, 0)))
+        streams.add_row(
+            stream,
+            str(stats.published_by_stream[stream]),
+            str(recorder.received_by_stream.get(stream, 0)),
+        )
     drops = Table(title="expected drops (by reason)", expand=False)
     drops.add_column("reason")
     drops.add_column("count", justify="right")
@@ -145,8 +148,16 @@ async def run_simulation(
         "backend_broker": config.backend_url,
         "multiplex": config.multiplex,
     }
-    live = Live(console=console, refresh_per_second=4, transient=False,
-                get_renderable=lambda: progress_view(fleet, recorder, started)) if config.live else None
+    live = (
+        Live(
+            console=console,
+            refresh_per_second=4,
+            transient=False,
+            get_renderable=lambda: progress_view(fleet, recorder, started),
+        )
+        if config.live
+        else None
+    )
     try:
         with live if live is not None else contextlib.nullcontext():
             await fleet.play(meta)
