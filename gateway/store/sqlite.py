@@ -90,7 +90,7 @@ class SqliteConsentStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
+                upsert = self._db.execute(
                     "INSERT INTO vehicle_settings (vin, revision, privacy_mode, location, features,"
                     " applied_at, policy_version, source) VALUES (?,?,?,?,?,?,?,?)"
                     " ON CONFLICT(vin) DO UPDATE SET revision=excluded.revision,"
@@ -100,11 +100,14 @@ class SqliteConsentStore:
                     " WHERE excluded.revision > vehicle_settings.revision",
                     row,
                 )
-                self._db.execute(
-                    "INSERT INTO settings_history (vin, revision, privacy_mode, location, features,"
-                    " applied_at, policy_version, source) VALUES (?,?,?,?,?,?,?,?)",
-                    row,
-                )
+                # History is the audit trail of applied settings: a snapshot the
+                # revision guard refused was never enforced, so it is not recorded.
+                if upsert.rowcount > 0:
+                    self._db.execute(
+                        "INSERT INTO settings_history (vin, revision, privacy_mode, location,"
+                        " features, applied_at, policy_version, source) VALUES (?,?,?,?,?,?,?,?)",
+                        row,
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

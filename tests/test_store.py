@@ -1,0 +1,180 @@
+"""SqliteConsentStore: durability, ordering and schema guard."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.core import LocationMode, SettingsSnapshot
+from gateway.store import SqliteConsentStore, StoredVehicle
+from gateway.store.sqlite import SCHEMA_VERSION
+
+VIN = "WVWZZZ1JZXW000001"
+OTHER = "WVWZZZ1JZXW000002"
+
+
+def snap(
+    revision: int,
+    vin: str = VIN,
+    features: dict[str, bool] | None = None,
+    location: LocationMode = LocationMode.APPROXIMATE,
+    privacy_mode: bool = False,
+) -> SettingsSnapshot:
+    return SettingsSnapshot(
+        vin=vin,
+        revision=revision,
+        privacy_mode=privacy_mode,
+        location=location,
+        features={"remote_control": True, "online_search": False} if features is None
+        else features,
+        applied_at=1_800_000_000.5 + revision,
+        policy_version="2026.11.1",
+        source="vehicle",
+    )
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / SqliteConsentStore.FILENAME
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[SqliteConsentStore]:
+    s = SqliteConsentStore(path)
+    yield s
+    s.close()
+
+
+def by_vin(store: SqliteConsentStore) -> dict[str, StoredVehicle]:
+    return {v.snapshot.vin: v for v in store.load_all()}
+
+
+def test_empty_store(store: SqliteConsentStore) -> None:
+    assert list(store.load_all()) == []
+    assert store.history(VIN) == []
+
+
+def test_apply_and_load_round_trip(store: SqliteConsentStore) -> None:
+    a = snap(3, privacy_mode=True, location=LocationMode.PRECISE)
+    b = snap(1, vin=OTHER, features={}, location=LocationMode.UNSPECIFIED)
+    store.apply_settings(a)
+    store.apply_settings(b)
+    loaded = by_vin(store)
+    assert loaded[VIN].snapshot == a
+    assert loaded[VIN].snapshot.features == a.features
+    assert loaded[VIN].snapshot.location is LocationMode.PRECISE
+    assert loaded[VIN].window_until == 0.0
+    assert loaded[OTHER].snapshot == b
+    assert loaded[OTHER].snapshot.features == {}
+
+
+def test_newer_revision_replaces_and_history_keeps_order(store: SqliteConsentStore) -> None:
+    revisions = [1, 2, 5, 9]
+    for r in revisions:
+        store.apply_settings(snap(r, features={"remote_control": r % 2 == 1}))
+    store.apply_settings(snap(1, vin=OTHER))
+    assert by_vin(store)[VIN].snapshot == snap(9, features={"remote_control": True})
+    history = store.history(VIN)
+    assert [s.revision for s in history] == revisions
+    assert history[1].features == {"remote_control": False}
+    assert [s.revision for s in store.history(OTHER)] == [1]
+
+
+@pytest.mark.parametrize("late", [1, 4, 5])
+def test_lower_or_equal_revision_never_overwrites(store: SqliteConsentStore, late: int) -> None:
+    store.apply_settings(snap(5, features={"remote_control": False}))
+    store.apply_settings(snap(late, features={"remote_control": True}, privacy_mode=True))
+    current = by_vin(store)[VIN].snapshot
+    assert current.revision == 5
+    assert current.features == {"remote_control": False}
+    assert not current.privacy_mode
+    # The history lists what was applied, not what was refused.
+    assert [s.revision for s in store.history(VIN)] == [5]
+
+
+def test_open_window_persisted(path: Path, store: SqliteConsentStore) -> None:
+    store.apply_settings(snap(1))
+    store.apply_settings(snap(1, vin=OTHER))
+    store.open_window(VIN, 1_800_000_120.25)
+    assert by_vin(store)[VIN].window_until == 1_800_000_120.25
+    assert by_vin(store)[OTHER].window_until == 0.0
+    # Newer settings do not close an open window.
+    store.apply_settings(snap(2))
+    assert by_vin(store)[VIN].window_until == 1_800_000_120.25
+    store.close()
+    reopened = SqliteConsentStore(path)
+    try:
+        assert by_vin(reopened)[VIN].window_until == 1_800_000_120.25
+    finally:
+        reopened.close()
+
+
+def test_survives_close_and_reopen(path: Path) -> None:
+    first = SqliteConsentStore(path)
+    first.apply_settings(snap(1))
+    first.apply_settings(snap(2, features={"voice_recognition": True}))
+    first.close()
+    second = SqliteConsentStore(path)
+    try:
+        assert by_vin(second)[VIN].snapshot == snap(2, features={"voice_recognition": True})
+        assert [s.revision for s in second.history(VIN)] == [1, 2]
+        second.apply_settings(snap(3))
+        assert by_vin(second)[VIN].snapshot.revision == 3
+    finally:
+        second.close()
+
+
+def test_visible_to_another_connection_without_close(path: Path,
+                                                     store: SqliteConsentStore) -> None:
+    # Committed on return: a second reader (e.g. after a crash) sees it.
+    store.apply_settings(snap(7))
+    other = sqlite3.connect(path)
+    try:
+        (revision,) = other.execute(
+            "SELECT revision FROM vehicle_settings WHERE vin=?", (VIN,)
+        ).fetchone()
+    finally:
+        other.close()
+    assert revision == 7
+
+
+def test_wal_and_synchronous_full(store: SqliteConsentStore) -> None:
+    db = store._db
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_wal_mode_is_persistent_in_the_file(path: Path, store: SqliteConsentStore) -> None:
+    other = sqlite3.connect(path)
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        other.close()
+
+
+def test_schema_version_recorded(path: Path, store: SqliteConsentStore) -> None:
+    row = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert row == (str(SCHEMA_VERSION),)
+
+
+def test_newer_schema_is_refused(path: Path) -> None:
+    SqliteConsentStore(path).close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
+                   (str(SCHEMA_VERSION + 1),))
+    db.close()
+    with pytest.raises(RuntimeError, match="newer gateway"):
+        SqliteConsentStore(path)
+
+
+def test_in_state_dir(tmp_path: Path) -> None:
+    s = SqliteConsentStore.in_state_dir(tmp_path / "deep" / "dir")
+    try:
+        s.apply_settings(snap(1))
+    finally:
+        s.close()
+    assert (tmp_path / "deep" / "dir" / SqliteConsentStore.FILENAME).is_file()
