@@ -282,7 +282,6 @@ class MqttEdge:
             raise
         if reason.is_failure:
             raise ConnectionError(f"broker refused connection: {reason}")
-        self.generation += 1
         if self.subscriptions:
             options = SubscribeOptions(qos=1, noLocal=True)
             result, mid = self._client.subscribe([(t, options) for t in self.subscriptions])
@@ -320,6 +319,11 @@ class MqttEdge:
         # right after this callback, so the limit is in place for them.
         limit = min(self._max_inflight_publishes, int(server_max or 65535))
         client._max_inflight_messages = limit
+        if not reason_code.is_failure:
+            # Bump here, not after the await: the broker redelivers unacked
+            # messages right behind CONNACK, often in the same read, and they
+            # belong to the new connection.
+            self.generation += 1
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(reason_code)
 
