@@ -138,7 +138,7 @@ def _deterministic_view(path: Path) -> list[tuple[Any, ...]]:
             view.append((r["vin"], r["request_id"], r["command"], str(r["result"])))
         elif r["type"] in ("trace", "vehicle"):
             view.append(tuple(sorted((k, str(v)) for k, v in r.items())))
-    return sorted(view)
+    return sorted(view, key=repr)
 
 
 def test_same_seed_same_ground_truth(tmp_path: Path) -> None:
