@@ -1,0 +1,396 @@
+"""The checker must catch every kind of leak and loss (a checker that can't fail is useless).
+
+A clean run comes from the in-memory pipeline (fleet + reference contract model +
+recorder); each test then damages the recording or forges a forward, and asserts
+the checker reports exactly that kind of problem.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf.message import Message
+
+from sim.checker import (
+    LEAK,
+    LOSS,
+    OVER_COARSENING,
+    USER_PROPERTIES,
+    WRONG_TRANSFORM,
+    Checker,
+    CheckResult,
+    Published,
+    message_class,
+    pseudonym,
+    truncate_ip,
+)
+from sim.contract import PASS
+from sim.groundtruth import GROUND_TRUTH_FILE, RECORDING_FILE, b64, read_json_lines, unb64
+from sim.model import Settings
+from sim.policy import Policy, load_policy
+from sim.testing import run_in_memory
+from telematics.v1 import command_pb2, common_pb2
+
+Record = dict[str, Any]
+
+
+@dataclass
+class Run:
+    truth: list[Record]
+    recording: list[Record]
+    policy: Policy
+    key: bytes
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    out = tmp_path_factory.mktemp("clean-run")
+    _, key = run_in_memory(out, vehicles=14, duration_s=9 * 3600, seed=2, speedup=2500)
+    return Run(
+        list(read_json_lines(out / GROUND_TRUTH_FILE)),
+        list(read_json_lines(out / RECORDING_FILE)),
+        load_policy(),
+        key,
+    )
+
+
+def check(run: Run, recording: list[Record] | None = None, *, key: bytes | None | str = "run") -> CheckResult:
+    used_key = run.key if key == "run" else key
+    assert used_key is None or isinstance(used_key, bytes)
+    return Checker(run.truth, recording if recording is not None else run.recording, run.policy, used_key).run()
+
+
+def rules(result: CheckResult) -> set[tuple[str, str]]:
+    return {(issue.category, issue.rule) for issue in result.issues}
+
+
+def classify(run: Run) -> list[tuple[Published, str, list[Settings | None]]]:
+    checker = Checker(run.truth, run.recording, run.policy, run.key)
+    out = []
+    for pub in checker.published:
+        purpose = str(pub.record["purpose"])
+        decision = purpose if purpose in ("malformed", "spoofed") else checker._decision(pub)
+        out.append((pub, decision, checker._settings_candidates(pub.record)))
+    return out
+
+
+def recorded_key(record: Record, policy: Policy) -> tuple[Any, ...] | None:
+    parts = record["topic"].split("/")
+    if len(parts) < 4 or parts[2] == "cmd":
+        return None
+    stream = "/".join(parts[2:])
+    cls = message_class(policy, stream)
+    if cls is None:
+        return None
+    message = cls()
+    message.ParseFromString(unb64(record["payload"]))
+    if stream.startswith("avn/app/"):
+        return ("app", json.loads(message.payload)["nonce"])  # type: ignore[attr-defined]
+    return (parts[1], stream, message.header.seq, message.header.timestamp_ms)  # type: ignore[attr-defined]
+
+
+def pub_key(pub: Published) -> tuple[Any, ...]:
+    if pub.stream.startswith("avn/app/"):
+        return ("app", pub.record["nonce"])
+    return (pub.vin, pub.stream, pub.record["seq"], pub.ts_ms)
+
+
+def find_delivered(
+    run: Run, stream: str, accept: Callable[[Published, Settings | None], bool] = lambda p, s: True
+) -> tuple[Published, int]:
+    """A message that had to pass (under unambiguous settings) and its recording index."""
+    index = {recorded_key(r, run.policy): n for n, r in enumerate(run.recording)}
+    for pub, decision, candidates in classify(run):
+        if pub.stream == stream and decision == PASS and len(candidates) == 1 and accept(pub, candidates[0]):
+            position = index.get(pub_key(pub))
+            if position is not None:
+                return pub, position
+    raise AssertionError(f"the clean run has no suitable delivered {stream} message")
+
+
+def find_decided(run: Run, decision: str, stream: str | None = None) -> Published:
+    for pub, decided, _ in classify(run):
+        if decided == decision and (stream is None or pub.stream == stream):
+            return pub
+    raise AssertionError(f"the clean run has no message decided {decision}")
+
+
+def properties_for(run: Run, stream: str) -> list[list[str]]:
+    feature = run.policy.feature_for(stream)
+    rule = run.policy.rule_for(stream)
+    assert rule is not None
+    return [
+        ["policy-version", run.policy.version],
+        ["feature", feature],
+        ["legal-basis", run.policy.legal_basis_for(feature)],
+        ["retention-days", str(rule.retention_days)],
+        ["transforms", ""],
+    ]
+
+
+def forged_forward(run: Run, pub: Published) -> Record:
+    """What a broken gateway would have published for `pub`: the car's bytes, passed on."""
+    ref = pub.vin
+    if pub.stream.startswith("avn/app/"):
+        ref = pseudonym(run.key, f"vin/{pub.stream.split('/')[-1]}", pub.vin)
+    return {
+        "wall": float(pub.record["wall_end"]) + 0.01,
+        "topic": f"tsp/{ref}/{pub.stream}",
+        "payload": pub.record["payload"],
+        "props": properties_for(run, pub.stream),
+        "qos": 1,
+        "retain": False,
+    }
+
+
+def edit_recorded(run: Run, position: int, stream: str, change: Callable[[Message], None]) -> list[Record]:
+    recording = copy.deepcopy(run.recording)
+    cls = message_class(run.policy, stream)
+    assert cls is not None
+    message = cls()
+    message.ParseFromString(unb64(recording[position]["payload"]))
+    change(message)
+    recording[position]["payload"] = b64(message.SerializeToString())
+    return recording
+
+
+def mode_is(mode: int) -> Callable[[Published, Settings | None], bool]:
+    return lambda pub, settings: settings is not None and settings.location == mode
+
+
+# --- clean --------------------------------------------------------------------------
+def test_clean_run_passes(clean_run: Run) -> None:
+    result = check(clean_run)
+    assert result.issues == []
+    assert result.exit_code() == 0
+    assert result.utility_delivered == 1.0
+    must_pass = sum(t.must_pass for t in result.tallies.values())
+    dropped = sum(sum(t.dropped.values()) for t in result.tallies.values())
+    assert must_pass > 300 and dropped > 100
+    assert len(result.approx_errors_m) > 20
+    assert result.median_approx_error_m is not None and 100 < result.median_approx_error_m < 2000
+
+
+def test_clean_run_without_key_passes(clean_run: Run) -> None:
+    assert check(clean_run, key=None).issues == []
+
+
+def test_duplicates_are_not_losses(clean_run: Run) -> None:
+    doubled = clean_run.recording + copy.deepcopy(clean_run.recording)
+    result = check(clean_run, doubled)
+    assert result.issues == []
+    assert sum(t.duplicates for t in result.tallies.values()) > 100
+
+
+# --- losses -------------------------------------------------------------------------
+def test_missing_message_is_a_loss(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "tbox/status")
+    recording = [r for n, r in enumerate(clean_run.recording) if n != position]
+    result = check(clean_run, recording)
+    assert rules(result) == {(LOSS, "allowed_message_not_delivered")}
+    assert result.losses == 1 and result.exit_code() == 1
+    assert result.utility_delivered < 1.0
+
+
+def test_missing_ecall_is_a_loss(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "tbox/ecall")
+    result = check(clean_run, [r for n, r in enumerate(clean_run.recording) if n != position])
+    assert (LOSS, "allowed_message_not_delivered") in rules(result)
+
+
+def test_missing_command_result_is_a_loss(clean_run: Run) -> None:
+    recording = [r for r in clean_run.recording if not r["topic"].endswith("/result")]
+    assert len(recording) < len(clean_run.recording)
+    assert (LOSS, "command_result_missing") in rules(check(clean_run, recording))
+
+
+# --- leaks: things that must never arrive --------------------------------------------
+@pytest.mark.parametrize(
+    ("decision", "stream", "rule"),
+    [
+        ("feature_off", None, "forwarded_with_feature_off"),
+        ("unknown_vehicle", None, "forwarded_for_unknown_vehicle"),
+        ("privacy_mode", None, "forwarded_in_privacy_mode"),
+        ("location_off", None, "location_stream_under_location_off"),
+        ("outside_window", "tbox/location", "location_outside_find_my_car_window"),
+        ("malformed", None, "malformed_payload_forwarded"),
+        ("spoofed", None, "spoofed_vin_forwarded"),
+        ("feature_off", "avn/app/music", "forwarded_with_feature_off"),
+    ],
+)
+def test_forbidden_forward_is_a_leak(clean_run: Run, decision: str, stream: str | None, rule: str) -> None:
+    pub = find_decided(clean_run, decision, stream)
+    result = check(clean_run, [*clean_run.recording, forged_forward(clean_run, pub)])
+    assert (LEAK, rule) in rules(result)
+    assert result.exit_code() == 1
+
+
+def test_unmatched_forward_is_a_leak(clean_run: Run) -> None:
+    pub, position = find_delivered(clean_run, "tbox/status")
+    forged = edit_recorded(clean_run, position, "tbox/status", lambda m: setattr(m.header, "seq", 4242424))
+    result = check(clean_run, [*clean_run.recording, forged[position]])
+    assert (LEAK, "unmatched_forward") in rules(result)
+
+
+def test_command_accepted_when_forbidden_is_a_leak(clean_run: Run) -> None:
+    recording = copy.deepcopy(clean_run.recording)
+    flipped = 0
+    for record in recording:
+        if record["topic"].endswith("/result"):
+            result = command_pb2.CommandResult()
+            result.ParseFromString(unb64(record["payload"]))
+            if not result.accepted and result.command != "open_trunk":
+                result.accepted, result.reason = True, ""
+                record["payload"] = b64(result.SerializeToString())
+                flipped += 1
+    assert flipped
+    assert (LEAK, "command_accepted_when_forbidden") in rules(check(clean_run, recording))
+
+
+# --- leaks: forwarded, but not transformed enough ------------------------------------
+def test_exact_position_under_approximate_is_a_leak(clean_run: Run) -> None:
+    pub, position = find_delivered(clean_run, "tbox/status", mode_is(common_pb2.LOCATION_APPROXIMATE))
+    recording = edit_recorded(clean_run, position, "tbox/status",
+                              lambda m: m.position.CopyFrom(pub.message.position))  # type: ignore[union-attr,attr-defined]
+    assert (LEAK, "location_finer_than_mode") in rules(check(clean_run, recording))
+
+
+def test_speed_and_heading_under_approximate_are_a_leak(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "avn/nav", mode_is(common_pb2.LOCATION_APPROXIMATE))
+    recording = edit_recorded(clean_run, position, "avn/nav", lambda m: setattr(m.position, "speed_kmh", 47.0))
+    assert (LEAK, "approximate_keeps_motion") in rules(check(clean_run, recording))
+
+
+def test_geopoint_under_location_off_is_a_leak(clean_run: Run) -> None:
+    pub, position = find_delivered(clean_run, "tbox/status", mode_is(common_pb2.LOCATION_OFF))
+    recording = edit_recorded(clean_run, position, "tbox/status",
+                              lambda m: m.position.CopyFrom(pub.message.position))  # type: ignore[union-attr,attr-defined]
+    assert (LEAK, "geopoint_under_location_off") in rules(check(clean_run, recording))
+
+
+def test_evse_id_unless_precise_is_a_leak(clean_run: Run) -> None:
+    pub, position = find_delivered(
+        clean_run, "tbox/battery",
+        lambda p, s: s is not None and s.location != common_pb2.LOCATION_PRECISE
+        and bool(p.message.evse_id),  # type: ignore[union-attr,attr-defined]
+    )
+    recording = edit_recorded(clean_run, position, "tbox/battery",
+                              lambda m: setattr(m, "evse_id", pub.message.evse_id))  # type: ignore[union-attr,attr-defined]
+    assert (LEAK, "evse_id_present") in rules(check(clean_run, recording))
+
+
+@pytest.mark.parametrize(("field", "rule"), [("imsi", "imsi_present"), ("iccid", "iccid_present"),
+                                             ("ip_address", "full_ip_address")])
+def test_identifiers_in_connectivity_are_a_leak(clean_run: Run, field: str, rule: str) -> None:
+    pub, position = find_delivered(clean_run, "tbox/connectivity")
+    original = getattr(pub.message, field)
+    recording = edit_recorded(clean_run, position, "tbox/connectivity", lambda m: setattr(m, field, original))
+    assert (LEAK, rule) in rules(check(clean_run, recording))
+
+
+def test_ipv6_is_truncated_to_48_bits() -> None:
+    assert truncate_ip("2a01:598:a1b2:c3d4:1:2:3:4") == "2a01:598:a1b2::"
+    assert truncate_ip("37.80.12.34") == "37.80.12.0"
+
+
+def test_raw_or_unkeyed_mac_is_a_leak(clean_run: Run) -> None:
+    pub, position = find_delivered(clean_run, "tbox/digital_key")
+    mac = pub.message.bluetooth_mac  # type: ignore[union-attr,attr-defined]
+    raw = edit_recorded(clean_run, position, "tbox/digital_key", lambda m: setattr(m, "bluetooth_mac", mac))
+    assert (LEAK, "raw_bluetooth_mac") in rules(check(clean_run, raw))
+    unkeyed = hashlib.sha256(mac.upper().encode()).hexdigest()[:32]
+    hashed = edit_recorded(clean_run, position, "tbox/digital_key", lambda m: setattr(m, "bluetooth_mac", unkeyed))
+    assert (LEAK, "unkeyed_hash_bluetooth_mac") in rules(check(clean_run, hashed))
+
+
+def test_wrong_or_unstable_pseudonym_is_detected(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "avn/voice")
+    recording = edit_recorded(clean_run, position, "avn/voice", lambda m: setattr(m, "session_id", "0" * 32))
+    assert (WRONG_TRANSFORM, "pseudonym_session_id") in rules(check(clean_run, recording))
+    # Without the key the checker can only see that one session got two pseudonyms.
+    assert (WRONG_TRANSFORM, "pseudonym_unstable_session_id") in rules(check(clean_run, recording, key=None))
+
+
+def test_vin_in_app_stream_is_a_leak(clean_run: Run) -> None:
+    pub, position = find_delivered(clean_run, "avn/app/music")
+    in_payload = edit_recorded(clean_run, position, "avn/app/music",
+                               lambda m: setattr(m, "payload", m.payload + pub.vin.encode()))
+    assert (LEAK, "vin_in_pseudonymized_stream") in rules(check(clean_run, in_payload))
+    in_topic = copy.deepcopy(clean_run.recording)
+    in_topic[position]["topic"] = f"tsp/{pub.vin}/avn/app/music"
+    found = rules(check(clean_run, in_topic))
+    assert (LEAK, "vin_in_pseudonymized_stream") in found
+    assert (WRONG_TRANSFORM, "pseudonym_vin") in found
+
+
+# --- over-coarsening, wrong transforms, metadata --------------------------------------
+def test_coarsened_under_precise_is_over_coarsening(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "tbox/status", mode_is(common_pb2.LOCATION_PRECISE))
+    recording = edit_recorded(clean_run, position, "tbox/status",
+                              lambda m: setattr(m.position, "latitude", round(m.position.latitude, 2)))
+    result = check(clean_run, recording)
+    assert (OVER_COARSENING, "geopoint_changed_under_precise") in rules(result)
+    assert result.exit_code() == 3  # a contract violation, but neither leak nor loss
+
+
+def test_removed_under_approximate_is_over_coarsening(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "avn/nav", mode_is(common_pb2.LOCATION_APPROXIMATE))
+    recording = edit_recorded(clean_run, position, "avn/nav", lambda m: m.ClearField("destination"))
+    assert (OVER_COARSENING, "geopoint_removed") in rules(check(clean_run, recording))
+
+
+def test_approximate_outside_cell_is_a_wrong_transform(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "tbox/trip", mode_is(common_pb2.LOCATION_APPROXIMATE))
+    recording = edit_recorded(clean_run, position, "tbox/trip",
+                              lambda m: setattr(m.end, "latitude", m.end.latitude + 0.05))
+    assert (WRONG_TRANSFORM, "approximate_outside_cell") in rules(check(clean_run, recording))
+
+
+def test_modified_ecall_is_a_wrong_transform(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "tbox/ecall")
+    recording = edit_recorded(clean_run, position, "tbox/ecall", lambda m: setattr(m, "passengers", 9))
+    assert (WRONG_TRANSFORM, "legal_obligation_payload_modified") in rules(check(clean_run, recording))
+
+
+def test_changed_kept_field_is_a_wrong_transform(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "tbox/status")
+    recording = edit_recorded(clean_run, position, "tbox/status", lambda m: setattr(m, "odometer_km", 1.0))
+    assert (WRONG_TRANSFORM, "unexpected_field_change") in rules(check(clean_run, recording))
+
+
+def test_missing_or_wrong_user_properties_are_detected(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "tbox/trip")
+    recording = copy.deepcopy(clean_run.recording)
+    recording[position]["props"] = [p for p in recording[position]["props"] if p[0] != "feature"]
+    assert (USER_PROPERTIES, "missing_feature") in rules(check(clean_run, recording))
+    recording = copy.deepcopy(clean_run.recording)
+    recording[position]["props"] = [
+        [k, "3650" if k == "retention-days" else v] for k, v in recording[position]["props"]
+    ]
+    assert (USER_PROPERTIES, "wrong_retention-days") in rules(check(clean_run, recording))
+
+
+def test_check_cli_writes_summary_and_report(clean_run: Run, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from sim.checker import check_main
+
+    with (tmp_path / GROUND_TRUTH_FILE).open("w") as truth:
+        truth.writelines(json.dumps(r) + "\n" for r in clean_run.truth)
+    with (tmp_path / RECORDING_FILE).open("w") as recording:
+        recording.writelines(json.dumps(r) + "\n" for r in clean_run.recording[5:])
+    output = io.StringIO()
+    code = check_main(tmp_path, state_dir=None, policy_path=None, report=True, console=Console(file=output))
+    summary = json.loads((tmp_path / "check.json").read_text())
+    assert code == 1 and summary["losses"] >= 1
+    assert "leaks 0" in output.getvalue()
+    report = (tmp_path / "report.html").read_text()
+    assert "<svg" in report and "tbox/status" in report
