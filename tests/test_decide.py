@@ -912,3 +912,14 @@ def test_custom_prefixes() -> None:
     assert d is not None and d.accepted
     assert d.forward_topic == f"fleet/v1/cars/{VIN}/cmd/lock"
     assert d.result_topic == f"b/e/{VIN}/cmd/lock/result"
+
+
+@pytest.mark.parametrize("revision", [2**63, 2**64 - 1])
+def test_unstorable_revision_is_refused(revision: int) -> None:
+    # A uint64 revision the consent store cannot hold must never reach it.
+    d = dropped(settings(settings_payload(revision)), DropReason.UNDECODABLE)
+    assert d.detail == "revision out of range"
+
+
+def test_largest_storable_revision_applies() -> None:
+    assert isinstance(settings(settings_payload(2**63 - 1)), ApplySettings)

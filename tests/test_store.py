@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.core import LocationMode, SettingsSnapshot
+from gateway.core.decide import MAX_REVISION
 from gateway.store import SqliteConsentStore, StoredVehicle
 from gateway.store.sqlite import SCHEMA_VERSION
 
@@ -178,3 +179,8 @@ def test_in_state_dir(tmp_path: Path) -> None:
     finally:
         s.close()
     assert (tmp_path / "deep" / "dir" / SqliteConsentStore.FILENAME).is_file()
+
+
+def test_largest_revision_round_trips(store: SqliteConsentStore) -> None:
+    store.apply_settings(snap(MAX_REVISION))
+    assert by_vin(store)[VIN].snapshot.revision == MAX_REVISION

@@ -32,6 +32,7 @@ from telematics.v1 import command_pb2, common_pb2, privacy_pb2
 
 SETTINGS_TOPIC = "avn/privacy"
 APPLIED_TOPIC = "avn/privacy/applied"
+MAX_REVISION = 2**63 - 1  # PrivacySettings.revision is uint64; stores keep signed 64-bit
 
 
 class DropReason(StrEnum):
@@ -310,6 +311,10 @@ def _decide_settings(
         return Drop(
             DropReason.VIN_MISMATCH, SETTINGS_TOPIC, vin=vin, detail=settings.header.vin[:32]
         )
+    if settings.revision > MAX_REVISION:
+        # Not storable as a signed 64-bit integer: the durable write would fail
+        # forever, stalling the pipeline (a car counting by one never gets there).
+        return Drop(DropReason.UNDECODABLE, SETTINGS_TOPIC, vin=vin, detail="revision out of range")
     applied_revision = current.revision if current is not None else 0
     if settings.revision <= applied_revision:
         reannounce = None
