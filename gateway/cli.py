@@ -276,7 +276,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     key_note = "random key (pseudonyms differ from production)"
     key = secrets.token_bytes(32)
     if args.key_file:
-        key, key_note = args.key_file.read_bytes(), f"key from {args.key_file}"
+        try:
+            key, key_note = args.key_file.read_bytes(), f"key from {args.key_file}"
+        except OSError as exc:  # a usage error, not a traceback
+            print(f"error: {args.key_file}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_CONFIG
     ctx = DecisionContext(policy, key, args.vehicle_prefix, args.backend_prefix)
     parts = split_vehicle_topic(args.vehicle_prefix, args.topic)
     if parts is None:

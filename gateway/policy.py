@@ -189,7 +189,11 @@ def load_policy(path: str | Path) -> CompiledPolicy:
 
 
 def parse_policy(raw: bytes | str, *, source: str = "<policy>") -> CompiledPolicy:
-    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        # Callers handle PolicyError only: a stray byte must not crash startup.
+        raise PolicyError(source, [("", f"not UTF-8 text (byte {exc.start})")]) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -217,3 +217,22 @@ def test_unknown_command_is_a_usage_error() -> None:
     result = gateway("frobnicate")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_check_policy_non_utf8_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(POLICY.read_bytes().replace(b"Emergency call", b"Notruf \xfc"))
+    result = gateway("check-policy", path)
+    assert result.returncode == 2
+    assert str(path) in result.stderr and "not UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_explain_missing_key_file_exits_2(tmp_path: Path) -> None:
+    result = gateway(
+        "explain", "--policy", POLICY, "--settings", "unknown",
+        "--topic", f"vehicle/{VIN}/tbox/status", "--payload-json", "{}",
+        "--key-file", tmp_path / "no.key",
+    )
+    assert result.returncode == 2
+    assert "no.key" in result.stderr and "Traceback" not in result.stderr

@@ -421,3 +421,11 @@ def test_non_consent_default_on_feature(tmp_path: Path) -> None:
                                 0.0, "t")
     assert state_from_snapshot(policy, snapshot).enabled == frozenset()
     assert isinstance(_status_decision(policy, LocationMode.OFF), Forward)
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(DEFAULT.read_bytes().replace(b"Emergency call", b"Notruf \xfc"))
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert f"{path}: <root>: not UTF-8" in str(info.value)
