@@ -77,10 +77,11 @@ def load_config(path: str | Path) -> GatewayConfig:
     """Read the TOML file; relative paths in it are relative to the file."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        # TOML is UTF-8 by definition; other bytes are a config error, not a crash.
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     try:
         config = GatewayConfig.model_validate(data)

@@ -236,3 +236,12 @@ def test_explain_missing_key_file_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "no.key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_refuses_non_utf8_config(tmp_path: Path) -> None:
+    config = tmp_path / "latin1.toml"
+    config.write_bytes(b'policy = "pol\xedcy.yaml"\n')
+    result = gateway("run", "--config", config)
+    assert result.returncode == 2
+    assert "latin1.toml" in result.stderr and "not valid TOML" in result.stderr
+    assert "Traceback" not in result.stderr
