@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.message import Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.core import (
     ApplySettings,
@@ -194,7 +196,7 @@ def settings_payload(
     return msg.SerializeToString()
 
 
-def settings(
+def apply(
     payload: bytes, current: VehicleState | None = None, vin: str = VIN
 ) -> Forward | Drop | ApplySettings:
     states = {vin: current} if current is not None else {}
@@ -652,7 +654,7 @@ def test_ecall_keeps_unknown_fields_byte_for_byte() -> None:
 
 
 def test_first_settings_apply() -> None:
-    d = settings(settings_payload(3, {"remote_control": True, "online_search": False},
+    d = apply(settings_payload(3, {"remote_control": True, "online_search": False},
                                   location=common_pb2.LOCATION_APPROXIMATE))
     assert isinstance(d, ApplySettings)
     assert d.applied_topic == f"vehicle/{VIN}/avn/privacy/applied"
@@ -668,7 +670,7 @@ def test_first_settings_apply() -> None:
 
 
 def test_settings_with_privacy_mode() -> None:
-    d = settings(settings_payload(1, privacy_mode=True))
+    d = apply(settings_payload(1, privacy_mode=True))
     assert isinstance(d, ApplySettings)
     assert d.state.privacy_mode and d.snapshot.privacy_mode
     dropped(run("tbox/status", d.state), DropReason.PRIVACY_MODE)
@@ -676,19 +678,19 @@ def test_settings_with_privacy_mode() -> None:
 
 @pytest.mark.parametrize("revision", [1, 4])
 def test_lower_revision_is_stale_without_reannounce(revision: int) -> None:
-    d = dropped(settings(settings_payload(revision), state(revision=5)), DropReason.STALE_REVISION)
+    d = dropped(apply(settings_payload(revision), state(revision=5)), DropReason.STALE_REVISION)
     assert d.reannounce is None
 
 
 def test_revision_zero_for_unknown_vehicle_is_stale() -> None:
-    d = dropped(settings(settings_payload(0)), DropReason.STALE_REVISION)
+    d = dropped(apply(settings_payload(0)), DropReason.STALE_REVISION)
     assert d.reannounce is None
 
 
 def test_equal_revision_reannounces_applied_revision() -> None:
     # Different content, same revision: ignored, but the applied state is announced again.
     current = state({"remote_control": True}, revision=5)
-    d = dropped(settings(settings_payload(5, {}), current), DropReason.STALE_REVISION)
+    d = dropped(apply(settings_payload(5, {}), current), DropReason.STALE_REVISION)
     assert d.reannounce is not None
     topic, body = d.reannounce
     assert topic == f"vehicle/{VIN}/avn/privacy/applied"
@@ -698,7 +700,7 @@ def test_equal_revision_reannounces_applied_revision() -> None:
 
 
 def test_settings_vin_mismatch() -> None:
-    d = dropped(settings(settings_payload(1, vin=OTHER_VIN)), DropReason.VIN_MISMATCH)
+    d = dropped(apply(settings_payload(1, vin=OTHER_VIN)), DropReason.VIN_MISMATCH)
     assert d.detail == OTHER_VIN
 
 
@@ -756,7 +758,7 @@ def test_unknown_topic(topic: str) -> None:
 
 @pytest.mark.parametrize("location", [common_pb2.LOCATION_MODE_UNSPECIFIED, 7])
 def test_unspecified_location_is_enforced_as_off(location: int) -> None:
-    d = settings(settings_payload(1, location=location))
+    d = apply(settings_payload(1, location=location))
     assert isinstance(d, ApplySettings)
     assert d.state.location.effective is LocationMode.OFF
     fwd = forwarded(run("tbox/status", d.state))
@@ -765,7 +767,7 @@ def test_unspecified_location_is_enforced_as_off(location: int) -> None:
 
 
 def test_unknown_feature_ids_are_ignored() -> None:
-    d = settings(settings_payload(1, {"remote_control": True, "telepathy": True,
+    d = apply(settings_payload(1, {"remote_control": True, "telepathy": True,
                                       "third_party.music": True, "ecall": False}))
     assert isinstance(d, ApplySettings)
     assert d.state.enabled == frozenset({"remote_control", "third_party.music"})
@@ -774,7 +776,7 @@ def test_unknown_feature_ids_are_ignored() -> None:
 
 def test_settings_keep_an_open_window() -> None:
     current = state(window_until=open_window(), revision=1)
-    d = settings(settings_payload(2), current)
+    d = apply(settings_payload(2), current)
     assert isinstance(d, ApplySettings)
     assert d.state.window_until == open_window()
 
@@ -795,21 +797,21 @@ def test_decide_does_not_mutate_inputs() -> None:
 
 
 def test_newer_settings_disabling_feature_drop_next_message() -> None:
-    first = settings(settings_payload(1, {"remote_control": True}))
+    first = apply(settings_payload(1, {"remote_control": True}))
     assert isinstance(first, ApplySettings)
     forwarded(run("tbox/status", first.state))
-    second = settings(settings_payload(2, {"remote_control": False}), first.state)
+    second = apply(settings_payload(2, {"remote_control": False}), first.state)
     assert isinstance(second, ApplySettings)
     dropped(run("tbox/status", second.state), DropReason.FEATURE_DISABLED)
     # A late redelivery of the older, permissive settings changes nothing.
-    late = settings(settings_payload(1, {"remote_control": True}), second.state)
+    late = apply(settings_payload(1, {"remote_control": True}), second.state)
     dropped(late, DropReason.STALE_REVISION)
 
 
 def test_newer_settings_turning_location_off_clear_next_message() -> None:
-    first = settings(settings_payload(1, location=common_pb2.LOCATION_PRECISE))
+    first = apply(settings_payload(1, location=common_pb2.LOCATION_PRECISE))
     assert isinstance(first, ApplySettings)
-    second = settings(settings_payload(2, location=common_pb2.LOCATION_OFF), first.state)
+    second = apply(settings_payload(2, location=common_pb2.LOCATION_OFF), first.state)
     assert isinstance(second, ApplySettings)
     fwd = forwarded(run("tbox/status", second.state))
     assert not streams_pb2.VehicleStatus.FromString(fwd.payload).HasField("position")
@@ -917,9 +919,45 @@ def test_custom_prefixes() -> None:
 @pytest.mark.parametrize("revision", [2**63, 2**64 - 1])
 def test_unstorable_revision_is_refused(revision: int) -> None:
     # A uint64 revision the consent store cannot hold must never reach it.
-    d = dropped(settings(settings_payload(revision)), DropReason.UNDECODABLE)
+    d = dropped(apply(settings_payload(revision)), DropReason.UNDECODABLE)
     assert d.detail == "revision out of range"
 
 
 def test_largest_storable_revision_applies() -> None:
-    assert isinstance(settings(settings_payload(2**63 - 1)), ApplySettings)
+    assert isinstance(apply(settings_payload(2**63 - 1)), ApplySettings)
+
+
+# ------------------------------------------------------------- robustness
+
+any_stream = st.sampled_from([*STREAMS, "avn/privacy", "avn/app/x-1", "tbox/other"])
+any_state = st.sampled_from(
+    [None, state(), state(location=LocationMode.APPROXIMATE, window_until=open_window()),
+     state(privacy_mode=True)]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(stream=any_stream, payload=st.binary(max_size=200), st_=any_state)
+def test_arbitrary_payloads_never_raise_or_leak(
+    stream: str, payload: bytes, st_: VehicleState | None
+) -> None:
+    states = {VIN: st_} if st_ is not None else {}
+    d = decide(CTX, f"vehicle/{VIN}/{stream}", payload, states, {}, NOW)
+    assert isinstance(d, Forward | Drop | ApplySettings)
+    if isinstance(d, Forward) and stream != "tbox/ecall":
+        assert st_ is not None and not st_.privacy_mode
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from([*COMMANDS, "nope"]), payload=st.binary(max_size=100),
+       st_=any_state)
+def test_arbitrary_commands_never_raise(
+    name: str, payload: bytes, st_: VehicleState | None
+) -> None:
+    states = {VIN: st_} if st_ is not None else {}
+    d = decide_command(CTX, f"tsp/{VIN}/cmd/{name}", payload, states, NOW)
+    assert d is not None
+    result = command_pb2.CommandResult.FromString(d.result_payload)
+    assert result.accepted == d.accepted and result.reason == d.reason
+    if d.accepted:
+        assert st_ is not None and not st_.privacy_mode
