@@ -121,6 +121,8 @@ class GatewayProcess:
                 self.process.wait()
         if self._reader is not None:
             self._reader.join(timeout=5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         return self.process.returncode
 
     def __enter__(self) -> GatewayProcess:

@@ -35,13 +35,22 @@ async def run_in_memory_async(
     (state / "pseudonym.key").write_bytes(key)
     task: asyncio.Task[None] | None = None
     if gateway:
-        reference = ReferenceGateway(load_policy(DEFAULT_POLICY_PATH), key, "memory", "memory",
-                                     client_factory=broker.client)
+        reference = ReferenceGateway(
+            load_policy(DEFAULT_POLICY_PATH), key, "memory", "memory", client_factory=broker.client
+        )
         task = asyncio.create_task(reference.run())
         await reference.ready.wait()
-    config = RunConfig(vehicles=vehicles, duration_s=duration_s, speedup=speedup, broker="memory",
-                       out_dir=out_dir, seed=seed, live=False, quiet_s=0.3,
-                       applied_timeout_s=5.0 if gateway else 0.05)
+    config = RunConfig(
+        vehicles=vehicles,
+        duration_s=duration_s,
+        speedup=speedup,
+        broker="memory",
+        out_dir=out_dir,
+        seed=seed,
+        live=False,
+        quiet_s=0.3,
+        applied_timeout_s=5.0 if gateway else 0.05,
+    )
     try:
         summary = await run_simulation(config, client_factory=broker.client)
     finally:

@@ -62,10 +62,14 @@ def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     )
 
 
-def check(run: Run, recording: list[Record] | None = None, *, key: bytes | None | str = "run") -> CheckResult:
+def check(
+    run: Run, recording: list[Record] | None = None, *, key: bytes | None | str = "run"
+) -> CheckResult:
     used_key = run.key if key == "run" else key
     assert used_key is None or isinstance(used_key, bytes)
-    return Checker(run.truth, recording if recording is not None else run.recording, run.policy, used_key).run()
+    return Checker(
+        run.truth, recording if recording is not None else run.recording, run.policy, used_key
+    ).run()
 
 
 def rules(result: CheckResult) -> set[tuple[str, str]]:
@@ -109,7 +113,12 @@ def find_delivered(
     """A message that had to pass (under unambiguous settings) and its recording index."""
     index = {recorded_key(r, run.policy): n for n, r in enumerate(run.recording)}
     for pub, decision, candidates in classify(run):
-        if pub.stream == stream and decision == PASS and len(candidates) == 1 and accept(pub, candidates[0]):
+        if (
+            pub.stream == stream
+            and decision == PASS
+            and len(candidates) == 1
+            and accept(pub, candidates[0])
+        ):
             position = index.get(pub_key(pub))
             if position is not None:
                 return pub, position
@@ -151,7 +160,9 @@ def forged_forward(run: Run, pub: Published) -> Record:
     }
 
 
-def edit_recorded(run: Run, position: int, stream: str, change: Callable[[Message], None]) -> list[Record]:
+def edit_recorded(
+    run: Run, position: int, stream: str, change: Callable[[Message], None]
+) -> list[Record]:
     recording = copy.deepcopy(run.recording)
     cls = message_class(run.policy, stream)
     assert cls is not None
@@ -226,7 +237,9 @@ def test_missing_command_result_is_a_loss(clean_run: Run) -> None:
         ("feature_off", "avn/app/music", "forwarded_with_feature_off"),
     ],
 )
-def test_forbidden_forward_is_a_leak(clean_run: Run, decision: str, stream: str | None, rule: str) -> None:
+def test_forbidden_forward_is_a_leak(
+    clean_run: Run, decision: str, stream: str | None, rule: str
+) -> None:
     pub = find_decided(clean_run, decision, stream)
     result = check(clean_run, [*clean_run.recording, forged_forward(clean_run, pub)])
     assert (LEAK, rule) in rules(result)
@@ -235,7 +248,9 @@ def test_forbidden_forward_is_a_leak(clean_run: Run, decision: str, stream: str 
 
 def test_unmatched_forward_is_a_leak(clean_run: Run) -> None:
     pub, position = find_delivered(clean_run, "tbox/status")
-    forged = edit_recorded(clean_run, position, "tbox/status", lambda m: setattr(m.header, "seq", 4242424))
+    forged = edit_recorded(
+        clean_run, position, "tbox/status", lambda m: setattr(m.header, "seq", 4242424)
+    )
     result = check(clean_run, [*clean_run.recording, forged[position]])
     assert (LEAK, "unmatched_forward") in rules(result)
 
@@ -257,42 +272,55 @@ def test_command_accepted_when_forbidden_is_a_leak(clean_run: Run) -> None:
 
 # --- leaks: forwarded, but not transformed enough ------------------------------------
 def test_exact_position_under_approximate_is_a_leak(clean_run: Run) -> None:
-    pub, position = find_delivered(clean_run, "tbox/status", mode_is(common_pb2.LOCATION_APPROXIMATE))
-    recording = edit_recorded(clean_run, position, "tbox/status",
-                              lambda m: m.position.CopyFrom(pub.message.position))  # type: ignore[union-attr,attr-defined]
+    pub, position = find_delivered(
+        clean_run, "tbox/status", mode_is(common_pb2.LOCATION_APPROXIMATE)
+    )
+    recording = edit_recorded(
+        clean_run, position, "tbox/status", lambda m: m.position.CopyFrom(pub.message.position)
+    )  # type: ignore[union-attr,attr-defined]
     assert (LEAK, "location_finer_than_mode") in rules(check(clean_run, recording))
 
 
 def test_speed_and_heading_under_approximate_are_a_leak(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "avn/nav", mode_is(common_pb2.LOCATION_APPROXIMATE))
-    recording = edit_recorded(clean_run, position, "avn/nav", lambda m: setattr(m.position, "speed_kmh", 47.0))
+    recording = edit_recorded(
+        clean_run, position, "avn/nav", lambda m: setattr(m.position, "speed_kmh", 47.0)
+    )
     assert (LEAK, "approximate_keeps_motion") in rules(check(clean_run, recording))
 
 
 def test_geopoint_under_location_off_is_a_leak(clean_run: Run) -> None:
     pub, position = find_delivered(clean_run, "tbox/status", mode_is(common_pb2.LOCATION_OFF))
-    recording = edit_recorded(clean_run, position, "tbox/status",
-                              lambda m: m.position.CopyFrom(pub.message.position))  # type: ignore[union-attr,attr-defined]
+    recording = edit_recorded(
+        clean_run, position, "tbox/status", lambda m: m.position.CopyFrom(pub.message.position)
+    )  # type: ignore[union-attr,attr-defined]
     assert (LEAK, "geopoint_under_location_off") in rules(check(clean_run, recording))
 
 
 def test_evse_id_unless_precise_is_a_leak(clean_run: Run) -> None:
     pub, position = find_delivered(
-        clean_run, "tbox/battery",
-        lambda p, s: s is not None and s.location != common_pb2.LOCATION_PRECISE
-        and bool(p.message.evse_id),  # type: ignore[union-attr,attr-defined]
+        clean_run,
+        "tbox/battery",
+        lambda p, s: (
+            s is not None and s.location != common_pb2.LOCATION_PRECISE and bool(p.message.evse_id)
+        ),  # type: ignore[union-attr,attr-defined]
     )
-    recording = edit_recorded(clean_run, position, "tbox/battery",
-                              lambda m: setattr(m, "evse_id", pub.message.evse_id))  # type: ignore[union-attr,attr-defined]
+    recording = edit_recorded(
+        clean_run, position, "tbox/battery", lambda m: setattr(m, "evse_id", pub.message.evse_id)
+    )  # type: ignore[union-attr,attr-defined]
     assert (LEAK, "evse_id_present") in rules(check(clean_run, recording))
 
 
-@pytest.mark.parametrize(("field", "rule"), [("imsi", "imsi_present"), ("iccid", "iccid_present"),
-                                             ("ip_address", "full_ip_address")])
+@pytest.mark.parametrize(
+    ("field", "rule"),
+    [("imsi", "imsi_present"), ("iccid", "iccid_present"), ("ip_address", "full_ip_address")],
+)
 def test_identifiers_in_connectivity_are_a_leak(clean_run: Run, field: str, rule: str) -> None:
     pub, position = find_delivered(clean_run, "tbox/connectivity")
     original = getattr(pub.message, field)
-    recording = edit_recorded(clean_run, position, "tbox/connectivity", lambda m: setattr(m, field, original))
+    recording = edit_recorded(
+        clean_run, position, "tbox/connectivity", lambda m: setattr(m, field, original)
+    )
     assert (LEAK, rule) in rules(check(clean_run, recording))
 
 
@@ -304,25 +332,37 @@ def test_ipv6_is_truncated_to_48_bits() -> None:
 def test_raw_or_unkeyed_mac_is_a_leak(clean_run: Run) -> None:
     pub, position = find_delivered(clean_run, "tbox/digital_key")
     mac = pub.message.bluetooth_mac  # type: ignore[union-attr,attr-defined]
-    raw = edit_recorded(clean_run, position, "tbox/digital_key", lambda m: setattr(m, "bluetooth_mac", mac))
+    raw = edit_recorded(
+        clean_run, position, "tbox/digital_key", lambda m: setattr(m, "bluetooth_mac", mac)
+    )
     assert (LEAK, "raw_bluetooth_mac") in rules(check(clean_run, raw))
     unkeyed = hashlib.sha256(mac.upper().encode()).hexdigest()[:32]
-    hashed = edit_recorded(clean_run, position, "tbox/digital_key", lambda m: setattr(m, "bluetooth_mac", unkeyed))
+    hashed = edit_recorded(
+        clean_run, position, "tbox/digital_key", lambda m: setattr(m, "bluetooth_mac", unkeyed)
+    )
     assert (LEAK, "unkeyed_hash_bluetooth_mac") in rules(check(clean_run, hashed))
 
 
 def test_wrong_or_unstable_pseudonym_is_detected(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "avn/voice")
-    recording = edit_recorded(clean_run, position, "avn/voice", lambda m: setattr(m, "session_id", "0" * 32))
+    recording = edit_recorded(
+        clean_run, position, "avn/voice", lambda m: setattr(m, "session_id", "0" * 32)
+    )
     assert (WRONG_TRANSFORM, "pseudonym_session_id") in rules(check(clean_run, recording))
     # Without the key the checker can only see that one session got two pseudonyms.
-    assert (WRONG_TRANSFORM, "pseudonym_unstable_session_id") in rules(check(clean_run, recording, key=None))
+    assert (WRONG_TRANSFORM, "pseudonym_unstable_session_id") in rules(
+        check(clean_run, recording, key=None)
+    )
 
 
 def test_vin_in_app_stream_is_a_leak(clean_run: Run) -> None:
     pub, position = find_delivered(clean_run, "avn/app/music")
-    in_payload = edit_recorded(clean_run, position, "avn/app/music",
-                               lambda m: setattr(m, "payload", m.payload + pub.vin.encode()))
+    in_payload = edit_recorded(
+        clean_run,
+        position,
+        "avn/app/music",
+        lambda m: setattr(m, "payload", m.payload + pub.vin.encode()),
+    )
     assert (LEAK, "vin_in_pseudonymized_stream") in rules(check(clean_run, in_payload))
     in_topic = copy.deepcopy(clean_run.recording)
     in_topic[position]["topic"] = f"tsp/{pub.vin}/avn/app/music"
@@ -334,8 +374,12 @@ def test_vin_in_app_stream_is_a_leak(clean_run: Run) -> None:
 # --- over-coarsening, wrong transforms, metadata --------------------------------------
 def test_coarsened_under_precise_is_over_coarsening(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "tbox/status", mode_is(common_pb2.LOCATION_PRECISE))
-    recording = edit_recorded(clean_run, position, "tbox/status",
-                              lambda m: setattr(m.position, "latitude", round(m.position.latitude, 2)))
+    recording = edit_recorded(
+        clean_run,
+        position,
+        "tbox/status",
+        lambda m: setattr(m.position, "latitude", round(m.position.latitude, 2)),
+    )
     result = check(clean_run, recording)
     assert (OVER_COARSENING, "geopoint_changed_under_precise") in rules(result)
     assert result.exit_code() == 3  # a contract violation, but neither leak nor loss
@@ -349,20 +393,30 @@ def test_removed_under_approximate_is_over_coarsening(clean_run: Run) -> None:
 
 def test_approximate_outside_cell_is_a_wrong_transform(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "tbox/trip", mode_is(common_pb2.LOCATION_APPROXIMATE))
-    recording = edit_recorded(clean_run, position, "tbox/trip",
-                              lambda m: setattr(m.end, "latitude", m.end.latitude + 0.05))
+    recording = edit_recorded(
+        clean_run,
+        position,
+        "tbox/trip",
+        lambda m: setattr(m.end, "latitude", m.end.latitude + 0.05),
+    )
     assert (WRONG_TRANSFORM, "approximate_outside_cell") in rules(check(clean_run, recording))
 
 
 def test_modified_ecall_is_a_wrong_transform(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "tbox/ecall")
-    recording = edit_recorded(clean_run, position, "tbox/ecall", lambda m: setattr(m, "passengers", 9))
-    assert (WRONG_TRANSFORM, "legal_obligation_payload_modified") in rules(check(clean_run, recording))
+    recording = edit_recorded(
+        clean_run, position, "tbox/ecall", lambda m: setattr(m, "passengers", 9)
+    )
+    assert (WRONG_TRANSFORM, "legal_obligation_payload_modified") in rules(
+        check(clean_run, recording)
+    )
 
 
 def test_changed_kept_field_is_a_wrong_transform(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "tbox/status")
-    recording = edit_recorded(clean_run, position, "tbox/status", lambda m: setattr(m, "odometer_km", 1.0))
+    recording = edit_recorded(
+        clean_run, position, "tbox/status", lambda m: setattr(m, "odometer_km", 1.0)
+    )
     assert (WRONG_TRANSFORM, "unexpected_field_change") in rules(check(clean_run, recording))
 
 
@@ -388,7 +442,9 @@ def test_check_cli_writes_summary_and_report(clean_run: Run, tmp_path: Path) -> 
     with (tmp_path / RECORDING_FILE).open("w") as recording:
         recording.writelines(json.dumps(r) + "\n" for r in clean_run.recording[5:])
     output = io.StringIO()
-    code = check_main(tmp_path, state_dir=None, policy_path=None, report=True, console=Console(file=output))
+    code = check_main(
+        tmp_path, state_dir=None, policy_path=None, report=True, console=Console(file=output)
+    )
     summary = json.loads((tmp_path / "check.json").read_text())
     assert code == 1 and summary["losses"] >= 1
     assert "leaks 0" in output.getvalue()

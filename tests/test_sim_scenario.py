@@ -51,7 +51,9 @@ def test_routes_are_continuous() -> None:
             dt_s = (after.t_ms - before.t_ms) / 1000
             moved = distance_m(before.point, after.point)
             # Within speed * dt: the faster of the two samples, plus one step of acceleration.
-            top_speed_ms = max(before.speed_kmh, after.speed_kmh) / 3.6 + ACCELERATION_MS2 * DRIVE_STEP_S
+            top_speed_ms = (
+                max(before.speed_kmh, after.speed_kmh) / 3.6 + ACCELERATION_MS2 * DRIVE_STEP_S
+            )
             assert moved <= top_speed_ms * dt_s + 1.0, (vehicle.vin, before, after)
             assert after.speed_kmh < 200
             checked += 1
@@ -72,9 +74,7 @@ def test_published_positions_follow_the_route() -> None:
             position = event.message.position  # type: ignore[attr-defined]
             if last is not None:
                 dt_s = (event.t_ms - last[0]) / 1000
-                moved = distance_m(
-                    _point(last[1]), _point(position)
-                )
+                moved = distance_m(_point(last[1]), _point(position))
                 assert moved <= 130 / 3.6 * dt_s + 1.0
             last = (event.t_ms, position)
 
@@ -118,9 +118,19 @@ def test_fleet_lives_days() -> None:
         assert distance_m(vehicle.profile.home.point, vehicle.profile.work.point) > 100
     streams = {e.stream for v in scenario.vehicles for e in v.events if isinstance(e, PublishEvent)}
     assert {
-        "tbox/status", "tbox/alarm", "tbox/location", "tbox/battery", "tbox/trip",
-        "tbox/digital_key", "tbox/connectivity", "tbox/ecall", "avn/nav", "avn/search",
-        "avn/voice", "avn/app/music", "avn/app/weather",
+        "tbox/status",
+        "tbox/alarm",
+        "tbox/location",
+        "tbox/battery",
+        "tbox/trip",
+        "tbox/digital_key",
+        "tbox/connectivity",
+        "tbox/ecall",
+        "avn/nav",
+        "avn/search",
+        "avn/voice",
+        "avn/app/music",
+        "avn/app/weather",
     } <= streams
     settings_start = {v.profile.settings_start for v in scenario.vehicles}
     assert "never" in settings_start
@@ -130,8 +140,17 @@ def _deterministic_view(path: Path) -> list[tuple[Any, ...]]:
     view: list[tuple[Any, ...]] = []
     for r in read_json_lines(path / GROUND_TRUTH_FILE):
         if r["type"] == "publish":
-            view.append((r["vin"], r["topic"], r["payload"], r["seq"], r["ts_ms"], r["purpose"],
-                         r["applied_rev"]))
+            view.append(
+                (
+                    r["vin"],
+                    r["topic"],
+                    r["payload"],
+                    r["seq"],
+                    r["ts_ms"],
+                    r["purpose"],
+                    r["applied_rev"],
+                )
+            )
         elif r["type"] == "settings":
             view.append((r["vin"], "settings", r["ts_ms"], str(r["settings"]), r["applied"]))
         elif r["type"] == "command":
