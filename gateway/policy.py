@@ -81,7 +81,8 @@ class CommandSpec(_Strict):
 
 
 class PolicyDocument(_Strict):
-    version: str = Field(min_length=1, max_length=64)
+    # Dotted numbers ("2026.11.1"): pushes must carry a strictly newer version.
+    version: str = Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")
     location: LocationSpec = LocationSpec()
     find_my_car: FindMyCarSpec = FindMyCarSpec()
     features: dict[str, FeatureSpec]
@@ -175,6 +176,11 @@ class CompiledPolicy:
 
 # --------------------------------------------------------------------------
 # Loading
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Order of policy versions: "2026.11.10" > "2026.11.9"."""
+    return tuple(int(part) for part in version.split("."))
 
 
 def load_policy(path: str | Path) -> CompiledPolicy:

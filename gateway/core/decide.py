@@ -6,6 +6,7 @@ of its inputs. Every rule of the wire contract's "Decisions" list lives here.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class DropReason(StrEnum):
     VIN_MISMATCH = "vin_mismatch"
     UNKNOWN_VEHICLE = "unknown_vehicle"
     PRIVACY_MODE = "privacy_mode"
+    RESTRICTED = "restricted"
     FEATURE_DISABLED = "feature_disabled"
     LOCATION_OFF = "location_off"
     NO_WINDOW = "no_find_my_car_window"
@@ -171,6 +173,8 @@ def decide(
     state = states.get(vin)
     if state is None:
         return Drop(DropReason.UNKNOWN_VEHICLE, stream.key, vin=vin)
+    if state.restricted:
+        return Drop(DropReason.RESTRICTED, stream.key, vin=vin)
     if state.privacy_mode:
         return Drop(DropReason.PRIVACY_MODE, stream.key, vin=vin)
     if feature not in state.enabled:
@@ -337,6 +341,8 @@ def _decide_settings(
         policy_version=ctx.policy.version,
     )
     state = state_from_snapshot(ctx.policy, snapshot, current.window_until if current else 0.0)
+    if current is not None and current.restricted:
+        state = dataclasses.replace(state, restricted=True)
     topic, body = applied_message(ctx, vin, settings.revision)
     return ApplySettings(snapshot, state, topic, body)
 
@@ -423,19 +429,15 @@ def decide_command(
     state = states.get(vin)
     if state is None:
         return refuse("unknown_vehicle")
+    if state.restricted:
+        return refuse("restricted")
     if state.privacy_mode:
         return refuse("privacy_mode")
     if rule.feature not in state.enabled:
         return refuse(f"feature_disabled:{rule.feature}")
     new_state = None
     if rule.opens_window:
-        new_state = VehicleState(
-            revision=state.revision,
-            privacy_mode=state.privacy_mode,
-            location=state.location,
-            enabled=state.enabled,
-            window_until=now + ctx.policy.window_s,
-        )
+        new_state = dataclasses.replace(state, window_until=now + ctx.policy.window_s)
     result = command_pb2.CommandResult(
         request_id=request_id, command=name, accepted=True, reason="forwarded"
     )

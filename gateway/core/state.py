@@ -65,6 +65,7 @@ class VehicleState:
     location: LocationMode
     enabled: frozenset[str]
     window_until: float = 0.0  # find-my-car window end, gateway epoch seconds
+    restricted: bool = False  # GDPR Art. 18: only legal-obligation streams, whatever the car says
 
     def window_open(self, now: float) -> bool:
         return now < self.window_until

@@ -6,7 +6,31 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.control.audit import AuditRecord
 from gateway.core.state import SettingsSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPolicy:
+    version: str
+    digest: str
+    yaml: str
+    signer: str  # key id of the operator key that signed it ("config" for the bootstrap file)
+    pushed_at: float
+    applied_at: float | None
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EgressCount:
+    """Messages forwarded for one vehicle, per day, stream, feature and policy version."""
+
+    vin: str
+    day: str  # YYYY-MM-DD, UTC
+    stream: str
+    feature: str
+    policy_version: str
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +47,9 @@ class ConsentStore(Protocol):
     Methods are blocking; the service runs them off the event loop.
     """
 
-    def apply_settings(self, snapshot: SettingsSnapshot) -> None:
-        """Make `snapshot` the vehicle's applied settings and append it to the history."""
+    def apply_settings(self, snapshot: SettingsSnapshot, record: AuditRecord | None = None) -> None:
+        """Make `snapshot` the vehicle's applied settings, append it to the history
+        and (when given) to the audit ledger, in one transaction."""
 
     def open_window(self, vin: str, until: float) -> None:
         """Record an open find-my-car window (gateway epoch seconds)."""

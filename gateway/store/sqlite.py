@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 from pathlib import Path
 
+from gateway.control import audit
+from gateway.control.audit import AuditRecord, VerifyResult
 from gateway.core.state import LocationMode, SettingsSnapshot
-from gateway.store.base import StoredVehicle
+from gateway.store.base import EgressCount, StoredPolicy, StoredVehicle
 
 SCHEMA_VERSION = 1
-_SCHEMA = """
+T = TypeVar("T")
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vehicle_settings (
     vin            TEXT PRIMARY KEY,
@@ -37,7 +42,41 @@ CREATE TABLE IF NOT EXISTS settings_history (
     source         TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS settings_history_vin ON settings_history (vin, revision);
+CREATE TABLE IF NOT EXISTS restrictions (
+    vin   TEXT PRIMARY KEY,
+    since REAL NOT NULL,
+    actor TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS policies (
+    version    TEXT PRIMARY KEY,
+    digest     TEXT NOT NULL,
+    yaml       TEXT NOT NULL,
+    signer     TEXT NOT NULL,
+    pushed_at  REAL NOT NULL,
+    applied_at REAL,
+    active     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS egress_counts (
+    vin            TEXT NOT NULL,
+    day            TEXT NOT NULL,
+    stream         TEXT NOT NULL,
+    feature        TEXT NOT NULL,
+    policy_version TEXT NOT NULL,
+    count          INTEGER NOT NULL,
+    PRIMARY KEY (vin, day, stream, feature, policy_version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS access_log (
+    at     REAL NOT NULL,
+    client TEXT NOT NULL,
+    actor  TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path   TEXT NOT NULL,
+    status INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS access_log_at ON access_log (at);
 """
+    + audit.SCHEMA
+)
 
 
 class SqliteConsentStore:
@@ -75,7 +114,7 @@ class SqliteConsentStore:
     def in_state_dir(cls, state_dir: str | Path) -> SqliteConsentStore:
         return cls(Path(state_dir) / cls.FILENAME)
 
-    def apply_settings(self, snapshot: SettingsSnapshot) -> None:
+    def apply_settings(self, snapshot: SettingsSnapshot, record: AuditRecord | None = None) -> None:
         features = json.dumps(snapshot.features, sort_keys=True, separators=(",", ":"))
         row = (
             snapshot.vin,
@@ -108,6 +147,8 @@ class SqliteConsentStore:
                         " features, applied_at, policy_version, source) VALUES (?,?,?,?,?,?,?,?)",
                         row,
                     )
+                    if record is not None:
+                        audit.append(self._db, record)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -134,6 +175,205 @@ class SqliteConsentStore:
                 (vin,),
             ).fetchall()
         return [_snapshot(r) for r in rows]
+
+    # ------------------------------------------------------------ transactions
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one IMMEDIATE transaction: all of it is durable, or none."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._db)
+                self._db.execute("COMMIT")
+                return result
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # -------------------------------------------------------------- restriction
+
+    def set_restriction(self, vin: str, restricted: bool, record: AuditRecord) -> bool:
+        """Returns whether anything changed."""
+
+        def tx(db: sqlite3.Connection) -> bool:
+            if restricted:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO restrictions VALUES (?,?,?)",
+                    (vin, record.at, record.actor),
+                )
+            else:
+                cur = db.execute("DELETE FROM restrictions WHERE vin=?", (vin,))
+            if cur.rowcount:
+                audit.append(db, record)
+            return cur.rowcount > 0
+
+        return self._write(tx)
+
+    def restricted_vins(self) -> set[str]:
+        return {str(r[0]) for r in self._read("SELECT vin FROM restrictions")}
+
+    def restriction(self, vin: str) -> tuple[float, str] | None:
+        rows = self._read("SELECT since, actor FROM restrictions WHERE vin=?", (vin,))
+        return (float(rows[0][0]), str(rows[0][1])) if rows else None
+
+    # ------------------------------------------------------------------ erasure
+
+    def erase_vehicle(self, vin: str, subject: str, record: AuditRecord) -> dict[str, int]:
+        """Delete what is held about a vehicle; scrub its audit content (chain kept)."""
+
+        def tx(db: sqlite3.Connection) -> dict[str, int]:
+            removed = {
+                table: db.execute(f"DELETE FROM {table} WHERE vin=?", (vin,)).rowcount
+                for table in (
+                    "vehicle_settings",
+                    "settings_history",
+                    "egress_counts",
+                    "restrictions",
+                )
+            }
+            removed["audit_entries_scrubbed"] = audit.scrub_subject(db, subject)
+            audit.append(db, record)
+            return removed
+
+        return self._write(tx)
+
+    # ----------------------------------------------------------------- policies
+
+    def save_policy(self, policy: StoredPolicy, record: AuditRecord) -> None:
+        """Store a pushed policy and make it the active one."""
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE policies SET active=0 WHERE active=1")
+            db.execute(
+                "INSERT INTO policies (version, digest, yaml, signer, pushed_at, applied_at, active)"
+                " VALUES (?,?,?,?,?,?,1) ON CONFLICT(version) DO UPDATE SET active=1,"
+                " applied_at=excluded.applied_at",
+                (
+                    policy.version,
+                    policy.digest,
+                    policy.yaml,
+                    policy.signer,
+                    policy.pushed_at,
+                    policy.applied_at,
+                ),
+            )
+            audit.append(db, record)
+
+        self._write(tx)
+
+    def activate_policy(self, version: str, applied_at: float, record: AuditRecord) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            if not db.execute("SELECT 1 FROM policies WHERE version=?", (version,)).fetchone():
+                raise KeyError(version)
+            db.execute("UPDATE policies SET active=0 WHERE active=1")
+            db.execute(
+                "UPDATE policies SET active=1, applied_at=? WHERE version=?", (applied_at, version)
+            )
+            audit.append(db, record)
+
+        self._write(tx)
+
+    def policies(self) -> list[StoredPolicy]:
+        rows = self._read(
+            "SELECT version, digest, yaml, signer, pushed_at, applied_at, active FROM policies"
+            " ORDER BY pushed_at"
+        )
+        return [
+            StoredPolicy(
+                str(r[0]),
+                str(r[1]),
+                str(r[2]),
+                str(r[3]),
+                float(r[4]),
+                float(r[5]) if r[5] is not None else None,
+                bool(r[6]),
+            )
+            for r in rows
+        ]
+
+    def active_policy(self) -> StoredPolicy | None:
+        return next((p for p in self.policies() if p.active), None)
+
+    # --------------------------------------------------------- egress counters
+
+    def add_egress_counts(self, counts: list[EgressCount]) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO egress_counts VALUES (?,?,?,?,?,?) ON CONFLICT"
+                "(vin, day, stream, feature, policy_version) DO UPDATE SET"
+                " count = count + excluded.count",
+                [(c.vin, c.day, c.stream, c.feature, c.policy_version, c.count) for c in counts],
+            )
+
+        if counts:
+            self._write(tx)
+
+    def egress_counts(self, vin: str) -> list[EgressCount]:
+        rows = self._read(
+            "SELECT vin, day, stream, feature, policy_version, count FROM egress_counts"
+            " WHERE vin=? ORDER BY day, stream",
+            (vin,),
+        )
+        return [
+            EgressCount(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]))
+            for r in rows
+        ]
+
+    # ------------------------------------------------------ protocol data, audit
+
+    def log_access(
+        self, at: float, client: str, actor: str, method: str, path: str, status: int
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO access_log VALUES (?,?,?,?,?,?)",
+                (at, client, actor, method, path, status),
+            )
+
+    def purge_access_log(self, older_than: float) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM access_log WHERE at < ?", (older_than,)).rowcount
+
+    def access_log(self) -> list[tuple[Any, ...]]:
+        return self._read(
+            "SELECT at, client, actor, method, path, status FROM access_log ORDER BY at"
+        )
+
+    def append_audit(self, record: AuditRecord) -> None:
+        self._write(lambda db: audit.append(db, record))
+
+    def audit_entries(self, subject: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT seq, at, actor, action, subject, content FROM audit_log"
+        rows = (
+            self._read(sql + " WHERE subject=? ORDER BY seq", (subject,))
+            if subject
+            else self._read(sql + " ORDER BY seq")
+        )
+        return [
+            {
+                "seq": r[0],
+                "at": r[1],
+                "actor": r[2],
+                "action": r[3],
+                "subject": r[4],
+                "content": json.loads(r[5]) if r[5] is not None else None,
+            }
+            for r in rows
+        ]
+
+    def verify_audit(self) -> VerifyResult:
+        with self._lock:
+            return audit.verify(self._db)
+
+    def check_writable(self) -> None:
+        """Raises when the database cannot take a write lock (readiness probe)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,1 @@
+"""Operator control plane: signed policy, data-subject rights, audit, metrics."""
