@@ -95,7 +95,7 @@ def _is_repeated(field_descriptor: Any) -> bool:
     repeated = getattr(field_descriptor, "is_repeated", None)
     if isinstance(repeated, bool):
         return repeated
-    return bool(field_descriptor.label == field_descriptor.LABEL_REPEATED)
+    return bool(field_descriptor.label == field_descriptor.LABEL_REPEATED)  # older protobuf
 
 
 @dataclass
@@ -464,10 +464,7 @@ class Checker:
                 self.outcomes.append((pub.vin, pub.stream, "publish_failed"))
                 continue
             purpose = str(record.get("purpose"))
-            if purpose in MUST_NOT_ARRIVE:
-                decision = purpose
-            else:
-                decision = self._decision(pub)
+            decision = purpose if purpose in MUST_NOT_ARRIVE else self._decision(pub)
             if decision == PASS:
                 tally.must_pass += 1
                 if not matches:
@@ -871,9 +868,10 @@ class Checker:
                 for settings in self._settings_candidates(record)
             }
             expected = decisions.pop() if len(decisions) == 1 else AMBIGUOUS
-            tally[
-                f"expected_{'accept' if expected == ACCEPT else 'ambiguous' if expected == AMBIGUOUS else 'refuse'}"
-            ] += 1
+            if expected == ACCEPT:
+                tally["expected_accept"] += 1
+            else:
+                tally["expected_ambiguous" if expected == AMBIGUOUS else "expected_refuse"] += 1
             recorded = results.get(request_id, [])
             if not recorded:
                 self._issue(
@@ -941,7 +939,7 @@ class Checker:
                     "privacy_applied_missing",
                     "avn/privacy",
                     str(record["vin"]),
-                    f"no PrivacyApplied for revision {record['settings']['revision']} within the timeout",
+                    f"no PrivacyApplied for revision {record['settings']['revision']} in time",
                 )
             elif record["type"] == "applied":
                 if record.get("ack_vin") != record["vin"]:
@@ -976,7 +974,7 @@ def _app_nonce(message: Message) -> str:
 
 def _within_cell(got: Any, truth: Point, cell_size_m: float) -> bool:
     half_lat, half_lon = cell_half_extent_deg(truth.lat, cell_size_m)
-    return (
+    return bool(
         abs(got.latitude - truth.lat) <= half_lat * SLACK
         and abs(got.longitude - truth.lon) <= half_lon * SLACK
     )
@@ -1087,9 +1085,10 @@ def print_summary(result: CheckResult, console: Console) -> None:
         f"other issues {len(result.issues) - result.leaks - result.losses}  |  "
         f"utility: {result.utility_delivered:.1%} of allowed messages delivered, "
         f"median approximate-position error "
-        f"{'n/a' if median is None else f'{median:.0f} m'} over {len(result.approx_errors_m)} positions  |  "
-        f"published {result.published}, recorded {result.recorded}, "
-        f"pseudonym key {'used' if result.key_available else 'not available (stability checks only)'}"
+        f"{'n/a' if median is None else f'{median:.0f} m'} "
+        f"over {len(result.approx_errors_m)} positions  |  "
+        f"published {result.published}, recorded {result.recorded}, pseudonym key "
+        f"{'used' if result.key_available else 'not available (stability checks only)'}"
     )
 
 

@@ -206,19 +206,18 @@ class Fleet:
     # --- connections ----------------------------------------------------------
     async def connect(self, stack: contextlib.AsyncExitStack) -> None:
         options = self.options
-        self.backend = await stack.enter_async_context(
+        backend: ClientLike = await stack.enter_async_context(
             self.client_factory(options.backend_broker, "tsp-backend-sim", True)
         )
-        await self.backend.subscribe(f"{options.backend_prefix}/+/cmd/+/result", qos=1)
-        self._readers.append(
-            asyncio.create_task(self._read(self.backend, self._on_backend_message))
-        )
+        self.backend = backend
+        await backend.subscribe(f"{options.backend_prefix}/+/cmd/+/result", qos=1)
+        self._readers.append(asyncio.create_task(self._read(backend, self._on_backend_message)))
         self.stats.clients_connected += 1
         semaphore = asyncio.Semaphore(64)  # don't SYN-flood the broker with hundreds of connects
 
         async def open_client(client_id: str, mqtt5: bool, vins: list[str]) -> ClientLike:
             async with semaphore:
-                client = await stack.enter_async_context(
+                client: ClientLike = await stack.enter_async_context(
                     self.client_factory(options.vehicle_broker, client_id, mqtt5)
                 )
                 topics = []

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.message import Message
 
 from telematics.v1 import common_pb2, privacy_pb2
 
-LOCATION_MODE_NAMES = {
+LOCATION_MODE_NAMES: dict[int, str] = {
     common_pb2.LOCATION_MODE_UNSPECIFIED: "UNSPECIFIED",
     common_pb2.LOCATION_OFF: "OFF",
     common_pb2.LOCATION_APPROXIMATE: "APPROXIMATE",
@@ -45,7 +45,9 @@ class Settings:
 
     def to_proto(self, vin: str, seq: int, timestamp_ms: int) -> privacy_pb2.PrivacySettings:
         message = privacy_pb2.PrivacySettings(
-            revision=self.revision, privacy_mode=self.privacy_mode, location=self.location
+            revision=self.revision,
+            privacy_mode=self.privacy_mode,
+            location=cast(common_pb2.LocationMode, self.location),
         )
         message.header.vin = vin
         message.header.seq = seq

@@ -58,6 +58,7 @@ class ReferenceGateway:
     dropped: int = 0
     forwarded: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    announce: bool = False
     _vehicle: ClientLike | None = None
     _backend: ClientLike | None = None
 
@@ -80,7 +81,9 @@ class ReferenceGateway:
             await vehicle.subscribe(f"{self.vehicle_prefix}/+/avn/#", qos=1)
             await backend.subscribe(f"{self.backend_prefix}/+/cmd/+", qos=1)
             self.ready.set()
-            print("reference gateway ready", file=sys.stderr, flush=True)
+            if self.announce:
+                # The demo waits for a line containing "gateway ready", like the real gateway's.
+                print("reference gateway ready", file=sys.stderr, flush=True)
             await asyncio.gather(
                 self._pump(vehicle, self.on_vehicle), self._pump(backend, self.on_backend)
             )
@@ -126,7 +129,7 @@ class ReferenceGateway:
         feature = self.policy.feature_for(stream)
         rule = self.policy.rule_for(stream)
         assert rule is not None
-        properties = Properties(PacketTypes.PUBLISH)
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.UserProperty = [
             ("policy-version", self.policy.version),
             ("feature", feature),
@@ -199,10 +202,7 @@ class ReferenceGateway:
             value = getattr(message, name, None)
             if not isinstance(value, str) or not value:
                 continue
-            if action == "place_id" and mode != common_pb2.LOCATION_PRECISE:
-                setattr(message, name, "")
-                transforms.append(f"{name}:removed")
-            elif action == "remove":
+            if (action == "place_id" and mode != common_pb2.LOCATION_PRECISE) or action == "remove":
                 setattr(message, name, "")
                 transforms.append(f"{name}:removed")
             elif action == "truncate_ip":
@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         load_or_create_key(args.state_dir),
         args.vehicle_broker,
         args.backend_broker or args.vehicle_broker,
+        announce=True,
     )
 
     async def serve() -> None:

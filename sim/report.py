@@ -41,7 +41,8 @@ DROP_COLOURS = [
 ]
 MAP_VEHICLES = 4
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;
+max-width:1400px}
 h1{margin-bottom:4px} h2{margin-top:36px;border-bottom:1px solid #ddd;padding-bottom:4px}
 .verdict{font-size:20px;font-weight:700;padding:8px 14px;border-radius:6px;display:inline-block}
 .pass{background:#e8f5e9;color:#1b5e20}.fail{background:#ffebee;color:#b71c1c}.warn{background:#fff8e1;color:#8d6e00}
@@ -68,7 +69,8 @@ def write_report(out_dir: Path, result: CheckResult) -> Path:
     meta = next((r for r in truth if r["type"] == "meta"), {})
     policy = load_policy(Path(meta.get("policy_path") or DEFAULT_POLICY_PATH))
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>Privacy gateway conformance</title>",
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<title>Privacy gateway conformance</title>",
         f"<style>{CSS}</style></head><body>",
         _header(result, meta),
         _decision_mix(result),
@@ -100,13 +102,13 @@ def _header(result: CheckResult, meta: dict[str, Any]) -> str:
         "<p>"
         f"{_esc(meta.get('vehicles', '?'))} simulated cars, {hours:.1f} simulated hours at "
         f"{_esc(meta.get('speedup', '?'))}x, seed {_esc(meta.get('seed', '?'))}, policy "
-        f"{_esc(meta.get('policy_version', '?'))}. Published {result.published} messages; the backend "
-        f"received {result.recorded} (including command results and duplicates).<br>"
+        f"{_esc(meta.get('policy_version', '?'))}. Published {result.published} messages; "
+        f"the backend received {result.recorded} (including command results and duplicates).<br>"
         f"<b>Utility</b>: {result.utility_delivered:.1%} of the messages the policy allows were "
         f"delivered; approximate positions are a median "
         f"{'n/a' if median is None else f'{median:.0f} m'} from the truth "
         f"({len(result.approx_errors_m)} positions). Pseudonyms checked "
-        f"{'exactly against the gateway key' if result.key_available else 'for stability only (no key)'}."
+        f"{'exactly against the gateway key' if result.key_available else 'for stability only'}."
         "</p>"
     )
 
@@ -155,7 +157,8 @@ def _decision_mix(result: CheckResult) -> str:
         svg.append(f"<text x='{label_w + bar_w + 6}' y='{y + 14}' font-size='12'>{total}</text>")
     svg.append("</svg>")
     legend = "".join(
-        f"<span><i class='swatch' style='background:{colours[o]}'></i>{_esc(o.replace('dropped:', 'dropped: '))}</span>"
+        f"<span><i class='swatch' style='background:{colours[o]}'></i>"
+        f"{_esc(o.replace('dropped:', 'dropped: '))}</span>"
         for o in order
         if any(o in c for c in per_stream.values())
     )
@@ -200,8 +203,9 @@ def _maps(
             )
         )
     return (
-        "<h2>True routes vs. what the backend received</h2><p><small>Grey line: where the car really "
-        "drove. Blue dots: positions forwarded precisely (the driver chose precise). Orange squares: "
+        "<h2>True routes vs. what the backend received</h2><p><small>Grey line: where the car "
+        "really drove. Blue dots: positions forwarded precisely (the driver chose precise). "
+        "Orange squares: "
         "approximate positions as forwarded, drawn with the grid cell they stand for; they sit on "
         "one sticky grid per car and refresh at most every refresh interval, so the route can't be "
         "reconstructed. Nothing is drawn for periods with location off, privacy mode or "
@@ -237,7 +241,7 @@ def _map_card(
     ]
     half_lat, half_lon = cell_half_extent_deg(mid_lat, cell_size_m)
     seen_cells: set[tuple[float, float]] = set()
-    for _, lat, lon, mode, stream in received:
+    for _, lat, lon, mode, _stream in received:
         if mode != "approximate" or (round(lat, 6), round(lon, 6)) in seen_cells:
             continue
         seen_cells.add((round(lat, 6), round(lon, 6)))
@@ -254,7 +258,8 @@ def _map_card(
         title = f"<title>{_esc(stream)} {_fmt_time(ts)} {mode}</title>"
         if mode == "approximate":
             svg.append(
-                f"<rect x='{x - 3:.1f}' y='{y - 3:.1f}' width='6' height='6' fill='#e65100'>{title}</rect>"
+                f"<rect x='{x - 3:.1f}' y='{y - 3:.1f}' width='6' height='6' "
+                f"fill='#e65100'>{title}</rect>"
             )
         else:
             svg.append(f"<circle cx='{x:.1f}' cy='{y:.1f}' r='2.6' fill='#1565c0'>{title}</circle>")
@@ -262,8 +267,8 @@ def _map_card(
         if key in vehicle:
             x, y = xy(*vehicle[key])
             svg.append(
-                f"<text x='{x:.1f}' y='{y:.1f}' font-size='13' font-weight='700' text-anchor='middle' "
-                f"fill='#000'>{label}</text>"
+                f"<text x='{x:.1f}' y='{y:.1f}' font-size='13' font-weight='700' "
+                f"text-anchor='middle' fill='#000'>{label}</text>"
             )
     km = span * 111.32
     svg.append(f"<text x='6' y='{size - 6}' font-size='11' fill='#666'>{km:.1f} km across</text>")
@@ -304,13 +309,15 @@ def _timeline_rows(
     row_h = 16
     bar_w = width - label_w - 10
     svg = [
-        f"<svg width='{width}' height='{row_h * len(vins) + 18}' role='img' aria-label='consent timeline'>"
+        f"<svg width='{width}' height='{row_h * len(vins) + 18}' role='img' "
+        "aria-label='consent timeline'>"
     ]
     for row, vin in enumerate(vins):
         y = row * row_h
         if label_w:
             svg.append(
-                f"<text x='0' y='{y + 12}' font-size='11' font-family='monospace'>{_esc(vin)}</text>"
+                f"<text x='0' y='{y + 12}' font-size='11' font-family='monospace'>"
+                f"{_esc(vin)}</text>"
             )
         for seg_start, seg_end, settings in _settings_segments(truth, vin, start_ms, end_ms):
             x = label_w + bar_w * (seg_start - start_ms) / (end_ms - start_ms)
@@ -332,14 +339,16 @@ def _timeline_rows(
             if settings is not None and settings.privacy_mode:
                 svg.append(
                     f"<rect x='{x:.1f}' y='{y + 2}' width='{max(w, 0.5):.1f}' height='{row_h - 4}' "
-                    "fill='#d50000' fill-opacity='0.75'><title>privacy mode: only eCall passes</title></rect>"
+                    "fill='#d50000' fill-opacity='0.75'>"
+                    "<title>privacy mode: only eCall passes</title></rect>"
                 )
             if settings is not None:
                 off = sum(1 for v in settings.features.values() if not v)
                 if off and w > 20:
-                    marks = "−" * min(off, 6)
+                    marks = "&#8722;" * min(off, 6)  # one minus sign per disabled feature
                     svg.append(
-                        f"<text x='{x + 2:.1f}' y='{y + 12}' font-size='9' fill='#fff'>{marks}</text>"
+                        f"<text x='{x + 2:.1f}' y='{y + 12}' font-size='9' "
+                        f"fill='#fff'>{marks}</text>"
                     )
     y = row_h * len(vins) + 14
     for hour_ms in range(
@@ -349,7 +358,8 @@ def _timeline_rows(
     ):
         x = label_w + bar_w * (hour_ms - start_ms) / (end_ms - start_ms)
         svg.append(
-            f"<text x='{x:.1f}' y='{y}' font-size='10' fill='#666' text-anchor='middle'>{_fmt_time(hour_ms)[-5:]}</text>"
+            f"<text x='{x:.1f}' y='{y}' font-size='10' fill='#666' text-anchor='middle'>"
+            f"{_fmt_time(hour_ms)[-5:]}</text>"
         )
     svg.append("</svg>")
     return "".join(svg)
@@ -362,8 +372,9 @@ def _timeline(truth: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for mode, colour in MODE_COLOURS.items()
     ) + (
         "<span><i class='swatch' style='background:#d50000'></i>privacy mode</span>"
-        "<span><i class='swatch' style='border:1px dashed #bbb'></i>unknown car (no settings)</span>"
-        "<span>− = one disabled feature</span>"
+        "<span><i class='swatch' style='border:1px dashed #bbb'></i>"
+        "unknown car (no settings)</span>"
+        "<span>&#8722; = one disabled feature</span>"
     )
     return (
         "<h2>Consent timeline</h2><p><small>Each car's privacy screen over simulated time "
@@ -380,9 +391,9 @@ def _issues(result: CheckResult) -> str:
     for issue in result.issues:
         examples.setdefault((issue.category, issue.rule), issue)
     rows = "".join(
-        f"<tr><td>{_esc(category)}</td><td style='text-align:left'>{_esc(rule)}</td><td>{count}</td>"
-        f"<td style='text-align:left'>{_esc(examples[(category, rule)].vin)} {_esc(examples[(category, rule)].stream)}: "
-        f"{_esc(examples[(category, rule)].detail)}</td></tr>"
+        f"<tr><td>{_esc(category)}</td><td style='text-align:left'>{_esc(rule)}</td>"
+        f"<td>{count}</td><td style='text-align:left'>"
+        f"{_example(examples[(category, rule)])}</td></tr>"
         for (category, rule), count in result.by_rule().most_common()
     )
     return (
@@ -391,13 +402,18 @@ def _issues(result: CheckResult) -> str:
     )
 
 
+def _example(issue: Any) -> str:
+    return f"{_esc(issue.vin)} {_esc(issue.stream)}: {_esc(issue.detail)}"
+
+
 def _stream_table(result: CheckResult) -> str:
     rows = []
     for stream, t in sorted(result.tallies.items()):
         dropped = ", ".join(f"{r} {n}" for r, n in t.dropped.most_common())
         rows.append(
-            f"<tr><td>{_esc(stream)}</td><td>{t.published}</td><td>{t.must_pass}</td><td>{t.delivered}</td>"
-            f"<td>{t.duplicates}</td><td>{t.ambiguous}</td><td style='text-align:left'>{_esc(dropped)}</td>"
+            f"<tr><td>{_esc(stream)}</td><td>{t.published}</td><td>{t.must_pass}</td>"
+            f"<td>{t.delivered}</td><td>{t.duplicates}</td><td>{t.ambiguous}</td>"
+            f"<td style='text-align:left'>{_esc(dropped)}</td>"
             f"<td>{t.issues.get(LEAK, 0)}</td><td>{t.issues.get(LOSS, 0)}</td>"
             f"<td>{sum(n for c, n in t.issues.items() if c not in (LEAK, LOSS))}</td></tr>"
         )

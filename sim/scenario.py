@@ -8,10 +8,13 @@ time* each event happens and records what the gateway answered.
 from __future__ import annotations
 
 import calendar
+import itertools
 import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
 
 from sim import identifiers
 from sim.geo import Point, distance_m
@@ -23,6 +26,7 @@ from sim.model import (
     PURPOSE_MALFORMED,
     PURPOSE_SPOOFED,
     PURPOSE_STRAY_LOCATION,
+    PURPOSE_TELEMETRY,
     CommandEvent,
     PublishEvent,
     ScenarioEvent,
@@ -283,8 +287,7 @@ def _plan(
             rng, road_route(rng, here.point, destination.point), depart_ms, profile.driver_factor
         )
         distance_km = (
-            sum(distance_m(a.point, b.point) for a, b in zip(samples, samples[1:], strict=False))
-            / 1000
+            sum(distance_m(a.point, b.point) for a, b in itertools.pairwise(samples)) / 1000
         )
         activities.append(Drive(here, destination, tuple(samples), distance_km))
         energy.append((samples[0].t_ms, soc, odometer))
@@ -376,10 +379,16 @@ class _EventBuilder:
             self.events.append(event)
 
     def publish(
-        self, t_ms: int, stream: str, message: streams_pb2.Message | object, **extra: object
+        self,
+        t_ms: int,
+        stream: str,
+        message: Message,
+        *,
+        purpose: str = PURPOSE_TELEMETRY,
+        nonce: str = "",
     ) -> None:
         unit = stream.split("/", 1)[0]
-        self.add(PublishEvent(t_ms, unit, stream, message, **extra))  # type: ignore[arg-type]
+        self.add(PublishEvent(t_ms, unit, stream, message, purpose=purpose, nonce=nonce))
 
     def position(self, t_ms: int) -> common_pb2.GeoPoint:
         return geo_point(self.vehicle.trajectory.at(t_ms), self.rng)
@@ -409,12 +418,12 @@ class _EventBuilder:
             ),
         )
 
-    def alarm(self, t_ms: int, kind: int, detail: str) -> None:
+    def alarm(self, t_ms: int, kind: streams_pb2.AlarmType, detail: str) -> None:
         self.publish(
             t_ms,
             "tbox/alarm",
             streams_pb2.Alarm(type=kind, detail=detail, position=self.position(t_ms)),
-        )  # type: ignore[arg-type]
+        )
 
     def connectivity(self, t_ms: int) -> None:
         self.publish(
@@ -554,7 +563,7 @@ class _EventBuilder:
             )
         if rng.random() < 0.3:
             self.app(start + 15_000, "weather", {"query": "forecast", "city": CITY_NAME})
-        soc_start, odo_start = _energy_at(self.vehicle.energy, start)
+        soc_start, _odo_start = _energy_at(self.vehicle.energy, start)
         soc_end, odo_end = _energy_at(self.vehicle.energy, end)
         duration_s = max(1, (end - start) // 1000)
         self.publish(
@@ -763,6 +772,37 @@ def _injections(
         )
 
 
+def _guaranteed_ecalls(
+    rng: random.Random, vehicles: list[VehicleScenario], start_ms: int, end_ms: int
+) -> None:
+    """At least one eCall per run, from the car that never sent settings if there is one:
+    an unknown car's eCall must pass too (legal obligation)."""
+    unknown = [v for v in vehicles if v.profile.settings_start == "never"]
+    caller = unknown[0] if unknown else rng.choice(vehicles)
+    crash = rng.randint(
+        start_ms + (end_ms - start_ms) // 4, start_ms + (end_ms - start_ms) * 3 // 4
+    )
+
+    def point(t_ms: int) -> common_pb2.GeoPoint:
+        return geo_point(caller.trajectory.at(t_ms), rng)
+
+    caller.events.append(
+        PublishEvent(
+            crash,
+            "tbox",
+            "tbox/ecall",
+            streams_pb2.ECall(
+                trigger=streams_pb2.ECALL_AUTOMATIC,
+                position=point(crash),
+                recent_positions=[point(crash - lag) for lag in (30_000, 20_000, 10_000)],
+                passengers=rng.randint(1, 4),
+                vehicle_type="M1",
+                propulsion="electric",
+            ),
+        )
+    )
+
+
 def build_scenario(
     seed: int, vehicle_count: int, duration_s: float, sim_start_ms: int = DEFAULT_SIM_START_MS
 ) -> Scenario:
@@ -788,6 +828,7 @@ def build_scenario(
         vehicle.events = builder.events
         vehicles.append(vehicle)
     _injections(fleet_rng, vehicles, sim_start_ms, end_ms)
+    _guaranteed_ecalls(fleet_rng, vehicles, sim_start_ms, end_ms)
     for vehicle in vehicles:
         # Stable sort: simultaneous events keep the order they were generated in.
         vehicle.events.sort(key=lambda event: event.t_ms)
@@ -802,7 +843,8 @@ def event_fingerprint(event: ScenarioEvent) -> str:
         response = (
             event.response.SerializeToString(deterministic=True).hex() if event.response else ""
         )
-        return f"{event.t_ms} cmd {event.command} {event.request_id} {sorted(event.args.items())} {response}"
+        args = sorted(event.args.items())
+        return f"{event.t_ms} cmd {event.command} {event.request_id} {args} {response}"
     payload = (
         event.raw_payload
         if event.raw_payload is not None

@@ -6,6 +6,7 @@ Everything here is a pure function of a `random.Random`, so a seed fixes the wor
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ def drive(
     """Integrate a plausible speed profile along `route`: accelerate, slow for corners,
     stop at some traffic lights, arrive at standstill. One sample per DRIVE_STEP_S."""
     cumulative = [0.0]
-    for a, b in zip(route, route[1:], strict=False):
+    for a, b in itertools.pairwise(route):
         cumulative.append(cumulative[-1] + distance_m(a, b))
     total = cumulative[-1]
     # Speed constraints along the way: (distance, speed m/s, dwell s).
@@ -168,10 +169,7 @@ def drive(
             continue
         braking = math.sqrt(target_speed**2 + 2 * DECELERATION_MS2 * (target_at - travelled))
         wanted = min(segment_limit(travelled), braking)
-        if speed < wanted:
-            speed = min(wanted, speed + ACCELERATION_MS2 * DRIVE_STEP_S)
-        else:
-            speed = wanted
+        speed = min(wanted, speed + ACCELERATION_MS2 * DRIVE_STEP_S) if speed < wanted else wanted
         speed = max(speed, 1.0)  # always creep forward; the stop itself is handled below
         step = speed * DRIVE_STEP_S
         t_s += DRIVE_STEP_S

@@ -8,8 +8,8 @@ the checker reports exactly that kind of problem.
 from __future__ import annotations
 
 import copy
-import io
 import hashlib
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf.message import Message
 
 from sim.checker import (
     LEAK,
@@ -63,7 +62,7 @@ def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 
 def check(
-    run: Run, recording: list[Record] | None = None, *, key: bytes | None | str = "run"
+    run: Run, recording: list[Record] | None = None, *, key: bytes | str | None = "run"
 ) -> CheckResult:
     used_key = run.key if key == "run" else key
     assert used_key is None or isinstance(used_key, bytes)
@@ -94,11 +93,11 @@ def recorded_key(record: Record, policy: Policy) -> tuple[Any, ...] | None:
     cls = message_class(policy, stream)
     if cls is None:
         return None
-    message = cls()
+    message: Any = cls()
     message.ParseFromString(unb64(record["payload"]))
     if stream.startswith("avn/app/"):
-        return ("app", json.loads(message.payload)["nonce"])  # type: ignore[attr-defined]
-    return (parts[1], stream, message.header.seq, message.header.timestamp_ms)  # type: ignore[attr-defined]
+        return ("app", json.loads(message.payload)["nonce"])
+    return (parts[1], stream, message.header.seq, message.header.timestamp_ms)
 
 
 def pub_key(pub: Published) -> tuple[Any, ...]:
@@ -161,16 +160,22 @@ def forged_forward(run: Run, pub: Published) -> Record:
 
 
 def edit_recorded(
-    run: Run, position: int, stream: str, change: Callable[[Message], None]
+    run: Run, position: int, stream: str, change: Callable[[Any], None]
 ) -> list[Record]:
     recording = copy.deepcopy(run.recording)
     cls = message_class(run.policy, stream)
     assert cls is not None
-    message = cls()
+    message: Any = cls()
     message.ParseFromString(unb64(recording[position]["payload"]))
     change(message)
     recording[position]["payload"] = b64(message.SerializeToString())
     return recording
+
+
+def original(pub: Published) -> Any:
+    """The car's decoded message (protobuf fields are dynamic: typed as Any here)."""
+    assert pub.message is not None
+    return pub.message
 
 
 def mode_is(mode: int) -> Callable[[Published, Settings | None], bool]:
@@ -247,7 +252,7 @@ def test_forbidden_forward_is_a_leak(
 
 
 def test_unmatched_forward_is_a_leak(clean_run: Run) -> None:
-    pub, position = find_delivered(clean_run, "tbox/status")
+    _pub, position = find_delivered(clean_run, "tbox/status")
     forged = edit_recorded(
         clean_run, position, "tbox/status", lambda m: setattr(m.header, "seq", 4242424)
     )
@@ -276,8 +281,8 @@ def test_exact_position_under_approximate_is_a_leak(clean_run: Run) -> None:
         clean_run, "tbox/status", mode_is(common_pb2.LOCATION_APPROXIMATE)
     )
     recording = edit_recorded(
-        clean_run, position, "tbox/status", lambda m: m.position.CopyFrom(pub.message.position)
-    )  # type: ignore[union-attr,attr-defined]
+        clean_run, position, "tbox/status", lambda m: m.position.CopyFrom(original(pub).position)
+    )
     assert (LEAK, "location_finer_than_mode") in rules(check(clean_run, recording))
 
 
@@ -292,8 +297,8 @@ def test_speed_and_heading_under_approximate_are_a_leak(clean_run: Run) -> None:
 def test_geopoint_under_location_off_is_a_leak(clean_run: Run) -> None:
     pub, position = find_delivered(clean_run, "tbox/status", mode_is(common_pb2.LOCATION_OFF))
     recording = edit_recorded(
-        clean_run, position, "tbox/status", lambda m: m.position.CopyFrom(pub.message.position)
-    )  # type: ignore[union-attr,attr-defined]
+        clean_run, position, "tbox/status", lambda m: m.position.CopyFrom(original(pub).position)
+    )
     assert (LEAK, "geopoint_under_location_off") in rules(check(clean_run, recording))
 
 
@@ -302,12 +307,14 @@ def test_evse_id_unless_precise_is_a_leak(clean_run: Run) -> None:
         clean_run,
         "tbox/battery",
         lambda p, s: (
-            s is not None and s.location != common_pb2.LOCATION_PRECISE and bool(p.message.evse_id)
-        ),  # type: ignore[union-attr,attr-defined]
+            s is not None
+            and s.location != common_pb2.LOCATION_PRECISE
+            and bool(original(p).evse_id)
+        ),
     )
     recording = edit_recorded(
-        clean_run, position, "tbox/battery", lambda m: setattr(m, "evse_id", pub.message.evse_id)
-    )  # type: ignore[union-attr,attr-defined]
+        clean_run, position, "tbox/battery", lambda m: setattr(m, "evse_id", original(pub).evse_id)
+    )
     assert (LEAK, "evse_id_present") in rules(check(clean_run, recording))
 
 
@@ -317,9 +324,9 @@ def test_evse_id_unless_precise_is_a_leak(clean_run: Run) -> None:
 )
 def test_identifiers_in_connectivity_are_a_leak(clean_run: Run, field: str, rule: str) -> None:
     pub, position = find_delivered(clean_run, "tbox/connectivity")
-    original = getattr(pub.message, field)
+    sent = getattr(original(pub), field)
     recording = edit_recorded(
-        clean_run, position, "tbox/connectivity", lambda m: setattr(m, field, original)
+        clean_run, position, "tbox/connectivity", lambda m: setattr(m, field, sent)
     )
     assert (LEAK, rule) in rules(check(clean_run, recording))
 
@@ -331,7 +338,7 @@ def test_ipv6_is_truncated_to_48_bits() -> None:
 
 def test_raw_or_unkeyed_mac_is_a_leak(clean_run: Run) -> None:
     pub, position = find_delivered(clean_run, "tbox/digital_key")
-    mac = pub.message.bluetooth_mac  # type: ignore[union-attr,attr-defined]
+    mac = original(pub).bluetooth_mac
     raw = edit_recorded(
         clean_run, position, "tbox/digital_key", lambda m: setattr(m, "bluetooth_mac", mac)
     )

@@ -40,4 +40,6 @@ def test_fleet_through_real_gateway_has_no_leaks_and_no_losses(tmp_path: Path) -
     must_pass = sum(t.must_pass for t in result.tallies.values())
     dropped = sum(sum(t.dropped.values()) for t in result.tallies.values())
     assert must_pass > 500 and dropped > 200, result.summary_json()
+    assert result.tallies["tbox/ecall"].delivered >= 1
+    assert result.commands["accepted_ok"] > 0 and result.commands["refused_ok"] > 0
     assert outcome.gateway_exit_code == 0

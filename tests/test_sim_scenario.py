@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import itertools
 import random
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ def test_routes_are_continuous() -> None:
     checked = 0
     for vehicle in scenario.vehicles:
         samples = vehicle.trajectory.samples
-        for before, after in zip(samples, samples[1:], strict=False):
+        for before, after in itertools.pairwise(samples):
             dt_s = (after.t_ms - before.t_ms) / 1000
             moved = distance_m(before.point, after.point)
             # Within speed * dt: the faster of the two samples, plus one step of acceleration.
@@ -102,7 +103,7 @@ def test_settings_revisions_strictly_increase() -> None:
     changes = 0
     for vehicle in scenario.vehicles:
         revisions = [e.settings.revision for e in vehicle.events if isinstance(e, SettingsEvent)]
-        assert all(a < b for a, b in zip(revisions, revisions[1:], strict=False))
+        assert all(a < b for a, b in itertools.pairwise(revisions))
         changes += len(revisions)
     assert changes > 50
 
