@@ -1,0 +1,81 @@
+"""`python -m bench {all,core,throughput,latency,scale}`: see docs/performance.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+from bench.report import machine_info, print_table, targets, write_json
+from bench.suite import (
+    Context,
+    Options,
+    bench_core,
+    bench_latency,
+    bench_scale,
+    bench_throughput,
+    context,
+)
+
+BENCHMARKS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "core": bench_core,
+    "throughput": bench_throughput,
+    "latency": bench_latency,
+    "scale": bench_scale,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("benchmark", choices=["all", *BENCHMARKS])
+    parser.add_argument("--rounds", type=int, default=3, help="A B A B rounds (median quoted)")
+    parser.add_argument("--fleet", type=int, default=5_000, help="vehicles in the fleet")
+    parser.add_argument("--messages", type=int, default=30_000, help="messages per throughput run")
+    parser.add_argument("--rate", type=float, default=2_000.0, help="latency run rate (msg/s)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="latency run length")
+    parser.add_argument("--large", type=int, default=1_000_000, help="vehicles for scale runs")
+    parser.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
+    args = parser.parse_args(argv)
+    options = Options(
+        rounds=args.rounds,
+        fleet_size=args.fleet,
+        flood_messages=args.messages,
+        rate=args.rate,
+        latency_seconds=args.seconds,
+        scale_large=args.large,
+    )
+    if args.quick:
+        options.flood_messages = 8_000
+        options.latency_seconds = 3.0
+        options.core_messages = 20_000
+        options.scale_large = min(options.scale_large, 100_000)
+        options.scale_messages = 6_000
+    console = Console(stderr=True)
+    names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+    results: dict[str, Any] = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "options": vars(options),
+    }
+    started = time.perf_counter()
+    with context(options, lambda text: console.print(text, highlight=False)) as ctx:
+        for name in names:
+            t0 = time.perf_counter()
+            console.print(f"[bold]{name}[/]")
+            results[name] = ctx_result = BENCHMARKS[name](ctx)
+            ctx_result["seconds"] = time.perf_counter() - t0
+    results["seconds"] = time.perf_counter() - started
+    results["targets"] = [t.as_dict() for t in targets(results)]
+    path = write_json(results, f"{args.benchmark}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    print_table(results, Console())
+    console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Baseline relays, each run as its own process.
+
+`python -m bench.relays naive URL IN_PREFIX OUT_PREFIX`
+    An aiomqtt subscriber that awaits each QoS 1 publish in turn: what a
+    straightforward asyncio relay looks like (and it acks before processing).
+
+`python -m bench.relays noop run --config ... (gateway run arguments)`
+    The real gateway process (CLI, GatewayService, MqttEdge pair, AckWindow,
+    metrics, logging) with only the decision core replaced by a pass-through:
+    every vehicle message is forwarded unchanged to {backend}/{vin}/{stream}
+    with user properties of the same shape. The difference to the full
+    gateway is the cost of the privacy decision itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from gateway.core import CoarseFix, DecisionContext, Drop, DropReason, Forward, VehicleState
+from gateway.core.decide import Decision, split_vehicle_topic
+
+_PROPERTIES = (
+    ("policy-version", "noop"),
+    ("feature", "noop"),
+    ("legal-basis", "contract"),
+    ("retention-days", "30"),
+    ("transforms", ""),
+)
+
+
+def passthrough_decide(
+    ctx: DecisionContext,
+    topic: str,
+    payload: bytes,
+    states: Mapping[str, VehicleState],
+    coarse_fixes: Mapping[str, CoarseFix],
+    now: float,
+) -> Decision:
+    parts = split_vehicle_topic(ctx.vehicle_prefix, topic)
+    if parts is None:
+        return Drop(DropReason.UNKNOWN_TOPIC, "", detail=topic)
+    vin, relative = parts
+    return Forward(
+        topic=f"{ctx.backend_prefix}/{vin}/{relative}",
+        payload=payload,
+        user_properties=_PROPERTIES,
+        vin=vin,
+        stream=relative,
+        feature="noop",
+        transforms=(),
+    )
+
+
+def run_noop(argv: list[str]) -> int:
+    import gateway.service
+    from gateway.cli import main
+
+    gateway.service.decide = passthrough_decide  # type: ignore[assignment]
+    return main(argv)
+
+
+async def naive_relay(url: str, in_prefix: str, out_prefix: str) -> None:
+    import aiomqtt
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 1883
+    v5 = aiomqtt.ProtocolVersion.V5
+    async with (
+        aiomqtt.Client(host, port, identifier=f"naive-in-{in_prefix}", protocol=v5) as inbound,
+        aiomqtt.Client(host, port, identifier=f"naive-out-{in_prefix}", protocol=v5) as outbound,
+    ):
+        await inbound.subscribe(f"{in_prefix}/#", qos=1)
+        print("relay ready", file=sys.stderr, flush=True)
+        cut = len(in_prefix)
+        async for message in inbound.messages:
+            payload = message.payload
+            assert isinstance(payload, bytes)
+            # One publish at a time: the round trip to PUBACK serialises the relay.
+            await outbound.publish(out_prefix + message.topic.value[cut:], payload, qos=1)
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "noop":
+        return run_noop(argv[1:])
+    if argv and argv[0] == "naive" and len(argv) == 4:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(naive_relay(argv[1], argv[2], argv[3]))
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sys.exit(main(sys.argv[1:]))
