@@ -25,6 +25,7 @@ async def run_in_memory_async(
     seed: int = 1,
     speedup: float = 3000.0,
     gateway: bool = True,
+    multiplex: int = 0,
 ) -> tuple[RunSummary, bytes]:
     """Returns the run summary and the reference gateway's pseudonym key (also written to
     out_dir/state/pseudonym.key, where `sim check --state-dir` expects it)."""
@@ -47,6 +48,7 @@ async def run_in_memory_async(
         broker="memory",
         out_dir=out_dir,
         seed=seed,
+        multiplex=multiplex,
         live=False,
         quiet_s=0.3,
         applied_timeout_s=5.0 if gateway else 0.05,
