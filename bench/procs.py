@@ -122,9 +122,20 @@ inflight = {inflight}
 
 [logging]
 level = "INFO"
-"""
+{_control_section()}"""
     )
     return path
+
+
+def _control_section() -> str:
+    """The operator HTTP API (when this gateway version has one) on its own free
+    port: kept running as in production, without clashing between gateways."""
+    from gateway.config import GatewayConfig
+    from sim.broker import free_port
+
+    if "control" not in GatewayConfig.model_fields:
+        return ""
+    return f'\n[control]\nlisten = "127.0.0.1:{free_port()}"\n'
 
 
 def start_gateway(
