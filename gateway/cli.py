@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, ControlConfig, GatewayConfig, load_config
 from gateway.core import (
     ApplySettings,
     DecisionContext,
@@ -30,7 +30,7 @@ from gateway.core.decide import SETTINGS_TOPIC, split_vehicle_topic
 from gateway.edges.mqtt import BrokerEndpoint, BrokerUrlError
 from gateway.keys import KeyFileError, load_or_create_key
 from gateway.logs import setup_logging
-from gateway.policy import CompiledPolicy, PolicyError, load_policy, summary_rows
+from gateway.policy import CompiledPolicy, PolicyError, load_policy, parse_policy, summary_rows
 from telematics.v1 import privacy_pb2
 
 log = logging.getLogger("gateway")
@@ -57,15 +57,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, help="directory of the consent store and generated key"
     )
     run.add_argument("--policy", type=Path, help="policy file (overrides the config)")
+    run.add_argument(
+        "--control-listen",
+        metavar="HOST:PORT",
+        help='control plane address ("" disables, port 0 picks one)',
+    )
     run.add_argument("--json-logs", action="store_true", help="log JSON lines to stderr")
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="create an operator Ed25519 key pair for signing policies",
+        description=(
+            "Write KEY (private, mode 0600) and KEY.pub; list KEY.pub in control.trusted_keys."
+        ),
+    )
+    keygen.add_argument("key", type=Path, help="private key file to create")
+
+    policy_cmd = sub.add_parser("policy", help="sign and push policy bundles")
+    policy_sub = policy_cmd.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    sign = policy_sub.add_parser("sign", help="validate and sign a policy: writes FILE.signed")
+    sign.add_argument("--key", type=Path, required=True, help="operator private key (from keygen)")
+    sign.add_argument("policy", type=Path)
+    sign.add_argument("--out", type=Path, help="bundle path (default: POLICY.signed)")
+    push = policy_sub.add_parser("push", help="PUT a signed bundle to a running gateway")
+    push.add_argument(
+        "--url", required=True, help="control plane base URL, e.g. http://127.0.0.1:8080"
+    )
+    push.add_argument("--token", required=True, help="operator bearer token")
+    push.add_argument("bundle", type=Path)
+
+    audit_cmd = sub.add_parser("audit", help="audit ledger tools")
+    audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = audit_sub.add_parser("verify", help="check the hash chain; exit 1 if tampered")
+    verify.add_argument("--state-dir", type=Path, help="state directory (default: from --config)")
+    verify.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+
+    token = sub.add_parser(
+        "token",
+        help="create a bearer token for the control plane",
+        description=(
+            "Print a new random token and the [[control.tokens]] entry (its hash) for the config."
+        ),
+    )
+    token.add_argument("--name", required=True)
+    token.add_argument("--role", required=True, choices=["operator", "dpo", "viewer"])
 
     check = sub.add_parser(
         "check-policy",
         help="validate a policy and print what it does",
         description=(
-            "Validate a policy file; print its features, streams and decisions. "
-            "Exit 2 if invalid."
+            "Validate a policy file; print its features, streams and decisions. Exit 2 if invalid."
         ),
     )
     check.add_argument("policy", type=Path)
@@ -106,7 +148,116 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check_policy(args)
     if args.command == "explain":
         return cmd_explain(args)
+    if args.command == "keygen":
+        return cmd_keygen(args)
+    if args.command == "policy":
+        return cmd_policy_sign(args) if args.policy_command == "sign" else cmd_policy_push(args)
+    if args.command == "audit":
+        return cmd_audit_verify(args)
+    if args.command == "token":
+        return cmd_token(args)
     raise AssertionError(args.command)
+
+
+# ------------------------------------------------------------ operator tools
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from gateway.control.signing import generate_keypair
+
+    public = args.key.with_name(args.key.name + ".pub")
+    try:
+        key_id = generate_keypair(args.key, public)
+    except FileExistsError:
+        print(f"error: {args.key} exists; refusing to overwrite a key", file=sys.stderr)
+        return EXIT_CONFIG
+    print(
+        f"private key: {args.key} (keep it offline)\npublic key:  {public}\nkey id:      {key_id}"
+    )
+    print(f'add to the gateway config:  [control] trusted_keys = ["{public}"]')
+    return 0
+
+
+def cmd_policy_sign(args: argparse.Namespace) -> int:
+    from gateway.control.signing import BundleError, load_private_key, sign_policy
+
+    try:
+        text = args.policy.read_text(encoding="utf-8")
+        policy = load_policy(args.policy)  # never sign something the gateway would refuse
+        bundle = sign_policy(text, load_private_key(args.key))
+    except (PolicyError, BundleError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    out = args.out or args.policy.with_name(args.policy.name + ".signed")
+    out.write_text(bundle.to_json())
+    print(f"signed policy {policy.version} with key {bundle.key_id}: {out}")
+    return 0
+
+
+def cmd_policy_push(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        body = args.bundle.read_bytes()
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/v1/policy",
+        data=body,
+        method="PUT",
+        headers={"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"refused ({exc.code}): {exc.read().decode()}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"error: cannot reach {args.url}: {exc.reason}", file=sys.stderr)
+        return 1
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway.store import SqliteConsentStore
+
+    state_dir = args.state_dir
+    if state_dir is None:
+        try:
+            state_dir = load_config(args.config).state_dir
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    db = Path(state_dir) / SqliteConsentStore.FILENAME
+    if not db.exists():
+        print(f"error: no consent store at {db}", file=sys.stderr)
+        return EXIT_CONFIG
+    store = SqliteConsentStore(db)
+    try:
+        result = store.verify_audit()
+    finally:
+        store.close()
+    if result.ok:
+        print(f"audit ledger intact: {result.entries} entries, head {result.head}")
+        return 0
+    print(f"audit ledger TAMPERED ({len(result.problems)} problems):", file=sys.stderr)
+    for problem in result.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from gateway.control.api import hash_token
+
+    value = secrets.token_urlsafe(32)
+    print(f"token (give to {args.name}, shown once): {value}")
+    print("config entry:")
+    print(f'[[control.tokens]]\nname = "{args.name}"\nrole = "{args.role}"')
+    print(f'sha256 = "{hash_token(value)}"')
+    return 0
 
 
 # ---------------------------------------------------------------------- run
@@ -127,6 +278,10 @@ def resolve_run_config(args: argparse.Namespace) -> GatewayConfig:
         config.state_dir = args.state_dir.resolve()
     if args.policy:
         config.policy = args.policy.resolve()
+    if args.control_listen is not None:
+        config.control = ControlConfig.model_validate(
+            {**config.control.model_dump(), "listen": args.control_listen}
+        )
     if args.json_logs:
         config.logging.json_lines = True
     if args.log_level:
@@ -153,8 +308,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("refusing to start: %s", exc)
         return EXIT_CONFIG
 
+    stored = store.active_policy()
+    if stored is not None and stored.digest != policy.digest:
+        try:
+            policy = parse_policy(stored.yaml, source=f"stored policy {stored.version}")
+            log.info(
+                "running the last accepted policy %s (signed by %s)", stored.version, stored.signer
+            )
+        except PolicyError as exc:
+            log.error("refusing to start: the last accepted policy no longer validates: %s", exc)
+            return EXIT_CONFIG
+
     async def serve() -> None:
+        from gateway.control.api import ControlPlane
+
         service = GatewayService(config, policy, key, store)
+        try:
+            control = ControlPlane(service, config.control)
+        except (OSError, ValueError) as exc:
+            log.error("refusing to start: control plane: %s", exc)
+            raise SystemExit(EXIT_CONFIG) from exc
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,8 +339,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             config.state_dir,
         )
         await service.start()
+        try:
+            await control.start()
+        except OSError as exc:
+            log.error("control plane cannot listen on %s: %s", config.control.listen, exc)
+            await service.stop()
+            raise SystemExit(EXIT_CONFIG) from exc
         await stop.wait()
         log.info("shutting down")
+        await control.stop()
         await service.stop()
 
     asyncio.run(serve())

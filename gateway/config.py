@@ -54,6 +54,35 @@ class LoggingConfig(_Strict):
     json_lines: bool = Field(False, alias="json")
 
 
+Role = Literal["operator", "dpo", "viewer"]
+
+
+class TokenConfig(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    role: Role
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the bearer token")
+
+
+class ControlConfig(_Strict):
+    listen: str = Field("127.0.0.1:8080", description='host:port of the HTTP API; "" disables it')
+    trusted_keys: list[Path] = Field(
+        default_factory=list, description="operator Ed25519 public keys (PEM)"
+    )
+    tokens: list[TokenConfig] = Field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    access_log_retention_days: float = Field(7.0, gt=0, le=7.0)
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ValueError(f"listen must be host:port, got {value!r}")
+        return value
+
+
 class GatewayConfig(_Strict):
     policy: Path = Path("policy.yaml")
     state_dir: Path = Path(".state")
@@ -66,6 +95,7 @@ class GatewayConfig(_Strict):
     pipeline: PipelineConfig = PipelineConfig()
     keys: KeysConfig = KeysConfig()
     logging: LoggingConfig = LoggingConfig()
+    control: ControlConfig = ControlConfig()
 
     @property
     def key_path(self) -> Path:
@@ -95,4 +125,10 @@ def load_config(path: str | Path) -> GatewayConfig:
         config.policy = (base / config.policy).resolve()
     if not config.state_dir.is_absolute():
         config.state_dir = (base / config.state_dir).resolve()
+    ctl = config.control
+    ctl.trusted_keys = [k if k.is_absolute() else (base / k).resolve() for k in ctl.trusted_keys]
+    if ctl.tls_cert is not None and not ctl.tls_cert.is_absolute():
+        ctl.tls_cert = (base / ctl.tls_cert).resolve()
+    if ctl.tls_key is not None and not ctl.tls_key.is_absolute():
+        ctl.tls_key = (base / ctl.tls_key).resolve()
     return config

@@ -7,6 +7,7 @@ what the decision core reads on every message: dictionary lookups only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Mapping
@@ -152,6 +153,7 @@ class CompiledPolicy:
     template_routes: tuple[_TemplateRoute, ...]
     commands: Mapping[str, CompiledCommand]
     document: PolicyDocument
+    text: str = ""  # the YAML as loaded, so it can be stored and rolled back to
 
     def route(self, relative_topic: str) -> tuple[CompiledStream, str | None] | None:
         """Stream rule for a topic relative to vehicle/{vin}/, plus the app id if any."""
@@ -218,7 +220,7 @@ def parse_policy(raw: bytes | str, *, source: str = "<policy>") -> CompiledPolic
     if problems:
         raise PolicyError(source, problems)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return compile_policy(document, digest=digest)
+    return dataclasses.replace(compile_policy(document, digest=digest), text=text)
 
 
 def _message_descriptor(name: str) -> Descriptor | None:

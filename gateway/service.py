@@ -10,14 +10,17 @@ and the broker redelivers it to the restarted gateway.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from gateway.config import GatewayConfig
+from gateway.control.audit import AuditRecord
 from gateway.core import (
     ApplySettings,
     CoarseFix,
@@ -29,13 +32,16 @@ from gateway.core import (
     decide_command,
     state_from_snapshot,
 )
+from gateway.core.transforms import pseudonym
 from gateway.edges.mqtt import InboundMessage, MqttEdge, PublishRefused
 from gateway.metrics import GatewayMetrics
 from gateway.policy import CompiledPolicy
-from gateway.store import ConsentStore
+from gateway.store import EgressCount, SqliteConsentStore, StoredPolicy
+from telematics.v1.privacy_pb2 import ErasureEvent
 
 log = logging.getLogger("gateway.service")
 
+T = TypeVar("T")
 VEHICLE = "vehicle"
 BACKEND = "backend"
 
@@ -90,13 +96,22 @@ class AckWindow:
         return len(self._pending)
 
 
+@dataclass(slots=True)
+class ControlOp:
+    """Work done by the decision loop between two messages (policy swap,
+    restriction, erasure): no message is decided while it runs."""
+
+    run: Callable[[], Awaitable[Any]]
+    done: asyncio.Future[Any]
+
+
 class GatewayService:
     def __init__(
         self,
         config: GatewayConfig,
         policy: CompiledPolicy,
         key: bytes,
-        store: ConsentStore,
+        store: SqliteConsentStore,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -112,7 +127,12 @@ class GatewayService:
         self.states: dict[str, VehicleState] = {}
         self.coarse_fixes: dict[str, CoarseFix] = {}
         self._clock = clock
-        self._queue: asyncio.Queue[InboundMessage | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[InboundMessage | ControlOp | None] = asyncio.Queue()
+        self.restricted: set[str] = set()
+        self.policy_record: StoredPolicy | None = None
+        # (vin, day, stream, feature, policy version) -> messages forwarded; flushed periodically.
+        self._egress_counts: dict[tuple[str, str, str, str, str], int] = {}
+        self._day_cache: tuple[float, float, str] = (0.0, 0.0, "")
         self._store_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consent-store")
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -127,17 +147,41 @@ class GatewayService:
     def load_state(self) -> int:
         """Enforce the last applied settings before any message is decided."""
         policy = self.ctx.policy
+        self.restricted = self.store.restricted_vins()
+        states: dict[str, VehicleState] = {}
         for stored in self.store.load_all():
-            self.states[stored.snapshot.vin] = state_from_snapshot(
-                policy, stored.snapshot, stored.window_until
+            vin = stored.snapshot.vin
+            state = state_from_snapshot(policy, stored.snapshot, stored.window_until)
+            states[vin] = (
+                dataclasses.replace(state, restricted=True) if vin in self.restricted else state
             )
+        self.states = states
         self.metrics.vehicles.set(len(self.states))
         return len(self.states)
 
-    async def start(self) -> None:
-        count = await asyncio.get_running_loop().run_in_executor(
-            self._store_executor, self.load_state
+    def _record_policy(self) -> None:
+        """Keep the running policy in the store, so it can be rolled back to."""
+        policy = self.ctx.policy
+        active = self.store.active_policy()
+        if active is not None and active.digest == policy.digest:
+            self.policy_record = active
+            return
+        now = self._clock()
+        record = StoredPolicy(policy.version, policy.digest, policy.text, "config", now, now, True)
+        audit = AuditRecord(
+            actor="gateway",
+            action="policy_loaded",
+            subject=policy.version,
+            content={"version": policy.version, "digest": policy.digest, "source": "config file"},
+            at=now,
         )
+        self.store.save_policy(record, audit)
+        self.policy_record = record
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._store_executor, self._record_policy)
+        count = await loop.run_in_executor(self._store_executor, self.load_state)
         log.info("loaded applied settings of %d vehicles", count, extra={"vehicles": count})
         vcfg, bcfg, inflight = (
             self.config.vehicle_broker,
@@ -177,6 +221,7 @@ class GatewayService:
             asyncio.create_task(self.vehicle_edge.run(), name="vehicle-edge"),
             asyncio.create_task(self._decide_loop(), name="decide-loop"),
             asyncio.create_task(self._announce_ready(), name="ready"),
+            asyncio.create_task(self._flush_counts_periodically(), name="egress-counts"),
         ]
 
     async def _announce_ready(self) -> None:
@@ -212,6 +257,7 @@ class GatewayService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush_counts()
         self._store_executor.shutdown(wait=True)
         self.store.close()
         log.info("gateway stopped", extra=self.summary())
@@ -237,6 +283,12 @@ class GatewayService:
             msg = await self._queue.get()
             if msg is None or self._stopping:
                 return
+            if isinstance(msg, ControlOp):
+                try:
+                    msg.done.set_result(await msg.run())
+                except Exception as exc:
+                    msg.done.set_exception(exc)
+                continue
             if msg.generation != edges[msg.source].generation:
                 continue  # received over a lost connection: the broker redelivers it
             self.metrics.received.labels(msg.source).inc()
@@ -264,6 +316,14 @@ class GatewayService:
             if decision.coarse_fix is not None:
                 self.coarse_fixes[decision.vin] = decision.coarse_fix
             self.metrics.forwarded.labels(decision.stream, decision.feature).inc()
+            key = (
+                decision.vin,
+                self._day(),
+                decision.stream,
+                decision.feature,
+                self.ctx.policy.version,
+            )
+            self._egress_counts[key] = self._egress_counts.get(key, 0) + 1
             for transform in decision.transforms:
                 self.metrics.transforms.labels(transform).inc()
             self._deliver(
@@ -287,9 +347,26 @@ class GatewayService:
 
     async def _apply_settings(self, decision: ApplySettings, slot: _Slot) -> None:
         snapshot = decision.snapshot
+        record = AuditRecord(
+            actor="vehicle",
+            action="settings_applied",
+            subject=self.audit_subject(snapshot.vin),
+            content={
+                "vin": snapshot.vin,
+                "revision": snapshot.revision,
+                "privacy_mode": snapshot.privacy_mode,
+                "location": snapshot.location.name,
+                "features": snapshot.features,
+                "policy_version": snapshot.policy_version,
+            },
+            at=snapshot.applied_at,
+        )
         # Durable before it is announced and before the next message is decided.
-        await self._persist(self.store.apply_settings, snapshot)
-        self.states[snapshot.vin] = decision.state
+        await self._persist(self.store.apply_settings, snapshot, record)
+        state = decision.state
+        if snapshot.vin in self.restricted and not state.restricted:
+            state = dataclasses.replace(state, restricted=True)
+        self.states[snapshot.vin] = state
         self.metrics.settings_applied.inc()
         self.metrics.vehicles.set(len(self.states))
         log.info(
@@ -336,6 +413,136 @@ class GatewayService:
             )
         else:
             publish_result()
+
+    # ------------------------------------------------------- control operations
+
+    async def run_control(self, run: Callable[[], Awaitable[T]]) -> T:
+        """Run `run` inside the decision loop, between two messages."""
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(ControlOp(run, done))
+        return await done
+
+    def audit_subject(self, vin: str) -> str:
+        """Keyed hash of a VIN for the audit ledger (never the VIN itself)."""
+        return pseudonym(self.ctx.key, "audit-subject", vin)
+
+    async def swap_policy(
+        self,
+        policy: CompiledPolicy,
+        record: StoredPolicy,
+        audit: AuditRecord,
+        *,
+        activate_only: bool = False,
+    ) -> None:
+        """Persist, then switch every later message to `policy` (atomically)."""
+
+        async def run() -> None:
+            if activate_only:
+                await self._persist_once(
+                    self.store.activate_policy, record.version, audit.at, audit
+                )
+            else:
+                await self._persist_once(self.store.save_policy, record, audit)
+            old = self.ctx.policy
+            self.ctx = dataclasses.replace(self.ctx, policy=policy)
+            self.policy_record = dataclasses.replace(record, applied_at=audit.at, active=True)
+            if (old.default_on, old.features.keys(), old.per_app_features) != (
+                policy.default_on,
+                policy.features.keys(),
+                policy.per_app_features,
+            ):
+                # Which features a snapshot enables depends on the policy.
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._store_executor, self.load_state)
+            self.metrics.policy_info.clear()
+            self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
+            log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
+
+        await self.run_control(run)
+
+    async def set_restriction(self, vin: str, restricted: bool, actor: str) -> bool:
+        async def run() -> bool:
+            record = AuditRecord(
+                actor=actor,
+                action="restriction_set" if restricted else "restriction_lifted",
+                subject=self.audit_subject(vin),
+                content={"vin": vin},
+                at=self._clock(),
+            )
+            changed = await self._persist_once(self.store.set_restriction, vin, restricted, record)
+            if restricted:
+                self.restricted.add(vin)
+            else:
+                self.restricted.discard(vin)
+            state = self.states.get(vin)
+            if state is not None:
+                self.states[vin] = dataclasses.replace(state, restricted=restricted)
+            return bool(changed)
+
+        return await self.run_control(run)
+
+    async def erase_vehicle(self, vin: str, actor: str) -> dict[str, Any]:
+        """Art. 17: forget the vehicle, tell downstream systems, fail closed after."""
+
+        async def run() -> dict[str, Any]:
+            now = self._clock()
+            subject = self.audit_subject(vin)
+            apps = sorted(
+                {k[3].partition(".")[2] for k in self._egress_counts if k[0] == vin and "." in k[3]}
+                | {
+                    c.feature.partition(".")[2]
+                    for c in await self._persist_once(self.store.egress_counts, vin)
+                    if "." in c.feature
+                }
+            )
+            record = AuditRecord(actor=actor, action="erasure", subject=subject, content={}, at=now)
+            removed = await self._persist_once(self.store.erase_vehicle, vin, subject, record)
+            self.states.pop(vin, None)
+            self.coarse_fixes.pop(vin, None)
+            self.restricted.discard(vin)
+            for key in [k for k in self._egress_counts if k[0] == vin]:
+                del self._egress_counts[key]
+            self.metrics.vehicles.set(len(self.states))
+            refs = [pseudonym(self.ctx.key, f"vin/{app}", vin) for app in apps]
+            event = ErasureEvent(vin=vin, refs=refs, erased_at_ms=int(now * 1000), reason="art17")
+            topic = f"{self.ctx.backend_prefix}/{vin}/erasure"
+            delivered = asyncio.get_running_loop().create_future()
+            self._deliver(
+                self.backend_edge,
+                topic,
+                event.SerializeToString(),
+                (),
+                lambda: delivered.set_result(None),
+            )
+            await delivered
+            return {"removed": removed, "erasure_event_topic": topic, "pseudonymous_refs": refs}
+
+        return await self.run_control(run)
+
+    async def _persist_once(self, fn: Callable[..., T], *args: Any) -> T:
+        """A store call for a control operation: failures go back to the caller."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._store_executor, fn, *args)
+
+    def _day(self) -> str:
+        now = self._clock()
+        start, end, day = self._day_cache
+        if not start <= now < end:
+            midnight = now - now % 86400
+            day = time.strftime("%Y-%m-%d", time.gmtime(now))
+            self._day_cache = (midnight, midnight + 86400, day)
+        return day
+
+    async def flush_counts(self) -> None:
+        counts, self._egress_counts = self._egress_counts, {}
+        if counts:
+            rows = [EgressCount(*key, count) for key, count in counts.items()]
+            await self._persist(self.store.add_egress_counts, rows)
+
+    async def _flush_counts_periodically(self, interval: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush_counts()
 
     # ------------------------------------------------------------------ I/O
 

@@ -242,6 +242,8 @@ class GatewayProcess:
                 backend_url,
                 "--state-dir",
                 str(state_dir),
+                "--control-listen",
+                "127.0.0.1:0",
                 *extra,
             ],
             cwd=REPO,

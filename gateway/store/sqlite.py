@@ -6,8 +6,8 @@ import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
 from pathlib import Path
+from typing import Any, TypeVar
 
 from gateway.control import audit
 from gateway.control.audit import AuditRecord, VerifyResult
@@ -249,8 +249,8 @@ class SqliteConsentStore:
         def tx(db: sqlite3.Connection) -> None:
             db.execute("UPDATE policies SET active=0 WHERE active=1")
             db.execute(
-                "INSERT INTO policies (version, digest, yaml, signer, pushed_at, applied_at, active)"
-                " VALUES (?,?,?,?,?,?,1) ON CONFLICT(version) DO UPDATE SET active=1,"
+                "INSERT INTO policies (version, digest, yaml, signer, pushed_at, applied_at,"
+                " active) VALUES (?,?,?,?,?,?,1) ON CONFLICT(version) DO UPDATE SET active=1,"
                 " applied_at=excluded.applied_at",
                 (
                     policy.version,

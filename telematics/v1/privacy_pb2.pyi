@@ -2,7 +2,7 @@ from telematics.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -37,3 +37,15 @@ class PrivacyApplied(_message.Message):
     revision: int
     policy_version: str
     def __init__(self, vin: _Optional[str] = ..., revision: _Optional[int] = ..., policy_version: _Optional[str] = ...) -> None: ...
+
+class ErasureEvent(_message.Message):
+    __slots__ = ("vin", "refs", "erased_at_ms", "reason")
+    VIN_FIELD_NUMBER: _ClassVar[int]
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    ERASED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    vin: str
+    refs: _containers.RepeatedScalarFieldContainer[str]
+    erased_at_ms: int
+    reason: str
+    def __init__(self, vin: _Optional[str] = ..., refs: _Optional[_Iterable[str]] = ..., erased_at_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...

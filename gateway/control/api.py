@@ -1,0 +1,588 @@
+"""The operator HTTP API (aiohttp).
+
+Roles: `operator` changes policy, `dpo` answers data-subject requests,
+`viewer` reads. Every endpoint but /healthz needs a bearer token; tokens are
+configured as SHA-256 hashes and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.config import ControlConfig, TokenConfig
+from gateway.control.audit import AuditRecord
+from gateway.control.signing import BundleError, PolicyBundle, load_public_key, verify_bundle
+from gateway.control.signing import key_id as public_key_id
+from gateway.core.state import VIN_PATTERN
+from gateway.policy import PolicyError, parse_policy, version_key
+from gateway.service import GatewayService
+from gateway.store import StoredPolicy
+
+log = logging.getLogger("gateway.control")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SERVICE_KEY = web.AppKey("service", GatewayService)
+CONFIG_KEY = web.AppKey("control_config", ControlConfig)
+TRUSTED_KEY = web.AppKey("trusted_keys", dict[str, Ed25519PublicKey])
+CALLER_KEY = web.RequestKey("caller", TokenConfig)  # who authenticated this request
+SECONDS_PER_DAY = 86400
+
+# path template -> method -> roles allowed. One table: routing, access control
+# and the OpenAPI document all read it, so they cannot drift apart.
+READ = ("viewer", "operator", "dpo")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    roles: tuple[str, ...]  # empty: no token needed
+    summary: str
+    handler_name: str
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/healthz", (), "Process is up", "healthz"),
+    Route("GET", "/readyz", READ, "Brokers connected, store writable, policy loaded", "readyz"),
+    Route("GET", "/metrics", READ, "Prometheus metrics", "metrics"),
+    Route("GET", "/v1/openapi.json", READ, "This API description", "openapi"),
+    Route(
+        "GET",
+        "/v1/policy",
+        READ,
+        "Active policy: version, digest, signer, time applied",
+        "get_policy",
+    ),
+    Route("PUT", "/v1/policy", ("operator",), "Push a signed policy bundle", "put_policy"),
+    Route(
+        "POST",
+        "/v1/policy/rollback",
+        ("operator",),
+        "Re-activate a stored policy version",
+        "rollback",
+    ),
+    Route("GET", "/v1/audit/verify", READ, "Verify the audit ledger's hash chain", "audit_verify"),
+    Route(
+        "GET",
+        "/v1/vehicles/{vin}/privacy",
+        ("dpo",),
+        "Current settings and open windows",
+        "privacy",
+    ),
+    Route(
+        "GET",
+        "/v1/vehicles/{vin}/export",
+        ("dpo",),
+        "Access/portability export (Art. 15, 20)",
+        "export",
+    ),
+    Route(
+        "POST",
+        "/v1/vehicles/{vin}/restriction",
+        ("dpo",),
+        "Restrict processing (Art. 18)",
+        "restrict",
+    ),
+    Route(
+        "DELETE", "/v1/vehicles/{vin}/restriction", ("dpo",), "Lift the restriction", "unrestrict"
+    ),
+    Route("DELETE", "/v1/vehicles/{vin}", ("dpo",), "Erase the vehicle's data (Art. 17)", "erase"),
+)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def authenticate(header: str | None, tokens: list[TokenConfig]) -> TokenConfig | None:
+    """Bearer token -> its configured entry. Compares against every entry so
+    the time taken does not reveal which (or whether one) matched."""
+    if not header or not header.startswith("Bearer "):
+        return None
+    presented = hash_token(header[len("Bearer ") :].strip())
+    found = None
+    for token in tokens:
+        if hmac.compare_digest(presented, token.sha256):
+            found = token
+    return found
+
+
+def _error(status: int, reason: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": reason, **extra}, status=status)
+
+
+class ControlPlane:
+    def __init__(self, service: GatewayService, config: ControlConfig) -> None:
+        self.service = service
+        self.config = config
+        self.trusted: dict[str, Ed25519PublicKey] = {}
+        for path in config.trusted_keys:
+            key = load_public_key(path)
+            self.trusted[public_key_id(key)] = key
+        self._runner: web.AppRunner | None = None
+        self._purge_task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- app
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._access_middleware])
+        app[SERVICE_KEY] = self.service
+        app[CONFIG_KEY] = self.config
+        app[TRUSTED_KEY] = self.trusted
+        for route in ROUTES:
+            app.router.add_route(route.method, route.path, getattr(self, route.handler_name))
+        return app
+
+    async def start(self) -> None:
+        if not self.config.listen:
+            return
+        host, _, port = self.config.listen.rpartition(":")
+        ssl_context = None
+        if self.config.tls_cert and self.config.tls_key:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        self._runner = web.AppRunner(self.build_app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=ssl_context)
+        await site.start()
+        self._purge_task = asyncio.create_task(self._purge_periodically())
+        log.info(
+            "control plane listening on %s:%d%s", host, self.port, " (TLS)" if ssl_context else ""
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self._runner is not None
+        for site in self._runner.sites:
+            server = getattr(site, "_server", None)
+            if server is not None and server.sockets:
+                return int(server.sockets[0].getsockname()[1])
+        raise RuntimeError("not listening")
+
+    async def stop(self) -> None:
+        if self._purge_task is not None:
+            self._purge_task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _purge_periodically(self) -> None:
+        """Protocol data (client IPs) is kept at most the configured days."""
+        while True:
+            cutoff = time.time() - self.config.access_log_retention_days * SECONDS_PER_DAY
+            removed = await self._store(self.service.store.purge_access_log, cutoff)
+            if removed:
+                log.info("purged %d access-log entries older than retention", removed)
+            await asyncio.sleep(3600)
+
+    async def _store(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # ---------------------------------------------------------- middleware
+
+    @web.middleware
+    async def _access_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        route = _route_of(request)
+        caller = None
+        if route is None:
+            response: web.StreamResponse = _error(404, "no such endpoint")
+        elif not route.roles:
+            response = await handler(request)
+        else:
+            caller = authenticate(request.headers.get("Authorization"), self.config.tokens)
+            if caller is None:
+                response = _error(401, "missing or unknown bearer token")
+                response.headers["WWW-Authenticate"] = "Bearer"
+            elif caller.role not in route.roles:
+                response = _error(403, f"role {caller.role!r} may not {route.method} {route.path}")
+            else:
+                request[CALLER_KEY] = caller
+                response = await handler(request)
+        if route is None or route.roles:
+            await self._store(
+                self.service.store.log_access,
+                time.time(),
+                request.remote or "",
+                caller.name if caller else "",
+                request.method,
+                request.path,
+                response.status,
+            )
+        return response
+
+    # -------------------------------------------------------------- health
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        service = self.service
+        checks = {
+            "vehicle_broker": service.vehicle_edge.ready.is_set(),
+            "backend_broker": service.backend_edge.ready.is_set(),
+            "policy_loaded": service.ctx.policy is not None,
+        }
+        try:
+            await self._store(service.store.check_writable)
+            checks["store_writable"] = True
+        except Exception:
+            checks["store_writable"] = False
+        ok = all(checks.values())
+        return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.service.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
+    # -------------------------------------------------------------- policy
+
+    def _policy_view(self) -> dict[str, Any]:
+        policy = self.service.ctx.policy
+        record = self.service.policy_record
+        return {
+            "version": policy.version,
+            "digest": policy.digest,
+            "signer": record.signer if record else "config",
+            "applied_at": record.applied_at if record else None,
+        }
+
+    async def get_policy(self, request: web.Request) -> web.Response:
+        stored = await self._store(self.service.store.policies)
+        view = self._policy_view()
+        view["stored_versions"] = [
+            {
+                "version": p.version,
+                "digest": p.digest,
+                "signer": p.signer,
+                "active": p.active,
+                "pushed_at": p.pushed_at,
+                "applied_at": p.applied_at,
+            }
+            for p in stored
+        ]
+        return web.json_response(view)
+
+    async def put_policy(self, request: web.Request) -> web.Response:
+        caller: TokenConfig = request[CALLER_KEY]
+        raw = await request.read()
+        try:
+            bundle = PolicyBundle.from_json(raw)
+        except BundleError as exc:
+            return _error(400, str(exc))
+        try:
+            verify_bundle(bundle, self.trusted)
+        except BundleError as exc:
+            return _error(403, str(exc))
+        try:
+            policy = parse_policy(bundle.policy_yaml, source=f"bundle signed by {bundle.key_id}")
+        except PolicyError as exc:
+            return _error(
+                422,
+                "policy is invalid",
+                problems=[{"path": path, "problem": problem} for path, problem in exc.problems],
+            )
+        active = self.service.ctx.policy
+        if version_key(policy.version) <= version_key(active.version):
+            return _error(
+                409,
+                f"version {policy.version} is not newer than the active {active.version}"
+                " (use POST /v1/policy/rollback to return to a stored version)",
+            )
+        now = time.time()
+        record = StoredPolicy(
+            policy.version, policy.digest, bundle.policy_yaml, bundle.key_id, now, now, True
+        )
+        audit = AuditRecord(
+            actor=caller.name,
+            action="policy_pushed",
+            subject=policy.version,
+            content={
+                "version": policy.version,
+                "digest": policy.digest,
+                "signer": bundle.key_id,
+                "previous": active.version,
+            },
+            at=now,
+        )
+        await self.service.swap_policy(policy, record, audit)
+        return web.json_response(self._policy_view(), status=200)
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        caller: TokenConfig = request[CALLER_KEY]
+        try:
+            body = await request.json()
+            version = str(body["version"])
+        except (ValueError, KeyError, TypeError):
+            return _error(400, 'body must be JSON {"version": "..."}')
+        stored = {p.version: p for p in await self._store(self.service.store.policies)}
+        target = stored.get(version)
+        if target is None:
+            return _error(404, f"no stored policy version {version!r}", stored=sorted(stored))
+        if version == self.service.ctx.policy.version:
+            return _error(409, f"version {version} is already active")
+        try:
+            policy = parse_policy(target.yaml, source=f"stored policy {version}")
+        except PolicyError as exc:  # stored policies validated once; the schema may have moved on
+            return _error(422, f"stored policy {version} no longer validates: {exc}")
+        now = time.time()
+        audit = AuditRecord(
+            actor=caller.name,
+            action="policy_rolled_back",
+            subject=version,
+            content={"version": version, "previous": self.service.ctx.policy.version},
+            at=now,
+        )
+        await self.service.swap_policy(policy, target, audit, activate_only=True)
+        return web.json_response(self._policy_view())
+
+    async def audit_verify(self, request: web.Request) -> web.Response:
+        result = await self._store(self.service.store.verify_audit)
+        return web.json_response(
+            {
+                "ok": result.ok,
+                "entries": result.entries,
+                "head": result.head,
+                "problems": result.problems,
+            },
+            status=200 if result.ok else 409,
+        )
+
+    # ---------------------------------------------------- data-subject rights
+
+    def _vin(self, request: web.Request) -> str | None:
+        vin = request.match_info["vin"]
+        return vin if VIN_PATTERN.match(vin) else None
+
+    async def privacy(self, request: web.Request) -> web.Response:
+        vin = self._vin(request)
+        if vin is None:
+            return _error(400, "not a valid VIN")
+        history = await self._store(self.service.store.history, vin)
+        restriction = await self._store(self.service.store.restriction, vin)
+        state = self.service.states.get(vin)
+        now = time.time()
+        current = history[-1] if history else None
+        return web.json_response(
+            {
+                "vin": vin,
+                "known": state is not None,
+                "settings": None
+                if current is None
+                else {
+                    "revision": current.revision,
+                    "privacy_mode": current.privacy_mode,
+                    "location": current.location.name,
+                    "features": current.features,
+                    "applied_at": current.applied_at,
+                    "policy_version": current.policy_version,
+                },
+                "enforced_features": sorted(state.enabled) if state else [],
+                "restricted": restriction is not None,
+                "restricted_since": restriction[0] if restriction else None,
+                "open_windows": (
+                    [{"window": "find_my_car", "open_until": state.window_until}]
+                    if state is not None and state.window_open(now)
+                    else []
+                ),
+            }
+        )
+
+    async def export(self, request: web.Request) -> web.Response:
+        vin = self._vin(request)
+        if vin is None:
+            return _error(400, "not a valid VIN")
+        await self.service.flush_counts()
+        store = self.service.store
+        history = await self._store(store.history, vin)
+        counts = await self._store(store.egress_counts, vin)
+        restriction = await self._store(store.restriction, vin)
+        policy = self.service.ctx.policy
+        by_day: dict[str, dict[str, int]] = {}
+        for c in counts:
+            by_day.setdefault(c.day, {})
+            key = f"{c.feature}|{c.stream}"
+            by_day[c.day][key] = by_day[c.day].get(key, 0) + c.count
+        streams = [*policy.exact_routes.values(), *(r.stream for r in policy.template_routes)]
+        return web.json_response(
+            {
+                "format": "privacy-gateway-export/1",
+                "vin": vin,
+                "generated_at": time.time(),
+                "settings_history": [
+                    {
+                        "revision": h.revision,
+                        "applied_at": h.applied_at,
+                        "source": h.source,
+                        "privacy_mode": h.privacy_mode,
+                        "location": h.location.name,
+                        "features": h.features,
+                        "policy_version": h.policy_version,
+                    }
+                    for h in history
+                ],
+                "sent_to_backend": [
+                    {
+                        "day": c.day,
+                        "feature": c.feature,
+                        "category": c.stream,
+                        "legal_basis": _legal_basis(policy, c.feature),
+                        "policy_version": c.policy_version,
+                        "messages": c.count,
+                    }
+                    for c in counts
+                ],
+                "policy_versions_applied": sorted(
+                    {c.policy_version for c in counts} | {h.policy_version for h in history},
+                    key=version_key,
+                ),
+                "retention": [
+                    {
+                        "category": s.key,
+                        "feature": s.feature,
+                        "legal_basis": s.legal_basis,
+                        "retention_days": s.retention_days,
+                    }
+                    for s in streams
+                ],
+                "restricted": restriction is not None,
+            }
+        )
+
+    async def restrict(self, request: web.Request) -> web.Response:
+        return await self._set_restriction(request, True)
+
+    async def unrestrict(self, request: web.Request) -> web.Response:
+        return await self._set_restriction(request, False)
+
+    async def _set_restriction(self, request: web.Request, on: bool) -> web.Response:
+        vin = self._vin(request)
+        if vin is None:
+            return _error(400, "not a valid VIN")
+        caller: TokenConfig = request[CALLER_KEY]
+        changed = await self.service.set_restriction(vin, on, caller.name)
+        return web.json_response({"vin": vin, "restricted": on, "changed": changed})
+
+    async def erase(self, request: web.Request) -> web.Response:
+        vin = self._vin(request)
+        if vin is None:
+            return _error(400, "not a valid VIN")
+        caller: TokenConfig = request[CALLER_KEY]
+        result = await self.service.erase_vehicle(vin, caller.name)
+        return web.json_response({"vin": vin, "erased": True, **result})
+
+
+def _legal_basis(policy: Any, feature: str) -> str:
+    spec = policy.features.get(feature.partition(".")[0])
+    return str(spec.legal_basis) if spec else ""
+
+
+def _route_of(request: web.Request) -> Route | None:
+    info = request.match_info
+    resource = info.route.resource
+    if resource is None:
+        return None
+    template = resource.canonical
+    for route in ROUTES:
+        if route.path == template and route.method == request.method:
+            return route
+    return None
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 description generated from ROUTES (a test keeps it true)."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        op: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": route.handler_name,
+            "responses": {"200": {"description": "OK"}},
+        }
+        if route.roles:
+            op["security"] = [{"bearer": []}]
+            op["x-roles"] = list(route.roles)
+            op["responses"].update(
+                {
+                    "401": {"description": "no or unknown token"},
+                    "403": {"description": "role not allowed"},
+                }
+            )
+        if "{vin}" in route.path:
+            op["parameters"] = [
+                {
+                    "name": "vin",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": VIN_PATTERN.pattern},
+                }
+            ]
+            op["responses"]["400"] = {"description": "not a valid VIN"}
+        if route.handler_name == "put_policy":
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["format", "key_id", "signature", "policy"],
+                            "properties": {
+                                "format": {"type": "string"},
+                                "key_id": {"type": "string"},
+                                "signature": {"type": "string", "contentEncoding": "base64"},
+                                "policy": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            }
+            op["responses"].update(
+                {
+                    "400": {"description": "malformed bundle"},
+                    "403": {"description": "unknown signing key or bad signature"},
+                    "409": {"description": "version not newer than the active one"},
+                    "422": {"description": "policy does not validate"},
+                }
+            )
+        if route.handler_name == "rollback":
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["version"],
+                            "properties": {"version": {"type": "string"}},
+                        }
+                    }
+                },
+            }
+            op["responses"].update(
+                {
+                    "404": {"description": "version not stored"},
+                    "409": {"description": "already active"},
+                }
+            )
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Privacy gateway control plane", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }

@@ -1,0 +1,446 @@
+"""The operator control plane over real HTTP, against a running gateway and mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.config import ControlConfig, TokenConfig
+from gateway.control.api import ROUTES, ControlPlane, hash_token, openapi_document
+from gateway.control.signing import generate_keypair, load_private_key, sign_policy
+from gateway.service import GatewayService
+from gateway.store import SqliteConsentStore
+from sim.broker import MosquittoBroker
+from telematics.v1 import common_pb2, privacy_pb2, streams_pb2
+
+from .conftest import (
+    DEFAULT_POLICY,
+    REPO,
+    VIN,
+    Clients,
+    GatewayHarness,
+    GatewayProcess,
+    user_properties,
+)
+
+pytestmark = pytest.mark.integration
+
+TOKENS = {"operator": "op-secret", "dpo": "dpo-secret", "viewer": "view-secret"}
+POLICY_TEXT = DEFAULT_POLICY.read_text()
+
+
+def policy_text(version: str, cell_size: int = 2000) -> str:
+    text = POLICY_TEXT.replace('version: "2026.11.1"', f'version: "{version}"')
+    return text.replace("cell_size_m: 2000 ", f"cell_size_m: {cell_size} ")
+
+
+@dataclass
+class Control:
+    url: str
+    service: GatewayService
+    plane: ControlPlane
+    key: Ed25519PrivateKey
+    http: aiohttp.ClientSession
+
+    def auth(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TOKENS[role]}"}
+
+    async def push(self, text: str, key: Ed25519PrivateKey | None = None) -> aiohttp.ClientResponse:
+        bundle = sign_policy(text, key or self.key)
+        return await self.http.put(
+            f"{self.url}/v1/policy", data=bundle.to_json(), headers=self.auth("operator")
+        )
+
+
+@pytest.fixture
+async def control(gateways: GatewayHarness, tmp_path: Path) -> AsyncIterator[Control]:
+    generate_keypair(tmp_path / "op.key", tmp_path / "op.key.pub")
+    config = ControlConfig(
+        listen="127.0.0.1:0",
+        trusted_keys=[tmp_path / "op.key.pub"],
+        tokens=[
+            TokenConfig(name=f"{role}-1", role=role, sha256=hash_token(t))
+            for role, t in TOKENS.items()
+        ],  # type: ignore[arg-type]
+    )
+    service = await gateways.start()
+    plane = ControlPlane(service, config)
+    await plane.start()
+    async with aiohttp.ClientSession() as http:
+        yield Control(
+            f"http://127.0.0.1:{plane.port}",
+            service,
+            plane,
+            load_private_key(tmp_path / "op.key"),
+            http,
+        )
+    await plane.stop()
+
+
+async def status_version(clients: Clients) -> str:
+    """Send one status message and return the policy version that decided it."""
+    car = clients.car
+    msg = streams_pb2.VehicleStatus()
+    msg.position.latitude, msg.position.longitude = 48.1, 11.5
+    car.header(msg)
+    await car.send("tbox/status", msg)
+    await car.barrier()
+    last = [m for m in clients.backend.on("/tbox/status")][-1]
+    assert streams_pb2.VehicleStatus.FromString(last.payload).header.seq == msg.header.seq  # type: ignore[arg-type]
+    return user_properties(last)["policy-version"]
+
+
+async def test_roles_and_tokens(control: Control) -> None:
+    http, url = control.http, control.url
+    assert (await http.get(f"{url}/healthz")).status == 200
+    assert (await http.get(f"{url}/v1/policy")).status == 401
+    assert (
+        await http.get(f"{url}/v1/policy", headers={"Authorization": "Bearer wrong"})
+    ).status == 401
+    assert (await http.get(f"{url}/v1/policy", headers=control.auth("viewer"))).status == 200
+    assert (
+        await http.put(f"{url}/v1/policy", data="{}", headers=control.auth("viewer"))
+    ).status == 403
+    assert (
+        await http.put(f"{url}/v1/policy", data="{}", headers=control.auth("dpo"))
+    ).status == 403
+    assert (
+        await http.get(f"{url}/v1/vehicles/{VIN}/export", headers=control.auth("operator"))
+    ).status == 403
+    assert (
+        await http.get(f"{url}/v1/vehicles/{VIN}/export", headers=control.auth("viewer"))
+    ).status == 403
+    assert (
+        await http.get(f"{url}/v1/vehicles/{VIN}/export", headers=control.auth("dpo"))
+    ).status == 200
+    assert (
+        await http.get(f"{url}/v1/vehicles/NOT-A-VIN/privacy", headers=control.auth("dpo"))
+    ).status == 400
+    ready = await http.get(f"{url}/readyz", headers=control.auth("viewer"))
+    assert ready.status == 200 and (await ready.json())["ready"] is True
+    metrics = await http.get(f"{url}/metrics", headers=control.auth("viewer"))
+    assert "gateway_messages_received_total" in await metrics.text()
+    # Client IPs are recorded as protocol data, with who called.
+    log = control.service.store.access_log()
+    assert any(row[1] == "127.0.0.1" and row[2] == "dpo-1" for row in log)
+
+
+async def test_refused_pushes_leave_the_active_policy_enforced(
+    control: Control, clients: Clients, tmp_path: Path
+) -> None:
+    await clients.car.settings(1, features={"remote_control": True})
+    stranger = Ed25519PrivateKey.generate()
+    tampered = sign_policy(policy_text("2027.1.1"), control.key)
+    tampered_json = tampered.to_json().replace("cell_size_m: 2000", "cell_size_m: 5000")
+    broken = policy_text("2027.1.2").replace(
+        "legal_basis: consent\n    description: Real-time",
+        "legal_basis: consent\n    default: true\n    description: Real-time",
+    )
+
+    refusals = [
+        (
+            await control.http.put(
+                f"{control.url}/v1/policy", data=tampered_json, headers=control.auth("operator")
+            ),
+            403,
+            "signature",
+        ),
+        (await control.push(policy_text("2027.1.1"), key=stranger), 403, "unknown signing key"),
+        (await control.push(policy_text("2026.1.1")), 409, "not newer"),
+        (await control.push(broken), 422, "invalid"),
+        (
+            await control.http.put(
+                f"{control.url}/v1/policy", data="not json", headers=control.auth("operator")
+            ),
+            400,
+            "JSON",
+        ),
+    ]
+    for response, status, words in refusals:
+        body = await response.json()
+        assert response.status == status, body
+        assert words in repr(body)
+        assert await status_version(clients) == "2026.11.1"
+    problems = (await refusals[3][0].json())["problems"]
+    assert any("privacy by default" in p["problem"] for p in problems)
+
+
+async def test_push_while_messages_flow_each_message_decided_by_exactly_one_version(
+    control: Control, clients: Clients
+) -> None:
+    car = clients.car
+    await car.settings(
+        1, features={"remote_control": True}, location=common_pb2.LOCATION_APPROXIMATE
+    )
+    sent: list[int] = []
+
+    async def stream() -> None:
+        for i in range(300):
+            msg = streams_pb2.VehicleStatus()
+            msg.position.latitude, msg.position.longitude = 48.1 + i * 0.01, 11.5
+            car.header(msg)
+            # A fresh timestamp far apart: every message refreshes its coarse value.
+            msg.header.timestamp_ms += i * 3_600_000
+            sent.append(msg.header.seq)
+            await car.send("tbox/status", msg)
+
+    flow = asyncio.create_task(stream())
+    await asyncio.sleep(0.05)
+    response = await control.push(policy_text("2027.2.1", cell_size=5000))
+    assert response.status == 200, await response.text()
+    await flow
+    await car.barrier()
+    received = {}
+    for m in clients.backend.on("/tbox/status"):
+        msg = streams_pb2.VehicleStatus.FromString(m.payload)  # type: ignore[arg-type]
+        received.setdefault(
+            msg.header.seq,
+            (user_properties(m)["policy-version"], msg.position.horizontal_accuracy_m),
+        )
+    assert set(sent) <= set(received)  # nothing lost during the swap
+    versions = [received[s] for s in sent]
+    assert {v for v, _ in versions} == {"2026.11.1", "2027.2.1"}
+    for version, accuracy in versions:
+        assert accuracy == (2000 if version == "2026.11.1" else 5000)
+    # Arrival order: once the new version decided a message, the old one never did again.
+    first_new = next(i for i, (v, _) in enumerate(versions) if v == "2027.2.1")
+    assert all(v == "2027.2.1" for v, _ in versions[first_new:])
+    view = await (
+        await control.http.get(f"{control.url}/v1/policy", headers=control.auth("viewer"))
+    ).json()
+    assert view["version"] == "2027.2.1" and len(view["digest"]) == 64 and view["applied_at"]
+
+
+async def test_rollback(control: Control, clients: Clients) -> None:
+    await clients.car.settings(1, features={"remote_control": True})
+    assert (await control.push(policy_text("2027.3.1"))).status == 200
+    assert await status_version(clients) == "2027.3.1"
+    unknown = await control.http.post(
+        f"{control.url}/v1/policy/rollback",
+        json={"version": "1.0"},
+        headers=control.auth("operator"),
+    )
+    assert unknown.status == 404
+    back = await control.http.post(
+        f"{control.url}/v1/policy/rollback",
+        json={"version": "2026.11.1"},
+        headers=control.auth("operator"),
+    )
+    assert back.status == 200, await back.text()
+    assert await status_version(clients) == "2026.11.1"
+    versions = {p.version: p.active for p in control.service.store.policies()}
+    assert versions == {"2026.11.1": True, "2027.3.1": False}
+
+
+async def test_restriction_export_and_erasure_round_trip(
+    control: Control, clients: Clients
+) -> None:
+    http, url, car = control.http, control.url, clients.car
+    await car.settings(1, features={"remote_control": True, "third_party.music": True})
+    await car.settings(
+        2,
+        features={"remote_control": True, "third_party.music": True},
+        location=common_pb2.LOCATION_APPROXIMATE,
+    )
+    assert await status_version(clients)
+    app = car.header(streams_pb2.AppTraffic(app_id="music", payload=b"{}"))
+    await car.send("avn/app/music", app)
+    await car.barrier()
+
+    privacy = await (
+        await http.get(f"{url}/v1/vehicles/{VIN}/privacy", headers=control.auth("dpo"))
+    ).json()
+    assert privacy["settings"]["revision"] == 2 and privacy["settings"]["location"] == "APPROXIMATE"
+    assert privacy["restricted"] is False
+
+    # Restriction: only legal-obligation streams pass, whatever the car says.
+    assert (
+        await http.post(f"{url}/v1/vehicles/{VIN}/restriction", headers=control.auth("dpo"))
+    ).status == 200
+    before = len(clients.backend.on("/tbox/status"))
+    msg = car.header(streams_pb2.VehicleStatus())
+    await car.send("tbox/status", msg)
+    await car.settings(3, features={"remote_control": True})
+    await car.send("tbox/status", car.header(streams_pb2.VehicleStatus()))
+    await car.barrier()
+    assert len(clients.backend.on("/tbox/status")) == before
+    assert (
+        await http.delete(f"{url}/v1/vehicles/{VIN}/restriction", headers=control.auth("dpo"))
+    ).status == 200
+    assert await status_version(clients)
+
+    export = await (
+        await http.get(f"{url}/v1/vehicles/{VIN}/export", headers=control.auth("dpo"))
+    ).json()
+    assert [h["revision"] for h in export["settings_history"]] == [1, 2, 3]
+    sent = {(c["feature"], c["category"]): c["messages"] for c in export["sent_to_backend"]}
+    assert sent[("remote_control", "tbox/status")] == 2  # none while restricted
+    assert sent[("third_party.music", "avn/app/{app_id}")] == 1
+    assert "2026.11.1" in export["policy_versions_applied"]
+    assert {r["category"]: r["retention_days"] for r in export["retention"]}[
+        "tbox/connectivity"
+    ] == 7
+
+    erased = await http.delete(f"{url}/v1/vehicles/{VIN}", headers=control.auth("dpo"))
+    body = await erased.json()
+    assert erased.status == 200 and body["removed"]["settings_history"] == 3
+    await clients.backend.wait_for(lambda: bool(clients.backend.on(f"{VIN}/erasure")))
+    event = privacy_pb2.ErasureEvent.FromString(clients.backend.on(f"{VIN}/erasure")[0].payload)  # type: ignore[arg-type]
+    assert event.vin == VIN and len(event.refs) == 1
+    # Fail closed afterwards: the vehicle is unknown until it sends settings again.
+    before = len(clients.backend.on("/tbox/status"))
+    await car.send("tbox/status", car.header(streams_pb2.VehicleStatus()))
+    await car.barrier()
+    assert len(clients.backend.on("/tbox/status")) == before
+    export = await (
+        await http.get(f"{url}/v1/vehicles/{VIN}/export", headers=control.auth("dpo"))
+    ).json()
+    assert export["settings_history"] == []
+    # Only the eCall used as a barrier after the erasure is on record.
+    assert {c["feature"] for c in export["sent_to_backend"]} == {"ecall"}
+    # The ledger keeps its chain but no longer holds the vehicle's personal content.
+    entries = control.service.store.audit_entries(control.service.audit_subject(VIN))
+    assert entries and all(e["content"] in (None, {}) for e in entries)
+    assert control.service.store.verify_audit().ok
+    assert VIN not in repr(control.service.store.audit_entries())
+
+
+async def test_audit_verify_catches_tampering(
+    control: Control, clients: Clients, gateways: GatewayHarness
+) -> None:
+    await clients.car.settings(1, features={"remote_control": True})
+    await clients.car.settings(2, features={"remote_control": False})
+    ok = await control.http.get(f"{control.url}/v1/audit/verify", headers=control.auth("viewer"))
+    assert ok.status == 200 and (await ok.json())["entries"] == 3  # policy loaded + 2 settings
+    db = sqlite3.connect(gateways.state_dir / SqliteConsentStore.FILENAME)
+    db.execute(
+        "UPDATE audit_log SET content=replace(content, 'remote_control\":false', 'remote_control\":true') WHERE seq=3"
+    )
+    db.commit()
+    db.close()
+    bad = await control.http.get(f"{control.url}/v1/audit/verify", headers=control.auth("viewer"))
+    assert bad.status == 409 and "entry 3: content was modified" in (await bad.json())["problems"]
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "audit",
+            "verify",
+            "--state-dir",
+            str(gateways.state_dir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert cli.returncode == 1 and "TAMPERED" in cli.stderr
+
+
+async def test_removed_audit_entry_is_detected(
+    control: Control, clients: Clients, gateways: GatewayHarness
+) -> None:
+    for revision in (1, 2, 3):
+        await clients.car.settings(revision, features={"remote_control": True})
+    db = sqlite3.connect(gateways.state_dir / SqliteConsentStore.FILENAME)
+    db.execute("DELETE FROM audit_log WHERE seq=2")
+    db.commit()
+    db.close()
+    result = control.service.store.verify_audit()
+    assert not result.ok and any("missing" in p for p in result.problems)
+
+
+async def test_access_log_purged_after_retention(control: Control) -> None:
+    store = control.service.store
+    store.log_access(time.time() - 8 * 86400, "10.0.0.9", "old", "GET", "/v1/policy", 200)
+    assert (
+        await control.http.get(f"{control.url}/v1/policy", headers=control.auth("viewer"))
+    ).status == 200
+    removed = store.purge_access_log(time.time() - 7 * 86400)
+    assert removed == 1
+    assert all(row[1] != "10.0.0.9" for row in store.access_log())
+
+
+def test_openapi_document_matches_the_routes(control: Control) -> None:
+    app = control.plane.build_app()
+    served = {
+        (r.method, r.resource.canonical)
+        for r in app.router.routes()
+        if r.method != "HEAD" and r.resource is not None
+    }
+    documented = {
+        (m.upper(), path) for path, ops in openapi_document()["paths"].items() for m in ops
+    }
+    assert served == documented == {(r.method, r.path) for r in ROUTES}
+
+
+def test_operator_workflow_keygen_sign_push_and_restart_keeps_policy(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    def gateway(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+
+    assert gateway("keygen", str(tmp_path / "op.key")).returncode == 0
+    token = "workflow-token"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        (REPO / "config" / "gateway.toml")
+        .read_text()
+        .replace('policy = "policy.yaml"', f'policy = "{DEFAULT_POLICY}"')
+        .replace("trusted_keys = []", f'trusted_keys = ["{tmp_path / "op.key.pub"}"]')
+        + f'\n[[control.tokens]]\nname = "ops"\nrole = "operator"\nsha256 = "{hash_token(token)}"\n'
+    )
+    new_policy = tmp_path / "policy.yaml"
+    new_policy.write_text(policy_text("2027.4.1"))
+    signed = gateway("policy", "sign", "--key", str(tmp_path / "op.key"), str(new_policy))
+    assert signed.returncode == 0, signed.stderr
+    port_args = ["--control-listen", "127.0.0.1:0"]
+    proc = GatewayProcess(
+        broker.url, broker.url, tmp_path / "state", "--config", str(config), *port_args
+    )
+    try:
+        url = _control_url(proc)
+        pushed = gateway(
+            "policy", "push", "--url", url, "--token", token, str(tmp_path / "policy.yaml.signed")
+        )
+        assert pushed.returncode == 0, pushed.stderr
+        again = gateway(
+            "policy", "push", "--url", url, "--token", token, str(tmp_path / "policy.yaml.signed")
+        )
+        assert again.returncode == 1 and "not newer" in again.stderr
+    finally:
+        assert proc.terminate() == 0
+    proc = GatewayProcess(
+        broker.url, broker.url, tmp_path / "state", "--config", str(config), *port_args
+    )
+    try:
+        assert any("2027.4.1" in line and "gateway ready" in line for line in proc.lines)
+    finally:
+        assert proc.terminate() == 0
+
+
+def _control_url(proc: GatewayProcess) -> str:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for line in proc.lines:
+            if "control plane listening on" in line:
+                return "http://" + line.rsplit("listening on ", 1)[1].split()[0]
+        time.sleep(0.05)
+    raise AssertionError("control plane did not start:\n" + "".join(proc.lines))
