@@ -324,7 +324,8 @@ async def test_audit_verify_catches_tampering(
     assert ok.status == 200 and (await ok.json())["entries"] == 3  # policy loaded + 2 settings
     db = sqlite3.connect(gateways.state_dir / SqliteConsentStore.FILENAME)
     db.execute(
-        "UPDATE audit_log SET content=replace(content, 'remote_control\":false', 'remote_control\":true') WHERE seq=3"
+        "UPDATE audit_log SET content=replace(content, 'remote_control\":false',"
+        " 'remote_control\":true') WHERE seq=3"
     )
     db.commit()
     db.close()

@@ -407,10 +407,12 @@ async def test_kill_9_mid_stream_then_restart_delivers_everything_and_keeps_sett
 
             try:
                 await recorder.wait_for(all_allowed, timeout=30)
-            except TimeoutError:
+            except TimeoutError as exc:
                 got = set(seqs(recorder.on("/tbox/status"), streams_pb2.VehicleStatus))
                 missing = sorted(set(allowed) - got)
-                raise AssertionError(f"missing {len(missing)}: {missing[:20]} of {allowed[:3]}..{allowed[-3:]}\n" + "".join(proc.lines[-30:]))
+                raise AssertionError(
+                    f"missing {len(missing)}: {missing[:20]}\n" + "".join(proc.lines[-30:])
+                ) from exc
             assert recorder.on("/avn/nav") == []
             # The settings are still enforced after the restart.
             late_nav = nav(car)
