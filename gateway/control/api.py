@@ -179,13 +179,17 @@ class ControlPlane:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _purge_periodically(self) -> None:
+    async def purge_protocol_data(self) -> int:
         """Protocol data (client IPs) is kept at most the configured days."""
+        cutoff = time.time() - self.config.access_log_retention_days * SECONDS_PER_DAY
+        removed = int(await self._store(self.service.store.purge_access_log, cutoff))
+        if removed:
+            log.info("purged %d access-log entries older than retention", removed)
+        return removed
+
+    async def _purge_periodically(self) -> None:
         while True:
-            cutoff = time.time() - self.config.access_log_retention_days * SECONDS_PER_DAY
-            removed = await self._store(self.service.store.purge_access_log, cutoff)
-            if removed:
-                log.info("purged %d access-log entries older than retention", removed)
+            await self.purge_protocol_data()
             await asyncio.sleep(3600)
 
     async def _store(self, fn: Callable[..., Any], *args: Any) -> Any:
