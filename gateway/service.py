@@ -36,7 +36,7 @@ from gateway.core.transforms import pseudonym
 from gateway.edges.mqtt import InboundMessage, MqttEdge, PublishRefused
 from gateway.metrics import GatewayMetrics
 from gateway.policy import CompiledPolicy
-from gateway.store import EgressCount, SqliteConsentStore, StoredPolicy
+from gateway.store import ConsentStore, EgressCount, StoredPolicy
 from telematics.v1.privacy_pb2 import ErasureEvent
 
 log = logging.getLogger("gateway.service")
@@ -111,7 +111,7 @@ class GatewayService:
         config: GatewayConfig,
         policy: CompiledPolicy,
         key: bytes,
-        store: SqliteConsentStore,
+        store: ConsentStore,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:

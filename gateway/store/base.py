@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from gateway.control.audit import AuditRecord
+from gateway.control.audit import AuditRecord, VerifyResult
 from gateway.core.state import SettingsSnapshot
 
 
@@ -59,5 +59,46 @@ class ConsentStore(Protocol):
 
     def history(self, vin: str) -> list[SettingsSnapshot]:
         """Applied settings of one vehicle, oldest first."""
+
+    def restricted_vins(self) -> set[str]: ...
+
+    def restriction(self, vin: str) -> tuple[float, str] | None:
+        """(since, actor) when processing of the vehicle's data is restricted."""
+
+    def set_restriction(self, vin: str, restricted: bool, record: AuditRecord) -> bool:
+        """Set or lift; audited. Returns whether anything changed."""
+
+    def erase_vehicle(self, vin: str, subject: str, record: AuditRecord) -> dict[str, int]:
+        """Delete everything held about a vehicle; scrub its audit content."""
+
+    def save_policy(self, policy: StoredPolicy, record: AuditRecord) -> None:
+        """Store a policy and make it the active one (audited)."""
+
+    def activate_policy(self, version: str, applied_at: float, record: AuditRecord) -> None: ...
+
+    def policies(self) -> list[StoredPolicy]: ...
+
+    def active_policy(self) -> StoredPolicy | None: ...
+
+    def add_egress_counts(self, counts: list[EgressCount]) -> None: ...
+
+    def egress_counts(self, vin: str) -> list[EgressCount]: ...
+
+    def log_access(
+        self, at: float, client: str, actor: str, method: str, path: str, status: int
+    ) -> None: ...
+
+    def purge_access_log(self, older_than: float) -> int: ...
+
+    def access_log(self) -> list[tuple[Any, ...]]: ...
+
+    def append_audit(self, record: AuditRecord) -> None: ...
+
+    def audit_entries(self, subject: str | None = None) -> list[dict[str, Any]]: ...
+
+    def verify_audit(self) -> VerifyResult: ...
+
+    def check_writable(self) -> None:
+        """Raise when a write would fail (readiness probe)."""
 
     def close(self) -> None: ...
