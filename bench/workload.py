@@ -142,7 +142,8 @@ def populate_store(state_dir: Path, fleet: Fleet, policy_version: str) -> Path:
             "vehicle",
             window_until if vin in fleet.windows else 0.0,
         )
-        for vin, s in fleet.settings.items()
+        # Key order: appends to the WITHOUT ROWID b-tree instead of random inserts.
+        for vin, s in sorted(fleet.settings.items())
     )
     db = sqlite3.connect(path, isolation_level=None)
     try:
