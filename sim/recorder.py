@@ -35,6 +35,7 @@ class Recorder:
         self.topic_filter = f"{topic_prefix}/#"
         self.writer = JsonLinesWriter(out_dir / RECORDING_FILE)
         self.received = 0
+        self.received_telemetry = 0  # forwarded vehicle messages (not commands or their results)
         self.received_by_stream: Counter[str] = Counter()
         self.last_message_at = time.monotonic()
         self.ready = asyncio.Event()
@@ -76,6 +77,8 @@ class Recorder:
             }
         )
         self.received += 1
+        if "/cmd/" not in topic:
+            self.received_telemetry += 1
         parts = topic.split("/")
         self.received_by_stream["/".join(parts[2:]) if len(parts) >= 3 else topic] += 1
         self.last_message_at = time.monotonic()

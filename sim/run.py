@@ -92,8 +92,10 @@ def progress_view(fleet: Fleet, recorder: Recorder, started: float) -> Group:
     )
     head.add_row(
         f"sent {stats.published}",
-        f"received at backend {recorder.received}",
-        f"expected to pass {stats.expected_pass}",
+        f"received at backend {recorder.received_telemetry} "
+        f"(+{recorder.received - recorder.received_telemetry} command msgs)",
+        f"expected to pass {stats.expected_pass} "
+        f"(missing so far {max(0, stats.expected_pass - recorder.received_telemetry)})",
         f"settings {stats.settings_sent} (timeouts {stats.settings_timeouts})",
         f"commands {stats.commands_sent} (ok {stats.commands_accepted}, "
         f"refused {stats.commands_refused}, no result {stats.command_results_missing})",
