@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import statistics
 from collections import Counter, defaultdict
@@ -33,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sim.contract import ACCEPT, AMBIGUOUS, LOCATION_ON, PASS, decide_command, decide_message
-from sim.geo import Point, cell_half_extent_deg, distance_m
+from sim.geo import METRES_PER_DEGREE, Point, cell_half_extent_deg, distance_m
 from sim.groundtruth import GROUND_TRUTH_FILE, RECORDING_FILE, read_json_lines, unb64
 from sim.model import (
     MUST_NOT_ARRIVE,
@@ -381,6 +382,7 @@ class Checker:
     def run(self) -> CheckResult:
         index = self._index_recording()
         self._check_publishes(index)
+        self._check_sticky_grid()
         self._check_unmatched()
         self._check_app_topics()
         commands = self._check_commands()
@@ -739,6 +741,25 @@ class Checker:
         self.received_positions[pub.vin].append(
             (pub.ts_ms, got.latitude, got.longitude, "approximate", pub.stream)
         )
+
+    def _check_sticky_grid(self) -> None:
+        """All approximate outputs of one car lie on one grid (sticky offset): latitudes are
+        whole cell heights apart. Fresh noise per message would average out; this can't."""
+        step = self.policy.cell_size_m / METRES_PER_DEGREE
+        for vin, items in self.received_positions.items():
+            rows = sorted({lat for _, lat, _, mode, _ in items if mode == "approximate"})
+            for lower, upper in itertools.pairwise(rows):
+                cells = (upper - lower) / step
+                if abs(cells - round(cells)) > 0.02:
+                    self._issue(
+                        WRONG_TRANSFORM,
+                        "approximate_not_on_one_grid",
+                        "(all)",
+                        vin,
+                        f"approximate latitudes {lower:.6f} and {upper:.6f} are {cells:.2f} "
+                        "cells apart: not one sticky grid",
+                    )
+                    break
 
     def _positions_between(self, vin: str, start_ms: int, end_ms: int) -> list[Point]:
         times, points = self.positions.get(vin, ([], []))

@@ -409,6 +409,25 @@ def test_approximate_outside_cell_is_a_wrong_transform(clean_run: Run) -> None:
     assert (WRONG_TRANSFORM, "approximate_outside_cell") in rules(check(clean_run, recording))
 
 
+def test_fresh_noise_instead_of_sticky_grid_is_detected(clean_run: Run) -> None:
+    """An approximate position inside the right cell bounds, but half a cell off the
+    car's own grid (what fresh per-message noise would look like)."""
+    step = clean_run.policy.cell_size_m / 111_320
+    pub, position = find_delivered(clean_run, "tbox/trip", mode_is(common_pb2.LOCATION_APPROXIMATE))
+    on_grid = next(
+        lat
+        for _, lat, _, mode, _ in check(clean_run).received_positions[pub.vin]
+        if mode == "approximate"
+    )
+    truth_lat = original(pub).end.latitude
+    phase = ((truth_lat - on_grid) / step) % 1.0
+    off_grid = truth_lat + (0.5 - phase) * step * 0.98  # stays inside the truth's cell bounds
+    recording = edit_recorded(
+        clean_run, position, "tbox/trip", lambda m: setattr(m.end, "latitude", off_grid)
+    )
+    assert (WRONG_TRANSFORM, "approximate_not_on_one_grid") in rules(check(clean_run, recording))
+
+
 def test_modified_ecall_is_a_wrong_transform(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "tbox/ecall")
     recording = edit_recorded(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from rich.console import Console
@@ -76,10 +77,10 @@ def test_record_command_stores_user_properties(tmp_path: Path) -> None:
             stderr=subprocess.DEVNULL,
         )
         time.sleep(1.5)  # let it subscribe
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         client.connect("127.0.0.1", broker.port)
         client.loop_start()
-        properties = Properties(PacketTypes.PUBLISH)
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.UserProperty = [("feature", "remote_control"), ("transforms", "")]
         client.publish(
             "tsp/X/tbox/status", b"\x01\x02", qos=1, properties=properties
