@@ -146,6 +146,9 @@ def gateway_command(config: DemoConfig, broker_url: str, state_dir: Path) -> lis
         "run",
         "--config",
         str(config.gateway_config),
+        # A free port: the demo must not depend on 8080 being unused.
+        "--control-listen",
+        "127.0.0.1:0",
     ]
     return [
         *base,
