@@ -431,3 +431,50 @@ def test_sigterm_exits_cleanly(broker: MosquittoBroker, tmp_path: Path) -> None:
     assert proc.terminate() == 0
     assert time.monotonic() - started < 15
     assert any("gateway stopped" in line for line in proc.lines)
+
+
+async def test_vehicle_broker_restart_gateway_reconnects_and_loses_nothing(tmp_path: Path) -> None:
+    """The vehicle-side broker restarts (sessions persisted): the gateway
+    reconnects with backoff and receives what was queued for it meanwhile."""
+    vehicle_broker = MosquittoBroker(persistence=True).start()
+    try:
+        with MosquittoBroker() as backend_broker:
+            harness = GatewayHarness(vehicle_broker.url, backend_broker.url, tmp_path / "state")
+            service = await harness.start()
+            async with aiomqtt.Client(
+                "127.0.0.1",
+                backend_broker.port,
+                identifier="backend",
+                protocol=aiomqtt.ProtocolVersion.V5,
+            ) as backend_client:
+                await backend_client.subscribe("tsp/#", qos=1)
+                recorder = Recorder(backend_client)
+                rec_task = asyncio.create_task(recorder.run())
+                async with aiomqtt.Client("127.0.0.1", vehicle_broker.port, identifier="avn") as c:
+                    await c.subscribe(f"vehicle/{VIN}/avn/privacy/applied", qos=1)
+                    car = Car(c, recorder)
+                    task = asyncio.create_task(car.run())
+                    await car.settings(1, features={"remote_control": True})
+                    task.cancel()
+                vehicle_broker.stop_keep_state()
+                await asyncio.sleep(0.3)
+                vehicle_broker.start()
+                async with aiomqtt.Client("127.0.0.1", vehicle_broker.port, identifier="tbox") as c:
+                    car = Car(c, recorder)
+                    sent = [status(car) for _ in range(20)]
+                    for msg in sent:  # likely before the gateway is back: queued for its session
+                        await car.send("tbox/status", msg)
+                    want = {m.header.seq for m in sent}
+
+                    def arrived() -> bool:
+                        got = set(seqs(recorder.on("/tbox/status"), streams_pb2.VehicleStatus))
+                        return want <= got
+
+                    await recorder.wait_for(arrived, timeout=30)
+                assert service.vehicle_edge.ready.is_set()
+                assert service.metrics.value("gateway_broker_connected", edge="vehicle") == 1
+                rec_task.cancel()
+            for running in list(harness.running):
+                await harness.stop(running)
+    finally:
+        vehicle_broker.stop()
