@@ -18,9 +18,10 @@ import random
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -85,16 +86,36 @@ class PublishRefused(Exception):
     """The broker answered a QoS 1 publish with a failure reason code."""
 
 
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+
 class _Client(mqtt.Client):
-    """paho client that accepts a socket connected by asyncio.
+    """paho client that accepts a socket connected by asyncio, with buffered socket I/O.
 
     paho connects with a blocking call; connecting on the event loop
     ourselves keeps an unreachable broker from freezing the other side.
+
+    paho reads a packet with at least three recv() calls (command byte,
+    length bytes, body) and writes every packet with its own send(): at
+    thousands of messages a second the syscalls cost more than the privacy
+    decision. Reads are served from one large recv(); writes are collected
+    and flushed with one send() per event-loop pass (`flush`). Neither
+    changes what paho considers sent or received: a flushed buffer is no
+    different from data sitting in the kernel's socket buffer.
     """
 
     preconnected: socket.socket | None = None
+    _READ_SIZE = 1 << 18
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+        self._wbuf = bytearray()
 
     def _create_socket_connection(self) -> socket.socket:
+        self._rbuf, self._rpos, self._wbuf = b"", 0, bytearray()  # nothing crosses connections
         sock, self.preconnected = self.preconnected, None
         if sock is None:
             return super()._create_socket_connection()
@@ -102,9 +123,108 @@ class _Client(mqtt.Client):
         sock.settimeout(self._connect_timeout)
         return sock
 
+    @property
+    def read_buffered(self) -> bool:
+        return self._rpos < len(self._rbuf)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(max(bufsize, self._READ_SIZE))
+            if len(data) <= bufsize:
+                self._rbuf, self._rpos = b"", 0
+                return data
+            self._rbuf, self._rpos = data, 0
+        end = self._rpos + bufsize
+        chunk = self._rbuf[self._rpos : end]
+        self._rpos = end
+        return chunk
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._sock is None:
+            raise ConnectionError("self._sock is None")
+        self._wbuf += buf
+        return len(buf)
+
+    def flush(self) -> bool:
+        """Send what paho wrote; True when everything went out."""
+        if not self._wbuf or self._sock is None:
+            return True
+        try:
+            sent = self._sock.send(self._wbuf)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return False
+        except OSError:
+            self._wbuf.clear()
+            self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            return True
+        del self._wbuf[:sent]
+        return not self._wbuf
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        # paho scans every outgoing message on every PUBACK looking for queued
+        # ones (O(window) per ack). Only QoS>0 messages are kept, so when none
+        # is queued beyond the in-flight count there is nothing to find.
+        if len(self._out_messages) <= self._inflight_messages:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._update_inflight()
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        # Success without reason code or properties, the usual PUBACK: skip
+        # building a ReasonCode and a Properties object per message.
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _sock_close(self) -> None:
+        # paho closes right after "sending" DISCONNECT: let it reach the socket first.
+        if self._sock is not None and self._wbuf:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                self._sock.send(self._wbuf)
+        self._wbuf.clear()
+        self._rbuf, self._rpos = b"", 0
+        super()._sock_close()
+
+
+class _PackedProperties(Properties):
+    """PUBLISH properties packed once and reused (paho would rebuild and repack
+    them for every message; the gateway sends the same few sets over and over)."""
+
+    _packed: bytes
+
+    def __init__(self, user_properties: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        self.UserProperty = list(user_properties)
+        object.__setattr__(self, "_packed", super().pack())  # type: ignore[no-untyped-call]
+
+    def pack(self) -> bytes:
+        return self._packed
+
+
+_PROPERTIES_CACHE: dict[tuple[tuple[str, str], ...], _PackedProperties] = {}
+
+
+def _publish_properties(user_properties: Sequence[tuple[str, str]]) -> _PackedProperties:
+    key = tuple(user_properties)
+    props = _PROPERTIES_CACHE.get(key)
+    if props is None:
+        if len(_PROPERTIES_CACHE) > 4096:  # bounded: transforms lists vary a little
+            _PROPERTIES_CACHE.clear()
+        props = _PROPERTIES_CACHE[key] = _PackedProperties(key)
+    return props
+
+
+_Pending = tuple[str, bytes, Properties | None, "asyncio.Future[None]"]
+
 
 class MqttEdge:
     """An MQTT v5 client connection with reconnect, publish futures and manual acks."""
+
+    _READ_BATCH = 256  # packets handled per event-loop wake-up
 
     def __init__(
         self,
@@ -141,10 +261,15 @@ class MqttEdge:
         self._disconnected = asyncio.Event()
         self._stopping = False
         self._loop = asyncio.get_running_loop()
-        self._publishes: dict[int, asyncio.Future[None]] = {}
+        self._publishes: dict[int, asyncio.Future[None]] = {}  # handed to paho, by mid
+        self._backlog: deque[_Pending] = deque()  # waiting for room in the in-flight window
         self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._misc_task: asyncio.Task[None] | None = None
         self._sock: Any = None
+        self._write_scheduled = False
+        self._writer_added = False
+        self._read_scheduled = False
+        self._drain_scheduled = False
 
         client = _Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -174,7 +299,7 @@ class MqttEdge:
 
     @property
     def pending_publishes(self) -> int:
-        return len(self._publishes)
+        return len(self._publishes) + len(self._backlog)
 
     async def run(self) -> None:
         """Connect, and reconnect with jittered exponential backoff, until stop()."""
@@ -220,19 +345,36 @@ class MqttEdge:
         """QoS 1 publish; the future completes on PUBACK (or fails on a refusal).
 
         While disconnected, paho keeps the message and resends it after the
-        reconnect, so the future simply completes later.
+        reconnect, so the future simply completes later. Beyond the in-flight
+        window messages wait here, in order, rather than in paho: paho looks
+        for its queued messages with a scan of all of them on every PUBACK.
         """
-        props = None
-        if user_properties:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.UserProperty = list(user_properties)
-        info = self._client.publish(topic, payload, qos=1, properties=props)
+        props = _publish_properties(user_properties) if user_properties else None
         future: asyncio.Future[None] = self._loop.create_future()
+        if self._backlog or len(self._publishes) >= self._client._max_inflight_messages:
+            self._backlog.append((topic, payload, props, future))
+        else:
+            self._hand_to_paho(topic, payload, props, future)
+        return future
+
+    def _hand_to_paho(
+        self,
+        topic: str,
+        payload: bytes,
+        props: Properties | None,
+        future: asyncio.Future[None],
+    ) -> None:
+        info = self._client.publish(topic, payload, qos=1, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             future.set_exception(PublishRefused(f"publish rejected locally: {info.rc!r}"))
-            return future
+            return
         self._publishes[info.mid] = future
-        return future
+
+    def _drain_backlog(self) -> None:
+        self._drain_scheduled = False
+        backlog, limit = self._backlog, self._client._max_inflight_messages
+        while backlog and len(self._publishes) < limit:
+            self._hand_to_paho(*backlog.popleft())
 
     def ack(self, mid: int, qos: int, generation: int) -> bool:
         """PUBACK a received message, unless it came over an earlier connection
@@ -326,6 +468,9 @@ class MqttEdge:
             self.generation += 1
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(reason_code)
+        # After paho's resend of what it holds (right behind this callback):
+        # the new window may have room for waiting messages.
+        self._loop.call_soon(self._drain_backlog)
 
     def _handle_disconnect(
         self,
@@ -375,6 +520,11 @@ class MqttEdge:
         properties: Properties | None,
     ) -> None:
         future = self._publishes.pop(mid, None)
+        if self._backlog and not self._drain_scheduled:
+            # Not from inside this callback: paho still counts the acked
+            # message as in flight until the callback returns.
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain_backlog)
         if future is None or future.done():
             return
         if reason_code.is_failure:
@@ -403,26 +553,62 @@ class MqttEdge:
             self._misc_task = self._loop.create_task(self._misc_loop())
 
     def _read(self) -> None:
-        # Drain several packets per wake-up: fewer event-loop round trips.
-        self._client.loop_read(64)
+        # A bounded batch per wake-up, then yield: the decide loop and the
+        # writer get their turn even when the broker sends faster than we
+        # decide (mosquitto 2.0 overshoots our Receive Maximum once acks
+        # flow). Bytes already in our buffer do not make the socket readable
+        # again, so a non-empty buffer reschedules the read itself.
+        client = self._client
+        for _ in range(self._READ_BATCH):
+            if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or not client.read_buffered:
+                break
+        if client.read_buffered and self._sock is not None and not self._read_scheduled:
+            self._read_scheduled = True  # at most one pending: reads must not crowd out the rest
+            self._loop.call_soon(self._read_again)
+
+    def _read_again(self) -> None:
+        self._read_scheduled = False
+        if self._sock is not None:
+            self._read()
 
     def _socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._loop.remove_reader(sock)
         self._loop.remove_writer(sock)
+        self._write_scheduled = self._writer_added = False
         if self._sock is sock:
             self._sock = None
 
     def _socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._loop.add_writer(sock, client.loop_write)
+        # Write once the current callbacks are done (one send() for everything
+        # they queued) rather than on an epoll writability round trip: the
+        # socket is almost always writable. Only a full socket waits for epoll.
+        if not self._write_scheduled and not self._writer_added:
+            self._write_scheduled = True
+            self._loop.call_soon(self._write)
 
     def _socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._loop.remove_writer(sock)
+        pass  # _write decides, once the buffer is flushed
+
+    def _write(self) -> None:
+        self._write_scheduled = False
+        client, sock = self._client, self._sock
+        if sock is None:
+            return
+        client.loop_write()
+        done = client.flush()
+        if done and self._writer_added:
+            self._loop.remove_writer(sock)
+            self._writer_added = False
+        elif not done and not self._writer_added and self._sock is sock:
+            self._loop.add_writer(sock, self._write)
+            self._writer_added = True
 
     def _teardown_socket(self) -> None:
         if self._sock is not None:
             self._loop.remove_reader(self._sock)
             self._loop.remove_writer(self._sock)
             self._sock = None
+        self._writer_added = False
 
     async def _misc_loop(self) -> None:
         """Keepalive pings and timeouts, once a second."""
