@@ -608,10 +608,7 @@ def bench_scale(ctx: Context) -> dict[str, Any]:
     ready_med = median([x["ready_s"] for x in restarts])
     rss_large = median([x["rss_bytes"] for x in restarts])
     known_delta = len(large.settings) - len(small.settings)
-    ratios = [
-        a["steady_msg_s"] / b["steady_msg_s"]
-        for a, b in zip(raw["large"], raw["small"], strict=True)
-    ]
+    ratios = [a["msg_s"] / b["msg_s"] for a, b in zip(raw["large"], raw["small"], strict=True)]
     return {
         "small_vehicles": len(small.vins),
         "large_vehicles": len(large.vins),
