@@ -304,6 +304,16 @@ def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
                 (f"{path}.message", f"unknown message {stream.message!r} (known: {known})")
             )
             continue
+        nested = _nested_geopoints(desc)
+        if nested:
+            # Location rules act on top-level GeoPoint fields; one buried in a
+            # sub-message would leave untouched, so refuse rather than leak.
+            problems.append(
+                (
+                    f"{path}.message",
+                    f"{stream.message} nests GeoPoints the gateway cannot reach: {nested}",
+                )
+            )
         header = desc.fields_by_name.get("header")
         if (
             header is None
@@ -365,6 +375,20 @@ def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
             ("commands", "a stream requires a find-my-car window but no command opens one")
         )
     return problems
+
+
+def _nested_geopoints(desc: Descriptor, prefix: str = "", depth: int = 0) -> list[str]:
+    """GeoPoint fields below the top level of `desc` (dotted paths)."""
+    found: list[str] = []
+    for fd in desc.fields:
+        sub = fd.message_type
+        if sub is None or sub.full_name in (GEOPOINT_TYPE, HEADER_TYPE) or depth > 8:
+            continue
+        for inner in sub.fields:
+            if inner.message_type is not None and inner.message_type.full_name == GEOPOINT_TYPE:
+                found.append(f"{prefix}{fd.name}.{inner.name}")
+        found += _nested_geopoints(sub, f"{prefix}{fd.name}.", depth + 1)
+    return found
 
 
 def _is_repeated(fd: FieldDescriptor) -> bool:

@@ -429,3 +429,28 @@ def test_non_utf8_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as info:
         load_policy(path)
     assert f"{path}: <root>: not UTF-8" in str(info.value)
+
+
+def test_nested_geopoints_are_detected_so_validation_can_refuse_them() -> None:
+    """A GeoPoint inside a sub-message would escape the location rules: the
+    policy check reports it (the default streams have none)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    from gateway.policy import _nested_geopoints
+    from telematics.v1 import common_pb2, streams_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    common = descriptor_pb2.FileDescriptorProto()
+    common_pb2.DESCRIPTOR.CopyToProto(common)
+    pool.Add(common)
+    file = descriptor_pb2.FileDescriptorProto(
+        name="nested_test.proto", package="t", dependency=["telematics/v1/common.proto"]
+    )
+    wrap = file.message_type.add(name="Wrap")
+    wrap.field.add(name="where", number=1, type=11, type_name=".telematics.v1.GeoPoint", label=1)
+    outer = file.message_type.add(name="Outer")
+    outer.field.add(name="wrap", number=1, type=11, type_name=".t.Wrap", label=1)
+    pool.Add(file)
+    assert _nested_geopoints(pool.FindMessageTypeByName("t.Outer")) == ["wrap.where"]
+    for name in streams_pb2.DESCRIPTOR.message_types_by_name:
+        assert _nested_geopoints(streams_pb2.DESCRIPTOR.message_types_by_name[name]) == []
