@@ -354,18 +354,54 @@ def state_from_snapshot(
 
     Features the snapshot does not mention take the policy default (never on
     for consent); unknown feature ids are ignored.
+
+    States are immutable, and a fleet shares a few thousand distinct ones:
+    identical states are one object (what makes a million vehicles cheap to
+    hold and fast to load).
     """
-    enabled = set(policy.default_on - snapshot.features.keys())
-    for feature_id, on in snapshot.features.items():
-        if on and policy.feature_is_known(feature_id):
-            enabled.add(sys.intern(feature_id))
-    return VehicleState(
-        revision=snapshot.revision,
-        privacy_mode=snapshot.privacy_mode,
-        location=snapshot.location,
-        enabled=_intern_set(frozenset(enabled)),
-        window_until=window_until,
-    )
+    enabled = _enabled_features(policy, tuple(snapshot.features.items()))
+    key = (snapshot.revision, snapshot.privacy_mode, snapshot.location, enabled, window_until)
+    state = _STATE_CACHE.get(key)
+    if state is None:
+        if len(_STATE_CACHE) > 200_000:
+            _STATE_CACHE.clear()
+        state = _STATE_CACHE[key] = VehicleState(
+            revision=snapshot.revision,
+            privacy_mode=snapshot.privacy_mode,
+            location=snapshot.location,
+            enabled=enabled,
+            window_until=window_until,
+        )
+    return state
+
+
+_STATE_CACHE: dict[tuple[object, ...], VehicleState] = {}
+# Per policy object (identity, kept alive by the entry): feature items -> enabled set.
+_ENABLED_CACHE: dict[
+    int, tuple[CompiledPolicy, dict[tuple[tuple[str, bool], ...], frozenset[str]]]
+] = {}
+
+
+def _enabled_features(
+    policy: CompiledPolicy, features: tuple[tuple[str, bool], ...]
+) -> frozenset[str]:
+    entry = _ENABLED_CACHE.get(id(policy))
+    if entry is None or entry[0] is not policy:
+        if len(_ENABLED_CACHE) > 8:  # policies are replaced rarely
+            _ENABLED_CACHE.clear()
+        entry = _ENABLED_CACHE[id(policy)] = (policy, {})
+    cache = entry[1]
+    enabled_set = cache.get(features)
+    if enabled_set is None:
+        names = {name for name, _ in features}
+        enabled = set(policy.default_on - names)
+        for feature_id, on in features:
+            if on and policy.feature_is_known(feature_id):
+                enabled.add(sys.intern(feature_id))
+        if len(cache) > 100_000:
+            cache.clear()
+        enabled_set = cache[features] = _intern_set(frozenset(enabled))
+    return enabled_set
 
 
 _SET_CACHE: dict[frozenset[str], frozenset[str]] = {}
