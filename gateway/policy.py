@@ -180,6 +180,22 @@ class CompiledPolicy:
 # Loading
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys: in a policy, a second
+    `tbox/status:` silently replacing the first would be an invisible change."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def version_key(version: str) -> tuple[int, ...]:
     """Order of policy versions: "2026.11.10" > "2026.11.9"."""
     return tuple(int(part) for part in version.split("."))
@@ -203,7 +219,7 @@ def parse_policy(raw: bytes | str, *, source: str = "<policy>") -> CompiledPolic
         # Callers handle PolicyError only: a stray byte must not crash startup.
         raise PolicyError(source, [("", f"not UTF-8 text (byte {exc.start})")]) from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -59,8 +59,16 @@ def test_default_policy_loads() -> None:
     assert policy.refresh_interval_ms == 900_000
     assert policy.window_s == 120.0
     assert set(policy.exact_routes) == {
-        "tbox/status", "tbox/alarm", "tbox/location", "tbox/battery", "tbox/trip",
-        "tbox/digital_key", "tbox/connectivity", "tbox/ecall", "avn/nav", "avn/search",
+        "tbox/status",
+        "tbox/alarm",
+        "tbox/location",
+        "tbox/battery",
+        "tbox/trip",
+        "tbox/digital_key",
+        "tbox/connectivity",
+        "tbox/ecall",
+        "avn/nav",
+        "avn/search",
         "avn/voice",
     }
     assert [r.stream.key for r in policy.template_routes] == ["avn/app/{app_id}"]
@@ -78,9 +86,7 @@ def test_default_policy_compiled_fields() -> None:
     status = policy.exact_routes["tbox/status"]
     assert [(g.name, g.is_position) for g in status.geo_fields] == [("position", True)]
     trip = policy.exact_routes["tbox/trip"]
-    assert [(g.name, g.is_position) for g in trip.geo_fields] == [
-        ("start", False), ("end", False)
-    ]
+    assert [(g.name, g.is_position) for g in trip.geo_fields] == [("start", False), ("end", False)]
     ecall = policy.exact_routes["tbox/ecall"]
     assert ecall.legal_obligation and ecall.geo_fields == ()
     conn = policy.exact_routes["tbox/connectivity"]
@@ -202,8 +208,10 @@ BROKEN: list[tuple[str, Mutation, str, str]] = [
     ),
     (
         "per-app feature without placeholder",
-        _set("streams|avn/radio", {"message": "AppTraffic", "feature": "third_party",
-                                   "retention_days": 1}),
+        _set(
+            "streams|avn/radio",
+            {"message": "AppTraffic", "feature": "third_party", "retention_days": 1},
+        ),
         "streams.avn/radio.feature",
         "feature 'third_party' is per app",
     ),
@@ -245,8 +253,10 @@ BROKEN: list[tuple[str, Mutation, str, str]] = [
     ),
     (
         "stream outside tbox/avn",
-        _set("streams|gps/raw", {"message": "Location", "feature": "find_my_car",
-                                 "retention_days": 1}),
+        _set(
+            "streams|gps/raw",
+            {"message": "Location", "feature": "find_my_car", "retention_days": 1},
+        ),
         "streams.gps/raw",
         "start with 'tbox/' or 'avn/'",
     ),
@@ -299,7 +309,7 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
         load_policy(path)
     message = str(info.value)
     assert str(path) in message and "not valid YAML" in message
-    (where, _), = info.value.problems
+    ((where, _),) = info.value.problems
     line = int(where.split(",")[0].removeprefix("line "))
     assert index + 2 <= line <= index + 3  # the broken line or the one after
 
@@ -341,8 +351,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as info:
         load_policy(write(tmp_path, doc))
     paths = {p for p, _ in info.value.problems}
-    assert {"location.cell_size_m", "streams.tbox/status.feature",
-            "commands.lock.feature"} <= paths
+    assert {"location.cell_size_m", "streams.tbox/status.feature", "commands.lock.feature"} <= paths
 
 
 def test_minimum_cell_size_is_accepted(tmp_path: Path) -> None:
@@ -367,8 +376,14 @@ def _status_decision(policy: CompiledPolicy, mode: LocationMode) -> Forward | Dr
     msg.header.vin = VIN
     msg.header.timestamp_ms = 1_000
     msg.position.CopyFrom(common_pb2.GeoPoint(latitude=52.52, longitude=13.405, altitude_m=34))
-    d = decide(DecisionContext(policy, KEY), f"vehicle/{VIN}/tbox/status",
-               msg.SerializeToString(), {VIN: state}, {}, 1.0)
+    d = decide(
+        DecisionContext(policy, KEY),
+        f"vehicle/{VIN}/tbox/status",
+        msg.SerializeToString(),
+        {VIN: state},
+        {},
+        1.0,
+    )
     assert isinstance(d, Forward | Drop)
     return d
 
@@ -397,8 +412,7 @@ def test_undeclared_geopoint_coarsened_when_approximate() -> None:
     assert d.coarse_fix is None  # a place: coarsened per message, no refresh anchor
 
 
-@pytest.mark.parametrize("mode", [LocationMode.OFF, LocationMode.APPROXIMATE,
-                                  LocationMode.PRECISE])
+@pytest.mark.parametrize("mode", [LocationMode.OFF, LocationMode.APPROXIMATE, LocationMode.PRECISE])
 def test_removed_geopoint_is_gone_in_every_mode(mode: LocationMode) -> None:
     doc = default_doc()
     doc["streams"]["tbox/status"]["fields"] = {"position": "remove"}
@@ -417,8 +431,9 @@ def test_non_consent_default_on_feature(tmp_path: Path) -> None:
     snapshot = SettingsSnapshot(VIN, 1, False, LocationMode.OFF, {}, 0.0, "t")
     assert state_from_snapshot(policy, snapshot).enabled == {"remote_control"}
     # An explicit "off" in the snapshot wins over the default.
-    snapshot = SettingsSnapshot(VIN, 1, False, LocationMode.OFF, {"remote_control": False},
-                                0.0, "t")
+    snapshot = SettingsSnapshot(
+        VIN, 1, False, LocationMode.OFF, {"remote_control": False}, 0.0, "t"
+    )
     assert state_from_snapshot(policy, snapshot).enabled == frozenset()
     assert isinstance(_status_decision(policy, LocationMode.OFF), Forward)
 
@@ -454,3 +469,19 @@ def test_nested_geopoints_are_detected_so_validation_can_refuse_them() -> None:
     assert _nested_geopoints(pool.FindMessageTypeByName("t.Outer")) == ["wrap.where"]
     for name in streams_pb2.DESCRIPTOR.message_types_by_name:
         assert _nested_geopoints(streams_pb2.DESCRIPTOR.message_types_by_name[name]) == []
+
+
+def test_duplicate_keys_are_refused_with_their_line(tmp_path: Path) -> None:
+    text = DEFAULT.read_text()
+    duplicated = text.replace(
+        "  tbox/alarm:",
+        "  tbox/status:\n    message: VehicleStatus\n    feature: remote_control\n"
+        "    retention_days: 1\n  tbox/alarm:",
+        1,
+    )
+    path = tmp_path / "dup.yaml"
+    path.write_text(duplicated)
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    message = str(err.value)
+    assert str(path) in message and "duplicate key 'tbox/status'" in message and "line" in message
