@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.perf_counter() - started
     results["targets"] = [t.as_dict() for t in targets(results)]
     path = write_json(results, f"{args.benchmark}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    print_table(results, Console())
+    print_table(results, Console(width=160))
     console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
     return 0
 

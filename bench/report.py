@@ -116,7 +116,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
     if sc:
         out.append(
             Target(
-                "state RSS per vehicle (1M)",
+                f"state RSS per vehicle ({sc['large_vehicles']:,} vehicles)",
                 sc["bytes_per_vehicle"],
                 "<=",
                 300,
@@ -126,7 +126,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
         )
         out.append(
             Target(
-                "restart with 1M vehicles to ready",
+                f"restart with {sc['large_vehicles']:,} vehicles to ready",
                 sc["ready_median_s"],
                 "<=",
                 10.0,
