@@ -133,6 +133,10 @@ class GatewayService:
         # (vin, day, stream, feature, policy version) -> messages forwarded; flushed periodically.
         self._egress_counts: dict[tuple[str, str, str, str, str], int] = {}
         self._day_cache: tuple[float, float, str] = (0.0, 0.0, "")
+        # Undecided messages: past the high-water mark the vehicle socket is
+        # not read until the decision loop is back under the low-water mark.
+        self._high_water = config.pipeline.inflight
+        self._low_water = max(1, config.pipeline.inflight // 4)
         self._store_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consent-store")
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -193,7 +197,7 @@ class GatewayService:
             endpoint=vcfg.endpoint,
             client_id=vcfg.client_id,
             subscriptions=[f"{vcfg.topic_prefix}/#"],
-            on_message=self._queue.put_nowait,
+            on_message=self._enqueue_vehicle_message,
             clean_start=False,  # persistent session: the broker queues while we are away
             session_expiry_s=vcfg.session_expiry_s or 86400,
             receive_maximum=inflight,
@@ -223,6 +227,11 @@ class GatewayService:
             asyncio.create_task(self._announce_ready(), name="ready"),
             asyncio.create_task(self._flush_counts_periodically(), name="egress-counts"),
         ]
+
+    def _enqueue_vehicle_message(self, msg: InboundMessage) -> None:
+        self._queue.put_nowait(msg)
+        if self._queue.qsize() >= self._high_water:
+            self.vehicle_edge.pause_reading()
 
     async def _announce_ready(self) -> None:
         await self.vehicle_edge.ready.wait()
@@ -279,10 +288,13 @@ class GatewayService:
 
     async def _decide_loop(self) -> None:
         edges = {VEHICLE: self.vehicle_edge, BACKEND: self.backend_edge}
+        queue, vehicle_edge, low_water = self._queue, self.vehicle_edge, self._low_water
         while True:
-            msg = await self._queue.get()
+            msg = await queue.get()
             if msg is None or self._stopping:
                 return
+            if vehicle_edge.reading_paused and queue.qsize() <= low_water:
+                vehicle_edge.resume_reading()
             if isinstance(msg, ControlOp):
                 try:
                     msg.done.set_result(await msg.run())

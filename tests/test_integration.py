@@ -12,6 +12,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.edges.mqtt import InboundMessage
 from gateway.policy import load_policy
 from sim.broker import MosquittoBroker
 from telematics.v1 import command_pb2, common_pb2, streams_pb2
@@ -478,3 +479,56 @@ async def test_vehicle_broker_restart_gateway_reconnects_and_loses_nothing(tmp_p
                 await harness.stop(running)
     finally:
         vehicle_broker.stop()
+
+
+async def test_slow_decisions_pause_reading_bounding_the_queue_without_loss(
+    broker: MosquittoBroker, tmp_path: Path, clients: Clients
+) -> None:
+    """Back-pressure does not rely on the broker honouring Receive Maximum:
+    past the high-water mark the gateway stops reading the vehicle socket."""
+    from gateway.policy import load_policy as load
+    from gateway.service import GatewayService
+    from gateway.store import SqliteConsentStore
+
+    from .conftest import KEY, gateway_config
+
+    config = gateway_config(broker.url, broker.url, tmp_path / "state")
+    config.pipeline.inflight = 16
+    service = GatewayService(
+        config, load(DEFAULT_POLICY), KEY, SqliteConsentStore.in_state_dir(config.state_dir)
+    )
+    deepest = 0
+    paused = 0
+    original_enqueue = service._enqueue_vehicle_message
+    original_handle = service._handle_vehicle_message
+
+    def enqueue(msg: InboundMessage) -> None:
+        nonlocal deepest, paused
+        original_enqueue(msg)
+        deepest = max(deepest, service._queue.qsize())
+        paused += service.vehicle_edge.reading_paused
+
+    async def slow_handle(msg: InboundMessage, slot: object) -> None:
+        await asyncio.sleep(0.002)  # a decision loop slower than the car
+        await original_handle(msg, slot)  # type: ignore[arg-type]
+
+    service._enqueue_vehicle_message = enqueue  # type: ignore[method-assign]
+    service._handle_vehicle_message = slow_handle  # type: ignore[method-assign]
+    await service.start()
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        car = clients.car
+        await car.settings(1, features={"remote_control": True})
+        sent = [status(car) for _ in range(300)]
+        await asyncio.gather(*(car.send("tbox/status", m) for m in sent))
+        want = {m.header.seq for m in sent}
+        await clients.backend.wait_for(
+            lambda: (
+                want <= set(seqs(clients.backend.on("/tbox/status"), streams_pb2.VehicleStatus))
+            ),
+            timeout=30,
+        )
+        assert deepest <= config.pipeline.inflight + 1
+        assert paused > 0  # the high-water mark was reached and reading paused
+    finally:
+        await service.stop()

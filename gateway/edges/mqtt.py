@@ -269,6 +269,7 @@ class MqttEdge:
         self._write_scheduled = False
         self._writer_added = False
         self._read_scheduled = False
+        self._reading_paused = False
         self._drain_scheduled = False
 
         client = _Client(
@@ -546,8 +547,34 @@ class MqttEdge:
 
     # ------------------------------------------------ socket <-> event loop
 
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
+
+    def pause_reading(self) -> None:
+        """Stop taking packets off the socket: TCP back-pressure to the broker,
+        which then holds further messages itself. Needed because a broker may
+        send beyond our Receive Maximum (mosquitto 2.0 does once acks flow)."""
+        if self._reading_paused:
+            return
+        self._reading_paused = True
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock)
+
+    def resume_reading(self) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        if self._sock is not None:
+            self._loop.add_reader(self._sock, self._read)
+            if not self._read_scheduled:  # bytes may already sit in our buffer
+                self._read_scheduled = True
+                self._loop.call_soon(self._read_again)
+
     def _socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._sock = sock
+        # A new connection must read its CONNACK; the owner pauses again if needed.
+        self._reading_paused = False
         self._loop.add_reader(sock, self._read)
         if self._misc_task is None or self._misc_task.done():
             self._misc_task = self._loop.create_task(self._misc_loop())
@@ -560,15 +587,19 @@ class MqttEdge:
         # again, so a non-empty buffer reschedules the read itself.
         client = self._client
         for _ in range(self._READ_BATCH):
+            if self._reading_paused:
+                return  # resume_reading() picks up what is buffered
             if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or not client.read_buffered:
                 break
+        if self._reading_paused:
+            return
         if client.read_buffered and self._sock is not None and not self._read_scheduled:
             self._read_scheduled = True  # at most one pending: reads must not crowd out the rest
             self._loop.call_soon(self._read_again)
 
     def _read_again(self) -> None:
         self._read_scheduled = False
-        if self._sock is not None:
+        if self._sock is not None and not self._reading_paused:
             self._read()
 
     def _socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
