@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -59,6 +61,17 @@ class GatewayMetrics:
         self.policy_info = Gauge(
             "gateway_policy_info", "Active policy", ["version", "digest"], registry=r
         )
+
+        # Labelled children by (metric, labels): `labels()` costs 1-3 us per
+        # call, a dictionary hit a tenth of that, on every message.
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+    def inc(self, metric: Counter, *labels: str) -> None:
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        child.inc()
 
     def value(self, name: str, **labels: str) -> float:
         """Current value of a sample (tests and the shutdown summary)."""

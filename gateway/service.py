@@ -303,7 +303,7 @@ class GatewayService:
                 continue
             if msg.generation != edges[msg.source].generation:
                 continue  # received over a lost connection: the broker redelivers it
-            self.metrics.received.labels(msg.source).inc()
+            self.metrics.inc(self.metrics.received, msg.source)
             slot = self._windows[msg.source].open(msg)
             try:
                 if msg.source == VEHICLE:
@@ -327,7 +327,7 @@ class GatewayService:
         if isinstance(decision, Forward):
             if decision.coarse_fix is not None:
                 self.coarse_fixes[decision.vin] = decision.coarse_fix
-            self.metrics.forwarded.labels(decision.stream, decision.feature).inc()
+            self.metrics.inc(self.metrics.forwarded, decision.stream, decision.feature)
             key = (
                 decision.vin,
                 self._day(),
@@ -337,7 +337,7 @@ class GatewayService:
             )
             self._egress_counts[key] = self._egress_counts.get(key, 0) + 1
             for transform in decision.transforms:
-                self.metrics.transforms.labels(transform).inc()
+                self.metrics.inc(self.metrics.transforms, transform)
             self._deliver(
                 self.backend_edge,
                 decision.topic,
@@ -346,7 +346,7 @@ class GatewayService:
                 slot.settle,
             )
         elif isinstance(decision, Drop):
-            self.metrics.dropped.labels(decision.stream, decision.reason.value).inc()
+            self.metrics.inc(self.metrics.dropped, decision.stream, decision.reason.value)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("drop %s: %s %s", msg.topic, decision.reason, decision.detail)
             if decision.reannounce is not None:
