@@ -446,3 +446,68 @@ def _control_url(proc: GatewayProcess) -> str:
                 return "http://" + line.rsplit("listening on ", 1)[1].split()[0]
         time.sleep(0.05)
     raise AssertionError("control plane did not start:\n" + "".join(proc.lines))
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "api.crt", tmp_path / "api.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_api_over_tls(gateways: GatewayHarness, tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    config = ControlConfig(
+        listen="127.0.0.1:0",
+        tls_cert=cert,
+        tls_key=key,
+        tokens=[TokenConfig(name="v", role="viewer", sha256=hash_token("t"))],
+    )
+    plane = ControlPlane(await gateways.start(), config)
+    await plane.start()
+    try:
+        trust = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession() as http:
+            url = f"https://127.0.0.1:{plane.port}"
+            response = await http.get(
+                f"{url}/v1/policy", ssl=trust, headers={"Authorization": "Bearer t"}
+            )
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientError):
+                await http.get(f"http://127.0.0.1:{plane.port}/healthz")
+    finally:
+        await plane.stop()
