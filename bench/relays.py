@@ -59,7 +59,7 @@ def run_noop(argv: list[str]) -> int:
     import gateway.service
     from gateway.cli import main
 
-    gateway.service.decide = passthrough_decide  # type: ignore[assignment]
+    gateway.service.decide = passthrough_decide  # type: ignore[attr-defined]
     return main(argv)
 
 

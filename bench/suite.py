@@ -449,7 +449,7 @@ def latency_figures(
 
 def _histogram(values: list[float]) -> dict[str, int]:
     edges_ms = [0.5, 1, 2, 3, 5, 10, 20, 35, 50, 100, 1e9]
-    counts = Counter()
+    counts: Counter[str] = Counter()
     for v in values:
         x = v * 1e3
         for edge in edges_ms:

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 echo "== ruff" >&2
-.venv/bin/ruff check gateway sim tests proto
+.venv/bin/ruff check gateway sim tests proto bench
 echo "== mypy" >&2
 .venv/bin/mypy
 echo "== pytest" >&2
