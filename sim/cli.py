@@ -14,7 +14,12 @@ from sim.run import RunConfig, parse_duration, run_simulation
 
 
 def _add_fleet_arguments(
-    parser: argparse.ArgumentParser, *, vehicles: int, duration: str, speedup: float
+    parser: argparse.ArgumentParser,
+    *,
+    vehicles: int,
+    duration: str,
+    speedup: float,
+    out: Path | None = None,
 ) -> None:
     parser.add_argument("--vehicles", type=int, default=vehicles, help="fleet size")
     parser.add_argument("--duration", default=duration, help="simulated time, e.g. 10m, 6h, 1h30m")
@@ -22,7 +27,10 @@ def _add_fleet_arguments(
         "--speedup", type=float, default=speedup, help="simulated seconds per wall-clock second"
     )
     parser.add_argument("--seed", type=int, default=1, help="scenario seed (same seed, same fleet)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    if out is None:
+        parser.add_argument("--out", type=Path, required=True, help="output directory")
+    else:
+        parser.add_argument("--out", type=Path, default=out, help=f"output directory ({out})")
     parser.add_argument(
         "--multiplex",
         type=int,
@@ -69,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="mosquitto + real gateway + fleet + checker, end to end"
     )
-    _add_fleet_arguments(demo, vehicles=20, duration="6h", speedup=240)
+    _add_fleet_arguments(demo, vehicles=20, duration="6h", speedup=240, out=Path("out/demo"))
     demo.add_argument("--gateway-config", type=Path, default=None, help="gateway TOML config")
     demo.add_argument(
         "--gateway-command",
