@@ -52,6 +52,16 @@ class Route:
     roles: tuple[str, ...]  # empty: no token needed
     summary: str
     handler_name: str
+    body: dict[str, dict[str, Any]] | None = None  # JSON body: property -> schema (all required)
+    errors: tuple[tuple[int, str], ...] = ()  # documented refusals besides 400/401/403 basics
+
+
+_BUNDLE_BODY = {
+    "format": {"type": "string"},
+    "key_id": {"type": "string"},
+    "signature": {"type": "string", "contentEncoding": "base64"},
+    "policy": {"type": "string"},
+}
 
 
 ROUTES: tuple[Route, ...] = (
@@ -66,13 +76,28 @@ ROUTES: tuple[Route, ...] = (
         "Active policy: version, digest, signer, time applied",
         "get_policy",
     ),
-    Route("PUT", "/v1/policy", ("operator",), "Push a signed policy bundle", "put_policy"),
+    Route(
+        "PUT",
+        "/v1/policy",
+        ("operator",),
+        "Push a signed policy bundle",
+        "put_policy",
+        body=_BUNDLE_BODY,
+        errors=(
+            (400, "malformed bundle"),
+            (403, "unknown signing key or bad signature"),
+            (409, "version not newer than the active one"),
+            (422, "policy does not validate"),
+        ),
+    ),
     Route(
         "POST",
         "/v1/policy/rollback",
         ("operator",),
         "Re-activate a stored policy version",
         "rollback",
+        body={"version": {"type": "string"}},
+        errors=((404, "version not stored"), (409, "already active")),
     ),
     Route("GET", "/v1/audit/verify", READ, "Verify the audit ledger's hash chain", "audit_verify"),
     Route(
@@ -538,51 +563,14 @@ def openapi_document() -> dict[str, Any]:
                 }
             ]
             op["responses"]["400"] = {"description": "not a valid VIN"}
-        if route.handler_name == "put_policy":
+        if route.body is not None:
+            schema = {"type": "object", "required": list(route.body), "properties": route.body}
             op["requestBody"] = {
                 "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["format", "key_id", "signature", "policy"],
-                            "properties": {
-                                "format": {"type": "string"},
-                                "key_id": {"type": "string"},
-                                "signature": {"type": "string", "contentEncoding": "base64"},
-                                "policy": {"type": "string"},
-                            },
-                        }
-                    }
-                },
+                "content": {"application/json": {"schema": schema}},
             }
-            op["responses"].update(
-                {
-                    "400": {"description": "malformed bundle"},
-                    "403": {"description": "unknown signing key or bad signature"},
-                    "409": {"description": "version not newer than the active one"},
-                    "422": {"description": "policy does not validate"},
-                }
-            )
-        if route.handler_name == "rollback":
-            op["requestBody"] = {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["version"],
-                            "properties": {"version": {"type": "string"}},
-                        }
-                    }
-                },
-            }
-            op["responses"].update(
-                {
-                    "404": {"description": "version not stored"},
-                    "409": {"description": "already active"},
-                }
-            )
+        for status, description in route.errors:
+            op["responses"][str(status)] = {"description": description}
         paths.setdefault(route.path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",
