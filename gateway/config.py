@@ -43,6 +43,17 @@ class BrokerConfig(_Strict):
 class PipelineConfig(_Strict):
     inflight: int = Field(512, ge=1, le=65535)
     drain_timeout_s: float = Field(10.0, ge=0)
+    ecall_lane: bool = Field(
+        True,
+        description="legal-obligation streams on their own connections, window and retries",
+    )
+
+
+class DeadLetterConfig(_Strict):
+    retention_days: float = Field(
+        7.0, gt=0, description="kept at most this long (and never longer than the stream's)"
+    )
+    max_rows: int = Field(100_000, ge=1, description="beyond this the oldest are evicted")
 
 
 class KeysConfig(_Strict):
@@ -93,6 +104,7 @@ class GatewayConfig(_Strict):
         client_id="privacy-gateway-backend", topic_prefix="tsp", session_expiry_s=0
     )
     pipeline: PipelineConfig = PipelineConfig()
+    dead_letters: DeadLetterConfig = DeadLetterConfig()
     keys: KeysConfig = KeysConfig()
     logging: LoggingConfig = LoggingConfig()
     control: ControlConfig = ControlConfig()

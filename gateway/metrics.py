@@ -40,6 +40,23 @@ class GatewayMetrics:
             ["edge"],
             registry=r,
         )
+        self.dead_letters = Counter(
+            "gateway_dead_letters_total",
+            "Messages kept as dead letters after a refusal, by edge and reason",
+            ["edge", "reason"],
+            registry=r,
+        )
+        self.dead_letters_stored = Gauge(
+            "gateway_dead_letters_stored", "Dead letters currently stored", registry=r
+        )
+        self.dead_letters_evicted = Counter(
+            "gateway_dead_letters_evicted_total",
+            "Oldest dead letters evicted because the store reached its row cap",
+            registry=r,
+        )
+        self.store_writable = Gauge(
+            "gateway_store_writable", "1 when the consent store accepts writes", registry=r
+        )
         self.internal_errors = Counter(
             "gateway_internal_errors_total", "Messages that raised inside the gateway", registry=r
         )

@@ -169,6 +169,15 @@ class CompiledPolicy:
                 return (route.stream, value) if _PLACEHOLDER_VALUE.match(value) else None
         return None
 
+    @property
+    def streams(self) -> tuple[CompiledStream, ...]:
+        return (*self.exact_routes.values(), *(r.stream for r in self.template_routes))
+
+    @property
+    def legal_obligation_streams(self) -> frozenset[str]:
+        """Keys of the streams forwarded by legal obligation (eCall)."""
+        return frozenset(s.key for s in self.streams if s.legal_obligation)
+
     def feature_is_known(self, feature_id: str) -> bool:
         if feature_id in self.features:
             return True

@@ -14,11 +14,12 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from gateway.accounting import EgressAccounting
 from gateway.config import GatewayConfig
 from gateway.control.audit import AuditRecord
 from gateway.core import (
@@ -30,13 +31,23 @@ from gateway.core import (
     VehicleState,
     decide,
     decide_command,
+    refused_result,
     state_from_snapshot,
 )
 from gateway.core.transforms import pseudonym
+from gateway.delivery import (
+    RETRY_DELAYS_S,
+    DeadLetter,
+    DeadLetterKind,
+    DeadLetterSeal,
+    Outcome,
+    is_transient,
+    refusal_reason,
+)
 from gateway.edges.mqtt import InboundMessage, MqttEdge, PublishRefused
 from gateway.metrics import GatewayMetrics
 from gateway.policy import CompiledPolicy
-from gateway.store import ConsentStore, EgressCount, StoredPolicy
+from gateway.store import ConsentStore, StoredPolicy
 from telematics.v1.privacy_pb2 import ErasureEvent
 
 log = logging.getLogger("gateway.service")
@@ -44,6 +55,32 @@ log = logging.getLogger("gateway.service")
 T = TypeVar("T")
 VEHICLE = "vehicle"
 BACKEND = "backend"
+ECALL = "ecall"  # the legal-obligation lane's vehicle-side connection
+ECALL_BACKEND = "ecall-backend"
+
+
+@dataclass(frozen=True, slots=True)
+class Undeliverable:
+    """What to keep if a publish ends up refused: the message to re-drive
+    (the original for vehicle messages and commands, so a re-drive decides it
+    again under the consent in force then) and how to file it."""
+
+    kind: DeadLetterKind
+    vin: str
+    stream: str
+    feature: str
+    retention_days: float
+    topic: str
+    payload: bytes
+
+
+class Settleable(Protocol):
+    """Where a message's final outcome is reported (an ack-window slot, or a
+    re-driven dead letter)."""
+
+    def settle(self) -> None: ...
+
+    def settle_with(self, outcome: Outcome) -> None: ...
 
 
 class _Slot:
@@ -61,6 +98,10 @@ class _Slot:
     def settle(self) -> None:
         self.done = True
         self.window.release()
+
+    def settle_with(self, outcome: Outcome) -> None:
+        """Delivered or dead-lettered: either way the message's fate is final."""
+        self.settle()
 
 
 class AckWindow:
@@ -130,9 +171,16 @@ class GatewayService:
         self._queue: asyncio.Queue[InboundMessage | ControlOp | None] = asyncio.Queue()
         self.restricted: set[str] = set()
         self.policy_record: StoredPolicy | None = None
-        # (vin, day, stream, feature, policy version) -> messages forwarded; flushed periodically.
-        self._egress_counts: dict[tuple[str, str, str, str, str], int] = {}
-        self._day_cache: tuple[float, float, str] = (0.0, 0.0, "")
+        self.accounting = EgressAccounting(
+            lambda rows: self._persist(self.store.add_egress_counts, rows)
+        )
+        self._seal = DeadLetterSeal(key)
+        # The eCall lane subscribes to the streams of the policy it starts with.
+        self._legal_streams = policy.legal_obligation_streams
+        self._ecall_lane = config.pipeline.ecall_lane and bool(self._legal_streams)
+        self._background: set[asyncio.Task[Any]] = set()
+        self.ecall_vehicle_edge: MqttEdge | None = None
+        self.ecall_backend_edge: MqttEdge | None = None
         # Undecided messages: past the high-water mark the vehicle socket is
         # not read until the decision loop is back under the low-water mark.
         self._high_water = config.pipeline.inflight
@@ -145,6 +193,7 @@ class GatewayService:
         self.backend_edge: MqttEdge
         self._windows: dict[str, AckWindow] = {}
         self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
+        self.metrics.store_writable.set(1)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -218,15 +267,85 @@ class GatewayService:
             keepalive_s=bcfg.keepalive_s,
             on_state_change=self._edge_state,
         )
-        for edge in (self.vehicle_edge, self.backend_edge):
+        if self._ecall_lane:
+            self._start_ecall_lane()
+        for edge in self.edges:
             self._windows[edge.name] = AckWindow(edge, self.metrics.inflight.labels(edge.name).set)
         self._tasks = [
-            asyncio.create_task(self.backend_edge.run(), name="backend-edge"),
-            asyncio.create_task(self.vehicle_edge.run(), name="vehicle-edge"),
+            *(asyncio.create_task(e.run(), name=f"{e.name}-edge") for e in self.edges),
             asyncio.create_task(self._decide_loop(), name="decide-loop"),
             asyncio.create_task(self._announce_ready(), name="ready"),
-            asyncio.create_task(self._flush_counts_periodically(), name="egress-counts"),
+            asyncio.create_task(self.accounting.run(), name="egress-counts"),
+            asyncio.create_task(self._purge_dead_letters_periodically(), name="dead-letters"),
         ]
+
+    @property
+    def edges(self) -> list[MqttEdge]:
+        edges = [self.backend_edge, self.vehicle_edge]
+        if self.ecall_vehicle_edge is not None and self.ecall_backend_edge is not None:
+            edges += [self.ecall_backend_edge, self.ecall_vehicle_edge]
+        return edges
+
+    def _start_ecall_lane(self) -> None:
+        """Legal-obligation streams (eCall) get their own connections, ack window
+        and retries: no backlog of ordinary traffic, no outage queue, no control
+        operation and no store write stands in their way. The ordinary lane
+        receives its own copy too and drops it (counted as `ecall_lane`)."""
+        vcfg, bcfg = self.config.vehicle_broker, self.config.backend_broker
+        topics = sorted(
+            f"{vcfg.topic_prefix}/+/{key}" for key in self._legal_streams
+        )
+        self.ecall_backend_edge = MqttEdge(
+            name=ECALL_BACKEND,
+            endpoint=bcfg.endpoint,
+            client_id=f"{bcfg.client_id}-ecall",
+            subscriptions=[],
+            on_message=lambda msg: None,
+            clean_start=True,
+            max_inflight_publishes=self.config.pipeline.inflight,
+            keepalive_s=bcfg.keepalive_s,
+            on_state_change=self._edge_state,
+        )
+        self.ecall_vehicle_edge = MqttEdge(
+            name=ECALL,
+            endpoint=vcfg.endpoint,
+            client_id=f"{vcfg.client_id}-ecall",
+            subscriptions=topics,
+            on_message=self._handle_ecall,
+            clean_start=False,
+            session_expiry_s=vcfg.session_expiry_s or 86400,
+            receive_maximum=self.config.pipeline.inflight,
+            keepalive_s=vcfg.keepalive_s,
+            on_state_change=self._edge_state,
+        )
+
+    def _handle_ecall(self, msg: InboundMessage) -> None:
+        """The legal-obligation lane: decided on receipt (pure, no store, no queue)."""
+        assert self.ecall_backend_edge is not None
+        self.metrics.inc(self.metrics.received, ECALL)
+        slot = self._windows[ECALL].open(msg)
+        try:
+            decision = decide(self.ctx, msg.topic, msg.payload, {}, {}, self._clock())
+        except Exception:
+            log.exception("internal error deciding %s", msg.topic)
+            self.metrics.internal_errors.inc()
+            slot.settle()
+            return
+        if not isinstance(decision, Forward):
+            reason = decision.reason.value if isinstance(decision, Drop) else "not_a_stream"
+            self.metrics.inc(self.metrics.dropped, "ecall", reason)
+            slot.settle()
+            return
+        self.metrics.inc(self.metrics.forwarded, decision.stream, decision.feature)
+        key = self._count_key(decision)
+        self._deliver(
+            self.ecall_backend_edge,
+            decision.topic,
+            decision.payload,
+            decision.user_properties,
+            lambda outcome: self._settle_forward(outcome, key, slot, wait_for_count=False),
+            self._undeliverable(DeadLetterKind.VEHICLE, decision, msg),
+        )
 
     def _enqueue_vehicle_message(self, msg: InboundMessage) -> None:
         self._queue.put_nowait(msg)
@@ -234,8 +353,8 @@ class GatewayService:
             self.vehicle_edge.pause_reading()
 
     async def _announce_ready(self) -> None:
-        await self.vehicle_edge.ready.wait()
-        await self.backend_edge.ready.wait()
+        for edge in self.edges:
+            await edge.ready.wait()
         self.ready.set()
         log.info(
             "gateway ready: policy %s, %d known vehicles",
@@ -261,12 +380,14 @@ class GatewayService:
             )
         except TimeoutError:
             log.warning("stopping with messages still in flight (they will be redelivered)")
-        for edge in (self.vehicle_edge, self.backend_edge):
+        for edge in self.edges:
             await edge.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.flush_counts()
+        if self._background:  # dead letters being filed, re-driven letters being removed
+            await asyncio.wait(self._background, timeout=timeout or None)
+        await self.accounting.flush()
         self._store_executor.shutdown(wait=True)
         self.store.close()
         log.info("gateway stopped", extra=self.summary())
@@ -275,7 +396,8 @@ class GatewayService:
         m = self.metrics
         return {
             "received": sum(
-                m.value("gateway_messages_received_total", source=s) for s in (VEHICLE, BACKEND)
+                m.value("gateway_messages_received_total", source=s)
+                for s in (VEHICLE, BACKEND, ECALL)
             ),
             "settings_applied": m.value("gateway_settings_applied_total"),
             "internal_errors": m.value("gateway_internal_errors_total"),
@@ -318,32 +440,31 @@ class GatewayService:
                 if not slot.done:
                     slot.settle()
 
-    async def _handle_vehicle_message(self, msg: InboundMessage, slot: _Slot) -> None:
+    async def _handle_vehicle_message(self, msg: InboundMessage, slot: Settleable) -> None:
         started = time.perf_counter()
         decision = decide(
             self.ctx, msg.topic, msg.payload, self.states, self.coarse_fixes, self._clock()
         )
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         if isinstance(decision, Forward):
+            if self._ecall_lane and decision.stream in self._legal_streams:
+                # The eCall lane forwards its own copy; this one is only acknowledged.
+                self.metrics.inc(self.metrics.dropped, decision.stream, "ecall_lane")
+                slot.settle()
+                return
             if decision.coarse_fix is not None:
                 self.coarse_fixes[decision.vin] = decision.coarse_fix
             self.metrics.inc(self.metrics.forwarded, decision.stream, decision.feature)
-            key = (
-                decision.vin,
-                self._day(),
-                decision.stream,
-                decision.feature,
-                self.ctx.policy.version,
-            )
-            self._egress_counts[key] = self._egress_counts.get(key, 0) + 1
             for transform in decision.transforms:
                 self.metrics.inc(self.metrics.transforms, transform)
+            key = self._count_key(decision)
             self._deliver(
                 self.backend_edge,
                 decision.topic,
                 decision.payload,
                 decision.user_properties,
-                slot.settle,
+                lambda outcome: self._settle_forward(outcome, key, slot),
+                self._undeliverable(DeadLetterKind.VEHICLE, decision, msg),
             )
         elif isinstance(decision, Drop):
             self.metrics.inc(self.metrics.dropped, decision.stream, decision.reason.value)
@@ -351,13 +472,20 @@ class GatewayService:
                 log.debug("drop %s: %s %s", msg.topic, decision.reason, decision.detail)
             if decision.reannounce is not None:
                 topic, body = decision.reannounce
-                self._deliver(self.vehicle_edge, topic, body, (), slot.settle)
+                self._deliver(
+                    self.vehicle_edge,
+                    topic,
+                    body,
+                    (),
+                    slot.settle_with,
+                    self._egress_letter(decision.vin, "avn/privacy/applied", topic, body),
+                )
             else:
                 slot.settle()
         elif isinstance(decision, ApplySettings):
             await self._apply_settings(decision, slot)
 
-    async def _apply_settings(self, decision: ApplySettings, slot: _Slot) -> None:
+    async def _apply_settings(self, decision: ApplySettings, slot: Settleable) -> None:
         snapshot = decision.snapshot
         record = AuditRecord(
             actor="vehicle",
@@ -391,10 +519,20 @@ class GatewayService:
             },
         )
         self._deliver(
-            self.vehicle_edge, decision.applied_topic, decision.applied_payload, (), slot.settle
+            self.vehicle_edge,
+            decision.applied_topic,
+            decision.applied_payload,
+            (),
+            slot.settle_with,
+            self._egress_letter(
+                snapshot.vin,
+                "avn/privacy/applied",
+                decision.applied_topic,
+                decision.applied_payload,
+            ),
         )
 
-    async def _handle_command(self, msg: InboundMessage, slot: _Slot) -> None:
+    async def _handle_command(self, msg: InboundMessage, slot: Settleable) -> None:
         decision = decide_command(self.ctx, msg.topic, msg.payload, self.states, self._clock())
         if decision is None:
             self.metrics.dropped.labels("command", "unknown_topic").inc()
@@ -410,10 +548,21 @@ class GatewayService:
             extra={"vin": decision.vin, "command": decision.command, "reason": decision.reason},
         )
 
-        def publish_result() -> None:
+        def publish_result(result_topic: str, result_payload: bytes) -> None:
             self._deliver(
-                self.backend_edge, decision.result_topic, decision.result_payload, (), slot.settle
+                self.backend_edge,
+                result_topic,
+                result_payload,
+                (),
+                slot.settle_with,
+                self._egress_letter(decision.vin, "cmd/result", result_topic, result_payload),
             )
+
+        def forwarded(outcome: Outcome) -> None:
+            if outcome is Outcome.DELIVERED:
+                publish_result(decision.result_topic, decision.result_payload)
+            else:  # the command is a dead letter: tell the backend it did not reach the car
+                publish_result(*refused_result(decision, "undeliverable"))
 
         if decision.accepted and decision.forward_topic and decision.forward_payload is not None:
             self._deliver(
@@ -421,10 +570,19 @@ class GatewayService:
                 decision.forward_topic,
                 decision.forward_payload,
                 (),
-                publish_result,
+                forwarded,
+                Undeliverable(
+                    DeadLetterKind.COMMAND,
+                    decision.vin,
+                    f"cmd/{decision.command}",
+                    "",
+                    self.config.dead_letters.retention_days,
+                    msg.topic,
+                    msg.payload,
+                ),
             )
         else:
-            publish_result()
+            publish_result(decision.result_topic, decision.result_payload)
 
     # ------------------------------------------------------- control operations
 
@@ -500,7 +658,11 @@ class GatewayService:
             now = self._clock()
             subject = self.audit_subject(vin)
             apps = sorted(
-                {k[3].partition(".")[2] for k in self._egress_counts if k[0] == vin and "." in k[3]}
+                {
+                    k[3].partition(".")[2]
+                    for k in self.accounting.pending_keys()
+                    if k[0] == vin and "." in k[3]
+                }
                 | {
                     c.feature.partition(".")[2]
                     for c in await self._persist_once(self.store.egress_counts, vin)
@@ -512,49 +674,168 @@ class GatewayService:
             self.states.pop(vin, None)
             self.coarse_fixes.pop(vin, None)
             self.restricted.discard(vin)
-            for key in [k for k in self._egress_counts if k[0] == vin]:
-                del self._egress_counts[key]
+            self.accounting.forget(vin)
             self.metrics.vehicles.set(len(self.states))
+            self.metrics.dead_letters_stored.set(
+                await self._persist_once(self.store.dead_letter_count)
+            )
             refs = [pseudonym(self.ctx.key, f"vin/{app}", vin) for app in apps]
             event = ErasureEvent(vin=vin, refs=refs, erased_at_ms=int(now * 1000), reason="art17")
             topic = f"{self.ctx.backend_prefix}/{vin}/erasure"
-            delivered = asyncio.get_running_loop().create_future()
+            payload = event.SerializeToString()
+            # Not awaited inside the decision loop: a refused event must not
+            # hold every car's messages (it ends delivered or as a dead letter).
+            outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
             self._deliver(
                 self.backend_edge,
                 topic,
-                event.SerializeToString(),
+                payload,
                 (),
-                lambda: delivered.set_result(None),
+                outcome.set_result,
+                self._egress_letter(vin, "erasure", topic, payload),
             )
-            await delivered
-            return {"removed": removed, "erasure_event_topic": topic, "pseudonymous_refs": refs}
+            return {
+                "removed": removed,
+                "erasure_event_topic": topic,
+                "pseudonymous_refs": refs,
+                "_outcome": outcome,
+            }
 
-        return await self.run_control(run)
+        result = await self.run_control(run)
+        outcome = result.pop("_outcome")
+        try:
+            result["erasure_event"] = (await asyncio.wait_for(asyncio.shield(outcome), 5)).value
+        except TimeoutError:
+            result["erasure_event"] = "pending"  # backend unreachable: delivered on reconnect
+        return result
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A background task kept referenced until done (the loop holds only weak ones)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _persist_once(self, fn: Callable[..., T], *args: Any) -> T:
         """A store call for a control operation: failures go back to the caller."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._store_executor, fn, *args)
 
-    def _day(self) -> str:
-        now = self._clock()
-        start, end, day = self._day_cache
-        if not start <= now < end:
-            midnight = now - now % 86400
-            day = time.strftime("%Y-%m-%d", time.gmtime(now))
-            self._day_cache = (midnight, midnight + 86400, day)
-        return day
+    # ------------------------------------------------------------ dead letters
 
-    async def flush_counts(self) -> None:
-        counts, self._egress_counts = self._egress_counts, {}
-        if counts:
-            rows = [EgressCount(*key, count) for key, count in counts.items()]
-            await self._persist(self.store.add_egress_counts, rows)
+    async def redrive_dead_letters(self, ids: list[int] | None) -> dict[str, int]:
+        """Take dead letters out of the store and send them through again.
 
-    async def _flush_counts_periodically(self, interval: float = 5.0) -> None:
+        Vehicle messages and commands are decided again under the consent in
+        force now (a car that withdrew consent meanwhile gets nothing sent);
+        messages the gateway produced are republished. A letter leaves the
+        store once its new outcome is final (delivered, dropped, or a new
+        dead letter), so a crash meanwhile re-drives it again, never loses it.
+        """
+
+        async def run() -> dict[str, int]:
+            letters = await self._persist_once(
+                self.store.dead_letters, ids, 0, 1000 if ids is None else len(ids)
+            )
+            counts = {"redriven": 0, "unreadable": 0}
+            for letter in letters:
+                try:
+                    topic, payload = self._seal.open(letter.sealed, letter.subject)
+                except ValueError:
+                    log.error("dead letter %d does not open with the current key", letter.id)
+                    counts["unreadable"] += 1
+                    continue
+                slot = _RedriveSlot(self, letter.id)
+                msg = InboundMessage(letter.kind.value, topic, payload, 1, 0, 0)
+                if letter.kind is DeadLetterKind.VEHICLE:
+                    await self._handle_vehicle_message(msg, slot)
+                elif letter.kind is DeadLetterKind.COMMAND:
+                    await self._handle_command(msg, slot)
+                else:
+                    edge = self.vehicle_edge if letter.edge == VEHICLE else self.backend_edge
+                    self._deliver(
+                        edge,
+                        topic,
+                        payload,
+                        (),
+                        slot.settle_with,
+                        Undeliverable(
+                            letter.kind, "", letter.stream, letter.feature, 0, topic, payload
+                        ),
+                        subject=letter.subject,
+                        expires_at=letter.expires_at,
+                    )
+                counts["redriven"] += 1
+            return counts
+
+        return await self.run_control(run)
+
+    async def delete_dead_letters(self, ids: list[int] | None) -> int:
+        removed = await self._persist_once(self.store.delete_dead_letters, ids)
+        self.metrics.dead_letters_stored.set(
+            await self._persist_once(self.store.dead_letter_count)
+        )
+        return int(removed)
+
+    async def _purge_dead_letters_periodically(self, interval: float = 3600.0) -> None:
         while True:
+            try:
+                removed = await self._persist_once(self.store.purge_dead_letters, self._clock())
+                if removed:
+                    log.info("purged %d dead letters past retention", removed)
+                self.metrics.dead_letters_stored.set(
+                    await self._persist_once(self.store.dead_letter_count)
+                )
+            except Exception as exc:
+                log.error("dead-letter retention purge failed: %s", exc)
             await asyncio.sleep(interval)
-            await self.flush_counts()
+
+    def _count_key(self, decision: Forward) -> tuple[str, str, str, str, str]:
+        day = self.accounting.day(self._clock())
+        return (decision.vin, day, decision.stream, decision.feature, self.ctx.policy.version)
+
+    def _settle_forward(
+        self,
+        outcome: Outcome,
+        key: tuple[str, str, str, str, str],
+        slot: Settleable,
+        *,
+        wait_for_count: bool = True,
+    ) -> None:
+        """A forwarded message is acknowledged once its egress count is durable;
+        a dead letter is acknowledged at once (it was never sent)."""
+        if outcome is not Outcome.DELIVERED:
+            slot.settle()
+        elif wait_for_count:
+            self.accounting.record(key, slot.settle)
+        else:  # eCall lane: needs no store write to be acknowledged
+            self.accounting.record(key)
+            slot.settle()
+
+    def _undeliverable(
+        self, kind: DeadLetterKind, decision: Forward, msg: InboundMessage
+    ) -> Undeliverable:
+        retention = float(dict(decision.user_properties).get("retention-days", 0))
+        return Undeliverable(
+            kind,
+            decision.vin,
+            decision.stream,
+            decision.feature,
+            retention or self.config.dead_letters.retention_days,
+            msg.topic,
+            msg.payload,
+        )
+
+    def _egress_letter(self, vin: str, stream: str, topic: str, payload: bytes) -> Undeliverable:
+        return Undeliverable(
+            DeadLetterKind.EGRESS,
+            vin,
+            stream,
+            "",
+            self.config.dead_letters.retention_days,
+            topic,
+            payload,
+        )
 
     # ------------------------------------------------------------------ I/O
 
@@ -564,33 +845,102 @@ class GatewayService:
         topic: str,
         payload: bytes,
         user_properties: Sequence[tuple[str, str]],
-        on_done: Callable[[], None],
+        on_done: Callable[[Outcome], None],
+        letter: Undeliverable,
         attempt: int = 0,
+        **filing: Any,
     ) -> None:
-        """Publish at QoS 1 and call `on_done` once PUBACKed, retrying refusals."""
+        """Publish at QoS 1; `on_done(outcome)` once the fate is final.
+
+        A lost connection is not a refusal (the message is resent after the
+        reconnect and completes then). A transient refusal is retried for
+        about a second; then, or at once for a permanent one, the message
+        becomes a dead letter.
+        """
         future = edge.publish(topic, payload, user_properties)
 
         def completed(fut: asyncio.Future[None]) -> None:
+            if fut.cancelled():
+                return
             exc = fut.exception()
             if exc is None:
-                on_done()
+                on_done(Outcome.DELIVERED)
                 return
-            delay = min(30.0, 0.2 * 2**attempt)
-            self.metrics.publish_retries.labels(edge.name).inc()
-            log.error(
-                "publish to %s refused (%s); retrying in %.1fs",
-                topic,
-                exc,
-                delay,
-                extra={"edge": edge.name, "attempt": attempt + 1},
+            code = exc.code if isinstance(exc, PublishRefused) else 0x80
+            if is_transient(code) and attempt < len(RETRY_DELAYS_S):
+                self.metrics.publish_retries.labels(edge.name).inc()
+                asyncio.get_running_loop().call_later(
+                    RETRY_DELAYS_S[attempt],
+                    lambda: self._deliver(
+                        edge,
+                        topic,
+                        payload,
+                        user_properties,
+                        on_done,
+                        letter,
+                        attempt + 1,
+                        **filing,
+                    ),
+                )
+                return
+            task = self.spawn(
+                self._dead_letter(edge.name, letter, code, str(exc), attempt + 1, **filing)
             )
-            asyncio.get_running_loop().call_later(
-                delay, self._deliver, edge, topic, payload, user_properties, on_done, attempt + 1
-            )
+            task.add_done_callback(lambda _: on_done(Outcome.DEAD_LETTERED))
 
         future.add_done_callback(completed)
 
-    async def _persist(self, fn: Callable[..., None], *args: Any) -> None:
+    async def _dead_letter(
+        self,
+        edge: str,
+        letter: Undeliverable,
+        code: int,
+        detail: str,
+        attempts: int,
+        *,
+        subject: str | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        now = self._clock()
+        subject = subject if subject is not None else (
+            self.audit_subject(letter.vin) if letter.vin else ""
+        )
+        reason = refusal_reason(code)
+        row = DeadLetter(
+            created_at=now,
+            expires_at=expires_at
+            if expires_at is not None
+            else now
+            + 86400 * min(letter.retention_days, self.config.dead_letters.retention_days),
+            subject=subject,
+            kind=letter.kind,
+            edge=edge,
+            stream=letter.stream,
+            feature=letter.feature,
+            reason=reason,
+            code=code,
+            attempts=attempts,
+            size=len(letter.payload),
+            sealed=self._seal.seal(letter.topic, letter.payload, subject),
+        )
+        _, evicted = await self._persist(
+            self.store.add_dead_letter, row, self.config.dead_letters.max_rows
+        )
+        self.metrics.dead_letters.labels(edge, reason).inc()
+        self.metrics.dead_letters_stored.inc(1 - evicted)
+        if evicted:
+            self.metrics.dead_letters_evicted.inc(evicted)
+            log.error("dead-letter store full: evicted the %d oldest", evicted)
+        # The subject (a keyed hash) identifies the car in logs, never the VIN.
+        log.warning(
+            "dead letter: %s on %s refused (%s); acknowledged and kept for re-drive",
+            letter.stream,
+            edge,
+            detail,
+            extra={"edge": edge, "reason": reason, "subject": subject[:16]},
+        )
+
+    async def _persist(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a store write off the loop; on failure retry, holding the pipeline.
 
         Nothing after this message is decided until its state is durable
@@ -600,13 +950,38 @@ class GatewayService:
         attempt = 0
         while True:
             try:
-                await loop.run_in_executor(self._store_executor, fn, *args)
-                return
+                result = await loop.run_in_executor(self._store_executor, fn, *args)
+                if attempt:
+                    log.warning("consent store writable again")
+                    self.metrics.store_writable.set(1)
+                return result
             except Exception as exc:
                 attempt += 1
+                self.metrics.store_writable.set(0)
                 delay = min(10.0, 0.1 * 2**attempt)
                 log.error("consent store write failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
+
+
+class _RedriveSlot:
+    """Stands in for an ack-window slot when a dead letter is re-driven: its
+    final outcome removes the stored letter (a new refusal has filed a new one)."""
+
+    __slots__ = ("done", "letter_id", "service")
+
+    def __init__(self, service: GatewayService, letter_id: int) -> None:
+        self.service = service
+        self.letter_id = letter_id
+        self.done = False
+
+    def settle(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.service.spawn(self.service.delete_dead_letters([self.letter_id]))
+
+    def settle_with(self, outcome: Outcome) -> None:
+        self.settle()
 
 
 __all__ = ["AckWindow", "GatewayService", "PublishRefused"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -52,6 +53,8 @@ class MosquittoBroker:
         max_inflight: int = 1000,
         workdir: Path | None = None,
         persistence: bool = False,
+        acl: str | None = None,
+        max_packet_size: int | None = None,
     ) -> None:
         self.port = port or free_port()
         self.max_queued = max_queued
@@ -59,6 +62,8 @@ class MosquittoBroker:
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="mosquitto-"))
         self.persistence = persistence
+        self.acl = acl  # mosquitto acl_file text; reloaded by reload() (SIGHUP)
+        self.max_packet_size = max_packet_size
         self.process: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
 
@@ -79,6 +84,7 @@ class MosquittoBroker:
                 f"max_queued_messages {self.max_queued}",
                 "max_queued_bytes 0",
                 f"max_inflight_messages {self.max_inflight}",
+                *self._limit_lines(),
                 "max_keepalive 65535",
                 "set_tcp_nodelay true",
                 "log_dest stderr",
@@ -89,6 +95,26 @@ class MosquittoBroker:
                 "",
             ]
         )
+
+    def _limit_lines(self) -> list[str]:
+        lines = []
+        if self.max_packet_size is not None:
+            lines.append(f"max_packet_size {self.max_packet_size}")
+        if self.acl is not None:
+            self.workdir.chmod(0o755)
+            acl_path = self.workdir / "acl"
+            acl_path.write_text(self.acl)
+            acl_path.chmod(0o644)
+            lines.append(f"acl_file {acl_path}")
+        return lines
+
+    def reload(self, acl: str | None = None) -> None:
+        """Change the ACL and make the running broker re-read it (SIGHUP)."""
+        if acl is not None:
+            self.acl = acl
+            (self.workdir / "acl").write_text(acl)
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
 
     def _persistence_lines(self) -> list[str]:
         if not self.persistence:

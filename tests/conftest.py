@@ -23,12 +23,13 @@ from gateway.policy import CompiledPolicy, load_policy
 from gateway.service import GatewayService
 from gateway.store import SqliteConsentStore
 from sim.broker import MosquittoBroker
-from telematics.v1 import privacy_pb2, streams_pb2
+from telematics.v1 import privacy_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_POLICY = REPO / "config" / "policy.yaml"
 VIN = "WVWZZZ1JZXW000001"
 OTHER_VIN = "WVWZZZ1JZXW000002"
+BARRIER_VIN = "WVWZZZ1JZXW999999"  # only ever used to order test steps
 KEY = bytes(range(32))
 
 
@@ -129,6 +130,7 @@ class Car:
     """A vehicle-side client publishing real protobuf bytes."""
 
     _seq = itertools.count(1)
+    _barrier_revision = itertools.count(1)
 
     def __init__(self, client: aiomqtt.Client, recorder: Recorder, vin: str = VIN) -> None:
         self.client = client
@@ -136,6 +138,7 @@ class Car:
         self.vin = vin
         self.applied: asyncio.Queue[privacy_pb2.PrivacyApplied] = asyncio.Queue()
         self.commands: list[aiomqtt.Message] = []
+        self.barriers: asyncio.Queue[int] = asyncio.Queue()
 
     def header(self, msg: Message, vin: str | None = None) -> Message:
         header = msg.header  # type: ignore[attr-defined]
@@ -172,25 +175,30 @@ class Car:
                 if applied.revision == revision:
                     return
 
+    async def subscribe(self) -> None:
+        """What the car listens to: its PrivacyApplied, and the test barrier's."""
+        await self.client.subscribe(f"vehicle/{self.vin}/avn/privacy/applied", qos=1)
+        await self.client.subscribe(f"vehicle/{BARRIER_VIN}/avn/privacy/applied", qos=1)
+
     async def barrier(self) -> None:
-        """Everything published before this on this connection has been decided:
-        an eCall always passes and the gateway keeps arrival order."""
-        ecall = self.header(streams_pb2.ECall())
-        marker = ecall.header.seq  # type: ignore[attr-defined]
-        await self.send("tbox/ecall", ecall)
-
-        def seen() -> bool:
-            for m in self.recorder.on("/tbox/ecall"):
-                if streams_pb2.ECall.FromString(m.payload).header.seq == marker:  # type: ignore[arg-type]
-                    return True
-            return False
-
-        await self.recorder.wait_for(seen)
+        """Everything published before this on this connection has been decided
+        (and what was forwarded is PUBACKed): the ordinary lane keeps arrival
+        order, so a settings message of a barrier car sent now is answered only
+        after all of them. (eCall is not a barrier: it has its own lane.)"""
+        revision = next(self._barrier_revision)
+        msg = privacy_pb2.PrivacySettings(revision=revision)
+        msg.header.vin = BARRIER_VIN
+        await self.send("avn/privacy", msg, vin=BARRIER_VIN)
+        while await asyncio.wait_for(self.barriers.get(), 10) != revision:
+            pass
 
     async def run(self) -> None:
         with contextlib.suppress(aiomqtt.MqttError):
             async for message in self.client.messages:
-                if str(message.topic).endswith("/avn/privacy/applied"):
+                if str(message.topic) == f"vehicle/{BARRIER_VIN}/avn/privacy/applied":
+                    applied = privacy_pb2.PrivacyApplied.FromString(message.payload)  # type: ignore[arg-type]
+                    self.barriers.put_nowait(applied.revision)
+                elif str(message.topic).endswith("/avn/privacy/applied"):
                     self.applied.put_nowait(privacy_pb2.PrivacyApplied.FromString(message.payload))  # type: ignore[arg-type]
                 else:
                     self.commands.append(message)
@@ -212,10 +220,10 @@ async def clients(broker: MosquittoBroker) -> AsyncIterator[Clients]:
         aiomqtt.Client("127.0.0.1", broker.port, identifier=f"tbox-{VIN}") as car_client,
     ):
         await backend_client.subscribe("tsp/#", qos=1)
-        await car_client.subscribe(f"vehicle/{VIN}/avn/privacy/applied", qos=1)
-        await car_client.subscribe(f"vehicle/{VIN}/cmd/#", qos=1)
         recorder = Recorder(backend_client)
         car = Car(car_client, recorder)
+        await car.subscribe()
+        await car_client.subscribe(f"vehicle/{VIN}/cmd/#", qos=1)
         tasks = [asyncio.create_task(recorder.run()), asyncio.create_task(car.run())]
         yield Clients(car, recorder, backend_client)
         for task in tasks:

@@ -306,8 +306,8 @@ async def test_restriction_export_and_erasure_round_trip(
         await http.get(f"{url}/v1/vehicles/{VIN}/export", headers=control.auth("dpo"))
     ).json()
     assert export["settings_history"] == []
-    # Only the eCall used as a barrier after the erasure is on record.
-    assert {c["feature"] for c in export["sent_to_backend"]} == {"ecall"}
+    # Nothing is on record after the erasure (the status message was dropped).
+    assert export["sent_to_backend"] == []
     # The ledger keeps its chain but no longer holds the vehicle's personal content.
     entries = control.service.store.audit_entries(control.service.audit_subject(VIN))
     assert entries and all(e["content"] in (None, {}) for e in entries)

@@ -78,7 +78,9 @@ async def test_unknown_vehicle_only_ecall_passes(
     await car.send("tbox/location", loc)
     app = car.header(streams_pb2.AppTraffic(app_id="music", payload=b"x"))
     await car.send("avn/app/music", app)
+    await car.send("tbox/ecall", car.header(streams_pb2.ECall()))
     await car.barrier()
+    await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/ecall")))
     assert [t.split("/", 2)[2] for t in clients.backend.topics()] == ["tbox/ecall"]
     ecall = clients.backend.messages[0]
     assert user_properties(ecall)["legal-basis"] == "legal_obligation"
@@ -334,8 +336,8 @@ async def test_backend_broker_outage_loses_nothing(tmp_path: Path) -> None:
                     "127.0.0.1", vehicle_broker.port, identifier=f"tbox-{VIN}"
                 ) as car_client,
             ):
-                await car_client.subscribe(f"vehicle/{VIN}/avn/privacy/applied", qos=1)
                 car = Car(car_client, Recorder(car_client))
+                await car.subscribe()
                 car_task = asyncio.create_task(car.run())
                 await car.settings(1, features={"remote_control": True})
                 backend_broker.stop_keep_state()
@@ -379,9 +381,9 @@ async def test_kill_9_mid_stream_then_restart_delivers_everything_and_keeps_sett
             aiomqtt.Client("127.0.0.1", broker.port, identifier=f"tbox-{VIN}") as car_client,
         ):
             await backend_client.subscribe("tsp/#", qos=1)
-            await car_client.subscribe(f"vehicle/{VIN}/avn/privacy/applied", qos=1)
             recorder = Recorder(backend_client)
             car = Car(car_client, recorder)
+            await car.subscribe()
             tasks = [asyncio.create_task(recorder.run()), asyncio.create_task(car.run())]
             await car.settings(1, features={"remote_control": True, "online_navigation": False})
             allowed: list[int] = []
@@ -452,8 +454,8 @@ async def test_vehicle_broker_restart_gateway_reconnects_and_loses_nothing(tmp_p
                 recorder = Recorder(backend_client)
                 rec_task = asyncio.create_task(recorder.run())
                 async with aiomqtt.Client("127.0.0.1", vehicle_broker.port, identifier="avn") as c:
-                    await c.subscribe(f"vehicle/{VIN}/avn/privacy/applied", qos=1)
                     car = Car(c, recorder)
+                    await car.subscribe()
                     task = asyncio.create_task(car.run())
                     await car.settings(1, features={"remote_control": True})
                     task.cancel()

@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -125,6 +125,28 @@ ROUTES: tuple[Route, ...] = (
         "DELETE", "/v1/vehicles/{vin}/restriction", ("dpo",), "Lift the restriction", "unrestrict"
     ),
     Route("DELETE", "/v1/vehicles/{vin}", ("dpo",), "Erase the vehicle's data (Art. 17)", "erase"),
+    Route(
+        "GET",
+        "/v1/dead-letters",
+        ("operator",),
+        "Undeliverable messages (metadata only; content stays sealed). ?after=ID&limit=N",
+        "list_dead_letters",
+    ),
+    Route(
+        "DELETE",
+        "/v1/dead-letters",
+        ("operator",),
+        "Purge dead letters: ?id=N (repeatable), or all without it",
+        "delete_dead_letters",
+    ),
+    Route(
+        "POST",
+        "/v1/dead-letters/redrive",
+        ("operator",),
+        "Send dead letters again (?id=N repeatable, else the oldest 1000); vehicle messages"
+        " are decided again under current consent",
+        "redrive_dead_letters",
+    ),
 )
 
 
@@ -438,7 +460,7 @@ class ControlPlane:
         vin = self._vin(request)
         if vin is None:
             return _error(400, "not a valid VIN")
-        await self.service.flush_counts()
+        await self.service.accounting.flush()
         store = self.service.store
         history = await self._store(store.history, vin)
         counts = await self._store(store.egress_counts, vin)
@@ -449,7 +471,7 @@ class ControlPlane:
             by_day.setdefault(c.day, {})
             key = f"{c.feature}|{c.stream}"
             by_day[c.day][key] = by_day[c.day].get(key, 0) + c.count
-        streams = [*policy.exact_routes.values(), *(r.stream for r in policy.template_routes)]
+        streams = policy.streams
         return web.json_response(
             {
                 "format": "privacy-gateway-export/1",
@@ -516,6 +538,62 @@ class ControlPlane:
         caller: TokenConfig = request[CALLER_KEY]
         result = await self.service.erase_vehicle(vin, caller.name)
         return web.json_response({"vin": vin, "erased": True, **result})
+
+
+    # -------------------------------------------------------------- dead letters
+
+    async def list_dead_letters(self, request: web.Request) -> web.Response:
+        try:
+            after = int(request.query.get("after", "0"))
+            limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
+        except ValueError:
+            return _error(400, "after and limit must be integers")
+        store = self.service.store
+        letters = await self._store(store.dead_letters, None, after, limit)
+        total = await self._store(store.dead_letter_count)
+        return web.json_response(
+            {
+                "total": total,
+                "dead_letters": [
+                    {
+                        "id": d.id,
+                        "created_at": d.created_at,
+                        "expires_at": d.expires_at,
+                        "subject": d.subject[:16],
+                        "kind": d.kind.value,
+                        "edge": d.edge,
+                        "stream": d.stream,
+                        "feature": d.feature,
+                        "reason": d.reason,
+                        "code": d.code,
+                        "attempts": d.attempts,
+                        "size": d.size,
+                    }
+                    for d in letters
+                ],
+                "next_after": letters[-1].id if len(letters) == limit else None,
+            }
+        )
+
+    async def delete_dead_letters(self, request: web.Request) -> web.Response:
+        ids = _ids(request)
+        if ids is False:
+            return _error(400, "id must be an integer")
+        removed = await self.service.delete_dead_letters(ids or None)
+        return web.json_response({"deleted": removed})
+
+    async def redrive_dead_letters(self, request: web.Request) -> web.Response:
+        ids = _ids(request)
+        if ids is False:
+            return _error(400, "id must be an integer")
+        return web.json_response(await self.service.redrive_dead_letters(ids or None))
+
+
+def _ids(request: web.Request) -> list[int] | Literal[False]:
+    try:
+        return [int(v) for v in request.query.getall("id", [])]
+    except ValueError:
+        return False
 
 
 def _legal_basis(policy: Any, feature: str) -> str:

@@ -10,6 +10,7 @@ from gateway.core.decide import (
     Forward,
     decide,
     decide_command,
+    refused_result,
     state_from_snapshot,
 )
 from gateway.core.state import CoarseFix, LocationMode, SettingsSnapshot, VehicleState
@@ -28,5 +29,6 @@ __all__ = [
     "VehicleState",
     "decide",
     "decide_command",
+    "refused_result",
     "state_from_snapshot",
 ]

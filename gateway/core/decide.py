@@ -492,6 +492,18 @@ def decide_command(
     )
 
 
+def refused_result(decision: CommandDecision, reason: str) -> tuple[str, bytes]:
+    """(topic, CommandResult) refusing a command that was decided, e.g. because
+    it could not be delivered to the car."""
+    return decision.result_topic, _refuse(
+        decision.vin, decision.command, _request_id(decision), decision.result_topic, reason
+    ).result_payload
+
+
+def _request_id(decision: CommandDecision) -> str:
+    return command_pb2.CommandResult.FromString(decision.result_payload).request_id
+
+
 def _refuse(
     vin: str, name: str, request_id: str, result_topic: str, reason: str
 ) -> CommandDecision:

@@ -83,7 +83,32 @@ class InboundMessage:
 
 
 class PublishRefused(Exception):
-    """The broker answered a QoS 1 publish with a failure reason code."""
+    """A QoS 1 publish failed: the broker answered with a failure reason code,
+    or the edge refused it before sending (`code` is then the MQTT v5 code it
+    stands for, e.g. 0x95 Packet too large)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+PACKET_TOO_LARGE = 0x95
+IMPLEMENTATION_SPECIFIC_ERROR = 0x83
+
+
+def _varint_size(value: int) -> int:
+    size = 1
+    while value >= 128:
+        value >>= 7
+        size += 1
+    return size
+
+
+def publish_packet_size(topic: str, payload: bytes, props: Properties | None) -> int:
+    """Bytes of a QoS 1 MQTT v5 PUBLISH on the wire (what Maximum Packet Size limits)."""
+    props_len = len(props.pack()) if props is not None else 1  # type: ignore[no-untyped-call]
+    remaining = 2 + len(topic.encode()) + 2 + props_len + len(payload)
+    return 1 + _varint_size(remaining) + remaining
 
 
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
@@ -265,6 +290,9 @@ class MqttEdge:
         self._backlog: deque[_Pending] = deque()  # waiting for room in the in-flight window
         self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
         self._misc_task: asyncio.Task[None] | None = None
+        # The broker's Maximum Packet Size (CONNACK): mosquitto disconnects a
+        # client that sends more instead of refusing the one message.
+        self.max_packet_size: int | None = None
         self._sock: Any = None
         self._write_scheduled = False
         self._writer_added = False
@@ -352,6 +380,17 @@ class MqttEdge:
         """
         props = _publish_properties(user_properties) if user_properties else None
         future: asyncio.Future[None] = self._loop.create_future()
+        limit = self.max_packet_size
+        if limit is not None and len(payload) + len(topic) + 64 > limit:
+            size = publish_packet_size(topic, payload, props)
+            if size > limit:
+                future.set_exception(
+                    PublishRefused(
+                        f"packet of {size} bytes exceeds the broker's maximum of {limit}",
+                        PACKET_TOO_LARGE,
+                    )
+                )
+                return future
         if self._backlog or len(self._publishes) >= self._client._max_inflight_messages:
             self._backlog.append((topic, payload, props, future))
         else:
@@ -367,7 +406,10 @@ class MqttEdge:
     ) -> None:
         info = self._client.publish(topic, payload, qos=1, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            future.set_exception(PublishRefused(f"publish rejected locally: {info.rc!r}"))
+            refusal = PublishRefused(
+                f"publish rejected locally: {info.rc!r}", IMPLEMENTATION_SPECIFIC_ERROR
+            )
+            future.set_exception(refusal)
             return
         self._publishes[info.mid] = future
 
@@ -457,6 +499,8 @@ class MqttEdge:
         properties: Properties | None,
     ) -> None:
         server_max = getattr(properties, "ReceiveMaximum", None) if properties else None
+        packet_max = getattr(properties, "MaximumPacketSize", None) if properties else None
+        self.max_packet_size = int(packet_max) if packet_max else None
         # paho does not honour the broker's Receive Maximum, and its public
         # setter refuses to run once connected; paho resends queued messages
         # right after this callback, so the limit is in place for them.
@@ -529,7 +573,9 @@ class MqttEdge:
         if future is None or future.done():
             return
         if reason_code.is_failure:
-            future.set_exception(PublishRefused(f"broker refused publish: {reason_code}"))
+            future.set_exception(
+                PublishRefused(f"broker refused publish: {reason_code}", reason_code.value)
+            )
         else:
             future.set_result(None)
 

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from gateway.control.audit import AuditRecord, VerifyResult
 from gateway.core.state import SettingsSnapshot
+from gateway.delivery import DeadLetter
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,20 @@ class ConsentStore(Protocol):
     def add_egress_counts(self, counts: list[EgressCount]) -> None: ...
 
     def egress_counts(self, vin: str) -> list[EgressCount]: ...
+
+    def add_dead_letter(self, letter: DeadLetter, max_rows: int) -> tuple[int, int]:
+        """Store a dead letter, evicting the oldest beyond `max_rows`: (id, evicted)."""
+
+    def dead_letters(
+        self, ids: list[int] | None = None, after: int = 0, limit: int = 100
+    ) -> list[DeadLetter]:
+        """Given ids, or the first `limit` with an id above `after`, oldest first."""
+
+    def dead_letter_count(self) -> int: ...
+
+    def delete_dead_letters(self, ids: list[int] | None) -> int: ...
+
+    def purge_dead_letters(self, now: float) -> int: ...
 
     def log_access(
         self, at: float, client: str, actor: str, method: str, path: str, status: int

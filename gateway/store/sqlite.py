@@ -12,9 +12,11 @@ from typing import Any, TypeVar
 from gateway.control import audit
 from gateway.control.audit import AuditRecord, VerifyResult
 from gateway.core.state import LocationMode, SettingsSnapshot
+from gateway.delivery import DeadLetter, DeadLetterKind
 from gateway.store.base import EgressCount, StoredPolicy, StoredVehicle
 
-SCHEMA_VERSION = 1
+# 1: v1 gateway. 2: dead_letters (created on open; nothing else changed).
+SCHEMA_VERSION = 2
 T = TypeVar("T")
 _SCHEMA = (
     """
@@ -74,6 +76,23 @@ CREATE TABLE IF NOT EXISTS access_log (
     status INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS access_log_at ON access_log (at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id         INTEGER PRIMARY KEY,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    subject    TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    edge       TEXT NOT NULL,
+    stream     TEXT NOT NULL,
+    feature    TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    code       INTEGER NOT NULL,
+    attempts   INTEGER NOT NULL,
+    size       INTEGER NOT NULL,
+    sealed     BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_subject ON dead_letters (subject);
+CREATE INDEX IF NOT EXISTS dead_letters_expires ON dead_letters (expires_at);
 """
     + audit.SCHEMA
 )
@@ -101,14 +120,16 @@ class SqliteConsentStore:
         with self._lock:
             self._db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                self._db.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif int(row[0]) > SCHEMA_VERSION:
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"{self.path}: written by a newer gateway (schema {row[0]} > {SCHEMA_VERSION})"
                 )
+            # Migrations are additive (CREATE ... IF NOT EXISTS above): record the version.
+            self._db.execute(
+                "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT(key)"
+                " DO UPDATE SET value=excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
 
     @classmethod
     def in_state_dir(cls, state_dir: str | Path) -> SqliteConsentStore:
@@ -248,6 +269,9 @@ class SqliteConsentStore:
                     "restrictions",
                 )
             }
+            removed["dead_letters"] = db.execute(
+                "DELETE FROM dead_letters WHERE subject=?", (subject,)
+            ).rowcount
             removed["audit_entries_scrubbed"] = audit.scrub_subject(db, subject)
             audit.append(db, record)
             return removed
@@ -335,6 +359,95 @@ class SqliteConsentStore:
             EgressCount(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]))
             for r in rows
         ]
+
+    # ------------------------------------------------------------ dead letters
+
+    def add_dead_letter(self, letter: DeadLetter, max_rows: int) -> tuple[int, int]:
+        """Store a dead letter; beyond `max_rows` the oldest are evicted.
+        Returns (new id, rows evicted)."""
+
+        def tx(db: sqlite3.Connection) -> tuple[int, int]:
+            cur = db.execute(
+                "INSERT INTO dead_letters (created_at, expires_at, subject, kind, edge, stream,"
+                " feature, reason, code, attempts, size, sealed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    letter.created_at,
+                    letter.expires_at,
+                    letter.subject,
+                    letter.kind.value,
+                    letter.edge,
+                    letter.stream,
+                    letter.feature,
+                    letter.reason,
+                    letter.code,
+                    letter.attempts,
+                    letter.size,
+                    letter.sealed,
+                ),
+            )
+            new_id = int(cur.lastrowid or 0)
+            evicted = db.execute(
+                "DELETE FROM dead_letters WHERE id <= ("
+                " SELECT id FROM dead_letters ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (max_rows,),
+            ).rowcount
+            return new_id, evicted
+
+        return self._write(tx)
+
+    def dead_letters(
+        self, ids: list[int] | None = None, after: int = 0, limit: int = 100
+    ) -> list[DeadLetter]:
+        sql = (
+            "SELECT id, created_at, expires_at, subject, kind, edge, stream, feature, reason,"
+            " code, attempts, size, sealed FROM dead_letters"
+        )
+        if ids is not None:
+            marks = ",".join("?" * len(ids))
+            rows = self._read(f"{sql} WHERE id IN ({marks}) ORDER BY id", tuple(ids))
+        else:
+            rows = self._read(f"{sql} WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+        return [
+            DeadLetter(
+                id=int(r[0]),
+                created_at=float(r[1]),
+                expires_at=float(r[2]),
+                subject=str(r[3]),
+                kind=DeadLetterKind(r[4]),
+                edge=str(r[5]),
+                stream=str(r[6]),
+                feature=str(r[7]),
+                reason=str(r[8]),
+                code=int(r[9]),
+                attempts=int(r[10]),
+                size=int(r[11]),
+                sealed=bytes(r[12]),
+            )
+            for r in rows
+        ]
+
+    def dead_letter_count(self) -> int:
+        return int(self._read("SELECT count(*) FROM dead_letters")[0][0])
+
+    def delete_dead_letters(self, ids: list[int] | None) -> int:
+        """Delete the given dead letters (all when `ids` is None)."""
+
+        def tx(db: sqlite3.Connection) -> int:
+            if ids is None:
+                return int(db.execute("DELETE FROM dead_letters").rowcount)
+            return sum(
+                db.execute("DELETE FROM dead_letters WHERE id=?", (i,)).rowcount for i in ids
+            )
+
+        return self._write(tx)
+
+    def purge_dead_letters(self, now: float) -> int:
+        """Retention: dead letters are personal data kept no longer than their stream's."""
+        return self._write(
+            lambda db: int(
+                db.execute("DELETE FROM dead_letters WHERE expires_at <= ?", (now,)).rowcount
+            )
+        )
 
     # ------------------------------------------------------ protocol data, audit
 

@@ -1,0 +1,82 @@
+"""Per-vehicle egress counts (the Art. 15 export), durable before their acks.
+
+A forwarded message is counted, and its upstream acknowledgement waits until
+the count is committed: a crash can then only over-count (a committed count
+whose ack was lost is counted again when the broker redelivers), never
+forget what was sent. Commits are grouped: whatever was counted while the
+previous commit ran goes into the next one, so one fsync covers many
+messages without a timer adding latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from gateway.store import EgressCount
+
+log = logging.getLogger("gateway.accounting")
+
+# (vin, day, stream, feature, policy version)
+CountKey = tuple[str, str, str, str, str]
+
+
+class EgressAccounting:
+    def __init__(self, write: Callable[[list[EgressCount]], Awaitable[object]]) -> None:
+        self._write = write
+        self._counts: dict[CountKey, int] = {}
+        self._waiting: list[Callable[[], None]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lock = asyncio.Lock()  # one commit at a time: run() and flush() share it
+        self._day_cache: tuple[float, float, str] = (0.0, 0.0, "")
+
+    def day(self, now: float) -> str:
+        start, end, day = self._day_cache
+        if not start <= now < end:
+            midnight = now - now % 86400
+            day = time.strftime("%Y-%m-%d", time.gmtime(now))
+            self._day_cache = (midnight, midnight + 86400, day)
+        return day
+
+    def record(self, key: CountKey, then: Callable[[], None] | None = None) -> None:
+        """Count one forwarded message; `then` runs once the count is durable."""
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if then is not None:
+            self._waiting.append(then)
+        self._idle.clear()
+        self._wake.set()
+
+    def pending_keys(self) -> list[CountKey]:
+        return list(self._counts)
+
+    def forget(self, vin: str) -> None:
+        """Erasure: counts not yet written for `vin` are never written."""
+        for key in [k for k in self._counts if k[0] == vin]:
+            del self._counts[key]
+
+    async def flush(self) -> None:
+        """Commit what is counted now (and wait for a commit already running)."""
+        self._wake.set()
+        while not (self._idle.is_set() and not self._counts and not self._waiting):
+            await self._commit_once()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            await self._commit_once()
+
+    async def _commit_once(self) -> None:
+        async with self._lock:
+            self._wake.clear()
+            counts, self._counts = self._counts, {}
+            waiting, self._waiting = self._waiting, []
+            if counts:
+                await self._write([EgressCount(*key, n) for key, n in counts.items()])
+            for then in waiting:
+                then()
+            if not self._counts and not self._waiting:
+                self._idle.set()

@@ -1,0 +1,306 @@
+"""One bad message blocks nothing (contract rule 19), on a real mosquitto.
+
+Each test reproduces a finding against the v1 gateway: a publish the backend
+broker refuses (by ACL, or by size) was retried forever while the in-order
+acknowledgements behind it stalled every car, eCall included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from gateway.delivery import DeadLetterKind, DeadLetterSeal, is_transient, refusal_reason
+from gateway.service import GatewayService
+from gateway.store import SqliteConsentStore
+from sim.broker import MosquittoBroker
+from telematics.v1 import streams_pb2
+from tests.conftest import KEY, VIN, Car, Clients, GatewayHarness, Recorder
+
+pytestmark = pytest.mark.integration
+
+OPEN_ACL = "topic readwrite vehicle/#\ntopic readwrite tsp/#\n"
+NO_BATTERY_ACL = OPEN_ACL + "topic deny tsp/+/tbox/battery\n"
+NO_ERASURE_ACL = OPEN_ACL + "topic deny tsp/+/erasure\n"
+
+@contextlib.asynccontextmanager
+async def running(broker: MosquittoBroker, tmp_path: Path) -> AsyncIterator[
+    tuple[GatewayHarness, Clients]
+]:
+    harness = GatewayHarness(broker.url, broker.url, tmp_path / "state")
+    async with (
+        aiomqtt.Client(
+            "127.0.0.1", broker.port, identifier="test-backend", protocol=aiomqtt.ProtocolVersion.V5
+        ) as backend_client,
+        aiomqtt.Client("127.0.0.1", broker.port, identifier=f"tbox-{VIN}") as car_client,
+    ):
+        await backend_client.subscribe("tsp/#", qos=1)
+        recorder = Recorder(backend_client)
+        car = Car(car_client, recorder)
+        await car.subscribe()
+        tasks = [asyncio.create_task(recorder.run()), asyncio.create_task(car.run())]
+        try:
+            yield harness, Clients(car, recorder, backend_client)
+        finally:
+            for service in list(harness.running):
+                await harness.stop(service)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+def battery(car: Car) -> streams_pb2.BatteryStatus:
+    msg = streams_pb2.BatteryStatus(state_of_charge_pct=50)
+    car.header(msg)
+    return msg
+
+def status(car: Car) -> streams_pb2.VehicleStatus:
+    msg = streams_pb2.VehicleStatus()
+    car.header(msg)
+    return msg
+
+async def test_acl_refusal_is_dead_lettered_and_blocks_nothing(tmp_path: Path) -> None:
+    with MosquittoBroker(acl=NO_BATTERY_ACL) as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            service = await harness.start()
+            car = clients.car
+            await car.settings(1, features={"charging": True, "remote_control": True})
+            refused = battery(car)
+            await car.send("tbox/battery", refused)
+            after = [status(car) for _ in range(5)]
+            for msg in after:
+                await car.send("tbox/status", msg)
+            await car.send("tbox/ecall", car.header(streams_pb2.ECall()))
+            # v1: the battery message is retried forever and nothing behind it is acked.
+            await car.barrier()
+            await clients.backend.wait_for(
+                lambda: len(clients.backend.on("/tbox/status")) == 5
+                and bool(clients.backend.on("/tbox/ecall"))
+            )
+            assert clients.backend.on("/tbox/battery") == []
+            letters = service.store.dead_letters()
+            assert [(d.stream, d.reason, d.code, d.kind) for d in letters] == [
+                ("tbox/battery", "not_authorized", 0x87, DeadLetterKind.VEHICLE)
+            ]
+            assert service.metrics.value(
+                "gateway_dead_letters_total", edge="backend", reason="not_authorized"
+            ) == 1
+            assert service.metrics.value("gateway_dead_letters_stored") == 1
+            # Personal data at rest: the content is sealed, the VIN appears nowhere.
+            db = sqlite3.connect(tmp_path / "state" / SqliteConsentStore.FILENAME)
+            rows = db.execute("SELECT * FROM dead_letters").fetchall()
+            db.close()
+            assert VIN.encode() not in repr(rows).encode() and VIN not in repr(rows)
+            topic, payload = DeadLetterSeal(KEY).open(letters[0].sealed, letters[0].subject)
+            assert topic == f"vehicle/{VIN}/tbox/battery"
+            assert payload == refused.SerializeToString()  # the original, to decide again
+
+            # The operator fixes the ACL and re-drives: decided again and delivered.
+            broker.reload(OPEN_ACL)
+            await asyncio.sleep(0.5)
+            assert await service.redrive_dead_letters(None) == {"redriven": 1, "unreadable": 0}
+            await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/battery")))
+            await _wait(lambda: service.store.dead_letter_count() == 0)
+
+async def test_redrive_decides_again_under_current_consent(tmp_path: Path) -> None:
+    with MosquittoBroker(acl=NO_BATTERY_ACL) as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            service = await harness.start()
+            car = clients.car
+            await car.settings(1, features={"charging": True})
+            await car.send("tbox/battery", battery(car))
+            await car.barrier()
+            await _wait(lambda: service.store.dead_letter_count() == 1)
+            # Consent withdrawn after the refusal: a re-drive must not send it.
+            await car.settings(2, features={"charging": False})
+            broker.reload(OPEN_ACL)
+            await asyncio.sleep(0.5)
+            await service.redrive_dead_letters(None)
+            await car.barrier()
+            await _wait(lambda: service.store.dead_letter_count() == 0)
+            assert clients.backend.on("/tbox/battery") == []
+
+async def test_message_above_broker_packet_limit_is_dead_lettered_without_sending(
+    tmp_path: Path,
+) -> None:
+    """An app message the car sent within the limit grows past it when its VIN
+    is pseudonymized (longer topic ref, user properties). Mosquitto would
+    disconnect the gateway for sending it, forever after each reconnect."""
+    limit = 1500
+    with MosquittoBroker(max_packet_size=limit) as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            service = await harness.start()
+            car = clients.car
+            await car.settings(1, features={"third_party.music": True, "remote_control": True})
+            big = streams_pb2.AppTraffic(app_id="music")
+            car.header(big)
+            big.payload = b"x" * (limit - 60 - len(big.SerializeToString()))
+            assert len(big.SerializeToString()) + 40 < limit  # the car's publish fits
+            await car.send("avn/app/music", big)
+            small = [status(car) for _ in range(3)]
+            for msg in small:
+                await car.send("tbox/status", msg)
+            await car.barrier()
+            await clients.backend.wait_for(lambda: len(clients.backend.on("/tbox/status")) == 3)
+            assert clients.backend.on("/avn/app/music") == []
+            letters = service.store.dead_letters()
+            assert [(d.stream, d.reason) for d in letters] == [
+                ("avn/app/{app_id}", "packet_too_large")
+            ]
+            # Never sent, so the broker never disconnected the gateway.
+            assert "exceeded" not in broker.log_path.read_text().lower()
+            assert service.backend_edge.generation == 1
+
+async def test_ecall_is_not_delayed_by_a_control_operation_or_a_backlog(tmp_path: Path) -> None:
+    with MosquittoBroker() as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            service = await harness.start()
+            car = clients.car
+            await car.settings(1, features={"remote_control": True})
+            # A control operation that takes long (say, a store write on a slow
+            # disk) holds the ordinary lane; eCall must not wait for it.
+            release = asyncio.Event()
+            control = asyncio.create_task(service.run_control(release.wait))
+            await car.send("tbox/status", status(car))
+            started = time.monotonic()
+            await car.send("tbox/ecall", car.header(streams_pb2.ECall()))
+            await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/ecall")), 5)
+            assert time.monotonic() - started < 2
+            assert clients.backend.on("/tbox/status") == []  # still held by the operation
+            release.set()
+            await control
+            await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/status")))
+            # Exactly one copy: the ordinary lane drops its own, counted.
+            await car.barrier()
+            assert len(clients.backend.on("/tbox/ecall")) == 1
+            assert (
+                service.metrics.value(
+                    "gateway_messages_dropped_total", stream="tbox/ecall", reason="ecall_lane"
+                )
+                == 1
+            )
+
+async def test_refused_erasure_event_wedges_neither_the_pipeline_nor_shutdown(
+    tmp_path: Path,
+) -> None:
+    with MosquittoBroker(acl=NO_ERASURE_ACL) as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            service = await harness.start()
+            car = clients.car
+            await car.settings(1, features={"remote_control": True})
+            result = await asyncio.wait_for(service.erase_vehicle(VIN, "dpo-test"), 10)
+            assert result["erasure_event"] == "dead_lettered"
+            letters = service.store.dead_letters()
+            assert [(d.stream, d.kind, d.reason) for d in letters] == [
+                ("erasure", DeadLetterKind.EGRESS, "not_authorized")
+            ]
+            # The pipeline goes on: the car is unknown now, its settings apply again.
+            await car.settings(2, features={"remote_control": True})
+            await car.send("tbox/status", status(car))
+            await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/status")))
+            started = time.monotonic()
+            await harness.stop(service)
+            assert time.monotonic() - started < 5
+
+async def test_dead_letters_are_erased_with_the_car_and_bound_by_retention(
+    tmp_path: Path,
+) -> None:
+    with MosquittoBroker(acl=NO_BATTERY_ACL) as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            service = await harness.start()
+            car = clients.car
+            await car.settings(1, features={"charging": True})
+            await car.send("tbox/battery", battery(car))
+            await car.barrier()
+            await _wait(lambda: service.store.dead_letter_count() == 1)
+            letter = service.store.dead_letters()[0]
+            # BatteryStatus is kept 30 days by the policy; dead letters at most 7.
+            assert 7 * 86400 - 60 < letter.expires_at - letter.created_at <= 7 * 86400
+            assert service.store.purge_dead_letters(letter.expires_at - 1) == 0
+            result = await service.erase_vehicle(VIN, "dpo-test")
+            assert result["removed"]["dead_letters"] == 1
+            remaining = service.store.dead_letters()
+            assert all(d.stream == "erasure" for d in remaining)
+            assert service.store.purge_dead_letters(time.time() + 8 * 86400) == len(remaining)
+
+async def test_stored_egress_counts_survive_kill(tmp_path: Path) -> None:
+    """Art. 15 export counts are committed before the acks they cover: a
+    process that dies right after forwarding (no flush on the way out) has
+    them on disk."""
+    with MosquittoBroker() as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            service = await harness.start()
+            car = clients.car
+            await car.settings(1, features={"remote_control": True})
+            for _ in range(20):
+                await car.send("tbox/status", status(car))
+            await car.barrier()
+            await clients.backend.wait_for(lambda: len(clients.backend.on("/tbox/status")) == 20)
+            # Read through a separate connection, as a restarted process would,
+            # without letting the service flush anything on its way out.
+            fresh = SqliteConsentStore.in_state_dir(tmp_path / "state")
+            try:
+                counted = sum(c.count for c in fresh.egress_counts(VIN))
+            finally:
+                fresh.close()
+            assert counted == 20
+            harness.running.remove(service)
+            await _abandon(service)
+
+async def _abandon(service: GatewayService) -> None:
+    """Stop the edges without the orderly drain (as close to kill -9 as in-process gets)."""
+    for edge in service.edges:
+        await edge.stop()
+    for task in service._tasks:
+        task.cancel()
+    await asyncio.gather(*service._tasks, return_exceptions=True)
+
+def test_refusal_classes() -> None:
+    assert is_transient(0x97) and is_transient(0x80)
+    assert not is_transient(0x87) and not is_transient(0x95) and not is_transient(0x90)
+    assert refusal_reason(0x87) == "not_authorized"
+    assert refusal_reason(0xA2) == "refused_0xa2"
+
+def test_dead_letter_seal_binds_content_to_key_and_subject() -> None:
+    seal = DeadLetterSeal(KEY)
+    sealed = seal.seal("vehicle/X/tbox/status", b"\x00payload", "subject-a")
+    assert seal.open(sealed, "subject-a") == ("vehicle/X/tbox/status", b"\x00payload")
+    with pytest.raises(ValueError):
+        seal.open(sealed, "subject-b")
+    with pytest.raises(ValueError):
+        DeadLetterSeal(bytes(32)).open(sealed, "subject-a")
+
+def test_store_written_by_v1_is_migrated(tmp_path: Path) -> None:
+    """A consent store of schema 1 (no dead_letters table) opens, gains the
+    table, and keeps what it held."""
+    store = SqliteConsentStore.in_state_dir(tmp_path)
+    store.close()
+    db = sqlite3.connect(tmp_path / SqliteConsentStore.FILENAME)
+    db.executescript(
+        "DROP TABLE dead_letters; UPDATE meta SET value='1' WHERE key='schema_version';"
+        "INSERT INTO restrictions VALUES ('WVWZZZ1JZXW000001', 1.0, 'dpo');"
+    )
+    db.commit()
+    db.close()
+    store = SqliteConsentStore.in_state_dir(tmp_path)
+    try:
+        assert store.dead_letter_count() == 0
+        assert store.restricted_vins() == {VIN}
+        version = store._read("SELECT value FROM meta WHERE key='schema_version'")[0][0]
+        assert version == "2"
+    finally:
+        store.close()
+
+async def _wait(predicate: object, timeout: float = 10.0) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.05)
