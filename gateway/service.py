@@ -193,6 +193,7 @@ class GatewayService:
         self.backend_edge: MqttEdge
         self._windows: dict[str, AckWindow] = {}
         self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
+        self.store_writable = True  # false while a durable write keeps failing
         self.metrics.store_writable.set(1)
 
     # -------------------------------------------------------------- lifecycle
@@ -953,10 +954,12 @@ class GatewayService:
                 result = await loop.run_in_executor(self._store_executor, fn, *args)
                 if attempt:
                     log.warning("consent store writable again")
+                    self.store_writable = True
                     self.metrics.store_writable.set(1)
                 return result
             except Exception as exc:
                 attempt += 1
+                self.store_writable = False
                 self.metrics.store_writable.set(0)
                 delay = min(10.0, 0.1 * 2**attempt)
                 log.error("consent store write failed (%s); retrying in %.1fs", exc, delay)

@@ -264,16 +264,19 @@ class ControlPlane:
             else:
                 request[CALLER_KEY] = caller
                 response = await handler(request)
-        if route is None or route.roles:
-            await self._store(
-                self.service.store.log_access,
-                time.time(),
-                request.remote or "",
-                caller.name if caller else "",
-                request.method,
-                request.path,
-                response.status,
-            )
+        if route is not None and route.roles:
+            try:
+                await self._store(
+                    self.service.store.log_access,
+                    time.time(),
+                    request.remote or "",
+                    caller.name if caller else "",
+                    request.method,
+                    request.path,
+                    response.status,
+                )
+            except Exception as exc:  # a full disk must not turn every answer into a 500
+                log.error("access log not written: %s", exc)
         return response
 
     # -------------------------------------------------------------- health
@@ -290,9 +293,11 @@ class ControlPlane:
         }
         try:
             await self._store(service.store.check_writable)
-            checks["store_writable"] = True
-        except Exception:
+            checks["store_writable"] = service.store_writable
+        except Exception as exc:
+            log.error("readiness: consent store not writable: %s", exc)
             checks["store_writable"] = False
+        service.metrics.store_writable.set(1 if checks["store_writable"] else 0)
         ok = all(checks.values())
         return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
 

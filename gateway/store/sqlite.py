@@ -496,10 +496,14 @@ class SqliteConsentStore:
             return audit.verify(self._db)
 
     def check_writable(self) -> None:
-        """Raises when the database cannot take a write lock (readiness probe)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("ROLLBACK")
+        """Raises when a write fails (readiness probe): a real, committed write,
+        since taking the write lock succeeds on a read-only or full database."""
+        self._write(
+            lambda db: db.execute(
+                "INSERT INTO meta VALUES ('ready_probe', '') ON CONFLICT(key) DO UPDATE"
+                " SET value = CASE value WHEN '' THEN '.' ELSE '' END"
+            )
+        )
 
     def close(self) -> None:
         with self._lock:
