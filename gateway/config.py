@@ -43,6 +43,11 @@ class BrokerConfig(_Strict):
 class PipelineConfig(_Strict):
     inflight: int = Field(512, ge=1, le=65535)
     drain_timeout_s: float = Field(10.0, ge=0)
+    max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="payload bytes held (undecided + awaiting the backend) before reading pauses",
+    )
     ecall_lane: bool = Field(
         True,
         description="legal-obligation streams on their own connections, window and retries",

@@ -46,6 +46,10 @@ class PolicyError(Exception):
         super().__init__("invalid policy\n  " + "\n  ".join(lines))
 
 
+DEFAULT_MAX_PAYLOAD = 64 * 1024
+MAX_PAYLOAD_LIMIT = 16 * 1024 * 1024
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -74,6 +78,9 @@ class StreamSpec(_Strict):
     requires_window: bool = False
     pseudonymize_vin: bool = False
     fields: dict[str, FieldAction] = Field(default_factory=dict)
+    max_payload_bytes: int | None = Field(
+        None, ge=64, le=MAX_PAYLOAD_LIMIT, description="default: the policy's max_payload_bytes"
+    )
 
 
 class CommandSpec(_Strict):
@@ -89,6 +96,8 @@ class PolicyDocument(_Strict):
     features: dict[str, FeatureSpec]
     streams: dict[str, StreamSpec]
     commands: dict[str, CommandSpec] = Field(default_factory=dict)
+    # Bigger payloads are dropped (counted as `oversized`); eCall is trimmed instead.
+    max_payload_bytes: int = Field(DEFAULT_MAX_PAYLOAD, ge=64, le=MAX_PAYLOAD_LIMIT)
 
 
 # --------------------------------------------------------------------------
@@ -122,6 +131,7 @@ class CompiledStream:
     truncate_ip_fields: tuple[str, ...]
     remove_fields: tuple[str, ...]
     keep_fields: tuple[str, ...]
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +178,10 @@ class CompiledPolicy:
                 value = parts[route.placeholder_index]
                 return (route.stream, value) if _PLACEHOLDER_VALUE.match(value) else None
         return None
+
+    @property
+    def max_payload_bytes_default(self) -> int:
+        return self.document.max_payload_bytes
 
     @property
     def streams(self) -> tuple[CompiledStream, ...]:
@@ -464,6 +478,7 @@ def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
             truncate_ip_fields=named("truncate_ip"),
             remove_fields=tuple(removes),
             keep_fields=named("keep"),
+            max_payload_bytes=spec.max_payload_bytes or doc.max_payload_bytes,
         )
         if placeholders:
             parts = tuple(None if _PLACEHOLDER.match(s) else s for s in segments)

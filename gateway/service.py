@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from gateway.accounting import EgressAccounting
+from gateway.budget import IngressBudget
 from gateway.config import GatewayConfig
 from gateway.control.audit import AuditRecord
 from gateway.core import (
@@ -86,18 +87,23 @@ class Settleable(Protocol):
 class _Slot:
     """One received message awaiting its final outcome."""
 
-    __slots__ = ("done", "generation", "mid", "qos", "window")
+    __slots__ = ("done", "generation", "mid", "qos", "size", "window")
 
     def __init__(self, window: AckWindow, msg: InboundMessage) -> None:
         self.window = window
         self.mid = msg.mid
         self.qos = msg.qos
         self.generation = msg.generation
+        self.size = len(msg.payload)
         self.done = False
 
     def settle(self) -> None:
+        if self.done:
+            return
         self.done = True
         self.window.release()
+        if self.window.budget is not None:
+            self.window.budget.give(self.size)
 
     def settle_with(self, outcome: Outcome) -> None:
         """Delivered or dead-lettered: either way the message's fate is final."""
@@ -111,8 +117,14 @@ class AckWindow:
     overtakes an earlier message still in flight.
     """
 
-    def __init__(self, edge: MqttEdge, on_size: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        edge: MqttEdge,
+        on_size: Callable[[int], None],
+        budget: IngressBudget | None = None,
+    ) -> None:
         self._edge = edge
+        self.budget = budget  # given back as each message settles
         self._pending: deque[_Slot] = deque()
         self._on_size = on_size
         self.drained = asyncio.Event()
@@ -181,10 +193,6 @@ class GatewayService:
         self._background: set[asyncio.Task[Any]] = set()
         self.ecall_vehicle_edge: MqttEdge | None = None
         self.ecall_backend_edge: MqttEdge | None = None
-        # Undecided messages: past the high-water mark the vehicle socket is
-        # not read until the decision loop is back under the low-water mark.
-        self._high_water = config.pipeline.inflight
-        self._low_water = max(1, config.pipeline.inflight // 4)
         self._store_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consent-store")
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -270,8 +278,18 @@ class GatewayService:
         )
         if self._ecall_lane:
             self._start_ecall_lane()
+        self.budget = IngressBudget(
+            inflight,
+            self.config.pipeline.max_bytes,
+            self.vehicle_edge.pause_reading,
+            self.vehicle_edge.resume_reading,
+        )
         for edge in self.edges:
-            self._windows[edge.name] = AckWindow(edge, self.metrics.inflight.labels(edge.name).set)
+            self._windows[edge.name] = AckWindow(
+                edge,
+                self.metrics.inflight.labels(edge.name).set,
+                self.budget if edge is self.vehicle_edge else None,
+            )
         self._tasks = [
             *(asyncio.create_task(e.run(), name=f"{e.name}-edge") for e in self.edges),
             asyncio.create_task(self._decide_loop(), name="decide-loop"),
@@ -350,8 +368,7 @@ class GatewayService:
 
     def _enqueue_vehicle_message(self, msg: InboundMessage) -> None:
         self._queue.put_nowait(msg)
-        if self._queue.qsize() >= self._high_water:
-            self.vehicle_edge.pause_reading()
+        self.budget.take(len(msg.payload))
 
     async def _announce_ready(self) -> None:
         for edge in self.edges:
@@ -411,13 +428,11 @@ class GatewayService:
 
     async def _decide_loop(self) -> None:
         edges = {VEHICLE: self.vehicle_edge, BACKEND: self.backend_edge}
-        queue, vehicle_edge, low_water = self._queue, self.vehicle_edge, self._low_water
+        queue = self._queue
         while True:
             msg = await queue.get()
             if msg is None or self._stopping:
                 return
-            if vehicle_edge.reading_paused and queue.qsize() <= low_water:
-                vehicle_edge.resume_reading()
             if isinstance(msg, ControlOp):
                 try:
                     msg.done.set_result(await msg.run())
@@ -425,7 +440,10 @@ class GatewayService:
                     msg.done.set_exception(exc)
                 continue
             if msg.generation != edges[msg.source].generation:
-                continue  # received over a lost connection: the broker redelivers it
+                # Received over a lost connection: the broker redelivers it.
+                if msg.source == VEHICLE:
+                    self.budget.give(len(msg.payload))
+                continue
             self.metrics.inc(self.metrics.received, msg.source)
             slot = self._windows[msg.source].open(msg)
             try:

@@ -39,7 +39,9 @@ def broker() -> Iterator[MosquittoBroker]:
         yield b
 
 
-def gateway_config(vehicle_url: str, backend_url: str, state_dir: Path) -> GatewayConfig:
+def gateway_config(
+    vehicle_url: str, backend_url: str, state_dir: Path, pipeline: PipelineConfig | None = None
+) -> GatewayConfig:
     return GatewayConfig(
         policy=DEFAULT_POLICY,
         state_dir=state_dir,
@@ -53,7 +55,7 @@ def gateway_config(vehicle_url: str, backend_url: str, state_dir: Path) -> Gatew
             session_expiry_s=0,
             keepalive_s=5,
         ),
-        pipeline=PipelineConfig(inflight=256, drain_timeout_s=5),
+        pipeline=pipeline or PipelineConfig(inflight=256, drain_timeout_s=5),
     )
 
 
@@ -65,9 +67,10 @@ class GatewayHarness:
     backend_url: str
     state_dir: Path
     running: list[GatewayService] = field(default_factory=list)
+    pipeline: PipelineConfig | None = None
 
     async def start(self, policy: CompiledPolicy | None = None) -> GatewayService:
-        config = gateway_config(self.vehicle_url, self.backend_url, self.state_dir)
+        config = gateway_config(self.vehicle_url, self.backend_url, self.state_dir, self.pipeline)
         service = GatewayService(
             config,
             policy or load_policy(DEFAULT_POLICY),

@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from google.protobuf.message import DecodeError, Message
 
+from gateway.core.ecall import conform_ecall
 from gateway.core.state import (
     VIN_PATTERN,
     CoarseFix,
@@ -29,7 +30,7 @@ from gateway.core.transforms import (
     truncate_ip,
 )
 from gateway.policy import CompiledPolicy, CompiledStream
-from telematics.v1 import command_pb2, common_pb2, privacy_pb2
+from telematics.v1 import command_pb2, common_pb2, privacy_pb2, streams_pb2
 
 SETTINGS_TOPIC = "avn/privacy"
 APPLIED_TOPIC = "avn/privacy/applied"
@@ -49,6 +50,7 @@ class DropReason(StrEnum):
     NO_WINDOW = "no_find_my_car_window"
     STALE_REVISION = "stale_revision"
     VIN_IN_PAYLOAD = "vin_in_pseudonymized_payload"
+    OVERSIZED = "oversized"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,9 @@ def decide(
     stream, app_id = route
     if not VIN_PATTERN.match(vin):
         return Drop(DropReason.INVALID_VIN, stream.key, detail=vin)
+    if len(payload) > stream.max_payload_bytes and not stream.legal_obligation:
+        # Before parsing: a flood of huge payloads costs no protobuf work.
+        return Drop(DropReason.OVERSIZED, stream.key, vin=vin, detail=str(len(payload)))
     message = stream.message_cls()
     try:
         message.ParseFromString(payload)
@@ -160,15 +165,21 @@ def decide(
         return Drop(DropReason.VIN_MISMATCH, stream.key, vin=vin, detail=header.vin[:32])
     feature = stream.feature if app_id is None else f"{stream.feature}.{app_id}"
     if stream.legal_obligation:
-        # Legal obligation (eCall): always forwarded, byte for byte.
+        # Legal obligation (eCall): always forwarded; byte for byte when it conforms.
+        trimmed = (
+            conform_ecall(message, payload, stream.max_payload_bytes)
+            if isinstance(message, streams_pb2.ECall)
+            else None
+        )
+        done: tuple[str, ...] = () if trimmed is None else ("trim",)
         return Forward(
             topic=f"{ctx.backend_prefix}/{vin}/{relative}",
-            payload=payload,
-            user_properties=_properties(ctx.policy, stream, feature, ()),
+            payload=payload if trimmed is None else trimmed,
+            user_properties=_properties(ctx.policy, stream, feature, done),
             vin=vin,
             stream=stream.key,
             feature=feature,
-            transforms=(),
+            transforms=done,
         )
     state = states.get(vin)
     if state is None:
@@ -210,7 +221,10 @@ def decide(
 
 
 def _properties(
-    policy: CompiledPolicy, stream: CompiledStream, feature: str, transforms: list[str] | tuple[()]
+    policy: CompiledPolicy,
+    stream: CompiledStream,
+    feature: str,
+    transforms: list[str] | tuple[str, ...],
 ) -> tuple[tuple[str, str], ...]:
     return (
         ("policy-version", policy.version),

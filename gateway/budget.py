@@ -1,0 +1,46 @@
+"""How much vehicle traffic the gateway holds at once, in messages and bytes.
+
+Everything received from the vehicle side whose fate is not final counts:
+undecided, decided and waiting for the backend's PUBACK, waiting behind the
+publish window. Past either limit the vehicle socket is not read (TCP
+back-pressure: the broker holds the rest in its own queue) until both are
+back under a quarter, so an outage of the backend costs bounded memory
+however long it lasts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class IngressBudget:
+    def __init__(
+        self,
+        max_messages: int,
+        max_bytes: int,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+    ) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._low_messages = max(1, max_messages // 4)
+        self._low_bytes = max_bytes // 4
+        self._pause = pause
+        self._resume = resume
+        self.messages = 0
+        self.bytes = 0
+        self.paused = False
+
+    def take(self, size: int) -> None:
+        self.messages += 1
+        self.bytes += size
+        if not self.paused and (self.messages >= self.max_messages or self.bytes >= self.max_bytes):
+            self.paused = True
+            self._pause()
+
+    def give(self, size: int) -> None:
+        self.messages -= 1
+        self.bytes -= size
+        if self.paused and self.messages <= self._low_messages and self.bytes <= self._low_bytes:
+            self.paused = False
+            self._resume()
