@@ -30,7 +30,7 @@ from gateway.core.decide import SETTINGS_TOPIC, split_vehicle_topic
 from gateway.edges.mqtt import BrokerEndpoint, BrokerUrlError
 from gateway.keys import KeyFileError, load_or_create_key
 from gateway.logs import setup_logging
-from gateway.policy import CompiledPolicy, PolicyError, load_policy, parse_policy, summary_rows
+from gateway.policy import CompiledPolicy, PolicyError, load_policy, summary_rows
 from telematics.v1 import privacy_pb2
 
 log = logging.getLogger("gateway")
@@ -308,17 +308,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("refusing to start: %s", exc)
         return EXIT_CONFIG
 
-    stored = store.active_policy()
-    if stored is not None and stored.digest != policy.digest:
-        try:
-            policy = parse_policy(stored.yaml, source=f"stored policy {stored.version}")
-            log.info(
-                "running the last accepted policy %s (signed by %s)", stored.version, stored.signer
-            )
-        except PolicyError as exc:
-            log.error("refusing to start: the last accepted policy no longer validates: %s", exc)
-            return EXIT_CONFIG
-
     async def serve() -> None:
         from gateway.control.api import ControlPlane
 
@@ -338,7 +327,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             config.backend_broker.endpoint.redacted(),
             config.state_dir,
         )
-        await service.start()
+        try:
+            await service.start()  # runs the last accepted policy (stored), if any
+        except PolicyError as exc:
+            log.error("refusing to start: the last accepted policy no longer validates: %s", exc)
+            raise SystemExit(EXIT_CONFIG) from exc
         try:
             await control.start()
         except OSError as exc:

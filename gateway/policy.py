@@ -224,6 +224,42 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
 
+class VersionConflict(Exception):
+    """A policy version refused by the version rules (HTTP 409)."""
+
+
+def check_new_version(
+    version: str, digest: str, stored: Mapping[str, str], active: str | None = None
+) -> None:
+    """The rule for storing a policy: its version must be newer than every version
+    ever stored (`stored`: version -> digest), so a number names exactly one text
+    for good and a stored version comes back only by an explicit rollback.
+
+    Raises VersionConflict saying which part of the rule the push breaks.
+    """
+    key = version_key(version)
+    same = next((v for v in stored if version_key(v) == key), None)
+    highest = max(stored, key=version_key, default=None)
+    if same is not None and stored[same] != digest:
+        raise VersionConflict(
+            f"version {version} is already stored with a different text"
+            f" (sha256 {stored[same][:16]}...): a version number names one policy for good;"
+            " sign the change as a newer version"
+        )
+    if same is not None and same == active:
+        raise VersionConflict(f"version {version} is already active (not newer than itself)")
+    if same is not None:
+        raise VersionConflict(
+            f"version {version} was pushed before: a replay is not newer than {highest}, the"
+            f" highest stored version; use POST /v1/policy/rollback to re-activate {same}"
+        )
+    if highest is not None and key <= version_key(highest):
+        raise VersionConflict(
+            f"version {version} is not newer than {highest}, the highest stored version"
+            " (use POST /v1/policy/rollback to return to a stored version)"
+        )
+
+
 def load_policy(path: str | Path) -> CompiledPolicy:
     """Read, validate and compile a policy file; raises PolicyError naming the problem."""
     path = Path(path)

@@ -47,7 +47,7 @@ from gateway.delivery import (
 )
 from gateway.edges.mqtt import InboundMessage, MqttEdge, PublishRefused
 from gateway.metrics import GatewayMetrics
-from gateway.policy import CompiledPolicy
+from gateway.policy import CompiledPolicy, parse_policy
 from gateway.store import ConsentStore, StoredPolicy
 from telematics.v1.privacy_pb2 import ErasureEvent
 
@@ -222,23 +222,48 @@ class GatewayService:
         return len(self.states)
 
     def _record_policy(self) -> None:
-        """Keep the running policy in the store, so it can be rolled back to."""
-        policy = self.ctx.policy
+        """Run the last accepted policy; on a first start, store the configured one.
+
+        After a push or a rollback the store, not the configuration file, says
+        which policy runs. Raises PolicyError when the stored one no longer
+        validates (the gateway must not start on a policy it cannot check).
+        """
+        configured = self.ctx.policy
         active = self.store.active_policy()
-        if active is not None and active.digest == policy.digest:
+        if active is not None:
+            if active.digest != configured.digest:
+                stored = parse_policy(active.yaml, source=f"stored policy {active.version}")
+                self._set_policy(stored)
+                log.info(
+                    "running the last accepted policy %s (signed by %s)",
+                    active.version,
+                    active.signer,
+                    extra={"policy_version": active.version},
+                )
             self.policy_record = active
             return
         now = self._clock()
-        record = StoredPolicy(policy.version, policy.digest, policy.text, "config", now, now, True)
+        record = StoredPolicy(
+            configured.version, configured.digest, configured.text, "config", now, now, True
+        )
         audit = AuditRecord(
             actor="gateway",
             action="policy_loaded",
-            subject=policy.version,
-            content={"version": policy.version, "digest": policy.digest, "source": "config file"},
+            subject=configured.version,
+            content={
+                "version": configured.version,
+                "digest": configured.digest,
+                "source": "config file",
+            },
             at=now,
         )
         self.store.save_policy(record, audit)
         self.policy_record = record
+
+    def _set_policy(self, policy: CompiledPolicy) -> None:
+        self.ctx = dataclasses.replace(self.ctx, policy=policy)
+        self.metrics.policy_info.clear()
+        self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -615,39 +640,75 @@ class GatewayService:
         """Keyed hash of a VIN for the audit ledger (never the VIN itself)."""
         return pseudonym(self.ctx.key, "audit-subject", vin)
 
-    async def swap_policy(
-        self,
-        policy: CompiledPolicy,
-        record: StoredPolicy,
-        audit: AuditRecord,
-        *,
-        activate_only: bool = False,
-    ) -> None:
-        """Persist, then switch every later message to `policy` (atomically)."""
+    async def push_policy(self, policy: CompiledPolicy, signer: str, actor: str) -> StoredPolicy:
+        """Store `policy` and switch every later message to it.
 
-        async def run() -> None:
-            if activate_only:
-                await self._persist_once(
-                    self.store.activate_policy, record.version, audit.at, audit
-                )
-            else:
-                await self._persist_once(self.store.save_policy, record, audit)
-            old = self.ctx.policy
-            self.ctx = dataclasses.replace(self.ctx, policy=policy)
-            self.policy_record = dataclasses.replace(record, applied_at=audit.at, active=True)
-            if (old.default_on, old.features.keys(), old.per_app_features) != (
-                policy.default_on,
-                policy.features.keys(),
-                policy.per_app_features,
-            ):
-                # Which features a snapshot enables depends on the policy.
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._store_executor, self.load_state)
-            self.metrics.policy_info.clear()
-            self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
-            log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
+        Checked and swapped in one step of the decision loop, against the store
+        (whose write refuses a version not newer than every stored one in the
+        same transaction): of concurrent pushes each gets one outcome, and the
+        highest accepted version is the one left active. Raises VersionConflict.
+        """
 
-        await self.run_control(run)
+        async def run() -> StoredPolicy:
+            now = self._clock()
+            record = StoredPolicy(
+                policy.version, policy.digest, policy.text, signer, now, now, True
+            )
+            audit = AuditRecord(
+                actor=actor,
+                action="policy_pushed",
+                subject=policy.version,
+                content={
+                    "version": policy.version,
+                    "digest": policy.digest,
+                    "signer": signer,
+                    "previous": self.ctx.policy.version,
+                },
+                at=now,
+            )
+            await self._persist_once(self.store.save_policy, record, audit)
+            await self._switch_policy(policy, record)
+            return record
+
+        return await self.run_control(run)
+
+    async def rollback_policy(
+        self, policy: CompiledPolicy, stored: StoredPolicy, actor: str
+    ) -> StoredPolicy:
+        """Re-activate a stored version (`policy`: its text, compiled) in the same
+        serialized step as pushes. Raises VersionConflict when it is active."""
+
+        async def run() -> StoredPolicy:
+            now = self._clock()
+            previous = self.ctx.policy.version
+            audit = AuditRecord(
+                actor=actor,
+                action="policy_rolled_back",
+                subject=stored.version,
+                content={"version": stored.version, "previous": previous},
+                at=now,
+            )
+            await self._persist_once(self.store.activate_policy, stored.version, now, audit)
+            record = dataclasses.replace(stored, applied_at=now, active=True)
+            await self._switch_policy(policy, record)
+            return record
+
+        return await self.run_control(run)
+
+    async def _switch_policy(self, policy: CompiledPolicy, record: StoredPolicy) -> None:
+        """Every message decided after this uses `policy` (runs in the decision loop)."""
+        old = self.ctx.policy
+        self._set_policy(policy)
+        self.policy_record = record
+        if (old.default_on, old.features.keys(), old.per_app_features) != (
+            policy.default_on,
+            policy.features.keys(),
+            policy.per_app_features,
+        ):
+            # Which features a snapshot enables depends on the policy.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._store_executor, self.load_state)
+        log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
 
     async def set_restriction(self, vin: str, restricted: bool, actor: str) -> bool:
         async def run() -> bool:

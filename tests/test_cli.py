@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -191,6 +192,28 @@ def test_run_refuses_broken_policy_flag(tmp_path: Path, broken_policy: Path) -> 
     result = gateway("run", "--config", config, "--policy", broken_policy)
     assert result.returncode == 2
     assert str(broken_policy) in result.stderr
+
+
+def test_run_refuses_a_stored_policy_that_no_longer_validates(
+    tmp_path: Path, broken_policy: Path
+) -> None:
+    """After a push the store says which policy runs; one this release refuses
+    stops the start (before any broker is contacted), not a silent fallback."""
+    from gateway.control.audit import AuditRecord
+    from gateway.store import SqliteConsentStore, StoredPolicy
+
+    text = broken_policy.read_text().replace('version: "2026.11.1"', 'version: "2027.1.1"')
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    store = SqliteConsentStore.in_state_dir(tmp_path / "state")
+    store.save_policy(
+        StoredPolicy("2027.1.1", digest, text, "key-1", 1.0, 1.0, True),
+        AuditRecord("ops", "policy_pushed", "2027.1.1", {}, 1.0),
+    )
+    store.close()
+    result = gateway("run", "--config", run_config(tmp_path, POLICY))
+    assert result.returncode == 2, result.stderr
+    assert "the last accepted policy no longer validates" in result.stderr
+    assert "stored policy 2027.1.1" in result.stderr and "cell_size_m" in result.stderr
 
 
 @pytest.mark.parametrize("flag", ["--vehicle-broker", "--backend-broker"])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -56,9 +59,11 @@ class Control:
         return {"Authorization": f"Bearer {TOKENS[role]}"}
 
     async def push(self, text: str, key: Ed25519PrivateKey | None = None) -> aiohttp.ClientResponse:
-        bundle = sign_policy(text, key or self.key)
+        return await self.put(sign_policy(text, key or self.key).to_json())
+
+    async def put(self, bundle_json: str) -> aiohttp.ClientResponse:
         return await self.http.put(
-            f"{self.url}/v1/policy", data=bundle.to_json(), headers=self.auth("operator")
+            f"{self.url}/v1/policy", data=bundle_json, headers=self.auth("operator")
         )
 
 
@@ -77,14 +82,26 @@ async def control(gateways: GatewayHarness, tmp_path: Path) -> AsyncIterator[Con
     plane = ControlPlane(service, config)
     await plane.start()
     async with aiohttp.ClientSession() as http:
-        yield Control(
+        ctl = Control(
             f"http://127.0.0.1:{plane.port}",
             service,
             plane,
             load_private_key(tmp_path / "op.key"),
             http,
         )
-    await plane.stop()
+        yield ctl
+    await ctl.plane.stop()
+
+
+async def restart(control: Control, gateways: GatewayHarness) -> None:
+    """Stop the gateway and its control plane; start them again on the same state."""
+    config = control.plane.config
+    await control.plane.stop()
+    await gateways.stop(control.service)
+    control.service = await gateways.start()  # the configured file says 2026.11.1
+    control.plane = ControlPlane(control.service, config)
+    await control.plane.start()
+    control.url = f"http://127.0.0.1:{control.plane.port}"
 
 
 async def status_version(clients: Clients) -> str:
@@ -240,6 +257,187 @@ async def test_rollback(control: Control, clients: Clients) -> None:
     assert await status_version(clients) == "2026.11.1"
     versions = {p.version: p.active for p in control.service.store.policies()}
     assert versions == {"2026.11.1": True, "2027.3.1": False}
+
+
+async def get_policy(control: Control) -> dict[str, Any]:
+    response = await control.http.get(f"{control.url}/v1/policy", headers=control.auth("viewer"))
+    assert response.status == 200
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def rollback(control: Control, version: str) -> aiohttp.ClientResponse:
+    return await control.http.post(
+        f"{control.url}/v1/policy/rollback",
+        json={"version": version},
+        headers=control.auth("operator"),
+    )
+
+
+async def test_concurrent_pushes_the_newest_stays_active_also_after_restart(
+    control: Control, clients: Clients, gateways: GatewayHarness
+) -> None:
+    """Two pushes in flight at once, the newer one first. The decision loop is
+    kept busy until both requests wait for it, so whatever an HTTP handler
+    checks before the swap, both would pass it."""
+    await clients.car.settings(1, features={"remote_control": True})
+    service = control.service
+    run_control = service.run_control
+    queued = 0
+    changed = asyncio.Event()
+
+    async def counting(run: Callable[[], Awaitable[Any]]) -> Any:
+        nonlocal queued
+        queued += 1
+        changed.set()
+        return await run_control(run)
+
+    async def until_queued(count: int) -> None:
+        while queued < count:
+            changed.clear()
+            await changed.wait()
+
+    service.run_control = counting  # type: ignore[method-assign]
+    for i in range(1, 9):
+        older, newer = f"2027.{i}.1", f"2027.{i}.2"
+        gate = asyncio.Event()
+        busy = asyncio.create_task(run_control(gate.wait))  # the loop is deciding messages
+        base = queued
+
+        async def push_newer(version: str = newer) -> aiohttp.ClientResponse:
+            return await control.push(policy_text(version))
+
+        async def push_older(version: str = older, base: int = base) -> aiohttp.ClientResponse:
+            await asyncio.wait_for(until_queued(base + 1), 10)  # the newer one is in line
+            return await control.push(policy_text(version))
+
+        async def release(base: int = base, gate: asyncio.Event = gate) -> None:
+            # Both requests wait for the decision loop (or one was refused before).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(until_queued(base + 2), 5)
+            gate.set()
+
+        newer_response, older_response, _ = await asyncio.gather(
+            push_newer(), push_older(), release()
+        )
+        await busy
+        assert service.ctx.policy.version == newer, f"round {i}: the older push won"
+        assert newer_response.status == 200, await newer_response.text()
+        assert older_response.status == 409, await older_response.text()
+        assert "not newer" in (await older_response.json())["error"]
+        assert (await get_policy(control))["version"] == newer
+    assert await status_version(clients) == "2027.8.2"
+    stored = {p.version: p.active for p in service.store.policies()}
+    assert stored == {
+        "2026.11.1": False,
+        **{f"2027.{i}.2": False for i in range(1, 8)},
+        "2027.8.2": True,
+    }
+
+    await restart(control, gateways)
+    assert control.service.ctx.policy.version == "2027.8.2"
+    assert (await get_policy(control))["version"] == "2027.8.2"
+    assert await status_version(clients) == "2027.8.2"
+
+
+async def test_a_version_names_one_text_for_good(
+    control: Control, clients: Clients, gateways: GatewayHarness
+) -> None:
+    await clients.car.settings(1, features={"remote_control": True})
+    text = policy_text("2027.5.1")
+    assert (await control.push(text)).status == 200
+    digest = (await get_policy(control))["digest"]
+
+    async def other_text_refused() -> None:
+        response = await control.push(policy_text("2027.5.1", cell_size=5000))
+        body = await response.json()
+        assert response.status == 409, body
+        assert "different text" in body["error"]
+        stored = {p.version: p for p in control.service.store.policies()}
+        assert (stored["2027.5.1"].digest, stored["2027.5.1"].yaml) == (digest, text)
+
+    await other_text_refused()  # while 2027.5.1 is active
+    assert (await rollback(control, "2026.11.1")).status == 200
+    await other_text_refused()  # newer than the active one, still the same number
+    assert await status_version(clients) == "2026.11.1"
+    await restart(control, gateways)
+    await other_text_refused()
+    assert await status_version(clients) == "2026.11.1"
+    back = await rollback(control, "2027.5.1")
+    assert back.status == 200, await back.text()
+    assert (await back.json())["digest"] == digest
+    assert control.service.ctx.policy.cell_size_m == 2000
+
+
+async def test_replayed_bundle_refused_rollback_is_the_way_back(
+    control: Control, clients: Clients
+) -> None:
+    await clients.car.settings(1, features={"remote_control": True})
+    first = sign_policy(policy_text("2027.6.1"), control.key).to_json()
+    second = sign_policy(policy_text("2027.6.2"), control.key).to_json()
+    assert (await control.put(first)).status == 200
+    assert (await control.put(second)).status == 200
+    assert (await rollback(control, "2027.6.1")).status == 200
+    assert await status_version(clients) == "2027.6.1"
+
+    refusals = [
+        (await control.put(second), "rollback"),  # replay of the rolled-back bundle
+        (await control.put(first), "already active"),  # replay of the active one
+        # Newer than the active version but not than the highest stored one.
+        (await control.push(policy_text("2027.6.1.1")), "not newer than 2027.6.2"),
+    ]
+    for response, words in refusals:
+        body = await response.json()
+        assert response.status == 409, body
+        assert words in body["error"]
+        assert await status_version(clients) == "2027.6.1"
+
+    again = await rollback(control, "2027.6.2")
+    assert again.status == 200, await again.text()
+    assert await status_version(clients) == "2027.6.2"
+    active = await rollback(control, "2027.6.2")
+    assert active.status == 409 and "already active" in (await active.json())["error"]
+    assert [p.version for p in control.service.store.policies()] == [
+        "2026.11.1",
+        "2027.6.1",
+        "2027.6.2",
+    ]
+    actions = [
+        e["action"]
+        for e in control.service.store.audit_entries()
+        if e["action"].startswith("policy_")  # the test barrier applies settings too
+    ]
+    assert actions[-4:] == [
+        "policy_pushed",
+        "policy_pushed",
+        "policy_rolled_back",
+        "policy_rolled_back",
+    ]
+
+
+async def test_rollback_to_a_stored_policy_that_no_longer_validates(
+    control: Control, clients: Clients, gateways: GatewayHarness
+) -> None:
+    """Stored by an earlier release whose rules were looser: refused, clearly."""
+    await clients.car.settings(1, features={"remote_control": True})
+    looser = policy_text("2026.5.1").replace(
+        "legal_basis: consent\n    description: Real-time",
+        "legal_basis: consent\n    default: true\n    description: Real-time",
+    )
+    db = sqlite3.connect(gateways.state_dir / SqliteConsentStore.FILENAME)
+    db.execute(
+        "INSERT INTO policies VALUES (?,?,?,?,?,NULL,0)",
+        ("2026.5.1", hashlib.sha256(looser.encode()).hexdigest(), looser, "old-key", 1.0),
+    )
+    db.commit()
+    db.close()
+    response = await rollback(control, "2026.5.1")
+    body = await response.json()
+    assert response.status == 422, body
+    assert "stored policy 2026.5.1 no longer validates" in body["error"]
+    assert any("privacy by default" in p["problem"] for p in body["problems"])
+    assert await status_version(clients) == "2026.11.1"
+    assert control.service.store.active_policy().version == "2026.11.1"  # type: ignore[union-attr]
 
 
 async def test_restriction_export_and_erasure_round_trip(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.control.audit import AuditRecord
 from gateway.core import LocationMode, SettingsSnapshot
 from gateway.core.decide import MAX_REVISION
-from gateway.store import SqliteConsentStore, StoredVehicle
+from gateway.policy import VersionConflict
+from gateway.store import SqliteConsentStore, StoredPolicy, StoredVehicle
 from gateway.store.sqlite import SCHEMA_VERSION
 
 VIN = "WVWZZZ1JZXW000001"
@@ -184,3 +187,57 @@ def test_in_state_dir(tmp_path: Path) -> None:
 def test_largest_revision_round_trips(store: SqliteConsentStore) -> None:
     store.apply_settings(snap(MAX_REVISION))
     assert by_vin(store)[VIN].snapshot.revision == MAX_REVISION
+
+
+def policy(version: str, text: str = "") -> tuple[StoredPolicy, AuditRecord]:
+    yaml = text or f"version: {version}"
+    digest = hashlib.sha256(yaml.encode()).hexdigest()
+    record = StoredPolicy(version, digest, yaml, "key-1", 1.0, 1.0, True)
+    return record, AuditRecord("ops", "policy_pushed", version, {"version": version}, 1.0)
+
+
+def test_policy_versions_only_move_forward_and_name_one_text(
+    store: SqliteConsentStore,
+) -> None:
+    store.save_policy(*policy("2026.11.1"))
+    store.save_policy(*policy("2027.1.2"))
+    store.activate_policy("2026.11.1", 2.0, policy("2026.11.1")[1])
+
+    def unchanged() -> None:
+        assert [(p.version, p.active) for p in store.policies()] == [
+            ("2026.11.1", True),
+            ("2027.1.2", False),
+        ]
+        assert store.policies()[1].yaml == "version: 2027.1.2"
+        assert len(store.audit_entries()) == 3
+
+    refused = [
+        ("2027.1.1", "", "not newer than 2027.1.2"),  # newer than the active one only
+        ("2027.1.2", "", "pushed before"),  # replay of a rolled-back version
+        ("2027.1.2", "other text", "different text"),
+        ("2027.01.2", "other text", "different text"),  # the same number, spelled otherwise
+        ("2026.11.1", "", "already active"),
+    ]
+    for version, text, words in refused:
+        with pytest.raises(VersionConflict, match=words):
+            store.save_policy(*policy(version, text))
+        unchanged()
+    with pytest.raises(VersionConflict, match="already active"):
+        store.activate_policy("2026.11.1", 3.0, policy("2026.11.1")[1])
+    with pytest.raises(KeyError):
+        store.activate_policy("2027.9.9", 3.0, policy("2027.9.9")[1])
+    unchanged()
+    store.save_policy(*policy("2027.1.3"))
+    assert store.active_policy() == policy("2027.1.3")[0]
+
+
+def test_policy_version_check_reads_the_database(path: Path, store: SqliteConsentStore) -> None:
+    """Another connection (another process) sees what this one stored."""
+    other = SqliteConsentStore(path)
+    try:
+        store.save_policy(*policy("2027.2.1"))
+        with pytest.raises(VersionConflict, match="not newer"):
+            other.save_policy(*policy("2027.1.9"))
+    finally:
+        other.close()
+    assert [p.version for p in store.policies()] == ["2027.2.1"]

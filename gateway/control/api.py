@@ -22,11 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.config import ControlConfig, TokenConfig
-from gateway.control.audit import AuditRecord
 from gateway.control.signing import BundleError, PolicyBundle, load_public_key, verify_bundle
 from gateway.control.signing import key_id as public_key_id
 from gateway.core.state import VIN_PATTERN
-from gateway.policy import PolicyError, parse_policy, version_key
+from gateway.policy import PolicyError, VersionConflict, parse_policy, version_key
 from gateway.service import GatewayService
 from gateway.store import StoredPolicy
 
@@ -86,7 +85,7 @@ ROUTES: tuple[Route, ...] = (
         errors=(
             (400, "malformed bundle"),
             (403, "unknown signing key or bad signature"),
-            (409, "version not newer than the active one"),
+            (409, "version not newer than every stored one (or names another text)"),
             (422, "policy does not validate"),
         ),
     ),
@@ -97,7 +96,11 @@ ROUTES: tuple[Route, ...] = (
         "Re-activate a stored policy version",
         "rollback",
         body={"version": {"type": "string"}},
-        errors=((404, "version not stored"), (409, "already active")),
+        errors=(
+            (404, "version not stored"),
+            (409, "already active"),
+            (422, "stored policy no longer validates"),
+        ),
     ),
     Route("GET", "/v1/audit/verify", READ, "Verify the audit ledger's hash chain", "audit_verify"),
     Route(
@@ -310,14 +313,22 @@ class ControlPlane:
 
     # -------------------------------------------------------------- policy
 
-    def _policy_view(self) -> dict[str, Any]:
+    def _policy_view(self, record: StoredPolicy | None = None) -> dict[str, Any]:
+        """The active policy, or the one `record` made active."""
+        if record is not None:
+            return {
+                "version": record.version,
+                "digest": record.digest,
+                "signer": record.signer,
+                "applied_at": record.applied_at,
+            }
         policy = self.service.ctx.policy
-        record = self.service.policy_record
+        active = self.service.policy_record
         return {
             "version": policy.version,
             "digest": policy.digest,
-            "signer": record.signer if record else "config",
-            "applied_at": record.applied_at if record else None,
+            "signer": active.signer if active else "config",
+            "applied_at": active.applied_at if active else None,
         }
 
     async def get_policy(self, request: web.Request) -> web.Response:
@@ -355,31 +366,11 @@ class ControlPlane:
                 "policy is invalid",
                 problems=[{"path": path, "problem": problem} for path, problem in exc.problems],
             )
-        active = self.service.ctx.policy
-        if version_key(policy.version) <= version_key(active.version):
-            return _error(
-                409,
-                f"version {policy.version} is not newer than the active {active.version}"
-                " (use POST /v1/policy/rollback to return to a stored version)",
-            )
-        now = time.time()
-        record = StoredPolicy(
-            policy.version, policy.digest, bundle.policy_yaml, bundle.key_id, now, now, True
-        )
-        audit = AuditRecord(
-            actor=caller.name,
-            action="policy_pushed",
-            subject=policy.version,
-            content={
-                "version": policy.version,
-                "digest": policy.digest,
-                "signer": bundle.key_id,
-                "previous": active.version,
-            },
-            at=now,
-        )
-        await self.service.swap_policy(policy, record, audit)
-        return web.json_response(self._policy_view(), status=200)
+        try:
+            record = await self.service.push_policy(policy, bundle.key_id, caller.name)
+        except VersionConflict as exc:  # checked against the store, in the decision loop
+            return _error(409, str(exc))
+        return web.json_response(self._policy_view(record), status=200)
 
     async def rollback(self, request: web.Request) -> web.Response:
         caller: TokenConfig = request[CALLER_KEY]
@@ -392,22 +383,22 @@ class ControlPlane:
         target = stored.get(version)
         if target is None:
             return _error(404, f"no stored policy version {version!r}", stored=sorted(stored))
-        if version == self.service.ctx.policy.version:
-            return _error(409, f"version {version} is already active")
         try:
             policy = parse_policy(target.yaml, source=f"stored policy {version}")
         except PolicyError as exc:  # stored policies validated once; the schema may have moved on
-            return _error(422, f"stored policy {version} no longer validates: {exc}")
-        now = time.time()
-        audit = AuditRecord(
-            actor=caller.name,
-            action="policy_rolled_back",
-            subject=version,
-            content={"version": version, "previous": self.service.ctx.policy.version},
-            at=now,
-        )
-        await self.service.swap_policy(policy, target, audit, activate_only=True)
-        return web.json_response(self._policy_view())
+            return _error(
+                422,
+                f"stored policy {version} no longer validates with this gateway release;"
+                " it cannot be rolled back to",
+                problems=[{"path": path, "problem": problem} for path, problem in exc.problems],
+            )
+        try:
+            record = await self.service.rollback_policy(policy, target, caller.name)
+        except VersionConflict as exc:
+            return _error(409, str(exc))
+        except KeyError:
+            return _error(404, f"no stored policy version {version!r}", stored=sorted(stored))
+        return web.json_response(self._policy_view(record))
 
     async def audit_verify(self, request: web.Request) -> web.Response:
         result = await self._store(self.service.store.verify_audit)

@@ -73,9 +73,13 @@ class ConsentStore(Protocol):
         """Delete everything held about a vehicle; scrub its audit content."""
 
     def save_policy(self, policy: StoredPolicy, record: AuditRecord) -> None:
-        """Store a policy and make it the active one (audited)."""
+        """Store a policy and make it the active one (audited). In the same
+        transaction, refuse with VersionConflict what `check_new_version` refuses
+        against every version ever stored."""
 
-    def activate_policy(self, version: str, applied_at: float, record: AuditRecord) -> None: ...
+    def activate_policy(self, version: str, applied_at: float, record: AuditRecord) -> None:
+        """Make a stored version the active one again (audited). KeyError when
+        it was never stored, VersionConflict when it is active already."""
 
     def policies(self) -> list[StoredPolicy]: ...
 

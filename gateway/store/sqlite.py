@@ -13,6 +13,7 @@ from gateway.control import audit
 from gateway.control.audit import AuditRecord, VerifyResult
 from gateway.core.state import LocationMode, SettingsSnapshot
 from gateway.delivery import DeadLetter, DeadLetterKind
+from gateway.policy import VersionConflict, check_new_version
 from gateway.store.base import EgressCount, StoredPolicy, StoredVehicle
 
 # 1: v1 gateway. 2: dead_letters (created on open; nothing else changed).
@@ -281,14 +282,22 @@ class SqliteConsentStore:
     # ----------------------------------------------------------------- policies
 
     def save_policy(self, policy: StoredPolicy, record: AuditRecord) -> None:
-        """Store a pushed policy and make it the active one."""
+        """Store a pushed policy and make it the active one.
+
+        Refuses (VersionConflict, nothing written) a version not newer than every
+        version ever stored, in the transaction that writes: the check and the
+        write cannot be separated by another writer.
+        """
 
         def tx(db: sqlite3.Connection) -> None:
+            rows = db.execute("SELECT version, digest, active FROM policies").fetchall()
+            active = next((str(r[0]) for r in rows if r[2]), None)
+            stored = {str(r[0]): str(r[1]) for r in rows}
+            check_new_version(policy.version, policy.digest, stored, active)
             db.execute("UPDATE policies SET active=0 WHERE active=1")
             db.execute(
                 "INSERT INTO policies (version, digest, yaml, signer, pushed_at, applied_at,"
-                " active) VALUES (?,?,?,?,?,?,1) ON CONFLICT(version) DO UPDATE SET active=1,"
-                " applied_at=excluded.applied_at",
+                " active) VALUES (?,?,?,?,?,?,1)",
                 (
                     policy.version,
                     policy.digest,
@@ -303,9 +312,14 @@ class SqliteConsentStore:
         self._write(tx)
 
     def activate_policy(self, version: str, applied_at: float, record: AuditRecord) -> None:
+        """Re-activate a stored version (KeyError if none; VersionConflict if active)."""
+
         def tx(db: sqlite3.Connection) -> None:
-            if not db.execute("SELECT 1 FROM policies WHERE version=?", (version,)).fetchone():
+            row = db.execute("SELECT active FROM policies WHERE version=?", (version,)).fetchone()
+            if row is None:
                 raise KeyError(version)
+            if row[0]:
+                raise VersionConflict(f"version {version} is already active")
             db.execute("UPDATE policies SET active=0 WHERE active=1")
             db.execute(
                 "UPDATE policies SET active=1, applied_at=? WHERE version=?", (applied_at, version)
