@@ -1,4 +1,7 @@
-"""How much vehicle traffic the gateway holds at once, in messages and bytes.
+"""Bounds on what the vehicle side can make the gateway hold or do.
+
+IngressBudget: how much vehicle traffic the gateway holds at once, in
+messages and bytes.
 
 Everything received from the vehicle side whose fate is not final counts:
 undecided, decided and waiting for the backend's PUBACK, waiting behind the
@@ -44,3 +47,42 @@ class IngressBudget:
         if self.paused and self.messages <= self._low_messages and self.bytes <= self._low_bytes:
             self.paused = False
             self._resume()
+
+
+class TokenBucket:
+    """`rate` events per second with bursts of `burst`; the caller passes the time."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._at = 0.0
+
+    def allow(self, now: float) -> bool:
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class WindowCounter:
+    """Events per key in fixed windows; forgets everything when a window ends,
+    so it holds only the keys seen in the current window."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._start = 0.0
+        self._counts: dict[str, int] = {}
+
+    def count(self, key: str, now: float) -> int:
+        """Record one event for `key`; how many it had in this window, this one included."""
+        if now - self._start >= self.window_s:
+            self._start, self._counts = now, {}
+        n = self._counts.get(key, 0) + 1
+        self._counts[key] = n
+        return n
+
+    def __len__(self) -> int:
+        return len(self._counts)

@@ -303,7 +303,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy = load_policy(config.policy)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         key = load_or_create_key(config.key_path)
-        store = SqliteConsentStore.in_state_dir(config.state_dir)
+        store = SqliteConsentStore.in_state_dir(
+            config.state_dir, config.limits.history_per_vehicle
+        )
     except (PolicyError, KeyFileError, OSError, RuntimeError) as exc:
         log.error("refusing to start: %s", exc)
         return EXIT_CONFIG

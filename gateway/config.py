@@ -54,6 +54,28 @@ class PipelineConfig(_Strict):
     )
 
 
+class LimitsConfig(_Strict):
+    """Caps on what cars (or anything speaking for them) can make the gateway hold."""
+
+    settings_per_vehicle: int = Field(
+        10,
+        ge=1,
+        description="settings snapshots per vehicle per window recorded as their own history"
+        " row; more are still applied but merged into the latest (strictest of both)",
+    )
+    settings_window_s: float = Field(60.0, gt=0)
+    history_per_vehicle: int = Field(
+        1000, ge=2, description="history rows per vehicle before the oldest are merged"
+    )
+    new_vehicles_per_s: float = Field(
+        50.0, gt=0, description="first settings of unknown VINs accepted per second (fleet)"
+    )
+    new_vehicles_burst: int = Field(500, ge=1)
+    metric_series: int = Field(
+        500, ge=10, description="label sets per metric; beyond, labels fold into 'other'"
+    )
+
+
 class DeadLetterConfig(_Strict):
     retention_days: float = Field(
         7.0, gt=0, description="kept at most this long (and never longer than the stream's)"
@@ -110,6 +132,7 @@ class GatewayConfig(_Strict):
     )
     pipeline: PipelineConfig = PipelineConfig()
     dead_letters: DeadLetterConfig = DeadLetterConfig()
+    limits: LimitsConfig = LimitsConfig()
     keys: KeysConfig = KeysConfig()
     logging: LoggingConfig = LoggingConfig()
     control: ControlConfig = ControlConfig()

@@ -37,3 +37,26 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class Throttle:
+    """Say a recurring refusal once per interval, with how often it happened.
+
+    A flood (fake VINs, a settings storm) must be visible in the log without
+    one line per message; the keys are refusal reasons, so they stay few.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def due(self, key: str, now: float) -> int | None:
+        """None while quiet; else how many occurrences this line stands for."""
+        count = self._suppressed.get(key, 0) + 1
+        if now - self._last.get(key, float("-inf")) < self.interval_s:
+            self._suppressed[key] = count
+            return None
+        self._last[key] = now
+        self._suppressed[key] = 0
+        return count

@@ -6,9 +6,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+OTHER = "other"
+
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, max_series: int = 500) -> None:
+        # Label values come partly from cars (app ids): a metric holds at most
+        # this many label sets, later ones are counted under "other".
+        self.max_series = max_series
+        self._series: dict[object, int] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Counter(
@@ -57,6 +63,16 @@ class GatewayMetrics:
         self.store_writable = Gauge(
             "gateway_store_writable", "1 when the consent store accepts writes", registry=r
         )
+        self.settings_merged = Counter(
+            "gateway_settings_merged_total",
+            "Settings over a vehicle's rate, applied but merged into its latest history row",
+            registry=r,
+        )
+        self.settings_ignored_features = Counter(
+            "gateway_settings_ignored_features_total",
+            "Feature ids of settings snapshots not kept (unknown, per-app off, over the cap)",
+            registry=r,
+        )
         self.internal_errors = Counter(
             "gateway_internal_errors_total", "Messages that raised inside the gateway", registry=r
         )
@@ -87,7 +103,14 @@ class GatewayMetrics:
         key = (metric, labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*labels)
+            series = self._series.get(metric, 0)
+            if series >= self.max_series:
+                labels = (OTHER,) * len(labels)
+                key = (metric, labels)
+                child = self._children.get(key)
+            if child is None:
+                self._series[metric] = series + 1
+                child = self._children[key] = metric.labels(*labels)
         child.inc()
 
     def value(self, name: str, **labels: str) -> float:

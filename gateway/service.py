@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from gateway.accounting import EgressAccounting
-from gateway.budget import IngressBudget
+from gateway.budget import IngressBudget, TokenBucket, WindowCounter
 from gateway.config import GatewayConfig
 from gateway.control.audit import AuditRecord
 from gateway.core import (
@@ -35,6 +35,7 @@ from gateway.core import (
     refused_result,
     state_from_snapshot,
 )
+from gateway.core.state import VIN_PATTERN
 from gateway.core.transforms import pseudonym
 from gateway.delivery import (
     RETRY_DELAYS_S,
@@ -46,6 +47,7 @@ from gateway.delivery import (
     refusal_reason,
 )
 from gateway.edges.mqtt import InboundMessage, MqttEdge, PublishRefused
+from gateway.logs import Throttle
 from gateway.metrics import GatewayMetrics
 from gateway.policy import CompiledPolicy, parse_policy
 from gateway.store import ConsentStore, StoredPolicy
@@ -54,6 +56,7 @@ from telematics.v1.privacy_pb2 import ErasureEvent
 log = logging.getLogger("gateway.service")
 
 T = TypeVar("T")
+SETTINGS_STREAM = "avn/privacy"
 VEHICLE = "vehicle"
 BACKEND = "backend"
 ECALL = "ecall"  # the legal-obligation lane's vehicle-side connection
@@ -170,7 +173,7 @@ class GatewayService:
     ) -> None:
         self.config = config
         self.store = store
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(config.limits.metric_series)
         self.ctx = DecisionContext(
             policy=policy,
             key=key,
@@ -191,6 +194,10 @@ class GatewayService:
         self._legal_streams = policy.legal_obligation_streams
         self._ecall_lane = config.pipeline.ecall_lane and bool(self._legal_streams)
         self._background: set[asyncio.Task[Any]] = set()
+        limits = config.limits
+        self._new_vehicles = TokenBucket(limits.new_vehicles_per_s, limits.new_vehicles_burst)
+        self._settings_rate = WindowCounter(limits.settings_window_s)
+        self._refusals = Throttle()
         self.ecall_vehicle_edge: MqttEdge | None = None
         self.ecall_backend_edge: MqttEdge | None = None
         self._store_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consent-store")
@@ -371,7 +378,7 @@ class GatewayService:
         try:
             decision = decide(self.ctx, msg.topic, msg.payload, {}, {}, self._clock())
         except Exception:
-            log.exception("internal error deciding %s", msg.topic)
+            log.exception("internal error deciding %s", self.log_topic(msg.topic))
             self.metrics.internal_errors.inc()
             slot.settle()
             return
@@ -479,7 +486,7 @@ class GatewayService:
             except Exception:
                 # A bug must not wedge the pipeline with a poison message:
                 # nothing was forwarded (fail closed); count it and go on.
-                log.exception("internal error deciding %s", msg.topic)
+                log.exception("internal error deciding %s", self.log_topic(msg.topic))
                 self.metrics.internal_errors.inc()
                 if not slot.done:
                     slot.settle()
@@ -527,10 +534,30 @@ class GatewayService:
             else:
                 slot.settle()
         elif isinstance(decision, ApplySettings):
-            await self._apply_settings(decision, slot)
+            vin, now = decision.snapshot.vin, self._clock()
+            if vin not in self.states and not self._new_vehicles.allow(now):
+                # A flood of made-up VINs costs a durable write each: refused
+                # (the car is still unknown, so fail closed) and retried by it.
+                self._refuse("new_vehicle_rate", SETTINGS_STREAM, now)
+                slot.settle()
+                return
+            merge = self._settings_rate.count(vin, now) > self.config.limits.settings_per_vehicle
+            await self._apply_settings(decision, slot, merge)
 
-    async def _apply_settings(self, decision: ApplySettings, slot: Settleable) -> None:
+    def _refuse(self, reason: str, stream: str, now: float) -> None:
+        self.metrics.inc(self.metrics.dropped, stream, reason)
+        count = self._refusals.due(reason, now)
+        if count is not None:
+            log.warning("refused %d message(s) of %s: %s", count, stream, reason)
+
+    async def _apply_settings(
+        self, decision: ApplySettings, slot: Settleable, merge: bool = False
+    ) -> None:
         snapshot = decision.snapshot
+        if decision.ignored_features:
+            self.metrics.settings_ignored_features.inc(decision.ignored_features)
+        if merge:
+            self.metrics.settings_merged.inc()
         record = AuditRecord(
             actor="vehicle",
             action="settings_applied",
@@ -546,7 +573,7 @@ class GatewayService:
             at=snapshot.applied_at,
         )
         # Durable before it is announced and before the next message is decided.
-        await self._persist(self.store.apply_settings, snapshot, record)
+        await self._persist(self.store.apply_settings, snapshot, record, merge)
         state = decision.state
         if snapshot.vin in self.restricted and not state.restricted:
             state = dataclasses.replace(state, restricted=True)
@@ -556,7 +583,7 @@ class GatewayService:
         log.info(
             "settings applied",
             extra={
-                "vin": snapshot.vin,
+                "vehicle": self.log_ref(snapshot.vin),
                 "revision": snapshot.revision,
                 "privacy_mode": snapshot.privacy_mode,
                 "location": snapshot.location.name,
@@ -589,7 +616,11 @@ class GatewayService:
         log.info(
             "command %s",
             "forwarded" if decision.accepted else "refused",
-            extra={"vin": decision.vin, "command": decision.command, "reason": decision.reason},
+            extra={
+                "vehicle": self.log_ref(decision.vin),
+                "command": decision.command,
+                "reason": decision.reason,
+            },
         )
 
         def publish_result(result_topic: str, result_payload: bytes) -> None:
@@ -635,6 +666,14 @@ class GatewayService:
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(ControlOp(run, done))
         return await done
+
+    def log_ref(self, vin: str) -> str:
+        """How logs name a vehicle: a keyed hash, never the VIN (logs travel far)."""
+        return self.audit_subject(vin)[:16]
+
+    def log_topic(self, topic: str) -> str:
+        parts = topic.split("/")
+        return "/".join(self.log_ref(p) if VIN_PATTERN.fullmatch(p) else p for p in parts)
 
     def audit_subject(self, vin: str) -> str:
         """Keyed hash of a VIN for the audit ledger (never the VIN itself)."""

@@ -18,7 +18,7 @@ import aiomqtt
 import pytest
 from google.protobuf.message import Message
 
-from gateway.config import BrokerConfig, GatewayConfig, PipelineConfig
+from gateway.config import BrokerConfig, GatewayConfig, LimitsConfig, PipelineConfig
 from gateway.policy import CompiledPolicy, load_policy
 from gateway.service import GatewayService
 from gateway.store import SqliteConsentStore
@@ -68,14 +68,17 @@ class GatewayHarness:
     state_dir: Path
     running: list[GatewayService] = field(default_factory=list)
     pipeline: PipelineConfig | None = None
+    limits: LimitsConfig | None = None
 
     async def start(self, policy: CompiledPolicy | None = None) -> GatewayService:
         config = gateway_config(self.vehicle_url, self.backend_url, self.state_dir, self.pipeline)
+        if self.limits is not None:
+            config.limits = self.limits
         service = GatewayService(
             config,
             policy or load_policy(DEFAULT_POLICY),
             KEY,
-            SqliteConsentStore.in_state_dir(self.state_dir),
+            SqliteConsentStore.in_state_dir(self.state_dir, config.limits.history_per_vehicle),
         )
         await service.start()
         await asyncio.wait_for(service.ready.wait(), 10)

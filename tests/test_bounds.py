@@ -3,14 +3,26 @@ eCall conformance. No broker: decide() only."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
-from gateway.budget import IngressBudget
-from gateway.core import DecisionContext, Drop, DropReason, Forward, LocationMode, VehicleState
+from gateway.budget import IngressBudget, TokenBucket, WindowCounter
+from gateway.core import (
+    DecisionContext,
+    Drop,
+    DropReason,
+    Forward,
+    LocationMode,
+    SettingsSnapshot,
+    VehicleState,
+)
 from gateway.core import decide as decide_message
+from gateway.core.state import strictest
+from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyError, load_policy, parse_policy
+from gateway.store import SqliteConsentStore
 from telematics.v1 import streams_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,3 +117,104 @@ def test_ingress_budget_pauses_on_either_limit_and_resumes_under_a_quarter_of_bo
     assert events == ["pause", "go"]
     budget.take(990)  # bytes alone
     assert events == ["pause", "go", "pause"]
+
+
+def test_metric_label_sets_are_capped_and_fold_into_other() -> None:
+    metrics = GatewayMetrics(max_series=10)
+    for i in range(50):
+        metrics.inc(metrics.forwarded, "avn/app/{app_id}", f"third_party.app{i}")
+    assert metrics.value(
+        "gateway_messages_forwarded_total", stream="avn/app/{app_id}", feature="third_party.app3"
+    ) == 1
+    assert metrics.value("gateway_messages_forwarded_total", stream="other", feature="other") == 40
+    series = [
+        s for m in metrics.registry.collect() for s in m.samples
+        if s.name == "gateway_messages_forwarded_total"
+    ]
+    assert len(series) == 11
+
+
+def test_token_bucket_and_window_counter() -> None:
+    bucket = TokenBucket(rate=10, burst=5)
+    assert [bucket.allow(100.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert bucket.allow(100.15) and not bucket.allow(100.15)  # one token per 0.1 s
+    counter = WindowCounter(60)
+    assert [counter.count("a", 10.0) for _ in range(3)] == [1, 2, 3]
+    assert counter.count("b", 20.0) == 1 and len(counter) == 2
+    assert counter.count("a", 80.0) == 1 and len(counter) == 1  # a new window forgets
+
+
+def test_strictest_allows_only_what_both_allowed() -> None:
+    precise, approximate = LocationMode.PRECISE, LocationMode.APPROXIMATE
+    older = SettingsSnapshot(VIN, 1, False, precise, {"a": True, "b": True}, 10.0, "1")
+    newer = SettingsSnapshot(VIN, 2, True, approximate, {"a": True, "c": True}, 20.0, "2")
+    merged = strictest(older, newer)
+    assert (merged.revision, merged.privacy_mode, merged.location) == (
+        2,
+        True,
+        LocationMode.APPROXIMATE,
+    )
+    assert merged.features == {"a": True, "b": False, "c": False}
+    assert merged.applied_at == 10.0  # the merged row covers both intervals
+    off = SettingsSnapshot(VIN, 3, False, LocationMode.UNSPECIFIED, {}, 30.0, "2")
+    assert strictest(newer, off).location is LocationMode.OFF
+
+
+def test_settings_history_is_compacted_and_merged_conservatively(tmp_path: Path) -> None:
+    store = SqliteConsentStore.in_state_dir(tmp_path, history_limit=5)
+    try:
+        for revision in range(1, 21):
+            on = revision != 7  # revision 7 withdrew consent for a moment
+            store.apply_settings(
+                SettingsSnapshot(
+                    VIN, revision, False, LocationMode.PRECISE, {"remote_control": on},
+                    float(revision), "1",
+                )
+            )
+        history = store.history(VIN)
+        assert len(history) == 5
+        assert history[-1].revision == 20
+        # The withdrawal survives compaction: the oldest row (merging 1..16)
+        # does not claim consent, and it starts where the history started.
+        assert history[0].features == {"remote_control": False}
+        assert history[0].applied_at == 1.0
+        # Merge mode: no new row, the latest row becomes the strictest of both,
+        # while the enforced settings are the newest.
+        store.apply_settings(
+            SettingsSnapshot(VIN, 21, True, LocationMode.OFF, {"remote_control": True}, 21.0, "1"),
+            merge=True,
+        )
+        assert len(store.history(VIN)) == 5
+        assert store.history(VIN)[-1].privacy_mode is True
+        current = next(v for v in store.load_all() if v.snapshot.vin == VIN)
+        assert current.snapshot.revision == 21
+    finally:
+        store.close()
+
+
+def test_history_of_a_v1_store_gains_the_merged_column(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / SqliteConsentStore.FILENAME)
+    # The settings_history table exactly as schema 1 created it.
+    db.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE settings_history (
+            id INTEGER PRIMARY KEY, vin TEXT NOT NULL, revision INTEGER NOT NULL,
+            privacy_mode INTEGER NOT NULL, location INTEGER NOT NULL, features TEXT NOT NULL,
+            applied_at REAL NOT NULL, policy_version TEXT NOT NULL, source TEXT NOT NULL);
+        INSERT INTO settings_history VALUES
+            (1, 'WVWZZZ1JZXW000001', 1, 0, 3, '{"remote_control":true}', 1.0, '1', 'vehicle');
+        """
+    )
+    db.commit()
+    db.close()
+    store = SqliteConsentStore.in_state_dir(tmp_path, history_limit=2)
+    try:
+        for revision in (2, 3):
+            store.apply_settings(
+                SettingsSnapshot(VIN, revision, False, LocationMode.PRECISE, {}, 2.0, "1")
+            )
+        assert [h.revision for h in store.history(VIN)] == [2, 3]
+    finally:
+        store.close()

@@ -644,10 +644,14 @@ def test_unknown_fields_inside_submessages_are_not_forwarded() -> None:
     assert streams_pb2.VehicleStatus.FromString(fwd.payload).position.latitude == 48.1
 
 
-def test_ecall_keeps_unknown_fields_byte_for_byte() -> None:
-    payload = sample("tbox/ecall").SerializeToString() + _unknown_field(99, b"future")
+def test_ecall_conforming_is_byte_for_byte_and_unknown_fields_are_trimmed() -> None:
+    """Contract v2 rule 18 (v1 forwarded unknown eCall fields byte for byte)."""
+    conforming = sample("tbox/ecall").SerializeToString()
+    fwd = forwarded(decide(CTX, f"vehicle/{VIN}/tbox/ecall", conforming, {}, {}, NOW))
+    assert fwd.payload == conforming and fwd.transforms == ()
+    payload = conforming + _unknown_field(99, b"future")
     fwd = forwarded(decide(CTX, f"vehicle/{VIN}/tbox/ecall", payload, {}, {}, NOW))
-    assert fwd.payload == payload
+    assert fwd.payload == conforming and fwd.transforms == ("trim",)
 
 
 # ----------------------------------------------------------------- (7) settings
@@ -771,7 +775,24 @@ def test_unknown_feature_ids_are_ignored() -> None:
                                       "third_party.music": True, "ecall": False}))
     assert isinstance(d, ApplySettings)
     assert d.state.enabled == frozenset({"remote_control", "third_party.music"})
-    assert d.snapshot.features["telepathy"] is True  # recorded as sent, not enforced
+    # Neither enforced nor stored (an unbounded map a car controls); counted.
+    assert "telepathy" not in d.snapshot.features and d.ignored_features == 1
+    assert d.snapshot.features["ecall"] is False  # a policy feature, kept as sent
+
+
+def test_per_app_consents_per_snapshot_are_capped_and_only_on_ones_kept() -> None:
+    features = {f"third_party.app{i:03d}": True for i in range(500)}
+    features |= {f"third_party.off{i:03d}": False for i in range(500)}
+    features["third_party." + "x" * 200] = True
+    d = apply(settings_payload(1, {"remote_control": False, **features}))
+    assert isinstance(d, ApplySettings)
+    kept = d.snapshot.features
+    assert kept["remote_control"] is False
+    assert sorted(k for k in kept if k.startswith("third_party.")) == [
+        f"third_party.app{i:03d}" for i in range(64)
+    ]
+    assert d.ignored_features == 1001 + 1 - len(kept)
+    assert len(d.state.enabled) == 64
 
 
 def test_settings_keep_an_open_window() -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from gateway.config import PipelineConfig
+from gateway.config import LimitsConfig, PipelineConfig
 from gateway.delivery import DeadLetterKind, DeadLetterSeal, is_transient, refusal_reason
 from gateway.service import GatewayService
 from gateway.store import SqliteConsentStore
 from sim.broker import MosquittoBroker
-from telematics.v1 import streams_pb2
+from telematics.v1 import privacy_pb2, streams_pb2
 from tests.conftest import KEY, VIN, Car, Clients, GatewayHarness, Recorder
 
 pytestmark = pytest.mark.integration
@@ -318,6 +318,67 @@ async def test_backend_outage_holds_a_bounded_number_of_messages_and_bytes(
     # Pseudonymized seqs are still the car's today (rule 15 changes that):
     # every message arrived at least once.
     assert len(got) == 300
+
+
+async def test_settings_flood_is_merged_and_a_withdrawal_always_takes_effect(
+    tmp_path: Path,
+) -> None:
+    """v1 kept a history and an audit row per snapshot, whatever the rate: one
+    car could grow the store without bound. Over the rate, snapshots are still
+    applied (the newest is enforced) but folded into the latest row."""
+    with MosquittoBroker() as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            harness.limits = LimitsConfig(settings_per_vehicle=5)
+            service = await harness.start()
+            car = clients.car
+            for revision in range(1, 41):
+                on = revision % 2 == 1 and revision != 39
+                await car.settings(revision, features={"remote_control": on}, wait=False)
+            while (await asyncio.wait_for(car.applied.get(), 10)).revision != 40:
+                pass
+            await car.send("tbox/status", status(car))
+            await car.barrier()
+            assert clients.backend.on("/tbox/status") == []  # revision 40 withdrew it
+            history = service.store.history(VIN)
+            assert len(history) == 5
+            assert history[-1].revision == 40
+            assert history[-1].features == {"remote_control": False}
+            settings_audit = [
+                e
+                for e in service.store.audit_entries(service.audit_subject(VIN))
+                if e["action"] == "settings_applied"
+            ]
+            assert len(settings_audit) == 5
+            assert service.metrics.value("gateway_settings_merged_total") == 35
+
+
+async def test_fake_vin_flood_is_capped_and_known_cars_keep_flowing(tmp_path: Path) -> None:
+    """v1 made every made-up VIN's settings durable (a write and an fsync each)
+    and kept it forever; a flood of them delayed real cars by seconds."""
+    with MosquittoBroker() as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            harness.limits = LimitsConfig(new_vehicles_per_s=20, new_vehicles_burst=50)
+            service = await harness.start()
+            car = clients.car
+            await car.settings(1, features={"remote_control": True})
+            await car.barrier()  # the barrier car is known before the flood too
+            started = time.monotonic()
+            for i in range(500):
+                fake = f"WVWZZZ1JZXF{i:06d}"
+                msg = privacy_pb2.PrivacySettings(revision=1)
+                msg.header.vin = fake
+                await car.send("avn/privacy", msg, vin=fake)
+            await car.send("tbox/status", status(car))
+            await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/status")), 10)
+            elapsed = time.monotonic() - started
+            await car.barrier()
+            known = len(service.states) - 2  # the real car and the test's barrier car
+            assert known <= 50 + 20 * (elapsed + 1), (known, elapsed)
+            refused = service.metrics.value(
+                "gateway_messages_dropped_total", stream="avn/privacy", reason="new_vehicle_rate"
+            )
+            assert refused == 500 - known
+            assert refused >= 300
 
 
 def test_refusal_classes() -> None:

@@ -35,6 +35,12 @@ from telematics.v1 import command_pb2, common_pb2, privacy_pb2, streams_pb2
 SETTINGS_TOPIC = "avn/privacy"
 APPLIED_TOPIC = "avn/privacy/applied"
 MAX_REVISION = 2**63 - 1  # PrivacySettings.revision is uint64; stores keep signed 64-bit
+# Per-app consents kept from one snapshot (contract rule 20). Only consents
+# that are on are kept: an absent per-app feature is off, so dropping the
+# rest never enables anything, and nothing a car sends grows the store
+# beyond this.
+MAX_APP_CONSENTS = 64
+MAX_FEATURE_ID = 96
 
 
 class DropReason(StrEnum):
@@ -96,6 +102,7 @@ class ApplySettings:
     state: VehicleState
     applied_topic: str
     applied_payload: bytes
+    ignored_features: int = 0  # feature ids of the snapshot not kept (unknown, off apps, cap)
 
 
 Decision = Forward | Drop | ApplySettings
@@ -345,12 +352,13 @@ def _decide_settings(
             detail=f"{settings.revision}<={applied_revision}",
             reannounce=reannounce,
         )
+    features = kept_features(ctx.policy, settings.features)
     snapshot = SettingsSnapshot(
         vin=vin,
         revision=settings.revision,
         privacy_mode=settings.privacy_mode,
         location=LocationMode.parse(settings.location),
-        features=dict(settings.features),
+        features=features,
         applied_at=now,
         policy_version=ctx.policy.version,
     )
@@ -358,7 +366,23 @@ def _decide_settings(
     if current is not None and current.restricted:
         state = dataclasses.replace(state, restricted=True)
     topic, body = applied_message(ctx, vin, settings.revision)
-    return ApplySettings(snapshot, state, topic, body)
+    return ApplySettings(snapshot, state, topic, body, len(settings.features) - len(features))
+
+
+def kept_features(policy: CompiledPolicy, features: Mapping[str, bool]) -> dict[str, bool]:
+    """The part of a snapshot's feature map worth enforcing and storing: the
+    policy's features (on or off: an explicit off of a default-on feature
+    matters) and at most MAX_APP_CONSENTS per-app consents that are on."""
+    kept: dict[str, bool] = {}
+    apps: list[str] = []
+    for name, on in features.items():
+        if name in policy.features:
+            kept[name] = on
+        elif on and len(name) <= MAX_FEATURE_ID and policy.feature_is_known(name):
+            apps.append(name)
+    for name in sorted(apps)[:MAX_APP_CONSENTS]:
+        kept[name] = True
+    return kept
 
 
 def state_from_snapshot(

@@ -53,6 +53,38 @@ class SettingsSnapshot:
     source: str = "vehicle"
 
 
+_STRICTNESS = {  # lower is stricter; anything unknown is enforced as OFF
+    LocationMode.OFF: 0,
+    LocationMode.UNSPECIFIED: 0,
+    LocationMode.APPROXIMATE: 1,
+    LocationMode.PRECISE: 2,
+}
+
+
+def strictest(older: SettingsSnapshot, newer: SettingsSnapshot) -> SettingsSnapshot:
+    """One snapshot allowing only what both allowed (privacy mode if either,
+    the coarser location, a feature only if on in both), named after `newer`.
+
+    Compacting settings history with it keeps every later check conservative:
+    nothing is ever taken as allowed that one of the merged snapshots refused.
+    """
+    location = min(older.location, newer.location, key=_STRICTNESS.__getitem__)
+    features = {
+        name: older.features.get(name, False) and newer.features.get(name, False)
+        for name in older.features.keys() | newer.features.keys()
+    }
+    return SettingsSnapshot(
+        vin=newer.vin,
+        revision=newer.revision,
+        privacy_mode=older.privacy_mode or newer.privacy_mode,
+        location=location if location is not LocationMode.UNSPECIFIED else LocationMode.OFF,
+        features=features,
+        applied_at=older.applied_at,
+        policy_version=newer.policy_version,
+        source=newer.source,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class VehicleState:
     """What the hot path needs to decide a message of one vehicle.

@@ -48,9 +48,14 @@ class ConsentStore(Protocol):
     Methods are blocking; the service runs them off the event loop.
     """
 
-    def apply_settings(self, snapshot: SettingsSnapshot, record: AuditRecord | None = None) -> None:
+    def apply_settings(
+        self, snapshot: SettingsSnapshot, record: AuditRecord | None = None, merge: bool = False
+    ) -> None:
         """Make `snapshot` the vehicle's applied settings, append it to the history
-        and (when given) to the audit ledger, in one transaction."""
+        and (when given) to the audit ledger, in one transaction. With `merge`
+        (a car over its settings rate) it is folded into the latest history row
+        as the strictest combination of both, with no new audit entry; the
+        history of a vehicle is compacted the same way beyond its row limit."""
 
     def open_window(self, vin: str, until: float) -> None:
         """Record an open find-my-car window (gateway epoch seconds)."""

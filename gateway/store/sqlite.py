@@ -11,13 +11,15 @@ from typing import Any, TypeVar
 
 from gateway.control import audit
 from gateway.control.audit import AuditRecord, VerifyResult
-from gateway.core.state import LocationMode, SettingsSnapshot
+from gateway.core.state import LocationMode, SettingsSnapshot, strictest
 from gateway.delivery import DeadLetter, DeadLetterKind
 from gateway.policy import VersionConflict, check_new_version
 from gateway.store.base import EgressCount, StoredPolicy, StoredVehicle
 
-# 1: v1 gateway. 2: dead_letters (created on open; nothing else changed).
-SCHEMA_VERSION = 2
+# 1: v1 gateway. 2: dead_letters. 3: settings_history.merged (snapshots
+# compacted into a row). Migrations are additive and run on open.
+SCHEMA_VERSION = 3
+HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 T = TypeVar("T")
 _SCHEMA = (
     """
@@ -42,7 +44,8 @@ CREATE TABLE IF NOT EXISTS settings_history (
     features       TEXT NOT NULL,
     applied_at     REAL NOT NULL,
     policy_version TEXT NOT NULL,
-    source         TEXT NOT NULL
+    source         TEXT NOT NULL,
+    merged         INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS settings_history_vin ON settings_history (vin, revision);
 CREATE TABLE IF NOT EXISTS restrictions (
@@ -110,8 +113,9 @@ class SqliteConsentStore:
 
     FILENAME = "consent.sqlite3"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, history_limit: int = HISTORY_LIMIT) -> None:
         self.path = Path(path)
+        self.history_limit = max(2, history_limit)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -125,18 +129,28 @@ class SqliteConsentStore:
                 raise RuntimeError(
                     f"{self.path}: written by a newer gateway (schema {row[0]} > {SCHEMA_VERSION})"
                 )
-            # Migrations are additive (CREATE ... IF NOT EXISTS above): record the version.
+            # Migrations are additive: tables by CREATE ... IF NOT EXISTS above, columns here.
+            self._add_column("settings_history", "merged", "INTEGER NOT NULL DEFAULT 0")
             self._db.execute(
                 "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT(key)"
                 " DO UPDATE SET value=excluded.value",
                 (str(SCHEMA_VERSION),),
             )
 
-    @classmethod
-    def in_state_dir(cls, state_dir: str | Path) -> SqliteConsentStore:
-        return cls(Path(state_dir) / cls.FILENAME)
+    def _add_column(self, table: str, column: str, decl: str) -> None:
+        columns = {str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
-    def apply_settings(self, snapshot: SettingsSnapshot, record: AuditRecord | None = None) -> None:
+    @classmethod
+    def in_state_dir(
+        cls, state_dir: str | Path, history_limit: int = HISTORY_LIMIT
+    ) -> SqliteConsentStore:
+        return cls(Path(state_dir) / cls.FILENAME, history_limit)
+
+    def apply_settings(
+        self, snapshot: SettingsSnapshot, record: AuditRecord | None = None, merge: bool = False
+    ) -> None:
         features = json.dumps(snapshot.features, sort_keys=True, separators=(",", ":"))
         row = (
             snapshot.vin,
@@ -164,17 +178,75 @@ class SqliteConsentStore:
                 # History is the audit trail of applied settings: a snapshot the
                 # revision guard refused was never enforced, so it is not recorded.
                 if upsert.rowcount > 0:
-                    self._db.execute(
-                        "INSERT INTO settings_history (vin, revision, privacy_mode, location,"
-                        " features, applied_at, policy_version, source) VALUES (?,?,?,?,?,?,?,?)",
-                        row,
-                    )
-                    if record is not None:
-                        audit.append(self._db, record)
+                    if merge and self._merge_into_latest(snapshot):
+                        pass  # a car over its settings rate: folded into its latest row
+                    else:
+                        self._db.execute(
+                            "INSERT INTO settings_history (vin, revision, privacy_mode, location,"
+                            " features, applied_at, policy_version, source)"
+                            " VALUES (?,?,?,?,?,?,?,?)",
+                            row,
+                        )
+                        if record is not None:
+                            audit.append(self._db, record)
+                        self._compact_history(snapshot.vin)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    _HISTORY_COLUMNS = (
+        "id, vin, revision, privacy_mode, location, features, applied_at, policy_version,"
+        " source, merged"
+    )
+
+    def _merge_into_latest(self, snapshot: SettingsSnapshot) -> bool:
+        row = self._db.execute(
+            f"SELECT {self._HISTORY_COLUMNS} FROM settings_history WHERE vin=?"
+            " ORDER BY id DESC LIMIT 1",
+            (snapshot.vin,),
+        ).fetchone()
+        if row is None:
+            return False
+        self._write_merged(int(row[0]), strictest(_snapshot(row[1:]), snapshot), int(row[9]) + 1)
+        return True
+
+    def _compact_history(self, vin: str) -> None:
+        """Beyond the limit, the two oldest rows of a vehicle become one that allows
+        only what both allowed: bounded, and never more permissive than the truth."""
+        excess = (
+            int(
+                self._db.execute(
+                    "SELECT count(*) FROM settings_history WHERE vin=?", (vin,)
+                ).fetchone()[0]
+            )
+            - self.history_limit
+        )
+        for _ in range(max(0, excess)):
+            older, newer = self._db.execute(
+                f"SELECT {self._HISTORY_COLUMNS} FROM settings_history WHERE vin=?"
+                " ORDER BY id LIMIT 2",
+                (vin,),
+            ).fetchall()
+            merged = strictest(_snapshot(older[1:]), _snapshot(newer[1:]))
+            self._write_merged(int(newer[0]), merged, int(older[9]) + int(newer[9]) + 1)
+            self._db.execute("DELETE FROM settings_history WHERE id=?", (older[0],))
+
+    def _write_merged(self, row_id: int, snapshot: SettingsSnapshot, merged: int) -> None:
+        self._db.execute(
+            "UPDATE settings_history SET revision=?, privacy_mode=?, location=?, features=?,"
+            " applied_at=?, policy_version=?, merged=? WHERE id=?",
+            (
+                snapshot.revision,
+                int(snapshot.privacy_mode),
+                int(snapshot.location),
+                json.dumps(snapshot.features, sort_keys=True, separators=(",", ":")),
+                snapshot.applied_at,
+                snapshot.policy_version,
+                merged,
+                row_id,
+            ),
+        )
 
     def open_window(self, vin: str, until: float) -> None:
         with self._lock:
