@@ -21,6 +21,7 @@ from gateway.config import LimitsConfig, PipelineConfig
 from gateway.delivery import DeadLetterKind, DeadLetterSeal, is_transient, refusal_reason
 from gateway.service import GatewayService
 from gateway.store import SqliteConsentStore
+from gateway.store.sqlite import SCHEMA_VERSION
 from sim.broker import MosquittoBroker
 from telematics.v1 import privacy_pb2, streams_pb2
 from tests.conftest import KEY, VIN, Car, Clients, GatewayHarness, Recorder
@@ -413,7 +414,7 @@ def test_store_written_by_v1_is_migrated(tmp_path: Path) -> None:
         assert store.dead_letter_count() == 0
         assert store.restricted_vins() == {VIN}
         version = store._read("SELECT value FROM meta WHERE key='schema_version'")[0][0]
-        assert version == "2"
+        assert version == str(SCHEMA_VERSION)
     finally:
         store.close()
 
