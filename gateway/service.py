@@ -144,6 +144,11 @@ class GatewayService:
         self.vehicle_edge: MqttEdge
         self.backend_edge: MqttEdge
         self._windows: dict[str, AckWindow] = {}
+        # Built here so that an unreadable CA file refuses the start (ConfigError).
+        self._tls_contexts = {
+            VEHICLE: config.vehicle_broker.tls_context(),
+            BACKEND: config.backend_broker.tls_context(),
+        }
         self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
 
     # -------------------------------------------------------------- lifecycle
@@ -203,6 +208,7 @@ class GatewayService:
             receive_maximum=inflight,
             max_inflight_publishes=inflight,
             keepalive_s=vcfg.keepalive_s,
+            tls_context=self._tls_contexts[VEHICLE],
             on_state_change=self._edge_state,
         )
         self.backend_edge = MqttEdge(
@@ -216,6 +222,7 @@ class GatewayService:
             receive_maximum=inflight,
             max_inflight_publishes=inflight,
             keepalive_s=bcfg.keepalive_s,
+            tls_context=self._tls_contexts[BACKEND],
             on_state_change=self._edge_state,
         )
         for edge in (self.vehicle_edge, self.backend_edge):
