@@ -9,6 +9,8 @@ import datetime
 import ipaddress
 import logging
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -397,3 +399,39 @@ def test_ca_file_in_config(tmp_path: Path) -> None:
     missing = config.backend_broker.model_copy(update={"tls_ca_file": tmp_path / "nope.crt"})
     with pytest.raises(ConfigError, match=r"nope\.crt: cannot load"):
         missing.tls_context()
+
+
+def _run_gateway(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config), *extra],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_run_refuses_unusable_ca_file_and_plaintext_override(tmp_path: Path) -> None:
+    toml = tmp_path / "gateway.toml"
+    toml.write_text(
+        f'policy = "{DEFAULT_POLICY}"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        "[vehicle_broker]\n"
+        'url = "mqtt://127.0.0.1:1"\n'
+        'client_id = "test-vehicle"\n'
+        'topic_prefix = "vehicle"\n'
+        "[backend_broker]\n"
+        'url = "mqtts://127.0.0.1:1"\n'
+        'client_id = "test-backend"\n'
+        'topic_prefix = "tsp"\n'
+        'tls_ca_file = "missing-ca.pem"\n'
+    )
+    result = _run_gateway(toml, "--control-listen", "")
+    assert result.returncode == 2, result.stderr
+    assert f"tls_ca_file {tmp_path / 'missing-ca.pem'}: cannot load" in result.stderr
+
+    result = _run_gateway(toml, "--backend-broker", "mqtt://127.0.0.1:1")
+    assert result.returncode == 2, result.stderr
+    assert "backend_broker" in result.stderr
+    assert "tls_ca_file is set but the url is not mqtts://" in result.stderr
