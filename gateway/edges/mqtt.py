@@ -309,8 +309,8 @@ class MqttEdge:
         if endpoint.username:
             client.username_pw_set(endpoint.username, endpoint.password)
         if self._tls_context is not None:
-            # The handshake is done here (_tls_handshake); with the context
-            # set, paho could still never talk to this broker in clear.
+            # The edge does the handshake itself (_tls_handshake). Set in paho
+            # too, so that even paho's own connect path could only speak TLS.
             client.tls_set_context(self._tls_context)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
