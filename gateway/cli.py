@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
+from pydantic import ValidationError
 
-from gateway.config import ConfigError, ControlConfig, GatewayConfig, load_config
+from gateway.config import BrokerConfig, ConfigError, ControlConfig, GatewayConfig, load_config
 from gateway.core import (
     ApplySettings,
     DecisionContext,
@@ -274,6 +275,12 @@ def resolve_run_config(args: argparse.Namespace) -> GatewayConfig:
             config.backend_broker.url = args.backend_broker
     except BrokerUrlError as exc:
         raise ConfigError(str(exc)) from exc
+    for name in ("vehicle_broker", "backend_broker"):
+        try:  # the overridden url must still agree with the rest (tls_ca_file)
+            BrokerConfig.model_validate(getattr(config, name).model_dump())
+        except ValidationError as exc:
+            problems = "; ".join(e["msg"] for e in exc.errors())
+            raise ConfigError(f"{name}: {problems}") from exc
     if args.state_dir:
         config.state_dir = args.state_dir.resolve()
     if args.policy:
@@ -313,7 +320,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def serve() -> None:
         from gateway.control.api import ControlPlane
 
-        service = GatewayService(config, policy, key, store)
+        try:
+            service = GatewayService(config, policy, key, store)
+        except ConfigError as exc:
+            log.error("refusing to start: %s", exc)
+            raise SystemExit(EXIT_CONFIG) from exc
         try:
             control = ControlPlane(service, config.control)
         except (OSError, ValueError) as exc:

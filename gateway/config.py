@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.edges.mqtt import BrokerEndpoint, BrokerUrlError
 
@@ -25,6 +26,11 @@ class BrokerConfig(_Strict):
     topic_prefix: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
     session_expiry_s: int = Field(86400, ge=0)
     keepalive_s: int = Field(30, ge=5, le=3600)
+    tls_ca_file: Path | None = Field(
+        None,
+        description="PEM CA certificate(s) that sign the mqtts:// broker's certificate; "
+        "unset: the system trust store",
+    )
 
     @field_validator("url")
     @classmethod
@@ -35,9 +41,25 @@ class BrokerConfig(_Strict):
             raise ValueError(str(exc)) from exc
         return value
 
+    @model_validator(mode="after")
+    def _ca_needs_tls(self) -> BrokerConfig:
+        if self.tls_ca_file is not None and not self.endpoint.tls:
+            raise ValueError("tls_ca_file is set but the url is not mqtts://")
+        return self
+
     @property
     def endpoint(self) -> BrokerEndpoint:
         return BrokerEndpoint.parse(self.url)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """Client TLS context for an mqtts:// url (None for mqtt://): the
+        broker's certificate must chain to the CA and name the host."""
+        if not self.endpoint.tls:
+            return None
+        try:
+            return ssl.create_default_context(cafile=self.tls_ca_file)
+        except (OSError, ValueError) as exc:  # missing file, not PEM, no certificate in it
+            raise ConfigError(f"tls_ca_file {self.tls_ca_file}: cannot load: {exc}") from exc
 
 
 class PipelineConfig(_Strict):
@@ -165,6 +187,9 @@ def load_config(path: str | Path) -> GatewayConfig:
         config.policy = (base / config.policy).resolve()
     if not config.state_dir.is_absolute():
         config.state_dir = (base / config.state_dir).resolve()
+    for broker in (config.vehicle_broker, config.backend_broker):
+        if broker.tls_ca_file is not None and not broker.tls_ca_file.is_absolute():
+            broker.tls_ca_file = (base / broker.tls_ca_file).resolve()
     ctl = config.control
     ctl.trusted_keys = [k if k.is_absolute() else (base / k).resolve() for k in ctl.trusted_keys]
     if ctl.tls_cert is not None and not ctl.tls_cert.is_absolute():

@@ -207,6 +207,11 @@ class GatewayService:
         self.vehicle_edge: MqttEdge
         self.backend_edge: MqttEdge
         self._windows: dict[str, AckWindow] = {}
+        # Built here so that an unreadable CA file refuses the start (ConfigError).
+        self._tls_contexts = {
+            VEHICLE: config.vehicle_broker.tls_context(),
+            BACKEND: config.backend_broker.tls_context(),
+        }
         self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
         self.store_writable = True  # false while a durable write keeps failing
         self.metrics.store_writable.set(1)
@@ -293,6 +298,7 @@ class GatewayService:
             receive_maximum=inflight,
             max_inflight_publishes=inflight,
             keepalive_s=vcfg.keepalive_s,
+            tls_context=self._tls_contexts[VEHICLE],
             on_state_change=self._edge_state,
         )
         self.backend_edge = MqttEdge(
@@ -306,6 +312,7 @@ class GatewayService:
             receive_maximum=inflight,
             max_inflight_publishes=inflight,
             keepalive_s=bcfg.keepalive_s,
+            tls_context=self._tls_contexts[BACKEND],
             on_state_change=self._edge_state,
         )
         if self._ecall_lane:

@@ -6,13 +6,16 @@ depends on a broker already running on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -37,12 +40,44 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class ListenerTls:
+    """PEM files of a TLS listener: the CA that clients are told about, the
+    broker's certificate (chain) and its private key."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+    def install(self, directory: Path) -> list[str]:
+        """Copy the files where mosquitto can read them; its config lines.
+
+        mosquitto started as root reads them only after dropping to its own
+        user, which cannot enter our private temp directories."""
+        directory.mkdir(exist_ok=True)
+        directory.chmod(0o755)
+        ca, cert, key = directory / "ca.crt", directory / "broker.crt", directory / "broker.key"
+        for source, target, mode in (
+            (self.cafile, ca, 0o644),
+            (self.certfile, cert, 0o644),
+            (self.keyfile, key, 0o600),
+        ):
+            shutil.copyfile(source, target)
+            target.chmod(mode)
+        if os.geteuid() == 0:
+            with contextlib.suppress(KeyError):  # no such user: mosquitto keeps root
+                user = pwd.getpwnam("mosquitto")
+                os.chown(key, user.pw_uid, user.pw_gid)
+        return [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+
+
 class MosquittoBroker:
     """A mosquitto process listening on 127.0.0.1:<free port>.
 
     Queues are sized for outages: a persistent session keeps up to
     `max_queued` QoS 1 messages while its client is away (mosquitto's
-    default of 1000 silently drops beyond that).
+    default of 1000 silently drops beyond that). With `tls` the listener
+    speaks only TLS (mqtts://).
     """
 
     def __init__(
@@ -55,6 +90,7 @@ class MosquittoBroker:
         persistence: bool = False,
         acl: str | None = None,
         max_packet_size: int | None = None,
+        tls: ListenerTls | None = None,
     ) -> None:
         self.port = port or free_port()
         self.max_queued = max_queued
@@ -64,12 +100,14 @@ class MosquittoBroker:
         self.persistence = persistence
         self.acl = acl  # mosquitto acl_file text; reloaded by reload() (SIGHUP)
         self.max_packet_size = max_packet_size
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        scheme = "mqtts" if self.tls else "mqtt"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -79,6 +117,7 @@ class MosquittoBroker:
         return "\n".join(
             [
                 f"listener {self.port} 127.0.0.1",
+                *self._tls_lines(),
                 "allow_anonymous true",
                 *self._persistence_lines(),
                 f"max_queued_messages {self.max_queued}",
@@ -115,6 +154,11 @@ class MosquittoBroker:
             (self.workdir / "acl").write_text(acl)
         assert self.process is not None
         self.process.send_signal(signal.SIGHUP)
+    def _tls_lines(self) -> list[str]:
+        if self.tls is None:
+            return []
+        self.workdir.chmod(0o755)
+        return self.tls.install(self.workdir / "tls")
 
     def _persistence_lines(self) -> list[str]:
         if not self.persistence:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import socket
 import ssl
 import time
@@ -111,6 +112,24 @@ def publish_packet_size(topic: str, payload: bytes, props: Properties | None) ->
     return 1 + _varint_size(remaining) + remaining
 
 
+class TlsHandshakeError(ConnectionError):
+    """The broker's TLS handshake failed or timed out: nothing was sent in clear."""
+
+
+_OPENSSL_NOISE = re.compile(r"^\[[A-Z0-9_: ]+\] |\s*\(_ssl\.c:\d+\)$")
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why a handshake failed, in words (without OpenSSL's source locations)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError):
+        return "the broker closed the connection during the handshake"
+    if isinstance(exc, ssl.SSLError):
+        return _OPENSSL_NOISE.sub("", str(exc.args[1] if len(exc.args) > 1 else exc))
+    return str(exc) or type(exc).__name__
+
+
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
@@ -118,8 +137,10 @@ _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 class _Client(mqtt.Client):
     """paho client that accepts a socket connected by asyncio, with buffered socket I/O.
 
-    paho connects with a blocking call; connecting on the event loop
-    ourselves keeps an unreachable broker from freezing the other side.
+    paho connects, and does the TLS handshake, with blocking calls; doing
+    both on the event loop ourselves keeps an unreachable or silent broker
+    from freezing the other side. A TLS socket arrives here already past its
+    handshake and is used as is: paho never wraps it again.
 
     paho reads a packet with at least three recv() calls (command byte,
     length bytes, body) and writes every packet with its own send(): at
@@ -139,18 +160,21 @@ class _Client(mqtt.Client):
         self._rpos = 0
         self._wbuf = bytearray()
 
-    def _create_socket_connection(self) -> socket.socket:
+    def _create_socket(self) -> Any:
         self._rbuf, self._rpos, self._wbuf = b"", 0, bytearray()  # nothing crosses connections
         sock, self.preconnected = self.preconnected, None
-        if sock is None:
-            return super()._create_socket_connection()
-        sock.setblocking(True)
-        sock.settimeout(self._connect_timeout)
-        return sock
+        if sock is None:  # not how MqttEdge connects; paho's own path (TLS included)
+            return super()._create_socket()
+        return sock  # paho makes it non-blocking
 
     @property
     def read_buffered(self) -> bool:
-        return self._rpos < len(self._rbuf)
+        """Bytes received but not yet handed to paho. A TLS socket can hold
+        decrypted bytes that do not make the socket readable for epoll."""
+        if self._rpos < len(self._rbuf):
+            return True
+        sock = self._sock
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
@@ -279,6 +303,7 @@ class MqttEdge:
         self._max_inflight_publishes = max_inflight_publishes
         self._keepalive_s = keepalive_s
         self._connect_timeout_s = connect_timeout_s
+        self._tls_context = (tls_context or ssl.create_default_context()) if endpoint.tls else None
         self._on_state_change = on_state_change
         self.generation = 0
         self.ready = asyncio.Event()  # connected and subscribed
@@ -311,8 +336,10 @@ class MqttEdge:
         client.connect_timeout = connect_timeout_s
         if endpoint.username:
             client.username_pw_set(endpoint.username, endpoint.password)
-        if endpoint.tls:
-            client.tls_set_context(tls_context or ssl.create_default_context())
+        if self._tls_context is not None:
+            # The edge does the handshake itself (_tls_handshake). Set in paho
+            # too, so that even paho's own connect path could only speak TLS.
+            client.tls_set_context(self._tls_context)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
@@ -339,6 +366,15 @@ class MqttEdge:
                 await self._connect_once()
                 backoff = 0.1
                 await self._disconnected.wait()
+            except TlsHandshakeError as exc:
+                log.warning(
+                    "%s broker %s TLS handshake failed: %s",
+                    self.name,
+                    self.endpoint.redacted(),
+                    exc,
+                    extra={"edge": self.name},
+                )
+                self._teardown_socket()
             except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as exc:
                 log.warning(
                     "%s broker %s unreachable: %s",
@@ -447,6 +483,8 @@ class MqttEdge:
         except BaseException:
             sock.close()
             raise
+        if self._tls_context is not None:
+            sock = await self._tls_handshake(sock, self._tls_context)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.ReceiveMaximum = self._receive_maximum  # the broker's in-flight window toward us
         if self._session_expiry_s:
@@ -487,6 +525,58 @@ class MqttEdge:
         )
         if self._on_state_change:
             self._on_state_change(self.name, True)
+
+    async def _tls_handshake(self, sock: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
+        """TLS over the connected non-blocking socket, driven by the event
+        loop and bounded by the connect timeout. Any failure closes the socket
+        and raises TlsHandshakeError: never a fallback to plaintext."""
+        try:
+            tls = context.wrap_socket(
+                sock, server_hostname=self.endpoint.host, do_handshake_on_connect=False
+            )
+        except (ssl.SSLError, ValueError) as exc:
+            sock.close()
+            raise TlsHandshakeError(_tls_failure(exc)) from exc
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            await asyncio.wait_for(self._drive_handshake(tls), self._connect_timeout_s)
+        except TimeoutError as exc:
+            tls.close()
+            raise TlsHandshakeError(
+                f"no handshake answer within {self._connect_timeout_s:g} s"
+            ) from exc
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            tls.close()
+            raise TlsHandshakeError(_tls_failure(exc)) from exc
+        except BaseException:
+            tls.close()
+            raise
+        return tls
+
+    async def _drive_handshake(self, tls: ssl.SSLSocket) -> None:
+        loop, fd = self._loop, tls.fileno()
+        while True:
+            try:
+                tls.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                wants_read = True
+            except ssl.SSLWantWriteError:
+                wants_read = False
+            ready: asyncio.Future[None] = loop.create_future()
+            if wants_read:
+                loop.add_reader(fd, _wake, ready)
+            else:
+                loop.add_writer(fd, _wake, ready)
+            try:
+                await ready
+            finally:
+                if wants_read:
+                    loop.remove_reader(fd)
+                else:
+                    loop.remove_writer(fd)
 
     # ------------------------------------------------------- paho callbacks
 
@@ -698,3 +788,8 @@ class MqttEdge:
             rc = self._client.loop_misc()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._stopping:
                 return
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
