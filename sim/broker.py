@@ -154,6 +154,7 @@ class MosquittoBroker:
             (self.workdir / "acl").write_text(acl)
         assert self.process is not None
         self.process.send_signal(signal.SIGHUP)
+
     def _tls_lines(self) -> list[str]:
         if self.tls is None:
             return []
