@@ -27,6 +27,7 @@ from gateway.core.transforms import (
     pseudonym,
     pseudonymize_field,
     truncate_ip,
+    valid_position,
 )
 from gateway.policy import CompiledPolicy, CompiledStream
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2
@@ -236,13 +237,19 @@ def _transform(
     policy = ctx.policy
     for geo in stream.geo_fields:
         if geo.repeated:
-            points = list(getattr(message, geo.name))
+            points = getattr(message, geo.name)
             if not points:
                 continue
             if mode is LocationMode.OFF:
                 message.ClearField(geo.name)
                 applied.append(f"clear:{geo.name}")
-            elif mode is LocationMode.APPROXIMATE:
+                continue
+            invalid = [i for i, point in enumerate(points) if not valid_position(point)]
+            if invalid:
+                for i in reversed(invalid):
+                    del points[i]
+                applied.append(f"invalid_position:{geo.name}")
+            if points and mode is LocationMode.APPROXIMATE:
                 offset = grid_offset(ctx.key, vin)
                 for point in points:
                     coarsen_geopoint(point, policy.cell_size_m, offset)
@@ -253,6 +260,10 @@ def _transform(
         if mode is LocationMode.OFF:
             message.ClearField(geo.name)
             applied.append(f"clear:{geo.name}")
+        elif not valid_position(getattr(message, geo.name)):
+            # No fix: nothing to report, and never a refresh anchor.
+            message.ClearField(geo.name)
+            applied.append(f"invalid_position:{geo.name}")
         elif mode is LocationMode.APPROXIMATE:
             point = getattr(message, geo.name)
             current = fix if new_fix is None else new_fix
