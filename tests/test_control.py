@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import subprocess
 import sys
@@ -360,6 +361,26 @@ async def test_removed_audit_entry_is_detected(
     db.close()
     result = control.service.store.verify_audit()
     assert not result.ok and any("missing" in p for p in result.problems)
+
+
+async def test_vin_with_trailing_newline_is_not_a_vin(control: Control) -> None:
+    http, url, dpo = control.http, control.url, control.auth("dpo")
+    for method, path in [
+        ("GET", "/privacy"),
+        ("GET", "/export"),
+        ("POST", "/restriction"),
+        ("DELETE", "/restriction"),
+        ("DELETE", ""),
+    ]:
+        response = await http.request(method, f"{url}/v1/vehicles/{VIN}%0A{path}", headers=dpo)
+        assert response.status == 400, (method, path)
+    assert control.service.store.restriction(VIN + "\n") is None
+    # The documented pattern anchors at the end of input (ECMA-262 `$`), and
+    # the Python one agrees on the newline.
+    schema = openapi_document()["paths"]["/v1/vehicles/{vin}/privacy"]["get"]["parameters"][0]
+    pattern = schema["schema"]["pattern"]
+    assert pattern.startswith("^") and pattern.endswith("$") and "\\Z" not in pattern
+    assert re.fullmatch(pattern, VIN) and not re.fullmatch(pattern, VIN + "\n")
 
 
 async def test_access_log_purged_after_retention(control: Control) -> None:

@@ -741,7 +741,7 @@ def test_per_app_feature_enables_only_that_app() -> None:
     dropped(run("avn/app/music", state({"third_party": True})), DropReason.FEATURE_DISABLED)
 
 
-@pytest.mark.parametrize("app", ["a.b", "x" * 65, "sp ace"])
+@pytest.mark.parametrize("app", ["a.b", "x" * 65, "sp ace", "music\n"])
 def test_app_id_outside_placeholder_syntax_is_unknown_topic(app: str) -> None:
     payload = sample("avn/app/music").SerializeToString()
     d = decide(CTX, f"vehicle/{VIN}/avn/app/{app}", payload, {VIN: state()}, {}, NOW)
@@ -899,7 +899,7 @@ def test_undecodable_payload(stream: str) -> None:
 
 
 @pytest.mark.parametrize("bad_vin", ["WVWZZZ1JZXW00000I", "SHORT", "wvwzzz1jzxw000001",
-                                     "WVWZZZ1JZXW0000012"])
+                                     "WVWZZZ1JZXW0000012", f"{VIN}\n"])
 @pytest.mark.parametrize("stream", ["tbox/status", "tbox/ecall", "avn/privacy"])
 def test_invalid_vin_in_topic(stream: str, bad_vin: str) -> None:
     if stream == "avn/privacy":
@@ -1048,6 +1048,7 @@ def test_command_without_command_field_is_filled_in() -> None:
          command_pb2.Command(request_id="req-1", command="unlock").SerializeToString(),
          VIN, "command_mismatch"),
         ("find_my_car", state(), None, "WVWZZZ1JZXW00000O", "invalid_vin"),
+        ("find_my_car", state(), None, f"{VIN}\n", "invalid_vin"),
     ],
 )
 def test_command_refusals(

@@ -25,7 +25,7 @@ from gateway.config import ControlConfig, TokenConfig
 from gateway.control.audit import AuditRecord
 from gateway.control.signing import BundleError, PolicyBundle, load_public_key, verify_bundle
 from gateway.control.signing import key_id as public_key_id
-from gateway.core.state import VIN_PATTERN
+from gateway.core.state import VIN_SCHEMA_PATTERN, is_valid_vin
 from gateway.policy import PolicyError, parse_policy, version_key
 from gateway.service import GatewayService
 from gateway.store import StoredPolicy
@@ -398,7 +398,7 @@ class ControlPlane:
 
     def _vin(self, request: web.Request) -> str | None:
         vin = request.match_info["vin"]
-        return vin if VIN_PATTERN.match(vin) else None
+        return vin if is_valid_vin(vin) else None
 
     async def privacy(self, request: web.Request) -> web.Response:
         vin = self._vin(request)
@@ -559,7 +559,7 @@ def openapi_document() -> dict[str, Any]:
                     "name": "vin",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "pattern": VIN_PATTERN.pattern},
+                    "schema": {"type": "string", "pattern": VIN_SCHEMA_PATTERN},
                 }
             ]
             op["responses"]["400"] = {"description": "not a valid VIN"}

@@ -15,11 +15,11 @@ from enum import StrEnum
 from google.protobuf.message import DecodeError, Message
 
 from gateway.core.state import (
-    VIN_PATTERN,
     CoarseFix,
     LocationMode,
     SettingsSnapshot,
     VehicleState,
+    is_valid_vin,
 )
 from gateway.core.transforms import (
     coarsen_geopoint,
@@ -142,14 +142,14 @@ def decide(
         return Drop(DropReason.UNKNOWN_TOPIC, "", detail=topic)
     vin, relative = parts
     if relative == SETTINGS_TOPIC:
-        if not VIN_PATTERN.match(vin):
+        if not is_valid_vin(vin):
             return Drop(DropReason.INVALID_VIN, SETTINGS_TOPIC, detail=vin)
         return _decide_settings(ctx, vin, payload, states.get(vin), now)
     route = ctx.policy.route(relative)
     if route is None:
         return Drop(DropReason.UNKNOWN_TOPIC, "", vin=vin, detail=relative)
     stream, app_id = route
-    if not VIN_PATTERN.match(vin):
+    if not is_valid_vin(vin):
         return Drop(DropReason.INVALID_VIN, stream.key, detail=vin)
     message = stream.message_cls()
     try:
@@ -466,7 +466,7 @@ def decide_command(
     def refuse(reason: str) -> CommandDecision:
         return _refuse(vin, name, request_id, result_topic, reason)
 
-    if not VIN_PATTERN.match(vin):
+    if not is_valid_vin(vin):
         return refuse("invalid_vin")
     if command.command and command.command != name:
         return refuse("command_mismatch")
