@@ -135,9 +135,14 @@ def hash_token(token: str) -> str:
 def authenticate(header: str | None, tokens: list[TokenConfig]) -> TokenConfig | None:
     """Bearer token -> its configured entry. Compares against every entry so
     the time taken does not reveal which (or whether one) matched."""
-    if not header or not header.startswith("Bearer "):
+    if not header:
         return None
-    presented = hash_token(header[len("Bearer ") :].strip())
+    scheme, _, credentials = header.strip().partition(" ")
+    credentials = credentials.strip()
+    # RFC 7235: the auth-scheme is case-insensitive.
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    presented = hash_token(credentials)
     found = None
     for token in tokens:
         if hmac.compare_digest(presented, token.sha256):
@@ -230,6 +235,11 @@ class ControlPlane:
         caller = None
         if route is None:
             response: web.StreamResponse = _error(404, "no such endpoint")
+            caller = authenticate(request.headers.get("Authorization"), self.config.tokens)
+            if caller is None:
+                # Anyone can send these (scanners): logging them would let an
+                # unauthenticated client grow the database at will.
+                return response
         elif not route.roles:
             response = await handler(request)
         else:
