@@ -34,6 +34,18 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 log = logging.getLogger("gateway.mqtt")
 
 
+MAX_RECONNECT_DELAY_S = 30.0
+
+
+def reconnect_delay(backoff: float, rand: float) -> float:
+    """Wait before the next connection attempt: `backoff` jittered to
+    [0.5, 1.5) times itself, for `rand` in [0, 1), never above
+    MAX_RECONNECT_DELAY_S. At the cap the range shrinks to [1/3, 1] of it
+    rather than clipping, so clients cut off together still spread out."""
+    upper = min(backoff * 1.5, MAX_RECONNECT_DELAY_S)
+    return upper * (1.0 + 2.0 * rand) / 3.0
+
+
 class BrokerUrlError(ValueError):
     pass
 
@@ -324,8 +336,8 @@ class MqttEdge:
                 break
             if time.monotonic() - started > 30:
                 backoff = 0.1
-            delay = backoff * (0.5 + random.random())
-            backoff = min(backoff * 2, 30.0)
+            delay = reconnect_delay(backoff, random.random())
+            backoff = min(backoff * 2, MAX_RECONNECT_DELAY_S)
             await asyncio.sleep(delay)
 
     async def stop(self, timeout: float = 5.0) -> None:
