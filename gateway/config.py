@@ -24,7 +24,8 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Inputs stay out of error texts: a broker URL may carry its password.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class BrokerConfig(_Strict):
@@ -40,7 +41,7 @@ class BrokerConfig(_Strict):
         try:
             BrokerEndpoint.parse(value)
         except BrokerUrlError as exc:
-            raise ValueError(str(exc)) from exc
+            raise ValueError(str(exc)) from None
         return value
 
     @property

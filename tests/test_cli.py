@@ -279,3 +279,24 @@ def test_run_refuses_bad_control_listen_flag(tmp_path: Path, listen: str) -> Non
     assert result.returncode == 2
     assert "--control-listen" in result.stderr and listen in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--vehicle-broker", "--backend-broker"])
+@pytest.mark.parametrize(
+    "url", ["mqtt://u:s3cr3t@h:99999", "mqtt://u:s3cr3t@h:notaport", "mqtt://u:s3cr3t@[::1"]
+)
+def test_run_never_prints_a_broker_password_from_a_flag(
+    tmp_path: Path, flag: str, url: str
+) -> None:
+    result = gateway("run", "--config", run_config(tmp_path, POLICY), flag, url)
+    assert result.returncode == 2
+    assert "broker URL" in result.stderr and "u:***@" in result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_run_never_prints_a_broker_password_from_the_config(tmp_path: Path) -> None:
+    result = gateway("run", "--config", run_config(tmp_path, POLICY, "mqtt://u:s3cr3t@h:99999"))
+    assert result.returncode == 2
+    assert "vehicle_broker.url" in result.stderr and "u:***@h" in result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout

@@ -64,3 +64,18 @@ def test_load_config_accepts_explicit_plaintext(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text('[control]\nlisten = "0.0.0.0:8080"\nallow_plaintext = true\n')
     assert load_config(path).control.listen == "0.0.0.0:8080"
+
+
+@pytest.mark.parametrize(
+    "url", ["mqtt://u:s3cr3t@h:99999", "http://u:s3cr3t@h", "mqtt://u:s3cr3t@[::1"]
+)
+def test_load_config_never_shows_a_broker_password(tmp_path: Path, url: str) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f'[vehicle_broker]\nurl = "{url}"\nclient_id = "v"\ntopic_prefix = "vehicle"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "vehicle_broker.url" in message
+    assert "s3cr3t" not in message and "s3cr3t" not in repr(info.value.__cause__)

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from gateway.edges import mqtt
-from gateway.edges.mqtt import BrokerEndpoint, MqttEdge
+from gateway.edges.mqtt import BrokerEndpoint, BrokerUrlError, MqttEdge, redact_url
 
 BACKOFFS = [0.1 * 2**n for n in range(12)] + [30.0, 45.0, 1e6]
 RANDS = [0.0, 0.25, 0.5, 0.75, 1.0 - 2**-53]
@@ -67,3 +67,48 @@ async def test_run_waits_at_most_the_cap_between_attempts(
     assert len(delays) == 14
     assert max(delays) <= 30.0
     assert delays[-1] == pytest.approx(30.0)
+
+
+SECRET = "s3cr3t"
+BAD_URLS_WITH_SECRET = [
+    f"mqtt://u:{SECRET}@h:99999",
+    f"mqtt://u:{SECRET}@h:notaport",
+    f"mqtt://u:{SECRET}@h:-1",
+    f"http://u:{SECRET}@h",
+    f"mqtt://u:{SECRET}@",
+    f"mqtt://u:{SECRET}@[::1",
+    f"u:{SECRET}@h:1883",
+    f"mqtt://u:{SECRET}@x@h:99999",
+    f"mqtt://u:{SECRET}%21@h:99999",
+    f"mqtts://u:{SECRET}/x@h:99999",
+]
+
+
+@pytest.mark.parametrize("url", BAD_URLS_WITH_SECRET)
+def test_broker_url_errors_never_show_the_password(url: str) -> None:
+    with pytest.raises(BrokerUrlError) as info:
+        BrokerEndpoint.parse(url)
+    message = str(info.value)
+    assert SECRET not in message and "***" in message and "broker URL" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mqtt://u:pw@h:1883", "mqtt://u:***@h:1883"),
+        ("mqtt://u@h:1883", "mqtt://u@h:1883"),
+        ("mqtt://h:1883", "mqtt://h:1883"),
+        ("mqtt://u:p@w@h", "mqtt://u:***@h"),
+        ("u:pw@h", "u:***@h"),
+        ("mqtt://:pw@h", "mqtt://:***@h"),
+        ("mqtts://u:p/w@h:8883", "mqtts://u:***@h:8883"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_valid_url_with_credentials_still_parses() -> None:
+    endpoint = BrokerEndpoint.parse("mqtts://user:p%40ss@broker:8883")
+    assert (endpoint.username, endpoint.password, endpoint.port) == ("user", "p@ss", 8883)
+    assert "p@ss" not in endpoint.redacted()

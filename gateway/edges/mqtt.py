@@ -50,6 +50,24 @@ class BrokerUrlError(ValueError):
     pass
 
 
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for messages.
+
+    Works on text that does not parse (that is when it gets printed): the
+    credentials are whatever precedes the last '@', so a raw '@' or '/' in
+    the password cannot push part of it out of the redacted span.
+    """
+    userinfo_end = url.rfind("@")
+    if userinfo_end < 0:
+        return url
+    scheme_end = url.find("://")
+    start = scheme_end + 3 if 0 <= scheme_end < userinfo_end else 0
+    user, sep, _ = url[start:userinfo_end].partition(":")
+    if not sep:
+        return url
+    return f"{url[:start]}{user.partition('/')[0]}:***{url[userinfo_end:]}"
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerEndpoint:
     host: str
@@ -60,16 +78,22 @@ class BrokerEndpoint:
 
     @classmethod
     def parse(cls, url: str) -> BrokerEndpoint:
-        parts = urlsplit(url)
+        # Messages show the URL redacted: it may carry the broker password.
+        # urllib's messages are not passed on, they can quote parts of it.
+        shown = repr(redact_url(url))
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            raise BrokerUrlError(f"broker URL {shown}: malformed host") from None
         if parts.scheme not in ("mqtt", "mqtts"):
-            raise BrokerUrlError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+            raise BrokerUrlError(f"broker URL {shown}: scheme must be mqtt:// or mqtts://")
         if not parts.hostname:
-            raise BrokerUrlError(f"broker URL {url!r}: missing host")
+            raise BrokerUrlError(f"broker URL {shown}: missing host")
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port or (8883 if tls else 1883)
-        except ValueError as exc:
-            raise BrokerUrlError(f"broker URL {url!r}: {exc}") from exc
+        except ValueError:
+            raise BrokerUrlError(f"broker URL {shown}: port must be 0 to 65535") from None
         return cls(
             host=parts.hostname,
             port=port,
