@@ -15,7 +15,14 @@ from typing import Any
 from google.protobuf import json_format
 from pydantic import ValidationError
 
-from gateway.config import BrokerConfig, ConfigError, ControlConfig, GatewayConfig, load_config
+from gateway.config import (
+    BrokerConfig,
+    ConfigError,
+    ControlConfig,
+    GatewayConfig,
+    load_config,
+    validation_problems,
+)
 from gateway.core import (
     ApplySettings,
     DecisionContext,
@@ -286,9 +293,13 @@ def resolve_run_config(args: argparse.Namespace) -> GatewayConfig:
     if args.policy:
         config.policy = args.policy.resolve()
     if args.control_listen is not None:
-        config.control = ControlConfig.model_validate(
-            {**config.control.model_dump(), "listen": args.control_listen}
-        )
+        try:
+            config.control = ControlConfig.model_validate(
+                {**config.control.model_dump(), "listen": args.control_listen}
+            )
+        except ValidationError as exc:
+            problems = validation_problems(exc, ("control",))
+            raise ConfigError(f"--control-listen {args.control_listen!r}: {problems}") from exc
     if args.json_logs:
         config.logging.json_lines = True
     if args.log_level:

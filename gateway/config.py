@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.edges.mqtt import BrokerEndpoint, BrokerUrlError
 
@@ -17,7 +25,8 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Inputs stay out of error texts: a broker URL may carry its password.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class BrokerConfig(_Strict):
@@ -38,7 +47,7 @@ class BrokerConfig(_Strict):
         try:
             BrokerEndpoint.parse(value)
         except BrokerUrlError as exc:
-            raise ValueError(str(exc)) from exc
+            raise ValueError(str(exc)) from None
         return value
 
     @model_validator(mode="after")
@@ -131,6 +140,9 @@ class ControlConfig(_Strict):
     tokens: list[TokenConfig] = Field(default_factory=list)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    allow_plaintext: bool = Field(
+        False, description="serve plain HTTP on a non-loopback listen address"
+    )
     access_log_retention_days: float = Field(7.0, gt=0, le=7.0)
 
     @field_validator("listen")
@@ -141,6 +153,38 @@ class ControlConfig(_Strict):
             if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
                 raise ValueError(f"listen must be host:port, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _tls_or_loopback(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key" if self.tls_key is None else "tls_cert"
+            raise ValueError(f"tls_cert and tls_key must be set together ({missing} is missing)")
+        if (
+            self.listen
+            and self.tls_cert is None
+            and not self.allow_plaintext
+            and not _is_loopback(self.listen.rpartition(":")[0])
+        ):
+            # Bearer tokens and data-subject exports must not cross a network in clear.
+            raise ValueError(
+                f"listen {self.listen!r} is not a loopback address: set tls_cert and tls_key,"
+                " or allow_plaintext = true to serve plain HTTP there anyway"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost; any other name could resolve anywhere."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
 
 
 class GatewayConfig(_Strict):
@@ -165,6 +209,16 @@ class GatewayConfig(_Strict):
         return path if path.is_absolute() else self.state_dir / path
 
 
+def validation_problems(exc: ValidationError, where: tuple[str, ...] = ()) -> str:
+    """One line: 'path.in.config: what is wrong; ...' (never the input values).
+    `where` is the path of the validated model inside the config file."""
+    problems = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in (*where, *e["loc"]))
+        problems.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(problems)
+
+
 def load_config(path: str | Path) -> GatewayConfig:
     """Read the TOML file; relative paths in it are relative to the file."""
     path = Path(path)
@@ -178,10 +232,7 @@ def load_config(path: str | Path) -> GatewayConfig:
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from exc
+        raise ConfigError(f"{path}: {validation_problems(exc)}") from exc
     base = path.resolve().parent
     if not config.policy.is_absolute():
         config.policy = (base / config.policy).resolve()

@@ -33,7 +33,8 @@ HEADER_TYPE = "telematics.v1.Header"
 MIN_CELL_SIZE_M = 200.0
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _PLACEHOLDER = re.compile(r"^\{([a-z][a-z0-9_]*)\}$")
-_PLACEHOLDER_VALUE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no '.', so feature ids stay unambiguous
+# No '.', so feature ids stay unambiguous; \Z because `$` allows a trailing newline.
+_PLACEHOLDER_VALUE = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
 
 
 class PolicyError(Exception):
@@ -176,7 +177,7 @@ class CompiledPolicy:
                 continue
             if all(lit is None or lit == seg for lit, seg in zip(route.parts, parts, strict=True)):
                 value = parts[route.placeholder_index]
-                return (route.stream, value) if _PLACEHOLDER_VALUE.match(value) else None
+                return (route.stream, value) if _PLACEHOLDER_VALUE.fullmatch(value) else None
         return None
 
     @property

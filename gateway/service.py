@@ -35,7 +35,7 @@ from gateway.core import (
     refused_result,
     state_from_snapshot,
 )
-from gateway.core.state import VIN_PATTERN
+from gateway.core.state import is_valid_vin
 from gateway.core.transforms import pseudonym
 from gateway.delivery import (
     RETRY_DELAYS_S,
@@ -682,7 +682,7 @@ class GatewayService:
 
     def log_topic(self, topic: str) -> str:
         parts = topic.split("/")
-        return "/".join(self.log_ref(p) if VIN_PATTERN.fullmatch(p) else p for p in parts)
+        return "/".join(self.log_ref(p) if is_valid_vin(p) else p for p in parts)
 
     def audit_subject(self, vin: str) -> str:
         """Keyed hash of a VIN for the audit ledger (never the VIN itself)."""

@@ -22,7 +22,8 @@ class BrokerAddress:
     def parse(cls, url: str) -> BrokerAddress:
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
         if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError(f"unsupported broker URL scheme: {url}")
+            # Not the URL itself: it may carry a password.
+            raise ValueError(f"unsupported broker URL scheme: {parsed.scheme!r}")
         tls = parsed.scheme in ("mqtts", "ssl")
         return cls(parsed.hostname or "127.0.0.1", parsed.port or (8883 if tls else 1883), tls)
 

@@ -268,3 +268,58 @@ def test_run_refuses_non_utf8_config(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "latin1.toml" in result.stderr and "not valid TOML" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def control_config(tmp_path: Path, control: str) -> Path:
+    path = run_config(tmp_path, POLICY)
+    path.write_text(path.read_text() + "[control]\n" + control)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("control", "missing"),
+    [('tls_cert = "cert.pem"\n', "tls_key"), ('tls_key = "key.pem"\n', "tls_cert")],
+)
+def test_run_refuses_half_tls_config(tmp_path: Path, control: str, missing: str) -> None:
+    result = gateway("run", "--config", control_config(tmp_path, control))
+    assert result.returncode == 2
+    assert "tls_cert" in result.stderr and "tls_key" in result.stderr
+    assert f"{missing} is missing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_refuses_plaintext_control_on_a_public_address(tmp_path: Path) -> None:
+    result = gateway("run", "--config", control_config(tmp_path, 'listen = "0.0.0.0:8080"\n'))
+    assert result.returncode == 2
+    assert "0.0.0.0:8080" in result.stderr and "allow_plaintext" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8080", "not-an-address"])
+def test_run_refuses_bad_control_listen_flag(tmp_path: Path, listen: str) -> None:
+    config = run_config(tmp_path, POLICY)
+    result = gateway("run", "--config", config, "--control-listen", listen)
+    assert result.returncode == 2
+    assert "--control-listen" in result.stderr and listen in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--vehicle-broker", "--backend-broker"])
+@pytest.mark.parametrize(
+    "url", ["mqtt://u:s3cr3t@h:99999", "mqtt://u:s3cr3t@h:notaport", "mqtt://u:s3cr3t@[::1"]
+)
+def test_run_never_prints_a_broker_password_from_a_flag(
+    tmp_path: Path, flag: str, url: str
+) -> None:
+    result = gateway("run", "--config", run_config(tmp_path, POLICY), flag, url)
+    assert result.returncode == 2
+    assert "broker URL" in result.stderr and "u:***@" in result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_run_never_prints_a_broker_password_from_the_config(tmp_path: Path) -> None:
+    result = gateway("run", "--config", run_config(tmp_path, POLICY, "mqtt://u:s3cr3t@h:99999"))
+    assert result.returncode == 2
+    assert "vehicle_broker.url" in result.stderr and "u:***@h" in result.stderr
+    assert "s3cr3t" not in result.stderr + result.stdout

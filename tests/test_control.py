@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +20,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.config import ControlConfig, TokenConfig
-from gateway.control.api import ROUTES, ControlPlane, hash_token, openapi_document
+from gateway.control.api import (
+    ROUTES,
+    ControlPlane,
+    authenticate,
+    hash_token,
+    openapi_document,
+)
 from gateway.control.signing import generate_keypair, load_private_key, sign_policy
 from gateway.service import GatewayService
 from gateway.store import SqliteConsentStore
@@ -558,6 +565,73 @@ async def test_removed_audit_entry_is_detected(
     db.close()
     result = control.service.store.verify_audit()
     assert not result.ok and any("missing" in p for p in result.problems)
+
+
+@pytest.mark.parametrize(
+    ("header", "found"),
+    [
+        ("Bearer view-secret", True),
+        ("bearer view-secret", True),
+        ("BEARER view-secret", True),
+        ("bEaReR   view-secret ", True),
+        ("Basic view-secret", False),
+        ("Bearerview-secret", False),
+        ("Bearer", False),
+        ("Bearer ", False),
+        ("view-secret", False),
+    ],
+)
+def test_bearer_scheme_is_case_insensitive(header: str, found: bool) -> None:
+    tokens = [TokenConfig(name="v", role="viewer", sha256=hash_token(TOKENS["viewer"]))]
+    assert (authenticate(header, tokens) is not None) is found
+
+
+async def test_lowercase_bearer_over_http(control: Control) -> None:
+    response = await control.http.get(
+        f"{control.url}/v1/policy", headers={"Authorization": f"bearer {TOKENS['viewer']}"}
+    )
+    assert response.status == 200
+
+
+async def test_unauthenticated_unknown_paths_are_not_logged(control: Control) -> None:
+    http, url, store = control.http, control.url, control.service.store
+    before = len(store.access_log())
+    for path in ["/wp-login.php", "/v1/nope", "/v1/vehicles", "/.env"]:
+        assert (await http.get(f"{url}{path}")).status == 404
+        wrong = {"Authorization": "Bearer guessed"}
+        assert (await http.get(f"{url}{path}", headers=wrong)).status == 404
+    assert (await http.patch(f"{url}/v1/policy")).status == 404  # known path, unknown method
+    assert len(store.access_log()) == before
+    # Still logged: a token holder probing, and refusals on real endpoints.
+    assert (await http.get(f"{url}/v1/nope", headers=control.auth("viewer"))).status == 404
+    assert (await http.get(f"{url}/v1/policy")).status == 401
+    assert (await http.put(f"{url}/v1/policy", headers=control.auth("viewer"))).status == 403
+    logged = [row[2:] for row in store.access_log()[before:]]
+    assert logged == [
+        ("viewer-1", "GET", "/v1/nope", 404),
+        ("", "GET", "/v1/policy", 401),
+        ("viewer-1", "PUT", "/v1/policy", 403),
+    ]
+
+
+async def test_vin_with_trailing_newline_is_not_a_vin(control: Control) -> None:
+    http, url, dpo = control.http, control.url, control.auth("dpo")
+    for method, path in [
+        ("GET", "/privacy"),
+        ("GET", "/export"),
+        ("POST", "/restriction"),
+        ("DELETE", "/restriction"),
+        ("DELETE", ""),
+    ]:
+        response = await http.request(method, f"{url}/v1/vehicles/{VIN}%0A{path}", headers=dpo)
+        assert response.status == 400, (method, path)
+    assert control.service.store.restriction(VIN + "\n") is None
+    # The documented pattern anchors at the end of input (ECMA-262 `$`), and
+    # the Python one agrees on the newline.
+    schema = openapi_document()["paths"]["/v1/vehicles/{vin}/privacy"]["get"]["parameters"][0]
+    pattern = schema["schema"]["pattern"]
+    assert pattern.startswith("^") and pattern.endswith("$") and "\\Z" not in pattern
+    assert re.fullmatch(pattern, VIN) and not re.fullmatch(pattern, VIN + "\n")
 
 
 async def test_access_log_purged_after_retention(control: Control) -> None:

@@ -6,6 +6,7 @@ no broker, no clock (time is passed in).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from gateway.core.transforms import (
     pseudonym,
     pseudonymize_field,
 )
-from gateway.policy import load_policy
+from gateway.policy import load_policy, parse_policy
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2, streams_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -475,6 +476,178 @@ def test_place_fields_coarsened_per_message_despite_fix(stream: str, fields: lis
         assert fwd.coarse_fix is None  # places never set the refresh anchor
 
 
+# ------------------------------------------- (5b) positions without a fix
+
+# GPS without a fix reports NaN; broken units report anything. None of it may
+# reach the backend, nor stop the rest of the message.
+BAD_COORDINATES = [
+    (math.nan, 11.5),
+    (48.1, math.nan),
+    (math.inf, 11.5),
+    (48.1, -math.inf),
+    (90.000001, 11.5),
+    (-91.0, 11.5),
+    (48.1, 180.5),
+    (48.1, -181.0),
+]
+LOCATION_ON = [LocationMode.APPROXIMATE, LocationMode.PRECISE]
+
+
+def _with_point(stream: str, field: str, lat: float, lon: float) -> Message:
+    msg = sample(stream)
+    getattr(msg, field).CopyFrom(_geo(lat, lon))
+    return msg
+
+
+@pytest.mark.parametrize("mode", LOCATION_ON)
+@pytest.mark.parametrize(("lat", "lon"), BAD_COORDINATES)
+@pytest.mark.parametrize(("stream", "field"), GEO_CASES)
+def test_invalid_point_is_cleared_and_message_forwarded(
+    stream: str, field: str, lat: float, lon: float, mode: LocationMode
+) -> None:
+    msg = _with_point(stream, field, lat, lon)
+    fwd = forwarded(run(stream, state(location=mode, window_until=window_for(stream)), msg))
+    out = STREAMS[stream][1].FromString(fwd.payload)
+    assert not out.HasField(field)
+    assert f"invalid_position:{field}" in fwd.transforms
+    assert not any(t.endswith(f":{field}") and not t.startswith("invalid_position:")
+                   for t in fwd.transforms)
+    assert fwd.coarse_fix is None or field != "position"
+    # The other location fields are still treated as usual.
+    for other in geo_fields(STREAMS[stream][1]):
+        if other != field:
+            assert out.HasField(other)
+            if mode is LocationMode.PRECISE:
+                assert getattr(out, other) == getattr(msg, other)
+            else:
+                assert f"coarsen:{other}" in fwd.transforms
+
+
+@pytest.mark.parametrize("mode", LOCATION_ON)
+@pytest.mark.parametrize(("lat", "lon"), [(90.0, 180.0), (-90.0, -180.0), (0.0, 0.0)])
+def test_extreme_valid_coordinates_are_kept(lat: float, lon: float, mode: LocationMode) -> None:
+    fwd = forwarded(run("tbox/status", state(location=mode), _with_point(
+        "tbox/status", "position", lat, lon)))
+    out = streams_pb2.VehicleStatus.FromString(fwd.payload).position
+    assert math.isfinite(out.latitude) and math.isfinite(out.longitude)
+    assert -90 <= out.latitude <= 90 and -180 <= out.longitude <= 180
+    assert not any(t.startswith("invalid_position:") for t in fwd.transforms)
+    if mode is LocationMode.PRECISE:
+        assert (out.latitude, out.longitude) == (lat, lon)
+
+
+def test_invalid_position_never_sets_the_refresh_anchor() -> None:
+    st = state(location=LocationMode.APPROXIMATE)
+    fwd = forwarded(run("tbox/status", st, _status_at(math.nan, math.nan, TS_MS)))
+    assert fwd.coarse_fix is None
+    # After the interval, an invalid point neither moves the old anchor...
+    fix = CoarseFix(TS_MS, 10.0, 10.0)
+    late = TS_MS + POLICY.refresh_interval_ms
+    fwd = forwarded(run("tbox/status", st, _status_at(math.inf, 11.6, late), fixes={VIN: fix}))
+    assert fwd.coarse_fix is None
+    assert not streams_pb2.VehicleStatus.FromString(fwd.payload).HasField("position")
+    # ...and within it, the invalid point is cleared rather than replaced by the anchor.
+    fwd = forwarded(
+        run("tbox/status", st, _status_at(math.nan, 11.6, TS_MS + 1000), fixes={VIN: fix})
+    )
+    assert fwd.coarse_fix is None
+    assert not streams_pb2.VehicleStatus.FromString(fwd.payload).HasField("position")
+    # The next valid point after the interval anchors as usual.
+    fwd = forwarded(run("tbox/status", st, _status_at(48.2, 11.6, late + 1), fixes={VIN: fix}))
+    assert fwd.coarse_fix is not None and fwd.coarse_fix.timestamp_ms == late + 1
+
+
+# A stream carrying repeated GeoPoints that is not a legal obligation (the
+# default policy's only one, ECall.recent_positions, is never transformed).
+TRACK_POLICY = parse_policy(
+    (ROOT / "config" / "policy.yaml").read_text(encoding="utf-8").replace(
+        "\nstreams:\n",
+        "\nstreams:\n  tbox/track:\n    message: ECall\n    feature: remote_control\n"
+        "    retention_days: 1\n",
+    )
+)
+TRACK_CTX = DecisionContext(TRACK_POLICY, KEY)
+
+
+def _track(
+    points: list[tuple[float, float]], mode: LocationMode
+) -> tuple[Forward, streams_pb2.ECall]:
+    msg = streams_pb2.ECall(passengers=1)
+    msg.header.vin, msg.header.timestamp_ms = VIN, TS_MS
+    msg.recent_positions.extend(_geo(lat, lon) for lat, lon in points)
+    st = state_from_snapshot(
+        TRACK_POLICY,
+        SettingsSnapshot(VIN, 1, False, mode, {"remote_control": True}, NOW, TRACK_POLICY.version),
+    )
+    d = decide(TRACK_CTX, f"vehicle/{VIN}/tbox/track", msg.SerializeToString(), {VIN: st}, {},
+               NOW)
+    fwd = forwarded(d)
+    return fwd, streams_pb2.ECall.FromString(fwd.payload)
+
+
+def test_track_policy_has_a_repeated_geo_field() -> None:
+    stream, _ = TRACK_POLICY.route("tbox/track")  # type: ignore[misc]
+    assert [(g.name, g.repeated) for g in stream.geo_fields] == [
+        ("position", False), ("recent_positions", True)]
+
+
+@pytest.mark.parametrize(("lat", "lon"), BAD_COORDINATES)
+def test_invalid_points_dropped_from_repeated_field_approximate(lat: float, lon: float) -> None:
+    fwd, out = _track([(48.1, 11.5), (lat, lon), (48.3, 11.7)], LocationMode.APPROXIMATE)
+    offset = grid_offset(KEY, VIN)
+    assert [(p.latitude, p.longitude) for p in out.recent_positions] == [
+        coarsen_position(48.1, 11.5, POLICY.cell_size_m, offset),
+        coarsen_position(48.3, 11.7, POLICY.cell_size_m, offset),
+    ]
+    assert "invalid_position:recent_positions" in fwd.transforms
+    assert "coarsen:recent_positions" in fwd.transforms
+
+
+@pytest.mark.parametrize(("lat", "lon"), BAD_COORDINATES)
+def test_invalid_points_dropped_from_repeated_field_precise(lat: float, lon: float) -> None:
+    fwd, out = _track([(48.1, 11.5), (lat, lon), (48.3, 11.7)], LocationMode.PRECISE)
+    assert list(out.recent_positions) == [_geo(48.1, 11.5), _geo(48.3, 11.7)]
+    assert fwd.transforms == ("invalid_position:recent_positions",)
+
+
+@pytest.mark.parametrize("mode", LOCATION_ON)
+def test_repeated_field_of_only_invalid_points_is_emptied(mode: LocationMode) -> None:
+    fwd, out = _track([(math.nan, math.nan), (math.inf, 0.0)], mode)
+    assert len(out.recent_positions) == 0
+    assert fwd.transforms == ("invalid_position:recent_positions",)
+
+
+def test_ecall_with_invalid_points_is_still_forwarded_untouched() -> None:
+    msg = sample("tbox/ecall")
+    msg.position.latitude = math.nan  # type: ignore[attr-defined]
+    msg.recent_positions[1].longitude = math.inf  # type: ignore[attr-defined]
+    for mode in LocationMode:
+        fwd = forwarded(run("tbox/ecall", state(location=mode), msg))
+        assert fwd.payload == msg.SerializeToString()
+        assert fwd.transforms == ()
+
+
+coordinates = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
+    [math.nan, math.inf, -math.inf, 90.0, -90.0, 180.0, -180.0]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lat=coordinates, lon=coordinates, mode=st.sampled_from(LOCATION_ON),
+       stream_field=st.sampled_from(GEO_CASES))
+def test_any_coordinates_forward_only_valid_points(
+    lat: float, lon: float, mode: LocationMode, stream_field: tuple[str, str]
+) -> None:
+    stream, field = stream_field
+    msg = _with_point(stream, field, lat, lon)
+    fwd = forwarded(run(stream, state(location=mode, window_until=window_for(stream)), msg))
+    out = STREAMS[stream][1].FromString(fwd.payload)
+    for name in geo_fields(STREAMS[stream][1]):
+        if out.HasField(name):
+            point = getattr(out, name)
+            assert -90 <= point.latitude <= 90 and -180 <= point.longitude <= 180
+
+
 # ---------------------------------------------------------- (6) identifiers
 
 
@@ -568,7 +741,7 @@ def test_per_app_feature_enables_only_that_app() -> None:
     dropped(run("avn/app/music", state({"third_party": True})), DropReason.FEATURE_DISABLED)
 
 
-@pytest.mark.parametrize("app", ["a.b", "x" * 65, "sp ace"])
+@pytest.mark.parametrize("app", ["a.b", "x" * 65, "sp ace", "music\n"])
 def test_app_id_outside_placeholder_syntax_is_unknown_topic(app: str) -> None:
     payload = sample("avn/app/music").SerializeToString()
     d = decide(CTX, f"vehicle/{VIN}/avn/app/{app}", payload, {VIN: state()}, {}, NOW)
@@ -730,7 +903,7 @@ def test_undecodable_payload(stream: str) -> None:
 
 
 @pytest.mark.parametrize("bad_vin", ["WVWZZZ1JZXW00000I", "SHORT", "wvwzzz1jzxw000001",
-                                     "WVWZZZ1JZXW0000012"])
+                                     "WVWZZZ1JZXW0000012", f"{VIN}\n"])
 @pytest.mark.parametrize("stream", ["tbox/status", "tbox/ecall", "avn/privacy"])
 def test_invalid_vin_in_topic(stream: str, bad_vin: str) -> None:
     if stream == "avn/privacy":
@@ -896,6 +1069,7 @@ def test_command_without_command_field_is_filled_in() -> None:
          command_pb2.Command(request_id="req-1", command="unlock").SerializeToString(),
          VIN, "command_mismatch"),
         ("find_my_car", state(), None, "WVWZZZ1JZXW00000O", "invalid_vin"),
+        ("find_my_car", state(), None, f"{VIN}\n", "invalid_vin"),
     ],
 )
 def test_command_refusals(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -188,6 +189,33 @@ async def test_spoofed_vin_and_malformed_payloads_are_dropped_and_gateway_keeps_
         m.value("gateway_messages_dropped_total", stream="tbox/status", reason="undecodable") == 1
     )
     assert m.value("gateway_messages_dropped_total", stream="", reason="unknown_topic") == 1
+
+
+async def test_position_without_fix_is_cleared_and_message_still_forwarded(
+    gateways: GatewayHarness, clients: Clients
+) -> None:
+    service = await gateways.start()
+    car = clients.car
+    features = {"remote_control": True}
+    await car.settings(1, features=features, location=common_pb2.LOCATION_APPROXIMATE)
+    no_fix = status(car, lat=math.nan, lon=math.nan)
+    await car.send("tbox/status", no_fix)
+    await car.settings(2, features=features, location=common_pb2.LOCATION_PRECISE)
+    out_of_range = status(car, lat=48.1, lon=math.inf)
+    await car.send("tbox/status", out_of_range)
+    await car.barrier()
+
+    got = clients.backend.on("/tbox/status")
+    assert seqs(got, streams_pb2.VehicleStatus) == [no_fix.header.seq, out_of_range.header.seq]
+    for message in got:
+        out = streams_pb2.VehicleStatus.FromString(message.payload)  # type: ignore[arg-type]
+        assert not out.HasField("position")
+        assert out.fuel_level_pct == 50.0
+        assert user_properties(message)["transforms"] == "invalid_position:position"
+    m = service.metrics
+    assert m.value("gateway_internal_errors_total") == 0
+    assert m.value("gateway_transforms_total", transform="invalid_position:position") == 2
+    assert VIN not in service.coarse_fixes
 
 
 async def test_stale_revision_is_ignored(gateways: GatewayHarness, clients: Clients) -> None:

@@ -23,6 +23,7 @@ from gateway.core.transforms import (
     pseudonym,
     pseudonymize_field,
     truncate_ip,
+    valid_position,
 )
 from telematics.v1 import common_pb2
 
@@ -201,6 +202,25 @@ def test_coarsen_geopoint_clears_motion_and_states_accuracy(
     assert point.altitude_m == 0 and point.heading_deg == 0 and point.speed_kmh == 0
     assert point.horizontal_accuracy_m == cell
     assert (point.latitude, point.longitude) == coarsen_position(lat, lon, cell, offset)
+
+
+@pytest.mark.parametrize(
+    ("lat", "lon", "ok"),
+    [
+        (48.1, 11.5, True),
+        (90.0, 180.0, True),
+        (-90.0, -180.0, True),
+        (0.0, 0.0, True),
+        (math.nan, 11.5, False),
+        (48.1, math.nan, False),
+        (math.inf, 11.5, False),
+        (48.1, -math.inf, False),
+        (90.5, 11.5, False),
+        (48.1, -180.5, False),
+    ],
+)
+def test_valid_position(lat: float, lon: float, ok: bool) -> None:
+    assert valid_position(common_pb2.GeoPoint(latitude=lat, longitude=lon)) is ok
 
 
 def test_bigger_cells_are_coarser() -> None:

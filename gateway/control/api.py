@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.config import ControlConfig, TokenConfig
 from gateway.control.signing import BundleError, PolicyBundle, load_public_key, verify_bundle
 from gateway.control.signing import key_id as public_key_id
-from gateway.core.state import VIN_PATTERN
+from gateway.core.state import VIN_SCHEMA_PATTERN, is_valid_vin
 from gateway.policy import PolicyError, VersionConflict, parse_policy, version_key
 from gateway.service import GatewayService
 from gateway.store import StoredPolicy
@@ -160,9 +160,14 @@ def hash_token(token: str) -> str:
 def authenticate(header: str | None, tokens: list[TokenConfig]) -> TokenConfig | None:
     """Bearer token -> its configured entry. Compares against every entry so
     the time taken does not reveal which (or whether one) matched."""
-    if not header or not header.startswith("Bearer "):
+    if not header:
         return None
-    presented = hash_token(header[len("Bearer ") :].strip())
+    scheme, _, credentials = header.strip().partition(" ")
+    credentials = credentials.strip()
+    # RFC 7235: the auth-scheme is case-insensitive.
+    if scheme.lower() != "bearer" or not credentials:
+        return None
+    presented = hash_token(credentials)
     found = None
     for token in tokens:
         if hmac.compare_digest(presented, token.sha256):
@@ -255,6 +260,11 @@ class ControlPlane:
         caller = None
         if route is None:
             response: web.StreamResponse = _error(404, "no such endpoint")
+            caller = authenticate(request.headers.get("Authorization"), self.config.tokens)
+            if caller is None:
+                # Anyone can send these (scanners): logging them would let an
+                # unauthenticated client grow the database at will.
+                return response
         elif not route.roles:
             response = await handler(request)
         else:
@@ -416,7 +426,7 @@ class ControlPlane:
 
     def _vin(self, request: web.Request) -> str | None:
         vin = request.match_info["vin"]
-        return vin if VIN_PATTERN.match(vin) else None
+        return vin if is_valid_vin(vin) else None
 
     async def privacy(self, request: web.Request) -> web.Response:
         vin = self._vin(request)
@@ -633,7 +643,7 @@ def openapi_document() -> dict[str, Any]:
                     "name": "vin",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "pattern": VIN_PATTERN.pattern},
+                    "schema": {"type": "string", "pattern": VIN_SCHEMA_PATTERN},
                 }
             ]
             op["responses"]["400"] = {"description": "not a valid VIN"}

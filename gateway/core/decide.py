@@ -16,11 +16,11 @@ from google.protobuf.message import DecodeError, Message
 
 from gateway.core.ecall import conform_ecall
 from gateway.core.state import (
-    VIN_PATTERN,
     CoarseFix,
     LocationMode,
     SettingsSnapshot,
     VehicleState,
+    is_valid_vin,
 )
 from gateway.core.transforms import (
     coarsen_geopoint,
@@ -28,6 +28,7 @@ from gateway.core.transforms import (
     pseudonym,
     pseudonymize_field,
     truncate_ip,
+    valid_position,
 )
 from gateway.policy import CompiledPolicy, CompiledStream
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2, streams_pb2
@@ -150,14 +151,14 @@ def decide(
         return Drop(DropReason.UNKNOWN_TOPIC, "", detail=topic)
     vin, relative = parts
     if relative == SETTINGS_TOPIC:
-        if not VIN_PATTERN.match(vin):
+        if not is_valid_vin(vin):
             return Drop(DropReason.INVALID_VIN, SETTINGS_TOPIC, detail=vin)
         return _decide_settings(ctx, vin, payload, states.get(vin), now)
     route = ctx.policy.route(relative)
     if route is None:
         return Drop(DropReason.UNKNOWN_TOPIC, "", vin=vin, detail=relative)
     stream, app_id = route
-    if not VIN_PATTERN.match(vin):
+    if not is_valid_vin(vin):
         return Drop(DropReason.INVALID_VIN, stream.key, detail=vin)
     if len(payload) > stream.max_payload_bytes and not stream.legal_obligation:
         # Before parsing: a flood of huge payloads costs no protobuf work.
@@ -257,13 +258,19 @@ def _transform(
     policy = ctx.policy
     for geo in stream.geo_fields:
         if geo.repeated:
-            points = list(getattr(message, geo.name))
+            points = getattr(message, geo.name)
             if not points:
                 continue
             if mode is LocationMode.OFF:
                 message.ClearField(geo.name)
                 applied.append(f"clear:{geo.name}")
-            elif mode is LocationMode.APPROXIMATE:
+                continue
+            invalid = [i for i, point in enumerate(points) if not valid_position(point)]
+            if invalid:
+                for i in reversed(invalid):
+                    del points[i]
+                applied.append(f"invalid_position:{geo.name}")
+            if points and mode is LocationMode.APPROXIMATE:
                 offset = grid_offset(ctx.key, vin)
                 for point in points:
                     coarsen_geopoint(point, policy.cell_size_m, offset)
@@ -274,6 +281,10 @@ def _transform(
         if mode is LocationMode.OFF:
             message.ClearField(geo.name)
             applied.append(f"clear:{geo.name}")
+        elif not valid_position(getattr(message, geo.name)):
+            # No fix: nothing to report, and never a refresh anchor.
+            message.ClearField(geo.name)
+            applied.append(f"invalid_position:{geo.name}")
         elif mode is LocationMode.APPROXIMATE:
             point = getattr(message, geo.name)
             current = fix if new_fix is None else new_fix
@@ -493,7 +504,7 @@ def decide_command(
     def refuse(reason: str) -> CommandDecision:
         return _refuse(vin, name, request_id, result_topic, reason)
 
-    if not VIN_PATTERN.match(vin):
+    if not is_valid_vin(vin):
         return refuse("invalid_vin")
     if command.command and command.command != name:
         return refuse("command_mismatch")

@@ -9,7 +9,16 @@ from enum import IntEnum
 from telematics.v1 import common_pb2
 
 # ISO 3779: 17 characters, no I, O or Q.
-VIN_PATTERN = re.compile(r"^[A-HJ-NPR-Z0-9]{17}$")
+_VIN_CHARS = "[A-HJ-NPR-Z0-9]{17}"
+# \A..\Z, not ^..$: Python's `$` also matches before a trailing newline.
+VIN_PATTERN = re.compile(rf"\A{_VIN_CHARS}\Z")
+# The same for JSON Schema / OpenAPI, whose ECMA-262 `$` is the end of input
+# (and which has no \Z).
+VIN_SCHEMA_PATTERN = f"^{_VIN_CHARS}$"
+
+
+def is_valid_vin(vin: str) -> bool:
+    return VIN_PATTERN.fullmatch(vin) is not None
 
 
 class LocationMode(IntEnum):

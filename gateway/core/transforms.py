@@ -91,6 +91,14 @@ def coarsen_position(
     return snapped_lat, snapped_lon
 
 
+def valid_position(point: common_pb2.GeoPoint) -> bool:
+    """A usable WGS84 coordinate: finite and in range. GPS without a fix
+    reports NaN; anything else out of range is a broken unit."""
+    lat, lon = point.latitude, point.longitude
+    # Chained comparisons are False for NaN, so no separate isnan check.
+    return -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0
+
+
 def coarsen_geopoint(point: common_pb2.GeoPoint, cell_size_m: float, offset: GridOffset) -> None:
     """Approximate a GeoPoint in place: grid-snapped position, motion cleared,
     accuracy stated as the cell size."""

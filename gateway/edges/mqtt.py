@@ -35,8 +35,38 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 log = logging.getLogger("gateway.mqtt")
 
 
+MAX_RECONNECT_DELAY_S = 30.0
+
+
+def reconnect_delay(backoff: float, rand: float) -> float:
+    """Wait before the next connection attempt: `backoff` jittered to
+    [0.5, 1.5) times itself, for `rand` in [0, 1), never above
+    MAX_RECONNECT_DELAY_S. At the cap the range shrinks to [1/3, 1] of it
+    rather than clipping, so clients cut off together still spread out."""
+    upper = min(backoff * 1.5, MAX_RECONNECT_DELAY_S)
+    return upper * (1.0 + 2.0 * rand) / 3.0
+
+
 class BrokerUrlError(ValueError):
     pass
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for messages.
+
+    Works on text that does not parse (that is when it gets printed): the
+    credentials are whatever precedes the last '@', so a raw '@' or '/' in
+    the password cannot push part of it out of the redacted span.
+    """
+    userinfo_end = url.rfind("@")
+    if userinfo_end < 0:
+        return url
+    scheme_end = url.find("://")
+    start = scheme_end + 3 if 0 <= scheme_end < userinfo_end else 0
+    user, sep, _ = url[start:userinfo_end].partition(":")
+    if not sep:
+        return url
+    return f"{url[:start]}{user.partition('/')[0]}:***{url[userinfo_end:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +79,22 @@ class BrokerEndpoint:
 
     @classmethod
     def parse(cls, url: str) -> BrokerEndpoint:
-        parts = urlsplit(url)
+        # Messages show the URL redacted: it may carry the broker password.
+        # urllib's messages are not passed on, they can quote parts of it.
+        shown = repr(redact_url(url))
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            raise BrokerUrlError(f"broker URL {shown}: malformed host") from None
         if parts.scheme not in ("mqtt", "mqtts"):
-            raise BrokerUrlError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+            raise BrokerUrlError(f"broker URL {shown}: scheme must be mqtt:// or mqtts://")
         if not parts.hostname:
-            raise BrokerUrlError(f"broker URL {url!r}: missing host")
+            raise BrokerUrlError(f"broker URL {shown}: missing host")
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port or (8883 if tls else 1883)
-        except ValueError as exc:
-            raise BrokerUrlError(f"broker URL {url!r}: {exc}") from exc
+        except ValueError:
+            raise BrokerUrlError(f"broker URL {shown}: port must be 0 to 65535") from None
         return cls(
             host=parts.hostname,
             port=port,
@@ -388,8 +424,8 @@ class MqttEdge:
                 break
             if time.monotonic() - started > 30:
                 backoff = 0.1
-            delay = backoff * (0.5 + random.random())
-            backoff = min(backoff * 2, 30.0)
+            delay = reconnect_delay(backoff, random.random())
+            backoff = min(backoff * 2, MAX_RECONNECT_DELAY_S)
             await asyncio.sleep(delay)
 
     async def stop(self, timeout: float = 5.0) -> None:
