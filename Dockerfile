@@ -16,7 +16,7 @@ WORKDIR /app
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY config ./config
-RUN mkdir -p /var/lib/privacy-gateway && chown gateway:gateway /var/lib/privacy-gateway
+RUN install -d -m 0700 -o gateway -g gateway /var/lib/privacy-gateway
 USER gateway
 VOLUME ["/var/lib/privacy-gateway"]
 ENV PYTHONUNBUFFERED=1

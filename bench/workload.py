@@ -23,6 +23,7 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 
+from gateway.keys import load_or_create_key
 from gateway.store import SqliteConsentStore
 from sim.model import (
     ALL_FEATURES,
@@ -118,6 +119,9 @@ def populate_store(state_dir: Path, fleet: Fleet, policy_version: str) -> Path:
     executemany in one transaction (the benchmark's setup, not a measurement).
     """
     state_dir.mkdir(parents=True, exist_ok=True)
+    # Settings come with the key they were pseudonymized under: the gateway
+    # refuses a store with vehicles whose key is missing.
+    load_or_create_key(state_dir / "pseudonym.key")
     SqliteConsentStore.in_state_dir(state_dir).close()
     path = state_dir / SqliteConsentStore.FILENAME
     now = time.time()

@@ -6,16 +6,18 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import secrets
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 from pydantic import ValidationError
 
 from gateway.config import (
+    INSTANCE_ID_PATTERN,
     BrokerConfig,
     ConfigError,
     ControlConfig,
@@ -36,10 +38,13 @@ from gateway.core import (
 )
 from gateway.core.decide import SETTINGS_TOPIC, split_vehicle_topic
 from gateway.edges.mqtt import BrokerEndpoint, BrokerUrlError
-from gateway.keys import KeyFileError, load_or_create_key
+from gateway.keys import KeyFileError, read_key
 from gateway.logs import setup_logging
 from gateway.policy import CompiledPolicy, PolicyError, load_policy, summary_rows
 from telematics.v1 import privacy_pb2
+
+if TYPE_CHECKING:
+    from gateway.store import SqliteConsentStore
 
 log = logging.getLogger("gateway")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
@@ -65,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, help="directory of the consent store and generated key"
     )
     run.add_argument("--policy", type=Path, help="policy file (overrides the config)")
+    run.add_argument(
+        "--instance-id",
+        metavar="ID",
+        help="suffix of both MQTT client ids (default: generated once per state directory;"
+        ' "legacy": the client ids exactly as configured)',
+    )
     run.add_argument(
         "--control-listen",
         metavar="HOST:PORT",
@@ -230,7 +241,7 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from gateway.store import SqliteConsentStore
+    from gateway.store import SqliteConsentStore, StoreError
 
     state_dir = args.state_dir
     if state_dir is None:
@@ -243,7 +254,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     if not db.exists():
         print(f"error: no consent store at {db}", file=sys.stderr)
         return EXIT_CONFIG
-    store = SqliteConsentStore(db)
+    try:
+        store = SqliteConsentStore(db)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         result = store.verify_audit()
     finally:
@@ -292,6 +307,12 @@ def resolve_run_config(args: argparse.Namespace) -> GatewayConfig:
         config.state_dir = args.state_dir.resolve()
     if args.policy:
         config.policy = args.policy.resolve()
+    if args.instance_id is not None:
+        if not re.fullmatch(INSTANCE_ID_PATTERN, args.instance_id):
+            raise ConfigError(
+                f"--instance-id {args.instance_id!r}: must match {INSTANCE_ID_PATTERN}"
+            )
+        config.instance_id = args.instance_id
     if args.control_listen is not None:
         try:
             config.control = ControlConfig.model_validate(
@@ -308,8 +329,7 @@ def resolve_run_config(args: argparse.Namespace) -> GatewayConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.service import GatewayService
-    from gateway.store import SqliteConsentStore
+    from gateway.statedir import StateDirError, open_state
 
     try:
         config = resolve_run_config(args)
@@ -319,14 +339,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.logging.level, config.logging.json_lines)
     try:
         policy = load_policy(config.policy)
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        key = load_or_create_key(config.key_path)
-        store = SqliteConsentStore.in_state_dir(
-            config.state_dir, config.limits.history_per_vehicle
-        )
-    except (PolicyError, KeyFileError, OSError, RuntimeError) as exc:
+        state = open_state(config)  # held (locked) until the process ends
+    except (PolicyError, StateDirError, OSError) as exc:
         log.error("refusing to start: %s", exc)
         return EXIT_CONFIG
+    config.instance_id = state.instance_id
+    try:
+        return _run(config, policy, state.key, state.store)
+    finally:
+        state.state_dir.unlock()
+
+
+def _run(
+    config: GatewayConfig, policy: CompiledPolicy, key: bytes, store: SqliteConsentStore
+) -> int:
+    from gateway.service import GatewayService
 
     async def serve() -> None:
         from gateway.control.api import ControlPlane
@@ -346,9 +373,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info(
-            "starting: vehicle broker %s, backend broker %s, state %s",
+            "starting: vehicle broker %s as %s, backend broker %s as %s, state %s",
             config.vehicle_broker.endpoint.redacted(),
+            config.client_id(config.vehicle_broker),
             config.backend_broker.endpoint.redacted(),
+            config.client_id(config.backend_broker),
             config.state_dir,
         )
         try:
@@ -474,9 +503,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     key = secrets.token_bytes(32)
     if args.key_file:
         try:
-            key, key_note = args.key_file.read_bytes(), f"key from {args.key_file}"
+            key, key_note = read_key(args.key_file), f"key from {args.key_file}"
         except OSError as exc:  # a usage error, not a traceback
             print(f"error: {args.key_file}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except KeyFileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
     ctx = DecisionContext(policy, key, args.vehicle_prefix, args.backend_prefix)
     parts = split_vehicle_topic(args.vehicle_prefix, args.topic)

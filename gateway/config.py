@@ -187,9 +187,21 @@ def _is_loopback(host: str) -> bool:
     return addr.is_loopback
 
 
+# `instance_id` value meaning "no suffix": the client ids exactly as configured.
+# A state directory written before instance ids existed gets it, so its
+# broker sessions (and the messages queued in them) stay its own.
+LEGACY_INSTANCE_ID = "legacy"
+INSTANCE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
+
+
 class GatewayConfig(_Strict):
     policy: Path = Path("policy.yaml")
     state_dir: Path = Path(".state")
+    instance_id: str | None = Field(
+        None,
+        pattern=INSTANCE_ID_PATTERN,
+        description="suffix of both MQTT client ids; default: generated once per state directory",
+    )
     vehicle_broker: BrokerConfig = BrokerConfig(
         client_id="privacy-gateway-vehicle", topic_prefix="vehicle"
     )
@@ -207,6 +219,16 @@ class GatewayConfig(_Strict):
     def key_path(self) -> Path:
         path = Path(self.keys.pseudonym_key_file)
         return path if path.is_absolute() else self.state_dir / path
+
+    def client_id(self, broker: BrokerConfig) -> str:
+        """The MQTT client id on `broker`: the configured one plus this instance's id.
+
+        Two gateways with the same client id take each other's session over
+        in turn; the instance id keeps distinct state directories distinct.
+        """
+        if self.instance_id is None or self.instance_id == LEGACY_INSTANCE_ID:
+            return broker.client_id
+        return f"{broker.client_id}-{self.instance_id}"
 
 
 def validation_problems(exc: ValidationError, where: tuple[str, ...] = ()) -> str:

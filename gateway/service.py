@@ -290,7 +290,7 @@ class GatewayService:
         self.vehicle_edge = MqttEdge(
             name=VEHICLE,
             endpoint=vcfg.endpoint,
-            client_id=vcfg.client_id,
+            client_id=self.config.client_id(vcfg),
             subscriptions=[f"{vcfg.topic_prefix}/#"],
             on_message=self._enqueue_vehicle_message,
             clean_start=False,  # persistent session: the broker queues while we are away
@@ -304,7 +304,7 @@ class GatewayService:
         self.backend_edge = MqttEdge(
             name=BACKEND,
             endpoint=bcfg.endpoint,
-            client_id=bcfg.client_id,
+            client_id=self.config.client_id(bcfg),
             subscriptions=[f"{bcfg.topic_prefix}/+/cmd/+"],
             on_message=self._queue.put_nowait,
             clean_start=bcfg.session_expiry_s == 0,

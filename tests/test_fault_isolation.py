@@ -404,7 +404,8 @@ def test_store_written_by_v1_is_migrated(tmp_path: Path) -> None:
     store.close()
     db = sqlite3.connect(tmp_path / SqliteConsentStore.FILENAME)
     db.executescript(
-        "DROP TABLE dead_letters; UPDATE meta SET value='1' WHERE key='schema_version';"
+        "DROP TABLE dead_letters; ALTER TABLE settings_history DROP COLUMN merged;"
+        "UPDATE meta SET value='1' WHERE key='schema_version';"
         "INSERT INTO restrictions VALUES ('WVWZZZ1JZXW000001', 1.0, 'dpo');"
     )
     db.commit()

@@ -167,6 +167,7 @@ def _tls_failure(exc: BaseException) -> str:
 
 
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_SESSION_TAKEN_OVER = 0x8E  # DISCONNECT reason: another connection with our client id
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
@@ -660,7 +661,18 @@ class MqttEdge:
             if not future.done():
                 future.set_exception(ConnectionError("disconnected before SUBACK"))
         self._subacks.clear()
-        if was_ready and not self._stopping:
+        if getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER:
+            # Not a network problem: two processes share an identity and
+            # will keep taking the session (and its queued messages) from
+            # each other.
+            log.error(
+                "%s session taken over by another client with id %s: another gateway"
+                " instance is using this identity",
+                self.name,
+                self.client_id,
+                extra={"edge": self.name, "client_id": self.client_id},
+            )
+        elif was_ready and not self._stopping:
             log.warning(
                 "%s broker connection lost: %s",
                 self.name,

@@ -1,6 +1,14 @@
 """Durable per-vehicle state behind the ConsentStore interface."""
 
 from gateway.store.base import ConsentStore, EgressCount, StoredPolicy, StoredVehicle
-from gateway.store.sqlite import SqliteConsentStore
+from gateway.store.sqlite import SqliteConsentStore, StoreDamaged, StoreError
 
-__all__ = ["ConsentStore", "EgressCount", "SqliteConsentStore", "StoredPolicy", "StoredVehicle"]
+__all__ = [
+    "ConsentStore",
+    "EgressCount",
+    "SqliteConsentStore",
+    "StoreDamaged",
+    "StoreError",
+    "StoredPolicy",
+    "StoredVehicle",
+]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -17,9 +19,22 @@ from gateway.policy import VersionConflict, check_new_version
 from gateway.store.base import EgressCount, StoredPolicy, StoredVehicle
 
 # 1: v1 gateway. 2: dead_letters. 3: settings_history.merged (snapshots
-# compacted into a row). Migrations are additive and run on open.
+# compacted into one row).
 SCHEMA_VERSION = 3
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
+# How an older store is brought to SCHEMA_VERSION: the statements that produce
+# version N, run in one transaction with recording N. A new table needs no
+# entry (_SCHEMA creates what is missing); a new column of an existing table
+# does (ALTER TABLE, and its index here rather than in _SCHEMA). New `meta`
+# keys need none: older code reads only `schema_version` (so `key_fingerprint`
+# is not a schema change, and a store stays readable by the previous release).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: (),  # dead_letters: a new table
+    3: ("ALTER TABLE settings_history ADD COLUMN merged INTEGER NOT NULL DEFAULT 0",),
+}
+# Tables of data about vehicles; with the audit entries about them, what a
+# different pseudonymization key would make inconsistent.
+_VEHICLE_TABLES = ("vehicle_settings", "settings_history", "restrictions", "egress_counts")
 T = TypeVar("T")
 _SCHEMA = (
     """
@@ -102,6 +117,25 @@ CREATE INDEX IF NOT EXISTS dead_letters_expires ON dead_letters (expires_at);
 )
 
 
+class StoreError(RuntimeError):
+    """The consent store cannot be used as it is; the message names the file and why."""
+
+
+class StoreDamaged(StoreError):
+    """The file is not an intact consent store: only a backup brings its content back."""
+
+
+def _store_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    text = str(exc)
+    if "file is not a database" in text:
+        return StoreDamaged(f"consent store {path} is not an SQLite database (overwritten?)")
+    if "malformed" in text:
+        return StoreDamaged(f"consent store {path} is damaged (truncated or corrupted): {text}")
+    if "readonly" in text or "read-only" in text:
+        return StoreError(f"consent store {path} is not writable: {text}")
+    return StoreError(f"consent store {path}: {text}")
+
+
 class SqliteConsentStore:
     """ConsentStore on SQLite.
 
@@ -114,39 +148,103 @@ class SqliteConsentStore:
     FILENAME = "consent.sqlite3"
 
     def __init__(self, path: str | Path, history_limit: int = HISTORY_LIMIT) -> None:
+        """Open (or create) the store; StoreError when it is damaged or unusable.
+
+        Integrity is checked on every open: a damaged page found later would
+        surface as a failed write, and the pipeline holds until writes work.
+        """
         self.path = Path(path)
         self.history_limit = max(2, history_limit)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            # Private from the start; SQLite gives -wal and -shm the same mode.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        with self._lock:
-            self._db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is not None and int(row[0]) > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path}: written by a newer gateway (schema {row[0]} > {SCHEMA_VERSION})"
-                )
-            # Migrations are additive: tables by CREATE ... IF NOT EXISTS above, columns here.
-            self._add_column("settings_history", "merged", "INTEGER NOT NULL DEFAULT 0")
-            self._db.execute(
-                "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT(key)"
-                " DO UPDATE SET value=excluded.value",
-                (str(SCHEMA_VERSION),),
-            )
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, exc) from exc
+        try:
+            self._open()
+        except BaseException:
+            self._db.close()
+            raise
 
-    def _add_column(self, table: str, column: str, decl: str) -> None:
-        columns = {str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})")}
-        if column not in columns:
-            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+    def _open(self) -> None:
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            problems = [str(r[0]) for r in self._db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise StoreDamaged(
+                    f"consent store {self.path} is damaged: integrity check failed: "
+                    + "; ".join(problems)
+                )
+            with self._lock:
+                self._db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+                self._migrate()
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, exc) from exc
+
+    def _migrate(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:  # a new store has the current schema
+            self._db.execute(
+                "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+            return
+        try:
+            version = int(row[0])
+        except ValueError:
+            raise StoreDamaged(
+                f"consent store {self.path} is damaged: schema_version {row[0]!r}"
+            ) from None
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"consent store {self.path} was written by a newer gateway "
+                f"(schema {version} > {SCHEMA_VERSION}); run that version"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS.get(target, ()):
+                    self._db.execute(statement)
+                self._db.execute(
+                    "UPDATE meta SET value=? WHERE key='schema_version'", (str(target),)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     @classmethod
     def in_state_dir(
         cls, state_dir: str | Path, history_limit: int = HISTORY_LIMIT
     ) -> SqliteConsentStore:
         return cls(Path(state_dir) / cls.FILENAME, history_limit)
+
+    # --------------------------------------------------------------------- meta
+
+    def meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key=?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write(
+            lambda db: db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        )
+
+    def holds_vehicle_data(self) -> bool:
+        """Whether anything about a vehicle was ever written (keyed with the
+        pseudonymization key: audit subjects; downstream: pseudonyms)."""
+        for table in _VEHICLE_TABLES:
+            if self._read(f"SELECT 1 FROM {table} LIMIT 1"):
+                return True
+        # Policy entries name a version; every other entry names a vehicle.
+        return bool(self._read("SELECT 1 FROM audit_log WHERE action NOT LIKE 'policy%' LIMIT 1"))
+
+    # ----------------------------------------------------------------- settings
 
     def apply_settings(
         self, snapshot: SettingsSnapshot, record: AuditRecord | None = None, merge: bool = False
