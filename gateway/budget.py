@@ -86,3 +86,19 @@ class WindowCounter:
 
     def __len__(self) -> int:
         return len(self._counts)
+
+
+class RecentDigests:
+    """The last `capacity` message digests seen, oldest forgotten first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._seen: dict[bytes, None] = {}  # insertion-ordered
+
+    def add(self, digest: bytes) -> None:
+        self._seen[digest] = None
+        if len(self._seen) > self.capacity:
+            del self._seen[next(iter(self._seen))]
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._seen

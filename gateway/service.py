@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 from collections import deque
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from gateway.accounting import EgressAccounting
-from gateway.budget import IngressBudget, TokenBucket, WindowCounter
+from gateway.budget import IngressBudget, RecentDigests, TokenBucket, WindowCounter
 from gateway.config import GatewayConfig
 from gateway.control.audit import AuditRecord
 from gateway.core import (
@@ -193,6 +194,7 @@ class GatewayService:
         # The eCall lane subscribes to the streams of the policy it starts with.
         self._legal_streams = policy.legal_obligation_streams
         self._ecall_lane = config.pipeline.ecall_lane and bool(self._legal_streams)
+        self._ecall_taken = RecentDigests(65536)  # eCalls the eCall lane has forwarded
         self._background: set[asyncio.Task[Any]] = set()
         limits = config.limits
         self._new_vehicles = TokenBucket(limits.new_vehicles_per_s, limits.new_vehicles_burst)
@@ -348,7 +350,11 @@ class GatewayService:
         """Legal-obligation streams (eCall) get their own connections, ack window
         and retries: no backlog of ordinary traffic, no outage queue, no control
         operation and no store write stands in their way. The ordinary lane
-        receives its own copy too and drops it (counted as `ecall_lane`)."""
+        receives its own copy too: it drops it (counted as `ecall_lane`) when the
+        eCall lane has taken the same message, and forwards it otherwise (an eCall
+        published before the eCall lane's session existed, e.g. during the
+        upgrade to this version, reaches only the ordinary lane). So eCall is
+        delivered at least once, sometimes twice; never lost."""
         vcfg, bcfg = self.config.vehicle_broker, self.config.backend_broker
         topics = sorted(
             f"{vcfg.topic_prefix}/+/{key}" for key in self._legal_streams
@@ -356,7 +362,7 @@ class GatewayService:
         self.ecall_backend_edge = MqttEdge(
             name=ECALL_BACKEND,
             endpoint=bcfg.endpoint,
-            client_id=f"{bcfg.client_id}-ecall",
+            client_id=f"{self.config.client_id(bcfg)}-ecall",
             subscriptions=[],
             on_message=lambda msg: None,
             clean_start=True,
@@ -368,7 +374,7 @@ class GatewayService:
         self.ecall_vehicle_edge = MqttEdge(
             name=ECALL,
             endpoint=vcfg.endpoint,
-            client_id=f"{vcfg.client_id}-ecall",
+            client_id=f"{self.config.client_id(vcfg)}-ecall",
             subscriptions=topics,
             on_message=self._handle_ecall,
             clean_start=False,
@@ -396,6 +402,7 @@ class GatewayService:
             self.metrics.inc(self.metrics.dropped, "ecall", reason)
             slot.settle()
             return
+        self._ecall_taken.add(_digest(msg))
         self.metrics.inc(self.metrics.forwarded, decision.stream, decision.feature)
         key = self._count_key(decision)
         self._deliver(
@@ -507,7 +514,11 @@ class GatewayService:
         )
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         if isinstance(decision, Forward):
-            if self._ecall_lane and decision.stream in self._legal_streams:
+            if (
+                self._ecall_lane
+                and decision.stream in self._legal_streams
+                and _digest(msg) in self._ecall_taken
+            ):
                 # The eCall lane forwards its own copy; this one is only acknowledged.
                 self.metrics.inc(self.metrics.dropped, decision.stream, "ecall_lane")
                 slot.settle()
@@ -1091,6 +1102,10 @@ class GatewayService:
                 delay = min(10.0, 0.1 * 2**attempt)
                 log.error("consent store write failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
+
+
+def _digest(msg: InboundMessage) -> bytes:
+    return hashlib.blake2b(msg.topic.encode() + b"\x00" + msg.payload, digest_size=16).digest()
 
 
 class _RedriveSlot:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from gateway.config import LimitsConfig, PipelineConfig
 from gateway.delivery import DeadLetterKind, DeadLetterSeal, is_transient, refusal_reason
@@ -187,6 +189,32 @@ async def test_ecall_is_not_delayed_by_a_control_operation_or_a_backlog(tmp_path
                 )
                 == 1
             )
+
+async def test_ecall_queued_before_the_ecall_lane_existed_is_not_lost(tmp_path: Path) -> None:
+    """An eCall published while the gateway is down, into the ordinary lane's
+    persistent session only (the eCall lane's session did not exist yet, as on
+    the upgrade to this version), is forwarded by the ordinary lane."""
+    with MosquittoBroker() as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 600
+            async with aiomqtt.Client(  # the previous release's session
+                "127.0.0.1",
+                broker.port,
+                identifier="gw-vehicle",
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=False,
+                properties=props,
+            ) as previous:
+                await previous.subscribe("vehicle/#", qos=1)
+            car = clients.car
+            queued = car.header(streams_pb2.ECall())
+            await car.send("tbox/ecall", queued)
+            await harness.start()
+            await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/ecall")), 10)
+            got = streams_pb2.ECall.FromString(clients.backend.on("/tbox/ecall")[0].payload)  # type: ignore[arg-type]
+            assert got.header.seq == queued.header.seq
+
 
 async def test_refused_erasure_event_wedges_neither_the_pipeline_nor_shutdown(
     tmp_path: Path,

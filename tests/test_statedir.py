@@ -211,7 +211,11 @@ def test_client_ids_carry_an_instance_id_that_survives_restarts(
     proc = GatewayProcess(broker.url, broker.url, state)
     assert proc.terminate() == 0
     # Same ids after the restart: the persistent session is resumed, never orphaned.
-    assert connected_ids(broker) == {f"{VEHICLE_ID}-{instance}": 2, f"{BACKEND_ID}-{instance}": 2}
+    assert connected_ids(broker) == {
+        f"{client}-{instance}{lane}": 2
+        for client in (VEHICLE_ID, BACKEND_ID)
+        for lane in ("", "-ecall")  # the eCall lane has its own connections
+    }
     assert any(f"{VEHICLE_ID}-{instance}" in line for line in proc.lines)
 
 
@@ -246,7 +250,9 @@ def test_instance_id_flag_names_the_identity_and_is_remembered(
     assert GatewayProcess(broker.url, broker.url, state, "--instance-id", "blue").terminate() == 0
     assert (state / "instance.id").read_text().strip() == "blue"
     assert GatewayProcess(broker.url, broker.url, state).terminate() == 0  # flag dropped
-    assert connected_ids(broker) == {f"{VEHICLE_ID}-blue": 2, f"{BACKEND_ID}-blue": 2}
+    assert connected_ids(broker) == {
+        f"{client}-blue{lane}": 2 for client in (VEHICLE_ID, BACKEND_ID) for lane in ("", "-ecall")
+    }
 
 
 def test_instance_id_config_key(tmp_path: Path) -> None:
@@ -528,7 +534,8 @@ async def test_state_dir_of_the_previous_release_is_upgraded_in_place(
         await backend_client.subscribe("tsp/#", qos=1)
         recorder = Recorder(backend_client)
         car = Car(car_client, recorder)
-        task = asyncio.create_task(recorder.run())
+        await car.subscribe()
+        tasks = [asyncio.create_task(recorder.run()), asyncio.create_task(car.run())]
         # Sent during the upgrade, while no gateway runs: queued in the old session.
         queued = car.header(streams_pb2.VehicleStatus(fuel_level_pct=30))
         queued.position.CopyFrom(common_pb2.GeoPoint(latitude=48.1, longitude=11.5))  # type: ignore[attr-defined]
@@ -545,7 +552,8 @@ async def test_state_dir_of_the_previous_release_is_upgraded_in_place(
             ] == [queued.header.seq]  # type: ignore[attr-defined]
             assert recorder.on("/avn/nav") == []  # the stored settings are enforced
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             assert proc.terminate() == 0
     # Exactly the old client ids: the session (and what it queued) was resumed.
     ids = connected_ids(broker)

@@ -277,7 +277,7 @@ class ControlPlane:
             else:
                 request[CALLER_KEY] = caller
                 response = await handler(request)
-        if route is not None and route.roles:
+        if route is None or route.roles:  # unauthenticated 404s returned above
             try:
                 await self._store(
                     self.service.store.log_access,
