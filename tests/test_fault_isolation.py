@@ -21,12 +21,11 @@ from paho.mqtt.properties import Properties
 
 from gateway.config import LimitsConfig, PipelineConfig
 from gateway.delivery import DeadLetterKind, DeadLetterSeal, is_transient, refusal_reason
-from gateway.service import GatewayService
 from gateway.store import SqliteConsentStore
 from gateway.store.sqlite import SCHEMA_VERSION
 from sim.broker import MosquittoBroker
 from telematics.v1 import privacy_pb2, streams_pb2
-from tests.conftest import KEY, VIN, Car, Clients, GatewayHarness, Recorder
+from tests.conftest import KEY, VIN, Car, Clients, GatewayHarness, GatewayProcess, Recorder
 
 pytestmark = pytest.mark.integration
 
@@ -259,37 +258,30 @@ async def test_dead_letters_are_erased_with_the_car_and_bound_by_retention(
             assert all(d.stream == "erasure" for d in remaining)
             assert service.store.purge_dead_letters(time.time() + 8 * 86400) == len(remaining)
 
-async def test_stored_egress_counts_survive_kill(tmp_path: Path) -> None:
-    """Art. 15 export counts are committed before the acks they cover: a
-    process that dies right after forwarding (no flush on the way out) has
-    them on disk."""
+async def test_egress_counts_survive_kill_9(tmp_path: Path) -> None:
+    """v1 kept per-vehicle egress counts in memory for seconds: 600 forwarded,
+    kill -9, and the Art. 15 export said 0."""
     with MosquittoBroker() as broker:
-        async with running(broker, tmp_path) as (harness, clients):
-            service = await harness.start()
-            car = clients.car
-            await car.settings(1, features={"remote_control": True})
-            for _ in range(20):
-                await car.send("tbox/status", status(car))
-            await car.barrier()
-            await clients.backend.wait_for(lambda: len(clients.backend.on("/tbox/status")) == 20)
-            # Read through a separate connection, as a restarted process would,
-            # without letting the service flush anything on its way out.
-            fresh = SqliteConsentStore.in_state_dir(tmp_path / "state")
-            try:
-                counted = sum(c.count for c in fresh.egress_counts(VIN))
-            finally:
-                fresh.close()
-            assert counted == 20
-            harness.running.remove(service)
-            await _abandon(service)
+        state = tmp_path / "state"
+        proc = GatewayProcess(broker.url, broker.url, state)
+        try:
+            async with running(broker, tmp_path) as (_, clients):
+                car = clients.car
+                await car.settings(1, features={"remote_control": True})
+                for _ in range(200):
+                    await car.send("tbox/status", status(car))
+                await clients.backend.wait_for(
+                    lambda: len(clients.backend.on("/tbox/status")) == 200, 20
+                )
+                await asyncio.sleep(0.2)  # the last PUBACKs reach the gateway
+        finally:
+            proc.kill()
+        store = SqliteConsentStore.in_state_dir(state)
+        try:
+            assert sum(c.count for c in store.egress_counts(VIN)) == 200
+        finally:
+            store.close()
 
-async def _abandon(service: GatewayService) -> None:
-    """Stop the edges without the orderly drain (as close to kill -9 as in-process gets)."""
-    for edge in service.edges:
-        await edge.stop()
-    for task in service._tasks:
-        task.cancel()
-    await asyncio.gather(*service._tasks, return_exceptions=True)
 
 @pytest.mark.parametrize(("payload_bytes", "bound"), [(100, 32), (4000, 22)])
 async def test_backend_outage_holds_a_bounded_number_of_messages_and_bytes(
