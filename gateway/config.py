@@ -144,8 +144,13 @@ class ControlConfig(_Strict):
         False, description="serve plain HTTP on a non-loopback listen address"
     )
     access_log_retention_days: float = Field(7.0, gt=0, le=7.0)
+    probe_listen: str = Field(
+        "",
+        description="host:port serving only /healthz and /readyz, plain HTTP and without"
+        " a token (for orchestrator probes); they reveal nothing personal",
+    )
 
-    @field_validator("listen")
+    @field_validator("listen", "probe_listen")
     @classmethod
     def _valid_listen(cls, value: str) -> str:
         if value:

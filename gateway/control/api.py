@@ -188,6 +188,7 @@ class ControlPlane:
             key = load_public_key(path)
             self.trusted[public_key_id(key)] = key
         self._runner: web.AppRunner | None = None
+        self._probe_runner: web.AppRunner | None = None
         self._purge_task: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- app
@@ -202,6 +203,8 @@ class ControlPlane:
         return app
 
     async def start(self) -> None:
+        if self.config.probe_listen:
+            await self._start_probes(self.config.probe_listen)
         if not self.config.listen:
             return
         host, _, port = self.config.listen.rpartition(":")
@@ -221,14 +224,27 @@ class ControlPlane:
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
-        assert self._runner is not None
-        for site in self._runner.sites:
-            server = getattr(site, "_server", None)
-            if server is not None and server.sockets:
-                return int(server.sockets[0].getsockname()[1])
-        raise RuntimeError("not listening")
+        return _bound_port(self._runner)
+
+    async def _start_probes(self, listen: str) -> None:
+        """Liveness and readiness only, for probes that cannot carry a token
+        or TLS; nothing else is reachable there."""
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        self._probe_runner = web.AppRunner(app, access_log=None)
+        await self._probe_runner.setup()
+        host, _, port = listen.rpartition(":")
+        await web.TCPSite(self._probe_runner, host.strip("[]"), int(port)).start()
+        log.info("probe listener on %s:%d", host, self.probe_port)
+
+    @property
+    def probe_port(self) -> int:
+        return _bound_port(self._probe_runner)
 
     async def stop(self) -> None:
+        if self._probe_runner is not None:
+            await self._probe_runner.cleanup()
         if self._purge_task is not None:
             self._purge_task.cancel()
         if self._runner is not None:
@@ -605,6 +621,15 @@ def _ids(request: web.Request) -> list[int] | Literal[False]:
 def _legal_basis(policy: Any, feature: str) -> str:
     spec = policy.features.get(feature.partition(".")[0])
     return str(spec.legal_basis) if spec else ""
+
+
+def _bound_port(runner: web.AppRunner | None) -> int:
+    assert runner is not None
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+    raise RuntimeError("not listening")
 
 
 def _route_of(request: web.Request) -> Route | None:

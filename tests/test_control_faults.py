@@ -1,16 +1,21 @@
-"""Dead letters and store faults through the control plane (real HTTP, mosquitto, SQLite)."""
+"""The control plane under faults: dead letters, a store that cannot be written, probes
+(real HTTP, mosquitto, SQLite)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 
+from gateway.config import ControlConfig
+from gateway.control.api import ControlPlane
 from sim.broker import MosquittoBroker
 from telematics.v1 import streams_pb2
 
-from .conftest import Clients
+from .conftest import VIN, Clients, GatewayHarness
 from .test_control import Control, control  # noqa: F401  (the fixture)
 from .test_fault_isolation import NO_BATTERY_ACL, OPEN_ACL, battery
 
@@ -103,3 +108,29 @@ async def test_read_only_store_is_not_ready_keeps_ecall_and_recovers(
     await car.send("tbox/status", car.header(streams_pb2.VehicleStatus()))
     await car.barrier()
     assert clients.backend.on("/tbox/status") == []  # the withdrawal took effect
+
+
+async def test_probe_listener_serves_only_health_without_token(
+    gateways: GatewayHarness, tmp_path: Path
+) -> None:
+    service = await gateways.start()
+    plane = ControlPlane(
+        service,
+        ControlConfig(listen="127.0.0.1:0", probe_listen="127.0.0.1:0"),
+    )
+    await plane.start()
+    try:
+        base = f"http://127.0.0.1:{plane.probe_port}"
+        async with aiohttp.ClientSession() as http:
+            assert (await http.get(f"{base}/healthz")).status == 200
+            ready = await http.get(f"{base}/readyz")
+            assert ready.status == 200 and (await ready.json())["ready"] is True
+            for path in ("/metrics", "/v1/policy", "/v1/dead-letters", f"/v1/vehicles/{VIN}"):
+                assert (await http.get(f"{base}{path}")).status == 404
+            # The main listener still wants a token for readiness.
+            assert (await http.get(f"http://127.0.0.1:{plane.port}/readyz")).status == 401
+    finally:
+        await plane.stop()
+    with pytest.raises(ValueError, match="not a loopback address"):
+        ControlConfig(listen="0.0.0.0:8080", probe_listen="0.0.0.0:8081")
+    assert ControlConfig(listen="127.0.0.1:8080", probe_listen="0.0.0.0:8081").probe_listen
