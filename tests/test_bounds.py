@@ -3,6 +3,7 @@ eCall conformance. No broker: decide() only."""
 
 from __future__ import annotations
 
+import importlib
 import sqlite3
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from gateway.core import (
     VehicleState,
 )
 from gateway.core import decide as decide_message
+from gateway.core.cache import ByteBoundedMemo, strings_size
+from gateway.core.decide import state_from_snapshot
 from gateway.core.state import strictest
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyError, load_policy, parse_policy
@@ -218,3 +221,29 @@ def test_history_of_a_v1_store_gains_the_merged_column(tmp_path: Path) -> None:
         assert [h.revision for h in store.history(VIN)] == [2, 3]
     finally:
         store.close()
+
+
+def test_memos_keyed_by_car_input_stay_within_their_byte_budget() -> None:
+    memo: ByteBoundedMemo[tuple[tuple[str, bool], ...], int] = ByteBoundedMemo(
+        10_000, strings_size
+    )
+    for i in range(1000):
+        key = tuple((f"third_party.{'a' * 90}{i}.{j}", True) for j in range(5))
+        assert memo.put(key, i) == i
+        assert memo.bytes <= 10_000
+    assert 0 < len(memo) < 30
+    assert memo.put(key, -1) == 999  # still remembered: the first value wins
+
+
+def test_a_flood_of_distinct_feature_maps_does_not_grow_the_core_memos() -> None:
+    core = importlib.import_module("gateway.core.decide")  # the module, not the function
+
+    budget = core._SET_CACHE.max_bytes
+    for i in range(3000):
+        features = {f"third_party.{'x' * 80}{i}.{j}": True for j in range(64)}
+        snapshot = SettingsSnapshot(VIN, i + 1, False, LocationMode.OFF, features, 0.0, "1")
+        state = state_from_snapshot(POLICY, snapshot)
+        assert len(state.enabled) == 64
+    assert core._SET_CACHE.bytes <= budget
+    memo = core._ENABLED_CACHE[id(POLICY)][1]
+    assert memo.bytes <= memo.max_bytes

@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from google.protobuf.message import DecodeError, Message
 
+from gateway.core.cache import ENTRY_OVERHEAD, ByteBoundedMemo, strings_size
 from gateway.core.ecall import conform_ecall
 from gateway.core.state import (
     CoarseFix,
@@ -412,22 +413,27 @@ def state_from_snapshot(
     key = (snapshot.revision, snapshot.privacy_mode, snapshot.location, enabled, window_until)
     state = _STATE_CACHE.get(key)
     if state is None:
-        if len(_STATE_CACHE) > 200_000:
-            _STATE_CACHE.clear()
-        state = _STATE_CACHE[key] = VehicleState(
-            revision=snapshot.revision,
-            privacy_mode=snapshot.privacy_mode,
-            location=snapshot.location,
-            enabled=enabled,
-            window_until=window_until,
+        state = _STATE_CACHE.put(
+            key,
+            VehicleState(
+                revision=snapshot.revision,
+                privacy_mode=snapshot.privacy_mode,
+                location=snapshot.location,
+                enabled=enabled,
+                window_until=window_until,
+            ),
         )
     return state
 
 
-_STATE_CACHE: dict[tuple[object, ...], VehicleState] = {}
+# The enabled set is shared (charged to _SET_CACHE), so a state costs a constant.
+_STATE_CACHE: ByteBoundedMemo[tuple[object, ...], VehicleState] = ByteBoundedMemo(
+    64 << 20, lambda key: 2 * ENTRY_OVERHEAD
+)
 # Per policy object (identity, kept alive by the entry): feature items -> enabled set.
 _ENABLED_CACHE: dict[
-    int, tuple[CompiledPolicy, dict[tuple[tuple[str, bool], ...], frozenset[str]]]
+    int,
+    tuple[CompiledPolicy, ByteBoundedMemo[tuple[tuple[str, bool], ...], frozenset[str]]],
 ] = {}
 
 
@@ -438,7 +444,7 @@ def _enabled_features(
     if entry is None or entry[0] is not policy:
         if len(_ENABLED_CACHE) > 8:  # policies are replaced rarely
             _ENABLED_CACHE.clear()
-        entry = _ENABLED_CACHE[id(policy)] = (policy, {})
+        entry = _ENABLED_CACHE[id(policy)] = (policy, ByteBoundedMemo(16 << 20, strings_size))
     cache = entry[1]
     enabled_set = cache.get(features)
     if enabled_set is None:
@@ -447,20 +453,18 @@ def _enabled_features(
         for feature_id, on in features:
             if on and policy.feature_is_known(feature_id):
                 enabled.add(sys.intern(feature_id))
-        if len(cache) > 100_000:
-            cache.clear()
-        enabled_set = cache[features] = _intern_set(frozenset(enabled))
+        enabled_set = cache.put(features, _intern_set(frozenset(enabled)))
     return enabled_set
 
 
-_SET_CACHE: dict[frozenset[str], frozenset[str]] = {}
+_SET_CACHE: ByteBoundedMemo[frozenset[str], frozenset[str]] = ByteBoundedMemo(
+    16 << 20, strings_size
+)
 
 
 def _intern_set(value: frozenset[str]) -> frozenset[str]:
     # Fleets share a few hundred distinct feature combinations: keep one copy each.
-    if len(_SET_CACHE) > 100_000:
-        _SET_CACHE.clear()
-    return _SET_CACHE.setdefault(value, value)
+    return _SET_CACHE.put(value, value)
 
 
 def applied_message(ctx: DecisionContext, vin: str, revision: int) -> tuple[str, bytes]:
