@@ -41,7 +41,7 @@ class CarState:
     settings: Settings | None = None
     window_opened: float | None = None
     cached_position: tuple[int, common_pb2.GeoPoint] | None = None  # (vehicle ts, coarse)
-    offset: tuple[float, float] = (0.0, 0.0)  # sticky grid offset in cell fractions
+    offset: tuple[float, float] = (0.0, 0.0)  # sticky secret shift, cell fractions [0, 1)
 
 
 @dataclass
@@ -222,16 +222,15 @@ class ReferenceGateway:
         return message.SerializeToString(deterministic=True), ref, transforms
 
     def coarsen(self, point: common_pb2.GeoPoint, car: CarState) -> common_pb2.GeoPoint:
-        """Snap to a cell centre of this car's sticky offset grid; latitude first."""
+        """The global-grid point nearest to (truth + the car's secret shift of up to
+        half a cell per axis); latitude first."""
         cell = self.policy.cell_size_m
         lat_step = cell / METRES_PER_DEGREE
-        lat_shift = car.offset[0] * lat_step
-        row = math.floor((point.latitude + lat_shift) / lat_step)
-        lat = (row + 0.5) * lat_step - lat_shift
+        row = math.floor((point.latitude + (car.offset[0] - 0.5) * lat_step + 90.0) / lat_step)
+        lat = (row + 0.5) * lat_step - 90.0
         lon_step = cell / (METRES_PER_DEGREE * math.cos(math.radians(lat)))
-        lon_shift = car.offset[1] * lon_step
-        column = math.floor((point.longitude + lon_shift) / lon_step)
-        lon = (column + 0.5) * lon_step - lon_shift
+        column = math.floor((point.longitude + (car.offset[1] - 0.5) * lon_step + 180) / lon_step)
+        lon = (column + 0.5) * lon_step - 180.0
         return common_pb2.GeoPoint(latitude=lat, longitude=lon, horizontal_accuracy_m=cell)
 
     # --- backend side ----------------------------------------------------------------

@@ -409,9 +409,10 @@ def test_approximate_outside_cell_is_a_wrong_transform(clean_run: Run) -> None:
     assert (WRONG_TRANSFORM, "approximate_outside_cell") in rules(check(clean_run, recording))
 
 
-def test_fresh_noise_instead_of_sticky_grid_is_detected(clean_run: Run) -> None:
-    """An approximate position inside the right cell bounds, but half a cell off the
-    car's own grid (what fresh per-message noise would look like)."""
+def test_fresh_noise_instead_of_the_global_grid_is_detected(clean_run: Run) -> None:
+    """An approximate position inside the right bounds, but half a cell off the
+    global grid (what fresh per-message noise, or v1's per-car grid whose cell
+    centre bounds the truth, would look like)."""
     step = clean_run.policy.cell_size_m / 111_320
     pub, position = find_delivered(clean_run, "tbox/trip", mode_is(common_pb2.LOCATION_APPROXIMATE))
     on_grid = next(
@@ -425,7 +426,9 @@ def test_fresh_noise_instead_of_sticky_grid_is_detected(clean_run: Run) -> None:
     recording = edit_recorded(
         clean_run, position, "tbox/trip", lambda m: setattr(m.end, "latitude", off_grid)
     )
-    assert (WRONG_TRANSFORM, "approximate_not_on_one_grid") in rules(check(clean_run, recording))
+    assert (WRONG_TRANSFORM, "approximate_not_on_global_grid") in rules(
+        check(clean_run, recording)
+    )
 
 
 def test_modified_ecall_is_a_wrong_transform(clean_run: Run) -> None:

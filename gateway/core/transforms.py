@@ -41,7 +41,8 @@ def pseudonymize_field(key: bytes, field_name: str, value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class GridOffset:
-    """Sticky per-vehicle grid offset, as fractions of a cell in [0, 1)."""
+    """Sticky per-vehicle secret shift, as fractions of a cell in [0, 1)
+    (applied as [-0.5, 0.5) of a cell per axis)."""
 
     lat_fraction: float
     lon_fraction: float
@@ -69,24 +70,28 @@ def coarse_cell_degrees(cell_size_m: float, latitude: float) -> tuple[float, flo
 def coarsen_position(
     latitude: float, longitude: float, cell_size_m: float, offset: GridOffset
 ) -> tuple[float, float]:
-    """Snap a point to the centre of its cell in a grid shifted by `offset`.
+    """The global-grid point nearest to (true position + the vehicle's secret shift).
+
+    The shift is up to half a cell per axis (`offset` fractions map to
+    [-0.5, 0.5)). Publishing the centre of the cell that contains the truth
+    would mark every cell change as a grid-line crossing and bound the truth
+    to that cell from a single report; with a secret shift the published
+    point bounds it only to about one cell either way, and the lines where
+    the value changes are the car's own, unknown ones. The shift is sticky,
+    so a parked car always yields the same value: averaging reveals nothing.
 
     Latitude is quantized first; the longitude cell width is taken at the
     snapped latitude, so it reveals nothing finer than the latitude band.
     """
     dlat = cell_size_m / METRES_PER_DEGREE_LAT
-    lat_shift = offset.lat_fraction * dlat
-    row = math.floor((latitude + 90.0 + lat_shift) / dlat)
-    snapped_lat = (row + 0.5) * dlat - lat_shift - 90.0
-    snapped_lat = min(max(snapped_lat, -90.0), 90.0)
+    row = math.floor((latitude + (offset.lat_fraction - 0.5) * dlat + 90.0) / dlat)
+    snapped_lat = min(max((row + 0.5) * dlat - 90.0, -90.0), 90.0)
     _, dlon = coarse_cell_degrees(cell_size_m, snapped_lat)
-    lon_shift = offset.lon_fraction * dlon
-    col = math.floor((longitude + 180.0 + lon_shift) / dlon)
-    snapped_lon = (col + 0.5) * dlon - lon_shift - 180.0
-    snapped_lon = (snapped_lon + 180.0) % 360.0 - 180.0
+    col = math.floor((longitude + (offset.lon_fraction - 0.5) * dlon + 180.0) / dlon)
+    snapped_lon = ((col + 0.5) * dlon + 360.0) % 360.0 - 180.0
     if snapped_lat == latitude and snapped_lon == longitude:
-        # The input sat exactly on a cell centre: move within the cell so the
-        # output never reproduces the input.
+        # The input sat exactly on a grid point: move so the output never
+        # reproduces the input.
         snapped_lon = (snapped_lon + dlon / 4.0 + 180.0) % 360.0 - 180.0
     return snapped_lat, snapped_lon
 
