@@ -24,7 +24,7 @@ from gateway.delivery import DeadLetterKind, DeadLetterSeal, is_transient, refus
 from gateway.store import SqliteConsentStore
 from gateway.store.sqlite import SCHEMA_VERSION
 from sim.broker import MosquittoBroker
-from telematics.v1 import privacy_pb2, streams_pb2
+from telematics.v1 import command_pb2, privacy_pb2, streams_pb2
 from tests.conftest import KEY, VIN, Car, Clients, GatewayHarness, GatewayProcess, Recorder
 
 pytestmark = pytest.mark.integration
@@ -400,6 +400,37 @@ async def test_fake_vin_flood_is_capped_and_known_cars_keep_flowing(tmp_path: Pa
             )
             assert refused == 500 - known
             assert refused >= 300
+
+
+async def test_retained_messages_are_never_replayed_to_the_gateway(tmp_path: Path) -> None:
+    """v1 subscribed with retained messages replayed: a precise position a car
+    published retained during privacy mode reached the backend whenever the
+    gateway (re)subscribed, whatever the car's settings were at capture."""
+    with MosquittoBroker() as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            car = clients.car
+            service = await harness.start()
+            await car.settings(1, features={"remote_control": True})
+            await harness.stop(service)
+            # A new subscription (its session discarded, as after an expiry or a
+            # new instance): what it is sent at subscribe time is the test.
+            async with aiomqtt.Client(
+                "127.0.0.1", broker.port, identifier="gw-vehicle", clean_session=True
+            ):
+                pass
+            old = status(car)
+            await car.client.publish(
+                f"vehicle/{VIN}/tbox/status", old.SerializeToString(), qos=1, retain=True
+            )
+            cmd = command_pb2.Command(request_id="old", command="find_my_car")
+            await clients.backend_client.publish(
+                f"tsp/{VIN}/cmd/find_my_car", cmd.SerializeToString(), qos=1, retain=True
+            )
+            await harness.start()
+            await car.barrier()
+            await asyncio.sleep(0.3)
+            assert clients.backend.on("/tbox/status") == []
+            assert clients.backend.on("/cmd/find_my_car/result") == []
 
 
 def test_refusal_classes() -> None:

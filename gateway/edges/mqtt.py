@@ -543,7 +543,10 @@ class MqttEdge:
         if reason.is_failure:
             raise ConnectionError(f"broker refused connection: {reason}")
         if self.subscriptions:
-            options = SubscribeOptions(qos=1, noLocal=True)
+            # Retain Handling 2: a retained message is never sent at subscribe
+            # time. Retained telemetry is old data whose capture-time consent is
+            # unknown, and a retained command would replay on every reconnect.
+            options = SubscribeOptions(qos=1, noLocal=True, retainHandling=2)
             result, mid = self._client.subscribe([(t, options) for t in self.subscriptions])
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
                 raise ConnectionError(f"subscribe failed: {result!r}")
