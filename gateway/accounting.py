@@ -29,9 +29,9 @@ class EgressAccounting:
         self._counts: dict[CountKey, int] = {}
         self._waiting: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._lock = asyncio.Lock()  # one commit at a time: run() and flush() share it
+        self._recorded = 0  # records so far
+        self._committed = 0  # records covered by a finished commit
         self._day_cache: tuple[float, float, str] = (0.0, 0.0, "")
 
     def day(self, now: float) -> str:
@@ -45,9 +45,9 @@ class EgressAccounting:
     def record(self, key: CountKey, then: Callable[[], None] | None = None) -> None:
         """Count one forwarded message; `then` runs once the count is durable."""
         self._counts[key] = self._counts.get(key, 0) + 1
+        self._recorded += 1
         if then is not None:
             self._waiting.append(then)
-        self._idle.clear()
         self._wake.set()
 
     def pending_keys(self) -> list[CountKey]:
@@ -59,9 +59,10 @@ class EgressAccounting:
             del self._counts[key]
 
     async def flush(self) -> None:
-        """Commit what is counted now (and wait for a commit already running)."""
-        self._wake.set()
-        while not (self._idle.is_set() and not self._counts and not self._waiting):
+        """Commit what is counted up to now (not what keeps arriving meanwhile,
+        or an export would wait for traffic to stop)."""
+        target = self._recorded
+        while self._committed < target:
             await self._commit_once()
 
     async def run(self) -> None:
@@ -74,9 +75,9 @@ class EgressAccounting:
             self._wake.clear()
             counts, self._counts = self._counts, {}
             waiting, self._waiting = self._waiting, []
+            upto = self._recorded
             if counts:
                 await self._write([EgressCount(*key, n) for key, n in counts.items()])
+            self._committed = max(self._committed, upto)
             for then in waiting:
                 then()
-            if not self._counts and not self._waiting:
-                self._idle.set()

@@ -58,6 +58,8 @@ log = logging.getLogger("gateway.service")
 
 T = TypeVar("T")
 SETTINGS_STREAM = "avn/privacy"
+COMMAND_REDRIVE_TTL_S = 300.0  # older dead-lettered commands are answered `expired`
+ERASED_MEMORY_S = 3600.0  # far longer than anything stays in flight
 VEHICLE = "vehicle"
 BACKEND = "backend"
 ECALL = "ecall"  # the legal-obligation lane's vehicle-side connection
@@ -77,11 +79,18 @@ class Undeliverable:
     retention_days: float
     topic: str
     payload: bytes
+    # A re-driven letter keeps its original expiry: re-driving never extends
+    # how long personal data is kept.
+    expires_at: float | None = None
 
 
 class Settleable(Protocol):
     """Where a message's final outcome is reported (an ack-window slot, or a
     re-driven dead letter)."""
+
+    @property
+    def expires_at(self) -> float | None:
+        """The expiry to keep if the message becomes a dead letter again."""
 
     def settle(self) -> None: ...
 
@@ -92,6 +101,7 @@ class _Slot:
     """One received message awaiting its final outcome."""
 
     __slots__ = ("done", "generation", "mid", "qos", "size", "window")
+    expires_at = None  # a new message: a dead letter gets the full retention
 
     def __init__(self, window: AckWindow, msg: InboundMessage) -> None:
         self.window = window
@@ -196,6 +206,10 @@ class GatewayService:
         self._ecall_lane = config.pipeline.ecall_lane and bool(self._legal_streams)
         self._ecall_taken = RecentDigests(65536)  # eCalls the eCall lane has forwarded
         self._background: set[asyncio.Task[Any]] = set()
+        self._redriving: set[int] = set()  # dead-letter ids whose re-drive is not final
+        # Erased VINs (recently): messages decided before the erasure that
+        # complete afterwards leave no count and no dead letter behind.
+        self._erased: dict[str, float] = {}
         limits = config.limits
         self._new_vehicles = TokenBucket(limits.new_vehicles_per_s, limits.new_vehicles_burst)
         self._settings_rate = WindowCounter(limits.settings_window_s)
@@ -507,7 +521,9 @@ class GatewayService:
                 if not slot.done:
                     slot.settle()
 
-    async def _handle_vehicle_message(self, msg: InboundMessage, slot: Settleable) -> None:
+    async def _handle_vehicle_message(
+        self, msg: InboundMessage, slot: Settleable, *, redriven: bool = False
+    ) -> None:
         started = time.perf_counter()
         decision = decide(
             self.ctx, msg.topic, msg.payload, self.states, self.coarse_fixes, self._clock()
@@ -516,6 +532,7 @@ class GatewayService:
         if isinstance(decision, Forward):
             if (
                 self._ecall_lane
+                and not redriven
                 and decision.stream in self._legal_streams
                 and _digest(msg) in self._ecall_taken
             ):
@@ -535,12 +552,12 @@ class GatewayService:
                 decision.payload,
                 decision.user_properties,
                 lambda outcome: self._settle_forward(outcome, key, slot),
-                self._undeliverable(DeadLetterKind.VEHICLE, decision, msg),
+                self._undeliverable(DeadLetterKind.VEHICLE, decision, msg, slot.expires_at),
             )
         elif isinstance(decision, Drop):
             self.metrics.inc(self.metrics.dropped, decision.stream, decision.reason.value)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("drop %s: %s %s", msg.topic, decision.reason, decision.detail)
+                log.debug("drop %s: %s", self.log_topic(msg.topic), decision.reason)
             if decision.reannounce is not None:
                 topic, body = decision.reannounce
                 self._deliver(
@@ -549,7 +566,9 @@ class GatewayService:
                     body,
                     (),
                     slot.settle_with,
-                    self._egress_letter(decision.vin, "avn/privacy/applied", topic, body),
+                    self._egress_letter(
+                        decision.vin, "avn/privacy/applied", topic, body, slot.expires_at
+                    ),
                 )
             else:
                 slot.settle()
@@ -620,6 +639,7 @@ class GatewayService:
                 "avn/privacy/applied",
                 decision.applied_topic,
                 decision.applied_payload,
+                slot.expires_at,
             ),
         )
 
@@ -629,7 +649,9 @@ class GatewayService:
             self.metrics.dropped.labels("command", "unknown_topic").inc()
             slot.settle()
             return
-        self.metrics.commands.labels(decision.command, str(decision.accepted).lower()).inc()
+        # The command name comes from the topic: only the policy's own are labels.
+        name = decision.command if decision.command in self.ctx.policy.commands else "unknown"
+        self.metrics.inc(self.metrics.commands, name, str(decision.accepted).lower())
         if decision.state is not None:
             await self._persist(self.store.open_window, decision.vin, decision.state.window_until)
             self.states[decision.vin] = decision.state
@@ -650,7 +672,9 @@ class GatewayService:
                 result_payload,
                 (),
                 slot.settle_with,
-                self._egress_letter(decision.vin, "cmd/result", result_topic, result_payload),
+                self._egress_letter(
+                    decision.vin, "cmd/result", result_topic, result_payload, slot.expires_at
+                ),
             )
 
         def forwarded(outcome: Outcome) -> None:
@@ -674,6 +698,7 @@ class GatewayService:
                     self.config.dead_letters.retention_days,
                     msg.topic,
                     msg.payload,
+                    slot.expires_at,
                 ),
             )
         else:
@@ -814,6 +839,9 @@ class GatewayService:
             self.coarse_fixes.pop(vin, None)
             self.restricted.discard(vin)
             self.accounting.forget(vin)
+            self._erased[vin] = now
+            for old in [v for v, at in self._erased.items() if now - at > ERASED_MEMORY_S]:
+                del self._erased[old]
             self.metrics.vehicles.set(len(self.states))
             self.metrics.dead_letters_stored.set(
                 await self._persist_once(self.store.dead_letter_count)
@@ -876,20 +904,28 @@ class GatewayService:
             letters = await self._persist_once(
                 self.store.dead_letters, ids, 0, 1000 if ids is None else len(ids)
             )
-            counts = {"redriven": 0, "unreadable": 0}
+            counts = {"redriven": 0, "unreadable": 0, "in_progress": 0}
+            now = self._clock()
             for letter in letters:
+                if letter.id in self._redriving:  # a previous re-drive has not finished it
+                    counts["in_progress"] += 1
+                    continue
                 try:
                     topic, payload = self._seal.open(letter.sealed, letter.subject)
                 except ValueError:
                     log.error("dead letter %d does not open with the current key", letter.id)
                     counts["unreadable"] += 1
                     continue
-                slot = _RedriveSlot(self, letter.id)
+                self._redriving.add(letter.id)
+                slot = _RedriveSlot(self, letter.id, letter.expires_at)
                 msg = InboundMessage(letter.kind.value, topic, payload, 1, 0, 0)
                 if letter.kind is DeadLetterKind.VEHICLE:
-                    await self._handle_vehicle_message(msg, slot)
+                    await self._handle_vehicle_message(msg, slot, redriven=True)
                 elif letter.kind is DeadLetterKind.COMMAND:
-                    await self._handle_command(msg, slot)
+                    if now - letter.created_at > COMMAND_REDRIVE_TTL_S:
+                        self._expire_command(msg, slot)
+                    else:
+                        await self._handle_command(msg, slot)
                 else:
                     edge = self.vehicle_edge if letter.edge == VEHICLE else self.backend_edge
                     self._deliver(
@@ -899,15 +935,38 @@ class GatewayService:
                         (),
                         slot.settle_with,
                         Undeliverable(
-                            letter.kind, "", letter.stream, letter.feature, 0, topic, payload
+                            letter.kind,
+                            "",
+                            letter.stream,
+                            letter.feature,
+                            0,
+                            topic,
+                            payload,
+                            letter.expires_at,
                         ),
                         subject=letter.subject,
-                        expires_at=letter.expires_at,
                     )
                 counts["redriven"] += 1
             return counts
 
         return await self.run_control(run)
+
+    def _expire_command(self, msg: InboundMessage, slot: Settleable) -> None:
+        """A command dead-lettered too long ago is not run now (the backend was
+        told it did not reach the car): answered `expired` instead."""
+        decision = decide_command(self.ctx, msg.topic, msg.payload, self.states, self._clock())
+        if decision is None:
+            slot.settle()
+            return
+        topic, payload = refused_result(decision, "expired")
+        self._deliver(
+            self.backend_edge,
+            topic,
+            payload,
+            (),
+            slot.settle_with,
+            self._egress_letter(decision.vin, "cmd/result", topic, payload, slot.expires_at),
+        )
 
     async def delete_dead_letters(self, ids: list[int] | None) -> int:
         removed = await self._persist_once(self.store.delete_dead_letters, ids)
@@ -943,16 +1002,23 @@ class GatewayService:
     ) -> None:
         """A forwarded message is acknowledged once its egress count is durable;
         a dead letter is acknowledged at once (it was never sent)."""
-        if outcome is not Outcome.DELIVERED:
+        if outcome is not Outcome.DELIVERED or key[0] in self._erased:
+            # Never sent, or sent for a car erased meanwhile: nothing to count
+            # (a count written now would outlive the erasure).
             slot.settle()
         elif wait_for_count:
             self.accounting.record(key, slot.settle)
         else:  # eCall lane: needs no store write to be acknowledged
-            self.accounting.record(key)
+            if key[0] in self.states:  # made-up VINs get no durable rows
+                self.accounting.record(key)
             slot.settle()
 
     def _undeliverable(
-        self, kind: DeadLetterKind, decision: Forward, msg: InboundMessage
+        self,
+        kind: DeadLetterKind,
+        decision: Forward,
+        msg: InboundMessage,
+        expires_at: float | None = None,
     ) -> Undeliverable:
         retention = float(dict(decision.user_properties).get("retention-days", 0))
         return Undeliverable(
@@ -963,9 +1029,12 @@ class GatewayService:
             retention or self.config.dead_letters.retention_days,
             msg.topic,
             msg.payload,
+            expires_at,
         )
 
-    def _egress_letter(self, vin: str, stream: str, topic: str, payload: bytes) -> Undeliverable:
+    def _egress_letter(
+        self, vin: str, stream: str, topic: str, payload: bytes, expires_at: float | None = None
+    ) -> Undeliverable:
         return Undeliverable(
             DeadLetterKind.EGRESS,
             vin,
@@ -974,6 +1043,7 @@ class GatewayService:
             self.config.dead_letters.retention_days,
             topic,
             payload,
+            expires_at,
         )
 
     # ------------------------------------------------------------------ I/O
@@ -1025,9 +1095,21 @@ class GatewayService:
             task = self.spawn(
                 self._dead_letter(edge.name, letter, code, str(exc), attempt + 1, **filing)
             )
-            task.add_done_callback(lambda _: on_done(Outcome.DEAD_LETTERED))
+            task.add_done_callback(lambda t: self._filed(t, on_done))
 
         future.add_done_callback(completed)
+
+    def _filed(self, task: asyncio.Task[None], on_done: Callable[[Outcome], None]) -> None:
+        """Acknowledge a dead letter only once it is stored; if filing failed (a
+        bug: store writes are retried) or was cancelled (shutdown), the message
+        stays unacknowledged and the broker redelivers it."""
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("dead letter not filed: %s", task.exception())
+            self.metrics.internal_errors.inc()
+            return
+        on_done(Outcome.DEAD_LETTERED)
 
     async def _dead_letter(
         self,
@@ -1038,9 +1120,17 @@ class GatewayService:
         attempts: int,
         *,
         subject: str | None = None,
-        expires_at: float | None = None,
     ) -> None:
         now = self._clock()
+        if (
+            letter.kind is not DeadLetterKind.EGRESS
+            and letter.vin in self._erased
+            and letter.stream not in self._legal_streams
+        ):
+            # Decided before its car was erased: keeping it would undo the erasure.
+            log.warning("refused message of an erased vehicle not kept (%s)", letter.stream)
+            return
+        expires_at = letter.expires_at
         subject = subject if subject is not None else (
             self.audit_subject(letter.vin) if letter.vin else ""
         )
@@ -1112,18 +1202,25 @@ class _RedriveSlot:
     """Stands in for an ack-window slot when a dead letter is re-driven: its
     final outcome removes the stored letter (a new refusal has filed a new one)."""
 
-    __slots__ = ("done", "letter_id", "service")
+    __slots__ = ("done", "expires_at", "letter_id", "service")
 
-    def __init__(self, service: GatewayService, letter_id: int) -> None:
+    def __init__(self, service: GatewayService, letter_id: int, expires_at: float) -> None:
         self.service = service
         self.letter_id = letter_id
+        self.expires_at = expires_at
         self.done = False
 
     def settle(self) -> None:
         if self.done:
             return
         self.done = True
-        self.service.spawn(self.service.delete_dead_letters([self.letter_id]))
+        self.service.spawn(self._remove())
+
+    async def _remove(self) -> None:
+        try:
+            await self.service.delete_dead_letters([self.letter_id])
+        finally:
+            self.service._redriving.discard(self.letter_id)
 
     def settle_with(self, outcome: Outcome) -> None:
         self.settle()

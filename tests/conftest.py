@@ -85,6 +85,16 @@ class GatewayHarness:
         self.running.append(service)
         return service
 
+    async def start_unready(self) -> GatewayService:
+        """Start without waiting for the brokers (one may be down on purpose)."""
+        config = gateway_config(self.vehicle_url, self.backend_url, self.state_dir, self.pipeline)
+        store = SqliteConsentStore.in_state_dir(self.state_dir)
+        service = GatewayService(config, load_policy(DEFAULT_POLICY), KEY, store)
+        await service.start()
+        await asyncio.wait_for(service.vehicle_edge.ready.wait(), 10)
+        self.running.append(service)
+        return service
+
     async def stop(self, service: GatewayService) -> None:
         self.running.remove(service)
         await service.stop()

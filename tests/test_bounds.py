@@ -247,3 +247,9 @@ def test_a_flood_of_distinct_feature_maps_does_not_grow_the_core_memos() -> None
     assert core._SET_CACHE.bytes <= budget
     memo = core._ENABLED_CACHE[id(POLICY)][1]
     assert memo.bytes <= memo.max_bytes
+
+
+def test_oversized_settings_are_dropped_before_they_are_parsed() -> None:
+    huge = b"\x1a" + b"\xff" * (POLICY.max_payload_bytes_default + 10)  # not even valid
+    decision = decide_message(CTX, f"vehicle/{VIN}/avn/privacy", huge, {}, {}, 1e9)
+    assert isinstance(decision, Drop) and decision.reason is DropReason.OVERSIZED

@@ -74,7 +74,11 @@ async def test_dead_letters_listed_redriven_and_purged_by_the_operator(
             break
         await asyncio.sleep(0.05)
     assert control.service.store.dead_letter_count() == 0
-    purged = await http.delete(f"{url}/v1/dead-letters", headers=control.auth("operator"))
+    misspelt = await http.delete(f"{url}/v1/dead-letters?ids=5", headers=control.auth("operator"))
+    assert misspelt.status == 400  # never "purge everything" by accident
+    purged = await http.delete(
+        f"{url}/v1/dead-letters?all=true", headers=control.auth("operator")
+    )
     assert (await purged.json()) == {"deleted": 0}
 
 

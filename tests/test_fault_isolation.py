@@ -19,6 +19,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.accounting import EgressAccounting
 from gateway.config import LimitsConfig, PipelineConfig
 from gateway.delivery import DeadLetterKind, DeadLetterSeal, is_transient, refusal_reason
 from gateway.store import SqliteConsentStore
@@ -431,6 +432,235 @@ async def test_retained_messages_are_never_replayed_to_the_gateway(tmp_path: Pat
             await asyncio.sleep(0.3)
             assert clients.backend.on("/tbox/status") == []
             assert clients.backend.on("/cmd/find_my_car/result") == []
+
+
+async def test_oversized_message_decided_before_the_backend_connects_is_dead_lettered(
+    tmp_path: Path,
+) -> None:
+    """The broker's packet limit is known only from its CONNACK: a message
+    decided while the backend was still down went to paho unchecked, and
+    mosquitto then disconnected the gateway for it after every reconnect."""
+    limit = 1500
+    with MosquittoBroker() as vehicle_broker:
+        backend_broker = MosquittoBroker(max_packet_size=limit)
+        harness = GatewayHarness(vehicle_broker.url, backend_broker.url, tmp_path / "state")
+        service = await harness.start_unready()
+        try:
+            async with aiomqtt.Client(
+                "127.0.0.1", vehicle_broker.port, identifier=f"tbox-{VIN}"
+            ) as car_client:
+                car = Car(car_client, Recorder(car_client))
+                await car.subscribe()
+                car_task = asyncio.create_task(car.run())
+                await car.settings(1, features={"third_party.music": True, "remote_control": True})
+                big = car.header(streams_pb2.AppTraffic(app_id="music", payload=b"x" * 1450))
+                await car.send("avn/app/music", big)
+                small = [status(car) for _ in range(3)]
+                for msg in small:
+                    await car.send("tbox/status", msg)
+                await asyncio.sleep(0.5)
+                backend_broker.start()
+                async with aiomqtt.Client(
+                    "127.0.0.1",
+                    backend_broker.port,
+                    identifier="backend",
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                ) as backend_client:
+                    await backend_client.subscribe("tsp/#", qos=1)
+                    recorder = Recorder(backend_client)
+                    rec_task = asyncio.create_task(recorder.run())
+                    await _wait(lambda: service.backend_edge.ready.is_set(), 15)
+                    await car.send("tbox/status", status(car))  # one more, decided live
+                    await recorder.wait_for(lambda: len(recorder.on("/tbox/status")) >= 1, 15)
+                    await _wait(lambda: service.store.dead_letter_count() == 1, 10)
+                    rec_task.cancel()
+                car_task.cancel()
+            assert [d.reason for d in service.store.dead_letters()] == ["packet_too_large"]
+            assert service.backend_edge.generation == 1  # never disconnected for it
+        finally:
+            for running_service in list(harness.running):
+                await harness.stop(running_service)
+            backend_broker.stop()
+
+
+async def test_redriven_ecall_is_delivered(tmp_path: Path) -> None:
+    """A re-driven eCall dead letter used to be taken for the eCall lane's
+    duplicate, dropped, and its letter deleted: the eCall was gone."""
+    with MosquittoBroker(acl=OPEN_ACL + "topic deny tsp/+/tbox/ecall\n") as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            service = await harness.start()
+            car = clients.car
+            await car.send("tbox/ecall", car.header(streams_pb2.ECall()))
+            await _wait(lambda: service.store.dead_letter_count() == 1)
+            expires = service.store.dead_letters()[0].expires_at
+            # Re-driven while still refused: a new letter, with the original expiry
+            # (re-driving never extends how long personal data is kept).
+            await service.redrive_dead_letters(None)
+            await _wait(
+                lambda: [d.expires_at for d in service.store.dead_letters()] == [expires]
+                and service.store.dead_letters()[0].id != 1
+            )
+            broker.reload(OPEN_ACL)
+            await asyncio.sleep(0.5)
+            await service.redrive_dead_letters(None)
+            await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/ecall")), 10)
+            await _wait(lambda: service.store.dead_letter_count() == 0)
+
+
+async def test_erasure_is_final_for_messages_still_in_flight(tmp_path: Path) -> None:
+    """Messages decided before an erasure that complete after it (the backend
+    was down) left an egress count under the raw VIN and dead letters behind."""
+    with MosquittoBroker() as vehicle_broker, MosquittoBroker(
+        acl=NO_BATTERY_ACL
+    ) as backend_broker:
+        harness = GatewayHarness(vehicle_broker.url, backend_broker.url, tmp_path / "state")
+        service = await harness.start()
+        try:
+            async with aiomqtt.Client(
+                "127.0.0.1", vehicle_broker.port, identifier=f"tbox-{VIN}"
+            ) as car_client:
+                car = Car(car_client, Recorder(car_client))
+                await car.subscribe()
+                car_task = asyncio.create_task(car.run())
+                await car.settings(1, features={"remote_control": True, "charging": True})
+                backend_broker.stop_keep_state()
+                await car.send("tbox/status", status(car))
+                await car.send("tbox/battery", battery(car))
+                await asyncio.sleep(0.5)
+                erase = asyncio.create_task(service.erase_vehicle(VIN, "dpo-test"))
+                await asyncio.sleep(0.5)
+                backend_broker.start()
+                await asyncio.wait_for(erase, 30)
+                await asyncio.sleep(1.5)  # the held messages complete
+                car_task.cancel()
+            await service.accounting.flush()
+            assert service.store.egress_counts(VIN) == []
+            assert [d.stream for d in service.store.dead_letters()] == []
+        finally:
+            for running_service in list(harness.running):
+                await harness.stop(running_service)
+
+
+async def test_dead_lettered_command_too_old_is_answered_expired_not_run(
+    tmp_path: Path,
+) -> None:
+    acl = OPEN_ACL + "topic deny vehicle/+/cmd/#\n"
+    with MosquittoBroker(acl=acl) as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            service = await harness.start()
+            car = clients.car
+            await car.settings(1, features={"remote_control": True})
+            cmd = command_pb2.Command(request_id="r-old", command="lock")
+            await clients.backend_client.publish(
+                f"tsp/{VIN}/cmd/lock", cmd.SerializeToString(), qos=1
+            )
+            await clients.backend.wait_for(lambda: bool(clients.backend.on("/cmd/lock/result")))
+            first = command_pb2.CommandResult.FromString(
+                clients.backend.on("/cmd/lock/result")[0].payload  # type: ignore[arg-type]
+            )
+            assert (first.accepted, first.reason) == (False, "undeliverable")
+            await _wait(lambda: service.store.dead_letter_count() == 1)
+            db = sqlite3.connect(tmp_path / "state" / SqliteConsentStore.FILENAME)
+            db.execute("UPDATE dead_letters SET created_at = created_at - 3600")
+            db.commit()
+            db.close()
+            broker.reload(OPEN_ACL)
+            await asyncio.sleep(0.5)
+            await service.redrive_dead_letters(None)
+            await clients.backend.wait_for(
+                lambda: len(clients.backend.on("/cmd/lock/result")) == 2
+            )
+            second = command_pb2.CommandResult.FromString(
+                clients.backend.on("/cmd/lock/result")[1].payload  # type: ignore[arg-type]
+            )
+            assert (second.request_id, second.accepted, second.reason) == (
+                "r-old",
+                False,
+                "expired",
+            )
+            assert car.commands == []
+            await _wait(lambda: service.store.dead_letter_count() == 0)
+
+
+async def test_export_flush_does_not_wait_for_traffic_to_stop() -> None:
+    written: list[int] = []
+
+    async def write(rows: list[object]) -> None:
+        await asyncio.sleep(0.01)
+        written.append(len(rows))
+
+    accounting = EgressAccounting(write)  # type: ignore[arg-type]
+    runner = asyncio.create_task(accounting.run())
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        i = 0
+        while not stop.is_set():
+            accounting.record((VIN, "2026-11-23", "tbox/status", "remote_control", str(i % 3)))
+            i += 1
+            await asyncio.sleep(0.001)
+
+    feeder = asyncio.create_task(traffic())
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(accounting.flush(), 2)  # v1 looped until traffic stopped
+    stop.set()
+    await feeder
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    assert written
+
+
+async def test_back_pressure_outlasts_the_keepalive_without_a_reconnect(tmp_path: Path) -> None:
+    """While reading is paused the broker's PINGRESPs stay unread: v1's keepalive
+    check then dropped the vehicle connection after 2x keepalive, the new
+    connection read freely, and the budget never paused it again (the broker
+    redelivered everything on top)."""
+    pipeline = PipelineConfig(inflight=32, max_bytes=1 << 20, drain_timeout_s=5)
+    with MosquittoBroker() as vehicle_broker, MosquittoBroker() as backend_broker:
+        harness = GatewayHarness(
+            vehicle_broker.url, backend_broker.url, tmp_path / "state", pipeline=pipeline
+        )
+        service = await harness.start()
+        try:
+            async with aiomqtt.Client(
+                "127.0.0.1", vehicle_broker.port, identifier=f"tbox-{VIN}"
+            ) as car_client:
+                car = Car(car_client, Recorder(car_client))
+                await car.subscribe()
+                car_task = asyncio.create_task(car.run())
+                await car.settings(1, features={"remote_control": True})
+                backend_broker.stop_keep_state()
+                sent = [status(car) for _ in range(200)]
+                for msg in sent:
+                    await car.send("tbox/status", msg)
+                await asyncio.sleep(12)  # keepalive is 5 s in these tests
+                assert service.vehicle_edge.generation == 1
+                held = len(service._windows["vehicle"]) + service._queue.qsize()
+                assert held <= 33, held
+                backend_broker.start()
+                async with aiomqtt.Client(
+                    "127.0.0.1",
+                    backend_broker.port,
+                    identifier="backend",
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                ) as backend_client:
+                    await backend_client.subscribe("tsp/#", qos=1)
+                    recorder = Recorder(backend_client)
+                    rec_task = asyncio.create_task(recorder.run())
+                    want = {m.header.seq for m in sent}
+                    await recorder.wait_for(
+                        lambda: want
+                        <= {
+                            streams_pb2.VehicleStatus.FromString(m.payload).header.seq  # type: ignore[arg-type]
+                            for m in recorder.on("/tbox/status")
+                        },
+                        30,
+                    )
+                    rec_task.cancel()
+                car_task.cancel()
+        finally:
+            for running_service in list(harness.running):
+                await harness.stop(running_service)
 
 
 def test_refusal_classes() -> None:

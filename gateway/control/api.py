@@ -139,7 +139,7 @@ ROUTES: tuple[Route, ...] = (
         "DELETE",
         "/v1/dead-letters",
         ("operator",),
-        "Purge dead letters: ?id=N (repeatable), or all without it",
+        "Purge dead letters: ?id=N (repeatable), or ?all=true",
         "delete_dead_letters",
     ),
     Route(
@@ -600,22 +600,26 @@ class ControlPlane:
     async def delete_dead_letters(self, request: web.Request) -> web.Response:
         ids = _ids(request)
         if ids is False:
-            return _error(400, "id must be an integer")
+            return _error(400, "id must be an integer (at most 1000 of them)")
+        if not ids and request.query.get("all") != "true":
+            # A misspelt parameter must not purge everything.
+            return _error(400, "give ?id=N (repeatable), or ?all=true to purge every dead letter")
         removed = await self.service.delete_dead_letters(ids or None)
         return web.json_response({"deleted": removed})
 
     async def redrive_dead_letters(self, request: web.Request) -> web.Response:
         ids = _ids(request)
         if ids is False:
-            return _error(400, "id must be an integer")
+            return _error(400, "id must be an integer (at most 1000 of them)")
         return web.json_response(await self.service.redrive_dead_letters(ids or None))
 
 
 def _ids(request: web.Request) -> list[int] | Literal[False]:
     try:
-        return [int(v) for v in request.query.getall("id", [])]
+        ids = [int(v) for v in request.query.getall("id", [])]
     except ValueError:
         return False
+    return ids if len(ids) <= 1000 else False
 
 
 def _legal_basis(policy: Any, feature: str) -> str:

@@ -152,6 +152,10 @@ def decide(
         return Drop(DropReason.UNKNOWN_TOPIC, "", detail=topic)
     vin, relative = parts
     if relative == SETTINGS_TOPIC:
+        if len(payload) > ctx.policy.max_payload_bytes_default:
+            # Before parsing: a map of a million feature ids costs seconds and
+            # several times its size in memory.
+            return Drop(DropReason.OVERSIZED, SETTINGS_TOPIC, vin=vin, detail=str(len(payload)))
         if not is_valid_vin(vin):
             return Drop(DropReason.INVALID_VIN, SETTINGS_TOPIC, detail=vin)
         return _decide_settings(ctx, vin, payload, states.get(vin), now)

@@ -359,7 +359,9 @@ class MqttEdge:
         self._write_scheduled = False
         self._writer_added = False
         self._read_scheduled = False
-        self._reading_paused = False
+        self._reading_paused = False  # actual state of the reader
+        self._pause_wanted = False  # what the owner asked for; survives a reconnect
+        self._accepting = False  # CONNACK received on the current connection
         self._drain_scheduled = False
 
         client = _Client(
@@ -453,22 +455,38 @@ class MqttEdge:
         """
         props = _publish_properties(user_properties) if user_properties else None
         future: asyncio.Future[None] = self._loop.create_future()
-        limit = self.max_packet_size
-        if limit is not None and len(payload) + len(topic) + 64 > limit:
-            size = publish_packet_size(topic, payload, props)
-            if size > limit:
-                future.set_exception(
-                    PublishRefused(
-                        f"packet of {size} bytes exceeds the broker's maximum of {limit}",
-                        PACKET_TOO_LARGE,
-                    )
-                )
-                return future
-        if self._backlog or len(self._publishes) >= self._client._max_inflight_messages:
+        if (
+            not self._accepting
+            or self._backlog
+            or len(self._publishes) >= self._client._max_inflight_messages
+        ):
+            # Not connected yet: the broker's packet limit is unknown until its
+            # CONNACK, so nothing goes to paho (which would send it unchecked).
             self._backlog.append((topic, payload, props, future))
-        else:
+        elif not self._refuse_if_too_large(topic, payload, props, future):
             self._hand_to_paho(topic, payload, props, future)
         return future
+
+    def _refuse_if_too_large(
+        self, topic: str, payload: bytes, props: Properties | None, future: asyncio.Future[None]
+    ) -> bool:
+        """Fail `future` with 0x95 when the packet exceeds the broker's Maximum
+        Packet Size: mosquitto disconnects a client that sends one (again after
+        every reconnect) instead of refusing the message."""
+        limit = self.max_packet_size
+        if limit is None or len(payload) + len(topic) + 64 <= limit:
+            return False
+        size = publish_packet_size(topic, payload, props)
+        if size <= limit:
+            return False
+        if not future.done():
+            future.set_exception(
+                PublishRefused(
+                    f"packet of {size} bytes exceeds the broker's maximum of {limit}",
+                    PACKET_TOO_LARGE,
+                )
+            )
+        return True
 
     def _hand_to_paho(
         self,
@@ -488,9 +506,29 @@ class MqttEdge:
 
     def _drain_backlog(self) -> None:
         self._drain_scheduled = False
+        if not self._accepting:
+            return
         backlog, limit = self._backlog, self._client._max_inflight_messages
         while backlog and len(self._publishes) < limit:
-            self._hand_to_paho(*backlog.popleft())
+            item = backlog.popleft()
+            if not self._refuse_if_too_large(*item):
+                self._hand_to_paho(*item)
+
+    def _refuse_held_too_large(self, client: mqtt.Client) -> None:
+        """On a (re)connect, before paho resends what it holds: the broker's limit
+        may be lower than the previous one's (a restart with a new config)."""
+        if self.max_packet_size is None:
+            return
+        with client._out_message_mutex:
+            for mid, message in list(client._out_messages.items()):
+                future = self._publishes.get(mid)
+                if future is None:
+                    continue
+                if self._refuse_if_too_large(
+                    message.topic, bytes(message.payload), message.properties, future
+                ):
+                    del client._out_messages[mid]
+                    del self._publishes[mid]
 
     def ack(self, mid: int, qos: int, generation: int) -> bool:
         """PUBACK a received message, unless it came over an earlier connection
@@ -637,6 +675,13 @@ class MqttEdge:
         limit = min(self._max_inflight_publishes, int(server_max or 65535))
         client._max_inflight_messages = limit
         if not reason_code.is_failure:
+            self._accepting = True
+            self._refuse_held_too_large(client)
+            if self._pause_wanted and self._sock is not None and not self._reading_paused:
+                # The owner paused reading before this reconnect: keep it paused
+                # once the CONNACK is read (what follows stays in the socket).
+                self._reading_paused = True
+                self._loop.remove_reader(self._sock)
             # Bump here, not after the await: the broker redelivers unacked
             # messages right behind CONNACK, often in the same read, and they
             # belong to the new connection.
@@ -657,6 +702,7 @@ class MqttEdge:
     ) -> None:
         was_ready = self.ready.is_set()
         self.ready.clear()
+        self._accepting = False
         self._disconnected.set()
         if self._connack is not None and not self._connack.done():
             self._connack.set_exception(ConnectionError(f"disconnected: {reason_code}"))
@@ -742,6 +788,7 @@ class MqttEdge:
         """Stop taking packets off the socket: TCP back-pressure to the broker,
         which then holds further messages itself. Needed because a broker may
         send beyond our Receive Maximum (mosquitto 2.0 does once acks flow)."""
+        self._pause_wanted = True
         if self._reading_paused:
             return
         self._reading_paused = True
@@ -749,9 +796,12 @@ class MqttEdge:
             self._loop.remove_reader(self._sock)
 
     def resume_reading(self) -> None:
+        self._pause_wanted = False
         if not self._reading_paused:
             return
         self._reading_paused = False
+        # Nothing was read while paused: paho must not take that for a dead peer.
+        self._client._last_bytes_received = time.monotonic()
         if self._sock is not None:
             self._loop.add_reader(self._sock, self._read)
             if not self._read_scheduled:  # bytes may already sit in our buffer
@@ -836,9 +886,23 @@ class MqttEdge:
                 if self._stopping:
                     return
                 continue
+            if self._reading_paused:
+                self._keepalive_while_paused()
+                continue
             rc = self._client.loop_misc()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._stopping:
                 return
+
+    def _keepalive_while_paused(self) -> None:
+        """While reading is paused (back-pressure) the broker's PINGRESPs stay
+        unread in the socket, so paho's keepalive check would drop a healthy
+        connection. Keep the broker's side alive with PINGREQs and skip the
+        check until reading resumes."""
+        client = self._client
+        if time.monotonic() - client._last_msg_out >= self._keepalive_s / 2:
+            client._send_pingreq()
+            client._ping_t = 0  # the answer is read when reading resumes
+            client._last_msg_out = time.monotonic()
 
 
 def _wake(future: asyncio.Future[None]) -> None:
