@@ -333,6 +333,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config = resolve_run_config(args)
+        config.broker_tls()  # certificates, keys and their passwords readable: before any state
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -29,6 +29,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = rf"^{_LABEL}(\.{_LABEL})*$"
+
+
 class BrokerConfig(_Strict):
     url: str = "mqtt://127.0.0.1:1883"
     client_id: str = Field(min_length=1, max_length=128)
@@ -39,6 +44,21 @@ class BrokerConfig(_Strict):
         None,
         description="PEM CA certificate(s) that sign the mqtts:// broker's certificate; "
         "unset: the system trust store",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM client certificate (chain) for brokers that require one (mTLS)"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_key_password_file: Path | None = Field(
+        None, description="file holding the password of an encrypted tls_key_file"
+    )
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+    tls_server_name: str | None = Field(
+        None,
+        pattern=_HOSTNAME,
+        max_length=253,
+        description="name sent as SNI and checked in the broker's certificate"
+        " (default: the url's host)",
     )
 
     @field_validator("url")
@@ -51,24 +71,117 @@ class BrokerConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _ca_needs_tls(self) -> BrokerConfig:
-        if self.tls_ca_file is not None and not self.endpoint.tls:
-            raise ValueError("tls_ca_file is set but the url is not mqtts://")
+    def _tls_settings_agree(self) -> BrokerConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
+            raise ValueError(
+                f"tls_cert_file and tls_key_file must be set together ({missing} is missing)"
+            )
+        if self.tls_key_password_file is not None and self.tls_key_file is None:
+            raise ValueError("tls_key_password_file is set but tls_key_file is not")
+        if not self.endpoint.tls:
+            for name in ("tls_ca_file", "tls_cert_file", "tls_server_name"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is set but the url is not mqtts://")
         return self
 
     @property
     def endpoint(self) -> BrokerEndpoint:
         return BrokerEndpoint.parse(self.url)
 
+    @property
+    def server_name(self) -> str:
+        """The name the broker's certificate must carry (and the SNI sent)."""
+        return self.tls_server_name or self.endpoint.host
+
     def tls_context(self) -> ssl.SSLContext | None:
         """Client TLS context for an mqtts:// url (None for mqtt://): the
-        broker's certificate must chain to the CA and name the host."""
+        broker's certificate must chain to the CA and name `server_name`; the
+        client certificate, if any, is presented. Reads every file now
+        (ConfigError naming the file and the problem)."""
         if not self.endpoint.tls:
             return None
         try:
-            return ssl.create_default_context(cafile=self.tls_ca_file)
+            context = ssl.create_default_context(cafile=self.tls_ca_file)
         except (OSError, ValueError) as exc:  # missing file, not PEM, no certificate in it
             raise ConfigError(f"tls_ca_file {self.tls_ca_file}: cannot load: {exc}") from exc
+        context.minimum_version = TLS_VERSIONS[self.tls_min_version]
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            password = None
+            if self.tls_key_password_file is not None:
+                password = read_secret(self.tls_key_password_file, "tls_key_password_file")
+            _check_private_key(self.tls_key_file, password)
+            try:
+                context.load_cert_chain(self.tls_cert_file, self.tls_key_file, password)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConfigError(
+                    f"tls_cert_file {self.tls_cert_file} with tls_key_file {self.tls_key_file}:"
+                    f" cannot load: {getattr(exc, 'reason', None) or exc}"
+                ) from exc
+            _warn_if_not_valid_now(self.tls_cert_file)
+        return context
+
+
+def read_secret(path: Path, what: str) -> str:
+    """A secret kept in a file: its text without the trailing newline."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text") from exc
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise ConfigError(f"{what} {path}: is empty")
+    return secret
+
+
+def _check_private_key(path: Path, password: str | None) -> None:
+    """Load the key once with cryptography: its errors say what is wrong
+    (OpenSSL's through ssl say "PEM lib")."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"tls_key_file {path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        load_pem_private_key(data, password.encode() if password is not None else None)
+    except TypeError as exc:  # encrypted without a password, or a password for a plain key
+        hint = (
+            "the key is encrypted: set tls_key_password_file"
+            if password is None
+            else "the key is not encrypted: remove tls_key_password_file"
+        )
+        raise ConfigError(f"tls_key_file {path}: {hint}") from exc
+    except ValueError as exc:
+        problem = str(exc).split(".", 1)[0]
+        if password is not None and "decrypt" in str(exc).lower():
+            problem = "cannot decrypt it with the password of tls_key_password_file"
+        raise ConfigError(f"tls_key_file {path}: {problem}") from exc
+
+
+def _warn_if_not_valid_now(path: Path) -> None:
+    import datetime
+    import logging
+
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return  # ssl loaded it: a chain whose first block cryptography reads differently
+    now = datetime.datetime.now(datetime.UTC)
+    if cert.not_valid_after_utc < now:
+        logging.getLogger("gateway.config").warning(
+            "tls_cert_file %s expired on %s: brokers will refuse it",
+            path,
+            cert.not_valid_after_utc.isoformat(),
+        )
+    elif cert.not_valid_before_utc > now:
+        logging.getLogger("gateway.config").warning(
+            "tls_cert_file %s is not valid before %s", path, cert.not_valid_before_utc.isoformat()
+        )
 
 
 class PipelineConfig(_Strict):
@@ -225,6 +338,17 @@ class GatewayConfig(_Strict):
         path = Path(self.keys.pseudonym_key_file)
         return path if path.is_absolute() else self.state_dir / path
 
+    def broker_tls(self) -> dict[str, ssl.SSLContext | None]:
+        """Both brokers' TLS contexts, every file read now (ConfigError names
+        the broker's section, the file and the problem)."""
+        contexts = {}
+        for name in ("vehicle_broker", "backend_broker"):
+            try:
+                contexts[name] = getattr(self, name).tls_context()
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}") from exc
+        return contexts
+
     def client_id(self, broker: BrokerConfig) -> str:
         """The MQTT client id on `broker`: the configured one plus this instance's id.
 
@@ -266,8 +390,10 @@ def load_config(path: str | Path) -> GatewayConfig:
     if not config.state_dir.is_absolute():
         config.state_dir = (base / config.state_dir).resolve()
     for broker in (config.vehicle_broker, config.backend_broker):
-        if broker.tls_ca_file is not None and not broker.tls_ca_file.is_absolute():
-            broker.tls_ca_file = (base / broker.tls_ca_file).resolve()
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_key_password_file"):
+            value = getattr(broker, name)
+            if value is not None and not value.is_absolute():
+                setattr(broker, name, (base / value).resolve())
     ctl = config.control
     ctl.trusted_keys = [k if k.is_absolute() else (base / k).resolve() for k in ctl.trusted_keys]
     if ctl.tls_cert is not None and not ctl.tls_cert.is_absolute():

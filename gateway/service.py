@@ -210,10 +210,8 @@ class GatewayService:
         self.backend_edge: MqttEdge
         self._windows: dict[str, AckWindow] = {}
         # Built here so that an unreadable CA file refuses the start (ConfigError).
-        self._tls_contexts = {
-            VEHICLE: config.vehicle_broker.tls_context(),
-            BACKEND: config.backend_broker.tls_context(),
-        }
+        tls = config.broker_tls()
+        self._tls_contexts = {VEHICLE: tls["vehicle_broker"], BACKEND: tls["backend_broker"]}
         self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
         self.store_writable = True  # false while a durable write keeps failing
         self.metrics.store_writable.set(1)
@@ -301,6 +299,8 @@ class GatewayService:
             max_inflight_publishes=inflight,
             keepalive_s=vcfg.keepalive_s,
             tls_context=self._tls_contexts[VEHICLE],
+            tls_server_name=vcfg.tls_server_name,
+            tls_client_cert=vcfg.tls_cert_file is not None,
             on_state_change=self._edge_state,
         )
         self.backend_edge = MqttEdge(
@@ -315,6 +315,8 @@ class GatewayService:
             max_inflight_publishes=inflight,
             keepalive_s=bcfg.keepalive_s,
             tls_context=self._tls_contexts[BACKEND],
+            tls_server_name=bcfg.tls_server_name,
+            tls_client_cert=bcfg.tls_cert_file is not None,
             on_state_change=self._edge_state,
         )
         if self._ecall_lane:
@@ -367,6 +369,8 @@ class GatewayService:
             on_message=lambda msg: None,
             clean_start=True,
             tls_context=self._tls_contexts[BACKEND],
+            tls_server_name=bcfg.tls_server_name,
+            tls_client_cert=bcfg.tls_cert_file is not None,
             max_inflight_publishes=self.config.pipeline.inflight,
             keepalive_s=bcfg.keepalive_s,
             on_state_change=self._edge_state,
@@ -379,6 +383,8 @@ class GatewayService:
             on_message=self._handle_ecall,
             clean_start=False,
             tls_context=self._tls_contexts[VEHICLE],
+            tls_server_name=vcfg.tls_server_name,
+            tls_client_cert=vcfg.tls_cert_file is not None,
             session_expiry_s=vcfg.session_expiry_s or 86400,
             receive_maximum=self.config.pipeline.inflight,
             keepalive_s=vcfg.keepalive_s,

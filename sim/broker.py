@@ -42,12 +42,14 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class ListenerTls:
-    """PEM files of a TLS listener: the CA that clients are told about, the
-    broker's certificate (chain) and its private key."""
+    """PEM files of a TLS listener: the CA that clients are told about (and,
+    with `require_certificate`, the one client certificates must chain to),
+    the broker's certificate (chain) and its private key."""
 
     cafile: Path
     certfile: Path
     keyfile: Path
+    require_certificate: bool = False
 
     def install(self, directory: Path) -> list[str]:
         """Copy the files where mosquitto can read them; its config lines.
@@ -68,7 +70,10 @@ class ListenerTls:
             with contextlib.suppress(KeyError):  # no such user: mosquitto keeps root
                 user = pwd.getpwnam("mosquitto")
                 os.chown(key, user.pw_uid, user.pw_gid)
-        return [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+        lines = [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+        if self.require_certificate:
+            lines.append("require_certificate true")
+        return lines
 
 
 class MosquittoBroker:
