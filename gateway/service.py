@@ -209,9 +209,10 @@ class GatewayService:
         self.vehicle_edge: MqttEdge
         self.backend_edge: MqttEdge
         self._windows: dict[str, AckWindow] = {}
-        # Built here so that an unreadable CA file refuses the start (ConfigError).
-        tls = config.broker_tls()
-        self._tls_contexts = {VEHICLE: tls["vehicle_broker"], BACKEND: tls["backend_broker"]}
+        # Read here so that an unreadable CA, key or password file refuses the
+        # start (ConfigError); reload() replaces them for the next connection.
+        access = config.broker_access()
+        self._access = {VEHICLE: access["vehicle_broker"], BACKEND: access["backend_broker"]}
         self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
         self.store_writable = True  # false while a durable write keeps failing
         self.metrics.store_writable.set(1)
@@ -289,7 +290,7 @@ class GatewayService:
         )
         self.vehicle_edge = MqttEdge(
             name=VEHICLE,
-            endpoint=vcfg.endpoint,
+            endpoint=self._access[VEHICLE].endpoint,
             client_id=self.config.client_id(vcfg),
             subscriptions=[f"{vcfg.topic_prefix}/#"],
             on_message=self._enqueue_vehicle_message,
@@ -298,14 +299,14 @@ class GatewayService:
             receive_maximum=inflight,
             max_inflight_publishes=inflight,
             keepalive_s=vcfg.keepalive_s,
-            tls_context=self._tls_contexts[VEHICLE],
-            tls_server_name=vcfg.tls_server_name,
-            tls_client_cert=vcfg.tls_cert_file is not None,
+            tls_context=self._access[VEHICLE].tls,
+            tls_server_name=self._access[VEHICLE].server_name,
+            tls_client_cert=self._access[VEHICLE].client_cert,
             on_state_change=self._edge_state,
         )
         self.backend_edge = MqttEdge(
             name=BACKEND,
-            endpoint=bcfg.endpoint,
+            endpoint=self._access[BACKEND].endpoint,
             client_id=self.config.client_id(bcfg),
             subscriptions=[f"{bcfg.topic_prefix}/+/cmd/+"],
             on_message=self._queue.put_nowait,
@@ -314,9 +315,9 @@ class GatewayService:
             receive_maximum=inflight,
             max_inflight_publishes=inflight,
             keepalive_s=bcfg.keepalive_s,
-            tls_context=self._tls_contexts[BACKEND],
-            tls_server_name=bcfg.tls_server_name,
-            tls_client_cert=bcfg.tls_cert_file is not None,
+            tls_context=self._access[BACKEND].tls,
+            tls_server_name=self._access[BACKEND].server_name,
+            tls_client_cert=self._access[BACKEND].client_cert,
             on_state_change=self._edge_state,
         )
         if self._ecall_lane:
@@ -363,28 +364,28 @@ class GatewayService:
         )
         self.ecall_backend_edge = MqttEdge(
             name=ECALL_BACKEND,
-            endpoint=bcfg.endpoint,
+            endpoint=self._access[BACKEND].endpoint,
             client_id=f"{self.config.client_id(bcfg)}-ecall",
             subscriptions=[],
             on_message=lambda msg: None,
             clean_start=True,
-            tls_context=self._tls_contexts[BACKEND],
-            tls_server_name=bcfg.tls_server_name,
-            tls_client_cert=bcfg.tls_cert_file is not None,
+            tls_context=self._access[BACKEND].tls,
+            tls_server_name=self._access[BACKEND].server_name,
+            tls_client_cert=self._access[BACKEND].client_cert,
             max_inflight_publishes=self.config.pipeline.inflight,
             keepalive_s=bcfg.keepalive_s,
             on_state_change=self._edge_state,
         )
         self.ecall_vehicle_edge = MqttEdge(
             name=ECALL,
-            endpoint=vcfg.endpoint,
+            endpoint=self._access[VEHICLE].endpoint,
             client_id=f"{self.config.client_id(vcfg)}-ecall",
             subscriptions=topics,
             on_message=self._handle_ecall,
             clean_start=False,
-            tls_context=self._tls_contexts[VEHICLE],
-            tls_server_name=vcfg.tls_server_name,
-            tls_client_cert=vcfg.tls_cert_file is not None,
+            tls_context=self._access[VEHICLE].tls,
+            tls_server_name=self._access[VEHICLE].server_name,
+            tls_client_cert=self._access[VEHICLE].client_cert,
             session_expiry_s=vcfg.session_expiry_s or 86400,
             receive_maximum=self.config.pipeline.inflight,
             keepalive_s=vcfg.keepalive_s,

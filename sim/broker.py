@@ -20,16 +20,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-
-
 def find_mosquitto() -> str:
-    for candidate in MOSQUITTO_CANDIDATES:
-        found = shutil.which(candidate)
+    return _find("mosquitto")
+
+
+def _find(program: str) -> str:
+    for directory in ("", "/usr/sbin/", "/usr/local/sbin/", "/usr/bin/"):
+        found = shutil.which(directory + program)
         if found:
             return found
     raise FileNotFoundError(
-        "mosquitto not found: install it (Debian: apt-get install mosquitto) "
+        f"{program} not found: install mosquitto (Debian: apt-get install mosquitto) "
         "or run the README's commands, which install it"
     )
 
@@ -96,6 +97,7 @@ class MosquittoBroker:
         acl: str | None = None,
         max_packet_size: int | None = None,
         tls: ListenerTls | None = None,
+        users: dict[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.max_queued = max_queued
@@ -106,6 +108,7 @@ class MosquittoBroker:
         self.acl = acl  # mosquitto acl_file text; reloaded by reload() (SIGHUP)
         self.max_packet_size = max_packet_size
         self.tls = tls
+        self.users = users  # user -> password; set: anonymous clients are refused
         self.process: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
 
@@ -123,7 +126,7 @@ class MosquittoBroker:
             [
                 f"listener {self.port} 127.0.0.1",
                 *self._tls_lines(),
-                "allow_anonymous true",
+                *self._auth_lines(),
                 *self._persistence_lines(),
                 f"max_queued_messages {self.max_queued}",
                 "max_queued_bytes 0",
@@ -139,6 +142,21 @@ class MosquittoBroker:
                 "",
             ]
         )
+
+    def _auth_lines(self) -> list[str]:
+        if self.users is None:
+            return ["allow_anonymous true"]
+        self.workdir.chmod(0o755)
+        path = self.workdir / "passwords"
+        path.write_text("")
+        for user, password in self.users.items():
+            subprocess.run(
+                [_find("mosquitto_passwd"), "-b", str(path), user, password],
+                check=True,
+                capture_output=True,
+            )
+        path.chmod(0o644)  # mosquitto started as root reads it as its own user
+        return ["allow_anonymous false", f"password_file {path}"]
 
     def _limit_lines(self) -> list[str]:
         lines = []

@@ -183,6 +183,7 @@ class ControlPlane:
     def __init__(self, service: GatewayService, config: ControlConfig) -> None:
         self.service = service
         self.config = config
+        self.tokens = config.all_tokens()  # ConfigError: tokens_file unreadable or invalid
         self.trusted: dict[str, Ed25519PublicKey] = {}
         for path in config.trusted_keys:
             key = load_public_key(path)
@@ -276,7 +277,7 @@ class ControlPlane:
         caller = None
         if route is None:
             response: web.StreamResponse = _error(404, "no such endpoint")
-            caller = authenticate(request.headers.get("Authorization"), self.config.tokens)
+            caller = authenticate(request.headers.get("Authorization"), self.tokens)
             if caller is None:
                 # Anyone can send these (scanners): logging them would let an
                 # unauthenticated client grow the database at will.
@@ -284,7 +285,7 @@ class ControlPlane:
         elif not route.roles:
             response = await handler(request)
         else:
-            caller = authenticate(request.headers.get("Authorization"), self.config.tokens)
+            caller = authenticate(request.headers.get("Authorization"), self.tokens)
             if caller is None:
                 response = _error(401, "missing or unknown bearer token")
                 response.headers["WWW-Authenticate"] = "Bearer"
