@@ -42,6 +42,8 @@ from gateway.policy import CompiledPolicy, PolicyError, load_policy, summary_row
 from telematics.v1 import privacy_pb2
 
 if TYPE_CHECKING:
+    from gateway.control.api import ControlPlane
+    from gateway.service import GatewayService
     from gateway.store import SqliteConsentStore
 
 log = logging.getLogger("gateway")
@@ -391,14 +393,111 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     config.instance_id = state.instance_id
     try:
-        return _run(config, policy, state.key, state.store)
+        return _run(config, policy, state.key, state.store, lambda: resolve_run_config(args))
     finally:
         state.state_dir.unlock()
 
 
+# What SIGHUP applies; any other change waits for a restart (and is named).
+RELOADABLE = (
+    "instance_id",  # from the state directory
+    "policy",  # offered, never applied by a reload
+    "logging.level",
+    "control.tokens",
+    "control.tokens_file",
+    "control.trusted_keys",
+    *(
+        f"{side}.{key}"
+        for side in ("vehicle_broker", "backend_broker")
+        for key in (
+            "tls_ca_file",
+            "tls_cert_file",
+            "tls_key_file",
+            "tls_key_password_file",
+            "tls_min_version",
+            "tls_server_name",
+            "password_file",
+        )
+    ),
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def restart_needed(running: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """Keys whose change a reload does not apply (e.g. broker urls, limits)."""
+    old_keys = _flatten(running.model_dump(mode="json"))
+    new_keys = _flatten(new.model_dump(mode="json"))
+    return sorted(
+        key
+        for key in old_keys.keys() | new_keys.keys()
+        if old_keys.get(key) != new_keys.get(key)
+        and not any(key == r or key.startswith(r + ".") for r in RELOADABLE)
+    )
+
+
+async def reload_config(
+    load: Callable[[], GatewayConfig],
+    running: GatewayConfig,
+    service: GatewayService,
+    control: ControlPlane,
+) -> bool:
+    """SIGHUP: read the configuration again (flags, environment, file) and
+    apply control tokens, trusted keys, the log level, and broker TLS material
+    and passwords (used from the next reconnect: connections in place are
+    kept). All or nothing: a configuration that does not load changes nothing.
+    A newer policy file is offered, not applied."""
+    from gateway.control.api import load_trusted_keys
+    from gateway.control.signing import BundleError
+
+    log.info("SIGHUP: reloading the configuration")
+    try:
+        new = load()
+        access = new.broker_access()
+        tokens = new.control.all_tokens()
+        trusted = load_trusted_keys(new.control.trusted_keys)
+    except (ConfigError, BundleError, OSError, ValueError) as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+        return False
+    service.reload_brokers(access)
+    control.reload(tokens, trusted)
+    logging.getLogger().setLevel(new.logging.level)
+    log.info(
+        "configuration reloaded: log level %s, %d token(s), %d trusted key(s); broker TLS"
+        " material and passwords apply from the next reconnect",
+        new.logging.level,
+        len(tokens),
+        len(trusted),
+    )
+    pending = restart_needed(running, new)
+    if pending:
+        log.warning(
+            "changed but applied only by a restart: %s", ", ".join(pending), extra={"keys": pending}
+        )
+    try:
+        offered = load_policy(new.policy)
+    except PolicyError as exc:
+        log.warning("policy file %s is not offered: %s", new.policy, exc)
+    else:
+        service.offer_policy(offered, str(new.policy))
+    return True
+
+
 def _run(
-    config: GatewayConfig, policy: CompiledPolicy, key: bytes, store: SqliteConsentStore
+    config: GatewayConfig,
+    policy: CompiledPolicy,
+    key: bytes,
+    store: SqliteConsentStore,
+    load: Callable[[], GatewayConfig],
 ) -> int:
+    from gateway.control.signing import BundleError
     from gateway.service import GatewayService
 
     async def serve() -> None:
@@ -411,13 +510,20 @@ def _run(
             raise SystemExit(EXIT_CONFIG) from exc
         try:
             control = ControlPlane(service, config.control)
-        except (OSError, ValueError, ConfigError) as exc:
+        except (OSError, ValueError, ConfigError, BundleError) as exc:
             log.error("refusing to start: control plane: %s", exc)
             raise SystemExit(EXIT_CONFIG) from exc
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        reloading = asyncio.Lock()
+
+        async def reload() -> None:
+            async with reloading:  # one at a time, in the order received
+                await reload_config(load, config, service, control)
+
+        loop.add_signal_handler(signal.SIGHUP, lambda: service.spawn(reload()))
         log.info(
             "starting: vehicle broker %s as %s, backend broker %s as %s, state %s",
             config.vehicle_broker.endpoint.redacted(),
@@ -437,6 +543,7 @@ def _run(
             log.error("control plane cannot listen on %s: %s", config.control.listen, exc)
             await service.stop()
             raise SystemExit(EXIT_CONFIG) from exc
+        service.offer_policy(policy, str(config.policy))
         await stop.wait()
         log.info("shutting down")
         await control.stop()
