@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+
 def find_mosquitto() -> str:
     return _find("mosquitto")
 

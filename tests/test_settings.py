@@ -3,6 +3,7 @@ defaults, and secrets read from files rather than given on argv."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -44,7 +45,7 @@ def config_file(tmp_path: Path, text: str = "") -> Path:
     return path
 
 
-def run_args(config: Path, *flags: str) -> object:
+def run_args(config: Path, *flags: str) -> argparse.Namespace:
     return build_parser().parse_args(["run", "--config", str(config), *flags])
 
 
@@ -93,7 +94,7 @@ def test_flags_override_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
             "--vehicle-broker", "mqtt://flag.example:1885",
             "--log-level", "DEBUG",
             "--control-listen", "",
-        )  # type: ignore[arg-type]
+        )
     )
     assert config.vehicle_broker.url == "mqtt://flag.example:1885"
     assert config.logging.level == "DEBUG"
