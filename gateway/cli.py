@@ -6,24 +6,23 @@ import argparse
 import asyncio
 import json
 import logging
-import re
+import os
 import secrets
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
-from pydantic import ValidationError
 
 from gateway.config import (
-    INSTANCE_ID_PATTERN,
-    BrokerConfig,
+    ENV_PREFIX,
     ConfigError,
-    ControlConfig,
     GatewayConfig,
     load_config,
-    validation_problems,
+    read_config_file,
+    read_secret,
 )
 from gateway.core import (
     ApplySettings,
@@ -37,16 +36,18 @@ from gateway.core import (
     state_from_snapshot,
 )
 from gateway.core.decide import SETTINGS_TOPIC, split_vehicle_topic
-from gateway.edges.mqtt import BrokerEndpoint, BrokerUrlError
 from gateway.keys import KeyFileError, read_key
 from gateway.logs import setup_logging
 from gateway.policy import CompiledPolicy, PolicyError, load_policy, summary_rows
 from telematics.v1 import privacy_pb2
 
 if TYPE_CHECKING:
+    from gateway.control.api import ControlPlane
+    from gateway.service import GatewayService
     from gateway.store import SqliteConsentStore
 
 log = logging.getLogger("gateway")
+CONTROL_TOKEN_ENV = "GATEWAY_CONTROL_TOKEN"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
 EXIT_CONFIG = 2
 
@@ -61,7 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run the gateway", description="Run the gateway until SIGTERM/SIGINT."
     )
-    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="runtime config (TOML)")
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG),
+        help="runtime config (TOML; default: $GATEWAY_CONFIG, else config/gateway.toml)."
+        " Every key can also be set by a GATEWAY_* environment variable (nested keys"
+        " joined by __, e.g. GATEWAY_LIMITS__NEW_VEHICLES_PER_S); flags > environment"
+        " > file > defaults",
+    )
     run.add_argument(
         "--vehicle-broker", metavar="URL", help="vehicle-side broker, mqtt://host:port or mqtts://"
     )
@@ -103,14 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument(
         "--url", required=True, help="control plane base URL, e.g. http://127.0.0.1:8080"
     )
-    push.add_argument("--token", required=True, help="operator bearer token")
+    source = push.add_mutually_exclusive_group()
+    source.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the operator bearer token (default: $GATEWAY_CONTROL_TOKEN)",
+    )
+    source.add_argument(
+        "--token",
+        help="the token itself (discouraged: other users can read a command line;"
+        " use --token-file or GATEWAY_CONTROL_TOKEN)",
+    )
     push.add_argument("bundle", type=Path)
 
     audit_cmd = sub.add_parser("audit", help="audit ledger tools")
     audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     verify = audit_sub.add_parser("verify", help="check the hash chain; exit 1 if tampered")
     verify.add_argument("--state-dir", type=Path, help="state directory (default: from --config)")
-    verify.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    verify.add_argument(
+        "--config", type=Path, default=Path(os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
+    )
 
     token = sub.add_parser(
         "token",
@@ -218,7 +239,11 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
     import urllib.request
 
     try:
+        token = _push_token(args)
         body = args.bundle.read_bytes()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -226,7 +251,7 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
         args.url.rstrip("/") + "/v1/policy",
         data=body,
         method="PUT",
-        headers={"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"},
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -238,6 +263,19 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
     except urllib.error.URLError as exc:
         print(f"error: cannot reach {args.url}: {exc.reason}", file=sys.stderr)
         return 1
+
+
+def _push_token(args: argparse.Namespace) -> str:
+    """--token-file, else $GATEWAY_CONTROL_TOKEN, else --token (kept for
+    compatibility: a command line is visible to other users)."""
+    if args.token_file is not None:
+        return read_secret(args.token_file, "--token-file")
+    if args.token:
+        return str(args.token)
+    token = os.environ.get(CONTROL_TOKEN_ENV, "").strip()
+    if not token:
+        raise ConfigError(f"no token: give --token-file FILE or set {CONTROL_TOKEN_ENV}")
+    return token
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -286,46 +324,48 @@ def cmd_token(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- run
 
 
+# flag -> (its config key, how its value goes there)
+RUN_FLAGS: dict[str, tuple[tuple[str, ...], Callable[[Any], Any]]] = {
+    "vehicle_broker": (("vehicle_broker", "url"), str),
+    "backend_broker": (("backend_broker", "url"), str),
+    "state_dir": (("state_dir",), lambda p: Path(p).resolve()),
+    "policy": (("policy",), lambda p: Path(p).resolve()),
+    "instance_id": (("instance_id",), str),
+    "control_listen": (("control", "listen"), str),
+    "json_logs": (("logging", "json"), bool),
+    "log_level": (("logging", "level"), str),
+}
+
+
 def resolve_run_config(args: argparse.Namespace) -> GatewayConfig:
-    config = load_config(args.config)
+    """Flags > GATEWAY_* environment > config file > defaults."""
+    overrides: dict[str, Any] = {}
+    flags: dict[tuple[str, ...], str] = {}
+    for dest, (key, convert) in RUN_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None or value is False or (value == "" and dest != "control_listen"):
+            continue
+        section = overrides
+        for part in key[:-1]:
+            section = section.setdefault(part, {})
+        section[key[-1]] = convert(value)
+        flags[key] = "--" + dest.replace("_", "-")
+    return load_config(args.config, overrides, flags)
+
+
+def _json_logs_wanted(args: argparse.Namespace) -> bool:
+    """Whether a refusal before the configuration is complete should be a
+    JSON line: the flag, the environment, or the file (if it can be read)."""
+    if getattr(args, "json_logs", False):
+        return True
+    for name, value in os.environ.items():
+        if name.upper() == f"{ENV_PREFIX}LOGGING__JSON":
+            return value.strip().lower() in ("1", "true", "yes", "on")
     try:
-        if args.vehicle_broker:
-            BrokerEndpoint.parse(args.vehicle_broker)
-            config.vehicle_broker.url = args.vehicle_broker
-        if args.backend_broker:
-            BrokerEndpoint.parse(args.backend_broker)
-            config.backend_broker.url = args.backend_broker
-    except BrokerUrlError as exc:
-        raise ConfigError(str(exc)) from exc
-    for name in ("vehicle_broker", "backend_broker"):
-        try:  # the overridden url must still agree with the rest (tls_ca_file)
-            BrokerConfig.model_validate(getattr(config, name).model_dump())
-        except ValidationError as exc:
-            problems = "; ".join(e["msg"] for e in exc.errors())
-            raise ConfigError(f"{name}: {problems}") from exc
-    if args.state_dir:
-        config.state_dir = args.state_dir.resolve()
-    if args.policy:
-        config.policy = args.policy.resolve()
-    if args.instance_id is not None:
-        if not re.fullmatch(INSTANCE_ID_PATTERN, args.instance_id):
-            raise ConfigError(
-                f"--instance-id {args.instance_id!r}: must match {INSTANCE_ID_PATTERN}"
-            )
-        config.instance_id = args.instance_id
-    if args.control_listen is not None:
-        try:
-            config.control = ControlConfig.model_validate(
-                {**config.control.model_dump(), "listen": args.control_listen}
-            )
-        except ValidationError as exc:
-            problems = validation_problems(exc, ("control",))
-            raise ConfigError(f"--control-listen {args.control_listen!r}: {problems}") from exc
-    if args.json_logs:
-        config.logging.json_lines = True
-    if args.log_level:
-        config.logging.level = args.log_level
-    return config
+        logging_section = read_config_file(args.config).get("logging", {})
+    except ConfigError:
+        return False
+    return isinstance(logging_section, dict) and logging_section.get("json") is True
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -334,9 +374,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         config = resolve_run_config(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        setup_logging("INFO", _json_logs_wanted(args))
+        log.error("refusing to start: %s", exc)
         return EXIT_CONFIG
     setup_logging(config.logging.level, config.logging.json_lines)
+    try:
+        # Secrets, certificates and keys readable: before any state is touched.
+        config.broker_access()
+        config.control.all_tokens()
+    except ConfigError as exc:
+        log.error("refusing to start: %s", exc)
+        return EXIT_CONFIG
     try:
         policy = load_policy(config.policy)
         state = open_state(config)  # held (locked) until the process ends
@@ -345,14 +393,111 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     config.instance_id = state.instance_id
     try:
-        return _run(config, policy, state.key, state.store)
+        return _run(config, policy, state.key, state.store, lambda: resolve_run_config(args))
     finally:
         state.state_dir.unlock()
 
 
+# What SIGHUP applies; any other change waits for a restart (and is named).
+RELOADABLE = (
+    "instance_id",  # from the state directory
+    "policy",  # offered, never applied by a reload
+    "logging.level",
+    "control.tokens",
+    "control.tokens_file",
+    "control.trusted_keys",
+    *(
+        f"{side}.{key}"
+        for side in ("vehicle_broker", "backend_broker")
+        for key in (
+            "tls_ca_file",
+            "tls_cert_file",
+            "tls_key_file",
+            "tls_key_password_file",
+            "tls_min_version",
+            "tls_server_name",
+            "password_file",
+        )
+    ),
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def restart_needed(running: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """Keys whose change a reload does not apply (e.g. broker urls, limits)."""
+    old_keys = _flatten(running.model_dump(mode="json"))
+    new_keys = _flatten(new.model_dump(mode="json"))
+    return sorted(
+        key
+        for key in old_keys.keys() | new_keys.keys()
+        if old_keys.get(key) != new_keys.get(key)
+        and not any(key == r or key.startswith(r + ".") for r in RELOADABLE)
+    )
+
+
+async def reload_config(
+    load: Callable[[], GatewayConfig],
+    running: GatewayConfig,
+    service: GatewayService,
+    control: ControlPlane,
+) -> bool:
+    """SIGHUP: read the configuration again (flags, environment, file) and
+    apply control tokens, trusted keys, the log level, and broker TLS material
+    and passwords (used from the next reconnect: connections in place are
+    kept). All or nothing: a configuration that does not load changes nothing.
+    A newer policy file is offered, not applied."""
+    from gateway.control.api import load_trusted_keys
+    from gateway.control.signing import BundleError
+
+    log.info("SIGHUP: reloading the configuration")
+    try:
+        new = load()
+        access = new.broker_access()
+        tokens = new.control.all_tokens()
+        trusted = load_trusted_keys(new.control.trusted_keys)
+    except (ConfigError, BundleError, OSError, ValueError) as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+        return False
+    service.reload_brokers(access)
+    control.reload(tokens, trusted)
+    logging.getLogger().setLevel(new.logging.level)
+    log.info(
+        "configuration reloaded: log level %s, %d token(s), %d trusted key(s); broker TLS"
+        " material and passwords apply from the next reconnect",
+        new.logging.level,
+        len(tokens),
+        len(trusted),
+    )
+    pending = restart_needed(running, new)
+    if pending:
+        log.warning(
+            "changed but applied only by a restart: %s", ", ".join(pending), extra={"keys": pending}
+        )
+    try:
+        offered = load_policy(new.policy)
+    except PolicyError as exc:
+        log.warning("policy file %s is not offered: %s", new.policy, exc)
+    else:
+        service.offer_policy(offered, str(new.policy))
+    return True
+
+
 def _run(
-    config: GatewayConfig, policy: CompiledPolicy, key: bytes, store: SqliteConsentStore
+    config: GatewayConfig,
+    policy: CompiledPolicy,
+    key: bytes,
+    store: SqliteConsentStore,
+    load: Callable[[], GatewayConfig],
 ) -> int:
+    from gateway.control.signing import BundleError
     from gateway.service import GatewayService
 
     async def serve() -> None:
@@ -365,13 +510,20 @@ def _run(
             raise SystemExit(EXIT_CONFIG) from exc
         try:
             control = ControlPlane(service, config.control)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ConfigError, BundleError) as exc:
             log.error("refusing to start: control plane: %s", exc)
             raise SystemExit(EXIT_CONFIG) from exc
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        reloading = asyncio.Lock()
+
+        async def reload() -> None:
+            async with reloading:  # one at a time, in the order received
+                await reload_config(load, config, service, control)
+
+        loop.add_signal_handler(signal.SIGHUP, lambda: service.spawn(reload()))
         log.info(
             "starting: vehicle broker %s as %s, backend broker %s as %s, state %s",
             config.vehicle_broker.endpoint.redacted(),
@@ -391,6 +543,7 @@ def _run(
             log.error("control plane cannot listen on %s: %s", config.control.listen, exc)
             await service.stop()
             raise SystemExit(EXIT_CONFIG) from exc
+        service.offer_policy(policy, str(config.policy))
         await stop.wait()
         log.info("shutting down")
         await control.stop()

@@ -1,12 +1,28 @@
-"""Runtime configuration (config/gateway.toml), validated with pydantic."""
+"""Runtime configuration, validated with pydantic.
+
+Where values come from, highest first: command-line flags, `GATEWAY_*`
+environment variables (nested keys joined by `__`, e.g.
+`GATEWAY_VEHICLE_BROKER__URL`), the TOML file (config/gateway.toml), the
+defaults below. pydantic-settings merges the layers, section by section.
+Secrets are never needed on argv or in the file: they can be read from files
+(`password_file`, `tls_key_password_file`, `control.tokens_file`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
+import os
+import re
 import ssl
 import tomllib
+import types
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -16,8 +32,18 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from gateway.edges.mqtt import BrokerEndpoint, BrokerUrlError
+
+ENV_PREFIX = "GATEWAY_"
+ENV_NESTED = "__"
 
 
 class ConfigError(Exception):
@@ -27,6 +53,11 @@ class ConfigError(Exception):
 class _Strict(BaseModel):
     # Inputs stay out of error texts: a broker URL may carry its password.
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = rf"^{_LABEL}(\.{_LABEL})*$"
 
 
 class BrokerConfig(_Strict):
@@ -40,6 +71,26 @@ class BrokerConfig(_Strict):
         description="PEM CA certificate(s) that sign the mqtts:// broker's certificate; "
         "unset: the system trust store",
     )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM client certificate (chain) for brokers that require one (mTLS)"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_key_password_file: Path | None = Field(
+        None, description="file holding the password of an encrypted tls_key_file"
+    )
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+    tls_server_name: str | None = Field(
+        None,
+        pattern=_HOSTNAME,
+        max_length=253,
+        description="name sent as SNI and checked in the broker's certificate"
+        " (default: the url's host)",
+    )
+    password_file: Path | None = Field(
+        None,
+        description="file holding the broker password (instead of one in the url; the user"
+        " name stays in the url: mqtt://user@host)",
+    )
 
     @field_validator("url")
     @classmethod
@@ -51,24 +102,145 @@ class BrokerConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _ca_needs_tls(self) -> BrokerConfig:
-        if self.tls_ca_file is not None and not self.endpoint.tls:
-            raise ValueError("tls_ca_file is set but the url is not mqtts://")
+    def _tls_settings_agree(self) -> BrokerConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
+            raise ValueError(
+                f"tls_cert_file and tls_key_file must be set together ({missing} is missing)"
+            )
+        if self.tls_key_password_file is not None and self.tls_key_file is None:
+            raise ValueError("tls_key_password_file is set but tls_key_file is not")
+        if not self.endpoint.tls:
+            for name in ("tls_ca_file", "tls_cert_file", "tls_server_name"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is set but the url is not mqtts://")
+        if self.password_file is not None:
+            endpoint = self.endpoint
+            if endpoint.password is not None:
+                raise ValueError(
+                    "give the broker password in the url or in password_file, not both"
+                )
+            if not endpoint.username:
+                raise ValueError("password_file needs a user name in the url (mqtt://user@host)")
         return self
+
+    def access(self) -> BrokerAccess:
+        """What connecting takes, every file read now: the endpoint with the
+        password from password_file, the TLS context. ConfigError names the
+        file and the problem."""
+        endpoint = self.endpoint
+        if self.password_file is not None:
+            password = read_secret(self.password_file, "password_file")
+            endpoint = dataclasses.replace(endpoint, password=password)
+        return BrokerAccess(
+            endpoint, self.tls_context(), self.tls_server_name, self.tls_cert_file is not None
+        )
 
     @property
     def endpoint(self) -> BrokerEndpoint:
         return BrokerEndpoint.parse(self.url)
 
+    @property
+    def server_name(self) -> str:
+        """The name the broker's certificate must carry (and the SNI sent)."""
+        return self.tls_server_name or self.endpoint.host
+
     def tls_context(self) -> ssl.SSLContext | None:
         """Client TLS context for an mqtts:// url (None for mqtt://): the
-        broker's certificate must chain to the CA and name the host."""
+        broker's certificate must chain to the CA and name `server_name`; the
+        client certificate, if any, is presented. Reads every file now
+        (ConfigError naming the file and the problem)."""
         if not self.endpoint.tls:
             return None
         try:
-            return ssl.create_default_context(cafile=self.tls_ca_file)
+            context = ssl.create_default_context(cafile=self.tls_ca_file)
         except (OSError, ValueError) as exc:  # missing file, not PEM, no certificate in it
             raise ConfigError(f"tls_ca_file {self.tls_ca_file}: cannot load: {exc}") from exc
+        context.minimum_version = TLS_VERSIONS[self.tls_min_version]
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            password = None
+            if self.tls_key_password_file is not None:
+                password = read_secret(self.tls_key_password_file, "tls_key_password_file")
+            _check_private_key(self.tls_key_file, password)
+            try:
+                context.load_cert_chain(self.tls_cert_file, self.tls_key_file, password)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConfigError(
+                    f"tls_cert_file {self.tls_cert_file} with tls_key_file {self.tls_key_file}:"
+                    f" cannot load: {getattr(exc, 'reason', None) or exc}"
+                ) from exc
+            _warn_if_not_valid_now(self.tls_cert_file)
+        return context
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAccess:
+    endpoint: BrokerEndpoint = dataclasses.field(repr=False)  # may carry the password
+    tls: ssl.SSLContext | None
+    server_name: str | None
+    client_cert: bool
+
+
+def read_secret(path: Path, what: str) -> str:
+    """A secret kept in a file: its text without the trailing newline."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text") from exc
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise ConfigError(f"{what} {path}: is empty")
+    return secret
+
+
+def _check_private_key(path: Path, password: str | None) -> None:
+    """Load the key once with cryptography: its errors say what is wrong
+    (OpenSSL's through ssl say "PEM lib")."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"tls_key_file {path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        load_pem_private_key(data, password.encode() if password is not None else None)
+    except TypeError as exc:  # encrypted without a password, or a password for a plain key
+        hint = (
+            "the key is encrypted: set tls_key_password_file"
+            if password is None
+            else "the key is not encrypted: remove tls_key_password_file"
+        )
+        raise ConfigError(f"tls_key_file {path}: {hint}") from exc
+    except ValueError as exc:
+        problem = str(exc).split(".", 1)[0]
+        if password is not None and "decrypt" in str(exc).lower():
+            problem = "cannot decrypt it with the password of tls_key_password_file"
+        raise ConfigError(f"tls_key_file {path}: {problem}") from exc
+
+
+def _warn_if_not_valid_now(path: Path) -> None:
+    import datetime
+    import logging
+
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return  # ssl loaded it: a chain whose first block cryptography reads differently
+    now = datetime.datetime.now(datetime.UTC)
+    if cert.not_valid_after_utc < now:
+        logging.getLogger("gateway.config").warning(
+            "tls_cert_file %s expired on %s: brokers will refuse it",
+            path,
+            cert.not_valid_after_utc.isoformat(),
+        )
+    elif cert.not_valid_before_utc > now:
+        logging.getLogger("gateway.config").warning(
+            "tls_cert_file %s is not valid before %s", path, cert.not_valid_before_utc.isoformat()
+        )
 
 
 class PipelineConfig(_Strict):
@@ -138,6 +310,11 @@ class ControlConfig(_Strict):
         default_factory=list, description="operator Ed25519 public keys (PEM)"
     )
     tokens: list[TokenConfig] = Field(default_factory=list)
+    tokens_file: Path | None = Field(
+        None,
+        description="more tokens, kept out of the config: TOML ([[tokens]] entries) or JSON"
+        " (a list of entries); re-read on SIGHUP",
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
     allow_plaintext: bool = Field(
@@ -176,6 +353,34 @@ class ControlConfig(_Strict):
                 " or allow_plaintext = true to serve plain HTTP there anyway"
             )
         return self
+
+
+    def all_tokens(self) -> list[TokenConfig]:
+        """`tokens` plus the entries of `tokens_file`, read now (ConfigError
+        naming the file and the entry)."""
+        if self.tokens_file is None:
+            return list(self.tokens)
+        path = self.tokens_file
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"tokens_file {path}: cannot read: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"tokens_file {path}: not UTF-8 text") from exc
+        try:
+            raw: Any = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+            kind = "JSON" if path.suffix == ".json" else "TOML"
+            raise ConfigError(f"tokens_file {path}: not valid {kind}: {exc}") from exc
+        entries = raw.get("tokens", []) if isinstance(raw, dict) else raw
+        try:
+            return [*self.tokens, *_TokenList.model_validate({"tokens": entries}).tokens]
+        except ValidationError as exc:
+            raise ConfigError(f"tokens_file {path}: {validation_problems(exc)}") from exc
+
+
+class _TokenList(_Strict):
+    tokens: list[TokenConfig]
 
 
 def _is_loopback(host: str) -> bool:
@@ -225,6 +430,18 @@ class GatewayConfig(_Strict):
         path = Path(self.keys.pseudonym_key_file)
         return path if path.is_absolute() else self.state_dir / path
 
+    def broker_access(self) -> dict[str, BrokerAccess]:
+        """How to reach both brokers, every file read now (password, CA,
+        client certificate and key): ConfigError names the broker's section,
+        the file and the problem."""
+        access = {}
+        for name in ("vehicle_broker", "backend_broker"):
+            try:
+                access[name] = getattr(self, name).access()
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}") from exc
+        return access
+
     def client_id(self, broker: BrokerConfig) -> str:
         """The MQTT client id on `broker`: the configured one plus this instance's id.
 
@@ -236,19 +453,154 @@ class GatewayConfig(_Strict):
         return f"{broker.client_id}-{self.instance_id}"
 
 
-def validation_problems(exc: ValidationError, where: tuple[str, ...] = ()) -> str:
+def validation_problems(
+    exc: ValidationError,
+    where: tuple[str, ...] = (),
+    origin: Callable[[tuple[str | int, ...]], list[str]] | None = None,
+) -> str:
     """One line: 'path.in.config: what is wrong; ...' (never the input values).
-    `where` is the path of the validated model inside the config file."""
+    `where` is the path of the validated model inside the config file;
+    `origin` names where a value at a path came from (a flag, a variable)."""
     problems = []
     for e in exc.errors():
-        loc = ".".join(str(p) for p in (*where, *e["loc"]))
+        path = (*where, *e["loc"])
+        loc = ".".join(str(p) for p in path)
+        sources = origin(path) if origin is not None else []
+        if sources:
+            loc += f" (from {', '.join(sources)})"
         problems.append(f"{loc}: {e['msg']}" if loc else e["msg"])
     return "; ".join(problems)
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read the TOML file; relative paths in it are relative to the file."""
-    path = Path(path)
+# The file's values while GatewaySettings is built (sources are chosen per
+# class; the file is per call).
+_FILE_LAYER: ContextVar[dict[str, Any] | None] = ContextVar("gateway_config_file", default=None)
+
+
+class _Layer(PydanticBaseSettingsSource):
+    """Values already read (the file's, or the sections' defaults) as one
+    layer; pydantic-settings merges the layers section by section."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _section_defaults() -> dict[str, Any]:
+    """Each section's defaults as values, so that a section given only in
+    part (one environment variable, one flag) keeps the rest of its defaults
+    (e.g. the backend broker's client id when only its url is set)."""
+    return {
+        name: field.default.model_dump(by_alias=True)
+        for name, field in GatewayConfig.model_fields.items()
+        if isinstance(field.default, BaseModel)
+    }
+
+
+class GatewaySettings(GatewayConfig, BaseSettings):
+    """GatewayConfig as loaded for a run: flags > GATEWAY_* environment > file
+    > defaults. (GatewayConfig itself reads no environment: tests and tools
+    build it from values.)"""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED,
+        case_sensitive=False,
+        extra="forbid",
+        hide_input_in_errors=True,
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,  # flags
+            env_settings,
+            _Layer(settings_cls, _FILE_LAYER.get() or {}),
+            _Layer(settings_cls, _section_defaults()),
+        )
+
+
+def env_name(path: tuple[str | int, ...]) -> str:
+    """The environment variable of a config key: GATEWAY_LIMITS__NEW_VEHICLES_PER_S."""
+    return ENV_PREFIX + ENV_NESTED.join(str(p) for p in path).upper()
+
+
+def _related(a: tuple[str | int, ...], b: tuple[str | int, ...]) -> bool:
+    """One path contains the other (a section and a key in it)."""
+    n = min(len(a), len(b))
+    return tuple(map(str, a[:n])) == tuple(map(str, b[:n]))
+
+
+def _env_origins(environ: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
+    prefix = ENV_PREFIX.lower()
+    found = []
+    for name in environ:
+        if name.lower().startswith(prefix):
+            path = tuple(name[len(ENV_PREFIX) :].lower().split(ENV_NESTED))
+            found.append((name, path))
+    return found
+
+
+def _annotation_kind(annotation: Any) -> str | type[BaseModel] | None:
+    if annotation is Path:
+        return "path"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is list and args == (Path,):
+        return "paths"
+    if origin in (Union, types.UnionType) and Path in args:
+        return "path"
+    return None
+
+
+def _file_paths(data: dict[str, Any], model: type[BaseModel], base: Path) -> dict[str, Any]:
+    """Relative paths in the file are relative to the file: resolved before
+    the layers are merged (values from flags and the environment are relative
+    to the working directory)."""
+    fields = {(f.alias or name): f for name, f in model.model_fields.items()}
+    fields.update(model.model_fields)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        field = fields.get(key)
+        kind = _annotation_kind(field.annotation) if field is not None else None
+        if kind == "path" and isinstance(value, str):
+            value = str((base / value).resolve())
+        elif kind == "paths" and isinstance(value, list):
+            value = [str((base / v).resolve()) if isinstance(v, str) else v for v in value]
+        elif isinstance(kind, type) and isinstance(value, dict):
+            value = _file_paths(value, kind, base)
+        out[key] = value
+    return out
+
+
+def _absolute_paths(model: BaseModel) -> None:
+    """What is still relative came from a flag or the environment: relative
+    to the working directory."""
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(model, name, value.resolve())
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            setattr(model, name, [v.resolve() for v in value])
+        elif isinstance(value, BaseModel) and _annotation_kind(field.annotation) is not None:
+            _absolute_paths(value)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -256,22 +608,50 @@ def load_config(path: str | Path) -> GatewayConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         # TOML is UTF-8 by definition; other bytes are a config error, not a crash.
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    try:
-        config = GatewayConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {validation_problems(exc)}") from exc
+    return data
+
+
+def load_config(
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    flags: Mapping[tuple[str, ...], str] | None = None,
+) -> GatewayConfig:
+    """The configuration of a run: `overrides` (from flags; `flags` names the
+    flag of each key, for messages) over GATEWAY_* environment variables over
+    the TOML file at `path` over the defaults. Relative paths in the file are
+    relative to the file, as are the defaults of `policy` and `state_dir`;
+    those from flags and the environment to the working directory."""
+    path = Path(path)
     base = path.resolve().parent
-    if not config.policy.is_absolute():
+    data = _file_paths(read_config_file(path), GatewayConfig, base)
+    environ = dict(os.environ)
+
+    def origin(loc: tuple[str | int, ...]) -> list[str]:
+        named = [flag for key, flag in (flags or {}).items() if _related(loc, key)]
+        named += [name for name, key in _env_origins(environ) if _related(loc, key)]
+        return named
+
+    token = _FILE_LAYER.set(data)
+    try:
+        config: GatewayConfig = GatewaySettings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {validation_problems(exc, origin=origin)}") from exc
+    except SettingsError as exc:  # a GATEWAY_* value that is not the JSON its key needs
+        field = re.search(r'field "(\w+)"', str(exc))
+        names = [
+            name
+            for name, key in _env_origins(environ)
+            if field is not None and key[0] == field.group(1)
+        ]
+        raise ConfigError(
+            f"{path}: {', '.join(names) or 'a GATEWAY_* variable'}: not a value for"
+            f" {field.group(1) if field else 'its key'} (lists and sections are given as JSON)"
+        ) from exc
+    finally:
+        _FILE_LAYER.reset(token)
+    if "policy" not in config.model_fields_set:
         config.policy = (base / config.policy).resolve()
-    if not config.state_dir.is_absolute():
+    if "state_dir" not in config.model_fields_set:
         config.state_dir = (base / config.state_dir).resolve()
-    for broker in (config.vehicle_broker, config.backend_broker):
-        if broker.tls_ca_file is not None and not broker.tls_ca_file.is_absolute():
-            broker.tls_ca_file = (base / broker.tls_ca_file).resolve()
-    ctl = config.control
-    ctl.trusted_keys = [k if k.is_absolute() else (base / k).resolve() for k in ctl.trusted_keys]
-    if ctl.tls_cert is not None and not ctl.tls_cert.is_absolute():
-        ctl.tls_cert = (base / ctl.tls_cert).resolve()
-    if ctl.tls_key is not None and not ctl.tls_key.is_absolute():
-        ctl.tls_key = (base / ctl.tls_key).resolve()
+    _absolute_paths(config)
     return config

@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 from gateway.accounting import EgressAccounting
 from gateway.budget import IngressBudget, RecentDigests, TokenBucket, WindowCounter
-from gateway.config import GatewayConfig
+from gateway.config import BrokerAccess, GatewayConfig
 from gateway.control.audit import AuditRecord
 from gateway.core import (
     ApplySettings,
@@ -50,7 +50,7 @@ from gateway.delivery import (
 from gateway.edges.mqtt import InboundMessage, MqttEdge, PublishRefused
 from gateway.logs import Throttle
 from gateway.metrics import GatewayMetrics
-from gateway.policy import CompiledPolicy, parse_policy
+from gateway.policy import CompiledPolicy, parse_policy, version_key
 from gateway.store import ConsentStore, StoredPolicy
 from telematics.v1.privacy_pb2 import ErasureEvent
 
@@ -223,12 +223,14 @@ class GatewayService:
         self.vehicle_edge: MqttEdge
         self.backend_edge: MqttEdge
         self._windows: dict[str, AckWindow] = {}
-        # Built here so that an unreadable CA file refuses the start (ConfigError).
-        self._tls_contexts = {
-            VEHICLE: config.vehicle_broker.tls_context(),
-            BACKEND: config.backend_broker.tls_context(),
-        }
+        # Read here so that an unreadable CA, key or password file refuses the
+        # start (ConfigError); reload() replaces them for the next connection.
+        access = config.broker_access()
+        self._access = {VEHICLE: access["vehicle_broker"], BACKEND: access["backend_broker"]}
         self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
+        # The configured policy file, when it is newer than the active policy:
+        # offered to the operator (sign and push), never applied by itself.
+        self._policy_file: tuple[str, str, str] | None = None  # version, digest, path
         self.store_writable = True  # false while a durable write keeps failing
         self.metrics.store_writable.set(1)
 
@@ -305,7 +307,7 @@ class GatewayService:
         )
         self.vehicle_edge = MqttEdge(
             name=VEHICLE,
-            endpoint=vcfg.endpoint,
+            endpoint=self._access[VEHICLE].endpoint,
             client_id=self.config.client_id(vcfg),
             subscriptions=[f"{vcfg.topic_prefix}/#"],
             on_message=self._enqueue_vehicle_message,
@@ -314,12 +316,14 @@ class GatewayService:
             receive_maximum=inflight,
             max_inflight_publishes=inflight,
             keepalive_s=vcfg.keepalive_s,
-            tls_context=self._tls_contexts[VEHICLE],
+            tls_context=self._access[VEHICLE].tls,
+            tls_server_name=self._access[VEHICLE].server_name,
+            tls_client_cert=self._access[VEHICLE].client_cert,
             on_state_change=self._edge_state,
         )
         self.backend_edge = MqttEdge(
             name=BACKEND,
-            endpoint=bcfg.endpoint,
+            endpoint=self._access[BACKEND].endpoint,
             client_id=self.config.client_id(bcfg),
             subscriptions=[f"{bcfg.topic_prefix}/+/cmd/+"],
             on_message=self._queue.put_nowait,
@@ -328,7 +332,9 @@ class GatewayService:
             receive_maximum=inflight,
             max_inflight_publishes=inflight,
             keepalive_s=bcfg.keepalive_s,
-            tls_context=self._tls_contexts[BACKEND],
+            tls_context=self._access[BACKEND].tls,
+            tls_server_name=self._access[BACKEND].server_name,
+            tls_client_cert=self._access[BACKEND].client_cert,
             on_state_change=self._edge_state,
         )
         if self._ecall_lane:
@@ -375,29 +381,74 @@ class GatewayService:
         )
         self.ecall_backend_edge = MqttEdge(
             name=ECALL_BACKEND,
-            endpoint=bcfg.endpoint,
+            endpoint=self._access[BACKEND].endpoint,
             client_id=f"{self.config.client_id(bcfg)}-ecall",
             subscriptions=[],
             on_message=lambda msg: None,
             clean_start=True,
-            tls_context=self._tls_contexts[BACKEND],
+            tls_context=self._access[BACKEND].tls,
+            tls_server_name=self._access[BACKEND].server_name,
+            tls_client_cert=self._access[BACKEND].client_cert,
             max_inflight_publishes=self.config.pipeline.inflight,
             keepalive_s=bcfg.keepalive_s,
             on_state_change=self._edge_state,
         )
         self.ecall_vehicle_edge = MqttEdge(
             name=ECALL,
-            endpoint=vcfg.endpoint,
+            endpoint=self._access[VEHICLE].endpoint,
             client_id=f"{self.config.client_id(vcfg)}-ecall",
             subscriptions=topics,
             on_message=self._handle_ecall,
             clean_start=False,
-            tls_context=self._tls_contexts[VEHICLE],
+            tls_context=self._access[VEHICLE].tls,
+            tls_server_name=self._access[VEHICLE].server_name,
+            tls_client_cert=self._access[VEHICLE].client_cert,
             session_expiry_s=vcfg.session_expiry_s or 86400,
             receive_maximum=self.config.pipeline.inflight,
             keepalive_s=vcfg.keepalive_s,
             on_state_change=self._edge_state,
         )
+
+    def reload_brokers(self, access: dict[str, BrokerAccess]) -> None:
+        """New TLS material and passwords (`GatewayConfig.broker_access`),
+        used from each edge's next connection on: connections in place are
+        kept, and nothing in flight is touched."""
+        sides = {
+            "vehicle_broker": (self.vehicle_edge, self.ecall_vehicle_edge),
+            "backend_broker": (self.backend_edge, self.ecall_backend_edge),
+        }
+        for name, edges in sides.items():
+            new = access[name]
+            for edge in edges:
+                if edge is None:
+                    continue
+                if new.tls is not None and edge.endpoint.tls:
+                    edge.set_tls(new.tls, new.server_name, new.client_cert)
+                edge.set_password(new.endpoint.password)
+
+    def offer_policy(self, policy: CompiledPolicy, path: str) -> None:
+        """Note the configured policy file; if it is newer than the active
+        policy, say so (it is applied only when signed and pushed)."""
+        self._policy_file = (policy.version, policy.digest, path)
+        offered = self.offered_policy()
+        if offered is not None:
+            log.warning(
+                "policy file %s has version %s newer than the active %s: sign and push it"
+                " to apply",
+                path,
+                policy.version,
+                self.ctx.policy.version,
+                extra={"offered_version": policy.version},
+            )
+
+    def offered_policy(self) -> dict[str, str] | None:
+        """The configured policy file while it is newer than the active policy."""
+        if self._policy_file is None:
+            return None
+        version, digest, path = self._policy_file
+        if version_key(version) <= version_key(self.ctx.policy.version):
+            return None
+        return {"version": version, "digest": digest, "path": path}
 
     def _handle_ecall(self, msg: InboundMessage) -> None:
         """The legal-obligation lane: decided on receipt (pure, no store, no queue)."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up used by the demo and test commands: mosquitto from
-# Debian's packages when missing, a virtual environment with the project.
+# Idempotent set-up used by the demo and test commands: mosquitto (and the
+# openssl tool the tests use) from Debian's packages when missing, a virtual
+# environment with the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,13 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+fi
+if ! command -v openssl >/dev/null 2>&1; then  # the TLS 1.2 test server of the tests
+  echo "== installing openssl (Debian package)" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
 fi
 
 PYTHON="${PYTHON:-python3}"

@@ -20,16 +20,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-
 
 def find_mosquitto() -> str:
-    for candidate in MOSQUITTO_CANDIDATES:
-        found = shutil.which(candidate)
+    return _find("mosquitto")
+
+
+def _find(program: str) -> str:
+    for directory in ("", "/usr/sbin/", "/usr/local/sbin/", "/usr/bin/"):
+        found = shutil.which(directory + program)
         if found:
             return found
     raise FileNotFoundError(
-        "mosquitto not found: install it (Debian: apt-get install mosquitto) "
+        f"{program} not found: install mosquitto (Debian: apt-get install mosquitto) "
         "or run the README's commands, which install it"
     )
 
@@ -42,12 +44,14 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class ListenerTls:
-    """PEM files of a TLS listener: the CA that clients are told about, the
-    broker's certificate (chain) and its private key."""
+    """PEM files of a TLS listener: the CA that clients are told about (and,
+    with `require_certificate`, the one client certificates must chain to),
+    the broker's certificate (chain) and its private key."""
 
     cafile: Path
     certfile: Path
     keyfile: Path
+    require_certificate: bool = False
 
     def install(self, directory: Path) -> list[str]:
         """Copy the files where mosquitto can read them; its config lines.
@@ -68,7 +72,10 @@ class ListenerTls:
             with contextlib.suppress(KeyError):  # no such user: mosquitto keeps root
                 user = pwd.getpwnam("mosquitto")
                 os.chown(key, user.pw_uid, user.pw_gid)
-        return [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+        lines = [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+        if self.require_certificate:
+            lines.append("require_certificate true")
+        return lines
 
 
 class MosquittoBroker:
@@ -91,6 +98,7 @@ class MosquittoBroker:
         acl: str | None = None,
         max_packet_size: int | None = None,
         tls: ListenerTls | None = None,
+        users: dict[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.max_queued = max_queued
@@ -101,6 +109,7 @@ class MosquittoBroker:
         self.acl = acl  # mosquitto acl_file text; reloaded by reload() (SIGHUP)
         self.max_packet_size = max_packet_size
         self.tls = tls
+        self.users = users  # user -> password; set: anonymous clients are refused
         self.process: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
 
@@ -118,7 +127,7 @@ class MosquittoBroker:
             [
                 f"listener {self.port} 127.0.0.1",
                 *self._tls_lines(),
-                "allow_anonymous true",
+                *self._auth_lines(),
                 *self._persistence_lines(),
                 f"max_queued_messages {self.max_queued}",
                 "max_queued_bytes 0",
@@ -134,6 +143,21 @@ class MosquittoBroker:
                 "",
             ]
         )
+
+    def _auth_lines(self) -> list[str]:
+        if self.users is None:
+            return ["allow_anonymous true"]
+        self.workdir.chmod(0o755)
+        path = self.workdir / "passwords"
+        path.write_text("")
+        for user, password in self.users.items():
+            subprocess.run(
+                [_find("mosquitto_passwd"), "-b", str(path), user, password],
+                check=True,
+                capture_output=True,
+            )
+        path.chmod(0o644)  # mosquitto started as root reads it as its own user
+        return ["allow_anonymous false", f"password_file {path}"]
 
     def _limit_lines(self) -> list[str]:
         lines = []

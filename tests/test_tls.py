@@ -128,6 +128,55 @@ class CertificateAuthority:
         keyfile.write_bytes(_pem_key(key))
         return ListenerTls(cafile=self.path, certfile=certfile, keyfile=keyfile)
 
+    def client(
+        self,
+        directory: Path,
+        name: str,
+        *,
+        expired: bool = False,
+        password: bytes | None = None,
+    ) -> tuple[Path, Path]:
+        """A client certificate and its key (PEM; the key encrypted with
+        `password` if given). `expired`: valid until an hour ago."""
+        directory.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        end = now - datetime.timedelta(hours=1) if expired else now + datetime.timedelta(days=1)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=2))
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        certfile, keyfile = directory / f"{name}.crt", directory / f"{name}.key"
+        certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(password)
+            if password is not None
+            else serialization.NoEncryption()
+        )
+        keyfile.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+            )
+        )
+        return certfile, keyfile
+
+    def client_context(self, directory: Path, name: str) -> ssl.SSLContext:
+        """What a test client (car, backend recorder) uses on an mTLS listener."""
+        context = ssl.create_default_context(cafile=self.path)
+        context.load_cert_chain(*self.client(directory, name))
+        return context
+
 
 @contextlib.asynccontextmanager
 async def running_gateway(

@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
@@ -72,7 +73,8 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/v1/policy",
         READ,
-        "Active policy: version, digest, signer, time applied",
+        "Active policy: version, digest, signer, time applied; stored versions; the"
+        " configured policy file when newer than the active one (offered: sign and push it)",
         "get_policy",
     ),
     Route(
@@ -153,6 +155,15 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+def load_trusted_keys(paths: list[Path]) -> dict[str, Ed25519PublicKey]:
+    """Key id -> operator public key (OSError, ValueError when one cannot be loaded)."""
+    trusted = {}
+    for path in paths:
+        key = load_public_key(path)
+        trusted[public_key_id(key)] = key
+    return trusted
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -183,13 +194,17 @@ class ControlPlane:
     def __init__(self, service: GatewayService, config: ControlConfig) -> None:
         self.service = service
         self.config = config
-        self.trusted: dict[str, Ed25519PublicKey] = {}
-        for path in config.trusted_keys:
-            key = load_public_key(path)
-            self.trusted[public_key_id(key)] = key
+        self.tokens = config.all_tokens()  # ConfigError: tokens_file unreadable or invalid
+        self.trusted = load_trusted_keys(config.trusted_keys)
         self._runner: web.AppRunner | None = None
         self._probe_runner: web.AppRunner | None = None
         self._purge_task: asyncio.Task[None] | None = None
+
+    def reload(self, tokens: list[TokenConfig], trusted: dict[str, Ed25519PublicKey]) -> None:
+        """New tokens and trusted keys for every request from now on (SIGHUP)."""
+        self.tokens = list(tokens)
+        self.trusted.clear()  # the same dict the app holds
+        self.trusted.update(trusted)
 
     # ---------------------------------------------------------------- app
 
@@ -276,7 +291,7 @@ class ControlPlane:
         caller = None
         if route is None:
             response: web.StreamResponse = _error(404, "no such endpoint")
-            caller = authenticate(request.headers.get("Authorization"), self.config.tokens)
+            caller = authenticate(request.headers.get("Authorization"), self.tokens)
             if caller is None:
                 # Anyone can send these (scanners): logging them would let an
                 # unauthenticated client grow the database at will.
@@ -284,7 +299,7 @@ class ControlPlane:
         elif not route.roles:
             response = await handler(request)
         else:
-            caller = authenticate(request.headers.get("Authorization"), self.config.tokens)
+            caller = authenticate(request.headers.get("Authorization"), self.tokens)
             if caller is None:
                 response = _error(401, "missing or unknown bearer token")
                 response.headers["WWW-Authenticate"] = "Bearer"
@@ -360,6 +375,7 @@ class ControlPlane:
     async def get_policy(self, request: web.Request) -> web.Response:
         stored = await self._store(self.service.store.policies)
         view = self._policy_view()
+        view["offered"] = self.service.offered_policy()
         view["stored_versions"] = [
             {
                 "version": p.version,

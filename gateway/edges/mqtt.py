@@ -155,15 +155,47 @@ class TlsHandshakeError(ConnectionError):
 _OPENSSL_NOISE = re.compile(r"^\[[A-Z0-9_: ]+\] |\s*\(_ssl\.c:\d+\)$")
 
 
-def _tls_failure(exc: BaseException) -> str:
-    """Why a handshake failed, in words (without OpenSSL's source locations)."""
+# What a broker's TLS alert says about our side, in words. Alerts name the
+# problem tersely and only the first match is explained.
+_ALERT_HINTS = (
+    ("certificate required", "the broker requires a client certificate"),
+    ("unknown ca", "the broker does not trust the issuer of our client certificate"),
+    ("certificate expired", "the broker says our client certificate has expired"),
+    ("certificate revoked", "the broker says our client certificate is revoked"),
+    ("bad certificate", "the broker refused our client certificate"),
+    ("unsupported certificate", "the broker refused our client certificate"),
+    ("protocol version", "no TLS version both sides accept (see tls_min_version)"),
+    ("unsupported protocol", "no TLS version both sides accept (see tls_min_version)"),
+)
+
+
+def _tls_failure(exc: BaseException, client_cert: bool | None = None) -> str:
+    """Why a handshake failed, in words (without OpenSSL's source locations).
+    `client_cert`: whether we presented one (None: not known), to explain
+    what a broker that requires one answers when none was sent."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLEOFError | ConnectionResetError):
-        return "the broker closed the connection during the handshake"
-    if isinstance(exc, ssl.SSLError):
-        return _OPENSSL_NOISE.sub("", str(exc.args[1] if len(exc.args) > 1 else exc))
-    return str(exc) or type(exc).__name__
+        text = "the broker closed the connection during the handshake"
+        if client_cert is False:
+            text += " (no client certificate is configured: does the broker require one?)"
+        return text
+    if not isinstance(exc, ssl.SSLError):
+        return str(exc) or type(exc).__name__
+    text = _OPENSSL_NOISE.sub("", str(exc.args[1] if len(exc.args) > 1 else exc))
+    hints = [hint for words, hint in _ALERT_HINTS if words in text]
+    if hints:
+        hint = hints[0]
+        if client_cert is False and "client certificate" in hint:
+            hint += "; no client certificate is configured (tls_cert_file, tls_key_file)"
+        text += f" ({hint})"
+    elif client_cert is False and "handshake failure" in text:
+        # What a TLS 1.2 broker that requires a client certificate says when none comes.
+        text += (
+            " (no client certificate is configured: a broker that requires one"
+            " answers this way; see tls_cert_file, tls_key_file)"
+        )
+    return text
 
 
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
@@ -196,9 +228,15 @@ class _Client(mqtt.Client):
         self._rbuf = b""
         self._rpos = 0
         self._wbuf = bytearray()
+        # Why the socket failed, when it did with an error: paho reports
+        # only "connection lost" (Unspecified error). With TLS 1.3 a broker
+        # refuses a client certificate after our side of the handshake is
+        # done, so its alert arrives here, with the first read.
+        self.socket_error: OSError | None = None
 
     def _create_socket(self) -> Any:
         self._rbuf, self._rpos, self._wbuf = b"", 0, bytearray()  # nothing crosses connections
+        self.socket_error = None
         sock, self.preconnected = self.preconnected, None
         if sock is None:  # not how MqttEdge connects; paho's own path (TLS included)
             return super()._create_socket()
@@ -215,7 +253,13 @@ class _Client(mqtt.Client):
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(max(bufsize, self._READ_SIZE))
+            try:
+                data = super()._sock_recv(max(bufsize, self._READ_SIZE))
+            except BlockingIOError:
+                raise
+            except OSError as exc:
+                self.socket_error = exc
+                raise
             if len(data) <= bufsize:
                 self._rbuf, self._rpos = b"", 0
                 return data
@@ -239,12 +283,32 @@ class _Client(mqtt.Client):
             sent = self._sock.send(self._wbuf)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return False
-        except OSError:
+        except OSError as exc:
+            self.socket_error = self._unread_alert() or exc
             self._wbuf.clear()
             self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
             return True
         del self._wbuf[:sent]
         return not self._wbuf
+
+    def _unread_alert(self) -> ssl.SSLError | None:
+        """After a failed write, the broker's TLS alert may still wait unread:
+        it says why the broker closed (e.g. it refused our client certificate
+        while our CONNECT was on its way)."""
+        sock = self._sock
+        if not isinstance(sock, ssl.SSLSocket):
+            return None
+        try:
+            sock.recv(1)
+        except ssl.SSLEOFError:
+            return None
+        except ssl.SSLWantReadError:
+            return None
+        except ssl.SSLError as alert:
+            return alert
+        except OSError:
+            return None
+        return None
 
     def _update_inflight(self) -> MQTTErrorCode:
         # paho scans every outgoing message on every PUBACK looking for queued
@@ -327,6 +391,8 @@ class MqttEdge:
         keepalive_s: int = 30,
         connect_timeout_s: float = 5.0,
         tls_context: ssl.SSLContext | None = None,
+        tls_server_name: str | None = None,
+        tls_client_cert: bool = False,
         on_state_change: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.name = name
@@ -341,6 +407,8 @@ class MqttEdge:
         self._keepalive_s = keepalive_s
         self._connect_timeout_s = connect_timeout_s
         self._tls_context = (tls_context or ssl.create_default_context()) if endpoint.tls else None
+        self._tls_server_name = tls_server_name or endpoint.host
+        self._tls_client_cert = tls_client_cert
         self._on_state_change = on_state_change
         self.generation = 0
         self.ready = asyncio.Event()  # connected and subscribed
@@ -391,6 +459,23 @@ class MqttEdge:
         self._client = client
 
     # ------------------------------------------------------------------ public
+
+    def set_tls(
+        self, context: ssl.SSLContext, server_name: str | None, client_cert: bool
+    ) -> None:
+        """New TLS material (CA, client certificate) for the next connection;
+        the current one, if any, is kept."""
+        if not self.endpoint.tls:
+            raise ValueError(f"{self.name} broker is not mqtts://")
+        self._tls_context = context
+        self._tls_server_name = server_name or self.endpoint.host
+        self._tls_client_cert = client_cert
+        self._client._ssl_context = context  # paho's own connect path, were it ever used
+
+    def set_password(self, password: str | None) -> None:
+        """Credentials for the next connection (the current one is kept)."""
+        if self.endpoint.username:
+            self._client.username_pw_set(self.endpoint.username, password)
 
     @property
     def pending_publishes(self) -> int:
@@ -578,6 +663,13 @@ class MqttEdge:
         except TimeoutError:
             self._client.disconnect()
             raise
+        except ConnectionError as exc:
+            tls_refusal = self._tls_refusal()
+            if tls_refusal is not None:
+                # TLS 1.3: the broker checked our certificate after our side of
+                # the handshake completed, and said no with an alert.
+                raise TlsHandshakeError(tls_refusal) from exc
+            raise
         if reason.is_failure:
             raise ConnectionError(f"broker refused connection: {reason}")
         if self.subscriptions:
@@ -610,7 +702,7 @@ class MqttEdge:
         and raises TlsHandshakeError: never a fallback to plaintext."""
         try:
             tls = context.wrap_socket(
-                sock, server_hostname=self.endpoint.host, do_handshake_on_connect=False
+                sock, server_hostname=self._tls_server_name, do_handshake_on_connect=False
             )
         except (ssl.SSLError, ValueError) as exc:
             sock.close()
@@ -627,7 +719,7 @@ class MqttEdge:
             ) from exc
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             tls.close()
-            raise TlsHandshakeError(_tls_failure(exc)) from exc
+            raise TlsHandshakeError(_tls_failure(exc, self._tls_client_cert)) from exc
         except BaseException:
             tls.close()
             raise
@@ -655,6 +747,13 @@ class MqttEdge:
                     loop.remove_reader(fd)
                 else:
                     loop.remove_writer(fd)
+
+    def _tls_refusal(self) -> str | None:
+        """The TLS alert (or reset) that ended the connection, in words, if any."""
+        error = self._client.socket_error
+        if self._tls_context is None or error is None:
+            return None
+        return _tls_failure(error, self._tls_client_cert)
 
     # ------------------------------------------------------- paho callbacks
 
@@ -722,10 +821,11 @@ class MqttEdge:
                 extra={"edge": self.name, "client_id": self.client_id},
             )
         elif was_ready and not self._stopping:
+            error = self._client.socket_error
             log.warning(
                 "%s broker connection lost: %s",
                 self.name,
-                reason_code,
+                _tls_failure(error) if error is not None else reason_code,
                 extra={"edge": self.name},
             )
         if self._on_state_change:
