@@ -108,7 +108,11 @@ async def test_acl_refusal_is_dead_lettered_and_blocks_nothing(tmp_path: Path) -
             # The operator fixes the ACL and re-drives: decided again and delivered.
             broker.reload(OPEN_ACL)
             await asyncio.sleep(0.5)
-            assert await service.redrive_dead_letters(None) == {"redriven": 1, "unreadable": 0}
+            assert await service.redrive_dead_letters(None) == {
+                "redriven": 1,
+                "unreadable": 0,
+                "in_progress": 0,
+            }
             await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/battery")))
             await _wait(lambda: service.store.dead_letter_count() == 0)
 
