@@ -334,3 +334,20 @@ def test_alerts_fire_on_their_failure_and_not_on_a_healthy_gateway() -> None:
         if case.get("exp_alerts")
     }
     assert alerts_tested == {rule["alert"] for rule in alert_rules()}
+
+
+def test_scrape_example_is_valid_and_names_the_job_the_alerts_select() -> None:
+    example = ALERTS.parent / "prometheus.example.yml"
+    result = subprocess.run(
+        [promtool(), "check", "config", "--syntax-only", str(example)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(example.read_text())
+    assert config["rule_files"] == [ALERTS.name]
+    (job,) = config["scrape_configs"]
+    assert job["authorization"]["credentials_file"]  # /metrics wants a token
+    down = next(r for r in alert_rules() if r["alert"] == "PrivacyGatewayDown")
+    assert f'job="{job["job_name"]}"' in down["expr"]
