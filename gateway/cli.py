@@ -1,4 +1,4 @@
-"""Command line: `python -m gateway {run,check-policy,explain}`."""
+"""Command line: `python -m gateway {run,init,check-policy,explain,...}`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -18,6 +19,7 @@ from google.protobuf import json_format
 
 from gateway.config import (
     ENV_PREFIX,
+    INSTANCE_ID_PATTERN,
     ConfigError,
     GatewayConfig,
     load_config,
@@ -92,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--json-logs", action="store_true", help="log JSON lines to stderr")
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    init = sub.add_parser(
+        "init",
+        help="set up a new state directory (key, instance id, empty consent store)",
+        description=(
+            "Create what a state directory needs: the pseudonymization key (unless"
+            " keys.pseudonym_key_file names an existing one, which is used), the instance id"
+            " and an empty consent store bound to the key. An initialised directory is checked"
+            " and left as it is. Needed once where require_initialized_state is set"
+            " (containers); elsewhere the first run does the same."
+        ),
+    )
+    init.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="runtime config (TOML)")
+    init.add_argument("--state-dir", type=Path, help="state directory (default: from --config)")
+    init.add_argument(
+        "--instance-id", metavar="ID", help="this directory's identity (default: generated)"
+    )
 
     keygen = sub.add_parser(
         "keygen",
@@ -188,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check_policy(args)
     if args.command == "explain":
         return cmd_explain(args)
+    if args.command == "init":
+        return cmd_init(args)
     if args.command == "keygen":
         return cmd_keygen(args)
     if args.command == "policy":
@@ -200,6 +221,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------ operator tools
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from gateway.statedir import StateDirError, init_state
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.state_dir:
+        config.state_dir = args.state_dir.resolve()
+    if args.instance_id is not None:
+        if not re.fullmatch(INSTANCE_ID_PATTERN, args.instance_id):
+            print(
+                f"error: --instance-id {args.instance_id!r}: must match {INSTANCE_ID_PATTERN}",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        config.instance_id = args.instance_id
+    config.require_initialized_state = False  # this is what initialises it
+    setup_logging("WARNING")
+    try:
+        report = init_state(config)
+    except (StateDirError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if report.created:
+        print(f"initialised {config.state_dir}: created {', '.join(report.created)}")
+    else:
+        print(f"{config.state_dir} is already initialised: nothing changed")
+    print(f"instance id: {report.instance_id}")
+    print(f"key:         {report.key_path} (fingerprint {report.fingerprint}); back it up")
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -407,6 +407,12 @@ INSTANCE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
 class GatewayConfig(_Strict):
     policy: Path = Path("policy.yaml")
     state_dir: Path = Path(".state")
+    require_initialized_state: bool = Field(
+        False,
+        description="refuse to start (exit 2) unless the state directory holds a consent store"
+        " and its key (`python -m gateway init`, or an earlier run): an unmounted state volume"
+        " must not silently become a new state with a new key",
+    )
     instance_id: str | None = Field(
         None,
         pattern=INSTANCE_ID_PATTERN,

@@ -2,11 +2,50 @@
 
 from __future__ import annotations
 
+import os
+from importlib import metadata, resources
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 OTHER = "other"
+DISTRIBUTION = "vehicle-privacy-gateway"
+UNKNOWN = "unknown"
+# Where the build says which commit it was made from: this variable (set by
+# the container image), else a BUILD_COMMIT file shipped in the package
+# (written by whoever builds the wheel). Never asked of git at run time.
+COMMIT_ENV = "PRIVACY_GATEWAY_COMMIT"
+COMMIT_FILE = "BUILD_COMMIT"
+
+# A `_created` series per counter and histogram child doubles the series count
+# and says nothing a restart (process_start_time_seconds) does not.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+def package_version() -> str:
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return UNKNOWN
+
+
+def build_commit() -> str:
+    commit = os.environ.get(COMMIT_ENV, "").strip()
+    if commit:
+        return commit
+    try:
+        commit = resources.files("gateway").joinpath(COMMIT_FILE).read_text("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return UNKNOWN
+    return commit or UNKNOWN
 
 
 class GatewayMetrics:
@@ -17,6 +56,16 @@ class GatewayMetrics:
         self._series: dict[object, int] = {}
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_*: CPU, memory, open fds, start time
+        PlatformCollector(registry=r)  # python_info
+        self.version = package_version()
+        self.commit = build_commit()
+        self.build_info = Gauge(
+            "gateway_build_info",
+            "Running build: package version, active policy version, source commit",
+            ["version", "policy_version", "commit"],
+            registry=r,
+        )
         self.received = Counter(
             "gateway_messages_received_total", "Messages received", ["source"], registry=r
         )
@@ -85,6 +134,22 @@ class GatewayMetrics:
         self.inflight = Gauge(
             "gateway_inflight_messages", "Received but not yet acknowledged", ["source"], registry=r
         )
+        self.inflight_bytes = Gauge(
+            "gateway_inflight_bytes",
+            "Payload bytes of vehicle messages received and not final (the ingress budget)",
+            registry=r,
+        )
+        self.ingress_paused = Gauge(
+            "gateway_ingress_paused",
+            "1 while the vehicle socket is not read (in-flight messages or bytes at the limit)",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "gateway_ready",
+            "1 when both brokers are connected and subscribed, the store accepts writes"
+            " and a policy is loaded (what /readyz checks, without its test write)",
+            registry=r,
+        )
         self.connected = Gauge(
             "gateway_broker_connected", "1 when the broker connection is up", ["edge"], registry=r
         )
@@ -98,6 +163,13 @@ class GatewayMetrics:
         # Labelled children by (metric, labels): `labels()` costs 1-3 us per
         # call, a dictionary hit a tenth of that, on every message.
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+    def set_policy(self, version: str, digest: str) -> None:
+        """The active policy: its info series and the build's policy_version label."""
+        self.policy_info.clear()
+        self.policy_info.labels(version, digest[:16]).set(1)
+        self.build_info.clear()
+        self.build_info.labels(self.version, version, self.commit).set(1)
 
     def inc(self, metric: Counter, *labels: str) -> None:
         key = (metric, labels)

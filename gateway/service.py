@@ -227,12 +227,13 @@ class GatewayService:
         # start (ConfigError); reload() replaces them for the next connection.
         access = config.broker_access()
         self._access = {VEHICLE: access["vehicle_broker"], BACKEND: access["backend_broker"]}
-        self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
+        self.metrics.set_policy(policy.version, policy.digest)
         # The configured policy file, when it is newer than the active policy:
         # offered to the operator (sign and push), never applied by itself.
         self._policy_file: tuple[str, str, str] | None = None  # version, digest, path
         self.store_writable = True  # false while a durable write keeps failing
         self.metrics.store_writable.set(1)
+        self.metrics.ready.set_function(lambda: 1.0 if all(self.readiness().values()) else 0.0)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -292,8 +293,7 @@ class GatewayService:
 
     def _set_policy(self, policy: CompiledPolicy) -> None:
         self.ctx = dataclasses.replace(self.ctx, policy=policy)
-        self.metrics.policy_info.clear()
-        self.metrics.policy_info.labels(policy.version, policy.digest[:16]).set(1)
+        self.metrics.set_policy(policy.version, policy.digest)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -345,6 +345,9 @@ class GatewayService:
             self.vehicle_edge.pause_reading,
             self.vehicle_edge.resume_reading,
         )
+        budget = self.budget
+        self.metrics.inflight_bytes.set_function(lambda: float(budget.bytes))
+        self.metrics.ingress_paused.set_function(lambda: 1.0 if budget.paused else 0.0)
         for edge in self.edges:
             self._windows[edge.name] = AckWindow(
                 edge,
@@ -482,6 +485,18 @@ class GatewayService:
     def _enqueue_vehicle_message(self, msg: InboundMessage) -> None:
         self._queue.put_nowait(msg)
         self.budget.take(len(msg.payload))
+
+    def readiness(self) -> dict[str, bool]:
+        """Readiness as last known: both brokers connected and subscribed, the
+        store accepting writes, a policy loaded (/readyz adds a test write)."""
+        vehicle = getattr(self, "vehicle_edge", None)  # set by start()
+        backend = getattr(self, "backend_edge", None)
+        return {
+            "vehicle_broker": vehicle is not None and vehicle.ready.is_set(),
+            "backend_broker": backend is not None and backend.ready.is_set(),
+            "policy_loaded": self.ctx.policy is not None,
+            "store_writable": self.store_writable,
+        }
 
     async def _announce_ready(self) -> None:
         for edge in self.edges:

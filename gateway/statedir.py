@@ -166,7 +166,12 @@ class OpenState:
 
 
 def open_state(config: GatewayConfig) -> OpenState:
-    """Lock the state directory and open its store and key, or refuse (StateDirError)."""
+    """Lock the state directory and open its store and key, or refuse (StateDirError).
+
+    With `require_initialized_state` a directory without a store is refused
+    before anything is written, and a missing key is never created."""
+    if config.require_initialized_state:
+        _check_initialized(config)
     state_dir = StateDir(config.state_dir)
     state_dir.lock()
     try:
@@ -190,7 +195,9 @@ def open_state(config: GatewayConfig) -> OpenState:
             upgraded = store.meta(FINGERPRINT_KEY) is None and (
                 bool(store.policies()) or store.holds_vehicle_data()
             )
-            key, fingerprint = _open_key(store, key_path)
+            key, fingerprint = _open_key(
+                store, key_path, may_create=not config.require_initialized_state
+            )
             # Refusals come before any of these writes; the fingerprint goes
             # last, as it is what marks the directory as no longer upgraded.
             instance_id = state_dir.instance_id(config.instance_id, upgraded)
@@ -203,6 +210,63 @@ def open_state(config: GatewayConfig) -> OpenState:
         state_dir.unlock()
         raise
     return OpenState(state_dir, store, key, instance_id)
+
+
+def _check_initialized(config: GatewayConfig) -> None:
+    """A directory that is missing, or holds no consent store (or an empty
+    one), is most likely a state volume that is not mounted: refused, with
+    nothing written, rather than started as a new state."""
+    path = config.state_dir
+    db = path / SqliteConsentStore.FILENAME
+    if not path.is_dir():
+        what = "it does not exist"
+    else:
+        try:
+            size: int | None = db.stat().st_size
+        except FileNotFoundError:
+            size = None
+        except OSError as exc:
+            raise StateDirError(f"consent store {db}: {exc.strerror or exc}") from exc
+        if size:
+            return
+        what = f"no consent store {db.name}" if size is None else f"{db.name} is empty"
+    raise StateDirError(
+        f"state directory {path} is not initialised ({what}) and require_initialized_state"
+        " is set: is the state volume mounted? A new state directory is set up once with"
+        f" `python -m gateway init --state-dir {path}`"
+    )
+
+
+@dataclass
+class InitReport:
+    created: list[str]  # what `init_state` wrote: key, instance id, store
+    instance_id: str
+    key_path: Path
+    fingerprint: str
+
+
+def init_state(config: GatewayConfig) -> InitReport:
+    """`gateway init`: lock the directory, create what is missing (key,
+    instance id, an empty store bound to the key by its fingerprint) and
+    check what is there, exactly as a run would; StateDirError otherwise.
+    An initialised directory is left as it is."""
+    db = config.state_dir / SqliteConsentStore.FILENAME
+    had = {
+        "pseudonymization key": config.key_path.exists(),
+        "instance id": (config.state_dir / INSTANCE_FILE).exists(),
+        "consent store": db.exists() and db.stat().st_size > 0,
+    }
+    state = open_state(config)
+    try:
+        fingerprint = state.store.meta(FINGERPRINT_KEY) or key_fingerprint(state.key)
+    finally:
+        state.close()
+    return InitReport(
+        [what for what, existed in had.items() if not existed],
+        state.instance_id,
+        config.key_path,
+        fingerprint,
+    )
 
 
 def _check_store_file(db: Path, key_path: Path) -> None:
@@ -237,13 +301,21 @@ def _check_store_file(db: Path, key_path: Path) -> None:
             ) from exc
 
 
-def _open_key(store: SqliteConsentStore, key_path: Path) -> tuple[bytes, str | None]:
+def _open_key(
+    store: SqliteConsentStore, key_path: Path, may_create: bool = True
+) -> tuple[bytes, str | None]:
     """The key, checked against the one the store was written with, and its
     fingerprint when the store has none yet (for the caller to record)."""
     stored = store.meta(FINGERPRINT_KEY)
     try:
         key = read_key(key_path)
     except FileNotFoundError:
+        if not may_create:
+            raise StateDirError(
+                f"pseudonymization key {key_path} is missing and require_initialized_state is"
+                " set: restore the key (or mount the secret that holds it); a new key would"
+                " change every pseudonym"
+            ) from None
         if stored is not None or store.holds_vehicle_data():
             # A new key would silently change every pseudonym, location offset
             # and audit subject: the backend could no longer link them.

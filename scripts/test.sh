@@ -1,9 +1,26 @@
 #!/usr/bin/env bash
 # The test command: set-up, lint, type check, then every test (unit,
-# property, integration against real mosquitto brokers, fleet conformance).
+# property, integration against real mosquitto brokers, fleet conformance,
+# deployment files: alert rules with promtool, systemd unit, manifests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+# promtool checks deploy/prometheus/alerts.yml: taken out of Debian's
+# `prometheus` package into .venv/bin (installing the package would also
+# start a Prometheus server).
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x .venv/bin/promtool ]; then
+  echo "== fetching promtool (Debian package prometheus)" >&2
+  tmp="$(mktemp -d)"
+  if ! (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1); then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    (cd "$tmp" && apt-get download -qq prometheus >/dev/null)
+  fi
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+  install -m 0755 "$tmp/usr/bin/promtool" .venv/bin/promtool
+  rm -rf "$tmp"
+fi
 echo "== ruff" >&2
 .venv/bin/ruff check gateway sim tests proto bench
 echo "== mypy" >&2

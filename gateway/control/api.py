@@ -330,11 +330,7 @@ class ControlPlane:
 
     async def readyz(self, request: web.Request) -> web.Response:
         service = self.service
-        checks = {
-            "vehicle_broker": service.vehicle_edge.ready.is_set(),
-            "backend_broker": service.backend_edge.ready.is_set(),
-            "policy_loaded": service.ctx.policy is not None,
-        }
+        checks = service.readiness()
         try:
             await self._store(service.store.check_writable)
             checks["store_writable"] = service.store_writable
