@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -96,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=True)
-    if not console.is_terminal:
+    console = Console(stderr=True)  # as wide as the terminal, or $COLUMNS
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
         console = Console(stderr=True, width=200)  # logs and CI: don't squeeze the tables
     if args.command == "run":
         config = RunConfig(
