@@ -147,6 +147,10 @@ class CheckResult:
     received_positions: dict[str, list[tuple[int, float, float, str, str]]] = field(
         default_factory=dict
     )
+    # Per concrete stream: messages the backend received, and the entries of their
+    # `transforms` user property (what the gateway says it did), for the report.
+    forwarded: Counter[str] = field(default_factory=Counter)
+    transforms_seen: dict[str, Counter[str]] = field(default_factory=dict)
 
     def count(self, category: str) -> int:
         return sum(1 for issue in self.issues if issue.category == category)
@@ -191,6 +195,10 @@ class CheckResult:
             "commands": dict(self.commands),
             "settings_timeouts": self.settings_timeouts,
             "pseudonym_key_available": self.key_available,
+            "transforms_seen": {
+                stream: dict(counts.most_common())
+                for stream, counts in sorted(self.transforms_seen.items())
+            },
             "streams": {
                 stream: {
                     "published": t.published,
@@ -401,7 +409,18 @@ class Checker:
             key_available=self.key is not None,
             outcomes=self.outcomes,
             received_positions=dict(self.received_positions),
+            forwarded=Counter(rec.stream for rec in self.recorded if rec.stream),
+            transforms_seen=self._transforms_seen(),
         )
+
+    def _transforms_seen(self) -> dict[str, Counter[str]]:
+        seen: dict[str, Counter[str]] = defaultdict(Counter)
+        for rec in self.recorded:
+            if not rec.stream:
+                continue
+            listed = next((value for name, value in rec.props if name == "transforms"), "")
+            seen[rec.stream].update(t for t in listed.split(",") if t)
+        return dict(seen)
 
     def _issue(
         self, category: str, rule: str, stream: str, vin: str, detail: str, topic: str = ""
