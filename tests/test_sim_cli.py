@@ -41,3 +41,15 @@ def test_check_summary_fits_an_80_column_terminal(tmp_path: Path) -> None:
     assert any("dropped as required, by reason" in line for line in lines)
     assert any(line.startswith("PASS  leaks 0 (target 0), losses 0 (target 0)") for line in lines)
     assert "(target 100%)" in result.stderr
+
+
+def test_demo_help_shows_defaults() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sim", "demo", "--help"],
+        capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "COLUMNS": "200"}, cwd=Path(__file__).resolve().parents[1],
+    )
+    for shown in ("fleet size (default: 20)", "(default: 6h)", "(default: out/demo)",
+                  "config/gateway.toml)"):
+        assert shown in result.stdout, result.stdout
+    assert "(default: None)" not in result.stdout
