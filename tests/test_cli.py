@@ -369,9 +369,9 @@ def test_the_wheel_version_is_the_package_version() -> None:
     ],
 )
 def test_help_shows_defaults(command: list[str], shown: list[str]) -> None:
-    result = gateway(*command, "--help")
+    result = gateway(*command, "--help", env={"COLUMNS": "400"})  # no wrapping inside paths
     assert result.returncode == 0, result.stderr
-    text = " ".join(result.stdout.split())  # argparse wraps lines
+    text = " ".join(result.stdout.split())
     for needle in shown:
         assert needle in text, text
     assert "(default: None)" not in text and "(default: False)" not in text
