@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
+from gateway import __version__
+from gateway.about import DEFAULT_CONFIG, enclosing_repository, is_packaged_default, version_text
 from gateway.config import (
     ENV_PREFIX,
     INSTANCE_ID_PATTERN,
@@ -50,19 +52,59 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 CONTROL_TOKEN_ENV = "GATEWAY_CONTROL_TOKEN"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
 EXIT_CONFIG = 2
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default in its help, except where there is none to show
+    (no value, a plain flag) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default:" in text:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class VersionAction(argparse.Action):
+    """`--version`: the release and, in a git checkout, the commit (looked up only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **_: Any) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            default=argparse.SUPPRESS,
+            nargs=0,
+            help="print the version (and the commit of a checkout) and exit",
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gateway",
         description="Privacy gateway between connected vehicles and the telematics backend.",
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser(
-        "run", help="run the gateway", description="Run the gateway until SIGTERM/SIGINT."
+    def command(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str, **kwargs: Any
+    ) -> argparse.ArgumentParser:
+        return parent.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+    run = command(
+        sub, "run", help="run the gateway", description="Run the gateway until SIGTERM/SIGINT."
     )
     run.add_argument(
         "--config",
@@ -74,13 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
         " > file > defaults",
     )
     run.add_argument(
-        "--vehicle-broker", metavar="URL", help="vehicle-side broker, mqtt://host:port or mqtts://"
+        "--vehicle-broker",
+        metavar="URL",
+        help="vehicle-side broker, mqtt://[user:password@]host:port or mqtts://... "
+        "(default: vehicle_broker.url of the config)",
     )
-    run.add_argument("--backend-broker", metavar="URL", help="backend-side broker URL")
     run.add_argument(
-        "--state-dir", type=Path, help="directory of the consent store and generated key"
+        "--backend-broker",
+        metavar="URL",
+        help="backend-side broker URL (default: backend_broker.url of the config)",
     )
-    run.add_argument("--policy", type=Path, help="policy file (overrides the config)")
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        help="directory of the consent store and generated key (default: state_dir of the config)",
+    )
+    run.add_argument(
+        "--policy", type=Path, help="policy file (default: policy of the config)"
+    )
     run.add_argument(
         "--instance-id",
         metavar="ID",
@@ -90,12 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--control-listen",
         metavar="HOST:PORT",
-        help='control plane address ("" disables, port 0 picks one)',
+        help='control plane address ("" disables, port 0 picks one; '
+        "default: control.listen of the config)",
     )
     run.add_argument("--json-logs", action="store_true", help="log JSON lines to stderr")
-    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="(default: logging.level of the config)",
+    )
 
-    init = sub.add_parser(
+    init = command(
+        sub,
         "init",
         help="set up a new state directory (key, instance id, empty consent store)",
         description=(
@@ -112,22 +171,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--instance-id", metavar="ID", help="this directory's identity (default: generated)"
     )
 
-    keygen = sub.add_parser(
+    keygen = command(
+        sub,
         "keygen",
         help="create an operator Ed25519 key pair for signing policies",
         description=(
-            "Write KEY (private, mode 0600) and KEY.pub; list KEY.pub in control.trusted_keys."
+            "Write KEY (private, mode 0600) and KEY.pub; list KEY.pub in control.trusted_keys. "
+            "KEY must lie outside any repository (a directory holding .git, or this "
+            "project's source tree): a private key there is one `git add` from being published."
         ),
     )
     keygen.add_argument("key", type=Path, help="private key file to create")
+    keygen.add_argument(
+        "--allow-in-repo", action="store_true", help="write KEY even inside a repository"
+    )
 
-    policy_cmd = sub.add_parser("policy", help="sign and push policy bundles")
+    policy_cmd = command(sub, "policy", help="sign and push policy bundles")
     policy_sub = policy_cmd.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
-    sign = policy_sub.add_parser("sign", help="validate and sign a policy: writes FILE.signed")
+    sign = command(
+        policy_sub,
+        "sign",
+        help="validate and sign a policy: writes POLICY.signed",
+        description=(
+            "Validate POLICY and sign it with the operator key; the bundle (the policy text "
+            "and its signature, nothing secret) goes to --out. Bump the policy's version "
+            "first: the gateway accepts only a version newer than every one it has stored. "
+            "A signing key inside a repository is refused (move it out, or --allow-in-repo)."
+        ),
+    )
     sign.add_argument("--key", type=Path, required=True, help="operator private key (from keygen)")
     sign.add_argument("policy", type=Path)
     sign.add_argument("--out", type=Path, help="bundle path (default: POLICY.signed)")
-    push = policy_sub.add_parser("push", help="PUT a signed bundle to a running gateway")
+    sign.add_argument(
+        "--allow-in-repo", action="store_true", help="use a private key kept inside a repository"
+    )
+    push = command(policy_sub, "push", help="PUT a signed bundle to a running gateway")
     push.add_argument(
         "--url", required=True, help="control plane base URL, e.g. http://127.0.0.1:8080"
     )
@@ -144,25 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("bundle", type=Path)
 
-    audit_cmd = sub.add_parser("audit", help="audit ledger tools")
+    audit_cmd = command(sub, "audit", help="audit ledger tools")
     audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    verify = audit_sub.add_parser("verify", help="check the hash chain; exit 1 if tampered")
-    verify.add_argument("--state-dir", type=Path, help="state directory (default: from --config)")
+    verify = command(audit_sub, "verify", help="check the hash chain; exit 1 if tampered")
     verify.add_argument(
-        "--config", type=Path, default=Path(os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG)
+        "--state-dir", type=Path, help="state directory (default: state_dir of --config)"
+    )
+    verify.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG),
+        help="runtime config",
     )
 
-    token = sub.add_parser(
+    token = command(
+        sub,
         "token",
         help="create a bearer token for the control plane",
         description=(
             "Print a new random token and the [[control.tokens]] entry (its hash) for the config."
         ),
     )
-    token.add_argument("--name", required=True)
+    token.add_argument("--name", required=True, help="who holds the token (shown in the audit)")
     token.add_argument("--role", required=True, choices=["operator", "dpo", "viewer"])
 
-    check = sub.add_parser(
+    check = command(
+        sub,
         "check-policy",
         help="validate a policy and print what it does",
         description=(
@@ -172,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("policy", type=Path)
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    explain = sub.add_parser(
+    explain = command(
+        sub,
         "explain",
         help="dry-run one message through the policy",
         description=(
@@ -180,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
             "SETTINGS.json holds the car's privacy screen, e.g. "
             '{"revision": 3, "privacy_mode": false, "location": "approximate", '
             '"features": {"remote_control": true}, "find_my_car_window_open": false}; '
-            'use "unknown" for a vehicle that never sent settings.'
+            'use "unknown" for a vehicle that never sent settings. '
+            "With --key-file STATE_DIR/pseudonym.key the pseudonyms and approximate "
+            "positions are exactly what the gateway on that state directory publishes."
         ),
     )
     explain.add_argument("--policy", type=Path, required=True)
@@ -192,10 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--payload-json", required=True, help="the message as protobuf JSON (file or inline)"
     )
     explain.add_argument(
-        "--key-file", type=Path, help="pseudonymization key (default: a random one)"
+        "--key-file",
+        type=Path,
+        help="pseudonymization key, e.g. the production STATE_DIR/pseudonym.key (default: a "
+        "random one: pseudonyms and approximate positions then differ from production)",
     )
-    explain.add_argument("--vehicle-prefix", default="vehicle")
-    explain.add_argument("--backend-prefix", default="tsp")
+    explain.add_argument("--vehicle-prefix", default="vehicle", help="vehicle-side topic prefix")
+    explain.add_argument("--backend-prefix", default="tsp", help="backend-side topic prefix")
     return parser
 
 
@@ -257,9 +348,25 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secret_in_repository(path: Path, allowed: bool, what: str) -> str | None:
+    """Why a private key may not be at `path` (None when it may)."""
+    repository = enclosing_repository(path.parent)
+    if repository is None or allowed:
+        return None
+    return (
+        f"{what} {path} is inside the repository {repository}: a private key there is one "
+        "`git add` away from being published. Keep it elsewhere (e.g. ~/gateway-ops/, mode "
+        "0700), or pass --allow-in-repo if this directory is meant for it"
+    )
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from gateway.control.signing import generate_keypair
 
+    refused = _secret_in_repository(args.key, args.allow_in_repo, "refusing to write the key:")
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return EXIT_CONFIG
     public = args.key.with_name(args.key.name + ".pub")
     try:
         key_id = generate_keypair(args.key, public)
@@ -276,6 +383,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_policy_sign(args: argparse.Namespace) -> int:
     from gateway.control.signing import BundleError, load_private_key, sign_policy
 
+    refused = _secret_in_repository(args.key, args.allow_in_repo, "refusing to sign: the key")
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         text = args.policy.read_text(encoding="utf-8")
         policy = load_policy(args.policy)  # never sign something the gateway would refuse
@@ -337,6 +448,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.store import SqliteConsentStore, StoreError
 
     state_dir = args.state_dir
+    if state_dir is None and is_packaged_default(args.config):
+        print(f"error: {_NO_STATE_DIR}", file=sys.stderr)
+        return EXIT_CONFIG
     if state_dir is None:
         try:
             state_dir = load_config(args.config).state_dir
@@ -392,8 +506,17 @@ RUN_FLAGS: dict[str, tuple[tuple[str, ...], Callable[[Any], Any]]] = {
 }
 
 
+_NO_STATE_DIR = (
+    "the default config installed with the package names no state directory: "
+    "give --state-dir DIR (or --config with a state_dir of your own)"
+)
+
+
 def resolve_run_config(args: argparse.Namespace) -> GatewayConfig:
     """Flags > GATEWAY_* environment > config file > defaults."""
+    if args.state_dir is None and is_packaged_default(args.config):
+        # Its relative state_dir would land inside the installed package.
+        raise ConfigError(_NO_STATE_DIR)
     overrides: dict[str, Any] = {}
     flags: dict[tuple[str, ...], str] = {}
     for dest, (key, convert) in RUN_FLAGS.items():
@@ -586,6 +709,7 @@ def _run(
             config.backend_broker.endpoint.redacted(),
             config.client_id(config.backend_broker),
             config.state_dir,
+            extra={"version": __version__},
         )
         try:
             await service.start()  # runs the last accepted policy (stored), if any
@@ -626,17 +750,63 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         )
         return 0
     from rich.console import Console
+
+    print_policy_summary(Console(), policy, rows)  # as wide as the terminal ($COLUMNS)
+    return 0
+
+
+WIDE_TABLE = 150  # columns from which streams and decisions fit in one table
+_DECISION_COLUMNS = [
+    ("unknown car or privacy mode", "unknown_or_privacy_mode"),
+    ("feature off", "feature_off"),
+    ("location off", "location_off"),
+    ("approximate", "approximate"),
+    ("precise", "precise"),
+]
+
+
+def _narrow_streams_table(rows: list[dict[str, Any]], style: Any) -> Any:
+    """Streams and decisions for a narrow terminal: one section per stream, one line per
+    privacy state (states with the same outcome share a line)."""
     from rich.table import Table
 
-    console = Console(width=200)
+    table = Table(title="streams and decisions", box=style, show_lines=False)
+    table.add_column("stream / privacy state", no_wrap=True)
+    table.add_column("what the gateway does")
+    for n, row in enumerate(rows):
+        table.add_row(
+            f"[bold]{row['stream']}[/]",
+            f"{row['message']}, feature {row['feature']} ({row['legal_basis']}), "
+            f"kept {row['retention_days']} day{'' if row['retention_days'] == 1 else 's'}",
+        )
+        groups: list[tuple[list[str], str]] = []
+        for heading, key in _DECISION_COLUMNS:
+            outcome = str(row[key])
+            if groups and groups[-1][1] == outcome:
+                groups[-1][0].append(heading)
+            else:
+                groups.append(([heading], outcome))
+        for i, (headings, outcome) in enumerate(groups):
+            label = "any state" if len(headings) == len(_DECISION_COLUMNS) else ", ".join(headings)
+            last = i == len(groups) - 1 and n < len(rows) - 1
+            table.add_row(f"  {label}", outcome, end_section=last)
+    return table
+
+
+def print_policy_summary(console: Any, policy: CompiledPolicy, rows: list[dict[str, Any]]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    narrow = console.width < WIDE_TABLE
+    style = box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD
     console.print(f"[bold]policy {policy.version}[/] (sha256 {policy.digest[:16]}…) is valid")
     console.print(
         f"approximate location: {policy.cell_size_m:g} m cells, refresh at most every "
         f"{policy.refresh_interval_ms / 1000:g} s; find-my-car window {policy.window_s:g} s"
     )
-    features = Table(title="features")
+    features = Table(title="features", box=style)
     for col in ("feature", "legal basis", "default", "per app", "description"):
-        features.add_column(col)
+        features.add_column(col, no_wrap=col != "description")
     for name, spec in policy.features.items():
         features.add_row(
             name,
@@ -646,31 +816,29 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
             spec.description,
         )
     console.print(features)
-    streams = Table(title="streams and decisions")
-    columns = [
-        ("stream", "stream"),
-        ("message", "message"),
-        ("feature", "feature"),
-        ("legal basis", "legal_basis"),
-        ("days", "retention_days"),
-        ("unknown / privacy mode", "unknown_or_privacy_mode"),
-        ("feature off", "feature_off"),
-        ("location off", "location_off"),
-        ("approximate", "approximate"),
-        ("precise", "precise"),
-    ]
-    for title, _ in columns:
-        streams.add_column(title, overflow="fold")
-    for row in rows:
-        streams.add_row(*(str(row[key]) for _, key in columns))
-    console.print(streams)
-    commands = Table(title="commands")
+    if narrow:
+        console.print(_narrow_streams_table(rows, style))
+    else:
+        columns = [
+            ("stream", "stream"),
+            ("message", "message"),
+            ("feature", "feature"),
+            ("legal basis", "legal_basis"),
+            ("days kept", "retention_days"),
+            *_DECISION_COLUMNS,
+        ]
+        streams = Table(title="streams and decisions", box=style)
+        for heading, key in columns:
+            streams.add_column(heading, justify="right" if key == "retention_days" else "left")
+        for row in rows:
+            streams.add_row(*(str(row[key]) for _, key in columns))
+        console.print(streams)
+    commands = Table(title="commands", box=style)
     for col in ("command", "needs feature", "opens find-my-car window"):
         commands.add_column(col)
     for cmd in policy.commands.values():
         commands.add_row(cmd.name, cmd.feature, "yes" if cmd.opens_window else "")
     console.print(commands)
-    return 0
 
 
 # ------------------------------------------------------------------ explain

@@ -11,6 +11,37 @@ from typing import Any
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields a call passed with `extra=`."""
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+
+
+class TextFormatter(logging.Formatter):
+    """One readable line; the `extra` fields follow as ` key=value` (strings with spaces,
+    quotes or `=` JSON-quoted, other values as compact JSON), so text logs carry what
+    JSON logs carry."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = _extras(record)
+        if not extras:
+            return line
+        suffix = "".join(f" {key}={_text_value(value)}" for key, value in extras.items())
+        head, newline, rest = line.partition("\n")  # a traceback stays below the fields
+        return head + suffix + newline + rest
+
+
+def _text_value(value: object) -> str:
+    if not isinstance(value, str):  # numbers, flags, lists, dicts: compact JSON
+        return json.dumps(value, default=str, separators=(",", ":"))
+    if not value or any(c.isspace() or c in "\"=" for c in value):
+        return json.dumps(value)
+    return value
+
+
 class JsonLinesFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -20,9 +51,7 @@ class JsonLinesFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD:
-                entry[key] = value
+        entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -33,7 +62,7 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     if json_lines:
         handler.setFormatter(JsonLinesFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

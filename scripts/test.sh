@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: set-up, lint, type check, then every test (unit,
 # property, integration against real mosquitto brokers, fleet conformance,
-# deployment files: alert rules with promtool, systemd unit, manifests).
+# deployment files: alert rules with promtool, systemd unit, manifests; the
+# HTML report rendered in headless Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -20,6 +21,14 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x .venv/bin/promtool ]; then
   dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
   install -m 0755 "$tmp/usr/bin/promtool" .venv/bin/promtool
   rm -rf "$tmp"
+fi
+# The report test renders the HTML report in headless Chromium (Debian package).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (Debian package, for the report rendering test)" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 echo "== ruff" >&2
 .venv/bin/ruff check gateway sim tests proto bench

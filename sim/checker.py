@@ -146,6 +146,10 @@ class CheckResult:
     received_positions: dict[str, list[tuple[int, float, float, str, str]]] = field(
         default_factory=dict
     )
+    # Per concrete stream: messages the backend received, and the entries of their
+    # `transforms` user property (what the gateway says it did), for the report.
+    forwarded: Counter[str] = field(default_factory=Counter)
+    transforms_seen: dict[str, Counter[str]] = field(default_factory=dict)
 
     def count(self, category: str) -> int:
         return sum(1 for issue in self.issues if issue.category == category)
@@ -190,6 +194,10 @@ class CheckResult:
             "commands": dict(self.commands),
             "settings_timeouts": self.settings_timeouts,
             "pseudonym_key_available": self.key_available,
+            "transforms_seen": {
+                stream: dict(counts.most_common())
+                for stream, counts in sorted(self.transforms_seen.items())
+            },
             "streams": {
                 stream: {
                     "published": t.published,
@@ -400,7 +408,18 @@ class Checker:
             key_available=self.key is not None,
             outcomes=self.outcomes,
             received_positions=dict(self.received_positions),
+            forwarded=Counter(rec.stream for rec in self.recorded if rec.stream),
+            transforms_seen=self._transforms_seen(),
         )
+
+    def _transforms_seen(self) -> dict[str, Counter[str]]:
+        seen: dict[str, Counter[str]] = defaultdict(Counter)
+        for rec in self.recorded:
+            if not rec.stream:
+                continue
+            listed = next((value for name, value in rec.props if name == "transforms"), "")
+            seen[rec.stream].update(t for t in listed.split(",") if t)
+        return dict(seen)
 
     def _issue(
         self, category: str, rule: str, stream: str, vin: str, detail: str, topic: str = ""
@@ -1041,41 +1060,90 @@ def check_run(
     return Checker(truth, recording, load_policy(policy_path), load_key(state_dir)).run()
 
 
-def summary_table(result: CheckResult) -> Iterable[Table]:
-    streams = Table(title="per stream")
-    for column in (
-        "stream",
-        "published",
-        "must pass",
-        "delivered",
-        "dups",
-        "ambiguous",
-        "dropped (correctly)",
-        "leaks",
-        "losses",
-        "other",
-    ):
+DROP_LABELS = {
+    "unknown_vehicle": "car had sent no settings yet",
+    "privacy_mode": "privacy mode on",
+    "feature_off": "feature switched off",
+    "location_off": "location switched off",
+    "outside_window": "outside a find-my-car window",
+    PURPOSE_MALFORMED: "malformed message",
+    PURPOSE_SPOOFED: "VIN does not match the car",
+    "unknown_stream": "not a stream of the policy",
+}
+WIDE_SUMMARY = 150  # columns from which the per-stream summary is one table
+
+
+def drop_label(reason: str) -> str:
+    return DROP_LABELS.get(reason, reason.replace("_", " "))
+
+
+def summary_table(result: CheckResult, width: int = WIDE_SUMMARY) -> Iterable[Table]:
+    """The per-stream tallies (and issues); below WIDE_SUMMARY columns the drop reasons
+    get a table of their own so each fits the terminal."""
+    from rich import box
+
+    narrow = width < WIDE_SUMMARY
+    style = box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD
+    dropped_column = "dropped as required"
+    columns = [
+        ("stream", "stream"),
+        ("published", "sent"),
+        ("must pass", "allowed"),
+        ("delivered", "arrived"),
+        ("dups", "dups"),
+        ("ambiguous", "not\njudged"),
+        (dropped_column, dropped_column),
+        ("leaks", "leaks"),
+        ("losses", "losses"),
+        ("other", "other"),
+    ]
+    if narrow:
+        columns.remove((dropped_column, dropped_column))
+    streams = Table(
+        title="per stream",
+        caption="allowed: the settings in force let it through (it must arrive); "
+        "dups: QoS 1 duplicates (harmless); not judged: too close to a settings change or "
+        "find-my-car window edge to say; leaks, losses, other: target 0",
+        caption_justify="left",
+        box=style,
+        pad_edge=not narrow,
+        collapse_padding=narrow,
+    )
+    for wide_name, narrow_name in columns:
         streams.add_column(
-            column, justify="left" if column in ("stream", "dropped (correctly)") else "right"
+            narrow_name if narrow else wide_name,
+            justify="left" if wide_name in ("stream", dropped_column) else "right",
+            no_wrap=wide_name != dropped_column,
         )
+    drops = Table(title="dropped as required, by reason", box=style, pad_edge=not narrow)
+    drops.add_column("stream", no_wrap=True)
+    drops.add_column("messages dropped (reason: count)")
     for stream, t in sorted(result.tallies.items()):
         other = sum(n for c, n in t.issues.items() if c not in (LEAK, LOSS))
-        streams.add_row(
+        reasons = ", ".join(f"{drop_label(r)}: {n}" for r, n in t.dropped.most_common())
+        cells = [
             stream,
             str(t.published),
             str(t.must_pass),
             str(t.delivered),
             str(t.duplicates),
             str(t.ambiguous),
-            ", ".join(f"{r} {n}" for r, n in t.dropped.most_common()),
+            reasons,
             _red(t.issues[LEAK]),
             _red(t.issues[LOSS]),
             _red(other),
-        )
+        ]
+        if narrow:
+            del cells[6]
+            if reasons:
+                drops.add_row(stream, reasons)
+        streams.add_row(*cells)
     yield streams
-    rules = Table(title="issues by rule")
+    if narrow:
+        yield drops
+    rules = Table(title="issues by rule", box=style)
     for column in ("category", "rule", "count", "example"):
-        rules.add_column(column)
+        rules.add_column(column, no_wrap=column != "example")
     examples: dict[tuple[str, str], Issue] = {}
     for issue in result.issues:
         examples.setdefault((issue.category, issue.rule), issue)
@@ -1093,7 +1161,7 @@ def _red(count: int) -> str:
 
 
 def print_summary(result: CheckResult, console: Console) -> None:
-    for table in summary_table(result):
+    for table in summary_table(result, console.width):
         console.print(table)
     median = result.median_approx_error_m
     verdict = (
@@ -1105,13 +1173,18 @@ def print_summary(result: CheckResult, console: Console) -> None:
             else "[bold yellow]CONTRACT VIOLATIONS[/]"
         )
     )
+    other = len(result.issues) - result.leaks - result.losses
     console.print(
-        f"{verdict}  leaks {result.leaks}  losses {result.losses}  "
-        f"other issues {len(result.issues) - result.leaks - result.losses}  |  "
-        f"utility: {result.utility_delivered:.1%} of allowed messages delivered, "
+        f"{verdict}  leaks {_red(result.leaks)} (target 0), losses {_red(result.losses)} "
+        f"(target 0), other issues {_red(other)} (target 0)"
+    )
+    console.print(
+        f"utility: {result.utility_delivered:.1%} of allowed messages delivered (target 100%); "
         f"median approximate-position error "
         f"{'n/a' if median is None else f'{median:.0f} m'} "
-        f"over {len(result.approx_errors_m)} positions  |  "
+        f"over {len(result.approx_errors_m)} positions"
+    )
+    console.print(
         f"published {result.published}, recorded {result.recorded}, pseudonym key "
         f"{'used' if result.key_available else 'not available (stability checks only)'}"
     )

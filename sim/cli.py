@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
+from gateway.about import DEFAULT_CONFIG
+from gateway.cli import HelpFormatter
 from sim.policy import DEFAULT_POLICY_PATH
 from sim.run import RunConfig, parse_duration, run_simulation
 
@@ -30,7 +33,7 @@ def _add_fleet_arguments(
     if out is None:
         parser.add_argument("--out", type=Path, required=True, help="output directory")
     else:
-        parser.add_argument("--out", type=Path, default=out, help=f"output directory ({out})")
+        parser.add_argument("--out", type=Path, default=out, help="output directory")
     parser.add_argument(
         "--multiplex",
         type=int,
@@ -44,11 +47,15 @@ def _add_fleet_arguments(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sim", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m sim", description=__doc__, formatter_class=HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser(
-        "run", help="run a simulated fleet (and the recorder) against brokers"
+        "run",
+        help="run a simulated fleet (and the recorder) against brokers",
+        formatter_class=HelpFormatter,
     )
     _add_fleet_arguments(run, vehicles=10, duration="10m", speedup=60)
     run.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="vehicle-side broker URL")
@@ -58,12 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="backend-side broker URL for tsp/ topics (default: --broker)",
     )
 
-    record = commands.add_parser("record", help="record everything on tsp/# (MQTT v5, QoS 1)")
+    record = commands.add_parser(
+        "record", help="record everything on tsp/# (MQTT v5, QoS 1)", formatter_class=HelpFormatter
+    )
     record.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="backend-side broker URL")
     record.add_argument("--out", type=Path, required=True, help="output directory")
     record.add_argument("--duration", default=None, help="stop after this long (default: Ctrl-C)")
 
-    check = commands.add_parser("check", help="judge a recording against the ground truth")
+    check = commands.add_parser(
+        "check", help="judge a recording against the ground truth", formatter_class=HelpFormatter
+    )
     check.add_argument("--out", type=Path, required=True, help="directory of a run")
     check.add_argument(
         "--state-dir",
@@ -75,10 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-report", action="store_true", help="skip the HTML report")
 
     demo = commands.add_parser(
-        "demo", help="mosquitto + real gateway + fleet + checker, end to end"
+        "demo",
+        help="mosquitto + real gateway + fleet + checker, end to end",
+        formatter_class=HelpFormatter,
     )
     _add_fleet_arguments(demo, vehicles=20, duration="6h", speedup=240, out=Path("out/demo"))
-    demo.add_argument("--gateway-config", type=Path, default=None, help="gateway TOML config")
+    demo.add_argument(
+        "--gateway-config", type=Path, default=DEFAULT_CONFIG, help="gateway TOML config"
+    )
     demo.add_argument(
         "--gateway-command",
         default=None,
@@ -96,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=True)
-    if not console.is_terminal:
+    console = Console(stderr=True)  # as wide as the terminal, or $COLUMNS
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
         console = Console(stderr=True, width=200)  # logs and CI: don't squeeze the tables
     if args.command == "run":
         config = RunConfig(

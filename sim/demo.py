@@ -23,13 +23,14 @@ from types import TracebackType
 
 from rich.console import Console
 
+from gateway.about import DEFAULT_CONFIG, source_root
 from sim.broker import MosquittoBroker
 from sim.checker import CHECK_FILE, CheckResult, check_run, print_summary
-from sim.policy import DEFAULT_POLICY_PATH, REPO_ROOT
+from sim.policy import DEFAULT_POLICY_PATH
 from sim.run import RunConfig, RunSummary, parse_duration, run_simulation
 
 READY_MARKER = "gateway ready"
-DEFAULT_GATEWAY_CONFIG = REPO_ROOT / "config" / "gateway.toml"
+DEFAULT_GATEWAY_CONFIG = DEFAULT_CONFIG  # the demo always passes its own --state-dir
 
 
 @dataclass
@@ -74,7 +75,7 @@ class GatewayProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
             self.command,
-            cwd=REPO_ROOT,
+            cwd=source_root(),  # the checkout, if any (else: where we are)
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,

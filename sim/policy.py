@@ -12,8 +12,10 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_POLICY_PATH = REPO_ROOT / "config" / "policy.yaml"
+from gateway.about import DEFAULT_POLICY
+
+DEFAULT_POLICY_PATH = DEFAULT_POLICY  # config/policy.yaml, or the packaged copy when installed
+
 APP_STREAM_PREFIX = "avn/app/"
 APP_STREAM_KEY = "avn/app/{app_id}"
 

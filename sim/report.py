@@ -1,6 +1,8 @@
 """One self-contained HTML file (inline SVG, no scripts, no external assets) that shows
-the privacy working: true routes next to what the backend received, the decision
-mix per stream, and each car's consent timeline."""
+the privacy working, written for a data protection officer as much as for engineers:
+the key figures next to their targets, what happened to each personal field, true
+routes next to what the backend received, the decision mix per stream and each car's
+consent timeline. Every colour has a legend; labels are plain words."""
 
 from __future__ import annotations
 
@@ -8,18 +10,28 @@ import datetime as dt
 import html
 import math
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sim.checker import LEAK, LOSS, CheckResult
+from google.protobuf.message import Message
+
+from sim.checker import LEAK, LOSS, CheckResult, Issue, drop_label, message_class
 from sim.geo import cell_half_extent_deg
 from sim.groundtruth import GROUND_TRUTH_FILE, read_json_lines
 from sim.model import Settings
-from sim.policy import DEFAULT_POLICY_PATH, load_policy
+from sim.policy import DEFAULT_POLICY_PATH, Policy, StreamRule, load_policy
 
 REPORT_FILE = "report.html"
-MODE_COLOURS = {0: "#555", 1: "#9e9e9e", 2: "#f0a030", 3: "#2e7d32"}
-MODE_LABELS = {0: "unspecified (= off)", 1: "location off", 2: "approximate", 3: "precise"}
+MODE_COLOURS = {0: "#555555", 1: "#9e9e9e", 2: "#f0a030", 3: "#2e7d32"}
+MODE_LABELS = {
+    0: "no location setting (treated as off)",
+    1: "location off",
+    2: "approximate location",
+    3: "precise location",
+}
+PRIVACY_MODE_COLOUR = "#d50000"
+NO_SETTINGS_BORDER = "#bbbbbb"
 OUTCOME_COLOURS = {
     "delivered": "#2e7d32",
     "ambiguous_delivered": "#81c784",
@@ -27,6 +39,14 @@ OUTCOME_COLOURS = {
     "leaked": "#d50000",
     "lost": "#ff6d00",
     "publish_failed": "#000000",
+}
+OUTCOME_LABELS = {
+    "delivered": "delivered (allowed)",
+    "ambiguous_delivered": "delivered, not judged (timing)",
+    "ambiguous_dropped": "dropped, not judged (timing)",
+    "leaked": "LEAK: arrived although forbidden",
+    "lost": "LOSS: allowed but never arrived",
+    "publish_failed": "the car could not publish",
 }
 DROP_COLOURS = [
     "#1565c0",
@@ -39,20 +59,33 @@ DROP_COLOURS = [
     "#ab47bc",
     "#78909c",
 ]
-MAP_VEHICLES = 4
+ROUTE_COLOUR = "#777777"
+PRECISE_COLOUR = "#1565c0"
+APPROXIMATE_COLOUR = "#e65100"
+CELL_COLOUR = "#f0a030"
+MAP_VEHICLES = 3
+MAP_SIZE = 420  # pixels: three cards side by side in a 1400-pixel window
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;
-max-width:1400px}
+max-width:1400px;line-height:1.4}
 h1{margin-bottom:4px} h2{margin-top:36px;border-bottom:1px solid #ddd;padding-bottom:4px}
 .verdict{font-size:20px;font-weight:700;padding:8px 14px;border-radius:6px;display:inline-block}
-.pass{background:#e8f5e9;color:#1b5e20}.fail{background:#ffebee;color:#b71c1c}.warn{background:#fff8e1;color:#8d6e00}
+.pass{background:#e8f5e9;color:#1b5e20}.fail{background:#ffebee;color:#b71c1c}
+.warn{background:#fff8e1;color:#8d6e00}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:right} th{background:#f5f5f5}
-td:first-child,th:first-child{text-align:left}
-.maps{display:flex;flex-wrap:wrap;gap:18px}.map{border:1px solid #ddd;padding:8px;border-radius:6px}
-.legend span{display:inline-block;margin-right:14px;font-size:12px}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;vertical-align:top}
+th{background:#f5f5f5}
+td:first-child,th:first-child,td.text,th.text{text-align:left}
+td.met{color:#1b5e20;font-weight:700} td.missed{color:#b71c1c;font-weight:700}
+td.bad{color:#b71c1c;font-weight:700;background:#ffebee} td.none{color:#999}
+.maps{display:flex;flex-wrap:wrap;gap:18px}
+.map{border:1px solid #ddd;padding:8px;border-radius:6px;width:420px}
+.map svg{display:block} .strip-title{margin-top:6px}
+.legend{margin:6px 0}
+.legend span{display:inline-block;margin-right:16px;font-size:12px;white-space:nowrap}
 .swatch{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
-small{color:#666}
+.swatch.line{height:3px} .swatch.dot{border-radius:50%}
+small{color:#555}
 """
 
 
@@ -64,18 +97,28 @@ def _fmt_time(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%a %H:%M")
 
 
+def _swatch(colour: str, label: str, kind: str = "", extra_style: str = "") -> str:
+    css = f"background:{colour};{extra_style}" if colour else extra_style
+    return (
+        f"<span><i class='swatch {kind}' data-colour='{colour}' style='{css}'></i>"
+        f"{_esc(label)}</span>"
+    )
+
+
 def write_report(out_dir: Path, result: CheckResult) -> Path:
     truth = list(read_json_lines(out_dir / GROUND_TRUTH_FILE))
     meta = next((r for r in truth if r["type"] == "meta"), {})
     policy = load_policy(Path(meta.get("policy_path") or DEFAULT_POLICY_PATH))
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        "<title>Privacy gateway conformance</title>",
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>Privacy gateway conformance report</title>",
         f"<style>{CSS}</style></head><body>",
         _header(result, meta),
+        _key_figures(result, truth, policy),
+        _field_summary(result, policy),
         _decision_mix(result),
-        _maps(truth, result, policy.cell_size_m, meta),
-        _timeline(truth, meta),
+        _maps(truth, result, policy.cell_size_m),
+        _timeline(truth),
         _issues(result),
         _stream_table(result),
         "<p><small>Generated by <code>python -m sim check</code>. Ground truth: "
@@ -87,30 +130,331 @@ def write_report(out_dir: Path, result: CheckResult) -> Path:
     return path
 
 
+# ------------------------------------------------------------------ headline
+
+
 def _header(result: CheckResult, meta: dict[str, Any]) -> str:
     if not result.issues:
-        verdict, css = "PASS: no leaks, no losses, no contract violations", "pass"
+        verdict, css = "PASS: no leaks, no losses, no other rule violations", "pass"
     elif result.leaks or result.losses:
         verdict, css = f"FAIL: {result.leaks} leaks, {result.losses} losses", "fail"
     else:
-        verdict, css = f"{len(result.issues)} contract violations (no leaks, no losses)", "warn"
-    median = result.median_approx_error_m
+        verdict, css = f"{len(result.issues)} rule violations (no leaks, no losses)", "warn"
     hours = int(meta.get("duration_ms", 0)) / 3_600_000
+    speedup = meta.get("speedup")
     return (
         "<h1>Privacy gateway conformance report</h1>"
         f"<div class='verdict {css}'>{_esc(verdict)}</div>"
         "<p>"
-        f"{_esc(meta.get('vehicles', '?'))} simulated cars, {hours:.1f} simulated hours at "
-        f"{_esc(meta.get('speedup', '?'))}x, seed {_esc(meta.get('seed', '?'))}, policy "
-        f"{_esc(meta.get('policy_version', '?'))}. Published {result.published} messages; "
-        f"the backend received {result.recorded} (including command results and duplicates).<br>"
-        f"<b>Utility</b>: {result.utility_delivered:.1%} of the messages the policy allows were "
-        f"delivered; approximate positions are a median "
-        f"{'n/a' if median is None else f'{median:.0f} m'} from the truth "
-        f"({len(result.approx_errors_m)} positions). Pseudonyms checked "
-        f"{'exactly against the gateway key' if result.key_available else 'for stability only'}."
-        "</p>"
+        f"{_esc(meta.get('vehicles', '?'))} simulated cars drove {hours:.1f} simulated hours "
+        f"({_esc(f'{speedup:g}' if isinstance(speedup, int | float) else '?')}x faster than "
+        "real time, seed "
+        f"{_esc(meta.get('seed', '?'))}) under policy {_esc(meta.get('policy_version', '?'))}, "
+        "changing their privacy settings as they went. The cars published "
+        f"{result.published} messages; the backend received {result.recorded} (including "
+        "answers to remote commands and harmless duplicates). Every message was judged "
+        "against the driver's settings at the time and the policy.</p>"
     )
+
+
+@dataclass
+class Figure:
+    name: str
+    value: str
+    target: str
+    met: bool | None  # None: nothing to judge in this run
+
+
+def key_figures(result: CheckResult, truth: list[dict[str, Any]], policy: Policy) -> list[Figure]:
+    """The report's headline numbers, each with its target."""
+    other = len(result.issues) - result.leaks - result.losses
+    settings_sent = sum(1 for r in truth if r["type"] == "settings")
+    confirmed = settings_sent - result.settings_timeouts
+    commands = result.commands
+    judged = commands["expected_accept"] + commands["expected_refuse"]
+    right = commands["accepted_ok"] + commands["refused_ok"]
+    median = result.median_approx_error_m
+    positions = len(result.approx_errors_m)
+    return [
+        Figure(
+            "Leaks: messages the backend received although the driver's settings or the "
+            "policy forbid them",
+            str(result.leaks),
+            "0",
+            result.leaks == 0,
+        ),
+        Figure(
+            "Losses: messages the settings allowed that never reached the backend",
+            str(result.losses),
+            "0",
+            result.losses == 0,
+        ),
+        Figure(
+            "Other rule violations: a personal field not treated as the policy says, "
+            "missing labels, protocol errors",
+            str(other),
+            "0",
+            other == 0,
+        ),
+        Figure(
+            "Allowed messages delivered",
+            f"{result.utility_delivered:.1%}",
+            "100%",
+            result.losses == 0 and result.utility_delivered >= 1.0,
+        ),
+        Figure(
+            "Privacy settings changes confirmed by the gateway before the car sent more",
+            f"{confirmed} of {settings_sent}",
+            "all",
+            result.settings_timeouts == 0,
+        ),
+        Figure(
+            "Remote commands accepted or refused as the settings require",
+            f"{right} of {judged}" if judged else "none judged",
+            "all",
+            right == judged if judged else None,
+        ),
+        Figure(
+            "Approximate positions: median distance from the true position",
+            "n/a" if median is None else f"{median:.0f} m ({positions} positions)",
+            f"within one grid cell (at most {policy.cell_size_m:g} m), never exact",
+            None if median is None else 0 < median <= policy.cell_size_m,
+        ),
+        Figure(
+            "Pseudonyms checked",
+            "exactly, against the gateway's key"
+            if result.key_available
+            else "for stability only (the gateway's key was not given)",
+            "exactly, against the gateway's key",
+            result.key_available,
+        ),
+    ]
+
+
+def _key_figures(result: CheckResult, truth: list[dict[str, Any]], policy: Policy) -> str:
+    rows = []
+    for figure in key_figures(result, truth, policy):
+        if figure.met is None:
+            status, css = "nothing to judge", "none"
+        else:
+            status, css = ("met", "met") if figure.met else ("MISSED", "missed")
+        rows.append(
+            f"<tr><td class='text'>{_esc(figure.name)}</td><td>{_esc(figure.value)}</td>"
+            f"<td>{_esc(figure.target)}</td><td class='{css}'>{status}</td></tr>"
+        )
+    return (
+        "<h2>Key figures and their targets</h2>"
+        "<table id='key-figures'><tr><th class='text'>figure</th><th>this run</th>"
+        f"<th>target</th><th>target met?</th></tr>{''.join(rows)}</table>"
+    )
+
+
+# --------------------------------------------------------- field-level summary
+
+CATEGORIES = [
+    ("cleared", "cleared"),
+    ("coarsened", "coarsened (generalised)"),
+    ("hmac", "HMAC-ed (keyed pseudonym)"),
+    ("truncated", "truncated"),
+    ("removed", "removed"),
+]
+# The gateway lists `action:field`; the reference model used in tests `field:outcome`.
+_GATEWAY_ACTIONS = {
+    "clear": "cleared",
+    "invalid_position": "cleared",
+    "coarsen": "coarsened",
+    "hmac": "hmac",
+    "pseudonymize": "hmac",
+    "truncate_ip": "truncated",
+    "remove": "removed",
+}
+_REFERENCE_OUTCOMES = {
+    "approximate": "coarsened",
+    "pseudonymized": "hmac",
+    "truncated": "truncated",
+    "removed": "",  # cleared or removed, by the policy's action for the field
+}
+VIN_FIELD = "vin"
+
+
+@dataclass
+class FieldRow:
+    stream: str
+    name: str
+    policy_says: str
+    expected: frozenset[str]
+    seen: Counter[str] = field(default_factory=Counter)
+
+
+def parse_transform(token: str, rule: StreamRule) -> tuple[str, str]:
+    """(field, category) of one `transforms` entry; category "other" if unrecognised."""
+    if token == "trim":
+        return "(message)", "trimmed"
+    head, _, tail = token.partition(":")
+    if head in _GATEWAY_ACTIONS and tail:
+        return tail, _GATEWAY_ACTIONS[head]
+    if tail in _REFERENCE_OUTCOMES:
+        category = _REFERENCE_OUTCOMES[tail]
+        if not category:
+            category = "removed" if rule.fields.get(head) == "remove" else "cleared"
+        return head, category
+    return token, "other"
+
+
+def _geopoint_names(cls: type[Message] | None) -> list[str]:
+    if cls is None:
+        return []
+    return [
+        f.name
+        for f in cls.DESCRIPTOR.fields
+        if f.message_type is not None and f.message_type.full_name == "telematics.v1.GeoPoint"
+    ]
+
+
+def _policy_rows(policy: Policy, rule: StreamRule) -> list[FieldRow]:
+    cell, refresh = f"{policy.cell_size_m:g} m", f"{policy.refresh_interval_s:g} s"
+    concrete = rule.key.replace("{app_id}", "x")
+    if policy.is_legal_obligation(concrete):
+        return [
+            FieldRow(
+                rule.key,
+                "all fields",
+                "forwarded unchanged: legal obligation (eCall); only a message beyond the "
+                "contract's fields or size is trimmed to them",
+                frozenset(),
+            )
+        ]
+    location = {
+        "position": (
+            "the car's position. Location off: cleared; approximate: coarsened to the "
+            f"{cell} grid, moving at most every {refresh}; precise: as sent"
+        ),
+        "place": (
+            f"a place. Location off: cleared; approximate: coarsened to the {cell} grid; "
+            "precise: as sent"
+        ),
+    }
+    actions = {
+        "place_id": ("identifies a place: cleared unless location is precise", {"cleared"}),
+        "pseudonymize": ("replaced by a keyed HMAC-SHA-256 pseudonym", {"hmac"}),
+        "truncate_ip": ("truncated: IPv4 to /24, IPv6 to /48", {"truncated"}),
+        "remove": ("removed", {"removed"}),
+        "keep": ("forwarded as sent (the policy keeps it)", set()),
+    }
+    rows: list[FieldRow] = []
+    geo = _geopoint_names(message_class(policy, concrete))
+    for name in geo:
+        action = rule.fields.get(name, "place")
+        text = location.get(action, location["place"])
+        expected = {"cleared", "coarsened"}
+        if rule.location_purpose:  # never forwarded without location: nothing to clear
+            text = text.replace("Location off: cleared", "Location off: the stream is dropped")
+            expected = {"coarsened"}
+        rows.append(FieldRow(rule.key, name, text, frozenset(expected)))
+    for name, action in rule.fields.items():
+        if name in geo:
+            continue
+        text, expected = actions.get(action, (action, set()))
+        rows.append(FieldRow(rule.key, name, text, frozenset(expected)))
+    if rule.pseudonymize_vin:
+        rows.append(
+            FieldRow(
+                rule.key,
+                VIN_FIELD,
+                "the car's VIN (topic and header): replaced by a per-app keyed pseudonym",
+                frozenset({"hmac"}),
+            )
+        )
+    return rows
+
+
+def field_rows(result: CheckResult, policy: Policy) -> tuple[list[FieldRow], Counter[str]]:
+    """One row per personal field of each stream: what the policy says, and how many
+    received messages carried each treatment (from their `transforms` property)."""
+    rows: list[FieldRow] = []
+    by_key: dict[tuple[str, str], FieldRow] = {}
+    for rule in policy.streams.values():
+        for row in _policy_rows(policy, rule):
+            rows.append(row)
+            by_key[(row.stream, row.name)] = row
+    received: Counter[str] = Counter()
+    for stream, count in result.forwarded.items():
+        found = policy.rule_for(stream)
+        received[found.key if found else stream] += count
+    for stream, tokens in sorted(result.transforms_seen.items()):
+        found = policy.rule_for(stream)
+        if found is None:
+            continue
+        for token, count in tokens.items():
+            name, category = parse_transform(token, found)
+            target = by_key.get((found.key, name))
+            if target is None and category == "trimmed":
+                target = by_key.get((found.key, "all fields"))
+            if target is None:
+                target = FieldRow(found.key, name, "not a field the policy names", frozenset())
+                rows.append(target)
+                by_key[(found.key, name)] = target
+            target.seen[category] += count
+    order = {key: n for n, key in enumerate(policy.streams)}
+    rows.sort(key=lambda r: order.get(r.stream, len(order)))  # stable: fields stay in order
+    return rows, received
+
+
+def _field_summary(result: CheckResult, policy: Policy) -> str:
+    rows, received = field_rows(result, policy)
+    spans = Counter(row.stream for row in rows)
+    body = []
+    shown: set[str] = set()
+    for row in rows:
+        cells = []
+        if row.stream not in shown:
+            shown.add(row.stream)
+            span = spans[row.stream]
+            cells.append(
+                f"<td class='text' rowspan='{span}'><b>{_esc(row.stream)}</b></td>"
+                f"<td rowspan='{span}'>{received.get(row.stream, 0)}</td>"
+            )
+        cells.append(
+            f"<td class='text'><code>{_esc(row.name)}</code></td>"
+            f"<td class='text'>{_esc(row.policy_says)}</td>"
+        )
+        for category, _ in CATEGORIES:
+            count = row.seen.get(category, 0)
+            if category in row.expected:
+                cells.append(f"<td>{count}</td>")
+            elif count:
+                cells.append(f"<td class='bad'>{count} (not in the policy)</td>")
+            else:
+                cells.append("<td class='none'>&#8212;</td>")
+        odd = {c: n for c, n in row.seen.items() if c not in dict(CATEGORIES)}
+        note = ", ".join(f"{c} {n}" for c, n in sorted(odd.items()))
+        cells.append(f"<td class='text'>{_esc(note)}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    heads = "".join(f"<th>{_esc(title)}</th>" for _, title in CATEGORIES)
+    return (
+        "<h2>What happened to personal data, field by field</h2>"
+        "<p><small>For each stream: the personal fields the policy names, what the policy "
+        "does to them, and in how many of the messages the backend received each treatment "
+        "was applied (as the gateway labels it on every message, user property "
+        "<code>transforms</code>). The counts depend on the settings the drivers chose: a "
+        "position is cleared only while location is off. &#8212; means the policy never "
+        "treats the field that way; a red count would be a treatment the policy does not "
+        "call for. Fields not listed are not personal and arrive as sent; fields the "
+        "gateway does not know are never forwarded.</small></p>"
+        "<table id='field-summary'><tr><th class='text'>stream</th>"
+        "<th>messages received by the backend</th><th class='text'>personal field</th>"
+        f"<th class='text'>what the policy does</th>{heads}"
+        f"<th class='text'>other</th></tr>{''.join(body)}</table>"
+    )
+
+
+# ------------------------------------------------------------- decision mix
+
+
+def _outcome_label(outcome: str) -> str:
+    if outcome.startswith("dropped:"):
+        return "dropped: " + drop_label(outcome.removeprefix("dropped:"))
+    return OUTCOME_LABELS.get(outcome, outcome)
 
 
 def _decision_mix(result: CheckResult) -> str:
@@ -132,15 +476,16 @@ def _decision_mix(result: CheckResult) -> str:
     ]
     label_w, bar_w, row_h = 150, 760, 22
     streams = sorted(per_stream)
-    height = row_h * len(streams) + 10
+    height = row_h * len(streams) + 26
     svg = [
-        f"<svg width='{label_w + bar_w + 80}' height='{height}' role='img' "
+        f"<svg width='{label_w + bar_w + 90}' height='{height}' role='img' "
         "aria-label='decision mix per stream'>"
+        f"<text x='{label_w + bar_w + 6}' y='12' font-size='11' fill='#555'>published</text>"
     ]
     for row, stream in enumerate(streams):
         counts = per_stream[stream]
         total = sum(counts.values())
-        y = row * row_h + 4
+        y = row * row_h + 20
         svg.append(f"<text x='0' y='{y + 14}' font-size='12'>{_esc(stream)}</text>")
         x = float(label_w)
         for outcome in order:
@@ -150,31 +495,51 @@ def _decision_mix(result: CheckResult) -> str:
             width = bar_w * n / total
             svg.append(
                 f"<rect x='{x:.1f}' y='{y}' width='{max(width, 1):.1f}' height='{row_h - 6}' "
-                f"fill='{colours[outcome]}'><title>{_esc(stream)}: {_esc(outcome)} {n} "
-                f"({n / total:.0%})</title></rect>"
+                f"fill='{colours[outcome]}'><title>{_esc(stream)}: {_esc(_outcome_label(outcome))}"
+                f" {n} ({n / total:.0%})</title></rect>"
             )
             x += width
         svg.append(f"<text x='{label_w + bar_w + 6}' y='{y + 14}' font-size='12'>{total}</text>")
     svg.append("</svg>")
     legend = "".join(
-        f"<span><i class='swatch' style='background:{colours[o]}'></i>"
-        f"{_esc(o.replace('dropped:', 'dropped: '))}</span>"
+        _swatch(colours[o], _outcome_label(o))
         for o in order
         if any(o in c for c in per_stream.values())
     )
     return (
-        "<h2>Decision mix per stream</h2><p><small>Every message a car published, by what "
-        "happened to it. Green reached the backend; blue shades were dropped as the contract "
-        "requires (the reason is the rule that applied); red would be a leak, orange a loss. "
-        "Grey: too close to a find-my-car window edge or an unconfirmed settings change to "
+        "<h2>What happened to every message, per stream</h2><p><small>Each bar is one stream: "
+        "every message the cars published on it, by what happened to it (hover for counts); "
+        "the number at the end is how many were published. Green: reached the backend, as "
+        "allowed. The blue, purple, brown and teal shades: dropped as the settings or the "
+        "policy require (the legend names the rule that applied). Red would be a leak, "
+        "orange a loss. Grey: too close "
+        "to the edge of a find-my-car window or to an unconfirmed settings change to "
         "judge.</small></p>"
         f"<div class='legend'>{legend}</div>" + "".join(svg)
     )
 
 
-def _maps(
-    truth: list[dict[str, Any]], result: CheckResult, cell_size_m: float, meta: dict[str, Any]
-) -> str:
+# -------------------------------------------------------------------- maps
+
+
+def _map_legend() -> str:
+    return "".join(
+        [
+            _swatch(ROUTE_COLOUR, "true route (ground truth: never sent)", "line"),
+            _swatch(PRECISE_COLOUR, "precise position received by the backend", "dot"),
+            _swatch(APPROXIMATE_COLOUR, "approximate position received"),
+            _swatch(
+                CELL_COLOUR,
+                "grid cell an approximate position stands for",
+                "",
+                f"background:{CELL_COLOUR}33;border:1px solid {CELL_COLOUR}",
+            ),
+            "<span><b>H</b> home, <b>W</b> work</span>",
+        ]
+    )
+
+
+def _maps(truth: list[dict[str, Any]], result: CheckResult, cell_size_m: float) -> str:
     traces: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     vehicles: dict[str, dict[str, Any]] = {}
     for record in truth:
@@ -195,21 +560,23 @@ def _maps(
     ]
     if not chosen:
         return ""
-    cards = []
-    for vin in chosen:
-        cards.append(
-            _map_card(
-                vin, traces[vin], received.get(vin, []), vehicles.get(vin, {}), cell_size_m, truth
-            )
+    cards = [
+        _map_card(
+            vin, traces[vin], received.get(vin, []), vehicles.get(vin, {}), cell_size_m, truth
         )
+        for vin in chosen
+    ]
     return (
-        "<h2>True routes vs. what the backend received</h2><p><small>Grey line: where the car "
-        "really drove. Blue dots: positions forwarded precisely (the driver chose precise). "
-        "Orange squares: "
-        "approximate positions as forwarded, drawn with the grid cell they stand for; they sit on "
-        "one sticky grid per car and refresh at most every refresh interval, so the route can't be "
-        "reconstructed. Nothing is drawn for periods with location off, privacy mode or "
-        "disabled features. H = home, W = work.</small></p>"
+        "<h2>True routes next to what the backend received</h2><p><small>For a few cars: "
+        "where the car really drove, and every position the backend received from it. "
+        "Precise positions were sent only while the driver chose precise location. "
+        "Approximate positions sit on one sticky grid per car and move at most once per "
+        "refresh interval, so the route cannot be reconstructed from them. Nothing is drawn "
+        "for periods with location off, privacy mode or the feature switched off. Under each "
+        "map: that car's privacy settings over the run (colours as in the consent timeline "
+        "below).</small></p>"
+        f"<div class='legend'>{_map_legend()}</div>"
+        f"<div class='legend'>{_consent_legend()}</div>"
         f"<div class='maps'>{''.join(cards)}</div>"
     )
 
@@ -222,7 +589,7 @@ def _map_card(
     cell_size_m: float,
     truth: list[dict[str, Any]],
 ) -> str:
-    size, pad = 440, 16
+    size, pad = MAP_SIZE, 16
     lats = [p[1] for p in trace] + [p[1] for p in received]
     lons = [p[2] for p in trace] + [p[2] for p in received]
     mid_lat = (min(lats) + max(lats)) / 2
@@ -236,8 +603,8 @@ def _map_card(
         return x, y
 
     svg = [
-        f"<svg width='{size}' height='{size}' style='background:#fafafa' role='img' "
-        f"aria-label='route of {_esc(vin)}'>"
+        f"<svg class='route' width='{size}' height='{size}' style='background:#fafafa' "
+        f"role='img' aria-label='route of {_esc(vin)}'>"
     ]
     half_lat, half_lon = cell_half_extent_deg(mid_lat, cell_size_m)
     seen_cells: set[tuple[float, float]] = set()
@@ -249,20 +616,25 @@ def _map_card(
         x2, y2 = xy(lat - half_lat, lon + half_lon)
         svg.append(
             f"<rect x='{x1:.1f}' y='{y1:.1f}' width='{x2 - x1:.1f}' height='{y2 - y1:.1f}' "
-            "fill='#f0a030' fill-opacity='0.12' stroke='#f0a030' stroke-width='0.8'/>"
+            f"fill='{CELL_COLOUR}' fill-opacity='0.12' stroke='{CELL_COLOUR}' "
+            "stroke-width='0.8'/>"
         )
     points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(lat, lon) for _, lat, lon in trace))
-    svg.append(f"<polyline points='{points}' fill='none' stroke='#777' stroke-width='1.4'/>")
+    svg.append(
+        f"<polyline points='{points}' fill='none' stroke='{ROUTE_COLOUR}' stroke-width='1.4'/>"
+    )
     for ts, lat, lon, mode, stream in received:
         x, y = xy(lat, lon)
         title = f"<title>{_esc(stream)} {_fmt_time(ts)} {mode}</title>"
         if mode == "approximate":
             svg.append(
                 f"<rect x='{x - 3:.1f}' y='{y - 3:.1f}' width='6' height='6' "
-                f"fill='#e65100'>{title}</rect>"
+                f"fill='{APPROXIMATE_COLOUR}'>{title}</rect>"
             )
         else:
-            svg.append(f"<circle cx='{x:.1f}' cy='{y:.1f}' r='2.6' fill='#1565c0'>{title}</circle>")
+            svg.append(
+                f"<circle cx='{x:.1f}' cy='{y:.1f}' r='3' fill='{PRECISE_COLOUR}'>{title}</circle>"
+            )
     for label, key in (("H", "home"), ("W", "work")):
         if key in vehicle:
             x, y = xy(*vehicle[key])
@@ -271,14 +643,18 @@ def _map_card(
                 f"text-anchor='middle' fill='#000'>{label}</text>"
             )
     km = span * 111.32
-    svg.append(f"<text x='6' y='{size - 6}' font-size='11' fill='#666'>{km:.1f} km across</text>")
+    svg.append(f"<text x='6' y='{size - 6}' font-size='11' fill='#555'>{km:.1f} km across</text>")
     svg.append("</svg>")
     counts = Counter(mode for *_, mode, _ in received)
     return (
         f"<div class='map'><b>{_esc(vin)}</b><br><small>{counts.get('precise', 0)} precise, "
-        f"{counts.get('approximate', 0)} approximate positions received</small><br>{''.join(svg)}"
+        f"{counts.get('approximate', 0)} approximate positions received</small>{''.join(svg)}"
+        "<div class='strip-title'><small>privacy settings of this car over the run</small></div>"
         f"{_timeline_rows(truth, [vin], width=size, label_w=0)}</div>"
     )
+
+
+# ---------------------------------------------------------------- timeline
 
 
 def _settings_segments(
@@ -309,7 +685,7 @@ def _timeline_rows(
     row_h = 16
     bar_w = width - label_w - 10
     svg = [
-        f"<svg width='{width}' height='{row_h * len(vins) + 18}' role='img' "
+        f"<svg class='consent' width='{width}' height='{row_h * len(vins) + 18}' role='img' "
         "aria-label='consent timeline'>"
     ]
     for row, vin in enumerate(vins):
@@ -323,14 +699,16 @@ def _timeline_rows(
             x = label_w + bar_w * (seg_start - start_ms) / (end_ms - start_ms)
             w = bar_w * (seg_end - seg_start) / (end_ms - start_ms)
             if settings is None:
-                fill, title = "#ffffff", "unknown car (no settings yet): only eCall passes"
-                stroke = " stroke='#bbb' stroke-dasharray='2,2'"
+                fill, title = "#ffffff", "no settings yet: only eCall passes"
+                stroke = f" stroke='{NO_SETTINGS_BORDER}' stroke-dasharray='2,2'"
             else:
-                fill, stroke = MODE_COLOURS.get(settings.location, "#555"), ""
+                fill, stroke = MODE_COLOURS.get(settings.location, MODE_COLOURS[0]), ""
                 enabled = sorted(k for k, v in settings.features.items() if v)
                 title = (
-                    f"rev {settings.revision}: {MODE_LABELS.get(settings.location)}"
-                    f"{', PRIVACY MODE' if settings.privacy_mode else ''}; on: {', '.join(enabled)}"
+                    f"settings revision {settings.revision}: "
+                    f"{MODE_LABELS.get(settings.location)}"
+                    f"{', PRIVACY MODE' if settings.privacy_mode else ''}; "
+                    f"switched on: {', '.join(enabled) or 'nothing'}"
                 )
             svg.append(
                 f"<rect x='{x:.1f}' y='{y + 2}' width='{max(w, 0.5):.1f}' height='{row_h - 4}' "
@@ -339,7 +717,7 @@ def _timeline_rows(
             if settings is not None and settings.privacy_mode:
                 svg.append(
                     f"<rect x='{x:.1f}' y='{y + 2}' width='{max(w, 0.5):.1f}' height='{row_h - 4}' "
-                    "fill='#d50000' fill-opacity='0.75'>"
+                    f"fill='{PRIVACY_MODE_COLOUR}'>"
                     "<title>privacy mode: only eCall passes</title></rect>"
                 )
             if settings is not None:
@@ -358,67 +736,84 @@ def _timeline_rows(
     ):
         x = label_w + bar_w * (hour_ms - start_ms) / (end_ms - start_ms)
         svg.append(
-            f"<text x='{x:.1f}' y='{y}' font-size='10' fill='#666' text-anchor='middle'>"
+            f"<text x='{x:.1f}' y='{y}' font-size='10' fill='#555' text-anchor='middle'>"
             f"{_fmt_time(hour_ms)[-5:]}</text>"
         )
     svg.append("</svg>")
     return "".join(svg)
 
 
-def _timeline(truth: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    vins = [r["vin"] for r in truth if r["type"] == "vehicle"]
-    legend = "".join(
-        f"<span><i class='swatch' style='background:{colour}'></i>{_esc(MODE_LABELS[mode])}</span>"
-        for mode, colour in MODE_COLOURS.items()
-    ) + (
-        "<span><i class='swatch' style='background:#d50000'></i>privacy mode</span>"
-        "<span><i class='swatch' style='border:1px dashed #bbb'></i>"
-        "unknown car (no settings)</span>"
-        "<span>&#8722; = one disabled feature</span>"
-    )
+def _consent_legend() -> str:
     return (
-        "<h2>Consent timeline</h2><p><small>Each car's privacy screen over simulated time "
-        "(hover for the revision and the features switched on). Every change was confirmed by "
-        "the gateway (PrivacyApplied) before the car sent anything else.</small></p>"
-        f"<div class='legend'>{legend}</div>{_timeline_rows(truth, vins)}"
+        "".join(
+            _swatch(colour, MODE_LABELS[mode]) for mode, colour in MODE_COLOURS.items()
+        )
+        + _swatch(PRIVACY_MODE_COLOUR, "privacy mode (only eCall passes)")
+        + _swatch(
+            "#ffffff",
+            "no settings received yet (only eCall passes)",
+            "",
+            f"border:1px dashed {NO_SETTINGS_BORDER}",
+        )
+        + "<span>&#8722; one feature switched off (one mark each)</span>"
     )
+
+
+def _timeline(truth: list[dict[str, Any]]) -> str:
+    vins = [r["vin"] for r in truth if r["type"] == "vehicle"]
+    return (
+        "<h2>Consent timeline</h2><p><small>Each car's privacy settings over simulated time "
+        "(hover for the revision and the features switched on). The gateway confirmed every "
+        "change (PrivacyApplied) before the car sent anything else.</small></p>"
+        f"<div class='legend'>{_consent_legend()}</div>{_timeline_rows(truth, vins)}"
+    )
+
+
+# ------------------------------------------------------------------ tables
 
 
 def _issues(result: CheckResult) -> str:
     if not result.issues:
-        return "<h2>Issues</h2><p>None.</p>"
-    examples: dict[tuple[str, str], Any] = {}
+        return "<h2>Rule violations</h2><p>None (target: none).</p>"
+    examples: dict[tuple[str, str], Issue] = {}
     for issue in result.issues:
         examples.setdefault((issue.category, issue.rule), issue)
     rows = "".join(
-        f"<tr><td>{_esc(category)}</td><td style='text-align:left'>{_esc(rule)}</td>"
-        f"<td>{count}</td><td style='text-align:left'>"
-        f"{_example(examples[(category, rule)])}</td></tr>"
+        f"<tr><td>{_esc(category.replace('_', ' '))}</td><td class='text'>{_esc(rule)}</td>"
+        f"<td>{count}</td><td class='text'>{_example(examples[(category, rule)])}</td></tr>"
         for (category, rule), count in result.by_rule().most_common()
     )
     return (
-        "<h2>Issues</h2><table><tr><th>category</th><th>rule</th><th>count</th><th>example</th></tr>"
+        "<h2>Rule violations (target: none)</h2><table><tr><th>kind</th>"
+        "<th class='text'>rule</th><th>count</th><th class='text'>example</th></tr>"
         f"{rows}</table>"
     )
 
 
-def _example(issue: Any) -> str:
+def _example(issue: Issue) -> str:
     return f"{_esc(issue.vin)} {_esc(issue.stream)}: {_esc(issue.detail)}"
+
+
+def _count_cell(count: int) -> str:
+    return f"<td class='bad'>{count}</td>" if count else "<td>0</td>"
 
 
 def _stream_table(result: CheckResult) -> str:
     rows = []
     for stream, t in sorted(result.tallies.items()):
-        dropped = ", ".join(f"{r} {n}" for r, n in t.dropped.most_common())
+        dropped = ", ".join(f"{drop_label(r)}: {n}" for r, n in t.dropped.most_common())
         rows.append(
             f"<tr><td>{_esc(stream)}</td><td>{t.published}</td><td>{t.must_pass}</td>"
             f"<td>{t.delivered}</td><td>{t.duplicates}</td><td>{t.ambiguous}</td>"
-            f"<td style='text-align:left'>{_esc(dropped)}</td>"
-            f"<td>{t.issues.get(LEAK, 0)}</td><td>{t.issues.get(LOSS, 0)}</td>"
-            f"<td>{sum(n for c, n in t.issues.items() if c not in (LEAK, LOSS))}</td></tr>"
+            f"<td class='text'>{_esc(dropped)}</td>"
+            f"{_count_cell(t.issues.get(LEAK, 0))}{_count_cell(t.issues.get(LOSS, 0))}"
+            f"{_count_cell(sum(n for c, n in t.issues.items() if c not in (LEAK, LOSS)))}</tr>"
         )
     return (
-        "<h2>Per stream</h2><table><tr><th>stream</th><th>published</th><th>must pass</th>"
-        "<th>delivered</th><th>duplicates</th><th>ambiguous</th><th>dropped (correctly)</th>"
-        f"<th>leaks</th><th>losses</th><th>other</th></tr>{''.join(rows)}</table>"
+        "<h2>Per stream</h2><table id='per-stream'><tr><th>stream</th>"
+        "<th>published by the cars</th><th>allowed by the settings (must arrive)</th>"
+        "<th>delivered</th><th>delivered twice (QoS 1 duplicates, harmless)</th>"
+        "<th>not judged (timing)</th><th class='text'>dropped as required, by reason</th>"
+        "<th>leaks (target 0)</th><th>losses (target 0)</th>"
+        f"<th>other violations (target 0)</th></tr>{''.join(rows)}</table>"
     )

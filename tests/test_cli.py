@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,9 @@ VIN = "WVWZZZ1JZXW000001"
 TIMEOUT = 60  # a hang is a failure, not a stuck suite
 
 
-def gateway(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def gateway(
+    *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *map(str, args)],
         cwd=ROOT,
@@ -24,6 +30,7 @@ def gateway(*args: str | Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=TIMEOUT,
         check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -323,3 +330,161 @@ def test_run_never_prints_a_broker_password_from_the_config(tmp_path: Path) -> N
     assert result.returncode == 2
     assert "vehicle_broker.url" in result.stderr and "u:***@h" in result.stderr
     assert "s3cr3t" not in result.stderr + result.stdout
+
+
+# ------------------------------------------------------------ deployment readiness
+
+
+def test_version_names_the_release_and_the_commit() -> None:
+    from gateway import __version__
+
+    result = gateway("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"vehicle-privacy-gateway {__version__}")
+    if shutil.which("git") and (ROOT / ".git").exists():
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        assert f"(commit {head}" in result.stdout
+
+
+def test_the_wheel_version_is_the_package_version() -> None:
+    from gateway import __version__
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "gateway.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["run"], ["(default: " + str(ROOT / "config" / "gateway.toml") + ")",
+                   "(default: vehicle_broker.url of the config)"]),
+        (["explain"], ["(default: vehicle)", "(default: tsp)", "(default: a random one"]),
+        (["audit", "verify"], ["(default: state_dir of --config)"]),
+        (["policy", "sign"], ["(default: POLICY.signed)"]),
+    ],
+)
+def test_help_shows_defaults(command: list[str], shown: list[str]) -> None:
+    result = gateway(*command, "--help", env={"COLUMNS": "400"})  # no wrapping inside paths
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for needle in shown:
+        assert needle in text, text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def _widest(text: str) -> int:
+    return max(len(line) for line in text.splitlines())
+
+
+def test_check_policy_fits_an_80_column_terminal() -> None:
+    result = gateway("check-policy", POLICY, env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    assert _widest(result.stdout) <= 80, result.stdout
+    lines = result.stdout.splitlines()
+    # Readable, not just short: names are whole, every state of a stream is there.
+    for name in ("tbox/connectivity", "avn/app/{app_id}", "energy_consumption"):
+        assert any(name in line for line in lines), name
+    assert "…" not in result.stdout.replace("…) is valid", "")
+    assert any("truncate ip_address; remove" in line for line in lines)
+    assert any("any state" in line and "forward untouched" in line for line in lines)
+
+
+def test_check_policy_uses_a_wide_terminal() -> None:
+    result = gateway("check-policy", POLICY, env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if "location off" in line)
+    assert "approximate" in header and "precise" in header  # one table, a column per state
+    assert 150 < _widest(result.stdout) <= 200
+
+
+@pytest.fixture
+def fake_checkout(tmp_path: Path) -> Path:
+    """A directory that is a git work tree, with a subdirectory (repository detection
+    walks up)."""
+    checkout = tmp_path / "checkout"
+    (checkout / ".git").mkdir(parents=True)
+    (checkout / "ops").mkdir()
+    return checkout
+
+
+def test_keygen_refuses_to_write_a_private_key_into_a_repository(fake_checkout: Path) -> None:
+    key = fake_checkout / "ops" / "ops.key"
+    result = gateway("keygen", key)
+    assert result.returncode == 2
+    assert f"inside the repository {fake_checkout}" in result.stderr
+    assert "--allow-in-repo" in result.stderr and "Traceback" not in result.stderr
+    assert not key.exists() and not key.with_name("ops.key.pub").exists()
+
+
+def test_keygen_refuses_this_source_tree() -> None:
+    key = ROOT / "config" / "never-written.key"
+    result = gateway("keygen", key)
+    assert result.returncode == 2 and f"inside the repository {ROOT}" in result.stderr
+    assert not key.exists()
+
+
+def test_keygen_refuses_a_copy_of_the_project_without_git(tmp_path: Path) -> None:
+    copy = tmp_path / "unpacked"
+    copy.mkdir()
+    (copy / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    result = gateway("keygen", copy / "ops.key")
+    assert result.returncode == 2 and "inside the repository" in result.stderr
+
+
+def test_keygen_allow_in_repo(fake_checkout: Path) -> None:
+    key = fake_checkout / "ops" / "ops.key"
+    result = gateway("keygen", key, "--allow-in-repo")
+    assert result.returncode == 0, result.stderr
+    assert key.stat().st_mode & 0o777 == 0o600 and key.with_name("ops.key.pub").exists()
+
+
+def test_keygen_outside_any_repository(tmp_path: Path) -> None:
+    result = gateway("keygen", tmp_path / "ops.key")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ops.key").exists()
+
+
+def test_policy_sign_refuses_a_key_kept_in_a_repository(fake_checkout: Path) -> None:
+    key = fake_checkout / "ops" / "ops.key"
+    assert gateway("keygen", key, "--allow-in-repo").returncode == 0
+    out = fake_checkout.parent / "policy.signed"
+    result = gateway("policy", "sign", "--key", key, "--out", out, POLICY)
+    assert result.returncode == 2
+    assert "refusing to sign" in result.stderr and "inside the repository" in result.stderr
+    assert not out.exists()
+    result = gateway("policy", "sign", "--key", key, "--out", out, POLICY, "--allow-in-repo")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["format"].startswith("privacy-gateway-policy-bundle")
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(),
+                    reason="needs git and a checkout")
+@pytest.mark.parametrize(
+    "path", ["ops.key", "config/ops.key", "config/policy.yaml.signed", ".state/consent.sqlite3"]
+)
+def test_gitignore_covers_secrets_and_state(path: str) -> None:
+    result = subprocess.run(
+        ["git", "-C", str(ROOT), "check-ignore", "--no-index", "-q", path], check=False
+    )
+    assert result.returncode == 0, f"{path} is not ignored"
+
+
+def test_run_on_the_installed_default_config_needs_a_state_dir(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The packaged gateway.toml's relative state_dir would point into the installed
+    package: without --state-dir the start is refused, before anything is written."""
+    from gateway import cli
+    from gateway.about import PACKAGED_DEFAULTS
+
+    config = PACKAGED_DEFAULTS / "gateway.toml"
+    assert cli.main(["run", "--config", str(config)]) == 2
+    assert "give --state-dir DIR" in capsys.readouterr().err
+    assert not (PACKAGED_DEFAULTS.parent / ".state").exists()
+    assert cli.main(["audit", "verify", "--config", str(config)]) == 2
+    assert "give --state-dir DIR" in capsys.readouterr().err

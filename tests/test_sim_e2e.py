@@ -10,6 +10,8 @@ import pytest
 from rich.console import Console
 
 from sim.demo import DemoConfig, run_demo
+from sim.policy import load_policy
+from sim.report import field_rows
 
 pytestmark = [
     pytest.mark.integration,
@@ -43,3 +45,14 @@ def test_fleet_through_real_gateway_has_no_leaks_and_no_losses(tmp_path: Path) -
     assert result.tallies["tbox/ecall"].delivered >= 1
     assert result.commands["accepted_ok"] > 0 and result.commands["refused_ok"] > 0
     assert outcome.gateway_exit_code == 0
+    # The report's field-by-field summary reads the real gateway's `transforms` labels.
+    rows, received = field_rows(result, load_policy())
+    seen = {(row.stream, row.name): row.seen for row in rows}
+    unexpected = [(r.stream, r.name, c) for r in rows for c in r.seen if c not in r.expected]
+    assert unexpected == []
+    assert seen[("tbox/connectivity", "ip_address")]["truncated"] == received["tbox/connectivity"]
+    assert seen[("tbox/connectivity", "imsi")]["removed"] > 0
+    status = seen[("tbox/status", "position")]
+    assert status["coarsened"] > 0 and status["cleared"] > 0
+    assert outcome.report_path is not None
+    assert "class='bad'" not in outcome.report_path.read_text()
