@@ -110,10 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         default=Path(os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG),
-        help="runtime config (TOML; default: $GATEWAY_CONFIG, else config/gateway.toml)."
-        " Every key can also be set by a GATEWAY_* environment variable (nested keys"
-        " joined by __, e.g. GATEWAY_LIMITS__NEW_VEHICLES_PER_S); flags > environment"
-        " > file > defaults",
+        help="runtime config (TOML; $GATEWAY_CONFIG when set). Every key can also be set"
+        " by a GATEWAY_* environment variable (nested keys joined by __, e.g."
+        " GATEWAY_LIMITS__NEW_VEHICLES_PER_S); flags > environment > file > defaults",
     )
     run.add_argument(
         "--vehicle-broker",
