@@ -158,7 +158,7 @@ async def test_sighup_reloads_tokens_keys_and_level_and_offers_a_newer_policy(
             mark = len(proc.lines)
             proc.proc.send_signal(signal.SIGHUP)
             pending = await wait_for_line(proc, "applied only by a restart", mark)
-            assert pending.rstrip().endswith("applied only by a restart: limits.new_vehicles_per_s")
+            assert "applied only by a restart: limits.new_vehicles_per_s" in pending
 
             # A broken configuration is refused as a whole: what runs stays.
             config.write_text(config.read_text() + "[pipeline\n")
