@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,12 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from sim.mqtt import BrokerAddress, ClientLike
 
 T = TypeVar("T")
+_QUIET = logging.getLogger("sim.resilient.mqtt")
+_QUIET.setLevel(logging.CRITICAL)
 SESSION_EXPIRY_S = 3600
 RECONNECT_DELAYS_S = (0.1, 0.2, 0.4, 0.8, 1.0)
 
@@ -88,19 +92,23 @@ class ResilientClient:
         if self.mqtt5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self.session_expiry_s
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self._address.host,
             self._address.port,
             identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if self.mqtt5 else aiomqtt.ProtocolVersion.V311,
             clean_session=None if self.mqtt5 else False,
-            clean_start=False,
+            clean_start=False if self.mqtt5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
             keepalive=30,
             timeout=30,
             max_inflight_messages=self.max_inflight,
             tls_context=ssl.create_default_context() if self._address.tls else None,
+            # Lost connections are expected here and counted in `stats`, not logged.
+            logger=_QUIET,
         )
+        client.pending_calls_threshold = 1_000_000  # a flood has many publishes in flight
+        return client
 
     async def _connect(self) -> None:
         client = self._make()
