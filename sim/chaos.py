@@ -43,6 +43,7 @@ from sim.chaos_plan import (
     FAKE_VIN_SERIAL_BASE,
     INFRA_FAULTS,
     KILL,
+    KILL_IN_OUTAGE,
     LONG,
     SHORT,
     VEHICLE_RESTART,
@@ -97,6 +98,7 @@ class ChaosConfig:
     ready_timeout_s: float = 60.0
     live: bool = True
     report: bool = True
+    compound: bool = False  # also KILL_IN_OUTAGE
 
     def profile(self) -> ChaosProfile:
         base = SHORT if self.short else LONG
@@ -106,6 +108,7 @@ class ChaosConfig:
                 "vehicles": self.vehicles or base.vehicles,
                 "duration_s": self.duration_s or base.duration_s,
                 "speedup": self.speedup or base.speedup,
+                "kills_in_outage": 1 if self.compound else base.kills_in_outage,
             }
         )
 
@@ -120,10 +123,12 @@ class FaultRecord:
     restored: float  # the broken thing is back (broker up, ACL open, process started)
     recovered: float  # the gateway is ready again (every broker connection up, eCall lane's too)
     detail: dict[str, Any] = field(default_factory=dict)
+    ok: bool = True  # the gateway was ready again within the ready timeout
 
     def to_json(self, t0: float) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "recovered": self.ok,
             "planned_at_s": self.planned_at_s,
             "started_at_s": round(self.started - t0, 2),
             "restored_after_s": round(self.restored - self.started, 2),
@@ -274,6 +279,7 @@ class Injector:
         self.t0 = time.time()
         self.records: list[FaultRecord] = []
         self.incarnations = 1
+        self.not_recovered = 0
         self.metric_lives: list[dict[str, float]] = []
         self.flood_stats: list[dict[str, Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -291,7 +297,8 @@ class Injector:
     async def finish(self) -> None:
         """Wait for every fault to be over and the gateway to be ready again."""
         await asyncio.gather(*self._tasks)
-        await self._wait_gateway_ready()
+        if not self.not_recovered:
+            await self._wait_gateway_ready()
 
     def log(self, text: str) -> None:
         self.console.log(f"[bold magenta]chaos[/] +{time.time() - self.t0:6.1f}s {text}")
@@ -302,7 +309,11 @@ class Injector:
             await asyncio.sleep(delay)
 
     async def _run_infra(self, faults: list[Fault]) -> None:
-        for fault in faults:
+        for n, fault in enumerate(faults):
+            if self.not_recovered:
+                skipped = len(faults) - n
+                self.log(f"[bold red]the gateway did not recover: {skipped} faults skipped[/]")
+                return
             await self._at(fault)
             if fault.kind == KILL:
                 await self._kill(fault)
@@ -312,14 +323,21 @@ class Injector:
                 await self._broker_outage(fault, self.backend, "backend")
             elif fault.kind == VEHICLE_RESTART:
                 await self._broker_outage(fault, self.vehicle, "vehicle-side")
+            elif fault.kind == KILL_IN_OUTAGE:
+                await self._kill_in_outage(fault)
 
-    async def _wait_gateway_ready(self) -> float:
+    async def _wait_gateway_ready(self) -> tuple[float, bool]:
+        """When the gateway is ready again, and whether it was within the timeout. One
+        that does not recover is recorded and the run goes on: the checker shows what
+        it cost."""
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if await asyncio.to_thread(self.api.ready):
-                return time.time()
+                return time.time(), True
             await asyncio.sleep(0.1)
-        raise TimeoutError(f"gateway not ready {self.ready_timeout_s:.0f}s after a fault")
+        self.not_recovered += 1
+        self.log(f"[bold red]gateway not ready {self.ready_timeout_s:.0f}s after a fault[/]")
+        return time.time(), False
 
     async def scrape_metrics(self) -> None:
         """The counters of the running gateway (kept as metrics-N.txt, N its life)."""
@@ -332,13 +350,16 @@ class Injector:
         await self.scrape_metrics()
         started = time.time()
         code = await asyncio.to_thread(self.gateway.kill)  # SIGKILL, then reaped
-        self.incarnations += 1
-        log_path = self.out_dir / f"gateway-{self.incarnations}.log"
-        self.gateway = GatewayProcess(self.gateway_command, log_path)
-        self.gateway.start()
+        log_path = self._restart_gateway()
         restored = time.time()
-        await asyncio.to_thread(self.gateway.wait_ready, self.ready_timeout_s)
-        recovered = await self._wait_gateway_ready()
+        try:
+            await asyncio.to_thread(self.gateway.wait_ready, self.ready_timeout_s)
+        except (TimeoutError, RuntimeError) as exc:
+            self.not_recovered += 1
+            self.log(f"[bold red]gateway did not come back after kill -9:[/] {exc}")
+            recovered, ok = time.time(), False
+        else:
+            recovered, ok = await self._wait_gateway_ready()
         self.records.append(
             FaultRecord(
                 KILL,
@@ -347,12 +368,47 @@ class Injector:
                 restored,
                 recovered,
                 {"exit_code": code, "log": log_path.name},
+                ok,
             )
         )
         self.log(
             f"gateway killed (exit {code}), restarted on the same state directory, "
             f"ready after {recovered - started:.2f}s"
         )
+
+    def _restart_gateway(self) -> Path:
+        self.incarnations += 1
+        log_path = self.out_dir / f"gateway-{self.incarnations}.log"
+        self.gateway = GatewayProcess(self.gateway_command, log_path)
+        self.gateway.start()
+        return log_path
+
+    async def _kill_in_outage(self, fault: Fault) -> None:
+        started = time.time()
+        await asyncio.to_thread(self.backend.stop_keep_state)
+        await self.scrape_metrics()
+        code = await asyncio.to_thread(self.gateway.kill)
+        log_path = self._restart_gateway()
+        self.log(
+            f"backend broker stopped, gateway killed (exit {code}) and restarted while it "
+            f"is down, for {fault.duration_s:.1f}s"
+        )
+        await asyncio.sleep(fault.duration_s)
+        await asyncio.to_thread(self.backend.start)
+        restored = time.time()
+        recovered, ok = await self._wait_gateway_ready()
+        self.records.append(
+            FaultRecord(
+                KILL_IN_OUTAGE,
+                fault.at_s,
+                started,
+                restored,
+                recovered,
+                {"exit_code": code, "log": log_path.name},
+                ok,
+            )
+        )
+        self.log(f"backend broker back; gateway ready after {recovered - started:.2f}s")
 
     async def _acl_deny(self, fault: Fault) -> None:
         topic = f"tsp/+/{fault.stream}"
@@ -374,8 +430,10 @@ class Injector:
         await asyncio.sleep(fault.duration_s)
         await asyncio.to_thread(broker.start)
         restored = time.time()
-        recovered = await self._wait_gateway_ready()
-        self.records.append(FaultRecord(fault.kind, fault.at_s, started, restored, recovered))
+        recovered, ok = await self._wait_gateway_ready()
+        self.records.append(
+            FaultRecord(fault.kind, fault.at_s, started, restored, recovered, ok=ok)
+        )
         self.log(
             f"{side} broker back after {restored - started:.2f}s; gateway connected "
             f"again after {recovered - started:.2f}s"
@@ -460,8 +518,8 @@ def ecall_latency(result: CheckResult, records: list[FaultRecord]) -> dict[str, 
     def windows(*kinds: str) -> list[tuple[float, float]]:
         return [(r.started, r.recovered) for r in records if r.kind in kinds]
 
-    backend_down = windows(BACKEND_OUTAGE)
-    outages = windows(BACKEND_OUTAGE, VEHICLE_RESTART, KILL)
+    backend_down = windows(BACKEND_OUTAGE, KILL_IN_OUTAGE)
+    outages = windows(BACKEND_OUTAGE, VEHICLE_RESTART, KILL, KILL_IN_OUTAGE)
     ordinary_faults = windows(ACL_DENY, FAKE_VIN_FLOOD)
     backend_up = [a for a in arrivals if not _overlaps(a, backend_down)]
     no_outage = [a for a in arrivals if not _overlaps(a, outages)]
@@ -476,7 +534,7 @@ def ecall_latency(result: CheckResult, records: list[FaultRecord]) -> dict[str, 
             [a for a in arrivals if _overlaps(a, backend_down)]
         ),
         "during_gateway_kill": latency_stats(
-            [a for a in arrivals if _overlaps(a, windows(KILL))]
+            [a for a in arrivals if _overlaps(a, windows(KILL, KILL_IN_OUTAGE))]
         ),
         "during_vehicle_broker_restart": latency_stats(
             [a for a in arrivals if _overlaps(a, windows(VEHICLE_RESTART))]
@@ -589,8 +647,12 @@ def run_chaos(config: ChaosConfig, console: Console | None = None) -> ChaosOutco
             )
         )
         gateway = injector.gateway
-        letters = api.dead_letters()
-        save_dead_letters(out / DEAD_LETTERS_FILE, letters)
+        letters_source = "control API"
+        try:
+            letters: list[DeadLetterRecord] | None = api.dead_letters()
+        except (OSError, ValueError, KeyError) as exc:
+            console.print(f"[bold red]dead letters not available over the control API:[/] {exc}")
+            letters = None
         asyncio.run(injector.scrape_metrics())
         exit_code = gateway.stop()
     finally:
@@ -603,9 +665,12 @@ def run_chaos(config: ChaosConfig, console: Console | None = None) -> ChaosOutco
                 shutil.copyfile(broker.log_path, out / f"mosquitto-{name}.log")
             broker.stop()
     stored = read_dead_letters_from_state(state_dir)
+    if letters is None:
+        letters, letters_source = stored, "state directory (read-only)"
+    save_dead_letters(out / DEAD_LETTERS_FILE, letters)
     console.print(
-        f"gateway stopped (exit code {exit_code}); {len(letters)} dead letters over the "
-        f"control API, {len(stored)} in the store"
+        f"gateway stopped (exit code {exit_code}); {len(letters)} dead letters from the "
+        f"{letters_source}, {len(stored)} in the store"
     )
     result = check_run(
         out, state_dir=state_dir, policy_path=config.policy_path, dead_letters=letters
@@ -626,6 +691,7 @@ def run_chaos(config: ChaosConfig, console: Console | None = None) -> ChaosOutco
         result,
         run_summary,
         letters,
+        letters_source,
         stored,
         stats,
         exit_code,
@@ -643,6 +709,7 @@ def chaos_report(
     result: CheckResult,
     run: RunSummary,
     letters: list[DeadLetterRecord],
+    letters_source: str,
     stored: list[DeadLetterRecord],
     stats: ConnectionStats,
     gateway_exit_code: int | None,
@@ -650,7 +717,7 @@ def chaos_report(
 ) -> dict[str, Any]:
     t0 = injector.t0
     records = sorted(injector.records, key=lambda r: r.started)
-    kills = [r for r in records if r.kind == KILL]
+    kills = [r for r in records if r.kind in (KILL, KILL_IN_OUTAGE)]
     summary = result.summary_json()
     letters_summary = result.dead_letters
     unaccounted = result.losses
@@ -684,14 +751,17 @@ def chaos_report(
         "faults": [r.to_json(t0) for r in records],
         "fault_counts": dict(Counter(r.kind for r in records)),
         "kill_recoveries": {
-            "count": sum(1 for r in kills if r.recovered >= r.started),
+            "count": sum(1 for r in kills if r.ok),
             "ready_after_s": [round(r.recovered - r.started, 2) for r in kills],
             "exit_codes": [r.detail.get("exit_code") for r in kills],
         },
         "gateway_incarnations": injector.incarnations,
+        "gateway_not_recovered": injector.not_recovered,
         "gateway_exit_code": gateway_exit_code,
         "dead_letters": {
-            "api": len(letters),
+            "source": letters_source,
+            "total": len(letters),
+            "api": len(letters) if letters_source == "control API" else None,
             "store": len(stored),
             "by_reason": dict(Counter(d.reason for d in letters).most_common()),
             "by_stream": dict(Counter(d.stream for d in letters).most_common()),
@@ -731,14 +801,21 @@ def print_chaos_summary(outcome: ChaosOutcome, console: Console) -> None:
         detail = ", ".join(
             f"{k} {v}"
             for k, v in fault.items()
-            if k not in ("kind", "planned_at_s", "started_at_s", "restored_after_s",
-                         "recovered_after_s")
+            if k
+            not in (
+                "kind",
+                "recovered",
+                "planned_at_s",
+                "started_at_s",
+                "restored_after_s",
+                "recovered_after_s",
+            )
         )
         faults.add_row(
             fault["kind"],
             f"{fault['started_at_s']:.1f}s",
             f"{fault['restored_after_s']:.2f}s",
-            f"{fault['recovered_after_s']:.2f}s",
+            f"{fault['recovered_after_s']:.2f}s" if fault["recovered"] else "[red]never[/]",
             detail,
         )
     console.print(faults)
@@ -751,7 +828,8 @@ def print_chaos_summary(outcome: ChaosOutcome, console: Console) -> None:
         dead.add_row(reason, str(count))
     console.print(dead)
     console.print(
-        f"dead letters: {letters['api']} listed by the API, {letters['store']} in the store; "
+        f"dead letters: {letters['total']} from the {letters['source']}, "
+        f"{letters['store']} in the store; "
         f"missing messages accounted for by a dead letter: "
         f"{accounting.get('accounted_losses', 0)} (matched by "
         f"{accounting.get('matched_by', '-')}), unaccounted: "
@@ -803,6 +881,7 @@ def chaos_main(args: argparse.Namespace, console: Console) -> int:
         ready_timeout_s=args.ready_timeout,
         live=not args.no_live,
         report=not args.no_report,
+        compound=args.compound,
     )
     try:
         outcome = run_chaos(config, console)

@@ -36,10 +36,13 @@ KILL = "gateway_kill"
 ACL_DENY = "backend_acl_deny"
 BACKEND_OUTAGE = "backend_outage"
 VEHICLE_RESTART = "vehicle_broker_restart"
+# Faults 1, 3 and 4 at once (opt-in): the gateway is killed and restarted while the
+# backend broker is down, and near-limit messages are decided before it is back.
+KILL_IN_OUTAGE = "gateway_kill_in_backend_outage"
 FAKE_VIN_FLOOD = "fake_vin_flood"
 SETTINGS_FLOOD = "settings_flood"
 OVERSIZED = "oversized_app_message"
-INFRA_FAULTS = (KILL, ACL_DENY, BACKEND_OUTAGE, VEHICLE_RESTART)
+INFRA_FAULTS = (KILL, ACL_DENY, BACKEND_OUTAGE, VEHICLE_RESTART, KILL_IN_OUTAGE)
 # Streams an ACL window may deny: frequent ones, so the window refuses something.
 ACL_CANDIDATES = ("tbox/status", "tbox/connectivity", "tbox/battery", "avn/nav", "tbox/trip")
 PACKET_LIMIT = 4096  # the backend broker's max_packet_size; ordinary messages stay far below
@@ -65,6 +68,7 @@ class ChaosProfile:
     acl_window_s: float
     outage_s: float
     vehicle_down_s: float
+    kills_in_outage: int = 0  # KILL_IN_OUTAGE faults (opt-in: `sim chaos --compound`)
 
     @property
     def wall_s(self) -> float:
@@ -170,6 +174,7 @@ def make_plan(seed: int, profile: ChaosProfile, scenario: Scenario, policy: Poli
         + [ACL_DENY] * profile.acl_windows
         + [BACKEND_OUTAGE] * profile.backend_outages
         + [VEHICLE_RESTART] * profile.vehicle_restarts
+        + [KILL_IN_OUTAGE] * profile.kills_in_outage
     )
     rng.shuffle(kinds)
     faults: list[Fault] = []
@@ -180,7 +185,7 @@ def make_plan(seed: int, profile: ChaosProfile, scenario: Scenario, policy: Poli
             duration = min(profile.acl_window_s, 0.7 * slot)
             stream = _busiest_stream(rng, scenario, policy, profile, at, duration)
             faults.append(Fault(kind, round(at, 2), round(duration, 2), stream=stream))
-        elif kind == BACKEND_OUTAGE:
+        elif kind in (BACKEND_OUTAGE, KILL_IN_OUTAGE):
             faults.append(Fault(kind, round(at, 2), round(min(profile.outage_s, 0.6 * slot), 2)))
         elif kind == VEHICLE_RESTART:
             duration = min(profile.vehicle_down_s, 0.5 * slot)
@@ -251,6 +256,18 @@ def augment(plan: ChaosPlan, scenario: Scenario, policy: Policy) -> None:
         added = _add_oversized(rng, vehicles, t_ms, plan.packet_limit, policy)
         if added is not None:
             plan.oversized.append({"vin": added[0], "app": added[1], "at_s": round(at, 2)})
+    # A restart during a backend outage gets near-limit messages while the backend is away.
+    for fault in plan.faults:
+        if fault.kind == KILL_IN_OUTAGE:
+            for share in (0.4, 0.7):
+                at = fault.at_s + share * fault.duration_s
+                added = _add_oversized(
+                    rng, vehicles, _sim_ms(scenario, profile, at), plan.packet_limit, policy
+                )
+                if added is not None:
+                    plan.oversized.append(
+                        {"vin": added[0], "app": added[1], "at_s": round(at, 2)}
+                    )
     # Settings floods from a few cars that have settings by then.
     for _ in range(profile.settings_flood_cars):
         at = rng.uniform(0.15 * wall, 0.8 * wall)

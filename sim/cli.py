@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--no-live", action="store_true", help="no live progress display")
     chaos.add_argument("--no-report", action="store_true", help="skip the HTML report")
     chaos.add_argument(
+        "--compound",
+        action="store_true",
+        help="also kill and restart the gateway while the backend broker is down, with "
+        "near-limit messages decided before it is back (see docs/chaos.md)",
+    )
+    chaos.add_argument(
         "--ready-timeout",
         type=float,
         default=60.0,
