@@ -487,13 +487,16 @@ class GatewayService:
         self.budget.take(len(msg.payload))
 
     def readiness(self) -> dict[str, bool]:
-        """Readiness as last known: both brokers connected and subscribed, the
+        """Readiness as last known: every broker connection (the eCall lane's too)
+        connected and subscribed, the
         store accepting writes, a policy loaded (/readyz adds a test write)."""
         vehicle = getattr(self, "vehicle_edge", None)  # set by start()
         backend = getattr(self, "backend_edge", None)
+        ecall = [e for e in (self.ecall_vehicle_edge, self.ecall_backend_edge) if e is not None]
         return {
             "vehicle_broker": vehicle is not None and vehicle.ready.is_set(),
             "backend_broker": backend is not None and backend.ready.is_set(),
+            "ecall_lane": all(e.ready.is_set() for e in ecall),
             "policy_loaded": self.ctx.policy is not None,
             "store_writable": self.store_writable,
         }

@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sim.contract import ACCEPT, AMBIGUOUS, LOCATION_ON, PASS, decide_command, decide_message
+from sim.deadletters import DeadLetterRecord, LostMessage, account_losses
 from sim.geo import METRES_PER_DEGREE, Point, cell_half_extent_deg, distance_m
 from sim.groundtruth import GROUND_TRUTH_FILE, RECORDING_FILE, read_json_lines, unb64
 from sim.model import (
@@ -125,8 +126,50 @@ class StreamTally:
     delivered: int = 0
     duplicates: int = 0
     ambiguous: int = 0
+    dead_lettered: int = 0  # must pass, not delivered, accounted for by a dead letter
     dropped: Counter[str] = field(default_factory=Counter)  # correct drops by reason
     issues: Counter[str] = field(default_factory=Counter)  # category -> count
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A delivered message: when the car started and finished publishing it, when
+    its first copy reached the backend, and how many copies did."""
+
+    vin: str
+    stream: str
+    wall_start: float
+    wall_end: float
+    first_arrival: float
+    copies: int
+
+    @property
+    def latency_s(self) -> float:
+        return self.first_arrival - self.wall_start
+
+
+@dataclass
+class DeadLetterSummary:
+    total: int
+    by_reason: dict[str, int]
+    by_stream: dict[str, int]
+    accounted: int  # missing messages a dead letter stands for
+    unaccounted: int  # missing messages no dead letter stands for (reported as losses)
+    unmatched_letters: int  # letters that stand for no missing message
+    matched_by_reason: dict[str, int]
+    by_subject: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "by_reason": self.by_reason,
+            "by_stream": self.by_stream,
+            "accounted_losses": self.accounted,
+            "unaccounted_losses": self.unaccounted,
+            "letters_without_a_missing_message": self.unmatched_letters,
+            "accounted_by_reason": self.matched_by_reason,
+            "matched_by": "subject+stream+time" if self.by_subject else "stream+time",
+        }
 
 
 @dataclass
@@ -150,6 +193,10 @@ class CheckResult:
     # `transforms` user property (what the gateway says it did), for the report.
     forwarded: Counter[str] = field(default_factory=Counter)
     transforms_seen: dict[str, Counter[str]] = field(default_factory=dict)
+    # Legal-obligation messages (eCall) that arrived: for end-to-end latency.
+    legal_arrivals: list[Arrival] = field(default_factory=list)
+    # Set when dead letters were given: how missing messages were accounted for.
+    dead_letters: DeadLetterSummary | None = None
 
     def count(self, category: str) -> int:
         return sum(1 for issue in self.issues if issue.category == category)
@@ -175,11 +222,17 @@ class CheckResult:
             return 1
         return 3 if self.issues else 0
 
+    @property
+    def dead_lettered(self) -> int:
+        return sum(t.dead_lettered for t in self.tallies.values())
+
     def summary_json(self) -> dict[str, Any]:
         rules = self.by_rule()
         return {
             "leaks": self.leaks,
             "losses": self.losses,
+            "losses_dead_lettered": self.dead_lettered,
+            "dead_letters": None if self.dead_letters is None else self.dead_letters.to_json(),
             "issues_by_category": {c: self.count(c) for c in CATEGORIES},
             "issues_by_rule": [
                 {"category": c, "rule": r, "count": n} for (c, r), n in rules.most_common()
@@ -205,6 +258,7 @@ class CheckResult:
                     "delivered": t.delivered,
                     "duplicates": t.duplicates,
                     "ambiguous": t.ambiguous,
+                    "dead_lettered": t.dead_lettered,
                     "dropped": dict(t.dropped),
                     "issues": dict(t.issues),
                 }
@@ -251,9 +305,17 @@ class Checker:
         recording: list[dict[str, Any]],
         policy: Policy,
         key: bytes | None = None,
+        dead_letters: list[DeadLetterRecord] | None = None,
     ) -> None:
+        """`dead_letters`: the gateway's dead-letter store (None: not known). Given, a
+        missing message a dead letter stands for is counted as dead-lettered, not
+        lost (see sim.deadletters.account_losses)."""
         self.policy = policy
         self.key = key
+        self.dead_letters = dead_letters
+        self.legal_arrivals: list[Arrival] = []
+        # Missing messages waiting for the dead-letter accounting: (publish, outcome index).
+        self._missing: list[tuple[Published, int]] = []
         self.truth = truth
         meta = next((r for r in truth if r["type"] == "meta"), {})
         self.backend_prefix = str(meta.get("backend_prefix", "tsp"))
@@ -389,6 +451,7 @@ class Checker:
     def run(self) -> CheckResult:
         index = self._index_recording()
         self._check_publishes(index)
+        dead_letter_summary = self._account_missing()
         self._check_global_grid()
         self._check_unmatched()
         self._check_app_topics()
@@ -410,6 +473,8 @@ class Checker:
             received_positions=dict(self.received_positions),
             forwarded=Counter(rec.stream for rec in self.recorded if rec.stream),
             transforms_seen=self._transforms_seen(),
+            legal_arrivals=self.legal_arrivals,
+            dead_letters=dead_letter_summary,
         )
 
     def _transforms_seen(self) -> dict[str, Counter[str]]:
@@ -488,17 +553,26 @@ class Checker:
             if decision == PASS:
                 tally.must_pass += 1
                 if not matches:
-                    self._issue(
-                        LOSS,
-                        "allowed_message_not_delivered",
-                        pub.stream,
-                        pub.vin,
-                        f"seq {record['seq']} ts {pub.ts_ms} ({purpose}) never reached the backend",
-                        str(record["topic"]),
-                    )
+                    if self.dead_letters is not None:
+                        # Judged once every publish is seen: a dead letter may stand for it.
+                        self._missing.append((pub, len(self.outcomes)))
+                        self.outcomes.append((pub.vin, pub.stream, "lost"))
+                        continue
+                    self._lost(pub)
                     self.outcomes.append((pub.vin, pub.stream, "lost"))
                     continue
                 tally.delivered += 1
+                if self.policy.is_legal_obligation(pub.stream):
+                    self.legal_arrivals.append(
+                        Arrival(
+                            pub.vin,
+                            pub.stream,
+                            float(record["wall_start"]),
+                            float(record["wall_end"]),
+                            min(rec.wall for rec in matches),
+                            len(matches),
+                        )
+                    )
                 tally.duplicates += len(matches) - 1
                 settings = self._candidates_allowing(pub)
                 for rec in matches:
@@ -527,6 +601,53 @@ class Checker:
                 else:
                     tally.dropped[decision] += 1
                     self.outcomes.append((pub.vin, pub.stream, f"dropped:{decision}"))
+
+    def _lost(self, pub: Published, why: str = "") -> None:
+        self._issue(
+            LOSS,
+            "allowed_message_not_delivered",
+            pub.stream,
+            pub.vin,
+            f"seq {pub.record['seq']} ts {pub.ts_ms} ({pub.record.get('purpose')}) never "
+            f"reached the backend{why}",
+            str(pub.record["topic"]),
+        )
+
+    def _account_missing(self) -> DeadLetterSummary | None:
+        """Missing messages a dead letter stands for are dead-lettered; the rest are lost."""
+        if self.dead_letters is None:
+            return None
+        letters = self.dead_letters
+        losses = []
+        for ref, (pub, _) in enumerate(self._missing):
+            rule = self.policy.rule_for(pub.stream)
+            losses.append(
+                LostMessage(
+                    ref,
+                    pub.vin,
+                    rule.key if rule is not None else pub.stream,
+                    float(pub.record["wall_start"]),
+                )
+            )
+        key = self.key
+        subject_of = None if key is None else (lambda vin: pseudonym(key, "audit-subject", vin))
+        accounting = account_losses(losses, letters, subject_of)
+        for loss, _ in accounting.matched:
+            pub, at = self._missing[loss.ref]
+            self.tallies[pub.stream].dead_lettered += 1
+            self.outcomes[at] = (pub.vin, pub.stream, "dead_lettered")
+        for loss in accounting.unaccounted:
+            self._lost(self._missing[loss.ref][0], " and no dead letter stands for it")
+        return DeadLetterSummary(
+            total=len(letters),
+            by_reason=dict(Counter(d.reason for d in letters).most_common()),
+            by_stream=dict(Counter(d.stream for d in letters).most_common()),
+            accounted=len(accounting.matched),
+            unaccounted=len(accounting.unaccounted),
+            unmatched_letters=len(accounting.unmatched_letters),
+            matched_by_reason=dict(Counter(d.reason for _, d in accounting.matched).most_common()),
+            by_subject=accounting.by_subject,
+        )
 
     def _decision(self, pub: Published) -> str:
         window: bool | None = None
@@ -1049,7 +1170,11 @@ def load_key(state_dir: Path | None) -> bytes | None:
 
 
 def check_run(
-    out_dir: Path, *, state_dir: Path | None = None, policy_path: Path | None = None
+    out_dir: Path,
+    *,
+    state_dir: Path | None = None,
+    policy_path: Path | None = None,
+    dead_letters: list[DeadLetterRecord] | None = None,
 ) -> CheckResult:
     truth = list(read_json_lines(out_dir / GROUND_TRUTH_FILE))
     recording_path = out_dir / RECORDING_FILE
@@ -1057,7 +1182,9 @@ def check_run(
     if policy_path is None:
         meta = next((r for r in truth if r["type"] == "meta"), {})
         policy_path = Path(meta.get("policy_path") or DEFAULT_POLICY_PATH)
-    return Checker(truth, recording, load_policy(policy_path), load_key(state_dir)).run()
+    return Checker(
+        truth, recording, load_policy(policy_path), load_key(state_dir), dead_letters
+    ).run()
 
 
 DROP_LABELS = {
@@ -1083,6 +1210,7 @@ def summary_table(result: CheckResult, width: int = WIDE_SUMMARY) -> Iterable[Ta
     from rich import box
 
     narrow = width < WIDE_SUMMARY
+    with_letters = result.dead_letters is not None
     style = box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD
     dropped_column = "dropped as required"
     columns = [
@@ -1092,6 +1220,7 @@ def summary_table(result: CheckResult, width: int = WIDE_SUMMARY) -> Iterable[Ta
         ("delivered", "arrived"),
         ("dups", "dups"),
         ("ambiguous", "not\njudged"),
+        *([("dead-lettered", "dead\nletters")] if with_letters else []),
         (dropped_column, dropped_column),
         ("leaks", "leaks"),
         ("losses", "losses"),
@@ -1128,13 +1257,14 @@ def summary_table(result: CheckResult, width: int = WIDE_SUMMARY) -> Iterable[Ta
             str(t.delivered),
             str(t.duplicates),
             str(t.ambiguous),
+            *([str(t.dead_lettered)] if with_letters else []),
             reasons,
             _red(t.issues[LEAK]),
             _red(t.issues[LOSS]),
             _red(other),
         ]
         if narrow:
-            del cells[6]
+            cells.remove(reasons)
             if reasons:
                 drops.add_row(stream, reasons)
         streams.add_row(*cells)
@@ -1174,9 +1304,15 @@ def print_summary(result: CheckResult, console: Console) -> None:
         )
     )
     other = len(result.issues) - result.leaks - result.losses
+    letters = result.dead_letters
+    accounted = (
+        ""
+        if letters is None
+        else f" (+{letters.accounted} missing but dead-lettered, {letters.total} dead letters)"
+    )
     console.print(
         f"{verdict}  leaks {_red(result.leaks)} (target 0), losses {_red(result.losses)} "
-        f"(target 0), other issues {_red(other)} (target 0)"
+        f"(target 0){accounted}, other issues {_red(other)} (target 0)"
     )
     console.print(
         f"utility: {result.utility_delivered:.1%} of allowed messages delivered (target 100%); "
@@ -1197,8 +1333,11 @@ def check_main(
     policy_path: Path | None,
     report: bool,
     console: Console,
+    dead_letters: list[DeadLetterRecord] | None = None,
 ) -> int:
-    result = check_run(out_dir, state_dir=state_dir, policy_path=policy_path)
+    result = check_run(
+        out_dir, state_dir=state_dir, policy_path=policy_path, dead_letters=dead_letters
+    )
     summary = result.summary_json()
     summary["issues"] = [issue.to_json() for issue in result.issues[:5000]]
     (out_dir / CHECK_FILE).write_text(json.dumps(summary, indent=2))

@@ -1,4 +1,4 @@
-"""Command line: python -m sim {run,record,check,demo}."""
+"""Command line: python -m sim {run,record,check,demo,chaos}."""
 
 from __future__ import annotations
 
@@ -84,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--policy", type=Path, default=None, help="policy.yaml (default: the run's)")
     check.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    letters = check.add_mutually_exclusive_group()
+    letters.add_argument(
+        "--dead-letters",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the gateway's dead letters (JSON as `sim chaos` saves them, or a saved "
+        "GET /v1/dead-letters answer): missing messages they stand for are not losses",
+    )
+    letters.add_argument(
+        "--dead-letters-from-state",
+        action="store_true",
+        help="read the dead letters from --state-dir's consent store (read-only)",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -105,6 +119,48 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="seconds to wait for the gateway's 'gateway ready' log line",
+    )
+    chaos = commands.add_parser(
+        "chaos",
+        help="fleet + real gateway + faults (kill -9, refusals, outages, floods) + checker",
+        description="A seeded fault-injection run against the real gateway and two real "
+        "Mosquitto brokers; exit 1 on any leak or any loss no dead letter accounts for.",
+    )
+    chaos.add_argument("--seed", type=int, default=1, help="seed of the fleet and of the faults")
+    chaos.add_argument(
+        "--short",
+        action="store_true",
+        help="the short variant (CI: about a minute, every fault at least once)",
+    )
+    chaos.add_argument(
+        "--vehicles", type=int, default=None, help="fleet size (default: 30; --short: 12)"
+    )
+    chaos.add_argument(
+        "--duration", default=None, help="simulated time (default: 10h; --short: 3h)"
+    )
+    chaos.add_argument(
+        "--speedup",
+        type=float,
+        default=None,
+        help="simulated seconds per wall-clock second (default: 100; --short: 240)",
+    )
+    chaos.add_argument(
+        "--out", type=Path, default=Path("out/chaos"), help="output directory (out/chaos)"
+    )
+    chaos.add_argument("--policy", type=Path, default=DEFAULT_POLICY_PATH, help="policy.yaml")
+    chaos.add_argument("--no-live", action="store_true", help="no live progress display")
+    chaos.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    chaos.add_argument(
+        "--compound",
+        action="store_true",
+        help="also kill and restart the gateway while the backend broker is down, with "
+        "near-limit messages decided before it is back (see docs/chaos.md)",
+    )
+    chaos.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the gateway to be ready (at start and after each fault)",
     )
     return parser
 
@@ -146,18 +202,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         from sim.checker import check_main
+        from sim.deadletters import load_dead_letters, read_dead_letters_from_state
 
+        dead_letters = None
+        if args.dead_letters is not None:
+            dead_letters = load_dead_letters(args.dead_letters)
+        elif args.dead_letters_from_state:
+            if args.state_dir is None:
+                console.print("--dead-letters-from-state needs --state-dir")
+                return 2
+            dead_letters = read_dead_letters_from_state(args.state_dir)
         return check_main(
             args.out,
             state_dir=args.state_dir,
             policy_path=args.policy,
             report=not args.no_report,
             console=console,
+            dead_letters=dead_letters,
         )
     if args.command == "demo":
         from sim.demo import demo_main
 
         return demo_main(args, console)
+    if args.command == "chaos":
+        from sim.chaos import chaos_main
+
+        return chaos_main(args, console)
     return 2
 
 

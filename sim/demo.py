@@ -126,6 +126,20 @@ class GatewayProcess:
             self.process.stdout.close()
         return self.process.returncode
 
+    def kill(self) -> int | None:
+        """kill -9, then reap the process: once this returns its state directory's
+        lock is free (the kernel drops it when the process is gone)."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
     def __enter__(self) -> GatewayProcess:
         self.start()
         return self

@@ -50,6 +50,9 @@ class FleetOptions:
     )
     applied_timeout_s: float = APPLIED_TIMEOUT_S
     result_timeout_s: float = RESULT_TIMEOUT_S
+    # Send the settings again when no PrivacyApplied came back within this long (a real
+    # car retries; the gateway answers a repeated revision with PrivacyApplied again).
+    settings_resend_s: float | None = None
 
 
 @dataclass
@@ -65,6 +68,7 @@ class FleetStats:
     expected_drops: Counter[str] = field(default_factory=Counter)
     settings_sent: int = 0
     settings_timeouts: int = 0
+    settings_resent: int = 0
     commands_sent: int = 0
     commands_accepted: int = 0
     commands_refused: int = 0
@@ -448,37 +452,55 @@ class Fleet:
             self.stats.expected_drops[prediction] += 1
 
     async def _send_settings(self, vehicle: VehicleState, event: SettingsEvent) -> None:
-        settings = event.settings
-        vehicle.settings_by_revision[settings.revision] = settings
-        message = settings.to_proto(vehicle.vin, vehicle.next_seq("avn"), event.t_ms)
         topic = f"{self.options.vehicle_prefix}/{vehicle.vin}/avn/privacy"
-        wall_sent = time.time()
-        vehicle.applied_changed.clear()
-        await self.avn_clients[vehicle.vin].publish(
-            topic, message.SerializeToString(deterministic=True), qos=1
-        )
-        vehicle.published_revision = settings.revision
-        self.stats.settings_sent += 1
+        sent: list[tuple[Settings, int, float]] = []
+        payload = b""
+        for settings in (*event.flood, event.settings):
+            vehicle.settings_by_revision[settings.revision] = settings
+            message = settings.to_proto(vehicle.vin, vehicle.next_seq("avn"), event.t_ms)
+            payload = message.SerializeToString(deterministic=True)
+            wall_sent = time.time()
+            vehicle.applied_changed.clear()
+            await self.avn_clients[vehicle.vin].publish(topic, payload, qos=1)
+            vehicle.published_revision = settings.revision
+            self.stats.settings_sent += 1
+            sent.append((settings, message.header.seq, wall_sent))
         # Nothing else leaves this car until the gateway confirms the new settings:
         # the TBOX and the AVN are separate connections and could otherwise race.
-        applied = await self._wait_applied(vehicle, settings.revision)
+        revision = event.settings.revision
+        deadline = time.monotonic() + self.options.applied_timeout_s
+        resend = self.options.settings_resend_s
+        while True:
+            wait = deadline - time.monotonic()
+            if resend is not None:
+                wait = min(wait, resend)
+            applied = await self._wait_applied(vehicle, revision, max(wait, 0.0))
+            if applied or time.monotonic() >= deadline:
+                break
+            await self.avn_clients[vehicle.vin].publish(topic, payload, qos=1)
+            self.stats.settings_resent += 1
         if not applied:
             self.stats.settings_timeouts += 1
-        self.truth.write(
-            {
-                "type": "settings",
-                "vin": vehicle.vin,
-                "ts_ms": event.t_ms,
-                "seq": message.header.seq,
-                "settings": settings.to_json(),
-                "wall_sent": wall_sent,
-                "applied": applied,
-                "wall_applied": time.time() if applied else None,
-            }
-        )
+        wall_applied = time.time() if applied else None
+        for settings, seq, wall_sent in sent:
+            # A flood's earlier revisions were applied (in order) before the last one.
+            self.truth.write(
+                {
+                    "type": "settings",
+                    "vin": vehicle.vin,
+                    "ts_ms": event.t_ms,
+                    "seq": seq,
+                    "settings": settings.to_json(),
+                    "wall_sent": wall_sent,
+                    "applied": applied,
+                    "wall_applied": wall_applied,
+                }
+            )
 
-    async def _wait_applied(self, vehicle: VehicleState, revision: int) -> bool:
-        deadline = time.monotonic() + self.options.applied_timeout_s
+    async def _wait_applied(
+        self, vehicle: VehicleState, revision: int, timeout_s: float
+    ) -> bool:
+        deadline = time.monotonic() + timeout_s
         while vehicle.applied_revision is None or vehicle.applied_revision < revision:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

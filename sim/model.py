@@ -99,6 +99,9 @@ class PublishEvent:
 class SettingsEvent:
     t_ms: int
     settings: Settings
+    # A settings flood: revisions sent back to back just before `settings`, without
+    # waiting for their PrivacyApplied (only the last one is waited for).
+    flood: tuple[Settings, ...] = ()
 
 
 @dataclass

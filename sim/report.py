@@ -38,6 +38,7 @@ OUTCOME_COLOURS = {
     "ambiguous_dropped": "#bdbdbd",
     "leaked": "#d50000",
     "lost": "#ff6d00",
+    "dead_lettered": "#8d6e63",
     "publish_failed": "#000000",
 }
 OUTCOME_LABELS = {
@@ -470,6 +471,7 @@ def _decision_mix(result: CheckResult) -> str:
         "ambiguous_delivered",
         *drop_reasons,
         "ambiguous_dropped",
+        "dead_lettered",
         "lost",
         "leaked",
         "publish_failed",

@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from sim.groundtruth import RUN_FILE
 from sim.mqtt import ClientFactory, aiomqtt_factory
 from sim.policy import DEFAULT_POLICY_PATH, load_policy
 from sim.recorder import Recorder
-from sim.scenario import DEFAULT_SIM_START_MS, build_scenario
+from sim.scenario import DEFAULT_SIM_START_MS, Scenario, build_scenario
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([hms]?)")
 
@@ -57,6 +58,8 @@ class RunConfig:
     max_drain_s: float = 60.0
     live: bool = True
     applied_timeout_s: float = 5.0
+    result_timeout_s: float = 5.0
+    settings_resend_s: float | None = None
 
     @property
     def backend_url(self) -> str:
@@ -128,10 +131,20 @@ async def run_simulation(
     config: RunConfig,
     console: Console | None = None,
     client_factory: ClientFactory = aiomqtt_factory,
+    *,
+    scenario: Scenario | None = None,
+    on_connected: Callable[[], Awaitable[None]] | None = None,
+    before_drain: Callable[[], Awaitable[None]] | None = None,
 ) -> RunSummary:
+    """`scenario` replaces the one built from the config's seed; `on_connected` runs
+    when every car is connected, just before the scenario clock starts; `before_drain`
+    runs after the last car is done, before waiting for the backend to go quiet."""
     console = console or Console(stderr=True)
     policy = load_policy(config.policy_path)
-    scenario = build_scenario(config.seed, config.vehicles, config.duration_s, config.sim_start_ms)
+    if scenario is None:
+        scenario = build_scenario(
+            config.seed, config.vehicles, config.duration_s, config.sim_start_ms
+        )
     config.out_dir.mkdir(parents=True, exist_ok=True)
     recorder = Recorder(config.backend_url, config.out_dir, client_factory=client_factory)
     await recorder.start()
@@ -141,6 +154,8 @@ async def run_simulation(
         speedup=config.speedup,
         multiplex=config.multiplex,
         applied_timeout_s=config.applied_timeout_s,
+        result_timeout_s=config.result_timeout_s,
+        settings_resend_s=config.settings_resend_s,
     )
     fleet = Fleet(scenario, policy, options, config.out_dir, client_factory)
     started = time.monotonic()
@@ -162,7 +177,9 @@ async def run_simulation(
     )
     try:
         with live if live is not None else contextlib.nullcontext():
-            await fleet.play(meta)
+            await fleet.play(meta, on_connected)
+            if before_drain is not None:
+                await before_drain()
             # Let the gateway drain: stop when the backend has been quiet for a while.
             await recorder.wait_quiet(config.quiet_s, config.max_drain_s)
     finally:
