@@ -27,8 +27,10 @@ from sim.chaos_plan import (
 )
 from sim.deadletters import DeadLetterRecord, LostMessage, account_losses
 from sim.model import SettingsEvent
-from sim.policy import REPO_ROOT, load_policy
+from sim.policy import load_policy
 from sim.scenario import build_scenario, event_fingerprint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 needs_mosquitto = pytest.mark.skipif(
     shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
