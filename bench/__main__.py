@@ -1,4 +1,7 @@
-"""`python -m bench {all,core,throughput,latency,scale}`: see docs/performance.md."""
+"""`python -m bench {all,core,throughput,latency,scale,bounds}`: see docs/performance.md.
+
+`all` runs core, throughput, latency and scale; `bounds` (the floods of
+contract rule 20, several minutes) runs only when named."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 
+from bench.bounds import BoundsOptions, bench_bounds, print_bounds_table
 from bench.report import machine_info, print_table, targets, write_json
 from bench.suite import (
     Context,
@@ -31,13 +35,31 @@ BENCHMARKS: dict[str, Callable[[Context], dict[str, Any]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("benchmark", choices=["all", *BENCHMARKS])
+    parser.add_argument("benchmark", choices=["all", *BENCHMARKS, "bounds"])
     parser.add_argument("--rounds", type=int, default=3, help="A B A B rounds (median quoted)")
     parser.add_argument("--fleet", type=int, default=5_000, help="vehicles in the fleet")
     parser.add_argument("--messages", type=int, default=30_000, help="messages per throughput run")
     parser.add_argument("--rate", type=float, default=2_000.0, help="latency run rate (msg/s)")
     parser.add_argument("--seconds", type=float, default=8.0, help="latency run length")
     parser.add_argument("--large", type=int, default=1_000_000, help="vehicles for scale runs")
+    parser.add_argument(
+        "--vins", type=int, default=None, help="bounds: made-up VINs (100,000; quick 10,000)"
+    )
+    parser.add_argument(
+        "--revisions", type=int, default=None, help="bounds: revisions (100,000; quick 10,000)"
+    )
+    parser.add_argument(
+        "--flood-rate",
+        type=float,
+        default=None,
+        help="bounds: flood pace in msg/s (default: as fast as the generator can)",
+    )
+    parser.add_argument(
+        "--flood-timeout",
+        type=float,
+        default=None,
+        help="bounds: deadline per flood in s (default 180, plus publishing time when paced)",
+    )
     parser.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
     args = parser.parse_args(argv)
     options = Options(
@@ -55,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         options.scale_large = min(options.scale_large, 100_000)
         options.scale_messages = 6_000
     console = Console(stderr=True)
+    if args.benchmark == "bounds":
+        small = 10_000 if args.quick else 100_000
+        bounds = BoundsOptions(
+            vins=args.vins if args.vins is not None else small,
+            revisions=args.revisions if args.revisions is not None else small,
+            rate=args.flood_rate,
+            timeout_s=args.flood_timeout,
+        )
+        return run_bounds(bounds, options, argv, console)
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     results: dict[str, Any] = {
         "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -73,6 +104,25 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = [t.as_dict() for t in targets(results)]
     path = write_json(results, f"{args.benchmark}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     print_table(results, Console(width=160))
+    console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
+    return 0
+
+
+def run_bounds(
+    bounds: BoundsOptions, options: Options, argv: list[str] | None, console: Console
+) -> int:
+    results: dict[str, Any] = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+    }
+    started = time.perf_counter()
+    with context(options, lambda text: console.print(text, highlight=False)) as ctx:
+        console.print("[bold]bounds[/]")
+        results["bounds"] = bench_bounds(ctx, bounds)
+    results["seconds"] = time.perf_counter() - started
+    path = write_json(results, f"bounds-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    print_bounds_table(results["bounds"], Console(width=160))
     console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
     return 0
 
