@@ -96,11 +96,13 @@ class Settleable(Protocol):
 
     def settle_with(self, outcome: Outcome) -> None: ...
 
+    def release_budget(self) -> None: ...
+
 
 class _Slot:
     """One received message awaiting its final outcome."""
 
-    __slots__ = ("done", "generation", "mid", "qos", "size", "window")
+    __slots__ = ("budgeted", "done", "generation", "mid", "qos", "size", "window")
     expires_at = None  # a new message: a dead letter gets the full retention
 
     def __init__(self, window: AckWindow, msg: InboundMessage) -> None:
@@ -109,6 +111,7 @@ class _Slot:
         self.qos = msg.qos
         self.generation = msg.generation
         self.size = len(msg.payload)
+        self.budgeted = window.budget is not None
         self.done = False
 
     def settle(self) -> None:
@@ -116,7 +119,16 @@ class _Slot:
             return
         self.done = True
         self.window.release()
-        if self.window.budget is not None:
+        self.release_budget()
+
+    def release_budget(self) -> None:
+        """Give the message's share of the ingress budget back before it is
+        final: for a message whose last step is a publish on the vehicle
+        connection itself (PrivacyApplied), whose PUBACK can only be read once
+        that connection is read again. Holding the budget for it would pause
+        reading for good."""
+        if self.budgeted and self.window.budget is not None:
+            self.budgeted = False
             self.window.budget.give(self.size)
 
     def settle_with(self, outcome: Outcome) -> None:
@@ -629,6 +641,7 @@ class GatewayService:
                 log.debug("drop %s: %s", self.log_topic(msg.topic), decision.reason)
             if decision.reannounce is not None:
                 topic, body = decision.reannounce
+                slot.release_budget()  # its last step is a publish on the vehicle connection
                 self._deliver(
                     self.vehicle_edge,
                     topic,
@@ -697,6 +710,7 @@ class GatewayService:
                 "location": snapshot.location.name,
             },
         )
+        slot.release_budget()  # its last step is a publish on the vehicle connection
         self._deliver(
             self.vehicle_edge,
             decision.applied_topic,
@@ -1293,6 +1307,9 @@ class _RedriveSlot:
 
     def settle_with(self, outcome: Outcome) -> None:
         self.settle()
+
+    def release_budget(self) -> None:
+        pass  # a re-driven letter holds no ingress budget
 
 
 __all__ = ["AckWindow", "GatewayService", "PublishRefused"]

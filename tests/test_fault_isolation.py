@@ -667,6 +667,39 @@ async def test_back_pressure_outlasts_the_keepalive_without_a_reconnect(tmp_path
                 await harness.stop(running_service)
 
 
+async def test_a_settings_flood_past_the_budget_does_not_pause_reading_for_good(
+    tmp_path: Path,
+) -> None:
+    """An applied settings message is final only when the vehicle broker has
+    PUBACKed its PrivacyApplied, on the very connection the budget stops
+    reading: held in the budget, a flood of settings paused reading until the
+    keepalive dropped the connection (a minute at a time in the benchmark)."""
+    # The byte budget (64 KiB) fills long before the broker's in-flight window.
+    pipeline = PipelineConfig(inflight=256, max_bytes=64 * 1024, drain_timeout_s=5)
+    padding = {f"x_unknown_feature_{i:03d}": True for i in range(120)}  # about 3 KB
+    with MosquittoBroker() as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            harness.pipeline = pipeline
+            service = await harness.start()
+            car = clients.car
+            # The decision loop is busy (a slow store write, say) while the car
+            # floods: the budget fills and reading pauses.
+            release = asyncio.Event()
+            busy = asyncio.create_task(service.run_control(release.wait))
+            for revision in range(1, 201):
+                features = {"remote_control": True, **padding}
+                await car.settings(revision, features=features, wait=False)
+            await asyncio.sleep(0.5)
+            assert service.budget.paused
+            release.set()
+            await busy
+            while (await asyncio.wait_for(car.applied.get(), 8)).revision != 200:
+                pass
+            await car.send("tbox/status", status(car))
+            await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/status")), 8)
+            assert service.vehicle_edge.generation == 1  # no keepalive drop needed
+
+
 def test_refusal_classes() -> None:
     assert is_transient(0x97) and is_transient(0x80)
     assert not is_transient(0x87) and not is_transient(0x95) and not is_transient(0x90)
