@@ -26,7 +26,6 @@ growth (bytes and rows) and the gateway's own counters (/metrics).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import secrets
@@ -42,7 +41,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.procs import POLICY, Proc, rss_bytes, start_gateway
+from bench.procs import Proc, rss_bytes, start_gateway, write_gateway_config
 from bench.suite import Context, pct
 from bench.wire import Publisher, Receiver, publish_packet
 from sim.broker import free_port
@@ -136,54 +135,14 @@ class Gateway:
         return pseudonym(read_key(self.state / "pseudonym.key"), "audit-subject", vin)
 
 
-def write_config(
-    directory: Path,
-    name: str,
-    vehicle_prefix: str,
-    backend_prefix: str,
-    control_port: int,
-    token_sha256: str,
-    limits: dict[str, float | int],
-) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.toml"
-    limit_lines = "".join(f"{key} = {value!r}\n" for key, value in limits.items())
-    path.write_text(
-        f"""policy = "{POLICY}"
-state_dir = "{directory / name}"
-
-[vehicle_broker]
-client_id = "bench-{name}-{os.getpid()}-vehicle"
-topic_prefix = "{vehicle_prefix}"
-session_expiry_s = 600
-
-[backend_broker]
-client_id = "bench-{name}-{os.getpid()}-backend"
-topic_prefix = "{backend_prefix}"
-
-[limits]
-{limit_lines}
-[logging]
-level = "INFO"
-
-[control]
-listen = "127.0.0.1:{control_port}"
-
-[[control.tokens]]
-name = "bench"
-role = "dpo"
-sha256 = "{token_sha256}"
-"""
-    )
-    return path
-
-
 def start(ctx: Context, name: str, limits: dict[str, float | int]) -> Gateway:
     from gateway.control.api import hash_token
 
     token, port = secrets.token_urlsafe(32), free_port()
     vp, bp = f"{name}v", f"{name}b"
-    config = write_config(ctx.tmp / "configs", name, vp, bp, port, hash_token(token), limits)
+    config = write_gateway_config(
+        ctx.tmp / "configs", name, vp, bp, limits=limits, control=(port, hash_token(token))
+    )
     state = ctx.tmp / f"{name}-state"
     proc = start_gateway(name, config, ctx.broker.url, state)
     proc.wait_ready()

@@ -98,12 +98,27 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 
 def write_gateway_config(
-    directory: Path, name: str, vehicle_prefix: str, backend_prefix: str, inflight: int = 512
+    directory: Path,
+    name: str,
+    vehicle_prefix: str,
+    backend_prefix: str,
+    inflight: int = 512,
+    *,
+    limits: dict[str, float | int] | None = None,
+    control: tuple[int, str] | None = None,
 ) -> Path:
     """A runtime config like config/gateway.toml, with its own client ids and prefixes
-    so several gateways can share one broker without taking each other's sessions."""
+    so several gateways can share one broker without taking each other's sessions.
+    `limits` fills [limits]; `control` = (port, token SHA-256) gives the control
+    plane that port and a dpo token (to read /metrics and the store's views)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.toml"
+    limit_lines = "".join(f"{key} = {value!r}\n" for key, value in (limits or {}).items())
+    limits_section = f"\n[limits]\n{limit_lines}" if limits else ""
+    control_section = _control_section() if control is None else (
+        f'\n[control]\nlisten = "127.0.0.1:{control[0]}"\n\n'
+        f'[[control.tokens]]\nname = "bench"\nrole = "dpo"\nsha256 = "{control[1]}"\n'
+    )
     path.write_text(
         f"""policy = "{POLICY}"
 state_dir = "{directory / name}"
@@ -119,10 +134,10 @@ topic_prefix = "{backend_prefix}"
 
 [pipeline]
 inflight = {inflight}
-
+{limits_section}
 [logging]
 level = "INFO"
-{_control_section()}"""
+{control_section}"""
     )
     return path
 
