@@ -59,6 +59,45 @@ async def running(broker: MosquittoBroker, tmp_path: Path) -> AsyncIterator[
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+@contextlib.asynccontextmanager
+async def car_on(
+    vehicle_broker: MosquittoBroker, harness: GatewayHarness
+) -> AsyncIterator[Car]:
+    """A car on the vehicle-side broker (the backend being another broker);
+    stops the harness's gateways on the way out."""
+    try:
+        async with aiomqtt.Client(
+            "127.0.0.1", vehicle_broker.port, identifier=f"tbox-{VIN}"
+        ) as car_client:
+            car = Car(car_client, Recorder(car_client))
+            await car.subscribe()
+            task = asyncio.create_task(car.run())
+            try:
+                yield car
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        for service in list(harness.running):
+            await harness.stop(service)
+
+
+@contextlib.asynccontextmanager
+async def recording(backend_broker: MosquittoBroker) -> AsyncIterator[Recorder]:
+    """A backend client recording everything on tsp/#."""
+    async with aiomqtt.Client(
+        "127.0.0.1", backend_broker.port, identifier="backend", protocol=aiomqtt.ProtocolVersion.V5
+    ) as backend_client:
+        await backend_client.subscribe("tsp/#", qos=1)
+        recorder = Recorder(backend_client)
+        task = asyncio.create_task(recorder.run())
+        try:
+            yield recorder
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 def battery(car: Car) -> streams_pb2.BatteryStatus:
     msg = streams_pb2.BatteryStatus(state_of_charge_pct=50)
     car.header(msg)
@@ -302,45 +341,23 @@ async def test_backend_outage_holds_a_bounded_number_of_messages_and_bytes(
             vehicle_broker.url, backend_broker.url, tmp_path / "state", pipeline=pipeline
         )
         service = await harness.start()
-        try:
-            async with aiomqtt.Client(
-                "127.0.0.1", vehicle_broker.port, identifier=f"tbox-{VIN}"
-            ) as car_client:
-                car = Car(car_client, Recorder(car_client))
-                await car.subscribe()
-                car_task = asyncio.create_task(car.run())
-                await car.settings(1, features={"third_party.music": True})
-                backend_broker.stop_keep_state()
-                sent = []
-                for _ in range(300):
-                    msg = streams_pb2.AppTraffic(app_id="music", payload=b"p" * payload_bytes)
-                    car.header(msg)
-                    sent.append(msg.header.seq)
-                    await car.send("avn/app/music", msg)
-                await asyncio.sleep(1.5)
-                held = len(service._windows["vehicle"]) + service._queue.qsize()
-                assert held <= bound, held
-                assert service.budget.bytes <= 80 * 1024 + payload_bytes + 200
-                backend_broker.start()
-                async with aiomqtt.Client(
-                    "127.0.0.1",
-                    backend_broker.port,
-                    identifier="backend",
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                ) as backend_client:
-                    await backend_client.subscribe("tsp/#", qos=1)
-                    recorder = Recorder(backend_client)
-                    rec_task = asyncio.create_task(recorder.run())
-                    await recorder.wait_for(lambda: len(recorder.on("/avn/app/music")) >= 300, 30)
-                    got = {
-                        streams_pb2.AppTraffic.FromString(m.payload).header.seq  # type: ignore[arg-type]
-                        for m in recorder.on("/avn/app/music")
-                    }
-                    rec_task.cancel()
-                car_task.cancel()
-        finally:
-            for running_service in list(harness.running):
-                await harness.stop(running_service)
+        async with car_on(vehicle_broker, harness) as car:
+            await car.settings(1, features={"third_party.music": True})
+            backend_broker.stop_keep_state()
+            for _ in range(300):
+                msg = streams_pb2.AppTraffic(app_id="music", payload=b"p" * payload_bytes)
+                await car.send("avn/app/music", car.header(msg))
+            await asyncio.sleep(1.5)
+            held = len(service._windows["vehicle"]) + service._queue.qsize()
+            assert held <= bound, held
+            assert service.budget.bytes <= 80 * 1024 + payload_bytes + 200
+            backend_broker.start()
+            async with recording(backend_broker) as recorder:
+                await recorder.wait_for(lambda: len(recorder.on("/avn/app/music")) >= 300, 30)
+                got = {
+                    streams_pb2.AppTraffic.FromString(m.payload).header.seq  # type: ignore[arg-type]
+                    for m in recorder.on("/avn/app/music")
+                }
     # Pseudonymized seqs are still the car's today (rule 15 changes that):
     # every message arrived at least once.
     assert len(got) == 300
@@ -450,40 +467,22 @@ async def test_oversized_message_decided_before_the_backend_connects_is_dead_let
         harness = GatewayHarness(vehicle_broker.url, backend_broker.url, tmp_path / "state")
         service = await harness.start_unready()
         try:
-            async with aiomqtt.Client(
-                "127.0.0.1", vehicle_broker.port, identifier=f"tbox-{VIN}"
-            ) as car_client:
-                car = Car(car_client, Recorder(car_client))
-                await car.subscribe()
-                car_task = asyncio.create_task(car.run())
+            async with car_on(vehicle_broker, harness) as car:
                 await car.settings(1, features={"third_party.music": True, "remote_control": True})
                 big = car.header(streams_pb2.AppTraffic(app_id="music", payload=b"x" * 1450))
                 await car.send("avn/app/music", big)
-                small = [status(car) for _ in range(3)]
-                for msg in small:
-                    await car.send("tbox/status", msg)
+                for _ in range(3):
+                    await car.send("tbox/status", status(car))
                 await asyncio.sleep(0.5)
                 backend_broker.start()
-                async with aiomqtt.Client(
-                    "127.0.0.1",
-                    backend_broker.port,
-                    identifier="backend",
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                ) as backend_client:
-                    await backend_client.subscribe("tsp/#", qos=1)
-                    recorder = Recorder(backend_client)
-                    rec_task = asyncio.create_task(recorder.run())
+                async with recording(backend_broker) as recorder:
                     await _wait(lambda: service.backend_edge.ready.is_set(), 15)
                     await car.send("tbox/status", status(car))  # one more, decided live
                     await recorder.wait_for(lambda: len(recorder.on("/tbox/status")) >= 1, 15)
                     await _wait(lambda: service.store.dead_letter_count() == 1, 10)
-                    rec_task.cancel()
-                car_task.cancel()
-            assert [d.reason for d in service.store.dead_letters()] == ["packet_too_large"]
-            assert service.backend_edge.generation == 1  # never disconnected for it
+                assert [d.reason for d in service.store.dead_letters()] == ["packet_too_large"]
+                assert service.backend_edge.generation == 1  # never disconnected for it
         finally:
-            for running_service in list(harness.running):
-                await harness.stop(running_service)
             backend_broker.stop()
 
 
@@ -519,30 +518,20 @@ async def test_erasure_is_final_for_messages_still_in_flight(tmp_path: Path) -> 
     ) as backend_broker:
         harness = GatewayHarness(vehicle_broker.url, backend_broker.url, tmp_path / "state")
         service = await harness.start()
-        try:
-            async with aiomqtt.Client(
-                "127.0.0.1", vehicle_broker.port, identifier=f"tbox-{VIN}"
-            ) as car_client:
-                car = Car(car_client, Recorder(car_client))
-                await car.subscribe()
-                car_task = asyncio.create_task(car.run())
-                await car.settings(1, features={"remote_control": True, "charging": True})
-                backend_broker.stop_keep_state()
-                await car.send("tbox/status", status(car))
-                await car.send("tbox/battery", battery(car))
-                await asyncio.sleep(0.5)
-                erase = asyncio.create_task(service.erase_vehicle(VIN, "dpo-test"))
-                await asyncio.sleep(0.5)
-                backend_broker.start()
-                await asyncio.wait_for(erase, 30)
-                await asyncio.sleep(1.5)  # the held messages complete
-                car_task.cancel()
+        async with car_on(vehicle_broker, harness) as car:
+            await car.settings(1, features={"remote_control": True, "charging": True})
+            backend_broker.stop_keep_state()
+            await car.send("tbox/status", status(car))
+            await car.send("tbox/battery", battery(car))
+            await asyncio.sleep(0.5)
+            erase = asyncio.create_task(service.erase_vehicle(VIN, "dpo-test"))
+            await asyncio.sleep(0.5)
+            backend_broker.start()
+            await asyncio.wait_for(erase, 30)
+            await asyncio.sleep(1.5)  # the held messages complete
             await service.accounting.flush()
             assert service.store.egress_counts(VIN) == []
             assert [d.stream for d in service.store.dead_letters()] == []
-        finally:
-            for running_service in list(harness.running):
-                await harness.stop(running_service)
 
 
 async def test_dead_lettered_command_too_old_is_answered_expired_not_run(
@@ -625,46 +614,27 @@ async def test_back_pressure_outlasts_the_keepalive_without_a_reconnect(tmp_path
             vehicle_broker.url, backend_broker.url, tmp_path / "state", pipeline=pipeline
         )
         service = await harness.start()
-        try:
-            async with aiomqtt.Client(
-                "127.0.0.1", vehicle_broker.port, identifier=f"tbox-{VIN}"
-            ) as car_client:
-                car = Car(car_client, Recorder(car_client))
-                await car.subscribe()
-                car_task = asyncio.create_task(car.run())
-                await car.settings(1, features={"remote_control": True})
-                backend_broker.stop_keep_state()
-                sent = [status(car) for _ in range(200)]
-                for msg in sent:
-                    await car.send("tbox/status", msg)
-                await asyncio.sleep(12)  # keepalive is 5 s in these tests
-                assert service.vehicle_edge.generation == 1
-                held = len(service._windows["vehicle"]) + service._queue.qsize()
-                assert held <= 33, held
-                backend_broker.start()
-                async with aiomqtt.Client(
-                    "127.0.0.1",
-                    backend_broker.port,
-                    identifier="backend",
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                ) as backend_client:
-                    await backend_client.subscribe("tsp/#", qos=1)
-                    recorder = Recorder(backend_client)
-                    rec_task = asyncio.create_task(recorder.run())
-                    want = {m.header.seq for m in sent}
-                    await recorder.wait_for(
-                        lambda: want
-                        <= {
-                            streams_pb2.VehicleStatus.FromString(m.payload).header.seq  # type: ignore[arg-type]
-                            for m in recorder.on("/tbox/status")
-                        },
-                        30,
-                    )
-                    rec_task.cancel()
-                car_task.cancel()
-        finally:
-            for running_service in list(harness.running):
-                await harness.stop(running_service)
+        async with car_on(vehicle_broker, harness) as car:
+            await car.settings(1, features={"remote_control": True})
+            backend_broker.stop_keep_state()
+            sent = [status(car) for _ in range(200)]
+            for msg in sent:
+                await car.send("tbox/status", msg)
+            await asyncio.sleep(12)  # keepalive is 5 s in these tests
+            assert service.vehicle_edge.generation == 1
+            held = len(service._windows["vehicle"]) + service._queue.qsize()
+            assert held <= 33, held
+            backend_broker.start()
+            async with recording(backend_broker) as recorder:
+                want = {m.header.seq for m in sent}
+                await recorder.wait_for(
+                    lambda: want
+                    <= {
+                        streams_pb2.VehicleStatus.FromString(m.payload).header.seq  # type: ignore[arg-type]
+                        for m in recorder.on("/tbox/status")
+                    },
+                    30,
+                )
 
 
 async def test_a_settings_flood_past_the_budget_does_not_pause_reading_for_good(
