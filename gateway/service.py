@@ -26,10 +26,10 @@ from gateway.config import BrokerAccess, GatewayConfig
 from gateway.control.audit import AuditRecord
 from gateway.core import (
     ApplySettings,
-    CoarseFix,
     DecisionContext,
     Drop,
     Forward,
+    LocationAnchor,
     VehicleState,
     decide,
     decide_command,
@@ -204,13 +204,15 @@ class GatewayService:
             backend_prefix=config.backend_broker.topic_prefix,
         )
         self.states: dict[str, VehicleState] = {}
-        self.coarse_fixes: dict[str, CoarseFix] = {}
+        # Per vehicle, across units and streams (contract rule 13); durable.
+        self.anchors: dict[str, LocationAnchor] = {}
         self._clock = clock
         self._queue: asyncio.Queue[InboundMessage | ControlOp | None] = asyncio.Queue()
         self.restricted: set[str] = set()
         self.policy_record: StoredPolicy | None = None
         self.accounting = EgressAccounting(
-            lambda rows: self._persist(self.store.add_egress_counts, rows)
+            lambda rows: self._persist(self.store.add_egress_counts, rows),
+            lambda anchors: self._persist(self.store.save_anchors, anchors),
         )
         self._seal = DeadLetterSeal(key)
         # The eCall lane subscribes to the streams of the policy it starts with.
@@ -261,6 +263,7 @@ class GatewayService:
                 dataclasses.replace(state, restricted=True) if vin in self.restricted else state
             )
         self.states = states
+        self.anchors = dict(self.store.load_anchors())
         self.metrics.vehicles.set(len(self.states))
         return len(self.states)
 
@@ -607,7 +610,7 @@ class GatewayService:
     ) -> None:
         started = time.perf_counter()
         decision = decide(
-            self.ctx, msg.topic, msg.payload, self.states, self.coarse_fixes, self._clock()
+            self.ctx, msg.topic, msg.payload, self.states, self.anchors, self._clock()
         )
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         if isinstance(decision, Forward):
@@ -621,8 +624,9 @@ class GatewayService:
                 self.metrics.inc(self.metrics.dropped, decision.stream, "ecall_lane")
                 slot.settle()
                 return
-            if decision.coarse_fix is not None:
-                self.coarse_fixes[decision.vin] = decision.coarse_fix
+            if decision.anchor is not None:
+                self.anchors[decision.vin] = decision.anchor
+                self.accounting.anchor(decision.vin, decision.anchor)
             self.metrics.inc(self.metrics.forwarded, decision.stream, decision.feature)
             for transform in decision.transforms:
                 self.metrics.inc(self.metrics.transforms, transform)
@@ -919,7 +923,7 @@ class GatewayService:
             record = AuditRecord(actor=actor, action="erasure", subject=subject, content={}, at=now)
             removed = await self._persist_once(self.store.erase_vehicle, vin, subject, record)
             self.states.pop(vin, None)
-            self.coarse_fixes.pop(vin, None)
+            self.anchors.pop(vin, None)
             self.restricted.discard(vin)
             self.accounting.forget(vin)
             self._erased[vin] = now
@@ -1053,9 +1057,7 @@ class GatewayService:
 
     async def delete_dead_letters(self, ids: list[int] | None) -> int:
         removed = await self._persist_once(self.store.delete_dead_letters, ids)
-        self.metrics.dead_letters_stored.set(
-            await self._persist_once(self.store.dead_letter_count)
-        )
+        self.metrics.dead_letters_stored.set(await self._persist_once(self.store.dead_letter_count))
         return int(removed)
 
     async def _purge_dead_letters_periodically(self, interval: float = 3600.0) -> None:
@@ -1214,16 +1216,17 @@ class GatewayService:
             log.warning("refused message of an erased vehicle not kept (%s)", letter.stream)
             return
         expires_at = letter.expires_at
-        subject = subject if subject is not None else (
-            self.audit_subject(letter.vin) if letter.vin else ""
+        subject = (
+            subject
+            if subject is not None
+            else (self.audit_subject(letter.vin) if letter.vin else "")
         )
         reason = refusal_reason(code)
         row = DeadLetter(
             created_at=now,
             expires_at=expires_at
             if expires_at is not None
-            else now
-            + 86400 * min(letter.retention_days, self.config.dead_letters.retention_days),
+            else now + 86400 * min(letter.retention_days, self.config.dead_letters.retention_days),
             subject=subject,
             kind=letter.kind,
             edge=edge,

@@ -23,7 +23,9 @@ from gateway.core import (
 from gateway.core.transforms import coarsen_position, grid_offset
 from gateway.policy import (
     CompiledPolicy,
+    PolicyDocument,
     PolicyError,
+    compile_policy,
     load_policy,
     parse_policy,
     summary_rows,
@@ -86,7 +88,22 @@ def test_default_policy_compiled_fields() -> None:
     status = policy.exact_routes["tbox/status"]
     assert [(g.name, g.is_position) for g in status.geo_fields] == [("position", True)]
     trip = policy.exact_routes["tbox/trip"]
-    assert [(g.name, g.is_position) for g in trip.geo_fields] == [("start", False), ("end", False)]
+    assert [(g.name, g.role) for g in trip.geo_fields] == [("start", "place"), ("end", "position")]
+    assert trip.odometer_fields == ("odometer_km",)
+    assert dict(trip.generalize_fields) == {
+        "distance_km": 5,
+        "energy_kwh": 1,
+        "average_speed_kmh": 10,
+        "duration_s": 600,
+    }
+    nav = policy.exact_routes["avn/nav"]
+    assert [(g.name, g.role) for g in nav.geo_fields] == [
+        ("position", "position"),
+        ("destination", "destination"),
+    ]
+    assert policy.exact_routes["avn/search"].place_text_fields == ("text",)
+    (name, allowed), = policy.exact_routes["tbox/alarm"].enum_fields
+    assert name == "detail" and "engine started" in allowed
     ecall = policy.exact_routes["tbox/ecall"]
     assert ecall.legal_obligation and ecall.geo_fields == ()
     conn = policy.exact_routes["tbox/connectivity"]
@@ -174,7 +191,7 @@ BROKEN: list[tuple[str, Mutation, str, str]] = [
         "GeoPoint kept",
         _set("streams|tbox/status|fields|position", "keep"),
         "streams.tbox/status.fields.position",
-        "GeoPoint fields take 'position', 'place' or 'remove'",
+        "GeoPoint fields take 'position', 'place', 'destination' or 'remove'",
     ),
     (
         "truncate_ip on an int",
@@ -364,9 +381,22 @@ def test_minimum_cell_size_is_accepted(tmp_path: Path) -> None:
 
 
 def _compiled_without_status_fields() -> CompiledPolicy:
+    """Compiled without the validation that refuses it: the last line of
+    defence for an undeclared GeoPoint (compile_policy called directly)."""
     doc = default_doc()
     del doc["streams"]["tbox/status"]["fields"]
-    return parse_policy(yaml.safe_dump(doc), source="test")
+    return compile_policy(PolicyDocument.model_validate(doc))
+
+
+def test_undeclared_fields_refuse_the_policy() -> None:
+    doc = default_doc()
+    del doc["streams"]["tbox/status"]["fields"]
+    with pytest.raises(PolicyError) as info:
+        parse_policy(yaml.safe_dump(doc), source="test")
+    paths = {path for path, _ in info.value.problems}
+    assert "streams.tbox/status.fields.position" in paths
+    assert "streams.tbox/status.fields.odometer_km" in paths
+    assert "streams.tbox/status.fields.header" not in paths
 
 
 def _status_decision(policy: CompiledPolicy, mode: LocationMode) -> Forward | Drop:
@@ -409,13 +439,14 @@ def test_undeclared_geopoint_coarsened_when_approximate() -> None:
     expected = coarsen_position(52.52, 13.405, 2000.0, grid_offset(KEY, VIN))
     assert (point.latitude, point.longitude) == expected
     assert point.altitude_m == 0 and point.horizontal_accuracy_m == 2000.0
-    assert d.coarse_fix is None  # a place: coarsened per message, no refresh anchor
+    # A place where the car was, with no anchor yet: the value it anchors.
+    assert d.anchor is not None and (d.anchor.latitude, d.anchor.longitude) == expected
 
 
 @pytest.mark.parametrize("mode", [LocationMode.OFF, LocationMode.APPROXIMATE, LocationMode.PRECISE])
 def test_removed_geopoint_is_gone_in_every_mode(mode: LocationMode) -> None:
     doc = default_doc()
-    doc["streams"]["tbox/status"]["fields"] = {"position": "remove"}
+    doc["streams"]["tbox/status"]["fields"]["position"] = "remove"
     policy = parse_policy(yaml.safe_dump(doc), source="test")
     d = _status_decision(policy, mode)
     assert isinstance(d, Forward)

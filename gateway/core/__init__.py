@@ -13,17 +13,17 @@ from gateway.core.decide import (
     refused_result,
     state_from_snapshot,
 )
-from gateway.core.state import CoarseFix, LocationMode, SettingsSnapshot, VehicleState
+from gateway.core.state import LocationAnchor, LocationMode, SettingsSnapshot, VehicleState
 
 __all__ = [
     "ApplySettings",
-    "CoarseFix",
     "CommandDecision",
     "Decision",
     "DecisionContext",
     "Drop",
     "DropReason",
     "Forward",
+    "LocationAnchor",
     "LocationMode",
     "SettingsSnapshot",
     "VehicleState",

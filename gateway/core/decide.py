@@ -7,6 +7,7 @@ of its inputs. Every rule of the wire contract's "Decisions" list lives here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from google.protobuf.message import DecodeError, Message
 from gateway.core.cache import ENTRY_OVERHEAD, ByteBoundedMemo, strings_size
 from gateway.core.ecall import conform_ecall
 from gateway.core.state import (
-    CoarseFix,
+    LocationAnchor,
     LocationMode,
     SettingsSnapshot,
     VehicleState,
@@ -25,6 +26,8 @@ from gateway.core.state import (
 )
 from gateway.core.transforms import (
     coarsen_geopoint,
+    coarsen_position,
+    generalize_number,
     grid_offset,
     pseudonym,
     pseudonymize_field,
@@ -84,7 +87,7 @@ class Forward:
     stream: str
     feature: str
     transforms: tuple[str, ...]
-    coarse_fix: CoarseFix | None = None  # new refresh-interval anchor, if any
+    anchor: LocationAnchor | None = None  # the vehicle's new location anchor, if it refreshed
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +146,14 @@ def decide(
     topic: str,
     payload: bytes,
     states: Mapping[str, VehicleState],
-    coarse_fixes: Mapping[str, CoarseFix],
+    anchors: Mapping[str, LocationAnchor],
     now: float,
 ) -> Decision:
-    """Decide one message received from the vehicle side."""
+    """Decide one message received from the vehicle side.
+
+    `now` is the gateway's clock (epoch seconds): the refresh interval of
+    approximate locations runs on it, never on a car timestamp.
+    """
     parts = split_vehicle_topic(ctx.vehicle_prefix, topic)
     if parts is None:
         return Drop(DropReason.UNKNOWN_TOPIC, "", detail=topic)
@@ -208,10 +215,7 @@ def decide(
         return Drop(DropReason.LOCATION_OFF, stream.key, vin=vin)
     if stream.requires_window and not state.window_open(now):
         return Drop(DropReason.NO_WINDOW, stream.key, vin=vin)
-    timestamp_ms = header.timestamp_ms or int(now * 1000)
-    transforms, fix = _transform(
-        ctx, stream, message, vin, mode, coarse_fixes.get(vin), timestamp_ms
-    )
+    transforms, anchor = _transform(ctx, stream, message, vin, mode, anchors.get(vin), now)
     ref = vin
     if stream.pseudonymize_vin:
         ref = pseudonym(ctx.key, f"vin/{app_id or stream.key}", vin)
@@ -229,7 +233,7 @@ def decide(
         stream=stream.key,
         feature=feature,
         transforms=tuple(transforms),
-        coarse_fix=fix,
+        anchor=anchor,
     )
 
 
@@ -254,60 +258,42 @@ def _transform(
     message: Message,
     vin: str,
     mode: LocationMode,
-    fix: CoarseFix | None,
-    timestamp_ms: int,
-) -> tuple[list[str], CoarseFix | None]:
-    """Apply the stream's field rules in place; returns what was applied."""
+    anchor: LocationAnchor | None,
+    now: float,
+) -> tuple[list[str], LocationAnchor | None]:
+    """Apply the stream's field rules in place.
+
+    Returns what was applied and the vehicle's new location anchor when this
+    message refreshed it (approximate mode, refresh interval over on the
+    gateway clock, a valid position in the message).
+    """
     applied: list[str] = []
-    new_fix: CoarseFix | None = None
-    policy = ctx.policy
-    for geo in stream.geo_fields:
-        if geo.repeated:
-            points = getattr(message, geo.name)
-            if not points:
-                continue
-            if mode is LocationMode.OFF:
-                message.ClearField(geo.name)
-                applied.append(f"clear:{geo.name}")
-                continue
-            invalid = [i for i, point in enumerate(points) if not valid_position(point)]
-            if invalid:
-                for i in reversed(invalid):
-                    del points[i]
-                applied.append(f"invalid_position:{geo.name}")
-            if points and mode is LocationMode.APPROXIMATE:
-                offset = grid_offset(ctx.key, vin)
-                for point in points:
-                    coarsen_geopoint(point, policy.cell_size_m, offset)
-                applied.append(f"coarsen:{geo.name}")
+    new_anchor: LocationAnchor | None = None
+    if stream.geo_fields:
+        new_anchor = _locate(ctx, stream, message, vin, mode, anchor, now, applied)
+    current = new_anchor if new_anchor is not None else anchor
+    for name in stream.odometer_fields:
+        _side_odometer(message, name, mode, current, applied)
+    for name, step in stream.generalize_fields:
+        value = getattr(message, name)
+        if not value or mode is LocationMode.PRECISE:
             continue
-        if not message.HasField(geo.name):
+        if mode is LocationMode.OFF or not math.isfinite(value):
+            message.ClearField(name)
+            applied.append(f"remove:{name}")
             continue
-        if mode is LocationMode.OFF:
-            message.ClearField(geo.name)
-            applied.append(f"clear:{geo.name}")
-        elif not valid_position(getattr(message, geo.name)):
-            # No fix: nothing to report, and never a refresh anchor.
-            message.ClearField(geo.name)
-            applied.append(f"invalid_position:{geo.name}")
-        elif mode is LocationMode.APPROXIMATE:
-            point = getattr(message, geo.name)
-            current = fix if new_fix is None else new_fix
-            if (
-                geo.is_position
-                and current is not None
-                and abs(timestamp_ms - current.timestamp_ms) < policy.refresh_interval_ms
-            ):
-                # Within the refresh interval the coarse value does not move.
-                point.Clear()
-                point.latitude = current.latitude
-                point.longitude = current.longitude
-                point.horizontal_accuracy_m = policy.cell_size_m
-            else:
-                coarsen_geopoint(point, policy.cell_size_m, grid_offset(ctx.key, vin))
-                if geo.is_position:
-                    new_fix = CoarseFix(timestamp_ms, point.latitude, point.longitude)
-            applied.append(f"coarsen:{geo.name}")
+        setattr(message, name, generalize_number(value, step))
+        applied.append(f"generalize:{name}")
+    for name in stream.place_text_fields:
+        if mode is LocationMode.OFF and getattr(message, name):
+            message.ClearField(name)
+            applied.append(f"clear:{name}")
+    for name, allowed in stream.enum_fields:
+        value = getattr(message, name)
+        if value and value not in allowed:
+            # Free text outside the declared vocabulary may name a place.
+            message.ClearField(name)
+            applied.append(f"remove:{name}")
     for name in stream.place_id_fields:
         if mode is not LocationMode.PRECISE and getattr(message, name):
             message.ClearField(name)
@@ -328,7 +314,126 @@ def _transform(
             applied.append(f"remove:{name}")
     # Fields the policy does not know (a newer car schema) never leave.
     message.DiscardUnknownFields()
-    return applied, new_fix
+    return applied, new_anchor
+
+
+def _locate(
+    ctx: DecisionContext,
+    stream: CompiledStream,
+    message: Message,
+    vin: str,
+    mode: LocationMode,
+    anchor: LocationAnchor | None,
+    now: float,
+    applied: list[str],
+) -> LocationAnchor | None:
+    """Location mode on every GeoPoint field (contract rules 4, 5, 13).
+
+    Under approximate, every field that says where the car is or was shows
+    the vehicle's one anchored coarse value: "position" fields the current
+    anchor (refreshed by this message when the interval is over on the gateway
+    clock), "place" fields the anchor that held before this message, so no
+    field ever publishes a fresher value than the anchor. A "destination" is
+    coarsened on the same grid and leaves the anchor alone.
+    """
+    present: list[tuple[str, list[common_pb2.GeoPoint]]] = []
+    for geo in stream.geo_fields:
+        if geo.repeated:
+            points = getattr(message, geo.name)
+            if not points:
+                continue
+            if mode is LocationMode.OFF:
+                message.ClearField(geo.name)
+                applied.append(f"clear:{geo.name}")
+                continue
+            invalid = [i for i, point in enumerate(points) if not valid_position(point)]
+            if invalid:
+                for i in reversed(invalid):
+                    del points[i]
+                applied.append(f"invalid_position:{geo.name}")
+            if points:
+                present.append((geo.role, list(points)))
+                if mode is LocationMode.APPROXIMATE:
+                    applied.append(f"coarsen:{geo.name}")
+            continue
+        if not message.HasField(geo.name):
+            continue
+        if mode is LocationMode.OFF:
+            message.ClearField(geo.name)
+            applied.append(f"clear:{geo.name}")
+        elif not valid_position(getattr(message, geo.name)):
+            # No fix: nothing to report, and never a refresh of the anchor.
+            message.ClearField(geo.name)
+            applied.append(f"invalid_position:{geo.name}")
+        else:
+            present.append((geo.role, [getattr(message, geo.name)]))
+            if mode is LocationMode.APPROXIMATE:
+                applied.append(f"coarsen:{geo.name}")
+    if mode is not LocationMode.APPROXIMATE or not present:
+        return None
+    policy = ctx.policy
+    cell = policy.cell_size_m
+    offset = grid_offset(ctx.key, vin)
+    new_anchor: LocationAnchor | None = None
+    if anchor is None or anchor.due(now, policy.refresh_interval_ms / 1000.0):
+        # The freshest point the message has: a current position before a past place.
+        source = next((pts[-1] for role, pts in present if role == "position"), None)
+        if source is None:
+            source = next((pts[-1] for role, pts in present if role == "place"), None)
+        if source is not None:
+            lat, lon = coarsen_position(source.latitude, source.longitude, cell, offset)
+            odometer = _odometer_reading(message, stream.odometer_fields)
+            if odometer is None and anchor is not None:
+                odometer = anchor.odometer_km
+            new_anchor = LocationAnchor(now, lat, lon, odometer)
+    current = new_anchor if new_anchor is not None else anchor
+    before = anchor if anchor is not None else new_anchor
+    for role, points in present:
+        for point in points:
+            if role == "destination":
+                coarsen_geopoint(point, cell, offset)
+                continue
+            value = current if role == "position" else before
+            assert value is not None  # a valid point of the car always anchors
+            point.Clear()
+            point.latitude = value.latitude
+            point.longitude = value.longitude
+            point.horizontal_accuracy_m = cell
+    return new_anchor
+
+
+def _odometer_reading(message: Message, names: tuple[str, ...]) -> float | None:
+    for name in names:
+        value = float(getattr(message, name))
+        if value and math.isfinite(value):
+            return value
+    return None
+
+
+def _side_odometer(
+    message: Message,
+    name: str,
+    mode: LocationMode,
+    anchor: LocationAnchor | None,
+    applied: list[str],
+) -> None:
+    """An odometer moves only with the coarse position (contract rule 14):
+    under approximate it shows the reading stored with the anchor, so its
+    steps coincide with the anchor's and time no grid crossing; under off
+    it is removed; precise keeps it."""
+    if mode is LocationMode.PRECISE:
+        return
+    value = getattr(message, name)
+    if not value:
+        return
+    frozen = anchor.odometer_km if anchor is not None else None
+    if mode is LocationMode.APPROXIMATE and frozen is not None:
+        if value != frozen:
+            setattr(message, name, frozen)
+        applied.append(f"anchor:{name}")
+    else:
+        message.ClearField(name)
+        applied.append(f"remove:{name}")
 
 
 def _has_presence(message: Message, name: str) -> bool:

@@ -114,6 +114,17 @@ def coarsen_geopoint(point: common_pb2.GeoPoint, cell_size_m: float, offset: Gri
     point.horizontal_accuracy_m = cell_size_m
 
 
+def generalize_number(value: float, step: float) -> float:
+    """`value` rounded to the nearest multiple of `step` (halves away from
+    zero), so published values lie on the policy's step grid. Integer inputs
+    stay integers (the policy refuses a fractional step for them)."""
+    steps = math.floor(abs(value) / step + 0.5)
+    result = math.copysign(steps * step, value) if steps else 0.0
+    if isinstance(value, int):
+        return int(result)
+    return result
+
+
 _V6_NET48 = ((1 << 48) - 1) << 80
 
 

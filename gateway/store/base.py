@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.control.audit import AuditRecord, VerifyResult
-from gateway.core.state import SettingsSnapshot
+from gateway.core.state import LocationAnchor, SettingsSnapshot
 from gateway.delivery import DeadLetter
 
 
@@ -93,6 +93,12 @@ class ConsentStore(Protocol):
     def add_egress_counts(self, counts: list[EgressCount]) -> None: ...
 
     def egress_counts(self, vin: str) -> list[EgressCount]: ...
+
+    def save_anchors(self, anchors: Mapping[str, LocationAnchor]) -> None:
+        """Make these the vehicles' location anchors (never an older one over a newer)."""
+
+    def load_anchors(self) -> Iterator[tuple[str, LocationAnchor]]:
+        """Every vehicle's location anchor, so a restart cannot force a refresh."""
 
     def add_dead_letter(self, letter: DeadLetter, max_rows: int) -> tuple[int, int]:
         """Store a dead letter, evicting the oldest beyond `max_rows`: (id, evicted)."""

@@ -7,20 +7,21 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.control import audit
 from gateway.control.audit import AuditRecord, VerifyResult
-from gateway.core.state import LocationMode, SettingsSnapshot, strictest
+from gateway.core.state import LocationAnchor, LocationMode, SettingsSnapshot, strictest
 from gateway.delivery import DeadLetter, DeadLetterKind
 from gateway.policy import VersionConflict, check_new_version
 from gateway.store.base import EgressCount, StoredPolicy, StoredVehicle
 
 # 1: v1 gateway. 2: dead_letters. 3: settings_history.merged (snapshots
-# compacted into one row).
-SCHEMA_VERSION = 3
+# compacted into one row). 6: location_anchors (a new table; 4 and 5 are
+# numbers other changes claim, and this one needs neither).
+SCHEMA_VERSION = 6
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
 # version N, run in one transaction with recording N. A new table needs no
@@ -31,10 +32,17 @@ HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (),  # dead_letters: a new table
     3: ("ALTER TABLE settings_history ADD COLUMN merged INTEGER NOT NULL DEFAULT 0",),
+    6: (),  # location_anchors: a new table
 }
 # Tables of data about vehicles; with the audit entries about them, what a
 # different pseudonymization key would make inconsistent.
-_VEHICLE_TABLES = ("vehicle_settings", "settings_history", "restrictions", "egress_counts")
+_VEHICLE_TABLES = (
+    "vehicle_settings",
+    "settings_history",
+    "restrictions",
+    "egress_counts",
+    "location_anchors",
+)
 T = TypeVar("T")
 _SCHEMA = (
     """
@@ -111,6 +119,13 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     sealed     BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_subject ON dead_letters (subject);
+CREATE TABLE IF NOT EXISTS location_anchors (
+    vin          TEXT PRIMARY KEY,
+    refreshed_at REAL NOT NULL,
+    latitude     REAL NOT NULL,
+    longitude    REAL NOT NULL,
+    odometer_km  REAL
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dead_letters_expires ON dead_letters (expires_at);
 """
     + audit.SCHEMA
@@ -438,6 +453,7 @@ class SqliteConsentStore:
                     "settings_history",
                     "egress_counts",
                     "restrictions",
+                    "location_anchors",
                 )
             }
             removed["dead_letters"] = db.execute(
@@ -543,6 +559,45 @@ class SqliteConsentStore:
             EgressCount(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]))
             for r in rows
         ]
+
+    # --------------------------------------------------------- location anchors
+
+    def save_anchors(self, anchors: Mapping[str, LocationAnchor]) -> None:
+        """Upsert the latest location anchor of each vehicle (one transaction).
+        A row never moves back in time: a stale write cannot shorten an interval."""
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO location_anchors VALUES (?,?,?,?,?) ON CONFLICT(vin) DO UPDATE SET"
+                " refreshed_at=excluded.refreshed_at, latitude=excluded.latitude,"
+                " longitude=excluded.longitude, odometer_km=excluded.odometer_km"
+                " WHERE excluded.refreshed_at >= location_anchors.refreshed_at",
+                [
+                    (vin, a.refreshed_at, a.latitude, a.longitude, a.odometer_km)
+                    for vin, a in anchors.items()
+                ],
+            )
+
+        if anchors:
+            self._write(tx)
+
+    def load_anchors(self) -> Iterator[tuple[str, LocationAnchor]]:
+        """Every vehicle's location anchor, streamed in batches."""
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT vin, refreshed_at, latitude, longitude, odometer_km FROM location_anchors"
+            )
+            while rows := cursor.fetchmany(10_000):
+                for row in rows:
+                    yield (
+                        str(row[0]),
+                        LocationAnchor(
+                            float(row[1]),
+                            float(row[2]),
+                            float(row[3]),
+                            None if row[4] is None else float(row[4]),
+                        ),
+                    )
 
     # ------------------------------------------------------------ dead letters
 
