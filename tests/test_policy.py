@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import Descriptor
 
 from gateway.core import (
     DecisionContext,
@@ -25,10 +27,13 @@ from gateway.policy import (
     CompiledPolicy,
     PolicyDocument,
     PolicyError,
+    StreamSpec,
+    check_fields,
     compile_policy,
     load_policy,
     parse_policy,
     summary_rows,
+    unclassified_fields,
 )
 from telematics.v1 import common_pb2, streams_pb2
 
@@ -516,3 +521,101 @@ def test_duplicate_keys_are_refused_with_their_line(tmp_path: Path) -> None:
         load_policy(path)
     message = str(err.value)
     assert str(path) in message and "duplicate key 'tbox/status'" in message and "line" in message
+
+
+# ------------------------------------------------ rule 14: every field classified
+
+
+def _nested_descriptor() -> Descriptor:
+    """A message nesting a sub-message (the default streams do not): Outer {
+    Header header; GeoPoint where; Inner inner; string note } with Inner {
+    string city; int32 code; Deeper deeper } and Deeper { string street }."""
+    pool = descriptor_pool.DescriptorPool()
+    common = descriptor_pb2.FileDescriptorProto()
+    common_pb2.DESCRIPTOR.CopyToProto(common)
+    pool.Add(common)
+    f = descriptor_pb2.FileDescriptorProto(
+        name="test/nested.proto", package="test", dependency=[common.name], syntax="proto3"
+    )
+    t = descriptor_pb2.FieldDescriptorProto
+    deeper = f.message_type.add(name="Deeper")
+    deeper.field.add(name="street", number=1, type=t.TYPE_STRING, label=t.LABEL_OPTIONAL)
+    inner = f.message_type.add(name="Inner")
+    inner.field.add(name="city", number=1, type=t.TYPE_STRING, label=t.LABEL_OPTIONAL)
+    inner.field.add(name="code", number=2, type=t.TYPE_INT32, label=t.LABEL_OPTIONAL)
+    inner.field.add(name="deeper", number=3, type=t.TYPE_MESSAGE, label=t.LABEL_REPEATED,
+                    type_name=".test.Deeper")
+    outer = f.message_type.add(name="Outer")
+    outer.field.add(name="header", number=1, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL,
+                    type_name=".telematics.v1.Header")
+    outer.field.add(name="where", number=2, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL,
+                    type_name=".telematics.v1.GeoPoint")
+    outer.field.add(name="inner", number=3, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL,
+                    type_name=".test.Inner")
+    outer.field.add(name="note", number=4, type=t.TYPE_STRING, label=t.LABEL_OPTIONAL)
+    pool.Add(f)
+    return pool.FindMessageTypeByName("test.Outer")
+
+
+def _problems(fields: dict[str, Any]) -> dict[str, str]:
+    spec = StreamSpec.model_validate(
+        {"message": "Outer", "feature": "f", "retention_days": 1, "fields": fields}
+    )
+    return dict(check_fields(_nested_descriptor(), spec.fields, "fields"))
+
+
+def test_unclassified_field_is_refused() -> None:
+    problems = _problems({"where": "position", "inner": "remove"})
+    assert list(problems) == ["fields.note"]
+    assert "not classified" in problems["fields.note"]
+
+
+def test_nested_unclassified_field_is_refused() -> None:
+    problems = _problems(
+        {"where": "position", "note": "keep", "inner.city": "keep", "inner.deeper.street": "keep"}
+    )
+    assert list(problems) == ["fields.inner.code"]
+    # Every nested field listed: accepted.
+    assert _problems(
+        {"where": "position", "note": "keep", "inner.city": "keep", "inner.code": "keep",
+         "inner.deeper.street": "keep"}
+    ) == {}
+
+
+def test_sub_message_is_removed_whole_or_classified_field_by_field() -> None:
+    problems = _problems({"where": "position", "note": "keep", "inner": "keep"})
+    assert "removed as a whole" in problems["fields.inner"]
+    problems = _problems({"where": "position", "note": "keep", "inner.city": "place_text",
+                          "inner.code": "keep", "inner.deeper": "remove"})
+    assert "take 'keep'" in problems["fields.inner.city"]
+
+
+def test_geopoint_is_classified_as_a_whole() -> None:
+    problems = _problems({"where.latitude": "keep", "note": "keep", "inner": "remove"})
+    assert "fields.where" in problems
+
+
+def test_every_default_stream_classifies_every_field() -> None:
+    for stream in load_policy(DEFAULT).streams:
+        spec = load_policy(DEFAULT).document.streams[stream.key]
+        assert unclassified_fields(stream.message_cls.DESCRIPTOR, spec.fields) == [], stream.key
+
+
+@pytest.mark.parametrize(
+    ("field", "action", "problem"),
+    [
+        ("tbox/trip|fields|trip_id", {"generalize": 5}, "single numeric fields"),
+        ("tbox/trip|fields|duration_s", {"generalize": 0.5}, "step must be whole"),
+        ("tbox/status|fields|odometer_km", "place_text", "single string fields"),
+        ("tbox/alarm|fields|type", {"enum": ["x"]}, "single string fields"),
+        ("avn/nav|fields|destination", "keep", "GeoPoint fields take"),
+        ("avn/search|fields|text", "destination", "applies to GeoPoint fields"),
+    ],
+)
+def test_side_field_actions_checked(field: str, action: Any, problem: str) -> None:
+    doc = default_doc()
+    stream, _, name = field.split("|")
+    doc["streams"][stream]["fields"][name] = action
+    with pytest.raises(PolicyError) as info:
+        parse_policy(yaml.safe_dump(doc), source="test")
+    assert any(problem in msg for _, msg in info.value.problems), info.value.problems
