@@ -20,7 +20,9 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
+import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -54,6 +56,10 @@ PROTOCOL = "protocol"
 CATEGORIES = (LEAK, LOSS, OVER_COARSENING, WRONG_TRANSFORM, USER_PROPERTIES, PROTOCOL)
 WINDOW_TOLERANCE_S = 2.0  # messages this close to a window boundary may go either way
 SLACK = 1.01  # 1 % slack on the approximate-location cell bounds
+# A coarse value (and the odometer frozen with it) may change once per refresh
+# interval on the gateway's clock; the recorder sees forwards a little later
+# than the gateway decided them, so changes this much closer still pass.
+REFRESH_TOLERANCE = 0.25  # of an interval
 REQUIRED_PROPERTIES = ("policy-version", "feature", "legal-basis", "retention-days", "transforms")
 CHECK_FILE = "check.json"
 GEOPOINT = "telematics.v1.GeoPoint"
@@ -326,8 +332,13 @@ class Checker:
             if meta.get("gateway_clock") == "simulated"
             else 1.0
         )
+        self.speedup = float(meta.get("speedup", 1.0))
         self.vins = [str(r["vin"]) for r in truth if r["type"] == "vehicle"]
         self.issues: list[Issue] = []
+        # Approximate values of where the car is or was, and odometer readings,
+        # as forwarded: (recorder wall time, value), for the refresh-interval rule.
+        self.anchor_values: dict[str, list[tuple[float, tuple[float, float]]]] = defaultdict(list)
+        self.odometer_values: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.tallies: dict[str, StreamTally] = defaultdict(StreamTally)
         self.approx_errors: list[float] = []
         self.outcomes: list[tuple[str, str, str]] = []
@@ -389,7 +400,8 @@ class Checker:
                     name
                 ):
                     geo = getattr(pub.message, name)
-                    points[pub.vin].append((pub.ts_ms, Point(geo.latitude, geo.longitude)))
+                    if _valid(geo):  # GPS without a fix says nothing about where it is
+                        points[pub.vin].append((pub.ts_ms, Point(geo.latitude, geo.longitude)))
         result: dict[str, tuple[list[int], list[Point]]] = {}
         for vin, items in points.items():
             items.sort(key=lambda item: item[0])
@@ -460,6 +472,7 @@ class Checker:
         self._check_publishes(index)
         dead_letter_summary = self._account_missing()
         self._check_global_grid()
+        self._check_refresh_interval()
         self._check_unmatched()
         self._check_app_topics()
         commands = self._check_commands()
@@ -533,10 +546,12 @@ class Checker:
             return [("raw", pub.stream, pub.payload)]
         if pub.stream.startswith(APP_STREAM_PREFIX):
             return [("app", str(record["nonce"]))]
-        keys = [(pub.vin, pub.stream, int(record["seq"]), pub.ts_ms)]
+        # The unit's own clock stamped the header (it may be minutes off).
+        header_ts = int(record.get("header_ts_ms") or pub.ts_ms)
+        keys = [(pub.vin, pub.stream, int(record["seq"]), header_ts)]
         if record.get("purpose") == PURPOSE_SPOOFED:
             # A gateway that trusts header.vin would forward it under the claimed VIN.
-            keys.append((str(record["header_vin"]), pub.stream, int(record["seq"]), pub.ts_ms))
+            keys.append((str(record["header_vin"]), pub.stream, int(record["seq"]), header_ts))
         return keys
 
     def _check_publishes(self, index: dict[tuple[Any, ...], list[Recorded]]) -> None:
@@ -688,12 +703,16 @@ class Checker:
         for settings in candidates:
             saved_errors = len(self.approx_errors)
             saved_positions = {k: len(v) for k, v in self.received_positions.items()}
+            saved_anchor = len(self.anchor_values[pub.vin])
+            saved_odometer = len(self.odometer_values[pub.vin])
             found = self._transform_issues(pub, rec, settings)
             if not found:
                 return
             del self.approx_errors[saved_errors:]
             for vin, items in self.received_positions.items():
                 del items[saved_positions.get(vin, 0) :]
+            del self.anchor_values[pub.vin][saved_anchor:]
+            del self.odometer_values[pub.vin][saved_odometer:]
             attempts.append(found)
         if attempts:
             for issue in min(attempts, key=len):
@@ -750,7 +769,7 @@ class Checker:
         for name in geopoint_fields(original):
             cleared.append(name)
             action = rule.fields.get(name, "place")
-            self._check_geopoint(pub, received, original, name, action, mode, add)
+            self._check_geopoint(pub, received, original, name, action, mode, add, rec.wall)
         for name, action in rule.fields.items():
             if action == "place_id":
                 cleared.append(name)
@@ -766,6 +785,11 @@ class Checker:
                 cleared.append(name)
                 if getattr(received, name):
                     add(LEAK, f"{name}_present", f"{name} was forwarded")
+            elif action in ("odometer", "generalize", "enum", "place_text"):
+                cleared.append(name)
+                self._check_side_field(
+                    pub, rule, name, action, original, received, mode, add, rec.wall
+                )
             elif action == "truncate_ip":
                 cleared.append(name)
                 self._check_ip(getattr(original, name), getattr(received, name), add)
@@ -828,8 +852,14 @@ class Checker:
         action: str,
         mode: int,
         add: Any,
+        wall: float = 0.0,
     ) -> None:
         has_original, has_received = original.HasField(name), received.HasField(name)
+        if has_original and not _valid(getattr(original, name)):
+            # GPS without a fix: nothing to report, in every mode.
+            if has_received:
+                add(WRONG_TRANSFORM, "invalid_position_forwarded", f"{name} had no fix")
+            return
         if mode not in LOCATION_ON:
             if has_received:
                 add(LEAK, "geopoint_under_location_off", f"{name} present under {_mode_name(mode)}")
@@ -867,11 +897,13 @@ class Checker:
             )
         candidates = [Point(want.latitude, want.longitude)]
         if action == "position":
+            # The anchor: refreshed at most an interval (gateway clock) before.
             candidates.extend(
-                self._positions_between(
-                    pub.vin, pub.ts_ms - int(self.policy.refresh_interval_s * 1000), pub.ts_ms
-                )
+                self._positions_between(pub.vin, pub.ts_ms - self._refresh_sim_ms(), pub.ts_ms)
             )
+        elif action != "destination":
+            # Where the car was: the anchor that held before, however old.
+            candidates.extend(self._positions_between(pub.vin, 0, pub.ts_ms))
         if not any(_within_cell(got, point, cell) for point in candidates):
             error = distance_m(Point(got.latitude, got.longitude), candidates[0])
             if error < cell / 2 / 4:  # far inside any cell: finer than the grid allows
@@ -887,6 +919,57 @@ class Checker:
         self.received_positions[pub.vin].append(
             (pub.ts_ms, got.latitude, got.longitude, "approximate", pub.stream)
         )
+        if action != "destination":
+            self.anchor_values[pub.vin].append((wall, (got.latitude, got.longitude)))
+
+    def _refresh_sim_ms(self) -> int:
+        """The refresh interval (gateway clock) in simulated ms, with tolerance."""
+        wall_s = self.policy.refresh_interval_s * self.gateway_wall_per_s
+        return int(wall_s * self.speedup * 1000 * (1 + REFRESH_TOLERANCE)) + 2000
+
+    def _check_side_field(
+        self,
+        pub: Published,
+        rule: Any,
+        name: str,
+        action: str,
+        original: Message,
+        received: Message,
+        mode: int,
+        add: Any,
+        wall: float,
+    ) -> None:
+        """Contract rule 14: fields that would rebuild a track or name a place."""
+        got, want = getattr(received, name), getattr(original, name)
+        if action == "enum":
+            allowed = rule.enums.get(name, frozenset())
+            if got and (got not in allowed or got != want):
+                add(LEAK, f"{name}_free_text", f"{name}={got[:40]!r} is not a listed value")
+            elif want in allowed and got != want:
+                add(OVER_COARSENING, f"{name}_listed_value_removed", f"{name}={want!r} removed")
+            return
+        if mode == common_pb2.LOCATION_PRECISE:
+            if got != want:
+                add(OVER_COARSENING, f"{name}_changed_under_precise", f"{got!r} != {want!r}")
+            return
+        if mode not in LOCATION_ON:
+            if got:
+                add(LEAK, f"{name}_under_location_off", f"{name}={got!r} under {_mode_name(mode)}")
+            return
+        if action == "place_text":
+            if got != want:
+                add(OVER_COARSENING, f"{name}_changed_under_approximate", f"{name} changed")
+        elif action == "generalize":
+            step = rule.steps[name]
+            on_grid = abs(got / step - round(got / step)) < 1e-6
+            if not on_grid or abs(got - want) > step / 2 + 1e-6:
+                add(
+                    LEAK if not on_grid else WRONG_TRANSFORM,
+                    f"{name}_not_on_step_grid",
+                    f"{name}={got!r} from {want!r} (step {step:g})",
+                )
+        elif action == "odometer" and got:
+            self.odometer_values[pub.vin].append((wall, float(got)))
 
     def _check_global_grid(self) -> None:
         """Approximate values are points of the one public grid (rows at whole cell
@@ -909,6 +992,36 @@ class Checker:
                         f"approximate latitude {lat:.6f} is {phase:.2f} cells off the global grid",
                     )
                     break
+
+    def _check_refresh_interval(self) -> None:
+        """Contract rules 13 and 14: per car, across all units and streams, the
+        approximate value of where the car is or was, and the odometer frozen
+        with it, change at most once per refresh interval on the gateway's
+        clock, whatever the cars' timestamps say."""
+        interval = self.policy.refresh_interval_s * self.gateway_wall_per_s
+        least = interval * (1 - REFRESH_TOLERANCE)
+        series: list[tuple[str, str, dict[str, list[tuple[float, Any]]]]] = [
+            ("approximate_refresh_too_soon", "approximate value", dict(self.anchor_values)),
+            ("odometer_moves_between_refreshes", "odometer", dict(self.odometer_values)),
+        ]
+        for rule, what, by_vin in series:
+            for vin, items in by_vin.items():
+                items = sorted(items, key=lambda item: item[0])
+                last_change: float | None = None
+                for (_, before), (wall, value) in itertools.pairwise(items):
+                    if value == before:
+                        continue
+                    if last_change is not None and wall - last_change < least:
+                        self._issue(
+                            LEAK,
+                            rule,
+                            "(all)",
+                            vin,
+                            f"{what} changed {wall - last_change:.2f} s (wall) after the previous"
+                            f" change; the refresh interval is {interval:.2f} s",
+                        )
+                        break
+                    last_change = wall
 
     def _positions_between(self, vin: str, start_ms: int, end_ms: int) -> list[Point]:
         times, points = self.positions.get(vin, ([], []))
@@ -1140,6 +1253,14 @@ def _app_nonce(message: Message) -> str:
     except (ValueError, UnicodeDecodeError):
         return ""
     return str(body.get("nonce", "")) if isinstance(body, dict) else ""
+
+
+def _valid(point: Any) -> bool:
+    """A usable coordinate (GPS without a fix reports NaN)."""
+    lat, lon = point.latitude, point.longitude
+    return bool(
+        math.isfinite(lat) and math.isfinite(lon) and -90 <= lat <= 90 and -180 <= lon <= 180
+    )
 
 
 def _within_cell(got: Any, truth: Point, cell_size_m: float) -> bool:

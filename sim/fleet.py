@@ -28,7 +28,7 @@ from sim.model import (
 )
 from sim.mqtt import ClientFactory, ClientLike, MessageLike, aiomqtt_factory
 from sim.policy import Policy
-from sim.scenario import Scenario, VehicleScenario
+from sim.scenario import Scenario, VehicleScenario, unit_clock_skew_ms
 from telematics.v1 import command_pb2, privacy_pb2
 
 APPLIED_TIMEOUT_S = 5.0
@@ -414,6 +414,7 @@ class Fleet:
         unit = event.unit
         client = self.tbox_clients[vehicle.vin] if unit == "tbox" else self.avn_clients[vehicle.vin]
         header_vin = event.header_vin or vehicle.vin
+        header_ts_ms = 0
         if event.purpose == PURPOSE_MALFORMED:
             seq = 0
             payload = event.raw_payload or b""
@@ -429,7 +430,9 @@ class Fleet:
             header = message.header  # type: ignore[attr-defined]
             header.vin = header_vin
             header.seq = seq
-            header.timestamp_ms = timestamp_ms if timestamp_ms is not None else event.t_ms
+            captured_ms = timestamp_ms if timestamp_ms is not None else event.t_ms
+            header_ts_ms = captured_ms + unit_clock_skew_ms(vehicle.vin, unit)
+            header.timestamp_ms = header_ts_ms
             payload = message.SerializeToString(deterministic=True)
         topic = f"{self.options.vehicle_prefix}/{vehicle.vin}/{event.stream}"
         settings = vehicle.settings_in_force
@@ -454,6 +457,7 @@ class Fleet:
                 "payload": b64(payload),
                 "seq": seq,
                 "ts_ms": timestamp_ms if timestamp_ms is not None else event.t_ms,
+                "header_ts_ms": header_ts_ms,  # what the unit's (skewed) clock stamped
                 "header_vin": header_vin,
                 "nonce": event.nonce,
                 "applied_rev": vehicle.applied_revision,

@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.clock import SimulatedClock
 from sim.checker import geopoint_fields, message_class, pseudonym, truncate_ip
 from sim.contract import ACCEPT, PASS, decide_command, decide_message
 from sim.geo import METRES_PER_DEGREE
@@ -40,7 +41,8 @@ from telematics.v1 import command_pb2, common_pb2, privacy_pb2
 class CarState:
     settings: Settings | None = None
     window_opened: float | None = None
-    cached_position: tuple[int, common_pb2.GeoPoint] | None = None  # (vehicle ts, coarse)
+    # The location anchor: (gateway time it refreshed, coarse point, odometer then).
+    anchor: tuple[float, common_pb2.GeoPoint, float | None] | None = None
     offset: tuple[float, float] = (0.0, 0.0)  # sticky secret shift, cell fractions [0, 1)
 
 
@@ -175,31 +177,53 @@ class ReferenceGateway:
         assert rule is not None and car.settings is not None
         mode = car.settings.location
         transforms: list[str] = []
-        ts_ms = int(message.header.timestamp_ms)  # type: ignore[attr-defined]
+        approximate = mode == common_pb2.LOCATION_APPROXIMATE
+        present: list[tuple[str, str]] = []  # (field, action) of valid points
         for name in geopoint_fields(message):
             if not message.HasField(name):
                 continue
+            point = getattr(message, name)
+            if not (math.isfinite(point.latitude) and math.isfinite(point.longitude)) or not (
+                -90 <= point.latitude <= 90 and -180 <= point.longitude <= 180
+            ):
+                message.ClearField(name)  # GPS without a fix
+                transforms.append(f"{name}:no_fix")
+                continue
             if mode == common_pb2.LOCATION_PRECISE:
                 continue
-            if mode != common_pb2.LOCATION_APPROXIMATE:
+            if not approximate:
                 message.ClearField(name)
                 transforms.append(f"{name}:removed")
                 continue
-            action = rule.fields.get(name, "place")
-            point = getattr(message, name)
-            if action == "position":
-                cached = car.cached_position
-                refresh_ms = self.policy.refresh_interval_s * 1000
-                if cached is None or not 0 <= ts_ms - cached[0] < refresh_ms:
-                    cached = (ts_ms, self.coarsen(point, car))
-                    car.cached_position = cached
-                coarse = cached[1]
-            else:
-                coarse = self.coarsen(point, car)
-            point.CopyFrom(coarse)
-            transforms.append(f"{name}:approximate")
+            present.append((name, rule.fields.get(name, "place")))
+        if present:
+            self.locate(message, present, car, rule.fields)
+            transforms += [f"{name}:approximate" for name, _ in present]
         for name, action in rule.fields.items():
             value = getattr(message, name, None)
+            if action in ("odometer", "generalize", "place_text") and value:
+                if mode == common_pb2.LOCATION_PRECISE:
+                    continue
+                if not approximate or (
+                    action == "odometer" and (not car.anchor or car.anchor[2] is None)
+                ):
+                    message.ClearField(name)
+                    transforms.append(f"{name}:removed")
+                elif action == "odometer":
+                    assert car.anchor is not None
+                    setattr(message, name, car.anchor[2])
+                    transforms.append(f"{name}:anchored")
+                elif action == "generalize":
+                    step = rule.steps[name]
+                    rounded = math.floor(abs(value) / step + 0.5) * step
+                    rounded = math.copysign(rounded, value)
+                    setattr(message, name, int(rounded) if isinstance(value, int) else rounded)
+                    transforms.append(f"{name}:generalized")
+                continue
+            if action == "enum" and value and value not in rule.enums.get(name, ()):
+                message.ClearField(name)
+                transforms.append(f"{name}:removed")
+                continue
             if not isinstance(value, str) or not value:
                 continue
             if (action == "place_id" and mode != common_pb2.LOCATION_PRECISE) or action == "remove":
@@ -220,6 +244,41 @@ class ReferenceGateway:
             message.header.vin = ref  # type: ignore[attr-defined]
             transforms.append("vin:pseudonymized")
         return message.SerializeToString(deterministic=True), ref, transforms
+
+    def locate(
+        self,
+        message: Message,
+        present: list[tuple[str, str]],
+        car: CarState,
+        fields: dict[str, str],
+    ) -> None:
+        """One anchor per car on this gateway's clock: positions show it (and
+        refresh it once the interval is over), places the one before this
+        message, destinations are coarsened on their own."""
+        now = self.now()
+        before = car.anchor
+        if before is None or now - before[0] >= self.policy.refresh_interval_s:
+            source = next((n for n, a in present if a == "position"), None) or next(
+                (n for n, a in present if a == "place"), None
+            )
+            if source is not None:
+                odometer = next(
+                    (
+                        float(getattr(message, n))
+                        for n, a in fields.items()
+                        if a == "odometer" and getattr(message, n)
+                    ),
+                    before[2] if before is not None else None,
+                )
+                car.anchor = (now, self.coarsen(getattr(message, source), car), odometer)
+        for name, action in present:
+            point = getattr(message, name)
+            if action == "destination":
+                point.CopyFrom(self.coarsen(point, car))
+                continue
+            value = car.anchor if action == "position" or before is None else before
+            assert value is not None
+            point.CopyFrom(value[1])
 
     def coarsen(self, point: common_pb2.GeoPoint, car: CarState) -> common_pb2.GeoPoint:
         """The global-grid point nearest to (truth + the car's secret shift of up to
@@ -280,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend-broker", default=None)
     parser.add_argument("--state-dir", type=Path, default=Path(".state-reference"))
     parser.add_argument("--policy", type=Path, default=DEFAULT_POLICY_PATH)
+    parser.add_argument("--simulated-clock", type=Path, default=None, help="the sim's clock")
     args = parser.parse_args(argv)
     gateway = ReferenceGateway(
         load_policy(args.policy),
@@ -287,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         args.vehicle_broker,
         args.backend_broker or args.vehicle_broker,
         announce=True,
+        now=SimulatedClock(args.simulated_clock) if args.simulated_clock else time.time,
     )
 
     async def serve() -> None:

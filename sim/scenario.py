@@ -8,8 +8,10 @@ time* each event happens and records what the gateway answered.
 from __future__ import annotations
 
 import calendar
+import hashlib
 import itertools
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -351,6 +353,32 @@ def geo_point(sample: Sample, rng: random.Random) -> common_pb2.GeoPoint:
     )
 
 
+# Share of status reports whose GPS has no fix (garage, tunnel): NaN coordinates,
+# which the gateway must clear and never take as a refresh of the coarse value.
+NO_FIX_SHARE = 0.03
+
+
+def no_fix_point() -> common_pb2.GeoPoint:
+    return common_pb2.GeoPoint(latitude=math.nan, longitude=math.nan)
+
+
+def unit_clock_skew_ms(vin: str, unit: str) -> int:
+    """How far a unit's clock is off (ms added to its header timestamps).
+
+    The two units of a car keep separate clocks that disagree by minutes (the
+    attack on the refresh interval used exactly that): the AVN runs 2 to 8
+    minutes ahead, the TBOX up to 2 s behind. Ahead, not behind, so capture-time
+    consent (a future timestamp counts as arrival time) judges the message
+    as the checker does. Derived from the VIN: no draw from the scenario's
+    random stream, so scenarios of a seed stay what they were otherwise.
+    """
+    r = int.from_bytes(hashlib.sha256(f"clock/{vin}/{unit}".encode()).digest()[:4], "big")
+    fraction = r / 2**32
+    if unit == "avn":
+        return int(120_000 + fraction * 360_000)
+    return -int(fraction * 2_000)
+
+
 def place_point(point: Point) -> common_pb2.GeoPoint:
     return common_pb2.GeoPoint(latitude=round(point.lat, 7), longitude=round(point.lon, 7))
 
@@ -368,6 +396,8 @@ class _EventBuilder:
         self.end_ms = end_ms
         self.events: list[ScenarioEvent] = []
         self.ip = self._new_ip()
+        # Its own stream: GPS dropouts do not shift the rest of the scenario.
+        self.no_fix_rng = random.Random(f"no-fix/{vehicle.vin}")
 
     def _new_ip(self) -> str:
         if self.profile.prefers_ipv6 and self.rng.random() < 0.85:
@@ -414,7 +444,11 @@ class _EventBuilder:
                 sunroof_closed=True,
                 doors_locked=locked,
                 odometer_km=round(odometer, 2),
-                position=self.position(t_ms),
+                position=(
+                    no_fix_point()
+                    if self.no_fix_rng.random() < NO_FIX_SHARE
+                    else self.position(t_ms)
+                ),
             ),
         )
 

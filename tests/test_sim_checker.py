@@ -103,7 +103,8 @@ def recorded_key(record: Record, policy: Policy) -> tuple[Any, ...] | None:
 def pub_key(pub: Published) -> tuple[Any, ...]:
     if pub.stream.startswith("avn/app/"):
         return ("app", pub.record["nonce"])
-    return (pub.vin, pub.stream, pub.record["seq"], pub.ts_ms)
+    # The header carries the unit's own (skewed) clock.
+    return (pub.vin, pub.stream, pub.record["seq"], pub.record.get("header_ts_ms") or pub.ts_ms)
 
 
 def find_delivered(
@@ -444,7 +445,7 @@ def test_modified_ecall_is_a_wrong_transform(clean_run: Run) -> None:
 def test_changed_kept_field_is_a_wrong_transform(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "tbox/status")
     recording = edit_recorded(
-        clean_run, position, "tbox/status", lambda m: setattr(m, "odometer_km", 1.0)
+        clean_run, position, "tbox/status", lambda m: setattr(m, "cabin_temp_c", -40.0)
     )
     assert (WRONG_TRANSFORM, "unexpected_field_change") in rules(check(clean_run, recording))
 
@@ -479,3 +480,56 @@ def test_check_cli_writes_summary_and_report(clean_run: Run, tmp_path: Path) -> 
     assert "leaks 0" in output.getvalue()
     report = (tmp_path / "report.html").read_text()
     assert "<svg" in report and "tbox/status" in report
+
+
+# --------------------------------------------- contract rules 13 and 14 (anchor)
+
+
+def _approximate(pub: Published, settings: Settings | None) -> bool:
+    return settings is not None and settings.location == common_pb2.LOCATION_APPROXIMATE
+
+
+def test_trip_value_off_the_step_grid_is_a_leak(clean_run: Run) -> None:
+    pub, position = find_delivered(clean_run, "tbox/trip", _approximate)
+    exact = pub.message.distance_km  # type: ignore[union-attr]
+    recording = edit_recorded(
+        clean_run, position, "tbox/trip", lambda m: setattr(m, "distance_km", exact)
+    )
+    assert (LEAK, "distance_km_not_on_step_grid") in rules(check(clean_run, recording))
+
+
+def test_alarm_free_text_is_a_leak(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "tbox/alarm")
+    recording = edit_recorded(
+        clean_run, position, "tbox/alarm", lambda m: setattr(m, "detail", "at 48.1371,11.5761")
+    )
+    assert (LEAK, "detail_free_text") in rules(check(clean_run, recording))
+
+
+def test_odometer_under_location_off_is_a_leak(clean_run: Run) -> None:
+    def off(pub: Published, settings: Settings | None) -> bool:
+        return settings is not None and settings.location == common_pb2.LOCATION_OFF
+
+    _, position = find_delivered(clean_run, "tbox/status", off)
+    recording = edit_recorded(
+        clean_run, position, "tbox/status", lambda m: setattr(m, "odometer_km", 12_345.6)
+    )
+    assert (LEAK, "odometer_km_under_location_off") in rules(check(clean_run, recording))
+
+
+def test_refresh_sooner_than_the_interval_is_a_leak(clean_run: Run) -> None:
+    """Across streams of one car, on the recorder's clock (the gateway's, scaled)."""
+    checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
+    interval = clean_run.policy.refresh_interval_s * checker.gateway_wall_per_s
+    vin = checker.vins[0]
+    a, b = (48.1, 11.5), (48.2, 11.6)
+    checker.anchor_values[vin] = [(0.0, a), (1.0, b), (1.0 + interval, a)]  # ok
+    checker._check_refresh_interval()
+    assert checker.issues == []
+    checker.anchor_values[vin] = [(0.0, a), (1.0, b), (1.0 + interval / 2, a)]  # too soon
+    checker.odometer_values[vin] = [(0.0, 10.0), (5.0, 10.0), (6.0, 11.0), (7.0, 12.0)]
+    checker._check_refresh_interval()
+    assert {(i.category, i.rule) for i in checker.issues} == {
+        (LEAK, "approximate_refresh_too_soon"),
+        (LEAK, "odometer_moves_between_refreshes"),
+    }
