@@ -275,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
             '"features": {"remote_control": true}, "find_my_car_window_open": false}; '
             'use "unknown" for a vehicle that never sent settings. '
             "With --key-file STATE_DIR/pseudonym.key the pseudonyms and approximate "
-            "positions are exactly what the gateway on that state directory publishes."
+            "positions are exactly what the gateway on that state directory publishes "
+            "for a car whose coarse position is due for a refresh (within the refresh "
+            "interval the gateway shows the car's anchored value instead)."
         ),
     )
     explain.add_argument("--policy", type=Path, required=True)
