@@ -10,10 +10,18 @@ from gateway.core.decide import (
     Forward,
     decide,
     decide_command,
+    expire_find_my_car,
     refused_result,
     state_from_snapshot,
+    with_find_my_car,
 )
-from gateway.core.state import CoarseFix, LocationMode, SettingsSnapshot, VehicleState
+from gateway.core.state import (
+    CoarseFix,
+    FindMyCarCommand,
+    LocationMode,
+    SettingsSnapshot,
+    VehicleState,
+)
 
 __all__ = [
     "ApplySettings",
@@ -23,12 +31,15 @@ __all__ = [
     "DecisionContext",
     "Drop",
     "DropReason",
+    "FindMyCarCommand",
     "Forward",
     "LocationMode",
     "SettingsSnapshot",
     "VehicleState",
     "decide",
     "decide_command",
+    "expire_find_my_car",
     "refused_result",
     "state_from_snapshot",
+    "with_find_my_car",
 ]
