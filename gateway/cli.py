@@ -958,6 +958,12 @@ _WHY = {
     "feature_disabled": "the driver switched this stream's feature off",
     "location_off": "location is off and this stream's purpose is location",
     "no_find_my_car_window": "tbox/location passes only inside a find-my-car window",
+    "unanswered_location": (
+        "the location answers no open find-my-car command (its request_id matches none)"
+    ),
+    "find_my_car_fixes_spent": (
+        "the find-my-car command this location answers already got its fixes"
+    ),
     "stale_revision": "settings revision not newer than the applied one",
     "vin_in_pseudonymized_payload": "the VIN appears in bytes of a pseudonymized stream",
 }

@@ -86,8 +86,18 @@ class LocationSpec(_Strict):
     refresh_interval_s: float = Field(900.0, ge=0)
 
 
+# Contract rule 17 (find-my-car is not a tracker). More than a few fixes per
+# command is a track of the walk to the car; a command every five minutes
+# (12 an hour) is already a usable track of a driving car, and the commands
+# a car remembers for the cap must stay few.
+MAX_FIXES_PER_COMMAND = 10
+MAX_COMMANDS_PER_HOUR = 12
+
+
 class FindMyCarSpec(_Strict):
     window_s: float = Field(120.0, gt=0, le=3600)
+    fixes_per_command: int = Field(1, ge=1, le=MAX_FIXES_PER_COMMAND)
+    max_commands_per_hour: int = Field(4, ge=1, le=MAX_COMMANDS_PER_HOUR)
 
 
 class FeatureSpec(_Strict):
@@ -238,6 +248,8 @@ class CompiledPolicy:
     commands: Mapping[str, CompiledCommand]
     document: PolicyDocument
     text: str = ""  # the YAML as loaded, so it can be stored and rolled back to
+    fixes_per_command: int = 1  # find-my-car fixes forwarded per accepted command
+    max_commands_per_hour: int = 4  # accepted find-my-car commands per car per hour
 
     def route(self, relative_topic: str) -> tuple[CompiledStream, str | None] | None:
         """Stream rule for a topic relative to vehicle/{vin}/, plus the app id if any."""
@@ -747,6 +759,8 @@ def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
         cell_size_m=doc.location.cell_size_m,
         refresh_interval_ms=int(doc.location.refresh_interval_s * 1000),
         window_s=doc.find_my_car.window_s,
+        fixes_per_command=doc.find_my_car.fixes_per_command,
+        max_commands_per_hour=doc.find_my_car.max_commands_per_hour,
         features=dict(doc.features),
         per_app_features=frozenset(n for n, f in doc.features.items() if f.per_app),
         default_on=frozenset(

@@ -33,8 +33,10 @@ from gateway.core import (
     VehicleState,
     decide,
     decide_command,
+    expire_find_my_car,
     refused_result,
     state_from_snapshot,
+    with_find_my_car,
 )
 from gateway.core.state import is_valid_vin
 from gateway.core.transforms import pseudonym
@@ -256,12 +258,18 @@ class GatewayService:
         policy = self.ctx.policy
         self.restricted = self.store.restricted_vins()
         states: dict[str, VehicleState] = {}
+        # Contract rule 17: the commands-per-hour cap and spent fixes survive a restart.
+        find_my_car = self.store.find_my_car_commands()
+        now = self._clock()
         for stored in self.store.load_all():
             vin = stored.snapshot.vin
             state = state_from_snapshot(policy, stored.snapshot, stored.window_until)
-            states[vin] = (
-                dataclasses.replace(state, restricted=True) if vin in self.restricted else state
-            )
+            if vin in self.restricted:
+                state = dataclasses.replace(state, restricted=True)
+            commands = find_my_car.get(vin)
+            if commands:
+                state = expire_find_my_car(with_find_my_car(state, commands), now, policy.window_s)
+            states[vin] = state
         self.states = states
         self.anchors = dict(self.store.load_anchors())
         self.metrics.vehicles.set(len(self.states))
@@ -624,6 +632,16 @@ class GatewayService:
                 self.metrics.inc(self.metrics.dropped, decision.stream, "ecall_lane")
                 slot.settle()
                 return
+            if decision.state is not None:
+                # A find-my-car fix spends its command's budget durably before
+                # it leaves: a restart never forwards it twice (fail closed).
+                await self._persist(
+                    self.store.save_find_my_car,
+                    decision.vin,
+                    decision.state.find_my_car,
+                    decision.state.window_until,
+                )
+                self.states[decision.vin] = decision.state
             if decision.anchor is not None:
                 self.anchors[decision.vin] = decision.anchor
                 self.accounting.anchor(decision.vin, decision.anchor)
@@ -740,7 +758,14 @@ class GatewayService:
         name = decision.command if decision.command in self.ctx.policy.commands else "unknown"
         self.metrics.inc(self.metrics.commands, name, str(decision.accepted).lower())
         if decision.state is not None:
-            await self._persist(self.store.open_window, decision.vin, decision.state.window_until)
+            # The window and the command's place under the hourly cap are
+            # durable before the command reaches the car.
+            await self._persist(
+                self.store.save_find_my_car,
+                decision.vin,
+                decision.state.find_my_car,
+                decision.state.window_until,
+            )
             self.states[decision.vin] = decision.state
         log.info(
             "command %s",

@@ -369,8 +369,21 @@ class Checker:
             for n, r in enumerate(recording)
         ]
         self.published = [self._published(r) for r in truth if r["type"] == "publish"]
+        self._fixes_by_vin: dict[str, list[Published]] = defaultdict(list)
+        for pub in self.published:
+            rule = policy.rule_for(pub.stream)
+            if (
+                rule is not None
+                and rule.requires_window
+                and pub.message is not None
+                and pub.record.get("purpose") not in MUST_NOT_ARRIVE
+            ):
+                self._fixes_by_vin[pub.vin].append(pub)
         self.positions = self._true_positions()
         self.windows = self._windows()
+        # Contract rule 17: (vin, request_id) -> when the gateway opened its window.
+        self.command_windows = self._command_windows()
+        self._fixes_delivered: list[Published] = []  # forwarded fixes, judged together
         # pseudonym stability without the key: input -> outputs seen
         self.pseudonyms_seen: dict[tuple[str, str], set[str]] = defaultdict(set)
 
@@ -432,6 +445,113 @@ class Checker:
             opens.sort()
         return windows
 
+    def _command_windows(self) -> dict[tuple[str, str], float]:
+        """When each find_my_car command's window opened, by (vin, request_id)."""
+        opened: dict[tuple[str, str], float] = {}
+        received = {
+            str(r["request_id"]): float(r["wall"])
+            for r in self.truth
+            if r["type"] == "command_received" and r["command"] == "find_my_car"
+        }
+        for record in self.truth:
+            if record["type"] != "command" or record["command"] != "find_my_car":
+                continue
+            request_id = str(record["request_id"])
+            times = [float(record["wall_forwarded"])] if record.get("wall_forwarded") else []
+            if request_id in received:
+                times.append(received[request_id])
+            result = record.get("result")
+            if result and result.get("accepted") and record.get("wall_result") is not None:
+                times.append(float(record["wall_result"]))
+            if times:
+                opened[(str(record["vin"]), request_id)] = min(times)
+        return opened
+
+    def _answer_state(self, pub: Published) -> str | None:
+        """Contract rule 17 for a fix that is inside some window: None when it
+        must pass, AMBIGUOUS when its budget may have gone to another fix, or
+        why it must be dropped ("unanswered", "outside_window")."""
+        request_id = str(getattr(pub.message, "request_id", "") or "")
+        start, end = float(pub.record["wall_start"]), float(pub.record["wall_end"])
+        length = self.policy.find_my_car_window_s * self.gateway_wall_per_s
+        tol = min(WINDOW_TOLERANCE_S, length / 4)
+        if request_id:
+            opened = self.command_windows.get((pub.vin, request_id))
+            if opened is None:
+                return "unanswered"
+            if end < opened - tol or start > opened + length + tol:
+                return "outside_window"
+            if not (opened + tol <= start and end <= opened + length - tol):
+                return AMBIGUOUS
+            since = opened - tol
+        else:
+            containing = [
+                opened
+                for (vin, _), opened in self.command_windows.items()
+                if vin == pub.vin and opened - tol <= end and start <= opened + length + tol
+            ]
+            if not containing:
+                return None  # judged by the window rule alone
+            since = min(containing) - tol
+        # Another fix of this car in the window may have taken its budget first.
+        for other in self._fixes_by_vin.get(pub.vin, []):
+            if other is pub:
+                continue
+            other_start = float(other.record["wall_start"])
+            other_id = str(getattr(other.message, "request_id", "") or "")
+            if since <= other_start <= end and (not request_id or other_id in ("", request_id)):
+                return AMBIGUOUS
+        return None
+
+    def _check_fix_budgets(self) -> None:
+        """Every forwarded fix answers an accepted command inside its window, at
+        most fixes_per_command per command (a fix without a request id: the first
+        of a window)."""
+        length = self.policy.find_my_car_window_s * self.gateway_wall_per_s
+        tol = min(WINDOW_TOLERANCE_S, length / 4)
+        spent: Counter[tuple[str, str]] = Counter()
+        v1_spent: set[tuple[str, str]] = set()
+        budget = self.policy.fixes_per_command
+        ordered = sorted(self._fixes_delivered, key=lambda p: float(p.record["wall_start"]))
+        for pub in ordered:
+            request_id = str(getattr(pub.message, "request_id", "") or "")
+            start, end = float(pub.record["wall_start"]), float(pub.record["wall_end"])
+            if request_id:
+                key = (pub.vin, request_id)
+                if key not in self.command_windows:
+                    continue  # flagged as a leak already (unanswered)
+                spent[key] += 1
+                if spent[key] > budget:
+                    self._issue(
+                        LEAK,
+                        "find_my_car_fixes_over_budget",
+                        pub.stream,
+                        pub.vin,
+                        f"seq {pub.record['seq']}: fix {spent[key]} for {request_id}",
+                    )
+                continue
+            candidates = sorted(
+                (opened, key)
+                for key, opened in self.command_windows.items()
+                if key[0] == pub.vin
+                and opened - tol <= end
+                and start <= opened + length + tol
+                and key not in v1_spent
+                and spent[key] < budget
+            )
+            if not candidates:
+                self._issue(
+                    LEAK,
+                    "find_my_car_fix_answers_no_command",
+                    pub.stream,
+                    pub.vin,
+                    f"seq {pub.record['seq']}: no window with a fix left for it",
+                )
+                continue
+            key = candidates[0][1]
+            v1_spent.add(key)
+            spent[key] += 1
+
     def _settings_candidates(self, record: dict[str, Any]) -> list[Settings | None]:
         history = self.settings.get(str(record["vin"]), {})
         applied = record.get("applied_rev")
@@ -471,6 +591,7 @@ class Checker:
         index = self._index_recording()
         self._check_publishes(index)
         dead_letter_summary = self._account_missing()
+        self._check_fix_budgets()
         self._check_global_grid()
         self._check_refresh_interval()
         self._check_unmatched()
@@ -566,6 +687,9 @@ class Checker:
                 matches = [r for r in matches if r.stream == pub.stream]
             for rec in matches:
                 rec.matched = True
+            rule = self.policy.rule_for(pub.stream)
+            if matches and rule is not None and rule.requires_window:
+                self._fixes_delivered.append(pub)
             if record.get("error"):
                 tally.ambiguous += 1
                 self.outcomes.append((pub.vin, pub.stream, "publish_failed"))
@@ -682,7 +806,12 @@ class Checker:
             decide_message(self.policy, pub.stream, settings, window)
             for settings in self._settings_candidates(pub.record)
         }
-        return decisions.pop() if len(decisions) == 1 else AMBIGUOUS
+        decision = decisions.pop() if len(decisions) == 1 else AMBIGUOUS
+        if rule is not None and rule.requires_window and decision in (PASS, AMBIGUOUS):
+            answer = self._answer_state(pub)
+            if answer is not None and (decision == PASS or answer != AMBIGUOUS):
+                decision = answer
+        return decision
 
     def _candidates_allowing(self, pub: Published) -> list[Settings | None]:
         """Settings under which this message may be forwarded (to judge its transforms)."""
@@ -1137,6 +1266,9 @@ class Checker:
             if record["type"] == "command_received":
                 forwarded[str(record["request_id"])].append(record)
         tally: Counter[str] = Counter()
+        # Contract rule 17: find_my_car commands the gateway accepted, per car (wall).
+        accepted_fmc: dict[str, list[float]] = defaultdict(list)
+        hour = 3600.0 * self.gateway_wall_per_s
         for record in self.truth:
             if record["type"] != "command":
                 continue
@@ -1151,6 +1283,19 @@ class Checker:
                 for settings in self._settings_candidates(record)
             }
             expected = decisions.pop() if len(decisions) == 1 else AMBIGUOUS
+            if command == "find_my_car" and expected in (ACCEPT, AMBIGUOUS):
+                sent = float(record["wall_sent"])
+                earlier = accepted_fmc[vin]
+                certain = sum(1 for t in earlier if sent - t < hour - WINDOW_TOLERANCE_S)
+                possible = sum(1 for t in earlier if sent - t < hour + WINDOW_TOLERANCE_S)
+                cap = self.policy.max_commands_per_hour
+                if certain >= cap:
+                    expected = "rate_limited"
+                elif possible >= cap:
+                    expected = AMBIGUOUS
+                outcome = record.get("result")
+                if outcome and outcome.get("accepted"):
+                    accepted_fmc[vin].append(float(record.get("wall_result") or sent))
             if expected == ACCEPT:
                 tally["expected_accept"] += 1
             else:
@@ -1195,10 +1340,20 @@ class Checker:
                 if result.accepted:
                     self._issue(
                         LEAK,
-                        "command_accepted_when_forbidden",
+                        "find_my_car_over_hourly_cap"
+                        if expected == "rate_limited"
+                        else "command_accepted_when_forbidden",
                         stream,
                         vin,
                         f"{expected}: accepted",
+                    )
+                elif expected == "rate_limited" and result.reason != "rate_limited":
+                    self._issue(
+                        PROTOCOL,
+                        "command_refused_with_wrong_reason",
+                        stream,
+                        vin,
+                        f"{request_id}: {result.reason!r}, not 'rate_limited'",
                     )
                 elif not result.reason:
                     self._issue(PROTOCOL, "command_refused_without_reason", stream, vin, request_id)
@@ -1284,6 +1439,7 @@ def _leak_rule(decision: str) -> str:
         "feature_off": "forwarded_with_feature_off",
         "location_off": "location_stream_under_location_off",
         "outside_window": "location_outside_find_my_car_window",
+        "unanswered": "location_answering_no_find_my_car_command",
         PURPOSE_MALFORMED: "malformed_payload_forwarded",
         PURPOSE_SPOOFED: "spoofed_vin_forwarded",
     }.get(decision, f"forwarded_{decision}")
@@ -1321,6 +1477,8 @@ DROP_LABELS = {
     "feature_off": "feature switched off",
     "location_off": "location switched off",
     "outside_window": "outside a find-my-car window",
+    "unanswered": "answers no find-my-car command",
+    "rate_limited": "find-my-car over the hourly cap",
     PURPOSE_MALFORMED: "malformed message",
     PURPOSE_SPOOFED: "VIN does not match the car",
     "unknown_stream": "not a stream of the policy",

@@ -45,6 +45,9 @@ class Policy:
     legal_basis: dict[str, str]  # feature id (without ".{app_id}") -> legal basis
     streams: dict[str, StreamRule]
     commands: dict[str, str]  # command -> feature
+    # Contract rule 17: fixes forwarded per find-my-car command, commands per car per hour.
+    fixes_per_command: int = 1
+    max_commands_per_hour: int = 4
 
     def rule_for(self, stream: str) -> StreamRule | None:
         """The rule for a concrete stream name such as "avn/app/music"."""
@@ -108,4 +111,6 @@ def load_policy(path: Path = DEFAULT_POLICY_PATH) -> Policy:
         legal_basis={name: str(body["legal_basis"]) for name, body in raw["features"].items()},
         streams=streams,
         commands={name: str(body["feature"]) for name, body in raw["commands"].items()},
+        fixes_per_command=int(raw["find_my_car"].get("fixes_per_command", 1)),
+        max_commands_per_hour=int(raw["find_my_car"].get("max_commands_per_hour", 4)),
     )

@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from google.protobuf.message import DecodeError, Message
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.clock import SimulatedClock
 from sim.checker import geopoint_fields, message_class, pseudonym, truncate_ip
 from sim.contract import ACCEPT, PASS, decide_command, decide_message
 from sim.geo import METRES_PER_DEGREE
@@ -43,6 +43,8 @@ class CarState:
     window_opened: float | None = None
     # The location anchor: (gateway time it refreshed, coarse point, odometer then).
     anchor: tuple[float, common_pb2.GeoPoint, float | None] | None = None
+    # Accepted find_my_car commands of the last hour: [request_id, accepted, until, fixes].
+    fmc_commands: list[list[Any]] = field(default_factory=list)
     offset: tuple[float, float] = (0.0, 0.0)  # sticky secret shift, cell fractions [0, 1)
 
 
@@ -121,10 +123,13 @@ class ReferenceGateway:
             self.dropped += 1
             return
         car = self.car(vin)
-        window = car.window_opened is not None and (
-            self.now() - car.window_opened < self.policy.find_my_car_window_s
-        )
+        now = self.now()
+        window = any(now < c[2] for c in car.fmc_commands)
         if decide_message(self.policy, stream, car.settings, window) != PASS:
+            self.dropped += 1
+            return
+        rule = self.policy.rule_for(stream)
+        if rule is not None and rule.requires_window and not self._answer(car, decoded, now):
             self.dropped += 1
             return
         out_payload, ref, transforms = self.transform(vin, stream, decoded, payload, car)
@@ -144,6 +149,23 @@ class ReferenceGateway:
         )
         self.forwarded += 1
 
+    def _answer(self, car: CarState, fix: Message, now: float) -> bool:
+        """Contract rule 17: whether the fix answers an open command with
+        budget left (and spend it). No request id (contract v1): the first
+        fix of the oldest open command that has had none."""
+        request_id = str(getattr(fix, "request_id", ""))
+        for command in car.fmc_commands:
+            if now >= command[2]:
+                continue
+            if request_id:
+                if command[0] == request_id and command[3] < self.policy.fixes_per_command:
+                    command[3] += 1
+                    return True
+            elif command[3] == 0:
+                command[3] = 1
+                return True
+        return False
+
     async def _on_settings(self, vin: str, payload: bytes) -> None:
         assert self._vehicle is not None
         settings = privacy_pb2.PrivacySettings()
@@ -161,6 +183,8 @@ class ReferenceGateway:
         )
         if settings.privacy_mode or not car.settings.enabled("find_my_car"):
             car.window_opened = None
+            for command in car.fmc_commands:  # windows close; the cap still counts them
+                command[2] = min(command[2], self.now())
         applied = privacy_pb2.PrivacyApplied(
             vin=vin, revision=settings.revision, policy_version=self.policy.version
         )
@@ -306,9 +330,17 @@ class ReferenceGateway:
             return
         car = self.car(vin)
         verdict = decide_command(self.policy, name, car.settings)
+        if verdict == ACCEPT and name == "find_my_car":
+            now = self.now()
+            car.fmc_commands = [c for c in car.fmc_commands if now - c[1] < 3600 or now < c[2]]
+            if len(car.fmc_commands) >= self.policy.max_commands_per_hour:
+                verdict = "rate_limited"
+            else:
+                car.window_opened = now
+                car.fmc_commands.append(
+                    [command.request_id, now, now + self.policy.find_my_car_window_s, 0]
+                )
         if verdict == ACCEPT:
-            if name == "find_my_car":
-                car.window_opened = self.now()
             await self._vehicle.publish(
                 f"{self.vehicle_prefix}/{vin}/cmd/{name}", bytes(message.payload), qos=1
             )
@@ -339,15 +371,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend-broker", default=None)
     parser.add_argument("--state-dir", type=Path, default=Path(".state-reference"))
     parser.add_argument("--policy", type=Path, default=DEFAULT_POLICY_PATH)
-    parser.add_argument("--simulated-clock", type=Path, default=None, help="the sim's clock")
+    parser.add_argument(
+        "--simulated-clock",
+        type=Path,
+        default=None,
+        help="run time-based rules on the simulator's clock (like the gateway's flag)",
+    )
     args = parser.parse_args(argv)
+    now: Callable[[], float] = time.time
+    if args.simulated_clock is not None:
+        from gateway.clock import SimulatedClock
+
+        now = SimulatedClock(args.simulated_clock)
     gateway = ReferenceGateway(
         load_policy(args.policy),
         load_or_create_key(args.state_dir),
         args.vehicle_broker,
         args.backend_broker or args.vehicle_broker,
         announce=True,
-        now=SimulatedClock(args.simulated_clock) if args.simulated_clock else time.time,
+        now=now,
     )
 
     async def serve() -> None:

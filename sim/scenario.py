@@ -93,6 +93,9 @@ class VehicleProfile:
     ecall_probability: float
     initial_soc: float
     initial_odometer_km: float
+    # Contract v2 cars answer find_my_car with the command's request_id; v1 cars
+    # do not fill it (the gateway passes them the first fix of a window).
+    fills_request_id: bool = True
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,9 @@ def _make_profile(rng: random.Random, index: int, vin: str, count: int) -> Vehic
         ecall_probability=0.15,
         initial_soc=rng.uniform(35, 90),
         initial_odometer_km=rng.uniform(3_000, 90_000),
+        # Every fourth car (from the second) is of contract v1; from the index,
+        # so adding it changed no other draw of the scenario.
+        fills_request_id=index % 4 != 1,
     )
 
 
@@ -398,6 +404,9 @@ class _EventBuilder:
         self.ip = self._new_ip()
         # Its own stream: GPS dropouts do not shift the rest of the scenario.
         self.no_fix_rng = random.Random(f"no-fix/{vehicle.vin}")
+        # Find-my-car polling and stray answers draw from their own generator:
+        # adding them changed no other event of a scenario.
+        self.fmc_rng = random.Random(f"fmc:{self.profile.vin}")
 
     def _new_ip(self) -> str:
         if self.profile.prefers_ipv6 and self.rng.random() < 0.85:
@@ -657,6 +666,7 @@ class _EventBuilder:
             rng, stay.start_ms + 5 * MINUTE_MS, stay.end_ms, self.profile.find_my_car_per_hour
         ):
             self.find_my_car(t)
+        self.find_my_car_polling(stay)
         for t in _poisson_times(rng, stay.start_ms, stay.end_ms, 0.25):
             command = rng.choice(COMMANDS_WITH_FEATURE)
             args = {"target_c": "21"} if command == "climate" else {}
@@ -666,24 +676,45 @@ class _EventBuilder:
 
     def find_my_car(self, t_ms: int) -> None:
         answer_at = t_ms + 3_000
-        response = streams_pb2.Location(position=self.position(answer_at))
+        request_id = f"req-{identifiers.make_token(self.rng, 12)}"
+        response = streams_pb2.Location(
+            position=self.position(answer_at),
+            request_id=request_id if self.profile.fills_request_id else "",
+        )
         self.add(
-            CommandEvent(
-                t_ms,
-                "find_my_car",
-                f"req-{identifiers.make_token(self.rng, 12)}",
-                {"requested_by": "app"},
-                response,
-            )
+            CommandEvent(t_ms, "find_my_car", request_id, {"requested_by": "app"}, response)
         )
 
+    def find_my_car_polling(self, stay: Stay) -> None:
+        """A backend that polls find-my-car (contract rule 17's attack): every
+        2.5 minutes for 20 minutes, twice the hourly cap; the gateway refuses
+        what is above it as rate_limited."""
+        rng = self.fmc_rng
+        hours = (stay.end_ms - stay.start_ms) / HOUR_MS
+        if self.profile.find_my_car_per_hour <= 0 or rng.random() >= 0.05 * hours:
+            return
+        start = rng.randint(stay.start_ms, max(stay.start_ms, stay.end_ms - 25 * MINUTE_MS))
+        for t in range(start, min(start + 20 * MINUTE_MS, stay.end_ms), 150_000):
+            request_id = f"poll-{identifiers.make_token(rng, 12)}"
+            response = streams_pb2.Location(
+                position=self.position(t + 3_000),
+                request_id=request_id if self.profile.fills_request_id else "",
+            )
+            self.add(CommandEvent(t, "find_my_car", request_id, {"requested_by": "poll"}, response))
+
     def stray_locations(self) -> None:
-        """tbox/location nobody asked for (a buggy periodic upload): only passes in a window."""
+        """tbox/location nobody asked for: a buggy periodic upload (no request
+        id: inside a window it may take the window's fix) or an answer to a
+        command the gateway never accepted (a request id nobody issued)."""
         for t in _poisson_times(self.rng, self.start_ms, self.end_ms, 0.6):
+            stale = self.profile.fills_request_id and self.fmc_rng.random() < 0.3
             self.publish(
                 t,
                 "tbox/location",
-                streams_pb2.Location(position=self.position(t)),
+                streams_pb2.Location(
+                    position=self.position(t),
+                    request_id=f"req-{identifiers.make_token(self.fmc_rng, 12)}" if stale else "",
+                ),
                 purpose=PURPOSE_STRAY_LOCATION,
             )
 

@@ -10,10 +10,18 @@ from gateway.core.decide import (
     Forward,
     decide,
     decide_command,
+    expire_find_my_car,
     refused_result,
     state_from_snapshot,
+    with_find_my_car,
 )
-from gateway.core.state import LocationAnchor, LocationMode, SettingsSnapshot, VehicleState
+from gateway.core.state import (
+    FindMyCarCommand,
+    LocationAnchor,
+    LocationMode,
+    SettingsSnapshot,
+    VehicleState,
+)
 
 __all__ = [
     "ApplySettings",
@@ -22,6 +30,7 @@ __all__ = [
     "DecisionContext",
     "Drop",
     "DropReason",
+    "FindMyCarCommand",
     "Forward",
     "LocationAnchor",
     "LocationMode",
@@ -29,6 +38,8 @@ __all__ = [
     "VehicleState",
     "decide",
     "decide_command",
+    "expire_find_my_car",
     "refused_result",
     "state_from_snapshot",
+    "with_find_my_car",
 ]

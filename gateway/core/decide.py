@@ -15,9 +15,11 @@ from enum import StrEnum
 
 from google.protobuf.message import DecodeError, Message
 
+from gateway.core import findmycar
 from gateway.core.cache import ENTRY_OVERHEAD, ByteBoundedMemo, strings_size
 from gateway.core.ecall import conform_ecall
 from gateway.core.state import (
+    FindMyCarCommand,
     LocationAnchor,
     LocationMode,
     SettingsSnapshot,
@@ -59,6 +61,8 @@ class DropReason(StrEnum):
     FEATURE_DISABLED = "feature_disabled"
     LOCATION_OFF = "location_off"
     NO_WINDOW = "no_find_my_car_window"
+    UNANSWERED_LOCATION = findmycar.FixRefusal.UNANSWERED.value
+    FIXES_SPENT = findmycar.FixRefusal.SPENT.value
     STALE_REVISION = "stale_revision"
     VIN_IN_PAYLOAD = "vin_in_pseudonymized_payload"
     OVERSIZED = "oversized"
@@ -88,6 +92,9 @@ class Forward:
     feature: str
     transforms: tuple[str, ...]
     anchor: LocationAnchor | None = None  # the vehicle's new location anchor, if it refreshed
+    # New state when forwarding changes it (a find-my-car fix spends its
+    # command's budget): durable before the message is forwarded.
+    state: VehicleState | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,8 +220,20 @@ def decide(
     mode = state.location.effective
     if stream.location_purpose and mode is LocationMode.OFF:
         return Drop(DropReason.LOCATION_OFF, stream.key, vin=vin)
-    if stream.requires_window and not state.window_open(now):
-        return Drop(DropReason.NO_WINDOW, stream.key, vin=vin)
+    new_state: VehicleState | None = None
+    if stream.requires_window:
+        if not state.window_open(now):
+            return Drop(DropReason.NO_WINDOW, stream.key, vin=vin)
+        # Contract rule 17: only a fix that answers an open command, within its budget.
+        answered = findmycar.answer(
+            findmycar.live_commands(state, now, ctx.policy.window_s),
+            str(getattr(message, "request_id", "")),
+            now,
+            ctx.policy.fixes_per_command,
+        )
+        if isinstance(answered, findmycar.FixRefusal):
+            return Drop(DropReason(answered.value), stream.key, vin=vin)
+        new_state = with_find_my_car(state, answered)
     transforms, anchor = _transform(ctx, stream, message, vin, mode, anchors.get(vin), now)
     ref = vin
     if stream.pseudonymize_vin:
@@ -234,6 +253,7 @@ def decide(
         feature=feature,
         transforms=tuple(transforms),
         anchor=anchor,
+        state=new_state,
     )
 
 
@@ -486,6 +506,9 @@ def _decide_settings(
     state = state_from_snapshot(ctx.policy, snapshot, current.window_until if current else 0.0)
     if current is not None and current.restricted:
         state = dataclasses.replace(state, restricted=True)
+    if current is not None and current.find_my_car:
+        # New settings neither reset the commands-per-hour cap nor spent fixes.
+        state = with_find_my_car(state, findmycar.live_commands(current, now, ctx.policy.window_s))
     topic, body = applied_message(ctx, vin, settings.revision)
     return ApplySettings(snapshot, state, topic, body, len(settings.features) - len(features))
 
@@ -533,6 +556,31 @@ def state_from_snapshot(
             ),
         )
     return state
+
+
+def with_find_my_car(state: VehicleState, commands: tuple[FindMyCarCommand, ...]) -> VehicleState:
+    """`state` holding `commands` (contract rule 17). A car with none left
+    shares its state with the other cars of the same settings again."""
+    if commands:
+        return dataclasses.replace(
+            state, find_my_car=commands, window_until=max(c.until for c in commands)
+        )
+    if not state.find_my_car and state.window_until == 0.0:
+        return state
+    bare = dataclasses.replace(state, find_my_car=(), window_until=0.0)
+    if bare.restricted:
+        return bare
+    key = (bare.revision, bare.privacy_mode, bare.location, bare.enabled, 0.0)
+    return _STATE_CACHE.put(key, bare)
+
+
+def expire_find_my_car(state: VehicleState, now: float, window_s: float = 0.0) -> VehicleState:
+    """`state` without the find-my-car commands that no longer matter at `now`
+    (window closed and the cap's hour over): shared again when none is left."""
+    if not state.find_my_car:
+        return state
+    live = findmycar.live_commands(state, now, window_s)
+    return state if live == state.find_my_car else with_find_my_car(state, live)
 
 
 # The enabled set is shared (charged to _SET_CACHE), so a state costs a constant.
@@ -635,7 +683,15 @@ def decide_command(
         return refuse(f"feature_disabled:{rule.feature}")
     new_state = None
     if rule.opens_window:
-        new_state = dataclasses.replace(state, window_until=now + ctx.policy.window_s)
+        if len(request_id) > findmycar.MAX_REQUEST_ID:
+            return refuse("invalid_request_id")
+        # Contract rule 17: a car answers at most this many commands an hour.
+        commands = findmycar.live_commands(state, now, ctx.policy.window_s)
+        if findmycar.rate_limited(commands, now, ctx.policy.max_commands_per_hour):
+            return refuse("rate_limited")
+        new_state = with_find_my_car(
+            state, findmycar.accept(commands, request_id, now, ctx.policy.window_s)
+        )
     result = command_pb2.CommandResult(
         request_id=request_id, command=name, accepted=True, reason="forwarded"
     )

@@ -95,6 +95,20 @@ def strictest(older: SettingsSnapshot, newer: SettingsSnapshot) -> SettingsSnaps
 
 
 @dataclass(frozen=True, slots=True)
+class FindMyCarCommand:
+    """An accepted find-my-car command of one car (contract rule 17).
+
+    Kept for an hour after acceptance (the commands-per-hour cap counts it)
+    and durable, so a restart neither resets the cap nor re-opens spent fixes.
+    """
+
+    request_id: str
+    accepted_at: float  # gateway clock, epoch seconds
+    until: float  # end of its window (exclusive)
+    fixes: int = 0  # fixes forwarded as answers to it
+
+
+@dataclass(frozen=True, slots=True)
 class VehicleState:
     """What the hot path needs to decide a message of one vehicle.
 
@@ -108,6 +122,10 @@ class VehicleState:
     enabled: frozenset[str]
     window_until: float = 0.0  # find-my-car window end, gateway epoch seconds
     restricted: bool = False  # GDPR Art. 18: only legal-obligation streams, whatever the car says
+    # Find-my-car commands of the last hour, oldest first; empty (and the state
+    # shared with other cars) for the cars that did not send one.
+    # `window_until` is then the end of the latest of their windows.
+    find_my_car: tuple[FindMyCarCommand, ...] = ()
 
     def window_open(self, now: float) -> bool:
         return now < self.window_until

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.control.audit import AuditRecord, VerifyResult
-from gateway.core.state import LocationAnchor, SettingsSnapshot
+from gateway.core.state import FindMyCarCommand, LocationAnchor, SettingsSnapshot
 from gateway.delivery import DeadLetter
 
 
@@ -59,6 +59,16 @@ class ConsentStore(Protocol):
 
     def open_window(self, vin: str, until: float) -> None:
         """Record an open find-my-car window (gateway epoch seconds)."""
+
+    def save_find_my_car(
+        self, vin: str, commands: tuple[FindMyCarCommand, ...], window_until: float
+    ) -> None:
+        """Replace the vehicle's find-my-car commands (contract rule 17: the
+        commands-per-hour cap and spent fixes survive a restart) and its
+        window end, in one transaction."""
+
+    def find_my_car_commands(self) -> dict[str, tuple[FindMyCarCommand, ...]]:
+        """Every vehicle's find-my-car commands, oldest first."""
 
     def load_all(self) -> Iterator[StoredVehicle]:
         """Every vehicle with applied settings, for the in-memory hot path."""

@@ -13,14 +13,21 @@ from typing import Any, TypeVar
 
 from gateway.control import audit
 from gateway.control.audit import AuditRecord, VerifyResult
-from gateway.core.state import LocationAnchor, LocationMode, SettingsSnapshot, strictest
+from gateway.core.state import (
+    FindMyCarCommand,
+    LocationAnchor,
+    LocationMode,
+    SettingsSnapshot,
+    strictest,
+)
 from gateway.delivery import DeadLetter, DeadLetterKind
 from gateway.policy import VersionConflict, check_new_version
 from gateway.store.base import EgressCount, StoredPolicy, StoredVehicle
 
 # 1: v1 gateway. 2: dead_letters. 3: settings_history.merged (snapshots
-# compacted into one row). 6: location_anchors (a new table; 4 and 5 are
-# numbers other changes claim, and this one needs neither).
+# compacted into one row). 5: find_my_car_commands (contract rule 17).
+# 6: location_anchors (contract rule 13). New tables are created by the
+# schema script on every open; their versions only record the step.
 SCHEMA_VERSION = 6
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
@@ -32,6 +39,7 @@ HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (),  # dead_letters: a new table
     3: ("ALTER TABLE settings_history ADD COLUMN merged INTEGER NOT NULL DEFAULT 0",),
+    5: (),  # find_my_car_commands: a new table
     6: (),  # location_anchors: a new table
 }
 # Tables of data about vehicles; with the audit entries about them, what a
@@ -42,6 +50,7 @@ _VEHICLE_TABLES = (
     "restrictions",
     "egress_counts",
     "location_anchors",
+    "find_my_car_commands",
 )
 T = TypeVar("T")
 _SCHEMA = (
@@ -127,6 +136,15 @@ CREATE TABLE IF NOT EXISTS location_anchors (
     odometer_km  REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dead_letters_expires ON dead_letters (expires_at);
+CREATE TABLE IF NOT EXISTS find_my_car_commands (
+    vin         TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    request_id  TEXT NOT NULL,
+    accepted_at REAL NOT NULL,
+    until       REAL NOT NULL,
+    fixes       INTEGER NOT NULL,
+    PRIMARY KEY (vin, position)
+) WITHOUT ROWID;
 """
     + audit.SCHEMA
 )
@@ -365,6 +383,39 @@ class SqliteConsentStore:
         with self._lock:
             self._db.execute("UPDATE vehicle_settings SET window_until=? WHERE vin=?", (until, vin))
 
+    def save_find_my_car(
+        self, vin: str, commands: tuple[FindMyCarCommand, ...], window_until: float
+    ) -> None:
+        """Replace the car's find-my-car commands (contract rule 17) and its
+        window end, in one transaction."""
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM find_my_car_commands WHERE vin=?", (vin,))
+            db.executemany(
+                "INSERT INTO find_my_car_commands VALUES (?,?,?,?,?,?)",
+                [
+                    (vin, i, c.request_id, c.accepted_at, c.until, c.fixes)
+                    for i, c in enumerate(commands)
+                ],
+            )
+            db.execute(
+                "UPDATE vehicle_settings SET window_until=? WHERE vin=?", (window_until, vin)
+            )
+
+        self._write(tx)
+
+    def find_my_car_commands(self) -> dict[str, tuple[FindMyCarCommand, ...]]:
+        """Every car's find-my-car commands, oldest first (few cars have any)."""
+        found: dict[str, list[FindMyCarCommand]] = {}
+        for vin, request_id, accepted_at, until, fixes in self._read(
+            "SELECT vin, request_id, accepted_at, until, fixes FROM find_my_car_commands"
+            " ORDER BY vin, position"
+        ):
+            found.setdefault(str(vin), []).append(
+                FindMyCarCommand(str(request_id), float(accepted_at), float(until), int(fixes))
+            )
+        return {vin: tuple(commands) for vin, commands in found.items()}
+
     def load_all(self) -> Iterator[StoredVehicle]:
         """Stream every vehicle in batches.
 
@@ -454,6 +505,7 @@ class SqliteConsentStore:
                     "egress_counts",
                     "restrictions",
                     "location_anchors",
+                    "find_my_car_commands",
                 )
             }
             removed["dead_letters"] = db.execute(
