@@ -155,12 +155,17 @@ class Car:
         self.applied: asyncio.Queue[privacy_pb2.PrivacyApplied] = asyncio.Queue()
         self.commands: list[aiomqtt.Message] = []
         self.barriers: asyncio.Queue[int] = asyncio.Queue()
+        # The settings revision the car is under (its last settings sent): a
+        # contract v2 car states it in every header (the causal token).
+        self.revision = 0
 
     def header(self, msg: Message, vin: str | None = None) -> Message:
         header = msg.header  # type: ignore[attr-defined]
         header.vin = vin or self.vin
         header.seq = next(self._seq)
         header.timestamp_ms = 1_700_000_000_000 + header.seq * 1000
+        if vin is None or vin == self.vin:
+            header.settings_revision = self.revision
         return msg
 
     async def send(self, relative: str, msg: Message | bytes, vin: str | None = None) -> None:
@@ -184,6 +189,7 @@ class Car:
         msg.header.vin = self.vin
         for name, on in (features or {}).items():
             msg.features[name] = on
+        self.revision = max(self.revision, revision)
         await self.send("avn/privacy", msg)
         if wait:
             while True:
