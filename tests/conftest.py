@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ VIN = "WVWZZZ1JZXW000001"
 OTHER_VIN = "WVWZZZ1JZXW000002"
 BARRIER_VIN = "WVWZZZ1JZXW999999"  # only ever used to order test steps
 KEY = bytes(range(32))
+CAPTURE_T0_MS = int(time.time() * 1000)
 
 
 @pytest.fixture
@@ -55,7 +57,8 @@ def gateway_config(
             session_expiry_s=0,
             keepalive_s=5,
         ),
-        pipeline=pipeline or PipelineConfig(inflight=256, drain_timeout_s=5),
+        # Tests run in seconds: a clock-skew margin (rule 11) of one second.
+        pipeline=pipeline or PipelineConfig(inflight=256, drain_timeout_s=5, capture_skew_s=1),
     )
 
 
@@ -163,7 +166,8 @@ class Car:
         header = msg.header  # type: ignore[attr-defined]
         header.vin = vin or self.vin
         header.seq = next(self._seq)
-        header.timestamp_ms = 1_700_000_000_000 + header.seq * 1000
+        # Captured now (give or take: a second per message after the first).
+        header.timestamp_ms = CAPTURE_T0_MS + header.seq * 1000
         if vin is None or vin == self.vin:
             header.settings_revision = self.revision
         return msg
