@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.clock import SimulatedClock
 from sim.checker import geopoint_fields, message_class, pseudonym, truncate_ip
 from sim.contract import ACCEPT, PASS, decide_command, decide_message
 from sim.geo import METRES_PER_DEGREE
@@ -35,6 +36,11 @@ from sim.mqtt import ClientFactory, ClientLike, MessageLike, aiomqtt_factory
 from sim.policy import APP_STREAM_PREFIX, DEFAULT_POLICY_PATH, Policy, load_policy
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2
 
+_LOCATION_RANK: dict[int, int] = {
+    common_pb2.LOCATION_APPROXIMATE: 1,
+    common_pb2.LOCATION_PRECISE: 2,
+}
+
 
 @dataclass
 class CarState:
@@ -42,6 +48,9 @@ class CarState:
     window_opened: float | None = None
     cached_position: tuple[int, common_pb2.GeoPoint] | None = None  # (vehicle ts, coarse)
     offset: tuple[float, float] = (0.0, 0.0)  # sticky secret shift, cell fractions [0, 1)
+    history: dict[int, Settings] = field(default_factory=dict)  # applied, by revision
+    # Messages stating a revision not applied yet (rule 12): (revision, stream, message).
+    parked: list[tuple[int, str, Message]] = field(default_factory=list)
 
 
 @dataclass
@@ -119,13 +128,38 @@ class ReferenceGateway:
             self.dropped += 1
             return
         car = self.car(vin)
+        revision = int(decoded.header.settings_revision)  # type: ignore[attr-defined]
+        applied = car.settings.revision if car.settings is not None else 0
+        if revision > applied and not self.policy.is_legal_obligation(stream):
+            car.parked.append((revision, stream, decoded))
+            return
+        await self._decide(vin, stream, decoded, payload, car)
+
+    async def _decide(
+        self, vin: str, stream: str, decoded: Message, payload: bytes, car: CarState
+    ) -> None:
+        assert self._backend is not None
         window = car.window_opened is not None and (
             self.now() - car.window_opened < self.policy.find_my_car_window_s
         )
         if decide_message(self.policy, stream, car.settings, window) != PASS:
             self.dropped += 1
             return
-        out_payload, ref, transforms = self.transform(vin, stream, decoded, payload, car)
+        mode = None
+        revision = int(decoded.header.settings_revision)  # type: ignore[attr-defined]
+        if revision > 0 and not self.policy.is_legal_obligation(stream):
+            # Consent at capture time (rule 11): allowed when captured too, under
+            # the stricter location mode of the two (a revision never seen: refused).
+            captured = car.history.get(revision)
+            if decide_message(self.policy, stream, captured, True) != PASS:
+                self.dropped += 1
+                return
+            assert captured is not None and car.settings is not None
+            modes = (car.settings.location, captured.location)
+            mode = min(modes, key=lambda m: _LOCATION_RANK.get(m, 0))
+            if _LOCATION_RANK.get(mode, 0) == 0:
+                mode = common_pb2.LOCATION_OFF
+        out_payload, ref, transforms = self.transform(vin, stream, decoded, payload, car, mode)
         feature = self.policy.feature_for(stream)
         rule = self.policy.rule_for(stream)
         assert rule is not None
@@ -157,6 +191,7 @@ class ReferenceGateway:
         car.settings = Settings(
             settings.revision, settings.privacy_mode, settings.location, dict(settings.features)
         )
+        car.history[settings.revision] = car.settings
         if settings.privacy_mode or not car.settings.enabled("find_my_car"):
             car.window_opened = None
         applied = privacy_pb2.PrivacyApplied(
@@ -165,15 +200,26 @@ class ReferenceGateway:
         await self._vehicle.publish(
             f"{self.vehicle_prefix}/{vin}/avn/privacy/applied", applied.SerializeToString(), qos=1
         )
+        ready = [p for p in car.parked if p[0] <= settings.revision]
+        car.parked = [p for p in car.parked if p[0] > settings.revision]
+        for _, stream, message in ready:
+            await self._decide(vin, stream, message, message.SerializeToString(), car)
 
     def transform(
-        self, vin: str, stream: str, message: Message, payload: bytes, car: CarState
+        self,
+        vin: str,
+        stream: str,
+        message: Message,
+        payload: bytes,
+        car: CarState,
+        mode: int | None = None,
     ) -> tuple[bytes, str, list[str]]:
         if self.policy.is_legal_obligation(stream):
             return payload, vin, []
         rule = self.policy.rule_for(stream)
         assert rule is not None and car.settings is not None
-        mode = car.settings.location
+        if mode is None:
+            mode = car.settings.location
         transforms: list[str] = []
         ts_ms = int(message.header.timestamp_ms)  # type: ignore[attr-defined]
         for name in geopoint_fields(message):
@@ -280,12 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend-broker", default=None)
     parser.add_argument("--state-dir", type=Path, default=Path(".state-reference"))
     parser.add_argument("--policy", type=Path, default=DEFAULT_POLICY_PATH)
+    parser.add_argument(
+        "--simulated-clock", type=Path, default=None, help="run on the fleet's time mapping"
+    )
     args = parser.parse_args(argv)
     gateway = ReferenceGateway(
         load_policy(args.policy),
         load_or_create_key(args.state_dir),
         args.vehicle_broker,
         args.backend_broker or args.vehicle_broker,
+        now=SimulatedClock(args.simulated_clock) if args.simulated_clock else time.time,
         announce=True,
     )
 
