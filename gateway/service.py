@@ -303,10 +303,15 @@ class GatewayService:
             previous = (vin, snapshot.revision)
             interval = Interval(first, snapshot.revision, snapshot.applied_at, state)
             histories[vin] = append(histories.get(vin), interval, limit)
-        for vin, state in self.states.items():
-            if vin not in histories:  # settings without history rows: from their applied time
-                stored = state
-                histories[vin] = (Interval(stored.revision, stored.revision, 0.0, stored),)
+        if len(histories) < len(self.states):
+            # Settings without history rows (a store filled by other means): known
+            # from the time they were applied.
+            for stored in self.store.load_all():
+                vin = stored.snapshot.vin
+                current = self.states.get(vin)
+                if vin not in histories and current is not None:
+                    since = stored.snapshot.applied_at
+                    histories[vin] = (Interval(current.revision, current.revision, since, current),)
         return histories
 
     def _record_policy(self) -> None:
