@@ -32,7 +32,6 @@ VIN = "WVWZZZ1JZXW000001"
 OTHER_VIN = "WVWZZZ1JZXW000002"
 BARRIER_VIN = "WVWZZZ1JZXW999999"  # only ever used to order test steps
 KEY = bytes(range(32))
-CAPTURE_T0_MS = int(time.time() * 1000)
 
 
 @pytest.fixture
@@ -161,13 +160,15 @@ class Car:
         # The settings revision the car is under (its last settings sent): a
         # contract v2 car states it in every header (the causal token).
         self.revision = 0
+        self._last_ms = 0
 
     def header(self, msg: Message, vin: str | None = None) -> Message:
         header = msg.header  # type: ignore[attr-defined]
         header.vin = vin or self.vin
         header.seq = next(self._seq)
-        # Captured now (give or take: a second per message after the first).
-        header.timestamp_ms = CAPTURE_T0_MS + header.seq * 1000
+        # Captured now (on the clock the gateway runs on), strictly increasing.
+        self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)
+        header.timestamp_ms = self._last_ms
         if vin is None or vin == self.vin:
             header.settings_revision = self.revision
         return msg
