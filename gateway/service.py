@@ -303,15 +303,36 @@ class GatewayService:
             previous = (vin, snapshot.revision)
             interval = Interval(first, snapshot.revision, snapshot.applied_at, state)
             histories[vin] = append(histories.get(vin), interval, limit)
-        if len(histories) < len(self.states):
-            # Settings without history rows (a store filled by other means): known
-            # from the time they were applied.
+        # A latest row that folded in settings over the rate limit holds the
+        # strictest of them under the current revision; the current revision's
+        # own settings are known exactly (applied now): an interval of their own
+        # from when they were applied, the merged one keeps the revisions before.
+        merged_latest = {
+            vin
+            for vin, history in histories.items()
+            if history[-1].first_revision < history[-1].revision
+            and (current := self.states.get(vin)) is not None
+            and history[-1].revision == current.revision
+        }
+        if merged_latest or len(histories) < len(self.states):
             for stored in self.store.load_all():
                 vin = stored.snapshot.vin
                 current = self.states.get(vin)
-                if vin not in histories and current is not None:
-                    since = stored.snapshot.applied_at
-                    histories[vin] = (Interval(current.revision, current.revision, since, current),)
+                if current is None or (vin in histories and vin not in merged_latest):
+                    continue
+                # Settings without history rows (a store filled by other means)
+                # are known from the time they were applied too.
+                exact = Interval(
+                    current.revision, current.revision, stored.snapshot.applied_at, current
+                )
+                older: CaptureHistory = ()
+                if vin in merged_latest:
+                    *before, last = histories[vin]
+                    older = (
+                        *before,
+                        dataclasses.replace(last, revision=current.revision - 1),
+                    )
+                histories[vin] = (*older, exact)
         return histories
 
     def _record_policy(self) -> None:

@@ -8,7 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from gateway.config import PipelineConfig
+from gateway.config import LimitsConfig, PipelineConfig
 from gateway.service import GatewayService
 from gateway.store import SqliteConsentStore
 from gateway.store import sqlite as store_module
@@ -99,6 +99,31 @@ async def test_restriction_period_is_remembered_after_it_is_lifted(
     await car.barrier()
     assert forwarded_seqs(clients) == [seq_of(fresh)]
     assert dropped(service, "restricted") == 1
+
+
+async def test_settings_merged_over_the_rate_limit_keep_the_current_revision_exact(
+    gateways: GatewayHarness, clients: Clients
+) -> None:
+    """Settings over a car's rate are folded into its latest history row (the
+    strictest of them). After a restart, records captured under the current
+    revision still pass; ones captured under a revision folded in with privacy
+    mode do not."""
+    gateways.pipeline = pipeline()
+    gateways.limits = LimitsConfig(settings_per_vehicle=1)
+    service = await gateways.start()
+    car = clients.car
+    await car.settings(1, features=REMOTE)
+    await car.settings(2, features=REMOTE, privacy_mode=True)
+    await car.settings(3, features=REMOTE)
+    await gateways.stop(service)
+    service = await gateways.start()
+    under_privacy = status(clients, revision=2)
+    current = status(clients)  # revision 3
+    await car.send("tbox/status", under_privacy)
+    await car.send("tbox/status", current)
+    await car.barrier()
+    assert forwarded_seqs(clients) == [seq_of(current)]
+    assert dropped(service, "privacy_mode") == 1
 
 
 async def test_captured_before_known_settings_is_dropped(
