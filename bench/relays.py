@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from gateway.core import DecisionContext, Drop, DropReason, Forward, LocationAnchor, VehicleState
+from gateway.core.capture import CaptureHistory
 from gateway.core.decide import Decision, split_vehicle_topic
 
 _PROPERTIES = (
@@ -39,6 +40,7 @@ def passthrough_decide(
     states: Mapping[str, VehicleState],
     anchors: Mapping[str, LocationAnchor],
     now: float,
+    histories: Mapping[str, CaptureHistory] | None = None,
 ) -> Decision:
     parts = split_vehicle_topic(ctx.vehicle_prefix, topic)
     if parts is None:

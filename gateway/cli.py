@@ -35,6 +35,7 @@ from gateway.core import (
     DecisionContext,
     Drop,
     Forward,
+    Hold,
     LocationMode,
     SettingsSnapshot,
     VehicleState,
@@ -966,11 +967,16 @@ _WHY = {
     ),
     "stale_revision": "settings revision not newer than the applied one",
     "vin_in_pseudonymized_payload": "the VIN appears in bytes of a pseudonymized stream",
+    "captured_before_known_settings": (
+        "captured before the oldest settings the gateway knows for this vehicle"
+    ),
+    "settings_pending": "the settings revision it was captured under never arrived in time",
+    "parked_evicted": "parked for its settings revision, pushed out by the byte bounds",
 }
 
 
 def explain_decision(
-    decision: Forward | Drop | ApplySettings,
+    decision: Forward | Drop | ApplySettings | Hold,
     message_cls: Any,
     state: VehicleState | None,
     key_note: str,
@@ -994,6 +1000,15 @@ def explain_decision(
             "stream": decision.stream,
             "vehicle": vehicle,
             "published": "nothing",
+        }
+    if isinstance(decision, Hold):
+        return {
+            "decision": "hold",
+            "why": "captured under a settings revision not applied yet: parked until it is",
+            "revision": decision.revision,
+            "stream": decision.stream,
+            "vehicle": vehicle,
+            "published": "nothing (yet)",
         }
     if isinstance(decision, ApplySettings):
         return {

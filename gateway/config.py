@@ -255,6 +255,29 @@ class PipelineConfig(_Strict):
         True,
         description="legal-obligation streams on their own connections, window and retries",
     )
+    capture_skew_s: float = Field(
+        180.0,
+        ge=0,
+        le=86400,
+        description="clock skew allowed between a car's capture timestamp and the gateway:"
+        " the strictest settings within this margin of it apply (contract rule 11)",
+    )
+    hold_max_s: float = Field(
+        3600.0,
+        ge=0,
+        description="how long a message stating a settings revision not applied yet is"
+        " parked before it is dropped as settings_pending (rule 12); 0: not parked",
+    )
+    parked_bytes_per_vehicle: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="payload bytes parked per vehicle; beyond, its oldest are dropped",
+    )
+    parked_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=64 * 1024,
+        description="payload bytes parked for all vehicles; beyond, the oldest are dropped",
+    )
 
 
 class LimitsConfig(_Strict):
@@ -269,6 +292,13 @@ class LimitsConfig(_Strict):
     settings_window_s: float = Field(60.0, gt=0)
     history_per_vehicle: int = Field(
         1000, ge=2, description="history rows per vehicle before the oldest are merged"
+    )
+    capture_intervals_per_vehicle: int = Field(
+        32,
+        ge=2,
+        le=10_000,
+        description="settings intervals per vehicle held in memory for the capture-time"
+        " check; beyond, the oldest are merged into the strictest combination",
     )
     new_vehicles_per_s: float = Field(
         50.0, gt=0, description="first settings of unknown VINs accepted per second (fleet)"

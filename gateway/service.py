@@ -28,7 +28,9 @@ from gateway.core import (
     ApplySettings,
     DecisionContext,
     Drop,
+    DropReason,
     Forward,
+    Hold,
     LocationAnchor,
     VehicleState,
     decide,
@@ -38,6 +40,8 @@ from gateway.core import (
     state_from_snapshot,
     with_find_my_car,
 )
+from gateway.core.capture import CaptureHistory, Interval, append
+from gateway.core.decide import split_vehicle_topic
 from gateway.core.state import is_valid_vin
 from gateway.core.transforms import pseudonym
 from gateway.delivery import (
@@ -53,7 +57,8 @@ from gateway.edges.mqtt import InboundMessage, MqttEdge, PublishRefused
 from gateway.logs import Throttle
 from gateway.metrics import GatewayMetrics
 from gateway.policy import CompiledPolicy, parse_policy, version_key
-from gateway.store import ConsentStore, StoredPolicy
+from gateway.store import ConsentStore, ParkedMessage, StoredPolicy
+from gateway.store.sqlite import RESTRICTION_SOURCES
 from telematics.v1.privacy_pb2 import ErasureEvent
 
 log = logging.getLogger("gateway.service")
@@ -204,10 +209,13 @@ class GatewayService:
             key=key,
             vehicle_prefix=config.vehicle_broker.topic_prefix,
             backend_prefix=config.backend_broker.topic_prefix,
+            capture_skew_s=config.pipeline.capture_skew_s,
         )
         self.states: dict[str, VehicleState] = {}
         # Per vehicle, across units and streams (contract rule 13); durable.
         self.anchors: dict[str, LocationAnchor] = {}
+        # Per car, the settings intervals applied (consent at capture time).
+        self.histories: dict[str, CaptureHistory] = {}
         self._clock = clock
         self._queue: asyncio.Queue[InboundMessage | ControlOp | None] = asyncio.Queue()
         self.restricted: set[str] = set()
@@ -217,6 +225,14 @@ class GatewayService:
             lambda anchors: self._persist(self.store.save_anchors, anchors),
         )
         self._seal = DeadLetterSeal(key)
+        # Parked messages (held for a settings revision not applied yet).
+        self._park_seal = DeadLetterSeal(key, b"parked-seal")
+        self._parked_subjects: set[str] = set()  # cars that may have parked messages
+        self._releasing: set[int] = set()  # parked ids released and not final yet
+        self._parked_count = 0
+        self._parked_bytes = 0
+        self.metrics.parked_messages.set_function(lambda: float(self._parked_count))
+        self.metrics.parked_bytes.set_function(lambda: float(self._parked_bytes))
         # The eCall lane subscribes to the streams of the policy it starts with.
         self._legal_streams = policy.legal_obligation_streams
         self._ecall_lane = config.pipeline.ecall_lane and bool(self._legal_streams)
@@ -272,8 +288,63 @@ class GatewayService:
             states[vin] = state
         self.states = states
         self.anchors = dict(self.store.load_anchors())
+        self.histories = self._load_histories()
         self.metrics.vehicles.set(len(self.states))
+        count, size, subjects = self.store.parked_stats()
+        self._parked_count, self._parked_bytes, self._parked_subjects = count, size, subjects
         return len(self.states)
+
+    def _load_histories(self) -> dict[str, CaptureHistory]:
+        """The capture-time intervals of every car, from the settings history
+        (restriction periods included), compacted to the in-memory bound."""
+        policy, limit = self.ctx.policy, self.config.limits.capture_intervals_per_vehicle
+        histories: dict[str, CaptureHistory] = {}
+        previous: tuple[str, int] = ("", 0)  # (vin, revision) of the row before
+        for row in self.store.capture_history():
+            snapshot = row.snapshot
+            vin = snapshot.vin
+            state = state_from_snapshot(policy, snapshot)
+            if row.merged == 0 and snapshot.source == RESTRICTION_SOURCES[0]:
+                state = dataclasses.replace(state, restricted=True)
+            first = snapshot.revision
+            if row.merged:
+                # The revisions folded into it are not stored: every one after
+                # the row before (inclusive: that one may be split by a restriction).
+                first = previous[1] if previous[0] == vin else 0
+            previous = (vin, snapshot.revision)
+            interval = Interval(first, snapshot.revision, snapshot.applied_at, state)
+            histories[vin] = append(histories.get(vin), interval, limit)
+        # A latest row that folded in settings over the rate limit holds the
+        # strictest of them under the current revision; the current revision's
+        # own settings are known exactly (applied now): an interval of their own
+        # from when they were applied, the merged one keeps the revisions before.
+        merged_latest = {
+            vin
+            for vin, history in histories.items()
+            if history[-1].first_revision < history[-1].revision
+            and (current := self.states.get(vin)) is not None
+            and history[-1].revision == current.revision
+        }
+        if merged_latest or len(histories) < len(self.states):
+            for stored in self.store.load_all():
+                vin = stored.snapshot.vin
+                current = self.states.get(vin)
+                if current is None or (vin in histories and vin not in merged_latest):
+                    continue
+                # Settings without history rows (a store filled by other means)
+                # are known from the time they were applied too.
+                exact = Interval(
+                    current.revision, current.revision, stored.snapshot.applied_at, current
+                )
+                older: CaptureHistory = ()
+                if vin in merged_latest:
+                    *before, last = histories[vin]
+                    older = (
+                        *before,
+                        dataclasses.replace(last, revision=current.revision - 1),
+                    )
+                histories[vin] = (*older, exact)
+        return histories
 
     def _record_policy(self) -> None:
         """Run the last accepted policy; on a first start, store the configured one.
@@ -383,7 +454,10 @@ class GatewayService:
             asyncio.create_task(self._announce_ready(), name="ready"),
             asyncio.create_task(self.accounting.run(), name="egress-counts"),
             asyncio.create_task(self._purge_dead_letters_periodically(), name="dead-letters"),
+            asyncio.create_task(self._expire_parked_periodically(), name="parked-expiry"),
         ]
+        if self._parked_count:
+            self.spawn(self.run_control(self._release_applied_parked))
 
     @property
     def edges(self) -> list[MqttEdge]:
@@ -618,7 +692,13 @@ class GatewayService:
     ) -> None:
         started = time.perf_counter()
         decision = decide(
-            self.ctx, msg.topic, msg.payload, self.states, self.anchors, self._clock()
+            self.ctx,
+            msg.topic,
+            msg.payload,
+            self.states,
+            self.anchors,
+            self._clock(),
+            histories=self.histories,
         )
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         if isinstance(decision, Forward):
@@ -676,6 +756,11 @@ class GatewayService:
                 )
             else:
                 slot.settle()
+        elif isinstance(decision, Hold):
+            if isinstance(slot, _ParkedSlot):  # released too early: stays parked
+                slot.keep()
+                return
+            await self._park(decision, msg, slot)
         elif isinstance(decision, ApplySettings):
             vin, now = decision.snapshot.vin, self._clock()
             if vin not in self.states and not self._new_vehicles.allow(now):
@@ -721,6 +806,7 @@ class GatewayService:
         if snapshot.vin in self.restricted and not state.restricted:
             state = dataclasses.replace(state, restricted=True)
         self.states[snapshot.vin] = state
+        self._add_interval(snapshot.vin, snapshot.revision, snapshot.applied_at, state)
         self.metrics.settings_applied.inc()
         self.metrics.vehicles.set(len(self.states))
         log.info(
@@ -747,6 +833,137 @@ class GatewayService:
                 slot.expires_at,
             ),
         )
+        await self._release_parked(snapshot.vin, snapshot.revision)
+
+    def _add_interval(self, vin: str, revision: int, since: float, state: VehicleState) -> None:
+        self.histories[vin] = append(
+            self.histories.get(vin),
+            Interval(revision, revision, since, state),
+            self.config.limits.capture_intervals_per_vehicle,
+        )
+
+    # ------------------------------------------------------------ parked messages
+
+    async def _park(self, decision: Hold, msg: InboundMessage, slot: Settleable) -> None:
+        """Keep a message stating a revision not applied yet (contract rule 12):
+        sealed in the store, acknowledged once durable (never in the ack window
+        waiting for settings), released when that revision is applied."""
+        now = self._clock()
+        hold_max = self.config.pipeline.hold_max_s
+        if hold_max <= 0:
+            self.metrics.inc(self.metrics.dropped, decision.stream, "settings_pending")
+            slot.settle()
+            return
+        subject = self.audit_subject(decision.vin)
+        expires_at = now + hold_max
+        if slot.expires_at is not None:  # a re-driven dead letter keeps its expiry
+            expires_at = min(expires_at, slot.expires_at)
+        row = ParkedMessage(
+            subject=subject,
+            revision=decision.revision,
+            parked_at=now,
+            expires_at=expires_at,
+            stream=decision.stream,
+            size=len(msg.payload),
+            sealed=self._park_seal.seal(msg.topic, msg.payload, subject),
+        )
+        pipeline = self.config.pipeline
+        result = await self._persist(
+            self.store.park, row, pipeline.parked_bytes_per_vehicle, pipeline.parked_bytes
+        )
+        self.metrics.inc(self.metrics.parked, decision.stream)
+        self._parked_subjects.add(subject)
+        self._parked_count += 1
+        self._parked_bytes += row.size
+        for _, stream, size in result.evicted:
+            self._parked_count -= 1
+            self._parked_bytes -= size
+            self._refuse(DropReason.PARKED_EVICTED.value, stream, now)
+        slot.settle()
+
+    async def _release_parked(self, vin: str, revision: int) -> None:
+        """Decide again, in order, a car's messages parked for `revision` or
+        older, now that it is applied (in the decision loop, like any message)."""
+        subject = self.audit_subject(vin)
+        if subject not in self._parked_subjects:
+            return
+        rows = await self._persist(self.store.parked, subject)
+        ready = [r for r in rows if r.revision <= revision]
+        if len(ready) == len(rows):
+            self._parked_subjects.discard(subject)
+        await self._release(ready)
+
+    async def _release(self, rows: list[ParkedMessage]) -> None:
+        now = self._clock()
+        for row in rows:
+            if row.id in self._releasing:
+                continue
+            self._releasing.add(row.id)
+            slot = _ParkedSlot(self, row)
+            if row.expires_at <= now:
+                self.metrics.inc(self.metrics.dropped, row.stream, "settings_pending")
+                slot.settle()
+                continue
+            try:
+                topic, payload = self._park_seal.open(row.sealed, row.subject)
+            except ValueError:
+                log.error("parked message %d does not open with the current key", row.id)
+                self.metrics.internal_errors.inc()
+                slot.settle()
+                continue
+            msg = InboundMessage("parked", topic, payload, 1, 0, 0)
+            try:
+                await self._handle_vehicle_message(msg, slot)
+            except Exception:
+                log.exception("internal error deciding a parked message")
+                self.metrics.internal_errors.inc()
+                slot.settle()
+
+    async def _release_applied_parked(self) -> None:
+        """After a start: parked messages whose revision was applied before a
+        crash could release them."""
+        rows = await self._persist_once(self.store.parked)
+        ready: list[ParkedMessage] = []
+        for row in rows:
+            try:
+                topic, _ = self._park_seal.open(row.sealed, row.subject)
+            except ValueError:
+                continue  # left to expire
+            parts = split_vehicle_topic(self.ctx.vehicle_prefix, topic)
+            state = self.states.get(parts[0]) if parts is not None else None
+            if state is not None and row.revision <= state.revision:
+                ready.append(row)
+        await self._release(ready)
+
+    async def _expire_parked_periodically(self) -> None:
+        """Parked messages whose revision did not arrive in time are dropped
+        (`settings_pending`), between two decisions."""
+        interval = min(60.0, max(0.05, self.config.pipeline.hold_max_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_control(self._expire_parked)
+            except Exception as exc:
+                log.error("expiring parked messages failed: %s", exc)
+
+    async def _expire_parked(self) -> int:
+        expired = [
+            e
+            for e in await self._persist_once(self.store.expired_parked, self._clock())
+            if e[0] not in self._releasing
+        ]
+        if not expired:
+            return 0
+        deleted = await self._persist_once(self.store.delete_parked, [e[0] for e in expired])
+        for _, stream, size in expired:
+            self.metrics.inc(self.metrics.dropped, stream, "settings_pending")
+            self._parked_bytes -= size
+        self._parked_count -= len(expired)
+        if deleted != len(expired):  # erased meanwhile: count again
+            count, size, _ = await self._persist_once(self.store.parked_stats)
+            self._parked_count, self._parked_bytes = count, size
+        log.info("dropped %d parked message(s) whose settings never arrived", len(expired))
+        return len(expired)
 
     async def _handle_command(self, msg: InboundMessage, slot: Settleable) -> None:
         decision = decide_command(self.ctx, msg.topic, msg.payload, self.states, self._clock())
@@ -923,6 +1140,8 @@ class GatewayService:
             state = self.states.get(vin)
             if state is not None:
                 self.states[vin] = dataclasses.replace(state, restricted=restricted)
+                if changed:  # a restriction period is part of what was allowed when
+                    self._add_interval(vin, state.revision, record.at, self.states[vin])
             return bool(changed)
 
         return await self.run_control(run)
@@ -949,6 +1168,11 @@ class GatewayService:
             removed = await self._persist_once(self.store.erase_vehicle, vin, subject, record)
             self.states.pop(vin, None)
             self.anchors.pop(vin, None)
+            self.histories.pop(vin, None)
+            if removed.get("parked"):
+                count, size, subjects = await self._persist_once(self.store.parked_stats)
+                self._parked_count, self._parked_bytes = count, size
+                self._parked_subjects = subjects
             self.restricted.discard(vin)
             self.accounting.forget(vin)
             self._erased[vin] = now
@@ -1307,6 +1531,46 @@ class GatewayService:
 
 def _digest(msg: InboundMessage) -> bytes:
     return hashlib.blake2b(msg.topic.encode() + b"\x00" + msg.payload, digest_size=16).digest()
+
+
+class _ParkedSlot:
+    """Stands in for an ack-window slot when a parked message is released (it
+    was acknowledged when parked): its final outcome removes the stored row."""
+
+    __slots__ = ("done", "expires_at", "row", "service")
+
+    def __init__(self, service: GatewayService, row: ParkedMessage) -> None:
+        self.service = service
+        self.row = row
+        self.expires_at: float | None = None  # a dead letter gets the stream's retention
+        self.done = False
+
+    def settle(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.service.spawn(self._remove())
+
+    def keep(self) -> None:
+        """Still waiting for its revision: stays parked."""
+        self.done = True
+        self.service._releasing.discard(self.row.id)
+
+    async def _remove(self) -> None:
+        service = self.service
+        try:
+            deleted = await service._persist(service.store.delete_parked, [self.row.id])
+            if deleted:
+                service._parked_count -= 1
+                service._parked_bytes -= self.row.size
+        finally:
+            service._releasing.discard(self.row.id)
+
+    def settle_with(self, outcome: Outcome) -> None:
+        self.settle()
+
+    def release_budget(self) -> None:
+        pass  # a released message holds no ingress budget
 
 
 class _RedriveSlot:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -806,12 +807,48 @@ class Checker:
             decide_message(self.policy, pub.stream, settings, window)
             for settings in self._settings_candidates(pub.record)
         }
-        decision = decisions.pop() if len(decisions) == 1 else AMBIGUOUS
-        if rule is not None and rule.requires_window and decision in (PASS, AMBIGUOUS):
+        arrival = decisions.pop() if len(decisions) == 1 else AMBIGUOUS
+        if rule is not None and rule.requires_window and arrival in (PASS, AMBIGUOUS):
             answer = self._answer_state(pub)
-            if answer is not None and (decision == PASS or answer != AMBIGUOUS):
-                decision = answer
-        return decision
+            if answer is not None and (arrival == PASS or answer != AMBIGUOUS):
+                arrival = answer
+        if self.policy.is_legal_obligation(pub.stream):
+            return arrival
+        return self._capture_decision(pub, arrival)
+
+    def _capture_decision(self, pub: Published, arrival: str) -> str:
+        """Consent at capture time and the causal token (contract rules 11, 12):
+        a message passes only if the settings it states it was captured under
+        allowed it too; one stating a revision the gateway had not applied when
+        it arrived is parked until that revision is applied (or dropped as
+        `settings_pending` if it never is)."""
+        record = pub.record
+        revision = int(record.get("capture_rev") or 0)
+        if revision <= 0:
+            return arrival
+        vin = str(record["vin"])
+        captured = self.settings.get(vin, {}).get(revision)
+        applied = record.get("applied_rev")
+        if applied is None or revision > int(applied):
+            if not any(s.revision >= revision for _, s in self.settings_applied_wall[vin]):
+                return "settings_pending"
+            # Released when its revision was applied: decided then, under settings
+            # of that moment; whether it was released before the gateway's maximum
+            # wait is not known here.
+            at_capture = decide_message(self.policy, pub.stream, captured, True)
+            return at_capture if at_capture not in (PASS, AMBIGUOUS) else AMBIGUOUS
+        if captured is None:
+            return arrival
+        at_capture = decide_message(self.policy, pub.stream, captured, True)
+        if at_capture not in (PASS, AMBIGUOUS) and arrival in (PASS, AMBIGUOUS):
+            return at_capture
+        return arrival
+
+    def _captured_under(self, pub: Published) -> Settings | None:
+        revision = int(pub.record.get("capture_rev") or 0)
+        if revision <= 0:
+            return None
+        return self.settings.get(str(pub.record["vin"]), {}).get(revision)
 
     def _candidates_allowing(self, pub: Published) -> list[Settings | None]:
         """Settings under which this message may be forwarded (to judge its transforms)."""
@@ -821,7 +858,16 @@ class Checker:
             for s in candidates
             if decide_message(self.policy, pub.stream, s, True) in (PASS, AMBIGUOUS)
         ]
-        return allowing or candidates
+        captured = self._captured_under(pub)
+        if captured is None or self.policy.is_legal_obligation(pub.stream):
+            return allowing or candidates
+        # The stricter location mode of capture and arrival applies.
+        return [
+            s
+            if s is None
+            else dataclasses.replace(s, location=_stricter(s.location, captured.location))
+            for s in (allowing or candidates)
+        ]
 
     # --- transforms ---------------------------------------------------------------
     def _check_forwarded(
@@ -1026,9 +1072,13 @@ class Checker:
             )
         candidates = [Point(want.latitude, want.longitude)]
         if action == "position":
-            # The anchor: refreshed at most an interval (gateway clock) before.
+            refresh_ms = self._refresh_sim_ms()
+            # The anchor: refreshed at most an interval (gateway clock) before. A
+            # record uploaded late may meet a coarse value refreshed after it was
+            # captured (the refresh interval runs on arrival).
+            later_ms = refresh_ms if pub.record.get("uploaded_late") else 0
             candidates.extend(
-                self._positions_between(pub.vin, pub.ts_ms - self._refresh_sim_ms(), pub.ts_ms)
+                self._positions_between(pub.vin, pub.ts_ms - refresh_ms, pub.ts_ms + later_ms)
             )
         elif action != "destination":
             # Where the car was: the anchor that held before, however old.
@@ -1428,6 +1478,20 @@ def _within_cell(got: Any, truth: Point, cell_size_m: float) -> bool:
     )
 
 
+_LOCATION_ORDER: dict[int, int] = {
+    common_pb2.LOCATION_APPROXIMATE: 1,
+    common_pb2.LOCATION_PRECISE: 2,
+}
+
+
+def _stricter(a: int, b: int) -> int:
+    """The stricter of two location modes (anything but approximate/precise is off)."""
+    rank_a, rank_b = _LOCATION_ORDER.get(a, 0), _LOCATION_ORDER.get(b, 0)
+    if min(rank_a, rank_b) == 0:
+        return common_pb2.LOCATION_OFF
+    return a if rank_a <= rank_b else b
+
+
 def _mode_name(mode: int) -> str:
     return {0: "UNSPECIFIED", 1: "OFF", 2: "APPROXIMATE", 3: "PRECISE"}.get(mode, str(mode))
 
@@ -1440,6 +1504,7 @@ def _leak_rule(decision: str) -> str:
         "location_off": "location_stream_under_location_off",
         "outside_window": "location_outside_find_my_car_window",
         "unanswered": "location_answering_no_find_my_car_command",
+        "settings_pending": "forwarded_before_its_settings_revision",
         PURPOSE_MALFORMED: "malformed_payload_forwarded",
         PURPOSE_SPOOFED: "spoofed_vin_forwarded",
     }.get(decision, f"forwarded_{decision}")
@@ -1479,6 +1544,7 @@ DROP_LABELS = {
     "outside_window": "outside a find-my-car window",
     "unanswered": "answers no find-my-car command",
     "rate_limited": "find-my-car over the hourly cap",
+    "settings_pending": "captured under settings that never arrived",
     PURPOSE_MALFORMED: "malformed message",
     PURPOSE_SPOOFED: "VIN does not match the car",
     "unknown_stream": "not a stream of the policy",

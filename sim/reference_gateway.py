@@ -36,6 +36,11 @@ from sim.mqtt import ClientFactory, ClientLike, MessageLike, aiomqtt_factory
 from sim.policy import APP_STREAM_PREFIX, DEFAULT_POLICY_PATH, Policy, load_policy
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2
 
+_LOCATION_RANK: dict[int, int] = {
+    common_pb2.LOCATION_APPROXIMATE: 1,
+    common_pb2.LOCATION_PRECISE: 2,
+}
+
 
 @dataclass
 class CarState:
@@ -46,6 +51,9 @@ class CarState:
     # Accepted find_my_car commands of the last hour: [request_id, accepted, until, fixes].
     fmc_commands: list[list[Any]] = field(default_factory=list)
     offset: tuple[float, float] = (0.0, 0.0)  # sticky secret shift, cell fractions [0, 1)
+    history: dict[int, Settings] = field(default_factory=dict)  # applied, by revision
+    # Messages stating a revision not applied yet (rule 12): (revision, stream, message).
+    parked: list[tuple[int, str, Message]] = field(default_factory=list)
 
 
 @dataclass
@@ -123,16 +131,41 @@ class ReferenceGateway:
             self.dropped += 1
             return
         car = self.car(vin)
+        revision = int(decoded.header.settings_revision)  # type: ignore[attr-defined]
+        applied = car.settings.revision if car.settings is not None else 0
+        if revision > applied and not self.policy.is_legal_obligation(stream):
+            car.parked.append((revision, stream, decoded))
+            return
+        await self._decide(vin, stream, decoded, payload, car)
+
+    async def _decide(
+        self, vin: str, stream: str, decoded: Message, payload: bytes, car: CarState
+    ) -> None:
+        assert self._backend is not None
         now = self.now()
         window = any(now < c[2] for c in car.fmc_commands)
         if decide_message(self.policy, stream, car.settings, window) != PASS:
             self.dropped += 1
             return
+        mode = None
+        revision = int(decoded.header.settings_revision)  # type: ignore[attr-defined]
+        if revision > 0 and not self.policy.is_legal_obligation(stream):
+            # Consent at capture time (rule 11): allowed when captured too, under
+            # the stricter location mode of the two (a revision never seen: refused).
+            captured = car.history.get(revision)
+            if decide_message(self.policy, stream, captured, True) != PASS:
+                self.dropped += 1
+                return
+            assert captured is not None and car.settings is not None
+            modes = (car.settings.location, captured.location)
+            mode = min(modes, key=lambda m: _LOCATION_RANK.get(m, 0))
+            if _LOCATION_RANK.get(mode, 0) == 0:
+                mode = common_pb2.LOCATION_OFF
         rule = self.policy.rule_for(stream)
         if rule is not None and rule.requires_window and not self._answer(car, decoded, now):
             self.dropped += 1
             return
-        out_payload, ref, transforms = self.transform(vin, stream, decoded, payload, car)
+        out_payload, ref, transforms = self.transform(vin, stream, decoded, payload, car, mode)
         feature = self.policy.feature_for(stream)
         rule = self.policy.rule_for(stream)
         assert rule is not None
@@ -181,6 +214,7 @@ class ReferenceGateway:
         car.settings = Settings(
             settings.revision, settings.privacy_mode, settings.location, dict(settings.features)
         )
+        car.history[settings.revision] = car.settings
         if settings.privacy_mode or not car.settings.enabled("find_my_car"):
             car.window_opened = None
             for command in car.fmc_commands:  # windows close; the cap still counts them
@@ -191,15 +225,26 @@ class ReferenceGateway:
         await self._vehicle.publish(
             f"{self.vehicle_prefix}/{vin}/avn/privacy/applied", applied.SerializeToString(), qos=1
         )
+        ready = [p for p in car.parked if p[0] <= settings.revision]
+        car.parked = [p for p in car.parked if p[0] > settings.revision]
+        for _, stream, message in ready:
+            await self._decide(vin, stream, message, message.SerializeToString(), car)
 
     def transform(
-        self, vin: str, stream: str, message: Message, payload: bytes, car: CarState
+        self,
+        vin: str,
+        stream: str,
+        message: Message,
+        payload: bytes,
+        car: CarState,
+        mode: int | None = None,
     ) -> tuple[bytes, str, list[str]]:
         if self.policy.is_legal_obligation(stream):
             return payload, vin, []
         rule = self.policy.rule_for(stream)
         assert rule is not None and car.settings is not None
-        mode = car.settings.location
+        if mode is None:
+            mode = car.settings.location
         transforms: list[str] = []
         approximate = mode == common_pb2.LOCATION_APPROXIMATE
         present: list[tuple[str, str]] = []  # (field, action) of valid points

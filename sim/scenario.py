@@ -868,6 +868,55 @@ def _guaranteed_ecalls(
     )
 
 
+TUNNEL_CHANCE = 0.3  # drives of 10 minutes or more with a stretch without coverage
+GARAGE_CHANCE = 0.15  # stays of two hours or more in an underground car park
+UPLOAD_DELAY_MS = 5_000  # coverage is back: the buffer goes out this long after
+
+
+def _store_and_forward(
+    rng: random.Random, vehicle: VehicleScenario, events: list[ScenarioEvent], end_ms: int
+) -> None:
+    """Coverage gaps: what a car captures in a tunnel or an underground car park
+    is buffered and uploaded when coverage returns, in capture order, with its
+    capture timestamp and the settings revision it was captured under (contract
+    rules 11, 12). Settings changes made meanwhile are sent at once (the AVN has
+    its own connection): a buffered record may reach the gateway after the
+    settings it was captured under have changed, either way. eCall is never
+    buffered (it has its own lane and priority); answers to the backend
+    (find-my-car) neither. A separate random stream: the rest of the scenario
+    is the same with or without gaps."""
+    gaps: list[tuple[int, int, frozenset[str]]] = []
+    for activity in vehicle.activities:
+        if isinstance(activity, Drive):
+            start, end = activity.start_ms, activity.end_ms
+            if end - start >= 10 * MINUTE_MS and rng.random() < TUNNEL_CHANCE:
+                a = rng.randint(start + 2 * MINUTE_MS, end - 5 * MINUTE_MS)
+                gaps.append((a, min(end, a + rng.randint(2, 6) * MINUTE_MS), frozenset()))
+        elif (
+            activity.end_ms - activity.start_ms >= 2 * HOUR_MS
+            and rng.random() < GARAGE_CHANCE
+        ):
+            # Parked underground: the TBOX's uploads wait for the way out.
+            gaps.append((activity.start_ms, activity.end_ms, frozenset({"tbox"})))
+    if not gaps:
+        return
+    for event in events:
+        if (
+            not isinstance(event, PublishEvent)
+            or event.purpose != PURPOSE_TELEMETRY
+            or event.stream == "tbox/ecall"
+        ):
+            continue
+        for a, b, units in gaps:
+            if b + UPLOAD_DELAY_MS + (b - a) // 1000 >= end_ms:
+                continue  # coverage returns after the run: sent live instead
+            if a <= event.t_ms < b and (not units or event.unit in units):
+                event.captured_ms = event.t_ms
+                # Uploaded in capture order once coverage is back.
+                event.t_ms = b + UPLOAD_DELAY_MS + (event.t_ms - a) // 1000
+                break
+
+
 def build_scenario(
     seed: int, vehicle_count: int, duration_s: float, sim_start_ms: int = DEFAULT_SIM_START_MS
 ) -> Scenario:
@@ -890,6 +939,9 @@ def build_scenario(
             else:
                 builder.stay_events(activity)
         builder.stray_locations()
+        _store_and_forward(
+            random.Random(f"buffer:{seed}:{index}"), vehicle, builder.events, end_ms
+        )
         vehicle.events = builder.events
         vehicles.append(vehicle)
     _injections(fleet_rng, vehicles, sim_start_ms, end_ms)
@@ -919,4 +971,8 @@ def event_fingerprint(event: ScenarioEvent) -> str:
             else b""
         )
     )
-    return f"{event.t_ms} pub {event.stream} {event.purpose} {event.header_vin} {payload.hex()}"
+    captured = f" captured {event.captured_ms}" if event.captured_ms is not None else ""
+    return (
+        f"{event.t_ms} pub {event.stream} {event.purpose} {event.header_vin} {payload.hex()}"
+        + captured
+    )

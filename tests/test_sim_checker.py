@@ -533,3 +533,78 @@ def test_refresh_sooner_than_the_interval_is_a_leak(clean_run: Run) -> None:
         (LEAK, "approximate_refresh_too_soon"),
         (LEAK, "odometer_moves_between_refreshes"),
     }
+
+
+# --- consent at capture time and the causal token (contract rules 11, 12) ----------
+
+
+def with_capture(run: Run, pub: Published, revision: int, settings: Settings | None) -> Run:
+    """The run's ground truth, claiming `pub` was captured under `revision`
+    (with `settings`, applied, when given)."""
+    truth = copy.deepcopy(run.truth)
+    for record in truth:
+        if record["type"] == "publish" and record["seq"] == pub.record["seq"] and (
+            record["vin"] == pub.vin and record["stream"] == pub.stream
+        ):
+            record["capture_rev"] = revision
+            record["uploaded_late"] = True
+    if settings is not None:
+        truth.append(
+            {
+                "type": "settings",
+                "vin": pub.vin,
+                "ts_ms": pub.ts_ms,
+                "seq": 0,
+                "settings": settings.to_json(),
+                "wall_sent": pub.record["wall_start"],
+                "applied": True,
+                "wall_applied": pub.record["wall_start"],
+            }
+        )
+    return Run(truth, run.recording, run.policy, run.key)
+
+
+def test_clean_run_has_late_uploads_judged_at_capture(clean_run: Run) -> None:
+    late = [r for r in clean_run.truth if r["type"] == "publish" and r.get("uploaded_late")]
+    assert late, "the scenario has store-and-forward uploads"
+    assert all("capture_rev" in r for r in late)
+    assert check(clean_run).issues == []
+
+
+def test_forward_captured_in_privacy_mode_is_a_leak(clean_run: Run) -> None:
+    pub, _ = find_delivered(clean_run, "tbox/status")
+    revision = 10**6
+    forged = with_capture(
+        clean_run, pub, revision, Settings(revision, True, common_pb2.LOCATION_PRECISE, {})
+    )
+    assert (LEAK, "forwarded_in_privacy_mode") in rules(check(forged))
+
+
+def test_forward_before_its_revision_was_applied_is_a_leak(clean_run: Run) -> None:
+    pub, _ = find_delivered(clean_run, "tbox/status")
+    forged = with_capture(clean_run, pub, 10**6, None)  # a revision that never arrived
+    assert (LEAK, "forwarded_before_its_settings_revision") in rules(check(forged))
+
+
+def test_message_whose_revision_never_arrived_is_not_a_loss(clean_run: Run) -> None:
+    pub, position = find_delivered(clean_run, "tbox/status")
+    forged = with_capture(clean_run, pub, 10**6, None)
+    recording = [r for n, r in enumerate(clean_run.recording) if n != position]
+    result = check(forged, recording)
+    assert result.losses == 0 and result.leaks == 0, result.issues
+    assert result.tallies["tbox/status"].dropped["settings_pending"] == 1
+
+
+def test_location_under_a_stricter_capture_mode_is_a_leak(clean_run: Run) -> None:
+    pub, _ = find_delivered(
+        clean_run,
+        "tbox/status",
+        lambda p, s: s is not None
+        and s.location == common_pb2.LOCATION_PRECISE
+        and p.message is not None
+        and p.message.HasField("position"),
+    )
+    revision = 10**6
+    captured = Settings(revision, False, common_pb2.LOCATION_OFF, {"remote_control": True})
+    forged = with_capture(clean_run, pub, revision, captured)
+    assert (LEAK, "geopoint_under_location_off") in rules(check(forged))

@@ -301,3 +301,48 @@ def test_state_dir_of_the_previous_release_opens(tmp_path: Path) -> None:
         assert dict(reopened.load_anchors()) == {VIN: LocationAnchor(1.0, 48.1, 11.5)}
     finally:
         reopened.close()
+
+
+def test_restriction_periods_are_history_rows_of_their_own(store: SqliteConsentStore) -> None:
+    """Set and lifted, a restriction is two settings_history rows (what the
+    capture-time check needs), not part of the car's settings history."""
+    store.apply_settings(snap(1))
+    store.set_restriction(VIN, True, AuditRecord("dpo", "restriction_set", "s", {}, 10.0))
+    store.set_restriction(VIN, False, AuditRecord("dpo", "restriction_lifted", "s", {}, 20.0))
+    assert [s.revision for s in store.history(VIN)] == [1]
+    rows = [r for r in store.capture_history() if r.snapshot.vin == VIN]
+    assert [(r.snapshot.source, r.snapshot.privacy_mode, r.snapshot.applied_at) for r in rows][
+        1:
+    ] == [("restriction", True, 10.0), ("restriction_lifted", False, 20.0)]
+    # A restriction is never folded into by a car over its settings rate.
+    store.set_restriction(VIN, True, AuditRecord("dpo", "restriction_set", "s", {}, 30.0))
+    store.apply_settings(snap(2), merge=True)
+    rows = [r for r in store.capture_history() if r.snapshot.vin == VIN]
+    assert [(r.snapshot.source, r.snapshot.revision) for r in rows][-2:] == [
+        ("restriction", 1),
+        ("vehicle", 2),
+    ]
+
+
+def test_parked_messages_are_bounded_oldest_first_and_erased_with_the_car(
+    store: SqliteConsentStore,
+) -> None:
+    from gateway.store import ParkedMessage
+
+    def park(subject: str, size: int, per_subject: int = 250, total: int = 10_000) -> list[int]:
+        row = ParkedMessage(subject, 2, 1.0, 100.0, "tbox/status", size, b"x" * size)
+        return [e[0] for e in store.park(row, per_subject, total).evicted]
+
+    assert park("a", 100) == []
+    assert park("a", 100) == []
+    assert park("b", 100) == []
+    assert park("a", 100) == [1]  # car a over 250 bytes: its oldest goes
+    assert [p.id for p in store.parked("a")] == [2, 4]
+    assert park("c", 100, total=350) == [2]  # all cars over 350: the oldest of all goes
+    assert store.parked_stats() == (3, 300, {"a", "b", "c"})
+    assert [p.id for p in store.parked("a", up_to_revision=1)] == []
+    assert store.expired_parked(100.0) == [(3, "tbox/status", 100), (4, "tbox/status", 100),
+                                           (5, "tbox/status", 100)]
+    removed = store.erase_vehicle(VIN, "a", AuditRecord("dpo", "erasure", "a", {}, 5.0))
+    assert removed["parked"] == 1
+    assert store.parked_stats() == (2, 200, {"b", "c"})

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError, Message
 
 from gateway.core import findmycar
 from gateway.core.cache import ENTRY_OVERHEAD, ByteBoundedMemo, strings_size
+from gateway.core.capture import CaptureHistory, capture_state, stricter_mode
 from gateway.core.ecall import conform_ecall
 from gateway.core.state import (
     FindMyCarCommand,
@@ -66,6 +67,10 @@ class DropReason(StrEnum):
     STALE_REVISION = "stale_revision"
     VIN_IN_PAYLOAD = "vin_in_pseudonymized_payload"
     OVERSIZED = "oversized"
+    # Contract v2 rules 11 and 12 (consent at capture time, the causal token).
+    CAPTURED_BEFORE_KNOWN_SETTINGS = "captured_before_known_settings"
+    SETTINGS_PENDING = "settings_pending"  # parked too long for its revision
+    PARKED_EVICTED = "parked_evicted"  # parked, pushed out by the byte bounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,9 @@ class DecisionContext:
     key: bytes
     vehicle_prefix: str = "vehicle"
     backend_prefix: str = "tsp"
+    # Clock skew allowed between a car's capture timestamp and the gateway's
+    # clock: the strictest settings within this margin apply (rule 11).
+    capture_skew_s: float = 180.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +125,17 @@ class ApplySettings:
     ignored_features: int = 0  # feature ids of the snapshot not kept (unknown, off apps, cap)
 
 
-Decision = Forward | Drop | ApplySettings
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Captured under a revision newer than the applied one (rule 12): not
+    decided under older settings; parked until `revision` is applied."""
+
+    vin: str
+    stream: str
+    revision: int
+
+
+Decision = Forward | Drop | ApplySettings | Hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,11 +173,16 @@ def decide(
     states: Mapping[str, VehicleState],
     anchors: Mapping[str, LocationAnchor],
     now: float,
+    histories: Mapping[str, CaptureHistory] | None = None,
 ) -> Decision:
     """Decide one message received from the vehicle side.
 
     `now` is the gateway's clock (epoch seconds): the refresh interval of
     approximate locations runs on it, never on a car timestamp.
+
+    With `histories` (per car: the settings intervals applied, see
+    gateway.core.capture), a message also has to have been allowed when it
+    was captured, and one stating a revision not applied yet is held.
     """
     parts = split_vehicle_topic(ctx.vehicle_prefix, topic)
     if parts is None:
@@ -209,15 +232,36 @@ def decide(
             transforms=done,
         )
     state = states.get(vin)
+    stated = header.settings_revision
+    if histories is not None and stated > (state.revision if state is not None else 0):
+        return Hold(vin, stream.key, stated)
     if state is None:
         return Drop(DropReason.UNKNOWN_VEHICLE, stream.key, vin=vin)
-    if state.restricted:
-        return Drop(DropReason.RESTRICTED, stream.key, vin=vin)
-    if state.privacy_mode:
-        return Drop(DropReason.PRIVACY_MODE, stream.key, vin=vin)
-    if feature not in state.enabled:
-        return Drop(DropReason.FEATURE_DISABLED, stream.key, vin=vin, detail=feature)
+    refused = _refused(state, stream, feature, vin, "")
+    if refused is not None:
+        return refused
     mode = state.location.effective
+    if histories is not None:
+        history = histories.get(vin)
+        if history is None:
+            # Applied settings without a history (never both in the service):
+            # nothing is known about the time before them.
+            return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
+        last = history[-1]
+        if not (stated == last.revision == last.first_revision and (
+            len(history) == 1 or history[-2].revision < stated
+        )):
+            # Not the common case (stated = applied, the only interval of it:
+            # captured under the settings in force now, checked above).
+            captured = capture_state(
+                history, stated, header.timestamp_ms, now, ctx.capture_skew_s
+            )
+            if captured is None:
+                return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
+            refused = _refused(captured, stream, feature, vin, "at_capture")
+            if refused is not None:
+                return refused
+            mode = stricter_mode(mode, captured.location)
     if stream.location_purpose and mode is LocationMode.OFF:
         return Drop(DropReason.LOCATION_OFF, stream.key, vin=vin)
     new_state: VehicleState | None = None
@@ -255,6 +299,20 @@ def decide(
         anchor=anchor,
         state=new_state,
     )
+
+
+def _refused(
+    state: VehicleState, stream: CompiledStream, feature: str, vin: str, when: str
+) -> Drop | None:
+    if state.restricted:
+        return Drop(DropReason.RESTRICTED, stream.key, vin=vin, detail=when)
+    if state.privacy_mode:
+        return Drop(DropReason.PRIVACY_MODE, stream.key, vin=vin, detail=when)
+    if feature not in state.enabled:
+        return Drop(
+            DropReason.FEATURE_DISABLED, stream.key, vin=vin, detail=f"{feature} {when}".strip()
+        )
+    return None
 
 
 def _properties(

@@ -40,6 +40,36 @@ class StoredVehicle:
     window_until: float
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """A settings_history row for the capture-time check: applied settings, or
+    (source `restriction`/`restriction_lifted`) a restriction set or lifted."""
+
+    snapshot: SettingsSnapshot
+    merged: int  # how many later rows were folded into it (0: as applied)
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedMessage:
+    """A vehicle message held until its car's settings reach `revision`
+    (contract rule 12). Only `sealed` holds content (AES-GCM, bound to subject)."""
+
+    subject: str  # keyed hash of the VIN, never the VIN
+    revision: int
+    parked_at: float
+    expires_at: float
+    stream: str
+    size: int
+    sealed: bytes
+    id: int = 0  # assigned by the store
+
+
+@dataclass(frozen=True, slots=True)
+class ParkResult:
+    id: int
+    evicted: tuple[tuple[int, str, int], ...]  # (id, stream, size) pushed out by the bounds
+
+
 class ConsentStore(Protocol):
     """Durable per-vehicle privacy state.
 
@@ -76,13 +106,19 @@ class ConsentStore(Protocol):
     def history(self, vin: str) -> list[SettingsSnapshot]:
         """Applied settings of one vehicle, oldest first."""
 
+    def capture_history(self) -> Iterator[HistoryRow]:
+        """Every settings history row, restriction periods included, grouped by
+        vehicle, oldest first (the in-memory capture-time intervals)."""
+
     def restricted_vins(self) -> set[str]: ...
 
     def restriction(self, vin: str) -> tuple[float, str] | None:
         """(since, actor) when processing of the vehicle's data is restricted."""
 
     def set_restriction(self, vin: str, restricted: bool, record: AuditRecord) -> bool:
-        """Set or lift; audited. Returns whether anything changed."""
+        """Set or lift; audited; a change is also a settings history row (from
+        `record.at` on nothing, or the applied settings again, was allowed).
+        Returns whether anything changed."""
 
     def erase_vehicle(self, vin: str, subject: str, record: AuditRecord) -> dict[str, int]:
         """Delete everything held about a vehicle; scrub its audit content."""
@@ -123,6 +159,22 @@ class ConsentStore(Protocol):
     def delete_dead_letters(self, ids: list[int] | None) -> int: ...
 
     def purge_dead_letters(self, now: float) -> int: ...
+
+    def park(
+        self, message: ParkedMessage, max_bytes_per_subject: int, max_bytes: int
+    ) -> ParkResult:
+        """Store a parked message; evict the oldest beyond the byte bounds."""
+
+    def parked(
+        self, subject: str | None = None, up_to_revision: int | None = None
+    ) -> list[ParkedMessage]: ...
+
+    def delete_parked(self, ids: list[int]) -> int: ...
+
+    def expired_parked(self, now: float) -> list[tuple[int, str, int]]:
+        """(id, stream, size) of parked messages past their maximum wait."""
+
+    def parked_stats(self) -> tuple[int, int, set[str]]: ...
 
     def log_access(
         self, at: float, client: str, actor: str, method: str, path: str, status: int
