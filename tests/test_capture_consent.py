@@ -308,7 +308,7 @@ def test_store_of_the_previous_schema_opens_and_parks(tmp_path: Path) -> None:
     db.close()
     store = SqliteConsentStore(path)
     try:
-        assert store.meta("schema_version") == str(store_module.SCHEMA_VERSION) == "4"
+        assert store.meta("schema_version") == str(store_module.SCHEMA_VERSION)
         from gateway.store import ParkedMessage
 
         row = ParkedMessage("subject", 2, 1.0, 2.0, "tbox/status", 3, b"abc")
