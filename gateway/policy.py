@@ -64,6 +64,12 @@ class FindMyCarSpec(_Strict):
     window_s: float = Field(120.0, gt=0, le=3600)
 
 
+class IdentitySpec(_Strict):
+    # Capture times of pseudonymized streams are rounded down to this step, so
+    # they match no timestamp of the car's VIN-keyed streams (contract rule 15).
+    pseudonymized_timestamp_step_s: int = Field(60, ge=1, le=86400)
+
+
 class FeatureSpec(_Strict):
     legal_basis: LegalBasis
     description: str = ""
@@ -94,6 +100,7 @@ class PolicyDocument(_Strict):
     version: str = Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")
     location: LocationSpec = LocationSpec()
     find_my_car: FindMyCarSpec = FindMyCarSpec()
+    identity: IdentitySpec = IdentitySpec()
     features: dict[str, FeatureSpec]
     streams: dict[str, StreamSpec]
     commands: dict[str, CommandSpec] = Field(default_factory=dict)

@@ -16,6 +16,14 @@ from google.protobuf.message import DecodeError, Message
 
 from gateway.core.cache import ENTRY_OVERHEAD, ByteBoundedMemo, strings_size
 from gateway.core.ecall import conform_ecall
+from gateway.core.identity import (
+    IdentityBook,
+    app_id_mismatch,
+    pseudonymize_header,
+    pseudonymize_vehicle_field,
+    vin_in_bytes,
+    vin_ref,
+)
 from gateway.core.state import (
     CoarseFix,
     LocationMode,
@@ -26,8 +34,6 @@ from gateway.core.state import (
 from gateway.core.transforms import (
     coarsen_geopoint,
     grid_offset,
-    pseudonym,
-    pseudonymize_field,
     truncate_ip,
     valid_position,
 )
@@ -58,6 +64,7 @@ class DropReason(StrEnum):
     NO_WINDOW = "no_find_my_car_window"
     STALE_REVISION = "stale_revision"
     VIN_IN_PAYLOAD = "vin_in_pseudonymized_payload"
+    APP_ID_MISMATCH = "app_id_mismatch"
     OVERSIZED = "oversized"
 
 
@@ -73,6 +80,9 @@ class DecisionContext:
     key: bytes
     vehicle_prefix: str = "vehicle"
     backend_prefix: str = "tsp"
+    # Pseudonym epochs and what survived erasures (kept by the service; the
+    # same book across policy swaps).
+    identity: IdentityBook = dataclasses.field(default_factory=IdentityBook)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +224,17 @@ def decide(
     )
     ref = vin
     if stream.pseudonymize_vin:
-        ref = pseudonym(ctx.key, f"vin/{app_id or stream.key}", vin)
-        header.vin = ref
+        if app_id is not None and (other := app_id_mismatch(message, app_id)) is not None:
+            return Drop(DropReason.APP_ID_MISMATCH, stream.key, vin=vin, detail=other[:32])
+        # Rule 15: the header shares no value with the car's VIN-keyed streams.
+        ref = vin_ref(ctx.key, app_id or stream.key, vin, ctx.identity.epoch(vin))
+        step_ms = ctx.policy.document.identity.pseudonymized_timestamp_step_s * 1000
+        pseudonymize_header(ctx.key, header, ref, step_ms)
         transforms.append("pseudonymize:vin")
     out = message.SerializeToString()
-    if stream.pseudonymize_vin and vin.encode() in out:
-        # The car put its VIN somewhere we cannot rewrite (opaque app bytes).
+    if stream.pseudonymize_vin and vin_in_bytes(out, vin):
+        # The car put its VIN somewhere we cannot rewrite (opaque app bytes),
+        # in clear or in a common encoding (best effort).
         return Drop(DropReason.VIN_IN_PAYLOAD, stream.key, vin=vin)
     return Forward(
         topic=f"{ctx.backend_prefix}/{ref}/{relative}",
@@ -315,7 +330,11 @@ def _transform(
     for name in stream.pseudonymize_fields:
         value = getattr(message, name)
         if value:
-            setattr(message, name, pseudonymize_field(ctx.key, name, value))
+            setattr(
+                message,
+                name,
+                pseudonymize_vehicle_field(ctx.key, name, value, vin, ctx.identity.epoch(vin)),
+            )
             applied.append(f"hmac:{name}")
     for name in stream.truncate_ip_fields:
         value = getattr(message, name)
@@ -357,6 +376,16 @@ def _decide_settings(
         # forever, stalling the pipeline (a car counting by one never gets there).
         return Drop(DropReason.UNDECODABLE, SETTINGS_TOPIC, vin=vin, detail="revision out of range")
     applied_revision = current.revision if current is not None else 0
+    erased = ctx.identity.row(ctx.key, vin) if current is None else None
+    if erased is not None and settings.revision <= erased.revision_floor:
+        # Settings from before an erasure are void: ask for the screen again.
+        return Drop(
+            DropReason.STALE_REVISION,
+            SETTINGS_TOPIC,
+            vin=vin,
+            detail=f"{settings.revision}<={erased.revision_floor} (erased)",
+            reannounce=applied_message(ctx, vin, erased.revision_floor, reprompt=True),
+        )
     if settings.revision <= applied_revision:
         reannounce = None
         if current is not None and settings.revision == applied_revision:
@@ -379,7 +408,7 @@ def _decide_settings(
         policy_version=ctx.policy.version,
     )
     state = state_from_snapshot(ctx.policy, snapshot, current.window_until if current else 0.0)
-    if current is not None and current.restricted:
+    if (current is not None and current.restricted) or (erased is not None and erased.restricted):
         state = dataclasses.replace(state, restricted=True)
     topic, body = applied_message(ctx, vin, settings.revision)
     return ApplySettings(snapshot, state, topic, body, len(settings.features) - len(features))
@@ -471,8 +500,15 @@ def _intern_set(value: frozenset[str]) -> frozenset[str]:
     return _SET_CACHE.put(value, value)
 
 
-def applied_message(ctx: DecisionContext, vin: str, revision: int) -> tuple[str, bytes]:
-    body = privacy_pb2.PrivacyApplied(vin=vin, revision=revision, policy_version=ctx.policy.version)
+def applied_message(
+    ctx: DecisionContext, vin: str, revision: int, *, reprompt: bool = False
+) -> tuple[str, bytes]:
+    """PrivacyApplied for the car; with `reprompt`, the gateway holds no
+    settings for it (erased): show the privacy screen again and send a
+    snapshot newer than `revision`."""
+    body = privacy_pb2.PrivacyApplied(
+        vin=vin, revision=revision, policy_version=ctx.policy.version, reprompt=reprompt
+    )
     return f"{ctx.vehicle_prefix}/{vin}/{APPLIED_TOPIC}", body.SerializeToString()
 
 
