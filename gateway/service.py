@@ -10,9 +10,12 @@ and the broker redelivers it to the restarted gateway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -36,6 +39,8 @@ from gateway.core import (
     refused_result,
     state_from_snapshot,
 )
+from gateway.core.decide import applied_message
+from gateway.core.identity import IdentityRow, erasure_events
 from gateway.core.state import is_valid_vin
 from gateway.core.transforms import pseudonym
 from gateway.delivery import (
@@ -52,7 +57,6 @@ from gateway.logs import Throttle
 from gateway.metrics import GatewayMetrics
 from gateway.policy import CompiledPolicy, parse_policy, version_key
 from gateway.store import ConsentStore, StoredPolicy
-from telematics.v1.privacy_pb2 import ErasureEvent
 
 log = logging.getLogger("gateway.service")
 
@@ -222,6 +226,7 @@ class GatewayService:
         # Erased VINs (recently): messages decided before the erasure that
         # complete afterwards leave no count and no dead letter behind.
         self._erased: dict[str, float] = {}
+        self._erasure_events_changed = asyncio.Event()
         limits = config.limits
         self._new_vehicles = TokenBucket(limits.new_vehicles_per_s, limits.new_vehicles_burst)
         self._settings_rate = WindowCounter(limits.settings_window_s)
@@ -253,10 +258,17 @@ class GatewayService:
         """Enforce the last applied settings before any message is decided."""
         policy = self.ctx.policy
         self.restricted = self.store.restricted_vins()
+        book = self.ctx.identity
+        book.rows = self.store.identities()
         states: dict[str, VehicleState] = {}
         for stored in self.store.load_all():
             vin = stored.snapshot.vin
             state = state_from_snapshot(policy, stored.snapshot, stored.window_until)
+            erased = book.row(self.ctx.key, vin)  # None at once when nothing was erased
+            if erased is not None:
+                book.epochs[vin] = erased.epoch
+                if erased.restricted:
+                    self.restricted.add(vin)
             states[vin] = (
                 dataclasses.replace(state, restricted=True) if vin in self.restricted else state
             )
@@ -372,6 +384,7 @@ class GatewayService:
             asyncio.create_task(self._announce_ready(), name="ready"),
             asyncio.create_task(self.accounting.run(), name="egress-counts"),
             asyncio.create_task(self._purge_dead_letters_periodically(), name="dead-letters"),
+            asyncio.create_task(self._publish_erasure_events(), name="erasure-events"),
         ]
 
     @property
@@ -696,6 +709,12 @@ class GatewayService:
         # Durable before it is announced and before the next message is decided.
         await self._persist(self.store.apply_settings, snapshot, record, merge)
         state = decision.state
+        if snapshot.vin not in self.states:
+            erased = self.ctx.identity.row(self.ctx.key, snapshot.vin)
+            if erased is not None:  # back after an erasure: its epoch, its restriction
+                self.ctx.identity.epochs[snapshot.vin] = erased.epoch
+                if erased.restricted:
+                    self.restricted.add(snapshot.vin)
         if snapshot.vin in self.restricted and not state.restricted:
             state = dataclasses.replace(state, restricted=True)
         self.states[snapshot.vin] = state
@@ -887,6 +906,17 @@ class GatewayService:
                 at=self._clock(),
             )
             changed = await self._persist_once(self.store.set_restriction, vin, restricted, record)
+            subject = self.audit_subject(vin)
+            erased = self.ctx.identity.rows.get(subject)
+            if erased is not None and erased.restricted != restricted:
+                # Carried past the erasure: lifting or setting it again holds there too.
+                await self._persist_once(self.store.set_identity_restricted, subject, restricted)
+                self.ctx.identity.rows[subject] = dataclasses.replace(
+                    erased, restricted=restricted
+                )
+                if not changed:  # the store had no row by VIN to audit the change with
+                    await self._persist_once(self.store.append_audit, record)
+                changed = True
             if restricted:
                 self.restricted.add(vin)
             else:
@@ -917,10 +947,42 @@ class GatewayService:
                 }
             )
             record = AuditRecord(actor=actor, action="erasure", subject=subject, content={}, at=now)
-            removed = await self._persist_once(self.store.erase_vehicle, vin, subject, record)
+            # Rule 16: the VIN event carries only the VIN; each app pseudonym (of
+            # the epoch ending now) gets its own event, later, after a random delay.
+            book, erasure = self.ctx.identity, self.config.erasure
+            epoch = book.epoch(vin)
+            rng = random.SystemRandom()
+            events = erasure_events(
+                self.ctx.key,
+                self.ctx.backend_prefix,
+                vin,
+                apps,
+                epoch,
+                now,
+                [
+                    rng.uniform(erasure.app_event_min_delay_s, erasure.app_event_max_delay_s)
+                    for _ in apps
+                ],
+                self.ctx.policy.document.identity.pseudonymized_timestamp_step_s * 1000,
+            )
+            # What survives: a new pseudonym epoch, the revision floor (older
+            # settings are void) and a restriction; keyed by the subject hash.
+            state, before = self.states.get(vin), book.rows.get(subject)
+            survivor = IdentityRow(
+                epoch=epoch + 1,
+                revision_floor=max(
+                    state.revision if state is not None else 0,
+                    before.revision_floor if before is not None else 0,
+                ),
+                restricted=vin in self.restricted,
+            )
+            removed = await self._persist_once(
+                self.store.erase_vehicle, vin, subject, record, survivor, events.app_events
+            )
+            book.rows[subject] = survivor
+            book.epochs[vin] = survivor.epoch
             self.states.pop(vin, None)
             self.coarse_fixes.pop(vin, None)
-            self.restricted.discard(vin)
             self.accounting.forget(vin)
             self._erased[vin] = now
             for old in [v for v, at in self._erased.items() if now - at > ERASED_MEMORY_S]:
@@ -929,10 +991,7 @@ class GatewayService:
             self.metrics.dead_letters_stored.set(
                 await self._persist_once(self.store.dead_letter_count)
             )
-            refs = [pseudonym(self.ctx.key, f"vin/{app}", vin) for app in apps]
-            event = ErasureEvent(vin=vin, refs=refs, erased_at_ms=int(now * 1000), reason="art17")
-            topic = f"{self.ctx.backend_prefix}/{vin}/erasure"
-            payload = event.SerializeToString()
+            topic, payload = events.vin_topic, events.vin_payload
             # Not awaited inside the decision loop: a refused event must not
             # hold every car's messages (it ends delivered or as a dead letter).
             outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -944,10 +1003,26 @@ class GatewayService:
                 outcome.set_result,
                 self._egress_letter(vin, "erasure", topic, payload),
             )
+            # The car is asked to show its privacy screen again.
+            reprompt_topic, reprompt = applied_message(
+                self.ctx, vin, survivor.revision_floor, reprompt=True
+            )
+            self._deliver(
+                self.vehicle_edge,
+                reprompt_topic,
+                reprompt,
+                (),
+                lambda _: None,
+                self._egress_letter(vin, "avn/privacy/applied", reprompt_topic, reprompt),
+            )
+            self._erasure_events_changed.set()
             return {
                 "removed": removed,
                 "erasure_event_topic": topic,
-                "pseudonymous_refs": refs,
+                "pseudonymous_refs": list(events.refs),
+                "app_erasure_events": [
+                    {"topic": t, "due_in_s": round(due - now, 1)} for due, t, _ in events.app_events
+                ],
                 "_outcome": outcome,
             }
 
@@ -958,6 +1033,57 @@ class GatewayService:
         except TimeoutError:
             result["erasure_event"] = "pending"  # backend unreachable: delivered on reconnect
         return result
+
+    async def _publish_erasure_events(self, idle_s: float = 60.0) -> None:
+        """Publish app erasure events once due (they are stored with the
+        erasure, so a restart loses none); each leaves the store once delivered
+        or kept as a dead letter. At least once: a crash between the publish
+        and the removal publishes it again."""
+        in_flight: set[int] = set()
+        while True:
+            self._erasure_events_changed.clear()
+            wait = idle_s
+            try:
+                pending = await self._persist_once(self.store.pending_erasure_events)
+            except Exception:
+                log.exception("pending erasure events unreadable; retrying")
+                pending = []
+            now = self._clock()
+            for event_id, due_at, topic, payload in pending:
+                if event_id in in_flight:
+                    continue
+                if due_at > now:
+                    wait = min(wait, due_at - now)
+                    continue
+                in_flight.add(event_id)
+                self._deliver(
+                    self.backend_edge,
+                    topic,
+                    payload,
+                    (),
+                    functools.partial(self._erasure_event_done, event_id, in_flight),
+                    Undeliverable(
+                        DeadLetterKind.EGRESS,
+                        "",  # filed under no car: nothing pairs it with the VIN
+                        "erasure",
+                        "",
+                        self.config.dead_letters.retention_days,
+                        topic,
+                        payload,
+                    ),
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._erasure_events_changed.wait(), max(wait, 0.05))
+
+    def _erasure_event_done(self, event_id: int, in_flight: set[int], _: Outcome) -> None:
+        self.spawn(self._remove_erasure_event(event_id, in_flight))
+
+    async def _remove_erasure_event(self, event_id: int, in_flight: set[int]) -> None:
+        try:
+            await self._persist_once(self.store.delete_pending_erasure_event, event_id)
+        except Exception:
+            log.exception("erasure event not removed; it will be published again")
+        in_flight.discard(event_id)
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A background task kept referenced until done (the loop holds only weak ones)."""
