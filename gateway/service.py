@@ -820,7 +820,8 @@ class GatewayService:
 
     def log_topic(self, topic: str) -> str:
         parts = topic.split("/")
-        return "/".join(self.log_ref(p) if is_valid_vin(p) else p for p in parts)
+        # In any letter case: a lower-case VIN is an invalid topic, still a VIN.
+        return "/".join(self.log_ref(p) if is_valid_vin(p.upper()) else p for p in parts)
 
     def audit_subject(self, vin: str) -> str:
         """Keyed hash of a VIN for the audit ledger (never the VIN itself)."""
