@@ -598,5 +598,14 @@ def _describe(s: CompiledStream, mode: str) -> str:
     if s.remove_fields:
         steps.append("remove " + ", ".join(s.remove_fields))
     if s.pseudonymize_vin:
-        steps.append("pseudonymize VIN")
+        steps.append("pseudonymize VIN, header seq and time")
+        by_name = s.message_cls.DESCRIPTOR.fields_by_name
+        opaque = [
+            name
+            for name in s.keep_fields
+            if name in by_name and by_name[name].type == by_name[name].TYPE_BYTES
+        ]
+        if opaque:
+            # Kept opaque bytes are searched for the VIN, but encryption defeats that.
+            steps.append("keep " + ", ".join(opaque) + " (VIN search: best effort)")
     return "; ".join(steps) or "forward"
