@@ -897,6 +897,11 @@ class GatewayService:
             await loop.run_in_executor(self._store_executor, self.load_state)
         log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
 
+    def is_restricted(self, vin: str) -> bool:
+        """Restricted now, or restricted when it was erased (kept for its return)."""
+        erased = self.ctx.identity.row(self.ctx.key, vin)
+        return vin in self.restricted or (erased is not None and erased.restricted)
+
     async def set_restriction(self, vin: str, restricted: bool, actor: str) -> bool:
         async def run() -> bool:
             record = AuditRecord(

@@ -68,6 +68,7 @@ async def test_erasure_events_pair_nothing_and_the_car_is_asked_again(
     )
     assert vin_event.vin == VIN and not vin_event.refs  # only the VIN
     assert erasure_events(clients) == [f"tsp/{VIN}/erasure"]  # not at the same moment
+    assert service.is_restricted(VIN)  # shown to the DPO while the car is away
 
     # The car is asked to show its privacy screen again.
     applied = await next_applied(clients)

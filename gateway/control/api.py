@@ -480,7 +480,7 @@ class ControlPlane:
                     "policy_version": current.policy_version,
                 },
                 "enforced_features": sorted(state.enabled) if state else [],
-                "restricted": restriction is not None,
+                "restricted": restriction is not None or self.service.is_restricted(vin),
                 "restricted_since": restriction[0] if restriction else None,
                 "open_windows": (
                     [{"window": "find_my_car", "open_until": state.window_until}]
@@ -547,7 +547,7 @@ class ControlPlane:
                     }
                     for s in streams
                 ],
-                "restricted": restriction is not None,
+                "restricted": restriction is not None or self.service.is_restricted(vin),
             }
         )
 
