@@ -10,6 +10,7 @@ and the broker redelivers it to the restarted gateway.
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import dataclasses
 import functools
@@ -40,7 +41,7 @@ from gateway.core import (
     state_from_snapshot,
 )
 from gateway.core.decide import applied_message
-from gateway.core.identity import IdentityRow, erasure_events
+from gateway.core.identity import IdentityRow, app_scope, erasure_events
 from gateway.core.state import is_valid_vin
 from gateway.core.transforms import pseudonym
 from gateway.delivery import (
@@ -940,16 +941,20 @@ class GatewayService:
         async def run() -> dict[str, Any]:
             now = self._clock()
             subject = self.audit_subject(vin)
-            apps = sorted(
+            used = {  # (app id, day) the car sent app data on
+                (k[3].partition(".")[2], k[1])
+                for k in self.accounting.pending_keys()
+                if k[0] == vin and "." in k[3]
+            } | {
+                (c.feature.partition(".")[2], c.day)
+                for c in await self._persist_once(self.store.egress_counts, vin)
+                if "." in c.feature
+            }
+            identity = self.ctx.policy.document.identity
+            apps = sorted(  # (app id, pseudonym scope): every rotation period used
                 {
-                    k[3].partition(".")[2]
-                    for k in self.accounting.pending_keys()
-                    if k[0] == vin and "." in k[3]
-                }
-                | {
-                    c.feature.partition(".")[2]
-                    for c in await self._persist_once(self.store.egress_counts, vin)
-                    if "." in c.feature
+                    (app, app_scope(app, identity.rotation_days(app), _day_start(day)))
+                    for app, day in used
                 }
             )
             record = AuditRecord(actor=actor, action="erasure", subject=subject, content={}, at=now)
@@ -1407,6 +1412,11 @@ class GatewayService:
                 delay = min(10.0, 0.1 * 2**attempt)
                 log.error("consent store write failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
+
+
+def _day_start(day: str) -> float:
+    """'YYYY-MM-DD' (UTC) -> epoch seconds of its midnight."""
+    return float(calendar.timegm(time.strptime(day, "%Y-%m-%d")))
 
 
 def _digest(msg: InboundMessage) -> bytes:

@@ -306,7 +306,8 @@ def test_settings_after_erasure_respect_the_floor_and_the_restriction() -> None:
 
 
 def test_erasure_events_pair_nothing() -> None:
-    events = erasure_events(KEY, "tsp", VIN, APPS, 0, NOW, [400.0, 9000.0], 60_000)
+    apps = [(app, app) for app in APPS]
+    events = erasure_events(KEY, "tsp", VIN, apps, 0, NOW, [400.0, 9000.0], 60_000)
     vin_event = privacy_pb2.ErasureEvent.FromString(events.vin_payload)
     assert events.vin_topic == f"tsp/{VIN}/erasure"
     assert vin_event.vin == VIN and not vin_event.refs
@@ -359,3 +360,49 @@ def test_nat64_and_mapped_keep_the_ipv4_slash24() -> None:
     assert truncate_ip("64:ff9b::203.0.113.7") == "203.0.113.0"
     assert truncate_ip("::ffff:203.0.113.7") == "203.0.113.0"
     assert truncate_ip("2002:cb00:7107::1") == "2002:cb00:7100::"
+
+
+# ------------------------------------------------- optional rotation per app
+
+PERIOD_S = 30 * 86400
+
+
+def rotating(rotation: str) -> DecisionContext:
+    text = POLICY.text.replace(
+        "pseudonymized_timestamp_step_s: 60",
+        f"pseudonymized_timestamp_step_s: 60\n  app_pseudonym_rotation_days: {rotation}",
+    )
+    return DecisionContext(parse_policy(text), KEY)
+
+
+def ref_at(c: DecisionContext, app: str, now: float) -> str:
+    st = state({f"third_party.{app}": True})
+    payload = app_message(app, 1, TS_MS).SerializeToString()
+    fwd = forwarded(decide(c, f"vehicle/{VIN}/avn/app/{app}", payload, {VIN: st}, {}, now))
+    out = streams_pb2.AppTraffic.FromString(fwd.payload)
+    assert out.header.vin == fwd.topic.split("/")[1]  # one message, one pseudonym
+    return out.header.vin
+
+
+def test_app_pseudonyms_rotate_only_when_the_operator_says_so() -> None:
+    start = (NOW // PERIOD_S + 1) * PERIOD_S  # a period boundary, the same for every car
+    assert ref_at(ctx(), "music", start - 1) == ref_at(ctx(), "music", start + 400 * 86400)
+    c = rotating("{music: 30}")
+    old, new = ref_at(c, "music", start - 1), ref_at(c, "music", start)
+    assert old != new and ref_at(c, "music", start + PERIOD_S - 1) == new
+    assert ref_at(c, "weather", start - 1) == ref_at(c, "weather", start)  # not rotated
+    every = rotating('{"*": 30}')
+    assert ref_at(every, "weather", start - 1) != ref_at(every, "weather", start)
+    with pytest.raises(Exception, match="rotation period"):
+        rotating("{music: 0}")
+
+
+def test_erasure_finds_the_ref_of_every_rotation_period_from_its_day() -> None:
+    from gateway.accounting import EgressAccounting
+    from gateway.core.identity import app_scope
+    from gateway.service import _day_start
+
+    day = EgressAccounting.__new__(EgressAccounting)
+    day._day_cache = (0.0, 0.0, "")
+    for now in (NOW, NOW + 86399, NOW + 45 * 86400):
+        assert app_scope("music", 30, _day_start(day.day(now))) == app_scope("music", 30, now)

@@ -124,6 +124,10 @@ async def test_pending_app_erasure_events_survive_a_restart(
     service = await gateways.start()
     await clients.backend.wait_for(lambda: len(erasure_events(clients)) == 3)
     assert {t.split("/")[1] for t in erasure_events(clients)} == {VIN, *refs.values()}
+    for _ in range(100):  # removed once the backend broker acknowledged it
+        if not service.store.pending_erasure_events():  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.05)
     assert service.store.pending_erasure_events() == []  # type: ignore[attr-defined]
     # After the restart too, an old revision is refused and the car asked again.
     await clients.car.settings(3, features=APPS, wait=False)

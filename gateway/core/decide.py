@@ -19,6 +19,7 @@ from gateway.core.ecall import conform_ecall
 from gateway.core.identity import (
     IdentityBook,
     app_id_mismatch,
+    app_scope,
     pseudonymize_header,
     pseudonymize_vehicle_field,
     vin_in_bytes,
@@ -227,8 +228,12 @@ def decide(
         if app_id is not None and (other := app_id_mismatch(message, app_id)) is not None:
             return Drop(DropReason.APP_ID_MISMATCH, stream.key, vin=vin, detail=other[:32])
         # Rule 15: the header shares no value with the car's VIN-keyed streams.
-        ref = vin_ref(ctx.key, app_id or stream.key, vin, ctx.identity.epoch(vin))
-        step_ms = ctx.policy.document.identity.pseudonymized_timestamp_step_s * 1000
+        identity = ctx.policy.document.identity
+        scope = (
+            stream.key if app_id is None else app_scope(app_id, identity.rotation_days(app_id), now)
+        )
+        ref = vin_ref(ctx.key, scope, vin, ctx.identity.epoch(vin))
+        step_ms = identity.pseudonymized_timestamp_step_s * 1000
         pseudonymize_header(ctx.key, header, ref, step_ms)
         transforms.append("pseudonymize:vin")
     out = message.SerializeToString()

@@ -93,6 +93,15 @@ def vin_ref(key: bytes, scope: str, vin: str, epoch: int = 0) -> str:
     return epoch_pseudonym(key, f"vin/{scope}", vin, epoch)
 
 
+def app_scope(app_id: str, rotation_days: int, now: float) -> str:
+    """The pseudonym scope of an app: its id, plus the rotation period `now`
+    falls in when the app's pseudonyms rotate ('#' never occurs in an app id).
+    Periods are aligned for every car, so all rotate at the same instant."""
+    if rotation_days <= 0:
+        return app_id
+    return f"{app_id}#{int(now // (rotation_days * 86400))}"
+
+
 def pseudonymize_vehicle_field(
     key: bytes, field_name: str, value: str, vin: str, epoch: int = 0
 ) -> str:
@@ -233,7 +242,7 @@ def erasure_events(
     key: bytes,
     backend_prefix: str,
     vin: str,
-    apps: Sequence[str],
+    apps: Sequence[tuple[str, str]],
     epoch: int,
     now: float,
     delays: Sequence[float],
@@ -241,6 +250,8 @@ def erasure_events(
 ) -> ErasureEvents:
     """The VIN event (only the VIN) and one event per app pseudonym (only that
     ref, on the app's own topic, due after its own delay from `delays`).
+    `apps` are (app id, pseudonym scope) pairs: one per rotation period the
+    car used when the app's pseudonyms rotate.
 
     An app event states when it is published (coarsened), never the erasure
     time of the VIN event, so no field pairs them.
@@ -248,8 +259,8 @@ def erasure_events(
     vin_event = privacy_pb2.ErasureEvent(vin=vin, erased_at_ms=int(now * 1000), reason="art17")
     events: list[tuple[float, str, bytes]] = []
     refs: list[str] = []
-    for app, delay in zip(apps, delays, strict=True):
-        ref = vin_ref(key, app, vin, epoch)
+    for (app, scope), delay in zip(apps, delays, strict=True):
+        ref = vin_ref(key, scope, vin, epoch)
         due = now + delay
         body = privacy_pb2.ErasureEvent(
             refs=[ref],
