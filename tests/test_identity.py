@@ -22,7 +22,7 @@ from gateway.core.identity import (
     vin_in_bytes,
 )
 from gateway.core.transforms import truncate_ip
-from gateway.policy import parse_policy
+from gateway.policy import CompiledPolicy, parse_policy
 from telematics.v1 import common_pb2, privacy_pb2, streams_pb2
 
 from .test_decide import (
@@ -84,50 +84,90 @@ def send(c: DecisionContext, relative: str, msg: Message, vin: str = VIN) -> For
 # --------------------------------------------------------------- rule 15
 
 
+# A variant of the default policy that also pseudonymizes the voice stream: the
+# check below must hold for whatever streams a policy pseudonymizes.
+VOICE_TOO = parse_policy(
+    POLICY.text.replace(
+        "  avn/voice:\n    message: VoiceChunk\n",
+        "  avn/voice:\n    message: VoiceChunk\n    pseudonymize_vin: true\n",
+    )
+)
+
+
+def pseudonymized_topics(policy: CompiledPolicy) -> list[str]:
+    """Relative topics of every stream the policy pseudonymizes (two apps for a
+    per-app template)."""
+    topics = [key for key, s in policy.exact_routes.items() if s.pseudonymize_vin]
+    for route in policy.template_routes:
+        if route.stream.pseudonymize_vin:
+            topics += [route.stream.key.replace("{app_id}", app) for app in APPS]
+    return topics
+
+
+def public(value: object) -> bool:
+    """Values that identify nothing: declared constants, flags, small numbers
+    (enum values, counts) and the coarse time buckets every car shares."""
+    if isinstance(value, bool) or value in PUBLIC_VALUES:
+        return True
+    if isinstance(value, int):
+        return abs(value) < 1000 or value % 60_000 == 0
+    return False
+
+
+@pytest.mark.parametrize("policy", [POLICY, VOICE_TOO], ids=["default", "voice-too"])
 @pytest.mark.parametrize("epoch", [0, 3])
-def test_pseudonymized_streams_share_no_value_with_the_cars_vin_streams(epoch: int) -> None:
-    """The adversary's join: any value seen both on a pseudonym's topic and on
-    the car's VIN topics (the car's shared seq counter, capture timestamps)."""
-    c = ctx({VIN: epoch})
+def test_pseudonymized_streams_share_no_value_with_the_cars_vin_streams(
+    policy: CompiledPolicy, epoch: int
+) -> None:
+    """The adversary's join: a value seen both on a pseudonym's topic and on the
+    car's VIN topics (the car numbers all its messages from one counter and
+    stamps them from one clock), or on two pseudonyms' topics of one car."""
+    c = DecisionContext(policy, KEY, identity=IdentityBook(None, {VIN: epoch}))
+    pseudonymized = pseudonymized_topics(policy)
+    assert ("avn/voice" in pseudonymized) == (policy is VOICE_TOO)
+    vin_streams = [
+        s for s in CONSENT_STREAMS if s not in pseudonymized and not s.startswith("avn/app/")
+    ]
     vin_values: set[object] = {VIN}
-    app_values: dict[str, set[object]] = {app: set() for app in APPS}
-    seq, ts = 1000, TS_MS + 123
+    seen: dict[str, set[object]] = {topic: set() for topic in pseudonymized}
+    seq, ts = 100_000, TS_MS + 123
     for _ in range(3):
-        for relative in CONSENT_STREAMS:
+        for relative in [*vin_streams, *pseudonymized]:
+            seq, ts = seq + 1, ts + 777
             if relative.startswith("avn/app/"):
-                continue
-            seq, ts = seq + 1, ts + 777
-            msg = sample(relative, ts_ms=ts, seq=seq)
+                msg: Message = app_message(relative.rsplit("/", 1)[1], seq, ts)
+            else:
+                msg = sample(relative, ts_ms=ts, seq=seq)
             fwd = forwarded(send(c, relative, msg))
-            cls = type(msg)
-            vin_values.update(leaves(cls.FromString(fwd.payload)))
-            vin_values.update(fwd.topic.split("/"))
-        for app in APPS:
-            seq, ts = seq + 1, ts + 777
-            fwd = forwarded(send(c, f"avn/app/{app}", app_message(app, seq, ts)))
-            out = streams_pb2.AppTraffic.FromString(fwd.payload)
-            app_values[app].update(leaves(out))
-            app_values[app].add(fwd.topic.split("/")[1])
-    vin_ints = [v for v in vin_values if isinstance(v, int) and not isinstance(v, bool)]
-    for app, values in app_values.items():
-        shared = (values & vin_values) - PUBLIC_VALUES
-        assert not shared, f"{app} shares {shared} with VIN streams"
+            values = set(leaves(type(msg).FromString(fwd.payload))) | set(fwd.topic.split("/"))
+            if relative in seen:
+                seen[relative] |= values
+            else:
+                vin_values |= values
+    vin_ints = [v for v in vin_values if isinstance(v, int) and not public(v)]
+    for topic, values in seen.items():
+        shared = {v for v in values & vin_values if not public(v)}
+        shared -= {"avn", "app", "tsp", "application/json", b"{}", *topic.split("/")}
+        assert not shared, f"{topic} shares {shared} with VIN streams"
         # A counter's neighbour or a timestamp a moment apart links as well as
-        # an equal value (the car numbers all its AVN messages in one sequence).
+        # an equal value.
         near = {
             (v, w)
             for v in values
-            if isinstance(v, int) and not isinstance(v, bool) and v % 60_000
+            if isinstance(v, int) and not public(v)
             for w in vin_ints
             if abs(v - w) <= 1000
         }
-        assert not near, f"{app} values next to VIN-stream values: {sorted(near)[:3]}"
-    # Nor do two apps of the same car, beyond public constants and the coarse
-    # time bucket (shared with every car sending in that minute: the timing
-    # limit documented in docs/privacy.md).
-    between = (app_values["music"] & app_values["weather"]) - PUBLIC_VALUES
-    between -= {"application/json", b"{}"}
-    assert not {v for v in between if not (isinstance(v, int) and v % 60_000 == 0)}
+        assert not near, f"{topic} values next to VIN-stream values: {sorted(near)[:3]}"
+    # Nor do two pseudonymized streams of one car (beyond the coarse time
+    # bucket, shared with every car sending in that minute: the timing limit
+    # documented in docs/privacy.md).
+    for a in seen:
+        for b in seen:
+            if a < b:
+                between = {v for v in seen[a] & seen[b] if not public(v)}
+                between -= {"avn", "app", "tsp", "application/json", b"{}"}
+                assert not between, f"{a} and {b} share {between}"
 
 
 def test_every_other_header_field_is_cleared_generically() -> None:
