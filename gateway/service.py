@@ -820,9 +820,16 @@ class GatewayService:
         return self.audit_subject(vin)[:16]
 
     def log_topic(self, topic: str) -> str:
-        parts = topic.split("/")
-        # In any letter case: a lower-case VIN is an invalid topic, still a VIN.
-        return "/".join(self.log_ref(p) if is_valid_vin(p.upper()) else p for p in parts)
+        return self.redact_vins(topic, self.log_ref)
+
+    def redact_vins(self, path: str, replace: Callable[[str], str] | None = None) -> str:
+        """`path` with every segment that is a VIN (in any letter case, with
+        stray whitespace: invalid in a topic or URL, still a VIN) replaced by
+        its keyed hash (default: the audit subject)."""
+        replace = replace or self.audit_subject
+        return "/".join(
+            replace(p) if is_valid_vin(p.strip().upper()) else p for p in path.split("/")
+        )
 
     def audit_subject(self, vin: str) -> str:
         """Keyed hash of a VIN for the audit ledger (never the VIN itself)."""

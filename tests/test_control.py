@@ -154,9 +154,13 @@ async def test_roles_and_tokens(control: Control) -> None:
     assert ready.status == 200 and (await ready.json())["ready"] is True
     metrics = await http.get(f"{url}/metrics", headers=control.auth("viewer"))
     assert "gateway_messages_received_total" in await metrics.text()
-    # Client IPs are recorded as protocol data, with who called.
+    # Client IPs are recorded as protocol data, with who called; a VIN in a
+    # path only as the ledger's keyed hash of it.
     log = control.service.store.access_log()
     assert any(row[1] == "127.0.0.1" and row[2] == "dpo-1" for row in log)
+    assert VIN not in repr(log)
+    subject = control.service.audit_subject(VIN)
+    assert any(row[4] == f"/v1/vehicles/{subject}/export" for row in log)
 
 
 async def test_refused_pushes_leave_the_active_policy_enforced(

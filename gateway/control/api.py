@@ -316,7 +316,8 @@ class ControlPlane:
                     request.remote or "",
                     caller.name if caller else "",
                     request.method,
-                    request.path,
+                    # The VIN as the ledger names the car: its keyed hash.
+                    self.service.redact_vins(request.path),
                     response.status,
                 )
             except Exception as exc:  # a full disk must not turn every answer into a 500
