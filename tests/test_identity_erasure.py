@@ -171,3 +171,10 @@ def test_schema_7_is_reached_from_an_older_store(tmp_path: Path) -> None:
     assert store.meta("schema_version") == str(store_module.SCHEMA_VERSION) == "7"
     assert store.identities() == {} and store.pending_erasure_events() == []
     store.close()
+
+
+def test_erasure_delays_are_validated() -> None:
+    with pytest.raises(ValueError, match="app_event_max_delay_s"):
+        ErasureConfig(app_event_min_delay_s=600, app_event_max_delay_s=60)
+    with pytest.raises(ValueError):
+        ErasureConfig(app_event_min_delay_s=0)  # never at the same moment as the VIN event
