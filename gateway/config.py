@@ -316,6 +316,23 @@ class DeadLetterConfig(_Strict):
     max_rows: int = Field(100_000, ge=1, description="beyond this the oldest are evicted")
 
 
+class ErasureConfig(_Strict):
+    # Each app pseudonym's erasure event is published after its own random
+    # delay in [min, max], never with the VIN event: timing must not pair them.
+    app_event_min_delay_s: float = Field(
+        300.0, gt=0, le=7 * 86400, description="earliest app erasure event after the VIN event"
+    )
+    app_event_max_delay_s: float = Field(
+        86400.0, gt=0, le=7 * 86400, description="latest app erasure event after the VIN event"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ErasureConfig:
+        if self.app_event_max_delay_s < self.app_event_min_delay_s:
+            raise ValueError("app_event_max_delay_s must not be below app_event_min_delay_s")
+        return self
+
+
 class KeysConfig(_Strict):
     pseudonym_key_file: str = "pseudonym.key"
 
@@ -456,6 +473,7 @@ class GatewayConfig(_Strict):
     )
     pipeline: PipelineConfig = PipelineConfig()
     dead_letters: DeadLetterConfig = DeadLetterConfig()
+    erasure: ErasureConfig = ErasureConfig()
     limits: LimitsConfig = LimitsConfig()
     keys: KeysConfig = KeysConfig()
     logging: LoggingConfig = LoggingConfig()

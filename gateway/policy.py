@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from telematics.v1 import streams_pb2
 
@@ -100,6 +100,29 @@ class FindMyCarSpec(_Strict):
     max_commands_per_hour: int = Field(4, ge=1, le=MAX_COMMANDS_PER_HOUR)
 
 
+class IdentitySpec(_Strict):
+    # Capture times of pseudonymized streams are rounded down to this step, so
+    # they match no timestamp of the car's VIN-keyed streams (contract rule 15).
+    pseudonymized_timestamp_step_s: int = Field(60, ge=1, le=86400)
+    # Optional: an app's pseudonyms change every this many days, for every car
+    # at the same instant (UTC day boundaries); "*" applies to every app. Off
+    # by default: a rotated pseudonym is a new user to the app's backend.
+    app_pseudonym_rotation_days: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("app_pseudonym_rotation_days")
+    @classmethod
+    def _positive(cls, value: dict[str, int]) -> dict[str, int]:
+        for app, days in value.items():
+            if days < 1 or days > 3650:
+                raise ValueError(f"{app}: rotation period must be 1..3650 days, got {days}")
+        return value
+
+    def rotation_days(self, app_id: str) -> int:
+        """The app's rotation period in days; 0 when its pseudonyms do not rotate."""
+        rotation = self.app_pseudonym_rotation_days
+        return rotation.get(app_id, rotation.get("*", 0)) if rotation else 0
+
+
 class FeatureSpec(_Strict):
     legal_basis: LegalBasis
     description: str = ""
@@ -158,6 +181,7 @@ class PolicyDocument(_Strict):
     version: str = Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")
     location: LocationSpec = LocationSpec()
     find_my_car: FindMyCarSpec = FindMyCarSpec()
+    identity: IdentitySpec = IdentitySpec()
     features: dict[str, FeatureSpec]
     streams: dict[str, StreamSpec]
     commands: dict[str, CommandSpec] = Field(default_factory=dict)
@@ -840,5 +864,14 @@ def _describe(s: CompiledStream, mode: str) -> str:
     if s.remove_fields:
         steps.append("remove " + ", ".join(s.remove_fields))
     if s.pseudonymize_vin:
-        steps.append("pseudonymize VIN")
+        steps.append("pseudonymize VIN, header seq and time")
+        by_name = s.message_cls.DESCRIPTOR.fields_by_name
+        opaque = [
+            name
+            for name in s.keep_fields
+            if name in by_name and by_name[name].type == by_name[name].TYPE_BYTES
+        ]
+        if opaque:
+            # Kept opaque bytes are searched for the VIN, but encryption defeats that.
+            steps.append("keep " + ", ".join(opaque) + " (VIN search: best effort)")
     return "; ".join(steps) or "forward"

@@ -10,9 +10,13 @@ and the broker redelivers it to the restarted gateway.
 from __future__ import annotations
 
 import asyncio
+import calendar
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -41,7 +45,8 @@ from gateway.core import (
     with_find_my_car,
 )
 from gateway.core.capture import CaptureHistory, Interval, append
-from gateway.core.decide import split_vehicle_topic
+from gateway.core.decide import applied_message, split_vehicle_topic
+from gateway.core.identity import IdentityRow, app_scope, erasure_events
 from gateway.core.state import is_valid_vin
 from gateway.core.transforms import pseudonym
 from gateway.delivery import (
@@ -59,7 +64,6 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy import CompiledPolicy, parse_policy, version_key
 from gateway.store import ConsentStore, ParkedMessage, StoredPolicy
 from gateway.store.sqlite import RESTRICTION_SOURCES
-from telematics.v1.privacy_pb2 import ErasureEvent
 
 log = logging.getLogger("gateway.service")
 
@@ -242,6 +246,7 @@ class GatewayService:
         # Erased VINs (recently): messages decided before the erasure that
         # complete afterwards leave no count and no dead letter behind.
         self._erased: dict[str, float] = {}
+        self._erasure_events_changed = asyncio.Event()
         limits = config.limits
         self._new_vehicles = TokenBucket(limits.new_vehicles_per_s, limits.new_vehicles_burst)
         self._settings_rate = WindowCounter(limits.settings_window_s)
@@ -273,6 +278,8 @@ class GatewayService:
         """Enforce the last applied settings before any message is decided."""
         policy = self.ctx.policy
         self.restricted = self.store.restricted_vins()
+        book = self.ctx.identity
+        book.rows = self.store.identities()
         states: dict[str, VehicleState] = {}
         # Contract rule 17: the commands-per-hour cap and spent fixes survive a restart.
         find_my_car = self.store.find_my_car_commands()
@@ -280,6 +287,11 @@ class GatewayService:
         for stored in self.store.load_all():
             vin = stored.snapshot.vin
             state = state_from_snapshot(policy, stored.snapshot, stored.window_until)
+            erased = book.row(self.ctx.key, vin)  # None at once when nothing was erased
+            if erased is not None:
+                book.epochs[vin] = erased.epoch
+                if erased.restricted:
+                    self.restricted.add(vin)
             if vin in self.restricted:
                 state = dataclasses.replace(state, restricted=True)
             commands = find_my_car.get(vin)
@@ -455,6 +467,7 @@ class GatewayService:
             asyncio.create_task(self.accounting.run(), name="egress-counts"),
             asyncio.create_task(self._purge_dead_letters_periodically(), name="dead-letters"),
             asyncio.create_task(self._expire_parked_periodically(), name="parked-expiry"),
+            asyncio.create_task(self._publish_erasure_events(), name="erasure-events"),
         ]
         if self._parked_count:
             self.spawn(self.run_control(self._release_applied_parked))
@@ -803,6 +816,12 @@ class GatewayService:
         # Durable before it is announced and before the next message is decided.
         await self._persist(self.store.apply_settings, snapshot, record, merge)
         state = decision.state
+        if snapshot.vin not in self.states:
+            erased = self.ctx.identity.row(self.ctx.key, snapshot.vin)
+            if erased is not None:  # back after an erasure: its epoch, its restriction
+                self.ctx.identity.epochs[snapshot.vin] = erased.epoch
+                if erased.restricted:
+                    self.restricted.add(snapshot.vin)
         if snapshot.vin in self.restricted and not state.restricted:
             state = dataclasses.replace(state, restricted=True)
         self.states[snapshot.vin] = state
@@ -1046,8 +1065,16 @@ class GatewayService:
         return self.audit_subject(vin)[:16]
 
     def log_topic(self, topic: str) -> str:
-        parts = topic.split("/")
-        return "/".join(self.log_ref(p) if is_valid_vin(p) else p for p in parts)
+        return self.redact_vins(topic, self.log_ref)
+
+    def redact_vins(self, path: str, replace: Callable[[str], str] | None = None) -> str:
+        """`path` with every segment that is a VIN (in any letter case, with
+        stray whitespace: invalid in a topic or URL, still a VIN) replaced by
+        its keyed hash (default: the audit subject)."""
+        replace = replace or self.audit_subject
+        return "/".join(
+            replace(p) if is_valid_vin(p.strip().upper()) else p for p in path.split("/")
+        )
 
     def audit_subject(self, vin: str) -> str:
         """Keyed hash of a VIN for the audit ledger (never the VIN itself)."""
@@ -1123,6 +1150,11 @@ class GatewayService:
             await loop.run_in_executor(self._store_executor, self.load_state)
         log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
 
+    def is_restricted(self, vin: str) -> bool:
+        """Restricted now, or restricted when it was erased (kept for its return)."""
+        erased = self.ctx.identity.row(self.ctx.key, vin)
+        return vin in self.restricted or (erased is not None and erased.restricted)
+
     async def set_restriction(self, vin: str, restricted: bool, actor: str) -> bool:
         async def run() -> bool:
             record = AuditRecord(
@@ -1133,6 +1165,17 @@ class GatewayService:
                 at=self._clock(),
             )
             changed = await self._persist_once(self.store.set_restriction, vin, restricted, record)
+            subject = self.audit_subject(vin)
+            erased = self.ctx.identity.rows.get(subject)
+            if erased is not None and erased.restricted != restricted:
+                # Carried past the erasure: lifting or setting it again holds there too.
+                await self._persist_once(self.store.set_identity_restricted, subject, restricted)
+                self.ctx.identity.rows[subject] = dataclasses.replace(
+                    erased, restricted=restricted
+                )
+                if not changed:  # the store had no row by VIN to audit the change with
+                    await self._persist_once(self.store.append_audit, record)
+                changed = True
             if restricted:
                 self.restricted.add(vin)
             else:
@@ -1152,20 +1195,57 @@ class GatewayService:
         async def run() -> dict[str, Any]:
             now = self._clock()
             subject = self.audit_subject(vin)
-            apps = sorted(
+            used = {  # (app id, day) the car sent app data on
+                (k[3].partition(".")[2], k[1])
+                for k in self.accounting.pending_keys()
+                if k[0] == vin and "." in k[3]
+            } | {
+                (c.feature.partition(".")[2], c.day)
+                for c in await self._persist_once(self.store.egress_counts, vin)
+                if "." in c.feature
+            }
+            identity = self.ctx.policy.document.identity
+            apps = sorted(  # (app id, pseudonym scope): every rotation period used
                 {
-                    k[3].partition(".")[2]
-                    for k in self.accounting.pending_keys()
-                    if k[0] == vin and "." in k[3]
-                }
-                | {
-                    c.feature.partition(".")[2]
-                    for c in await self._persist_once(self.store.egress_counts, vin)
-                    if "." in c.feature
+                    (app, app_scope(app, identity.rotation_days(app), _day_start(day)))
+                    for app, day in used
                 }
             )
             record = AuditRecord(actor=actor, action="erasure", subject=subject, content={}, at=now)
-            removed = await self._persist_once(self.store.erase_vehicle, vin, subject, record)
+            # Rule 16: the VIN event carries only the VIN; each app pseudonym (of
+            # the epoch ending now) gets its own event, later, after a random delay.
+            book, erasure = self.ctx.identity, self.config.erasure
+            epoch = book.epoch(vin)
+            rng = random.SystemRandom()
+            events = erasure_events(
+                self.ctx.key,
+                self.ctx.backend_prefix,
+                vin,
+                apps,
+                epoch,
+                now,
+                [
+                    rng.uniform(erasure.app_event_min_delay_s, erasure.app_event_max_delay_s)
+                    for _ in apps
+                ],
+                self.ctx.policy.document.identity.pseudonymized_timestamp_step_s * 1000,
+            )
+            # What survives: a new pseudonym epoch, the revision floor (older
+            # settings are void) and a restriction; keyed by the subject hash.
+            state, before = self.states.get(vin), book.rows.get(subject)
+            survivor = IdentityRow(
+                epoch=epoch + 1,
+                revision_floor=max(
+                    state.revision if state is not None else 0,
+                    before.revision_floor if before is not None else 0,
+                ),
+                restricted=vin in self.restricted,
+            )
+            removed = await self._persist_once(
+                self.store.erase_vehicle, vin, subject, record, survivor, events.app_events
+            )
+            book.rows[subject] = survivor
+            book.epochs[vin] = survivor.epoch
             self.states.pop(vin, None)
             self.anchors.pop(vin, None)
             self.histories.pop(vin, None)
@@ -1173,7 +1253,6 @@ class GatewayService:
                 count, size, subjects = await self._persist_once(self.store.parked_stats)
                 self._parked_count, self._parked_bytes = count, size
                 self._parked_subjects = subjects
-            self.restricted.discard(vin)
             self.accounting.forget(vin)
             self._erased[vin] = now
             for old in [v for v, at in self._erased.items() if now - at > ERASED_MEMORY_S]:
@@ -1182,10 +1261,7 @@ class GatewayService:
             self.metrics.dead_letters_stored.set(
                 await self._persist_once(self.store.dead_letter_count)
             )
-            refs = [pseudonym(self.ctx.key, f"vin/{app}", vin) for app in apps]
-            event = ErasureEvent(vin=vin, refs=refs, erased_at_ms=int(now * 1000), reason="art17")
-            topic = f"{self.ctx.backend_prefix}/{vin}/erasure"
-            payload = event.SerializeToString()
+            topic, payload = events.vin_topic, events.vin_payload
             # Not awaited inside the decision loop: a refused event must not
             # hold every car's messages (it ends delivered or as a dead letter).
             outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -1197,10 +1273,26 @@ class GatewayService:
                 outcome.set_result,
                 self._egress_letter(vin, "erasure", topic, payload),
             )
+            # The car is asked to show its privacy screen again.
+            reprompt_topic, reprompt = applied_message(
+                self.ctx, vin, survivor.revision_floor, reprompt=True
+            )
+            self._deliver(
+                self.vehicle_edge,
+                reprompt_topic,
+                reprompt,
+                (),
+                lambda _: None,
+                self._egress_letter(vin, "avn/privacy/applied", reprompt_topic, reprompt),
+            )
+            self._erasure_events_changed.set()
             return {
                 "removed": removed,
                 "erasure_event_topic": topic,
-                "pseudonymous_refs": refs,
+                "pseudonymous_refs": list(events.refs),
+                "app_erasure_events": [
+                    {"topic": t, "due_in_s": round(due - now, 1)} for due, t, _ in events.app_events
+                ],
                 "_outcome": outcome,
             }
 
@@ -1211,6 +1303,57 @@ class GatewayService:
         except TimeoutError:
             result["erasure_event"] = "pending"  # backend unreachable: delivered on reconnect
         return result
+
+    async def _publish_erasure_events(self, idle_s: float = 60.0) -> None:
+        """Publish app erasure events once due (they are stored with the
+        erasure, so a restart loses none); each leaves the store once delivered
+        or kept as a dead letter. At least once: a crash between the publish
+        and the removal publishes it again."""
+        in_flight: set[int] = set()
+        while True:
+            self._erasure_events_changed.clear()
+            wait = idle_s
+            try:
+                pending = await self._persist_once(self.store.pending_erasure_events)
+            except Exception:
+                log.exception("pending erasure events unreadable; retrying")
+                pending = []
+            now = self._clock()
+            for event_id, due_at, topic, payload in pending:
+                if event_id in in_flight:
+                    continue
+                if due_at > now:
+                    wait = min(wait, due_at - now)
+                    continue
+                in_flight.add(event_id)
+                self._deliver(
+                    self.backend_edge,
+                    topic,
+                    payload,
+                    (),
+                    functools.partial(self._erasure_event_done, event_id, in_flight),
+                    Undeliverable(
+                        DeadLetterKind.EGRESS,
+                        "",  # filed under no car: nothing pairs it with the VIN
+                        "erasure",
+                        "",
+                        self.config.dead_letters.retention_days,
+                        topic,
+                        payload,
+                    ),
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._erasure_events_changed.wait(), max(wait, 0.05))
+
+    def _erasure_event_done(self, event_id: int, in_flight: set[int], _: Outcome) -> None:
+        self.spawn(self._remove_erasure_event(event_id, in_flight))
+
+    async def _remove_erasure_event(self, event_id: int, in_flight: set[int]) -> None:
+        try:
+            await self._persist_once(self.store.delete_pending_erasure_event, event_id)
+        except Exception:
+            log.exception("erasure event not removed; it will be published again")
+        in_flight.discard(event_id)
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A background task kept referenced until done (the loop holds only weak ones)."""
@@ -1527,6 +1670,11 @@ class GatewayService:
                 delay = min(10.0, 0.1 * 2**attempt)
                 log.error("consent store write failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
+
+
+def _day_start(day: str) -> float:
+    """'YYYY-MM-DD' (UTC) -> epoch seconds of its midnight."""
+    return float(calendar.timegm(time.strptime(day, "%Y-%m-%d")))
 
 
 def _digest(msg: InboundMessage) -> bytes:

@@ -970,7 +970,8 @@ class Checker:
                 self._check_ip(getattr(original, name), getattr(received, name), add)
             elif action == "pseudonymize" and name != "payload":
                 cleared.append(name)
-                purpose = "bluetooth_mac" if name == "bluetooth_mac" else "voice_session"
+                # A MAC is keyed per vehicle (one phone in two cars: two values).
+                purpose = f"bluetooth_mac/{vin}" if name == "bluetooth_mac" else "voice_session"
                 value = getattr(original, name)
                 if name == "bluetooth_mac":
                     value = value.upper()
@@ -983,8 +984,15 @@ class Checker:
             left.ClearField(name)
             right.ClearField(name)
         if is_app:
-            left.header.ClearField("vin")  # type: ignore[attr-defined]
-            right.header.ClearField("vin")  # type: ignore[attr-defined]
+            # Rule 15: the header of a pseudonymized stream shares nothing with
+            # VIN streams (vin, seq and capture time are rewritten).
+            sent_header, got_header = original.header, received.header  # type: ignore[attr-defined]
+            if sent_header.seq and got_header.seq == sent_header.seq:
+                add(LEAK, "app_seq_shared", "header.seq of an app stream equals the car's")
+            if got_header.timestamp_ms % 1000 or got_header.timestamp_ms > sent_header.timestamp_ms:
+                add(LEAK, "app_time_precise", "header.timestamp_ms of an app stream not coarsened")
+            left.ClearField("header")
+            right.ClearField("header")
         if left.SerializeToString(deterministic=True) != right.SerializeToString(
             deterministic=True
         ):

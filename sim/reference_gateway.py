@@ -303,14 +303,22 @@ class ReferenceGateway:
                     setattr(message, name, truncate_ip(value))
                     transforms.append(f"{name}:truncated")
             elif action == "pseudonymize":
-                purpose = "bluetooth_mac" if name == "bluetooth_mac" else "voice_session"
+                purpose = f"bluetooth_mac/{vin}" if name == "bluetooth_mac" else "voice_session"
                 normalised = value.upper() if name == "bluetooth_mac" else value
                 setattr(message, name, pseudonym(self.key, purpose, normalised))
                 transforms.append(f"{name}:pseudonymized")
         ref = vin
         if stream.startswith(APP_STREAM_PREFIX):
             ref = pseudonym(self.key, f"vin/{stream[len(APP_STREAM_PREFIX) :]}", vin)
-            message.header.vin = ref  # type: ignore[attr-defined]
+            header = message.header  # type: ignore[attr-defined]
+            seq_mac = hmac.new(
+                self.key,
+                b"header-seq\x00" + ref.encode() + b"\x00" + int(header.seq).to_bytes(8, "big"),
+                hashlib.sha256,
+            )
+            header.vin = ref
+            header.seq = int.from_bytes(seq_mac.digest()[:8], "big")
+            header.timestamp_ms -= header.timestamp_ms % 60_000
             transforms.append("vin:pseudonymized")
         return message.SerializeToString(deterministic=True), ref, transforms
 

@@ -31,6 +31,7 @@ from gateway.core import (
     state_from_snapshot,
 )
 from gateway.core.decide import applied_message
+from gateway.core.identity import pseudonymize_vehicle_field
 from gateway.core.transforms import (
     coarse_cell_degrees,
     coarsen_position,
@@ -94,7 +95,8 @@ def geo_fields(cls: type[Message]) -> list[str]:
 
 def sample(stream: str, vin: str = VIN, ts_ms: int = TS_MS, seq: int = 1) -> Message:
     """A fully populated message of the stream, every GeoPoint set to a distinct place."""
-    if stream.startswith("avn/app/"):
+    app_stream = stream.removeprefix("avn/app/") if stream.startswith("avn/app/") else None
+    if app_stream is not None:
         stream = "avn/app/music"  # every app stream carries AppTraffic
     _, cls = STREAMS[stream]
     msg = cls()
@@ -128,6 +130,8 @@ def sample(stream: str, vin: str = VIN, ts_ms: int = TS_MS, seq: int = 1) -> Mes
     }
     for name, value in extra.get(stream, {}).items():
         setattr(msg, name, value)
+    if app_stream is not None:
+        msg.app_id = app_stream  # type: ignore[attr-defined]
     return msg
 
 
@@ -664,8 +668,13 @@ def test_bluetooth_mac_is_keyed_pseudonym() -> None:
     fwd = forwarded(run("tbox/digital_key", state()))
     out = streams_pb2.DigitalKeyEvent.FromString(fwd.payload)
     assert HEX32.match(out.bluetooth_mac)
-    assert out.bluetooth_mac == pseudonymize_field(KEY, "bluetooth_mac", "aa-bb-cc-dd-ee-ff")
-    assert out.bluetooth_mac == pseudonym(KEY, "bluetooth_mac", normalize_mac("AA:BB:CC:DD:EE:FF"))
+    # Keyed per vehicle (one phone in two cars gives two unrelated values).
+    assert out.bluetooth_mac == pseudonymize_vehicle_field(
+        KEY, "bluetooth_mac", "aa-bb-cc-dd-ee-ff", VIN
+    )
+    assert out.bluetooth_mac == pseudonym(
+        KEY, f"bluetooth_mac/{VIN}", normalize_mac("AA:BB:CC:DD:EE:FF")
+    )
     assert b"aa-bb" not in fwd.payload and b"AA:BB" not in fwd.payload
     assert "hmac:bluetooth_mac" in fwd.transforms
     other = DecisionContext(POLICY, b"\x01" * 32)

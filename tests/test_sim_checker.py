@@ -379,6 +379,24 @@ def test_vin_in_app_stream_is_a_leak(clean_run: Run) -> None:
     assert (WRONG_TRANSFORM, "pseudonym_vin") in found
 
 
+def test_app_header_sharing_the_cars_seq_or_time_is_a_leak(clean_run: Run) -> None:
+    """Rule 15: an app message with the car's own seq or millisecond capture time
+    links its pseudonym to the car's VIN-keyed streams."""
+    pub, position = find_delivered(clean_run, "avn/app/music")
+    sent = original(pub).header
+    same_seq = edit_recorded(
+        clean_run, position, "avn/app/music", lambda m: setattr(m.header, "seq", sent.seq)
+    )
+    assert (LEAK, "app_seq_shared") in rules(check(clean_run, same_seq))
+    precise = edit_recorded(
+        clean_run,
+        position,
+        "avn/app/music",
+        lambda m: setattr(m.header, "timestamp_ms", sent.timestamp_ms | 1),
+    )
+    assert (LEAK, "app_time_precise") in rules(check(clean_run, precise))
+
+
 # --- over-coarsening, wrong transforms, metadata --------------------------------------
 def test_coarsened_under_precise_is_over_coarsening(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "tbox/status", mode_is(common_pb2.LOCATION_PRECISE))

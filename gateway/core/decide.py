@@ -19,6 +19,15 @@ from gateway.core import findmycar
 from gateway.core.cache import ENTRY_OVERHEAD, ByteBoundedMemo, strings_size
 from gateway.core.capture import CaptureHistory, capture_state, stricter_mode
 from gateway.core.ecall import conform_ecall
+from gateway.core.identity import (
+    IdentityBook,
+    app_id_mismatch,
+    app_scope,
+    pseudonymize_header,
+    pseudonymize_vehicle_field,
+    vin_in_bytes,
+    vin_ref,
+)
 from gateway.core.state import (
     FindMyCarCommand,
     LocationAnchor,
@@ -32,8 +41,6 @@ from gateway.core.transforms import (
     coarsen_position,
     generalize_number,
     grid_offset,
-    pseudonym,
-    pseudonymize_field,
     truncate_ip,
     valid_position,
 )
@@ -66,6 +73,7 @@ class DropReason(StrEnum):
     FIXES_SPENT = findmycar.FixRefusal.SPENT.value
     STALE_REVISION = "stale_revision"
     VIN_IN_PAYLOAD = "vin_in_pseudonymized_payload"
+    APP_ID_MISMATCH = "app_id_mismatch"
     OVERSIZED = "oversized"
     # Contract v2 rules 11 and 12 (consent at capture time, the causal token).
     CAPTURED_BEFORE_KNOWN_SETTINGS = "captured_before_known_settings"
@@ -88,6 +96,9 @@ class DecisionContext:
     # Clock skew allowed between a car's capture timestamp and the gateway's
     # clock: the strictest settings within this margin apply (rule 11).
     capture_skew_s: float = 180.0
+    # Pseudonym epochs and what survived erasures (kept by the service; the
+    # same book across policy swaps).
+    identity: IdentityBook = dataclasses.field(default_factory=IdentityBook)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,12 +292,21 @@ def decide(
     transforms, anchor = _transform(ctx, stream, message, vin, mode, anchors.get(vin), now)
     ref = vin
     if stream.pseudonymize_vin:
-        ref = pseudonym(ctx.key, f"vin/{app_id or stream.key}", vin)
-        header.vin = ref
+        if app_id is not None and (other := app_id_mismatch(message, app_id)) is not None:
+            return Drop(DropReason.APP_ID_MISMATCH, stream.key, vin=vin, detail=other[:32])
+        # Rule 15: the header shares no value with the car's VIN-keyed streams.
+        identity = ctx.policy.document.identity
+        scope = (
+            stream.key if app_id is None else app_scope(app_id, identity.rotation_days(app_id), now)
+        )
+        ref = vin_ref(ctx.key, scope, vin, ctx.identity.epoch(vin))
+        step_ms = identity.pseudonymized_timestamp_step_s * 1000
+        pseudonymize_header(ctx.key, header, ref, step_ms)
         transforms.append("pseudonymize:vin")
     out = message.SerializeToString()
-    if stream.pseudonymize_vin and vin.encode() in out:
-        # The car put its VIN somewhere we cannot rewrite (opaque app bytes).
+    if stream.pseudonymize_vin and vin_in_bytes(out, vin):
+        # The car put its VIN somewhere we cannot rewrite (opaque app bytes),
+        # in clear or in a common encoding (best effort).
         return Drop(DropReason.VIN_IN_PAYLOAD, stream.key, vin=vin)
     return Forward(
         topic=f"{ctx.backend_prefix}/{ref}/{relative}",
@@ -379,7 +399,11 @@ def _transform(
     for name in stream.pseudonymize_fields:
         value = getattr(message, name)
         if value:
-            setattr(message, name, pseudonymize_field(ctx.key, name, value))
+            setattr(
+                message,
+                name,
+                pseudonymize_vehicle_field(ctx.key, name, value, vin, ctx.identity.epoch(vin)),
+            )
             applied.append(f"hmac:{name}")
     for name in stream.truncate_ip_fields:
         value = getattr(message, name)
@@ -540,6 +564,16 @@ def _decide_settings(
         # forever, stalling the pipeline (a car counting by one never gets there).
         return Drop(DropReason.UNDECODABLE, SETTINGS_TOPIC, vin=vin, detail="revision out of range")
     applied_revision = current.revision if current is not None else 0
+    erased = ctx.identity.row(ctx.key, vin) if current is None else None
+    if erased is not None and settings.revision <= erased.revision_floor:
+        # Settings from before an erasure are void: ask for the screen again.
+        return Drop(
+            DropReason.STALE_REVISION,
+            SETTINGS_TOPIC,
+            vin=vin,
+            detail=f"{settings.revision}<={erased.revision_floor} (erased)",
+            reannounce=applied_message(ctx, vin, erased.revision_floor, reprompt=True),
+        )
     if settings.revision <= applied_revision:
         reannounce = None
         if current is not None and settings.revision == applied_revision:
@@ -562,7 +596,7 @@ def _decide_settings(
         policy_version=ctx.policy.version,
     )
     state = state_from_snapshot(ctx.policy, snapshot, current.window_until if current else 0.0)
-    if current is not None and current.restricted:
+    if (current is not None and current.restricted) or (erased is not None and erased.restricted):
         state = dataclasses.replace(state, restricted=True)
     if current is not None and current.find_my_car:
         # New settings neither reset the commands-per-hour cap nor spent fixes.
@@ -682,8 +716,15 @@ def _intern_set(value: frozenset[str]) -> frozenset[str]:
     return _SET_CACHE.put(value, value)
 
 
-def applied_message(ctx: DecisionContext, vin: str, revision: int) -> tuple[str, bytes]:
-    body = privacy_pb2.PrivacyApplied(vin=vin, revision=revision, policy_version=ctx.policy.version)
+def applied_message(
+    ctx: DecisionContext, vin: str, revision: int, *, reprompt: bool = False
+) -> tuple[str, bytes]:
+    """PrivacyApplied for the car; with `reprompt`, the gateway holds no
+    settings for it (erased): show the privacy screen again and send a
+    snapshot newer than `revision`."""
+    body = privacy_pb2.PrivacyApplied(
+        vin=vin, revision=revision, policy_version=ctx.policy.version, reprompt=reprompt
+    )
     return f"{ctx.vehicle_prefix}/{vin}/{APPLIED_TOPIC}", body.SerializeToString()
 
 

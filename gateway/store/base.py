@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.control.audit import AuditRecord, VerifyResult
+from gateway.core.identity import IdentityRow
 from gateway.core.state import FindMyCarCommand, LocationAnchor, SettingsSnapshot
 from gateway.delivery import DeadLetter
 
@@ -120,8 +121,28 @@ class ConsentStore(Protocol):
         `record.at` on nothing, or the applied settings again, was allowed).
         Returns whether anything changed."""
 
-    def erase_vehicle(self, vin: str, subject: str, record: AuditRecord) -> dict[str, int]:
-        """Delete everything held about a vehicle; scrub its audit content."""
+    def erase_vehicle(
+        self,
+        vin: str,
+        subject: str,
+        record: AuditRecord,
+        identity: IdentityRow | None = None,
+        events: Sequence[tuple[float, str, bytes]] = (),
+    ) -> dict[str, int]:
+        """Delete everything held about a vehicle; scrub its audit content. In
+        the same transaction keep `identity` under `subject` (epoch, revision
+        floor, restriction: what survives) and queue `events` (due_at, topic,
+        payload) for delayed publication."""
+
+    def identities(self) -> dict[str, IdentityRow]:
+        """What survived erasures, by subject."""
+
+    def set_identity_restricted(self, subject: str, restricted: bool) -> bool: ...
+
+    def pending_erasure_events(self) -> list[tuple[int, float, str, bytes]]:
+        """Queued app erasure events (id, due_at, topic, payload), earliest first."""
+
+    def delete_pending_erasure_event(self, event_id: int) -> None: ...
 
     def save_policy(self, policy: StoredPolicy, record: AuditRecord) -> None:
         """Store a policy and make it the active one (audited). In the same

@@ -7,12 +7,13 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.control import audit
 from gateway.control.audit import AuditRecord, VerifyResult
+from gateway.core.identity import IdentityRow
 from gateway.core.state import (
     FindMyCarCommand,
     LocationAnchor,
@@ -35,9 +36,10 @@ from gateway.store.base import (
 # compacted into one row). 4: parked (messages held for a settings revision not
 # applied yet); settings_history rows of restriction periods. 5:
 # find_my_car_commands (contract rule 17). 6: location_anchors (contract rule
-# 13). New tables are created by the schema script on every open; their
-# versions only record the step.
-SCHEMA_VERSION = 6
+# 13). 7: vehicle_identity and pending_erasure_events (identity privacy). New
+# tables are created by the schema script on every open; their versions only
+# record the step.
+SCHEMA_VERSION = 7
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
 # version N, run in one transaction with recording N. A new table needs no
@@ -45,6 +47,23 @@ HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are 
 # does (ALTER TABLE, and its index here rather than in _SCHEMA). New `meta`
 # keys need none: older code reads only `schema_version` (so `key_fingerprint`
 # is not a schema change, and a store stays readable by the previous release).
+# What survives an erasure, keyed by the keyed VIN hash (the audit subject),
+# never the VIN: the pseudonym epoch, the revision floor and a restriction.
+# And app erasure events waiting for their random delay (only a pseudonym).
+_IDENTITY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vehicle_identity (
+    subject        TEXT PRIMARY KEY,
+    epoch          INTEGER NOT NULL,
+    revision_floor INTEGER NOT NULL,
+    restricted     INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending_erasure_events (
+    id      INTEGER PRIMARY KEY,
+    due_at  REAL NOT NULL,
+    topic   TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
+"""
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (),  # dead_letters: a new table
     3: ("ALTER TABLE settings_history ADD COLUMN merged INTEGER NOT NULL DEFAULT 0",),
@@ -54,6 +73,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     4: (),
     5: (),  # find_my_car_commands: a new table
     6: (),  # location_anchors: a new table
+    # New tables (also in _SCHEMA); stated here so the step stands on its own.
+    7: tuple(s.strip() for s in _IDENTITY_SCHEMA.split(";") if s.strip()),
 }
 # settings_history rows that record a restriction being set or lifted (Art. 18)
 # rather than settings the car sent: what was allowed from then on, for the
@@ -176,6 +197,7 @@ CREATE TABLE IF NOT EXISTS parked (
 CREATE INDEX IF NOT EXISTS parked_subject ON parked (subject, revision);
 CREATE INDEX IF NOT EXISTS parked_expires ON parked (expires_at);
 """
+    + _IDENTITY_SCHEMA
     + audit.SCHEMA
 )
 
@@ -569,10 +591,30 @@ class SqliteConsentStore:
 
     # ------------------------------------------------------------------ erasure
 
-    def erase_vehicle(self, vin: str, subject: str, record: AuditRecord) -> dict[str, int]:
-        """Delete what is held about a vehicle; scrub its audit content (chain kept)."""
+    def erase_vehicle(
+        self,
+        vin: str,
+        subject: str,
+        record: AuditRecord,
+        identity: IdentityRow | None = None,
+        events: Sequence[tuple[float, str, bytes]] = (),
+    ) -> dict[str, int]:
+        """Delete what is held about a vehicle; scrub its audit content (chain kept).
+
+        In the same transaction: `identity` (what survives the erasure) is
+        stored under `subject`, and `events` (due_at, topic, payload) are
+        queued for publication after their delay."""
 
         def tx(db: sqlite3.Connection) -> dict[str, int]:
+            if identity is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO vehicle_identity VALUES (?,?,?,?)",
+                    (subject, identity.epoch, identity.revision_floor, int(identity.restricted)),
+                )
+            db.executemany(
+                "INSERT INTO pending_erasure_events (due_at, topic, payload) VALUES (?,?,?)",
+                events,
+            )
             removed = {
                 table: db.execute(f"DELETE FROM {table} WHERE vin=?", (vin,)).rowcount
                 for table in (
@@ -595,6 +637,43 @@ class SqliteConsentStore:
             return removed
 
         return self._write(tx)
+
+    # ----------------------------------------------------------------- identity
+
+    def identities(self) -> dict[str, IdentityRow]:
+        """What survived erasures, by subject (only cars ever erased)."""
+        return {
+            str(r[0]): IdentityRow(int(r[1]), int(r[2]), bool(r[3]))
+            for r in self._read(
+                "SELECT subject, epoch, revision_floor, restricted FROM vehicle_identity"
+            )
+        }
+
+    def set_identity_restricted(self, subject: str, restricted: bool) -> bool:
+        """Carry a restriction set or lifted later into the surviving row."""
+        return self._write(
+            lambda db: (
+                db.execute(
+                    "UPDATE vehicle_identity SET restricted=? WHERE subject=?",
+                    (int(restricted), subject),
+                ).rowcount
+                > 0
+            )
+        )
+
+    def pending_erasure_events(self) -> list[tuple[int, float, str, bytes]]:
+        """(id, due_at, topic, payload), earliest first."""
+        return [
+            (int(r[0]), float(r[1]), str(r[2]), bytes(r[3]))
+            for r in self._read(
+                "SELECT id, due_at, topic, payload FROM pending_erasure_events ORDER BY due_at"
+            )
+        ]
+
+    def delete_pending_erasure_event(self, event_id: int) -> None:
+        self._write(
+            lambda db: db.execute("DELETE FROM pending_erasure_events WHERE id=?", (event_id,))
+        )
 
     # ----------------------------------------------------------------- policies
 
