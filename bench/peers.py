@@ -123,7 +123,13 @@ if (rule === undefined && stream.startsWith('avn/app/')) {
     feature = rule.feature;
 }
 if (rule === undefined || !car[2].includes(feature)) return null;
-if (rule.window && !car[3]) return null;                  // find-my-car window
+if (rule.window) {                                       // find-my-car window
+    if (!car[3] || msg.payload.request_id) return null;    // the window answers no request id
+    const spent = context.get('fixes') || {};
+    if (spent[vin]) return null;                          // one fix per window (rule 17)
+    spent[vin] = true;
+    context.set('fixes', spent);
+}
 const mode = car[1];
 if (rule.purpose && mode !== 2 && mode !== 3) return null; // location off
 const p = msg.payload;
