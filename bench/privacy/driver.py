@@ -1,0 +1,161 @@
+"""The one place the privacy benchmark touches the decision core.
+
+Everything else in bench.privacy works on what a backend subscribed to
+`tsp/#` receives (`WireMessage`: topic, payload, user properties, arrival on
+the gateway clock). When the core's signatures change (settings history and
+parked messages, per-car location anchors on the gateway clock, find-my-car
+request ids and hourly caps), only this module follows:
+
+- `Gateway.vehicle_message`: one vehicle message in, what reaches the backend out
+  (today: `decide(ctx, topic, payload, states, coarse_fixes, now)`);
+- `Gateway.command`: one backend command in, its result out (`decide_command`);
+- `Gateway.force_window`: the weakened find-my-car variant opens a window with
+  no per-command limit (state surgery on purpose: emulates the v1 rule);
+- `stamp_header`: fills `Header` (settings_revision only where the schema has it);
+- `find_my_car_cap`, `side_field_step_km`: policy values the targets use.
+
+The gateway clock is simulated: `now` is seconds on the gateway's clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from gateway.core import (
+    ApplySettings,
+    CoarseFix,
+    DecisionContext,
+    Drop,
+    Forward,
+    VehicleState,
+    decide,
+    decide_command,
+)
+from gateway.policy import CompiledPolicy, CompiledStream, load_policy
+from telematics.v1 import command_pb2, common_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY = REPO / "config" / "policy.yaml"
+# The operator key of the simulated gateway: the adversary never sees it.
+BENCH_KEY = bytes(range(100, 132))
+# Contract rule 17 leaves the hourly cap to the operator; until the policy
+# states one, targets use this (a person looking for their car a few times).
+DEFAULT_FIND_MY_CAR_CAP_PER_HOUR = 4
+HEADER_HAS_REVISION = "settings_revision" in common_pb2.Header.DESCRIPTOR.fields_by_name
+
+
+@dataclass(frozen=True, slots=True)
+class WireMessage:
+    """One message as the backend receives it."""
+
+    t: float  # arrival, gateway clock (s)
+    topic: str
+    payload: bytes
+    properties: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one vehicle message did: forwarded (maybe later), dropped or applied."""
+
+    wire: tuple[WireMessage, ...]
+    dropped: str = ""  # drop reason, "" when forwarded or settings
+
+
+def stamp_header(
+    message: Message, vin: str, seq: int, timestamp_ms: int, settings_revision: int
+) -> None:
+    header: common_pb2.Header = message.header  # type: ignore[attr-defined]
+    header.vin = vin
+    header.seq = seq
+    header.timestamp_ms = timestamp_ms
+    if HEADER_HAS_REVISION and settings_revision:
+        setattr(header, "settings_revision", settings_revision)  # noqa: B010
+
+
+def clear_capture_metadata(message: Message) -> None:
+    """What a gateway checking consent at arrival only would look at: nothing."""
+    header: common_pb2.Header = message.header  # type: ignore[attr-defined]
+    header.timestamp_ms = 0
+    if HEADER_HAS_REVISION:
+        header.ClearField("settings_revision")  # type: ignore[arg-type]
+
+
+def find_my_car_cap(policy: CompiledPolicy) -> int:
+    """Find-my-car commands a car accepts per hour (contract rule 17)."""
+    for name in ("max_per_hour", "commands_per_hour", "max_commands_per_hour"):
+        value = getattr(policy.document.find_my_car, name, None)
+        if isinstance(value, int | float) and value > 0:
+            return int(value)
+    return DEFAULT_FIND_MY_CAR_CAP_PER_HOUR
+
+
+def side_field_step_km(policy: CompiledPolicy) -> float | None:
+    """The policy's odometer / trip-distance step under approximate (rule 14),
+    None while the policy has none (side fields exact)."""
+    location: Any = policy.document.location
+    for name in ("distance_step_km", "odometer_step_km", "trip_distance_step_km"):
+        value = getattr(location, name, None)
+        if isinstance(value, int | float) and value > 0:
+            return float(value)
+    return None
+
+
+class Gateway:
+    """The real decision core with its per-car state, in process."""
+
+    def __init__(self, policy: CompiledPolicy | None = None, key: bytes = BENCH_KEY) -> None:
+        self.policy = policy if policy is not None else load_policy(POLICY)
+        self.ctx = DecisionContext(policy=self.policy, key=key)
+        self.states: dict[str, VehicleState] = {}
+        self.anchors: dict[str, CoarseFix] = {}
+
+    def stream(self, relative: str) -> CompiledStream | None:
+        route = self.policy.route(relative)
+        return None if route is None else route[0]
+
+    def vehicle_message(self, topic: str, payload: bytes, now: float) -> Outcome:
+        decision = decide(self.ctx, topic, payload, self.states, self.anchors, now)
+        if isinstance(decision, Forward):
+            if decision.coarse_fix is not None:
+                self.anchors[decision.vin] = decision.coarse_fix
+            return Outcome(
+                (WireMessage(now, decision.topic, decision.payload, decision.user_properties),)
+            )
+        if isinstance(decision, ApplySettings):
+            self.states[decision.snapshot.vin] = decision.state
+            # Messages parked until this revision would be released (and
+            # decided) here once the core parks them (contract rule 12).
+            return Outcome(())
+        assert isinstance(decision, Drop)
+        return Outcome((), dropped=decision.reason.value)
+
+    def command(
+        self, vin: str, name: str, request_id: str, now: float
+    ) -> tuple[bool, str, WireMessage | None]:
+        """(accepted, reason, the command as forwarded to the car or None)."""
+        command = command_pb2.Command(
+            request_id=request_id, command=name, issued_at_ms=int(now * 1000)
+        )
+        decision = decide_command(
+            self.ctx, f"tsp/{vin}/cmd/{name}", command.SerializeToString(), self.states, now
+        )
+        if decision is None:
+            return False, "not_a_command", None
+        if decision.state is not None:
+            self.states[vin] = decision.state
+        forwarded = None
+        if decision.accepted and decision.forward_topic and decision.forward_payload:
+            forwarded = WireMessage(now, decision.forward_topic, decision.forward_payload)
+        return decision.accepted, decision.reason, forwarded
+
+    def force_window(self, vin: str, until: float) -> None:
+        """Open a find-my-car window with no limits (weakened variant only)."""
+        state = self.states.get(vin)
+        if state is not None and state.window_until < until:
+            self.states[vin] = dataclasses.replace(state, window_until=until)
