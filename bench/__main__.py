@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         help="bounds: deadline per flood in s (default 180, plus publishing time when paced)",
     )
     parser.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
-    parser.add_argument(
-        "--short", action="store_true", help="privacy: 100 cars over 2 days (CI)"
-    )
+    parser.add_argument("--short", action="store_true", help="privacy: 100 cars over 2 days (CI)")
     parser.add_argument("--cars", type=int, default=None, help="privacy: cars (1,000)")
     parser.add_argument("--days", type=int, default=None, help="privacy: simulated days (7)")
     parser.add_argument("--seed", type=int, default=None, help="privacy: fleet seed (1)")
@@ -131,8 +129,8 @@ def run_privacy(args: argparse.Namespace, argv: list[str] | None) -> int:
     from bench.report import RESULTS
 
     if args.html_from:
-        results = json.loads(Path(args.html_from).read_text())
-        print(write_html(results, Path(args.html_from).with_suffix(".html")))
+        saved = json.loads(Path(args.html_from).read_text())
+        print(write_html(saved, Path(args.html_from).with_suffix(".html")))
         return 0
     options = SHORT if args.short else Options()
     changes = {

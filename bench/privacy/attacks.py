@@ -20,6 +20,7 @@ Fixed set of estimators (each documented in docs/privacy.md):
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import Counter
@@ -113,7 +114,9 @@ def view(
         elif stream == "tbox/location":
             loc = streams_pb2.Location.FromString(w.payload)
             xy = _xy(loc.position) if loc.HasField("position") else None
-            out.locations.append(Report(w.t, stream, xy[0] if xy else 0.0, xy[1] if xy else 0.0, None, None))
+            out.locations.append(
+                Report(w.t, stream, xy[0] if xy else 0.0, xy[1] if xy else 0.0, None, None)
+            )
     anchor: int | None = None
     for i, (report, stamp) in enumerate(zip(out.reports, stamps, strict=True)):
         fresh = anchor is None or abs(stamp - anchor) >= refresh_ms
@@ -121,7 +124,13 @@ def view(
             anchor = stamp
         else:
             out.reports[i] = Report(
-                report.t, report.stream, report.x, report.y, report.odometer, report.engine_on, False
+                report.t,
+                report.stream,
+                report.x,
+                report.y,
+                report.odometer,
+                report.engine_on,
+                False,
             )
     out.reports.sort(key=lambda r: r.t)
     return out
@@ -155,14 +164,17 @@ def mean_parked(reports: list[Report]) -> tuple[float, float] | None:
 
 
 def learn_offset(
-    car: CarView, places: list[tuple[float, float]], cell_m: float, exclude: list[tuple[float, float] | None]
+    car: CarView,
+    places: list[tuple[float, float]],
+    cell_m: float,
+    exclude: list[tuple[float, float] | None],
 ) -> tuple[float, float] | None:
     """The car's secret shift, from its stays at public places: each distinct
     parked value that has exactly one public place within a cell is taken to
     be that place; value minus place is the shift plus rounding. Median."""
-    values = {
-        (round(r.x, 1), round(r.y, 1)) for r in car.reports if r.engine_on is False
-    } - {e for e in exclude if e is not None}
+    values = {(round(r.x, 1), round(r.y, 1)) for r in car.reports if r.engine_on is False} - {
+        e for e in exclude if e is not None
+    }
     dx: list[float] = []
     dy: list[float] = []
     for vx, vy in values:
@@ -188,7 +200,7 @@ def _odometer_at(points: list[tuple[float, float]], t: float) -> float | None:
         return None
     if t <= points[0][0]:
         return points[0][1]
-    for (t0, o0), (t1, o1) in zip(points, points[1:], strict=False):
+    for (t0, o0), (t1, o1) in itertools.pairwise(points):
         if t0 <= t <= t1:
             return o0 if t1 == t0 else o0 + (o1 - o0) * (t - t0) / (t1 - t0)
     return points[-1][1]
@@ -242,7 +254,7 @@ def reconstruct_end(
     if end_odo is not None:
         for axis in (0, 1):
             last = None
-            for (t0, p0), (t1, p1) in zip(fresh, fresh[1:], strict=False):
+            for (t0, p0), (t1, p1) in itertools.pairwise(fresh):
                 if abs(p1[axis] - p0[axis]) > 1.0:
                     direction = 1.0 if p1[axis] > p0[axis] else -1.0
                     last = (t0, t1, p1[axis] - direction * half - shift[axis], direction)

@@ -83,7 +83,7 @@ def clear_capture_metadata(message: Message) -> None:
     header: common_pb2.Header = message.header  # type: ignore[attr-defined]
     header.timestamp_ms = 0
     if HEADER_HAS_REVISION:
-        header.ClearField("settings_revision")  # type: ignore[arg-type]
+        header.ClearField("settings_revision")
 
 
 def find_my_car_cap(policy: CompiledPolicy) -> int:

@@ -270,7 +270,9 @@ class _Builder:
             )
         )
 
-    def settings(self, t_ms: int, *, privacy: bool = False, off: str = "", location: int = 0) -> None:
+    def settings(
+        self, t_ms: int, *, privacy: bool = False, off: str = "", location: int = 0
+    ) -> None:
         features = dict(self.truth.features)
         if off:
             features[off] = False
@@ -283,13 +285,13 @@ class _Builder:
         stamp_header(message, self.vin, 0, t_ms, 0)
         self.timeline.append((t_ms, self.revision))
         self.events.append(
-            CarEvent(t_ms + LATENCY_MS, "avn/privacy", message.SerializeToString(), t_ms, SETTINGS, False)
+            CarEvent(
+                t_ms + LATENCY_MS, "avn/privacy", message.SerializeToString(), t_ms, SETTINGS, False
+            )
         )
 
 
-def build_car(
-    seed: int, index: int, vin: str, places: list[PublicPlace], days: int
-) -> Car:
+def build_car(seed: int, index: int, vin: str, places: list[PublicPlace], days: int) -> Car:
     rng = random.Random(f"privacy-car:{seed}:{index}")
     home = random_point_near(rng, CITY_CENTRE, 2_000, 14_000)
     work = random_point_near(rng, CITY_CENTRE, 0, 9_000)
@@ -337,7 +339,9 @@ def build_car(
             break
         _parked(b, here, arrived, depart, odometer, wallbox and here == home)
         trip_number += 1
-        odometer = _drive(b, route, depart, odometer, trip_number, rng.random() < navigates, phone_macs)
+        odometer = _drive(
+            b, route, depart, odometer, trip_number, rng.random() < navigates, phone_macs
+        )
         here, arrived = destination, depart + int(route.duration_s * 1000)
     _parked(b, here, arrived, end_ms, odometer, wallbox and here == home)
     b.events.sort(key=lambda e: e.arrival_ms)
@@ -479,7 +483,9 @@ def _drive(
             b.publish(
                 t,
                 "avn/app/music",
-                streams_pb2.AppTraffic(app_id="music", content_type="application/json", payload=b"{}"),
+                streams_pb2.AppTraffic(
+                    app_id="music", content_type="application/json", payload=b"{}"
+                ),
             )
     distance_km = route.length_m / 1000
     odometer += distance_km

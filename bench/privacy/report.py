@@ -184,15 +184,21 @@ def privacy_section(results: dict[str, Any]) -> str:
         " down to a step makes trip ends harder to reconstruct, and makes the trip distance the"
         " service sees less exact. Trip-end error (higher is more private) against the error it"
         " introduces in trip distance:</p><table><tr><th>step</th>"
-        + "".join(
-            f"<th>trip-end error, {_esc(VARIANT_LABELS.get(d, d))}</th>" for d in designs
-        )
+        + "".join(f"<th>trip-end error, {_esc(VARIANT_LABELS.get(d, d))}</th>" for d in designs)
         + "<th>trip distance error</th></tr>"
     )
     for i, point in enumerate(trip["curve"][designs[0]]):
         step = f"{point['step_km']:g} km" if point["step_km"] else "exact"
         cells = "".join(
-            f"<td>{_esc(fmt(trip['curve'][d][i]['privacy_cells'], 'cell', trip['curve'][d][i]['privacy_m']))}</td>"
+            "<td>{}</td>".format(
+                _esc(
+                    fmt(
+                        trip["curve"][d][i]["privacy_cells"],
+                        "cell",
+                        trip["curve"][d][i]["privacy_m"],
+                    )
+                )
+            )
             for d in designs
         )
         parts.append(

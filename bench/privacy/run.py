@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.message import Message
+
 from bench.privacy.attacks import (
     CarView,
     Report,
@@ -105,7 +107,7 @@ def _leaks_location(relative: str, payload: bytes) -> bool:
     names = GEO_FIELDS.get(relative, ())
     if not names:
         return False
-    cls = {
+    cls: type[Message] = {
         "tbox/status": streams_pb2.VehicleStatus,
         "tbox/trip": streams_pb2.Trip,
         "tbox/battery": streams_pb2.BatteryStatus,
@@ -113,10 +115,7 @@ def _leaks_location(relative: str, payload: bytes) -> bool:
         "tbox/location": streams_pb2.Location,
     }[relative]
     message = cls.FromString(payload)
-    return any(
-        message.HasField(name) and getattr(message, name).ByteSize() > 0  # type: ignore[arg-type]
-        for name in names
-    )
+    return any(message.HasField(name) and getattr(message, name).ByteSize() > 0 for name in names)
 
 
 def _feed(variant: Variant, car: Car, tally: Tally, utility: bool) -> list[WireMessage]:
@@ -251,6 +250,11 @@ def _score_car(
     ends = {"": _trip_ends(seen, None, cell_m)}
     if learned is not None:
         ends["-offset"] = _trip_ends(seen, learned, cell_m)
+    if learned is not None and truth.clock != "honest":
+        # Where the shift could be learned, how far the crossings then get.
+        for trip_id, (_final, crossing) in ends["-offset"].items():
+            true_end = metres(trip_truth[trip_id].end)
+            tally.add("trip_ends_offset_learned", "crossing-offset", _dist(crossing, true_end))
     if learned is None:
         # The offset estimators fall back to the plain ones: every estimator
         # answers for every car, so their medians compare like with like.
@@ -279,7 +283,11 @@ def _score_car(
             tally.add(group, f"crossing{suffix}", _dist(crossing, true_end))
     if design == "real":
         for trip in seen.trips:
-            tally.add("utility", "trip_distance_error_km", abs(trip.distance_km - trip_truth[trip.trip_id].distance_km))
+            tally.add(
+                "utility",
+                "trip_distance_error_km",
+                abs(trip.distance_km - trip_truth[trip.trip_id].distance_km),
+            )
     if design in ("v1", "real") and adversarial:
         # Privacy against utility: the same recording with odometer and trip
         # distance generalized to each step (emulated on the recording).
@@ -287,9 +295,10 @@ def _score_car(
             stepped = _generalized(seen, step)
             for trip_id, (_final, crossing) in _trip_ends(stepped, None, cell_m).items():
                 tally.curve[step].append(_dist(crossing, metres(trip_truth[trip_id].end)))
-            for trip in truth.trips:
-                published = math.floor(trip.distance_km / step) * step if step else trip.distance_km
-                tally.add("curve_utility", f"{step:g}", abs(published - trip.distance_km))
+            for true_trip in truth.trips:
+                exact = true_trip.distance_km
+                published = math.floor(exact / step) * step if step else exact
+                tally.add("curve_utility", f"{step:g}", abs(published - exact))
 
 
 def _generalized(car: CarView, step: float) -> CarView:
@@ -301,11 +310,17 @@ def _generalized(car: CarView, step: float) -> CarView:
 
     out = CarView(messages=car.messages, locations=car.locations)
     out.reports = [
-        Report(r.t, r.stream, r.x, r.y, gen(r.odometer), r.engine_on, r.fresh)
-        for r in car.reports
+        Report(r.t, r.stream, r.x, r.y, gen(r.odometer), r.engine_on, r.fresh) for r in car.reports
     ]
     out.trips = [
-        type(t)(t.t, t.trip_id, t.end, gen(t.distance_km) or 0.0, t.duration_s, gen(t.odometer_km) or 0.0)
+        type(t)(
+            t.t,
+            t.trip_id,
+            t.end,
+            gen(t.distance_km) or 0.0,
+            t.duration_s,
+            gen(t.odometer_km) or 0.0,
+        )
         for t in car.trips
     ]
     return out
@@ -461,7 +476,9 @@ def _verdict(value: float, op: str, target: float) -> bool:
     return value >= target if op == ">=" else value <= target
 
 
-def _row(spec: dict[str, Any], design: str, tally: Tally, cell_m: float, cap: int) -> dict[str, Any]:
+def _row(
+    spec: dict[str, Any], design: str, tally: Tally, cell_m: float, cap: int
+) -> dict[str, Any]:
     attack = spec["id"]
     row: dict[str, Any] = {"variant": design}
     if attack in ("home_work", "averaging", "trip_ends"):
@@ -475,10 +492,24 @@ def _row(spec: dict[str, Any], design: str, tally: Tally, cell_m: float, cap: in
         )
         if attack == "trip_ends":
             honest = _best(tally.estimators["trip_ends_honest_clock"])
-            row["honest_clock_cars"] = {"best_estimator": honest[0], "metres": honest[1], "value": honest[1] / cell_m}
+            learned = tally.estimators["trip_ends_offset_learned"]["crossing-offset"]
+            row["offset_learned_cars"] = {
+                "trips": len(learned),
+                "metres": _median(learned),
+                "value": _median(learned) / cell_m,
+            }
+            row["honest_clock_cars"] = {
+                "best_estimator": honest[0],
+                "metres": honest[1],
+                "value": honest[1] / cell_m,
+            }
     elif attack == "find_my_car":
         fixes = tally.fixes_per_hour
-        row.update(value=float(max(fixes)) if fixes else float("nan"), median=_median([float(f) for f in fixes]), cars=len(fixes))
+        row.update(
+            value=float(max(fixes)) if fixes else float("nan"),
+            median=_median([float(f) for f in fixes]),
+            cars=len(fixes),
+        )
     elif attack == "late_data":
         kinds = (LATE_PRIVACY, LATE_FEATURE_OFF, LATE_LOCATION_OFF)
         leaked = {k: tally.counts.get(f"leaked:{k}", 0) for k in kinds}
@@ -490,13 +521,17 @@ def _row(spec: dict[str, Any], design: str, tally: Tally, cell_m: float, cap: in
     elif attack == "utility":
         allowed = tally.counts.get("allowed", 0)
         row.update(
-            value=100.0 * tally.counts.get("allowed_delivered", 0) / allowed if allowed else float("nan"),
+            value=100.0 * tally.counts.get("allowed_delivered", 0) / allowed
+            if allowed
+            else float("nan"),
             allowed=allowed,
             delivered=tally.counts.get("allowed_delivered", 0),
         )
         if design == "real":
             row["position_error_m"] = _median(tally.estimators["utility"]["position_error_m"])
-            row["trip_distance_error_km"] = _median(tally.estimators["utility"]["trip_distance_error_km"])
+            row["trip_distance_error_km"] = _median(
+                tally.estimators["utility"]["trip_distance_error_km"]
+            )
     target = cap if spec["target"] is None else spec["target"]
     row["pass"] = _verdict(row["value"], spec["op"], target)
     return row
@@ -531,19 +566,18 @@ def summarize(
         for design in ("v1", "real")
     }
     trip["default_step_km"] = policy["side_field_step_km"]
-    trip["utility_trip_distance_error_km"] = next(
-        a for a in attacks if a["id"] == "utility"
-    )["real"].get("trip_distance_error_km")
+    trip["utility_trip_distance_error_km"] = next(a for a in attacks if a["id"] == "utility")[
+        "real"
+    ].get("trip_distance_error_km")
     real_tally = tallies["real"]
     return {
         "options": {"cars": options.cars, "days": options.days, "seed": options.seed},
         "policy": policy,
-        "fleet": fleet | {
+        "fleet": fleet
+        | {
             "approximate_cars_scored": real_tally.counts.get("approximate_cars", 0),
             "offset_learned_real": real_tally.counts.get("offset_learned", 0),
         },
-        "variants": {
-            d.name: d.description for d in (Variant(), V1Variant(), NoiseVariant())
-        },
+        "variants": {d.name: d.description for d in (Variant(), V1Variant(), NoiseVariant())},
         "attacks": attacks,
     }

@@ -118,9 +118,7 @@ class V1Variant(Variant):
             for name in SIDE_FIELDS.get(event.relative, ()):
                 setattr(out, name, getattr(original, name))
             out.header.timestamp_ms = original.header.timestamp_ms  # type: ignore[attr-defined]
-            wires.append(
-                WireMessage(wire.t, wire.topic, out.SerializeToString(), wire.properties)
-            )
+            wires.append(WireMessage(wire.t, wire.topic, out.SerializeToString(), wire.properties))
         return Outcome(tuple(wires), outcome.dropped)
 
     def _v1_value(
@@ -172,7 +170,5 @@ class NoiseVariant(Variant):
                 point: common_pb2.GeoPoint = getattr(out, name)
                 point.latitude = truth.latitude + self.rng.uniform(-half_lat, half_lat)
                 point.longitude = truth.longitude + self.rng.uniform(-half_lon, half_lon)
-            wires.append(
-                WireMessage(wire.t, wire.topic, out.SerializeToString(), wire.properties)
-            )
+            wires.append(WireMessage(wire.t, wire.topic, out.SerializeToString(), wire.properties))
         return Outcome(tuple(wires), outcome.dropped)
