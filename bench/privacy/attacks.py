@@ -10,16 +10,18 @@ Fixed set of estimators (each documented in docs/privacy.md):
 - `modal`: the most frequent parked value at night (home) / weekday midday (work);
 - `modal-offset`: the same minus the car's secret shift learned from its stays
   at public places (published value minus the public place it must be);
-- `arrivals`: trip-end reconstruction (below) for every trip that ends at the
-  modal value, coordinate median;
-- trip ends: `final` (published end value), and `crossing`: the last change of
-  the published value on each axis marks a grid-line crossing; with the
-  odometer (or trip distance) the remaining distance from that line bounds the
-  end, intersected with the band the final value allows.
+- `arrivals`: the place fitted to every drive that reached or left the modal
+  value (`fit_place`);
+- trip ends: `final` (published end value), and `crossing`: the change of
+  the published value nearest to the end on each axis marks a grid-line
+  crossing; with the odometer the road distance from that line bounds the
+  end, within the band the final value allows; the next drive, leaving from
+  there, bounds it the same way (`fit_place` over those two legs).
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import statistics
@@ -196,105 +198,164 @@ def public_xy(places: list[PublicPlace]) -> list[tuple[float, float]]:
 
 
 def _odometer_at(points: list[tuple[float, float]], t: float) -> float | None:
+    """Odometer at `t`, linear between the reports that carry one."""
     if not points:
         return None
-    if t <= points[0][0]:
+    k = bisect.bisect_right(points, t, key=lambda p: p[0])
+    if k == 0:
         return points[0][1]
-    for (t0, o0), (t1, o1) in itertools.pairwise(points):
-        if t0 <= t <= t1:
-            return o0 if t1 == t0 else o0 + (o1 - o0) * (t - t0) / (t1 - t0)
-    return points[-1][1]
+    if k >= len(points):
+        return points[-1][1]
+    (t0, o0), (t1, o1) = points[k - 1], points[k]
+    return o0 if t1 == t0 else o0 + (o1 - o0) * (t - t0) / (t1 - t0)
 
 
-def trip_drives(car: CarView) -> list[tuple[TripView, list[Report]]]:
-    """Each recorded trip with the moving reports of the drive it closes."""
+def trip_drives(car: CarView) -> list[tuple[TripView, list[Report], float | None]]:
+    """Each recorded trip with the moving reports of the drive it closes and
+    the odometer when that drive started (last parked report before it)."""
     out = []
     reports = car.reports
     for trip in car.trips:
         drive: list[Report] = []
+        start_odo = None
         for r in reversed(reports):
             if r.t >= trip.t:
                 continue
             if r.engine_on is False:
                 if drive:
+                    start_odo = r.odometer
                     break
                 continue
             if trip.t - r.t > 4 * 3600:
                 break
             drive.append(r)
         drive.reverse()
-        out.append((trip, drive))
+        out.append((trip, drive, start_odo))
     return out
 
 
-def reconstruct_end(
-    trip: TripView,
-    drive: list[Report],
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """What one drive says about a place it left or reached: per axis, the
+    grid line crossed nearest to the place (in the adversary's frame), the
+    side of it the place is on, and the road distance between crossing and
+    place (odometer window)."""
+
+    axes: tuple[tuple[int, float, float, float, float], ...]  # axis, line, side, lo m, hi m
+
+
+def leg(
+    track: list[tuple[float, tuple[float, float]]],
     odometer: list[tuple[float, float]],
-    final: tuple[float, float],
+    place_odo: float | None,
     shift: tuple[float, float],
-    cell_m: float,
+    half: float,
+    arriving: bool,
+) -> Leg | None:
+    """`track`: fresh (time, value) reports in time order, the place's own
+    value at the arriving end (or at the start when leaving)."""
+    if place_odo is None or len(track) < 2:
+        return None
+    axes = []
+    for axis in (0, 1):
+        pairs = list(itertools.pairwise(track))
+        if arriving:
+            pairs.reverse()
+        for (t0, p0), (t1, p1) in pairs:
+            if abs(p1[axis] - p0[axis]) <= 1.0:
+                continue
+            direction = 1.0 if p1[axis] > p0[axis] else -1.0
+            line = p1[axis] - direction * half - shift[axis]
+            a, b = _odometer_at(odometer, t0), _odometer_at(odometer, t1)
+            if a is None or b is None:
+                break
+            if arriving:
+                lo, hi, side = place_odo - b, place_odo - a, direction
+            else:
+                lo, hi, side = a - place_odo, b - place_odo, -direction
+            axes.append((axis, line, side, max(0.0, lo) * 1000, max(0.0, hi) * 1000))
+            break
+    return Leg(tuple(axes)) if axes else None
+
+
+def fit_place(
+    value: tuple[float, float], legs: list[Leg], shift: tuple[float, float], cell_m: float
 ) -> tuple[float, float]:
-    """Trip end from the last grid-line crossing on each axis and the distance
-    still driven after it (odometer), within the band the final value allows.
+    """The place behind a published value: the centre of the points of its
+    band (100 m lattice) consistent with the most legs.
 
     Roads run in street-grid legs, monotone from start to end (sim.world), so
-    after crossing a line the car only moves away from it: its offset from
-    that line at the end is at most the distance driven since; after both
-    crossings the two offsets add up to at least the distance driven since the
-    later one, and to at most (with 20 % slack for diagonal roads) the distance
-    since the earlier one. The estimate is the centre of the points of the
-    final band that satisfy all of that (100 m lattice).
+    after crossing a line a car only moves away from it: a place's offset from
+    the line nearest to it is at most the road distance between them; with a
+    line crossed on each axis, the two offsets add up to at least the distance
+    to the nearer crossing and at most (20 % slack for diagonal roads) the
+    distance to the farther one.
     """
     half = cell_m / 2
-    end_odo = trip.odometer_km or None
-    centre = (final[0] - shift[0], final[1] - shift[1])
-    crossings: list[tuple[int, float, float, float, float]] = []  # axis, line, dir, lo, hi km
-    fresh = [(r.t, (r.x, r.y)) for r in drive if r.fresh] + [(trip.t, final)]
-    if end_odo is not None:
-        for axis in (0, 1):
-            last = None
-            for (t0, p0), (t1, p1) in itertools.pairwise(fresh):
-                if abs(p1[axis] - p0[axis]) > 1.0:
-                    direction = 1.0 if p1[axis] > p0[axis] else -1.0
-                    last = (t0, t1, p1[axis] - direction * half - shift[axis], direction)
-            if last is None:
-                continue
-            lo, hi = _odometer_at(odometer, last[0]), _odometer_at(odometer, last[1])
-            if lo is None or hi is None:
-                continue
-            crossings.append((axis, last[2], last[3], end_odo - hi, end_odo - lo))
-    if not crossings:
-        return centre
+    cx, cy = value[0] - shift[0], value[1] - shift[1]
+    if not legs:
+        return cx, cy
     tol = 60.0
-    later = max(crossings, key=lambda c: -c[3]) if len(crossings) == 2 else None
-    earlier = min(crossings, key=lambda c: -c[3]) if len(crossings) == 2 else None
-    sx = sy = 0.0
-    n = 0
+    # Per leg: its axes, and the bounds on the sum of both offsets.
+    prepared = []
+    for lg in legs:
+        sums = None
+        if len(lg.axes) == 2:
+            near = min(lg.axes, key=lambda a: a[3])
+            far = max(lg.axes, key=lambda a: a[3])
+            sums = (near[3] - tol, far[4] * 1.2 + tol)
+        prepared.append(([(a[0], a[1], a[2], a[4] + tol) for a in lg.axes], sums))
+    best, sx, sy, n = -1, 0.0, 0.0, 0
     steps = [-half + k * cell_m / 20 for k in range(21)]
     for dy in steps:
-        y = centre[1] + dy
+        y = cy + dy
         for dx in steps:
-            x = centre[0] + dx
-            offsets = {}
-            ok = True
-            for axis, line, direction, _short, long in crossings:
-                off = ((x, y)[axis] - line) * direction
-                if off < -tol or off > long * 1000 + tol:
-                    ok = False
-                    break
-                offsets[axis] = off
-            if ok and later is not None and earlier is not None:
-                total = offsets[0] + offsets[1]
-                if total < later[3] * 1000 - tol or total > earlier[4] * 1200 + tol:
-                    ok = False
-            if ok:
-                sx += x
-                sy += y
-                n += 1
-    if n == 0:
-        return centre
+            x = cx + dx
+            point = (x, y)
+            score = 0
+            for axes, sums in prepared:
+                total = 0.0
+                for axis, line, side, limit in axes:
+                    off = (point[axis] - line) * side
+                    if off < -tol or off > limit:
+                        break
+                    total += off
+                else:
+                    if sums is None or sums[0] <= total <= sums[1]:
+                        score += 1
+            if score > best:
+                best, sx, sy, n = score, x, y, 1
+            elif score == best:
+                sx, sy, n = sx + x, sy + y, n + 1
     return sx / n, sy / n
+
+
+def trip_legs(
+    car: CarView, shift: tuple[float, float], cell_m: float
+) -> list[tuple[TripView, tuple[float, float], list[Leg]]]:
+    """Each trip with its end's published value and the legs about that end:
+    the drive that reached it and the next drive, which left from it."""
+    half = cell_m / 2
+    odometer = odometer_track(car)
+    drives = trip_drives(car)
+    out = []
+    for i, (trip, drive, _start_odo) in enumerate(drives):
+        final = trip.end
+        if final is None:
+            continue
+        legs = []
+        track = [(r.t, (r.x, r.y)) for r in drive if r.fresh] + [(trip.t, final)]
+        arrival = leg(track, odometer, trip.odometer_km or None, shift, half, arriving=True)
+        if arrival is not None:
+            legs.append(arrival)
+        if i + 1 < len(drives):
+            _next, next_drive, start_odo = drives[i + 1]
+            departure_track = [(trip.t, final)] + [(r.t, (r.x, r.y)) for r in next_drive if r.fresh]
+            departure = leg(departure_track, odometer, start_odo, shift, half, arriving=False)
+            if departure is not None:
+                legs.append(departure)
+        out.append((trip, final, legs))
+    return out
 
 
 def odometer_track(car: CarView) -> list[tuple[float, float]]:

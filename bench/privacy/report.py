@@ -71,7 +71,7 @@ def print_privacy_table(results: dict[str, Any], console: Console) -> None:
     designs = list(trip["curve"])
     for i, point in enumerate(trip["curve"][designs[0]]):
         curve.add_row(
-            f"{point['step_km']:g} km" if point["step_km"] else "exact",
+            _step_label(point["step_km"], trip.get("default_step_km")),
             *(
                 fmt(trip["curve"][d][i]["privacy_cells"], "cell", trip["curve"][d][i]["privacy_m"])
                 for d in designs
@@ -79,6 +79,13 @@ def print_privacy_table(results: dict[str, Any], console: Console) -> None:
             f"{point['utility_trip_distance_error_km']:.2f} km",
         )
     console.print(curve)
+
+
+def _step_label(step: float, default: float | None) -> str:
+    label = f"{step:g} km" if step else "exact"
+    if (default or 0.0) == step:
+        label += " (policy)"
+    return label
 
 
 def _detail(attack: dict[str, Any]) -> str:
@@ -188,7 +195,7 @@ def privacy_section(results: dict[str, Any]) -> str:
         + "<th>trip distance error</th></tr>"
     )
     for i, point in enumerate(trip["curve"][designs[0]]):
-        step = f"{point['step_km']:g} km" if point["step_km"] else "exact"
+        step = _step_label(point["step_km"], trip.get("default_step_km"))
         cells = "".join(
             "<td>{}</td>".format(
                 _esc(

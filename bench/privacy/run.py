@@ -19,14 +19,14 @@ from google.protobuf.message import Message
 
 from bench.privacy.attacks import (
     CarView,
+    Leg,
     Report,
+    fit_place,
     learn_offset,
     mean_parked,
     modal,
-    odometer_track,
     public_xy,
-    reconstruct_end,
-    trip_drives,
+    trip_legs,
     view,
 )
 from bench.privacy.driver import (
@@ -194,33 +194,20 @@ def _shifted(point: tuple[float, float], shift: tuple[float, float] | None) -> t
     return point if shift is None else (point[0] - shift[0], point[1] - shift[1])
 
 
-def _coordinate_median(points: list[tuple[float, float]]) -> tuple[float, float] | None:
-    if not points:
-        return None
-    return statistics.median(p[0] for p in points), statistics.median(p[1] for p in points)
-
-
 def _trip_ends(
     car: CarView,
     shift: tuple[float, float] | None,
     cell_m: float,
-) -> dict[str, tuple[tuple[float, float], tuple[float, float]]]:
-    """trip_id -> (final-value estimate, crossing estimate), both with `shift` removed."""
-    odometer = odometer_track(car)
+) -> tuple[dict[str, tuple[tuple[float, float], tuple[float, float]]], dict[Any, list[Leg]]]:
+    """trip_id -> (final-value estimate, crossing estimate), both with `shift`
+    removed; and every leg per published end value (for the place fits)."""
+    s = shift or (0.0, 0.0)
     out = {}
-    for trip, drive in trip_drives(car):
-        final = trip.end
-        if final is None:
-            parked = [r for r in car.reports if r.t > trip.t and r.engine_on is False]
-            if not parked:
-                continue
-            final = (parked[0].x, parked[0].y)
-        s = shift or (0.0, 0.0)
-        out[trip.trip_id] = (
-            _shifted(final, s),
-            reconstruct_end(trip, drive, odometer, final, s, cell_m),
-        )
-    return out
+    by_value: dict[Any, list[Leg]] = defaultdict(list)
+    for trip, final, legs in trip_legs(car, s, cell_m):
+        out[trip.trip_id] = (_shifted(final, s), fit_place(final, legs, s, cell_m))
+        by_value[(round(final[0], 1), round(final[1], 1))].extend(legs)
+    return out, by_value
 
 
 def _score_car(
@@ -247,9 +234,10 @@ def _score_car(
     tally.counts["offset_learned"] += 1 if learned is not None else 0
     tally.counts["approximate_cars"] += 1
     trip_truth = {t.trip_id: t for t in truth.trips}
-    ends = {"": _trip_ends(seen, None, cell_m)}
+    ends, legs = {}, {}
+    ends[""], legs[""] = _trip_ends(seen, None, cell_m)
     if learned is not None:
-        ends["-offset"] = _trip_ends(seen, learned, cell_m)
+        ends["-offset"], legs["-offset"] = _trip_ends(seen, learned, cell_m)
     if learned is not None and truth.clock != "honest":
         # Where the shift could be learned, how far the crossings then get.
         for trip_id, (_final, crossing) in ends["-offset"].items():
@@ -258,21 +246,15 @@ def _score_car(
     if learned is None:
         # The offset estimators fall back to the plain ones: every estimator
         # answers for every car, so their medians compare like with like.
-        ends["-offset"] = ends[""]
+        ends["-offset"], legs["-offset"] = ends[""], legs[""]
     for place, true_xy in ((home, home_true), (work, work_true)):
         if place is None:
             continue
         tally.add("home_work", "modal", _dist(place, true_xy))
         tally.add("home_work", "modal-offset", _dist(_shifted(place, learned), true_xy))
-        for suffix, estimates in ends.items():
-            arrivals = [
-                estimates[t.trip_id][1]
-                for t in seen.trips
-                if t.end is not None
-                and t.trip_id in estimates
-                and (round(t.end[0], 1), round(t.end[1], 1)) == place
-            ]
-            guess = _coordinate_median(arrivals) or _shifted(place, learned if suffix else None)
+        for suffix in ("", "-offset"):
+            shift = learned if suffix else None
+            guess = fit_place(place, legs[suffix].get(place, []), shift or (0.0, 0.0), cell_m)
             tally.add("home_work", f"arrivals{suffix}", _dist(guess, true_xy))
     adversarial = truth.clock != "honest"
     group = "trip_ends" if adversarial else "trip_ends_honest_clock"
@@ -293,7 +275,7 @@ def _score_car(
         # distance generalized to each step (emulated on the recording).
         for step in STEPS_KM:
             stepped = _generalized(seen, step)
-            for trip_id, (_final, crossing) in _trip_ends(stepped, None, cell_m).items():
+            for trip_id, (_final, crossing) in _trip_ends(stepped, None, cell_m)[0].items():
                 tally.curve[step].append(_dist(crossing, metres(trip_truth[trip_id].end)))
             for true_trip in truth.trips:
                 exact = true_trip.distance_km
