@@ -44,7 +44,7 @@ def test_structure(results: dict[str, Any]) -> None:
         assert entry["real"]["variant"] == "real"
         assert entry["weakened"]["variant"] in results["variants"]
     trip = attack(results, "trip_ends")
-    assert set(trip["curve"]) == {"v1", "real"}
+    assert set(trip["curve"]) == {"v1", "real", "real-shift-known"}
     for points in trip["curve"].values():
         assert [p["step_km"] for p in points] == list(STEPS_KM)
     # Rounding to a coarser step costs more trip-distance accuracy.

@@ -20,6 +20,7 @@ VARIANT_LABELS = {
     "real": "this gateway",
     "v1": "weakened: contract v1 design",
     "noise": "weakened: fresh random noise per report",
+    "real-shift-known": "this gateway if the secret shift leaked (sensitivity)",
 }
 
 
@@ -66,7 +67,7 @@ def print_privacy_table(results: dict[str, Any], console: Console) -> None:
     curve = Table(title="trip ends: privacy against utility by odometer / trip distance step")
     curve.add_column("step", justify="right")
     for design in trip["curve"]:
-        curve.add_column(f"trip-end error, {design}", justify="right")
+        curve.add_column(f"trip-end error, {VARIANT_LABELS.get(design, design)}", justify="right")
     curve.add_column("trip distance error", justify="right")
     designs = list(trip["curve"])
     for i, point in enumerate(trip["curve"][designs[0]]):

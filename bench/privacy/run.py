@@ -30,6 +30,7 @@ from bench.privacy.attacks import (
     view,
 )
 from bench.privacy.driver import (
+    BENCH_KEY,
     HEADER_HAS_REVISION,
     POLICY,
     WireMessage,
@@ -52,6 +53,7 @@ from bench.privacy.fleet import (
     public_places,
 )
 from bench.privacy.variants import NoiseVariant, V1Variant, Variant
+from gateway.core.transforms import grid_offset
 from gateway.policy import load_policy
 from sim.geo import Point, distance_m
 from telematics.v1 import common_pb2, streams_pb2
@@ -97,7 +99,9 @@ class Tally:
     )
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     fixes_per_hour: list[int] = field(default_factory=list)
-    curve: dict[float, list[float]] = field(default_factory=lambda: defaultdict(list))
+    curve: dict[str, dict[float, list[float]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
 
     def add(self, attack: str, estimator: str, value: float) -> None:
         self.estimators[attack][estimator].append(value)
@@ -272,15 +276,33 @@ def _score_car(
             )
     if design in ("v1", "real") and adversarial:
         # Privacy against utility: the same recording with odometer and trip
-        # distance generalized to each step (emulated on the recording).
+        # distance generalized to each step (emulated on the recording). For
+        # this gateway also with the car's secret shift handed to the attack
+        # (a sensitivity, not an attack: what the refresh rule and the steps
+        # still protect if the shift ever leaked).
+        curves: list[tuple[str, tuple[float, float] | None]] = [(design, None)]
+        if design == "real":
+            curves.append((SHIFT_KNOWN, known_shift(truth.vin, cell_m)))
         for step in STEPS_KM:
             stepped = _generalized(seen, step)
-            for trip_id, (_final, crossing) in _trip_ends(stepped, None, cell_m)[0].items():
-                tally.curve[step].append(_dist(crossing, metres(trip_truth[trip_id].end)))
+            for label, shift in curves:
+                for trip_id, (_final, crossing) in _trip_ends(stepped, shift, cell_m)[0].items():
+                    true_end = metres(trip_truth[trip_id].end)
+                    tally.curve[label][step].append(_dist(crossing, true_end))
             for true_trip in truth.trips:
                 exact = true_trip.distance_km
                 published = math.floor(exact / step) * step if step else exact
                 tally.add("curve_utility", f"{step:g}", abs(published - exact))
+
+
+SHIFT_KNOWN = "real-shift-known"
+
+
+def known_shift(vin: str, cell_m: float) -> tuple[float, float]:
+    """The car's secret grid shift in metres (east, north), from the operator
+    key: for the sensitivity curve only, never available to an attack."""
+    offset = grid_offset(BENCH_KEY, vin)
+    return (offset.lon_fraction - 0.5) * cell_m, (offset.lat_fraction - 0.5) * cell_m
 
 
 def _generalized(car: CarView, step: float) -> CarView:
@@ -534,18 +556,18 @@ def summarize(
         attacks.append(entry)
     trip = next(a for a in attacks if a["id"] == "trip_ends")
     trip["curve"] = {
-        design: [
+        label: [
             {
                 "step_km": step,
-                "privacy_m": _median(tallies[design].curve[step]),
-                "privacy_cells": _median(tallies[design].curve[step]) / cell_m,
+                "privacy_m": _median(tallies[design].curve[label][step]),
+                "privacy_cells": _median(tallies[design].curve[label][step]) / cell_m,
                 "utility_trip_distance_error_km": _median(
                     tallies[design].estimators["curve_utility"][f"{step:g}"]
                 ),
             }
             for step in STEPS_KM
         ]
-        for design in ("v1", "real")
+        for design, label in (("v1", "v1"), ("real", "real"), ("real", SHIFT_KNOWN))
     }
     trip["default_step_km"] = policy["side_field_step_km"]
     trip["utility_trip_distance_error_km"] = next(a for a in attacks if a["id"] == "utility")[
