@@ -349,7 +349,10 @@ def trip_legs(
         if arrival is not None:
             legs.append(arrival)
         if i + 1 < len(drives):
-            _next, next_drive, start_odo = drives[i + 1]
+            following, next_drive, start_odo = drives[i + 1]
+            if start_odo is None and following.odometer_km and following.distance_km:
+                # No parked odometer: the next trip's end odometer minus its distance.
+                start_odo = following.odometer_km - following.distance_km
             departure_track = [(trip.t, final)] + [(r.t, (r.x, r.y)) for r in next_drive if r.fresh]
             departure = leg(departure_track, odometer, start_odo, shift, half, arriving=False)
             if departure is not None:

@@ -102,6 +102,7 @@ class CarTruth:
     late_data: bool
     features: dict[str, bool]
     revision: int = 1  # the car's settings revision at the end of the week
+    states_revision: bool = True  # Header.settings_revision filled (contract v2 car)
     trips: list[TripTruth] = field(default_factory=list)
     # Arrival (ms) of each parked status at home at night: for the averaging attack.
     positions: dict[int, Point] = field(default_factory=dict)  # capture_ms -> true point
@@ -253,7 +254,8 @@ class _Builder:
             # after the window closes, stating the revision it was captured under.
             kind, revision = window.kind, window.revision
             arrival = window.end_ms + 5 * MINUTE_MS + self.seq[unit] * 50
-        stamp_header(message, self.vin, self.seq[unit], self.car_time(unit, capture_ms), revision)
+        stated = revision if self.truth.states_revision else 0
+        stamp_header(message, self.vin, self.seq[unit], self.car_time(unit, capture_ms), stated)
         feature_on = self.truth.features.get(FEATURE_OF[relative], False)
         location_ok = relative not in LOCATION_PURPOSE or self.truth.location in (
             common_pb2.LOCATION_APPROXIMATE,
@@ -315,6 +317,9 @@ def build_car(seed: int, index: int, vin: str, places: list[PublicPlace], days: 
     }
     late = location != common_pb2.LOCATION_OFF and rng.random() < 0.15
     truth = CarTruth(vin, home, work, location, clock, late, features)
+    # Half the cars with late data are contract-v1 cars: no stated revision,
+    # capture known only from the timestamp.
+    truth.states_revision = not late or rng.random() < 0.5
     b = _Builder(rng, truth)
     b.settings(START_MS + 1_000)
     if late:

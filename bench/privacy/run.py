@@ -186,7 +186,8 @@ def _find_my_car(variant: Variant, car: Car, start_ms: int) -> list[WireMessage]
         )
         if request_id and "request_id" in streams_pb2.Location.DESCRIPTOR.fields_by_name:
             setattr(message, "request_id", request_id)  # noqa: B010
-        stamp_header(message, vin, seq, int(t * 1000), car.truth.revision)
+        stated = car.truth.revision if car.truth.states_revision else 0
+        stamp_header(message, vin, seq, int(t * 1000), stated)
         event = CarEvent(
             int(t * 1000), "tbox/location", message.SerializeToString(), int(t * 1000), LIVE, False
         )
