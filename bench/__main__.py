@@ -1,9 +1,10 @@
-"""`python -m bench {all,core,throughput,latency,scale,bounds,privacy}`: see
+"""`python -m bench {all,core,throughput,latency,scale,bounds,peers,privacy}`: see
 docs/performance.md and docs/privacy.md.
 
 `all` runs core, throughput, latency and scale; `bounds` (the floods of
-contract rule 20, several minutes) and `privacy` (the attack benchmark, in
-process, a few minutes; `--short` for a quick one) run only when named."""
+contract rule 20, several minutes), `peers` (the gateway against a Node-RED
+flow doing the same work) and `privacy` (the attack benchmark, in process, a
+few minutes; `--short` for a quick one) run only when named."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from bench.bounds import BoundsOptions, bench_bounds, print_bounds_table
+from bench.peers import PeerOptions, PeerUnavailable, bench_peers, peer_targets
 from bench.report import machine_info, print_table, targets, write_json
 from bench.suite import (
     Context,
@@ -37,7 +39,7 @@ BENCHMARKS: dict[str, Callable[[Context], dict[str, Any]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("benchmark", choices=["all", *BENCHMARKS, "bounds", "privacy"])
+    parser.add_argument("benchmark", choices=["all", *BENCHMARKS, "bounds", "peers", "privacy"])
     parser.add_argument("--rounds", type=int, default=3, help="A B A B rounds (median quoted)")
     parser.add_argument("--fleet", type=int, default=5_000, help="vehicles in the fleet")
     parser.add_argument("--messages", type=int, default=30_000, help="messages per throughput run")
@@ -97,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             timeout_s=args.flood_timeout,
         )
         return run_bounds(bounds, options, argv, console)
+    if args.benchmark == "peers":
+        peers = PeerOptions(
+            messages=8_000 if args.quick else 20_000,
+            rounds=args.rounds,
+            fleet_size=min(args.fleet, 2_000),
+        )
+        return run_peers(peers, options, argv, console)
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     results: dict[str, Any] = {
         "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -169,6 +178,31 @@ def run_bounds(
     results["seconds"] = time.perf_counter() - started
     path = write_json(results, f"bounds-{time.strftime('%Y%m%d-%H%M%S')}.json")
     print_bounds_table(results["bounds"], Console(width=160))
+    console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
+    return 0
+
+
+def run_peers(
+    peers: PeerOptions, options: Options, argv: list[str] | None, console: Console
+) -> int:
+    results: dict[str, Any] = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "options": vars(peers),
+    }
+    started = time.perf_counter()
+    with context(options, lambda text: console.print(text, highlight=False)) as ctx:
+        console.print("[bold]peers[/]")
+        try:
+            results["peers"] = bench_peers(ctx, peers)
+        except PeerUnavailable as exc:
+            console.print(f"[yellow]peers skipped:[/] {exc}")
+            return 0
+    results["seconds"] = time.perf_counter() - started
+    results["targets"] = [t.as_dict() for t in peer_targets(results["peers"])]
+    path = write_json(results, f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    print_table(results, Console(width=160))
     console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
     return 0
 

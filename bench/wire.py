@@ -66,9 +66,14 @@ def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
 def header_seq(payload: bytes) -> int:
     """header.seq of a telematics.v1 message without decoding it (-1 if absent).
 
-    Every stream message has `Header header = 1` and serialises it first.
+    Every stream message has `Header header = 1` and serialises it first. A
+    JSON payload (the peer benchmark's flows) gives its `"seq"` member.
     """
-    if not payload or payload[0] != 0x0A:
+    if not payload:
+        return -1
+    if payload[0] == 0x7B:  # "{"
+        return _json_seq(payload)
+    if payload[0] != 0x0A:
         return -1
     length, i = read_varint(payload, 1)
     end = i + length
@@ -83,6 +88,20 @@ def header_seq(payload: bytes) -> int:
         else:
             i = read_varint(payload, i)[1]
     return -1
+
+
+def _json_seq(payload: bytes) -> int:
+    """`"seq": 12` or `"seq": "12"` (proto3 JSON writes 64-bit integers as strings)."""
+    at = payload.find(b'"seq":')
+    if at < 0:
+        return -1
+    i = at + 6
+    while payload[i : i + 1] in (b" ", b'"'):
+        i += 1
+    j = i
+    while payload[j : j + 1].isdigit():
+        j += 1
+    return int(payload[i:j]) if j > i else -1
 
 
 class Connection:

@@ -34,7 +34,7 @@ from sim.model import (
 )
 from sim.scenario import DEFAULT_SIM_START_MS, build_scenario
 from sim.vin import make_fleet_vins
-from telematics.v1 import common_pb2, streams_pb2
+from telematics.v1 import common_pb2
 
 TEMPLATE_VEHICLES = 150
 TEMPLATE_DURATION_S = 24 * 3600
@@ -180,19 +180,22 @@ def make_messages(
 
     Each vehicle sends about one message per simulated minute, so header
     timestamps advance like a fleet of this size would make them. The last
-    message is an eCall, which every variant forwards: its arrival proves
-    everything before it was processed (the gateway keeps arrival order).
+    message is a status report of a car whose settings let it through, which
+    every variant forwards: its arrival proves everything before it was
+    processed (the gateway's ordinary lane keeps arrival order). Not an
+    eCall: the gateway sends those on their own lane, ahead of the backlog.
     """
     rng = random.Random(f"bench-messages:{seed}:{count}:{len(fleet.vins)}")
     pool = templates(seed).messages
     vins = vins or fleet.vins
     ms_per_message = 60_000 / max(1, len(vins))
+    marker = marker_vin(fleet, vins)
     out: list[VehicleMessage] = []
     for index in range(count):
         stream, template = pool[rng.randrange(len(pool))]
-        if index == count - 1:
-            stream, template = "tbox/ecall", streams_pb2.ECall(passengers=1)
         vin = vins[rng.randrange(len(vins))]
+        if index == count - 1:
+            stream, template, vin = "tbox/status", status_template(), marker
         message = type(template)()
         message.CopyFrom(template)
         header = message.header  # type: ignore[attr-defined]
@@ -201,6 +204,27 @@ def make_messages(
         header.timestamp_ms = DEFAULT_SIM_START_MS + int(index * ms_per_message)
         out.append(VehicleMessage(vin, stream, message.SerializeToString()))
     return out
+
+
+def status_template() -> Message:
+    """A VehicleStatus with a position, from the simulator's fleet."""
+    return next(
+        m
+        for stream, m in templates().messages
+        if stream == "tbox/status" and m.HasField("position")
+    )
+
+
+def marker_vin(fleet: Fleet, vins: list[str] | None = None) -> str:
+    """A car whose tbox/status every variant forwards (known, not in privacy mode,
+    remote_control on): the run's last message, proving the backlog is through."""
+    for vin in vins or fleet.vins:
+        settings = fleet.settings.get(vin)
+        if settings is None or settings.privacy_mode:
+            continue
+        if settings.enabled("remote_control"):
+            return vin
+    raise ValueError("no car of the fleet forwards tbox/status: cannot mark the end of a run")
 
 
 def settings_payload(vin: str, settings: Settings, revision: int, seq: int) -> bytes:

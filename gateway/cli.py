@@ -11,6 +11,7 @@ import re
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from google.protobuf import json_format
 
 from gateway import __version__
 from gateway.about import DEFAULT_CONFIG, enclosing_repository, is_packaged_default, version_text
+from gateway.clock import Clock, ClockFileError, SimulatedClock
 from gateway.config import (
     ENV_PREFIX,
     INSTANCE_ID_PATTERN,
@@ -130,9 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="directory of the consent store and generated key (default: state_dir of the config)",
     )
-    run.add_argument(
-        "--policy", type=Path, help="policy file (default: policy of the config)"
-    )
+    run.add_argument("--policy", type=Path, help="policy file (default: policy of the config)")
     run.add_argument(
         "--instance-id",
         metavar="ID",
@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         "default: control.listen of the config)",
     )
     run.add_argument("--json-logs", action="store_true", help="log JSON lines to stderr")
+    run.add_argument(
+        "--simulated-clock",
+        type=Path,
+        metavar="FILE",
+        help="TESTING ONLY: run every time-based rule on the simulator's compressed time, read"
+        " from FILE (written by the vehicle simulator); never in production, and deliberately"
+        " not a configuration key",
+    )
     run.add_argument(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -569,8 +577,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("refusing to start: %s", exc)
         return EXIT_CONFIG
     config.instance_id = state.instance_id
+    clock: Clock = time.time
+    if args.simulated_clock is not None:
+        try:
+            clock = SimulatedClock(args.simulated_clock)
+        except ClockFileError as exc:
+            log.error("refusing to start: --simulated-clock %s", exc)
+            state.state_dir.unlock()
+            return EXIT_CONFIG
+        log.warning(
+            "SIMULATED CLOCK from %s: every time-based rule runs on simulated time"
+            " (testing only, never in production)",
+            args.simulated_clock,
+        )
     try:
-        return _run(config, policy, state.key, state.store, lambda: resolve_run_config(args))
+        return _run(config, policy, state.key, state.store, lambda: resolve_run_config(args), clock)
     finally:
         state.state_dir.unlock()
 
@@ -673,6 +694,7 @@ def _run(
     key: bytes,
     store: SqliteConsentStore,
     load: Callable[[], GatewayConfig],
+    clock: Clock = time.time,
 ) -> int:
     from gateway.control.signing import BundleError
     from gateway.service import GatewayService
@@ -681,7 +703,7 @@ def _run(
         from gateway.control.api import ControlPlane
 
         try:
-            service = GatewayService(config, policy, key, store)
+            service = GatewayService(config, policy, key, store, clock=clock)
         except ConfigError as exc:
             log.error("refusing to start: %s", exc)
             raise SystemExit(EXIT_CONFIG) from exc

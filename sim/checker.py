@@ -319,6 +319,13 @@ class Checker:
         self.truth = truth
         meta = next((r for r in truth if r["type"] == "meta"), {})
         self.backend_prefix = str(meta.get("backend_prefix", "tsp"))
+        # Wall seconds per second of the gateway's clock: the gateway runs on the
+        # fleet's compressed time when the run says so (`run --simulated-clock`).
+        self.gateway_wall_per_s = (
+            1.0 / float(meta.get("speedup", 1.0))
+            if meta.get("gateway_clock") == "simulated"
+            else 1.0
+        )
         self.vins = [str(r["vin"]) for r in truth if r["type"] == "vehicle"]
         self.issues: list[Issue] = []
         self.tallies: dict[str, StreamTally] = defaultdict(StreamTally)
@@ -426,8 +433,8 @@ class Checker:
 
     def _window_state(self, vin: str, wall_start: float, wall_end: float) -> bool | None:
         """True: certainly inside a window; False: certainly outside; None: too close to say."""
-        length = self.policy.find_my_car_window_s
-        tol = WINDOW_TOLERANCE_S
+        length = self.policy.find_my_car_window_s * self.gateway_wall_per_s
+        tol = min(WINDOW_TOLERANCE_S, length / 4)
         certainly_in = False
         near = False
         for opened in self.windows.get(vin, []):

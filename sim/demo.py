@@ -24,10 +24,12 @@ from types import TracebackType
 from rich.console import Console
 
 from gateway.about import DEFAULT_CONFIG, source_root
+from gateway.clock import TimeMapping
 from sim.broker import MosquittoBroker
 from sim.checker import CHECK_FILE, CheckResult, check_run, print_summary
 from sim.policy import DEFAULT_POLICY_PATH
 from sim.run import RunConfig, RunSummary, parse_duration, run_simulation
+from sim.scenario import DEFAULT_SIM_START_MS
 
 READY_MARKER = "gateway ready"
 DEFAULT_GATEWAY_CONFIG = DEFAULT_CONFIG  # the demo always passes its own --state-dir
@@ -153,7 +155,9 @@ class GatewayProcess:
         self.stop()
 
 
-def gateway_command(config: DemoConfig, broker_url: str, state_dir: Path) -> list[str]:
+def gateway_command(
+    config: DemoConfig, broker_url: str, state_dir: Path, clock_file: Path | None = None
+) -> list[str]:
     base = config.gateway_command or [
         sys.executable,
         "-m",
@@ -173,6 +177,7 @@ def gateway_command(config: DemoConfig, broker_url: str, state_dir: Path) -> lis
         broker_url,
         "--state-dir",
         str(state_dir),
+        *(["--simulated-clock", str(clock_file)] if clock_file is not None else []),
     ]
 
 
@@ -185,8 +190,12 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoOutcome:
     # the same VINs (same seed) and the gateway would rightly ignore ours.
     shutil.rmtree(state_dir, ignore_errors=True)
     log_path = out / "gateway.log"
+    # The gateway runs on the fleet's compressed time: the fleet rewrites this mapping
+    # when its clock starts; until then the gateway reads the provisional one.
+    clock_file = out / "sim-clock.json"
+    TimeMapping(DEFAULT_SIM_START_MS, time.time(), config.speedup).write(clock_file)
     with MosquittoBroker() as broker:
-        command = gateway_command(config, broker.url, state_dir)
+        command = gateway_command(config, broker.url, state_dir, clock_file)
         console.print(f"mosquitto on {broker.url}; starting gateway: {shlex.join(command)}")
         gateway = GatewayProcess(command, log_path)
         with gateway:
@@ -202,6 +211,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoOutcome:
                 multiplex=config.multiplex,
                 policy_path=config.policy_path,
                 live=config.live,
+                clock_file=clock_file,
             )
             summary = asyncio.run(run_simulation(run_config, console))
             exit_code = gateway.stop()

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiomqtt
 
+from gateway.clock import TimeMapping
 from sim.contract import PASS, decide_command, decide_message
 from sim.groundtruth import GROUND_TRUTH_FILE, JsonLinesWriter, b64
 from sim.model import (
@@ -53,6 +54,10 @@ class FleetOptions:
     # Send the settings again when no PrivacyApplied came back within this long (a real
     # car retries; the gateway answers a repeated revision with PrivacyApplied again).
     settings_resend_s: float | None = None
+    # The gateway runs on this simulated clock (`run --simulated-clock FILE`): the fleet
+    # writes its time mapping there when its clock starts, so both agree on every
+    # interval (refresh, find-my-car windows, capture time).
+    clock_file: Path | None = None
 
 
 @dataclass
@@ -80,13 +85,20 @@ class FleetStats:
 class SimClock:
     """Simulated time runs `speedup` times faster than wall-clock time."""
 
-    def __init__(self, sim_start_ms: int, speedup: float) -> None:
+    def __init__(self, sim_start_ms: int, speedup: float, clock_file: Path | None = None) -> None:
         self.sim_start_ms = sim_start_ms
         self.speedup = speedup
+        self.clock_file = clock_file
         self.wall_start = time.time()
+
+    @property
+    def mapping(self) -> TimeMapping:
+        return TimeMapping(self.sim_start_ms, self.wall_start, self.speedup)
 
     def start(self) -> None:
         self.wall_start = time.time()
+        if self.clock_file is not None:
+            self.mapping.write(self.clock_file)
 
     def wall_for(self, t_ms: int) -> float:
         return self.wall_start + (t_ms - self.sim_start_ms) / 1000.0 / self.speedup
@@ -151,7 +163,7 @@ class Fleet:
         self.scenario = scenario
         self.policy = policy
         self.options = options
-        self.clock = SimClock(scenario.sim_start_ms, options.speedup)
+        self.clock = SimClock(scenario.sim_start_ms, options.speedup, options.clock_file)
         self.stats = FleetStats(sim_now_ms=scenario.sim_start_ms)
         self.truth = JsonLinesWriter(out_dir / GROUND_TRUTH_FILE)
         self.vehicles = {vehicle.vin: VehicleState(vehicle) for vehicle in scenario.vehicles}
@@ -173,6 +185,7 @@ class Fleet:
                 "sim_start_ms": self.scenario.sim_start_ms,
                 "duration_ms": self.scenario.duration_ms,
                 "speedup": self.options.speedup,
+                "gateway_clock": "wall" if self.options.clock_file is None else "simulated",
                 "policy_version": self.policy.version,
                 "vehicle_prefix": self.options.vehicle_prefix,
                 "backend_prefix": self.options.backend_prefix,
@@ -387,7 +400,13 @@ class Fleet:
 
     def _window_open(self, vehicle: VehicleState) -> bool:
         opened = vehicle.last_window_open_wall
-        return opened is not None and time.time() - opened < self.policy.find_my_car_window_s
+        return opened is not None and time.time() - opened < self._gateway_seconds(
+            self.policy.find_my_car_window_s
+        )
+
+    def _gateway_seconds(self, seconds: float) -> float:
+        """Wall seconds of a span on the gateway's clock."""
+        return seconds if self.options.clock_file is None else seconds / self.options.speedup
 
     async def _publish(
         self, vehicle: VehicleState, event: PublishEvent, *, timestamp_ms: int | None = None
@@ -497,9 +516,7 @@ class Fleet:
                 }
             )
 
-    async def _wait_applied(
-        self, vehicle: VehicleState, revision: int, timeout_s: float
-    ) -> bool:
+    async def _wait_applied(self, vehicle: VehicleState, revision: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while vehicle.applied_revision is None or vehicle.applied_revision < revision:
             remaining = deadline - time.monotonic()

@@ -60,6 +60,7 @@ class RunConfig:
     applied_timeout_s: float = 5.0
     result_timeout_s: float = 5.0
     settings_resend_s: float | None = None
+    clock_file: Path | None = None  # the gateway runs on this simulated clock
 
     @property
     def backend_url(self) -> str:
@@ -156,6 +157,7 @@ async def run_simulation(
         applied_timeout_s=config.applied_timeout_s,
         result_timeout_s=config.result_timeout_s,
         settings_resend_s=config.settings_resend_s,
+        clock_file=config.clock_file,
     )
     fleet = Fleet(scenario, policy, options, config.out_dir, client_factory)
     started = time.monotonic()

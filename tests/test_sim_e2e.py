@@ -45,6 +45,9 @@ def test_fleet_through_real_gateway_has_no_leaks_and_no_losses(tmp_path: Path) -
     assert result.tallies["tbox/ecall"].delivered >= 1
     assert result.commands["accepted_ok"] > 0 and result.commands["refused_ok"] > 0
     assert outcome.gateway_exit_code == 0
+    # Every interval of the run (refresh, windows, capture time) ran on the fleet's
+    # compressed time, not on wall time.
+    assert "SIMULATED CLOCK" in outcome.gateway_log.read_text()
     # The report's field-by-field summary reads the real gateway's `transforms` labels.
     rows, received = field_rows(result, load_policy())
     seen = {(row.stream, row.name): row.seen for row in rows}
