@@ -9,8 +9,8 @@ request ids and hourly caps), only this module follows:
 - `Gateway.vehicle_message`: one vehicle message in, what reaches the backend out
   (today: `decide(ctx, topic, payload, states, coarse_fixes, now)`);
 - `Gateway.command`: one backend command in, its result out (`decide_command`);
-- `Gateway.force_window`: the weakened find-my-car variant opens a window with
-  no per-command limit (state surgery on purpose: emulates the v1 rule);
+- `Gateway.settings_allow`: the car's applied settings, for the weakened
+  variants that emulate a v1 rule themselves (find-my-car without limits);
 - `stamp_header`: fills `Header` (settings_revision only where the schema has it);
 - `find_my_car_cap`, `side_field_step_km`: policy values the targets use.
 
@@ -19,7 +19,6 @@ The gateway clock is simulated: `now` is seconds on the gateway's clock.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from gateway.core import (
     DecisionContext,
     Drop,
     Forward,
+    LocationMode,
     VehicleState,
     decide,
     decide_command,
@@ -154,8 +154,12 @@ class Gateway:
             forwarded = WireMessage(now, decision.forward_topic, decision.forward_payload)
         return decision.accepted, decision.reason, forwarded
 
-    def force_window(self, vin: str, until: float) -> None:
-        """Open a find-my-car window with no limits (weakened variant only)."""
+    def settings_allow(self, vin: str, feature: str) -> LocationMode | None:
+        """The car's applied settings (weakened variants emulate v1 rules on
+        them): None when `feature` may not pass, else the location mode."""
         state = self.states.get(vin)
-        if state is not None and state.window_until < until:
-            self.states[vin] = dataclasses.replace(state, window_until=until)
+        if state is None or state.restricted or state.privacy_mode:
+            return None
+        if feature not in state.enabled:
+            return None
+        return state.location.effective

@@ -11,8 +11,10 @@ its configuration can be switched to behave like them.
     car's timestamps (so a car whose clocks disagree or jump resets it);
   * odometer, trip distance, duration and average speed forwarded exact;
   * consent checked at arrival only (capture time and stated revision ignored);
-  * find-my-car: every command opens a window in which every fix passes, no
-    per-command limit and no hourly cap.
+  * find-my-car: every command the core does not refuse for its settings
+    opens a window (policy length) in which every fix passes under the
+    location mode, no per-command limit and no hourly cap (emulated here on
+    the car's applied settings, so the core's rule-17 checks never apply).
 - `noise`: approximate value = truth plus fresh random noise of up to half a
   cell per axis on every report (not sticky): the averaging pitfall.
 """
@@ -31,9 +33,10 @@ from bench.privacy.driver import (
     clear_capture_metadata,
 )
 from bench.privacy.fleet import CarEvent
+from gateway.core import LocationMode
 from gateway.core.transforms import GridOffset, coarsen_position
-from gateway.policy import CompiledPolicy
-from telematics.v1 import common_pb2
+from gateway.policy import CompiledPolicy, CompiledStream
+from telematics.v1 import command_pb2, common_pb2
 
 NO_SHIFT = GridOffset(0.5, 0.5)  # fractions 0.5 map to a zero shift: the cell centre
 SIDE_FIELDS = {
@@ -93,10 +96,10 @@ class V1Variant(Variant):
             return super().vehicle(vin, event, now)
         original = stream.message_cls.FromString(event.payload)
         car_ms = original.header.timestamp_ms or int(now * 1000)  # type: ignore[attr-defined]
+        if stream.requires_window:
+            return self._v1_window(vin, event, stream, original, car_ms, now)
         blind = stream.message_cls.FromString(event.payload)
         clear_capture_metadata(blind)  # consent at arrival only
-        if stream.requires_window and self.windows.get(vin, 0.0) > now:
-            self.gateway.force_window(vin, self.windows[vin])
         outcome = self.gateway.vehicle_message(
             f"vehicle/{vin}/{event.relative}", blind.SerializeToString(), now
         )
@@ -121,6 +124,41 @@ class V1Variant(Variant):
             wires.append(WireMessage(wire.t, wire.topic, out.SerializeToString(), wire.properties))
         return Outcome(tuple(wires), outcome.dropped)
 
+    def _v1_window(
+        self,
+        vin: str,
+        event: CarEvent,
+        stream: CompiledStream,
+        original: Message,
+        car_ms: int,
+        now: float,
+    ) -> Outcome:
+        """Contract v1 rule 10: inside a window every fix passes, under the
+        location mode; nothing ties a fix to the command that opened it."""
+        if self.windows.get(vin, 0.0) <= now:
+            return Outcome((), dropped="no_find_my_car_window")
+        mode = self.gateway.settings_allow(vin, stream.feature)
+        if mode is None or mode is LocationMode.OFF:
+            return Outcome((), dropped="v1_refused")
+        done = []
+        for geo in stream.geo_fields:
+            point: common_pb2.GeoPoint = getattr(original, geo.name)
+            if mode is LocationMode.APPROXIMATE and point.ByteSize():
+                lat, lon = self._v1_value(vin, point, car_ms, geo.is_position)
+                point.Clear()
+                point.latitude, point.longitude = lat, lon
+                point.horizontal_accuracy_m = self.policy.cell_size_m
+                done.append(f"coarsen:{geo.name}")
+        properties = (
+            ("policy-version", self.policy.version),
+            ("feature", stream.feature),
+            ("legal-basis", stream.legal_basis),
+            ("retention-days", str(stream.retention_days)),
+            ("transforms", ",".join(done)),
+        )
+        topic = f"tsp/{vin}/{event.relative}"
+        return Outcome((WireMessage(now, topic, original.SerializeToString(), properties),))
+
     def _v1_value(
         self, vin: str, truth: common_pb2.GeoPoint, car_ms: int, is_position: bool
     ) -> tuple[float, float]:
@@ -141,6 +179,10 @@ class V1Variant(Variant):
         accepted, reason, forwarded = self.gateway.command(vin, name, request_id, now)
         if not accepted and reason in RULE_17_REFUSALS:
             accepted, reason = True, "forwarded"
+            command = command_pb2.Command(
+                request_id=request_id, command=name, issued_at_ms=int(now * 1000)
+            )
+            forwarded = WireMessage(now, f"vehicle/{vin}/cmd/{name}", command.SerializeToString())
         if accepted and name == "find_my_car":
             self.windows[vin] = now + self.policy.window_s
         return accepted, reason, forwarded
