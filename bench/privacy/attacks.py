@@ -338,9 +338,19 @@ def trip_legs(
     half = cell_m / 2
     odometer = odometer_track(car)
     drives = trip_drives(car)
+    times = [r.t for r in car.reports]
     out = []
     for i, (trip, drive, _start_odo) in enumerate(drives):
+        # Where the car then stood: the last parked value before it moved
+        # again (refreshed by then if the stay was long enough); else the
+        # trip's published end.
+        until = drives[i + 1][1][0].t if i + 1 < len(drives) and drives[i + 1][1] else math.inf
         final = trip.end
+        first, last = bisect.bisect_right(times, trip.t), bisect.bisect_left(times, until)
+        for k in range(last - 1, first - 1, -1):
+            if car.reports[k].engine_on is False:
+                final = (car.reports[k].x, car.reports[k].y)
+                break
         if final is None:
             continue
         legs = []

@@ -64,11 +64,14 @@ class Variant:
         return self.gateway.command(vin, name, request_id, now)
 
 
-def _coarsened_fields(wire: WireMessage) -> list[str]:
-    for key, value in wire.properties:
-        if key == "transforms":
-            return [t.split(":", 1)[1] for t in value.split(",") if t.startswith("coarsen:")]
-    return []
+def _approximated(gateway: Gateway, vin: str, stream: CompiledStream, out: Message) -> list[str]:
+    """GeoPoint fields the core forwarded under approximate location (the
+    weakened designs replace them with their own value)."""
+    if stream.legal_obligation or gateway.settings_allow(vin, stream.feature) is not (
+        LocationMode.APPROXIMATE
+    ):
+        return []
+    return [g.name for g in stream.geo_fields if not g.repeated and out.HasField(g.name)]
 
 
 @dataclass
@@ -108,7 +111,7 @@ class V1Variant(Variant):
         wires = []
         for wire in outcome.wire:
             out = stream.message_cls.FromString(wire.payload)
-            for name in _coarsened_fields(wire):
+            for name in _approximated(self.gateway, vin, stream, out):
                 truth = getattr(original, name)
                 if not truth.ByteSize():
                     continue
@@ -207,7 +210,7 @@ class NoiseVariant(Variant):
         half_lon = half_lat / 0.667  # Munich: cos(48.1 deg)
         for wire in outcome.wire:
             out: Message = stream.message_cls.FromString(wire.payload)
-            for name in _coarsened_fields(wire):
+            for name in _approximated(self.gateway, vin, stream, out):
                 truth = getattr(original, name)
                 point: common_pb2.GeoPoint = getattr(out, name)
                 point.latitude = truth.latitude + self.rng.uniform(-half_lat, half_lat)
