@@ -287,9 +287,10 @@ def _score_car(
         for step in STEPS_KM:
             stepped = _generalized(seen, step)
             for label, shift in curves:
-                for trip_id, (_final, crossing) in _trip_ends(stepped, shift, cell_m)[0].items():
+                for trip_id, (final, crossing) in _trip_ends(stepped, shift, cell_m)[0].items():
                     true_end = metres(trip_truth[trip_id].end)
                     tally.curve[label][step].append(_dist(crossing, true_end))
+                    tally.curve[f"{label}/final"][step].append(_dist(final, true_end))
             for true_trip in truth.trips:
                 exact = true_trip.distance_km
                 published = math.floor(exact / step) * step if step else exact
@@ -556,12 +557,18 @@ def summarize(
         entry["real"] = _row(spec, "real", tallies["real"], cell_m, cap)
         attacks.append(entry)
     trip = next(a for a in attacks if a["id"] == "trip_ends")
+
+    def best(design: str, label: str, step: float) -> float:
+        # The better of the two trip-end estimators (crossing, final) at this step.
+        curve = tallies[design].curve
+        return min(_median(curve[label][step]), _median(curve[f"{label}/final"][step]))
+
     trip["curve"] = {
         label: [
             {
                 "step_km": step,
-                "privacy_m": _median(tallies[design].curve[label][step]),
-                "privacy_cells": _median(tallies[design].curve[label][step]) / cell_m,
+                "privacy_m": best(design, label, step),
+                "privacy_cells": best(design, label, step) / cell_m,
                 "utility_trip_distance_error_km": _median(
                     tallies[design].estimators["curve_utility"][f"{step:g}"]
                 ),
