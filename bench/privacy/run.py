@@ -132,9 +132,16 @@ def _feed(variant: Variant, car: Car, tally: Tally, utility: bool) -> list[WireM
     for event in events:
         outcome = variant.vehicle(vin, event, event.arrival_ms / 1000)
         wire.extend(outcome.wire)
+        group = (
+            "states revision"
+            if car.truth.states_revision
+            else f"timestamp only, {car.truth.clock} clock"
+        )
         if event.kind == LIVE and event.allowed:
             tally.counts["allowed"] += 1
             tally.counts["allowed_delivered"] += 1 if outcome.wire else 0
+            if not outcome.wire:
+                tally.counts[f"lost:{group}:{outcome.dropped}"] += 1
         elif event.kind.startswith("late:"):
             tally.counts[f"captured:{event.kind}"] += 1
             if outcome.wire:
@@ -144,6 +151,7 @@ def _feed(variant: Variant, car: Car, tally: Tally, utility: bool) -> list[WireM
                     else True
                 )
                 tally.counts[f"leaked:{event.kind}"] += 1 if leaked else 0
+                tally.counts[f"leaked_by:{group}"] += 1 if leaked else 0
         if (
             utility
             and outcome.wire
@@ -468,6 +476,12 @@ ATTACKS: tuple[dict[str, Any], ...] = (
 )
 
 
+def _prefixed(counts: dict[str, int], prefix: str) -> dict[str, int]:
+    return {
+        k.removeprefix(prefix): v for k, v in sorted(counts.items()) if k.startswith(prefix) and v
+    }
+
+
 def _best(estimators: dict[str, list[float]]) -> tuple[str, float, dict[str, float]]:
     medians = {name: _median(values) for name, values in estimators.items() if values}
     if not medians:
@@ -522,6 +536,7 @@ def _row(
         row.update(
             value=float(sum(leaked.values())),
             leaked=leaked,
+            leaked_by_car=_prefixed(tally.counts, "leaked_by:"),
             captured={k: tally.counts.get(f"captured:{k}", 0) for k in kinds},
         )
     elif attack == "utility":
@@ -532,6 +547,7 @@ def _row(
             else float("nan"),
             allowed=allowed,
             delivered=tally.counts.get("allowed_delivered", 0),
+            lost_by_car_and_reason=_prefixed(tally.counts, "lost:"),
         )
         if design == "real":
             row["position_error_m"] = _median(tally.estimators["utility"]["position_error_m"])
