@@ -83,3 +83,13 @@ def test_html_page(results: dict[str, Any], tmp_path: Path) -> None:
     for title in ("Where the driver lives and works", "Where trips end", "What the service"):
         assert title in page
     assert page.count("FAIL") >= 5  # every weakened design, at least
+
+
+def test_only_the_adapter_calls_the_core() -> None:
+    """All decisions go through bench/privacy/driver.py, so adapting the
+    benchmark to a new core signature stays a few lines in one place."""
+    package = Path(__file__).resolve().parents[1] / "bench" / "privacy"
+    for module in package.glob("*.py"):
+        text = module.read_text()
+        calls = "decide(" in text or "decide_command(" in text or "import decide" in text
+        assert module.name == "driver.py" or not calls, module.name

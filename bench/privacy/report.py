@@ -162,7 +162,9 @@ def privacy_section(results: dict[str, Any]) -> str:
         f" to hide. {options['cars']:,} simulated cars drove for {options['days']} days"
         f" (seed {options['seed']}); {fleet.get('approximate_cars_scored', 0):,} of them shared"
         f" approximate location (grid cell {policy['cell_size_m']:,.0f} m, refreshed at most"
-        f" every {policy['refresh_interval_s']:,.0f} s). Each attack was run against this gateway"
+        f" every {policy['refresh_interval_s']:,.0f} s). Distances are given in cells: an"
+        f" error of 0.40 cell means the attacker is typically"
+        f" {0.4 * policy['cell_size_m']:,.0f} m off. Each attack was run against this gateway"
         " and against a deliberately weakened design, to show the attack works: the weakened"
         " design should fail and this gateway should pass.</p>",
         "<table><tr><th>what was at stake</th><th class='text'>what the attacker tried</th>"
