@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--html-from", default=None, help="privacy: only render the HTML page of a results JSON"
     )
+    parser.add_argument(
+        "--wire",
+        action="store_true",
+        help="privacy: a small fleet through the real gateway over Mosquitto (simulated clock)",
+    )
     args = parser.parse_args(argv)
     if args.benchmark == "privacy":
         return run_privacy(args, argv)
@@ -141,6 +146,8 @@ def run_privacy(args: argparse.Namespace, argv: list[str] | None) -> int:
         saved = json.loads(Path(args.html_from).read_text())
         print(write_html(saved, Path(args.html_from).with_suffix(".html")))
         return 0
+    if args.wire:
+        return run_privacy_wire(args, argv)
     options = SHORT if args.short else Options()
     changes = {
         k: v for k, v in (("cars", args.cars), ("days", args.days), ("seed", args.seed)) if v
@@ -160,6 +167,30 @@ def run_privacy(args: argparse.Namespace, argv: list[str] | None) -> int:
     page = write_html(results, RESULTS / "privacy.html")
     print_privacy_table(results, Console(width=200))
     console.print(f"{results['seconds']:.0f} s; raw figures in {path}; page {page}")
+    return 0
+
+
+def run_privacy_wire(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from dataclasses import replace
+
+    from bench.privacy.report import print_wire_table
+    from bench.privacy.wire import WireOptions, run_wire
+
+    changes = {
+        k: v for k, v in (("cars", args.cars), ("days", args.days), ("seed", args.seed)) if v
+    }
+    options = replace(WireOptions(), **changes)
+    console = Console(stderr=True)
+    console.print(f"[bold]privacy through Mosquitto[/] {options.cars} cars, {options.days} days")
+    results: dict[str, Any] = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+    }
+    results |= run_wire(options, lambda text: console.print(text, highlight=False))
+    path = write_json(results, f"privacy-wire-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    print_wire_table(results, Console(width=160))
+    console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
     return 0
 
 

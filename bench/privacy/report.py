@@ -89,6 +89,23 @@ def _step_label(step: float, default: float | None) -> str:
     return label
 
 
+def print_wire_table(results: dict[str, Any], console: Console) -> None:
+    table = Table(title="privacy attacks: the core in process against the gateway over Mosquitto")
+    table.add_column("attack")
+    table.add_column("target", justify="right")
+    table.add_column("in process", justify="right")
+    table.add_column("through Mosquitto", justify="right")
+    for attack in results["attacks"]:
+        a, b = attack["in_process"], attack["through_mosquitto"]
+        table.add_row(
+            attack["title"],
+            _target(attack),
+            f"{_figure(attack, a)} {'PASS' if a['pass'] else 'FAIL'}",
+            f"{_figure(attack, b)} {'PASS' if b['pass'] else 'FAIL'}",
+        )
+    console.print(table)
+
+
 def _detail(attack: dict[str, Any]) -> str:
     real = attack["real"]
     if attack["id"] in ("home_work", "averaging"):
