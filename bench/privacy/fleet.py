@@ -323,7 +323,7 @@ def build_car(seed: int, index: int, vin: str, places: list[PublicPlace], days: 
     b = _Builder(rng, truth)
     b.settings(START_MS + 1_000)
     if late:
-        _late_windows(b)
+        _late_windows(b, START_MS + days * DAY_MS)
     navigates = 1.0 if adversarial_clock else rng.uniform(0.2, 0.9)
     driver = rng.uniform(0.85, 1.1)
     wallbox = rng.random() < 0.5
@@ -354,7 +354,7 @@ def build_car(seed: int, index: int, vin: str, places: list[PublicPlace], days: 
     return Car(truth, b.events)
 
 
-def _late_windows(b: _Builder) -> None:
+def _late_windows(b: _Builder, end_ms: int) -> None:
     """Privacy mode, a feature off and location off, each for a while; the car
     keeps capturing and uploads the records later (store-and-forward)."""
     mode = b.truth.location
@@ -379,6 +379,8 @@ def _late_windows(b: _Builder) -> None:
         ),
     ]
     for start, end, kind, apply in plan:
+        if end >= end_ms:
+            continue  # not within the run
         b.revision += 1
         apply(start)
         b.windows.append(_Window(start, end, kind, b.revision))
