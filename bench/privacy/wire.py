@@ -223,6 +223,8 @@ def run_wire(options: WireOptions, log: Callable[[str], None] = print) -> dict[s
                 client.disconnect()
             if gateway is not None:
                 gateway.stop()
+                if gateway.process.stderr is not None:
+                    gateway.process.stderr.close()
             broker.stop()
     # What the backend recorded, per car, on the gateway's (simulated) clock.
     wires: dict[str, list[WireMessage]] = defaultdict(list)
