@@ -20,7 +20,8 @@ import sys
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from gateway.core import CoarseFix, DecisionContext, Drop, DropReason, Forward, VehicleState
+from gateway.core import DecisionContext, Drop, DropReason, Forward, LocationAnchor, VehicleState
+from gateway.core.capture import CaptureHistory
 from gateway.core.decide import Decision, split_vehicle_topic
 
 _PROPERTIES = (
@@ -37,8 +38,9 @@ def passthrough_decide(
     topic: str,
     payload: bytes,
     states: Mapping[str, VehicleState],
-    coarse_fixes: Mapping[str, CoarseFix],
+    anchors: Mapping[str, LocationAnchor],
     now: float,
+    histories: Mapping[str, CaptureHistory] | None = None,
 ) -> Decision:
     parts = split_vehicle_topic(ctx.vehicle_prefix, topic)
     if parts is None:

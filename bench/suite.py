@@ -138,8 +138,8 @@ def bench_core(ctx: Context) -> dict[str, Any]:
         started = time.perf_counter()
         for topic, payload in work:
             decision = decide(dctx, topic, payload, states, fixes, now)
-            if type(decision) is Forward and decision.coarse_fix is not None:
-                fixes[decision.vin] = decision.coarse_fix
+            if type(decision) is Forward and decision.anchor is not None:
+                fixes[decision.vin] = decision.anchor
         elapsed = time.perf_counter() - started
         # Outcome tally outside the timed loop.
         for topic, payload in work[:20_000]:

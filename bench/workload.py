@@ -202,6 +202,9 @@ def make_messages(
         header.vin = vin
         header.seq = index + 1
         header.timestamp_ms = DEFAULT_SIM_START_MS + int(index * ms_per_message)
+        # Contract v2 cars state the settings revision they captured under.
+        known = fleet.settings.get(vin)
+        header.settings_revision = known.revision if known is not None else 0
         out.append(VehicleMessage(vin, stream, message.SerializeToString()))
     return out
 

@@ -6,6 +6,12 @@ whose ack was lost is counted again when the broker redelivers), never
 forget what was sent. Commits are grouped: whatever was counted while the
 previous commit ran goes into the next one, so one fsync covers many
 messages without a timer adding latency.
+
+Location anchors (contract rule 13) ride in the same commits: an anchor set
+by a message is durable before that message is acknowledged, so a restart
+finds the anchor still there and cannot be used to force an early refresh
+(a crash before the commit leaves the message unacknowledged: redelivered,
+it sets the same coarse value again). No extra fsync per message.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from gateway.core.state import LocationAnchor
 from gateway.store import EgressCount
 
 log = logging.getLogger("gateway.accounting")
@@ -24,8 +31,14 @@ CountKey = tuple[str, str, str, str, str]
 
 
 class EgressAccounting:
-    def __init__(self, write: Callable[[list[EgressCount]], Awaitable[object]]) -> None:
+    def __init__(
+        self,
+        write: Callable[[list[EgressCount]], Awaitable[object]],
+        write_anchors: Callable[[dict[str, LocationAnchor]], Awaitable[object]] | None = None,
+    ) -> None:
         self._write = write
+        self._write_anchors = write_anchors
+        self._anchors: dict[str, LocationAnchor] = {}  # latest per vehicle, not yet written
         self._counts: dict[CountKey, int] = {}
         self._waiting: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
@@ -50,6 +63,13 @@ class EgressAccounting:
             self._waiting.append(then)
         self._wake.set()
 
+    def anchor(self, vin: str, anchor: LocationAnchor) -> None:
+        """Persist `vin`'s new location anchor with the next commit: every count
+        recorded after this (the message that set it included) waits for it."""
+        self._anchors[vin] = anchor
+        self._recorded += 1
+        self._wake.set()
+
     def pending_keys(self) -> list[CountKey]:
         return list(self._counts)
 
@@ -57,6 +77,7 @@ class EgressAccounting:
         """Erasure: counts not yet written for `vin` are never written."""
         for key in [k for k in self._counts if k[0] == vin]:
             del self._counts[key]
+        self._anchors.pop(vin, None)
 
     async def flush(self) -> None:
         """Commit what is counted up to now (not what keeps arriving meanwhile,
@@ -74,8 +95,11 @@ class EgressAccounting:
         async with self._lock:
             self._wake.clear()
             counts, self._counts = self._counts, {}
+            anchors, self._anchors = self._anchors, {}
             waiting, self._waiting = self._waiting, []
             upto = self._recorded
+            if anchors and self._write_anchors is not None:
+                await self._write_anchors(anchors)
             if counts:
                 await self._write([EgressCount(*key, n) for key, n in counts.items()])
             self._committed = max(self._committed, upto)

@@ -35,6 +35,7 @@ from gateway.core import (
     DecisionContext,
     Drop,
     Forward,
+    Hold,
     LocationMode,
     SettingsSnapshot,
     VehicleState,
@@ -275,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
             '"features": {"remote_control": true}, "find_my_car_window_open": false}; '
             'use "unknown" for a vehicle that never sent settings. '
             "With --key-file STATE_DIR/pseudonym.key the pseudonyms and approximate "
-            "positions are exactly what the gateway on that state directory publishes."
+            "positions are exactly what the gateway on that state directory publishes "
+            "for a car whose coarse position is due for a refresh (within the refresh "
+            "interval the gateway shows the car's anchored value instead)."
         ),
     )
     explain.add_argument("--policy", type=Path, required=True)
@@ -956,13 +959,24 @@ _WHY = {
     "feature_disabled": "the driver switched this stream's feature off",
     "location_off": "location is off and this stream's purpose is location",
     "no_find_my_car_window": "tbox/location passes only inside a find-my-car window",
+    "unanswered_location": (
+        "the location answers no open find-my-car command (its request_id matches none)"
+    ),
+    "find_my_car_fixes_spent": (
+        "the find-my-car command this location answers already got its fixes"
+    ),
     "stale_revision": "settings revision not newer than the applied one",
     "vin_in_pseudonymized_payload": "the VIN appears in bytes of a pseudonymized stream",
+    "captured_before_known_settings": (
+        "captured before the oldest settings the gateway knows for this vehicle"
+    ),
+    "settings_pending": "the settings revision it was captured under never arrived in time",
+    "parked_evicted": "parked for its settings revision, pushed out by the byte bounds",
 }
 
 
 def explain_decision(
-    decision: Forward | Drop | ApplySettings,
+    decision: Forward | Drop | ApplySettings | Hold,
     message_cls: Any,
     state: VehicleState | None,
     key_note: str,
@@ -986,6 +1000,15 @@ def explain_decision(
             "stream": decision.stream,
             "vehicle": vehicle,
             "published": "nothing",
+        }
+    if isinstance(decision, Hold):
+        return {
+            "decision": "hold",
+            "why": "captured under a settings revision not applied yet: parked until it is",
+            "revision": decision.revision,
+            "stream": decision.stream,
+            "vehicle": vehicle,
+            "published": "nothing (yet)",
         }
     if isinstance(decision, ApplySettings):
         return {

@@ -255,6 +255,29 @@ class PipelineConfig(_Strict):
         True,
         description="legal-obligation streams on their own connections, window and retries",
     )
+    capture_skew_s: float = Field(
+        180.0,
+        ge=0,
+        le=86400,
+        description="clock skew allowed between a car's capture timestamp and the gateway:"
+        " the strictest settings within this margin of it apply (contract rule 11)",
+    )
+    hold_max_s: float = Field(
+        3600.0,
+        ge=0,
+        description="how long a message stating a settings revision not applied yet is"
+        " parked before it is dropped as settings_pending (rule 12); 0: not parked",
+    )
+    parked_bytes_per_vehicle: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="payload bytes parked per vehicle; beyond, its oldest are dropped",
+    )
+    parked_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=64 * 1024,
+        description="payload bytes parked for all vehicles; beyond, the oldest are dropped",
+    )
 
 
 class LimitsConfig(_Strict):
@@ -270,6 +293,13 @@ class LimitsConfig(_Strict):
     history_per_vehicle: int = Field(
         1000, ge=2, description="history rows per vehicle before the oldest are merged"
     )
+    capture_intervals_per_vehicle: int = Field(
+        32,
+        ge=2,
+        le=10_000,
+        description="settings intervals per vehicle held in memory for the capture-time"
+        " check; beyond, the oldest are merged into the strictest combination",
+    )
     new_vehicles_per_s: float = Field(
         50.0, gt=0, description="first settings of unknown VINs accepted per second (fleet)"
     )
@@ -284,6 +314,23 @@ class DeadLetterConfig(_Strict):
         7.0, gt=0, description="kept at most this long (and never longer than the stream's)"
     )
     max_rows: int = Field(100_000, ge=1, description="beyond this the oldest are evicted")
+
+
+class ErasureConfig(_Strict):
+    # Each app pseudonym's erasure event is published after its own random
+    # delay in [min, max], never with the VIN event: timing must not pair them.
+    app_event_min_delay_s: float = Field(
+        300.0, gt=0, le=7 * 86400, description="earliest app erasure event after the VIN event"
+    )
+    app_event_max_delay_s: float = Field(
+        86400.0, gt=0, le=7 * 86400, description="latest app erasure event after the VIN event"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ErasureConfig:
+        if self.app_event_max_delay_s < self.app_event_min_delay_s:
+            raise ValueError("app_event_max_delay_s must not be below app_event_min_delay_s")
+        return self
 
 
 class KeysConfig(_Strict):
@@ -426,6 +473,7 @@ class GatewayConfig(_Strict):
     )
     pipeline: PipelineConfig = PipelineConfig()
     dead_letters: DeadLetterConfig = DeadLetterConfig()
+    erasure: ErasureConfig = ErasureConfig()
     limits: LimitsConfig = LimitsConfig()
     keys: KeysConfig = KeysConfig()
     logging: LoggingConfig = LoggingConfig()

@@ -95,8 +95,9 @@ class DeadLetterSeal:
     of the database alone reveals no message content.
     """
 
-    def __init__(self, key: bytes) -> None:
-        derived = hmac.new(key, b"dead-letter-seal\x00v1", hashlib.sha256).digest()
+    def __init__(self, key: bytes, purpose: bytes = b"dead-letter-seal") -> None:
+        # One derived key per purpose (dead letters, parked messages).
+        derived = hmac.new(key, purpose + b"\x00v1", hashlib.sha256).digest()
         self._aead = AESGCM(derived)
 
     def seal(self, topic: str, payload: bytes, subject: str) -> bytes:

@@ -122,6 +122,18 @@ class GatewayMetrics:
             "Feature ids of settings snapshots not kept (unknown, per-app off, over the cap)",
             registry=r,
         )
+        self.parked = Counter(
+            "gateway_parked_total",
+            "Messages parked until the settings revision they state is applied",
+            ["stream"],
+            registry=r,
+        )
+        self.parked_messages = Gauge(
+            "gateway_parked_messages", "Messages parked for a settings revision", registry=r
+        )
+        self.parked_bytes = Gauge(
+            "gateway_parked_bytes", "Payload bytes of parked messages", registry=r
+        )
         self.internal_errors = Counter(
             "gateway_internal_errors_total", "Messages that raised inside the gateway", registry=r
         )

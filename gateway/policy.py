@@ -18,16 +18,42 @@ from typing import Any, Literal
 import yaml
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from telematics.v1 import streams_pb2
 
 LegalBasis = Literal["consent", "contract", "legal_obligation", "legitimate_interest"]
-FieldAction = Literal[
-    "position", "place", "place_id", "pseudonymize", "truncate_ip", "remove", "keep"
+SimpleAction = Literal[
+    "position",
+    "place",
+    "destination",
+    "place_id",
+    "place_text",
+    "odometer",
+    "pseudonymize",
+    "truncate_ip",
+    "remove",
+    "keep",
 ]
-GEO_ACTIONS = frozenset({"position", "place"})
-STRING_ACTIONS = frozenset({"place_id", "pseudonymize", "truncate_ip"})
+GEO_ACTIONS = frozenset({"position", "place", "destination"})
+STRING_ACTIONS = frozenset({"place_id", "place_text", "pseudonymize", "truncate_ip"})
+_NUMERIC_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_DOUBLE,
+        FieldDescriptor.TYPE_FLOAT,
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED32,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+_FLOAT_TYPES = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT})
 GEOPOINT_TYPE = "telematics.v1.GeoPoint"
 HEADER_TYPE = "telematics.v1.Header"
 MIN_CELL_SIZE_M = 200.0
@@ -60,8 +86,41 @@ class LocationSpec(_Strict):
     refresh_interval_s: float = Field(900.0, ge=0)
 
 
+# Contract rule 17 (find-my-car is not a tracker). More than a few fixes per
+# command is a track of the walk to the car; a command every five minutes
+# (12 an hour) is already a usable track of a driving car, and the commands
+# a car remembers for the cap must stay few.
+MAX_FIXES_PER_COMMAND = 10
+MAX_COMMANDS_PER_HOUR = 12
+
+
 class FindMyCarSpec(_Strict):
     window_s: float = Field(120.0, gt=0, le=3600)
+    fixes_per_command: int = Field(1, ge=1, le=MAX_FIXES_PER_COMMAND)
+    max_commands_per_hour: int = Field(4, ge=1, le=MAX_COMMANDS_PER_HOUR)
+
+
+class IdentitySpec(_Strict):
+    # Capture times of pseudonymized streams are rounded down to this step, so
+    # they match no timestamp of the car's VIN-keyed streams (contract rule 15).
+    pseudonymized_timestamp_step_s: int = Field(60, ge=1, le=86400)
+    # Optional: an app's pseudonyms change every this many days, for every car
+    # at the same instant (UTC day boundaries); "*" applies to every app. Off
+    # by default: a rotated pseudonym is a new user to the app's backend.
+    app_pseudonym_rotation_days: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("app_pseudonym_rotation_days")
+    @classmethod
+    def _positive(cls, value: dict[str, int]) -> dict[str, int]:
+        for app, days in value.items():
+            if days < 1 or days > 3650:
+                raise ValueError(f"{app}: rotation period must be 1..3650 days, got {days}")
+        return value
+
+    def rotation_days(self, app_id: str) -> int:
+        """The app's rotation period in days; 0 when its pseudonyms do not rotate."""
+        rotation = self.app_pseudonym_rotation_days
+        return rotation.get(app_id, rotation.get("*", 0)) if rotation else 0
 
 
 class FeatureSpec(_Strict):
@@ -69,6 +128,34 @@ class FeatureSpec(_Strict):
     description: str = ""
     default: bool = False
     per_app: bool = False
+
+
+class GeneralizeAction(_Strict):
+    """`{generalize: STEP}`: a number that with a known start would rebuild a
+    track (trip distance, duration, average speed) is rounded to the nearest
+    multiple of STEP under approximate location, removed under off, kept under
+    precise."""
+
+    generalize: float = Field(gt=0)
+
+
+class EnumAction(_Strict):
+    """`{enum: [...]}`: free text passes only as one of the listed exact values
+    (in every location mode); anything else, which may name a place, is removed."""
+
+    enum: list[str] = Field(max_length=256)
+
+
+FieldAction = SimpleAction | GeneralizeAction | EnumAction
+
+
+def action_name(action: FieldAction) -> str:
+    """'generalize', 'enum' or the simple action itself."""
+    if isinstance(action, GeneralizeAction):
+        return "generalize"
+    if isinstance(action, EnumAction):
+        return "enum"
+    return action
 
 
 class StreamSpec(_Strict):
@@ -94,6 +181,7 @@ class PolicyDocument(_Strict):
     version: str = Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")
     location: LocationSpec = LocationSpec()
     find_my_car: FindMyCarSpec = FindMyCarSpec()
+    identity: IdentitySpec = IdentitySpec()
     features: dict[str, FeatureSpec]
     streams: dict[str, StreamSpec]
     commands: dict[str, CommandSpec] = Field(default_factory=dict)
@@ -107,9 +195,24 @@ class PolicyDocument(_Strict):
 
 @dataclass(frozen=True, slots=True)
 class GeoField:
+    """A GeoPoint field and what it says about the car, which decides how an
+    approximate value relates to the vehicle's location anchor:
+
+    - "position": where the car is (current position, charger it stands at,
+      trip end): publishes the anchor, refreshes it when the interval is over;
+    - "place": where the car was (trip start): publishes the anchor that held
+      before the message, never a fresher value;
+    - "destination": where the car is not: coarsened on the same grid, the
+      anchor is neither used nor moved.
+    """
+
     name: str
     repeated: bool
-    is_position: bool  # the car's current position: refresh-limited when approximate
+    role: str = "place"
+
+    @property
+    def is_position(self) -> bool:
+        return self.role == "position"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +236,10 @@ class CompiledStream:
     remove_fields: tuple[str, ...]
     keep_fields: tuple[str, ...]
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    odometer_fields: tuple[str, ...] = ()
+    generalize_fields: tuple[tuple[str, float], ...] = ()  # (name, step)
+    enum_fields: tuple[tuple[str, frozenset[str]], ...] = ()  # (name, allowed values)
+    place_text_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +272,8 @@ class CompiledPolicy:
     commands: Mapping[str, CompiledCommand]
     document: PolicyDocument
     text: str = ""  # the YAML as loaded, so it can be stored and rolled back to
+    fixes_per_command: int = 1  # find-my-car fixes forwarded per accepted command
+    max_commands_per_hour: int = 4  # accepted find-my-car commands per car per hour
 
     def route(self, relative_topic: str) -> tuple[CompiledStream, str | None] | None:
         """Stream rule for a topic relative to vehicle/{vin}/, plus the app id if any."""
@@ -290,13 +399,45 @@ def parse_policy(raw: bytes | str, *, source: str = "<policy>") -> CompiledPolic
     try:
         document = PolicyDocument.model_validate(data)
     except ValidationError as exc:
-        problems = [(".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()]
+        problems = _validation_problems(exc)
         raise PolicyError(source, problems) from exc
     problems = check_document(document)
     if problems:
         raise PolicyError(source, problems)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return dataclasses.replace(compile_policy(document, digest=digest), text=text)
+
+
+_UNION_BRANCH = re.compile(r"^(literal\[.*\]|GeneralizeAction|EnumAction)$")
+
+
+def _validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """pydantic's errors as (path, message). A field action matching none of
+    its forms is reported against the form closest to what was written: the
+    word list for text, the form with the fewest complaints for a mapping."""
+    plain: list[tuple[str, str]] = []
+    unions: dict[str, dict[str, list[tuple[str, str]]]] = {}
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        cut = next((i for i, p in enumerate(loc) if _UNION_BRANCH.match(p)), None)
+        if cut is None:
+            plain.append((".".join(loc), err["msg"]))
+            continue
+        if loc[cut].startswith("literal[") and isinstance(err.get("input"), dict):
+            continue  # written as a mapping: the word list is not what was meant
+        path = ".".join(loc[:cut] + loc[cut + 1 :])
+        branches = unions.setdefault(".".join(loc[:cut]), {})
+        branches.setdefault(loc[cut], []).append((path, err["msg"]))
+    for branches in unions.values():
+        literal = next((v for k, v in branches.items() if k.startswith("literal[")), None)
+        if literal is not None:
+            plain += literal  # written as a word
+            continue
+        fewest = min(len(v) for v in branches.values())
+        for problems in branches.values():
+            if len(problems) == fewest:
+                plain += problems
+    return plain
 
 
 def _message_descriptor(name: str) -> Descriptor | None:
@@ -406,35 +547,7 @@ def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
             problems.append(
                 (path, "legal-obligation streams are forwarded untouched and unconditionally")
             )
-        if stream.pseudonymize_vin and not placeholders and per_app is None:
-            pass  # allowed: any stream may be pseudonymized
-        for field_name, action in stream.fields.items():
-            fpath = f"{path}.fields.{field_name}"
-            fd = desc.fields_by_name.get(field_name)
-            if fd is None:
-                names = ", ".join(f.name for f in desc.fields)
-                problems.append(
-                    (fpath, f"{stream.message} has no field {field_name!r} (fields: {names})")
-                )
-                continue
-            if field_name == "header":
-                problems.append((fpath, "the header is managed by the gateway"))
-                continue
-            is_geo = fd.message_type is not None and fd.message_type.full_name == GEOPOINT_TYPE
-            if action in GEO_ACTIONS and not is_geo:
-                problems.append(
-                    (fpath, f"'{action}' applies to GeoPoint fields; {field_name} is not one")
-                )
-            if is_geo and action not in GEO_ACTIONS and action != "remove":
-                problems.append(
-                    (fpath, f"GeoPoint fields take 'position', 'place' or 'remove', not '{action}'")
-                )
-            if action in STRING_ACTIONS and (
-                fd.type != FieldDescriptor.TYPE_STRING or _is_repeated(fd)
-            ):
-                problems.append((fpath, f"'{action}' applies to single string fields"))
-            if action == "position" and _is_repeated(fd):
-                problems.append((fpath, "'position' is a single current position; use 'place'"))
+        problems += check_fields(desc, stream.fields, f"{path}.fields", legal=legal)
     for name, cmd in doc.commands.items():
         path = f"commands.{name}"
         if not _NAME.match(name):
@@ -451,6 +564,133 @@ def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
             ("commands", "a stream requires a find-my-car window but no command opens one")
         )
     return problems
+
+
+def check_fields(
+    desc: Descriptor, fields: Mapping[str, FieldAction], path: str, *, legal: bool = False
+) -> list[tuple[str, str]]:
+    """The field rules of one stream against its message (contract rule 14).
+
+    Every field must be classified, nested ones included: a sub-message other
+    than a GeoPoint (which is handled as a whole) is either removed as a whole
+    or has each of its fields listed by dotted path (`outer.inner: keep`). A
+    field nobody considered is refused, so a new field of a newer schema can
+    never reach the backend by omission. `header` is the gateway's.
+    """
+    problems: list[tuple[str, str]] = []
+    for field_name, action in fields.items():
+        fpath = f"{path}.{field_name}"
+        fd, parent_repeated = _resolve(desc, field_name)
+        if fd is None:
+            names = ", ".join(f.name for f in desc.fields)
+            problems.append((fpath, f"{desc.name} has no field {field_name!r} (fields: {names})"))
+            continue
+        if field_name == "header" or field_name.startswith("header."):
+            problems.append((fpath, "the header is managed by the gateway"))
+            continue
+        name = action_name(action)
+        nested = "." in field_name
+        if nested and name != "keep":
+            problems.append(
+                (fpath, f"fields of sub-messages take 'keep' (or remove the whole), not '{name}'")
+            )
+            continue
+        is_geo = fd.message_type is not None and fd.message_type.full_name == GEOPOINT_TYPE
+        is_sub = fd.message_type is not None and not is_geo
+        if is_sub and name != "remove" and not (name == "keep" and _is_map(fd)):
+            problems.append(
+                (
+                    fpath,
+                    f"a sub-message is removed as a whole or its fields are classified one by"
+                    f" one ('{field_name}.<field>: keep'), not '{name}'",
+                )
+            )
+        if name in GEO_ACTIONS and not is_geo:
+            problems.append(
+                (fpath, f"'{name}' applies to GeoPoint fields; {field_name} is not one")
+            )
+        if (
+            is_geo
+            and name not in GEO_ACTIONS
+            and name != "remove"
+            and not (legal and name == "keep")
+        ):
+            problems.append(
+                (
+                    fpath,
+                    "GeoPoint fields take 'position', 'place', 'destination' or 'remove',"
+                    f" not '{name}'",
+                )
+            )
+        repeated = _is_repeated(fd) or parent_repeated
+        if (name in STRING_ACTIONS or name == "enum") and (
+            fd.type != FieldDescriptor.TYPE_STRING or repeated
+        ):
+            problems.append((fpath, f"'{name}' applies to single string fields"))
+        if name in ("odometer", "generalize") and (fd.type not in _NUMERIC_TYPES or repeated):
+            problems.append((fpath, f"'{name}' applies to single numeric fields"))
+        if (
+            isinstance(action, GeneralizeAction)
+            and fd.type not in _FLOAT_TYPES
+            and action.generalize != int(action.generalize)
+        ):
+            problems.append((fpath, f"{field_name} is an integer: its step must be whole"))
+        if name == "position" and _is_repeated(fd):
+            problems.append((fpath, "'position' is a single current position; use 'place'"))
+    for missing in unclassified_fields(desc, fields):
+        problems.append(
+            (
+                f"{path}.{missing}",
+                "not classified: give every field an action ('keep' when it was considered"
+                " and may pass as is)",
+            )
+        )
+    return problems
+
+
+def unclassified_fields(
+    desc: Descriptor, fields: Mapping[str, object], prefix: str = ""
+) -> list[str]:
+    """Dotted paths of the fields of `desc` no rule classifies (header excepted)."""
+    missing: list[str] = []
+    for fd in desc.fields:
+        path = prefix + fd.name
+        if path == "header" or path in fields:
+            continue
+        sub = fd.message_type
+        if (
+            sub is not None
+            and sub.full_name != GEOPOINT_TYPE
+            and not _is_map(fd)
+            and path.count(".") < 8
+            and any(key.startswith(path + ".") for key in fields)
+        ):
+            missing += unclassified_fields(sub, fields, path + ".")
+            continue
+        missing.append(path)
+    return missing
+
+
+def _resolve(desc: Descriptor, dotted: str) -> tuple[FieldDescriptor | None, bool]:
+    """The field a dotted path names, and whether a message on the way is repeated."""
+    fd: FieldDescriptor | None = None
+    repeated = False
+    current: Descriptor | None = desc
+    for part in dotted.split("."):
+        if current is None:
+            return None, repeated
+        if fd is not None:
+            repeated = repeated or _is_repeated(fd)
+        fd = current.fields_by_name.get(part)
+        if fd is None:
+            return None, repeated
+        current = fd.message_type
+    return fd, repeated
+
+
+def _is_map(fd: FieldDescriptor) -> bool:
+    sub = fd.message_type
+    return sub is not None and bool(sub.GetOptions().map_entry)
 
 
 def _nested_geopoints(desc: Descriptor, prefix: str = "", depth: int = 0) -> list[str]:
@@ -488,13 +728,23 @@ def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
         for fd in desc.fields:
             if fd.message_type is None or fd.message_type.full_name != GEOPOINT_TYPE:
                 continue
-            action = spec.fields.get(fd.name, "place")  # undeclared GeoPoints: never leaked
+            # An undeclared GeoPoint (only in a compiled document that skipped
+            # validation) is a place: anchored, never fresher than the anchor.
+            action = action_name(spec.fields.get(fd.name, "place"))
             if action == "remove":
                 continue
-            geo.append(GeoField(fd.name, _is_repeated(fd), action == "position"))
+            role = action if action in GEO_ACTIONS else "place"
+            geo.append(GeoField(fd.name, _is_repeated(fd), role))
 
         def named(action: str, spec: StreamSpec = spec) -> tuple[str, ...]:
             return tuple(n for n, a in spec.fields.items() if a == action)
+
+        generalize = tuple(
+            (n, a.generalize) for n, a in spec.fields.items() if isinstance(a, GeneralizeAction)
+        )
+        enums = tuple(
+            (n, frozenset(a.enum)) for n, a in spec.fields.items() if isinstance(a, EnumAction)
+        )
 
         stream = CompiledStream(
             key=key,
@@ -516,6 +766,10 @@ def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
             remove_fields=tuple(removes),
             keep_fields=named("keep"),
             max_payload_bytes=spec.max_payload_bytes or doc.max_payload_bytes,
+            odometer_fields=() if legal else named("odometer"),
+            generalize_fields=() if legal else generalize,
+            enum_fields=() if legal else enums,
+            place_text_fields=() if legal else named("place_text"),
         )
         if placeholders:
             parts = tuple(None if _PLACEHOLDER.match(s) else s for s in segments)
@@ -529,6 +783,8 @@ def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
         cell_size_m=doc.location.cell_size_m,
         refresh_interval_ms=int(doc.location.refresh_interval_s * 1000),
         window_s=doc.find_my_car.window_s,
+        fixes_per_command=doc.find_my_car.fixes_per_command,
+        max_commands_per_hour=doc.find_my_car.max_commands_per_hour,
         features=dict(doc.features),
         per_app_features=frozenset(n for n, f in doc.features.items() if f.per_app),
         default_on=frozenset(
@@ -581,9 +837,26 @@ def _describe(s: CompiledStream, mode: str) -> str:
     if geo and mode == "off":
         steps.append(f"clear {geo}")
     elif geo and mode == "approximate":
-        steps.append(f"coarsen {geo}")
+        anchored = [g.name for g in s.geo_fields if g.role != "destination"]
+        free = [g.name for g in s.geo_fields if g.role == "destination"]
+        if anchored:
+            steps.append("coarsen " + ", ".join(anchored) + " (refresh-limited anchor)")
+        if free:
+            steps.append("coarsen " + ", ".join(free))
     if s.place_id_fields and mode != "precise":
         steps.append("clear " + ", ".join(s.place_id_fields))
+    if s.place_text_fields and mode == "off":
+        steps.append("clear " + ", ".join(s.place_text_fields))
+    if s.odometer_fields and mode == "off":
+        steps.append("clear " + ", ".join(s.odometer_fields))
+    elif s.odometer_fields and mode == "approximate":
+        steps.append("freeze " + ", ".join(s.odometer_fields) + " at the anchor")
+    if s.generalize_fields and mode == "off":
+        steps.append("clear " + ", ".join(n for n, _ in s.generalize_fields))
+    elif s.generalize_fields and mode == "approximate":
+        steps.append("round " + ", ".join(f"{n} to {step:g}" for n, step in s.generalize_fields))
+    if s.enum_fields:
+        steps.append("only listed values of " + ", ".join(n for n, _ in s.enum_fields))
     if s.pseudonymize_fields:
         steps.append("hmac " + ", ".join(s.pseudonymize_fields))
     if s.truncate_ip_fields:
@@ -591,5 +864,14 @@ def _describe(s: CompiledStream, mode: str) -> str:
     if s.remove_fields:
         steps.append("remove " + ", ".join(s.remove_fields))
     if s.pseudonymize_vin:
-        steps.append("pseudonymize VIN")
+        steps.append("pseudonymize VIN, header seq and time")
+        by_name = s.message_cls.DESCRIPTOR.fields_by_name
+        opaque = [
+            name
+            for name in s.keep_fields
+            if name in by_name and by_name[name].type == by_name[name].TYPE_BYTES
+        ]
+        if opaque:
+            # Kept opaque bytes are searched for the VIN, but encryption defeats that.
+            steps.append("keep " + ", ".join(opaque) + " (VIN search: best effort)")
     return "; ".join(steps) or "forward"

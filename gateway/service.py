@@ -10,9 +10,13 @@ and the broker redelivers it to the restarted gateway.
 from __future__ import annotations
 
 import asyncio
+import calendar
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -26,16 +30,23 @@ from gateway.config import BrokerAccess, GatewayConfig
 from gateway.control.audit import AuditRecord
 from gateway.core import (
     ApplySettings,
-    CoarseFix,
     DecisionContext,
     Drop,
+    DropReason,
     Forward,
+    Hold,
+    LocationAnchor,
     VehicleState,
     decide,
     decide_command,
+    expire_find_my_car,
     refused_result,
     state_from_snapshot,
+    with_find_my_car,
 )
+from gateway.core.capture import CaptureHistory, Interval, append
+from gateway.core.decide import applied_message, split_vehicle_topic
+from gateway.core.identity import IdentityRow, app_scope, erasure_events
 from gateway.core.state import is_valid_vin
 from gateway.core.transforms import pseudonym
 from gateway.delivery import (
@@ -51,8 +62,8 @@ from gateway.edges.mqtt import InboundMessage, MqttEdge, PublishRefused
 from gateway.logs import Throttle
 from gateway.metrics import GatewayMetrics
 from gateway.policy import CompiledPolicy, parse_policy, version_key
-from gateway.store import ConsentStore, StoredPolicy
-from telematics.v1.privacy_pb2 import ErasureEvent
+from gateway.store import ConsentStore, ParkedMessage, StoredPolicy
+from gateway.store.sqlite import RESTRICTION_SOURCES
 
 log = logging.getLogger("gateway.service")
 
@@ -202,17 +213,30 @@ class GatewayService:
             key=key,
             vehicle_prefix=config.vehicle_broker.topic_prefix,
             backend_prefix=config.backend_broker.topic_prefix,
+            capture_skew_s=config.pipeline.capture_skew_s,
         )
         self.states: dict[str, VehicleState] = {}
-        self.coarse_fixes: dict[str, CoarseFix] = {}
+        # Per vehicle, across units and streams (contract rule 13); durable.
+        self.anchors: dict[str, LocationAnchor] = {}
+        # Per car, the settings intervals applied (consent at capture time).
+        self.histories: dict[str, CaptureHistory] = {}
         self._clock = clock
         self._queue: asyncio.Queue[InboundMessage | ControlOp | None] = asyncio.Queue()
         self.restricted: set[str] = set()
         self.policy_record: StoredPolicy | None = None
         self.accounting = EgressAccounting(
-            lambda rows: self._persist(self.store.add_egress_counts, rows)
+            lambda rows: self._persist(self.store.add_egress_counts, rows),
+            lambda anchors: self._persist(self.store.save_anchors, anchors),
         )
         self._seal = DeadLetterSeal(key)
+        # Parked messages (held for a settings revision not applied yet).
+        self._park_seal = DeadLetterSeal(key, b"parked-seal")
+        self._parked_subjects: set[str] = set()  # cars that may have parked messages
+        self._releasing: set[int] = set()  # parked ids released and not final yet
+        self._parked_count = 0
+        self._parked_bytes = 0
+        self.metrics.parked_messages.set_function(lambda: float(self._parked_count))
+        self.metrics.parked_bytes.set_function(lambda: float(self._parked_bytes))
         # The eCall lane subscribes to the streams of the policy it starts with.
         self._legal_streams = policy.legal_obligation_streams
         self._ecall_lane = config.pipeline.ecall_lane and bool(self._legal_streams)
@@ -222,6 +246,7 @@ class GatewayService:
         # Erased VINs (recently): messages decided before the erasure that
         # complete afterwards leave no count and no dead letter behind.
         self._erased: dict[str, float] = {}
+        self._erasure_events_changed = asyncio.Event()
         limits = config.limits
         self._new_vehicles = TokenBucket(limits.new_vehicles_per_s, limits.new_vehicles_burst)
         self._settings_rate = WindowCounter(limits.settings_window_s)
@@ -253,16 +278,85 @@ class GatewayService:
         """Enforce the last applied settings before any message is decided."""
         policy = self.ctx.policy
         self.restricted = self.store.restricted_vins()
+        book = self.ctx.identity
+        book.rows = self.store.identities()
         states: dict[str, VehicleState] = {}
+        # Contract rule 17: the commands-per-hour cap and spent fixes survive a restart.
+        find_my_car = self.store.find_my_car_commands()
+        now = self._clock()
         for stored in self.store.load_all():
             vin = stored.snapshot.vin
             state = state_from_snapshot(policy, stored.snapshot, stored.window_until)
-            states[vin] = (
-                dataclasses.replace(state, restricted=True) if vin in self.restricted else state
-            )
+            erased = book.row(self.ctx.key, vin)  # None at once when nothing was erased
+            if erased is not None:
+                book.epochs[vin] = erased.epoch
+                if erased.restricted:
+                    self.restricted.add(vin)
+            if vin in self.restricted:
+                state = dataclasses.replace(state, restricted=True)
+            commands = find_my_car.get(vin)
+            if commands:
+                state = expire_find_my_car(with_find_my_car(state, commands), now, policy.window_s)
+            states[vin] = state
         self.states = states
+        self.anchors = dict(self.store.load_anchors())
+        self.histories = self._load_histories()
         self.metrics.vehicles.set(len(self.states))
+        count, size, subjects = self.store.parked_stats()
+        self._parked_count, self._parked_bytes, self._parked_subjects = count, size, subjects
         return len(self.states)
+
+    def _load_histories(self) -> dict[str, CaptureHistory]:
+        """The capture-time intervals of every car, from the settings history
+        (restriction periods included), compacted to the in-memory bound."""
+        policy, limit = self.ctx.policy, self.config.limits.capture_intervals_per_vehicle
+        histories: dict[str, CaptureHistory] = {}
+        previous: tuple[str, int] = ("", 0)  # (vin, revision) of the row before
+        for row in self.store.capture_history():
+            snapshot = row.snapshot
+            vin = snapshot.vin
+            state = state_from_snapshot(policy, snapshot)
+            if row.merged == 0 and snapshot.source == RESTRICTION_SOURCES[0]:
+                state = dataclasses.replace(state, restricted=True)
+            first = snapshot.revision
+            if row.merged:
+                # The revisions folded into it are not stored: every one after
+                # the row before (inclusive: that one may be split by a restriction).
+                first = previous[1] if previous[0] == vin else 0
+            previous = (vin, snapshot.revision)
+            interval = Interval(first, snapshot.revision, snapshot.applied_at, state)
+            histories[vin] = append(histories.get(vin), interval, limit)
+        # A latest row that folded in settings over the rate limit holds the
+        # strictest of them under the current revision; the current revision's
+        # own settings are known exactly (applied now): an interval of their own
+        # from when they were applied, the merged one keeps the revisions before.
+        merged_latest = {
+            vin
+            for vin, history in histories.items()
+            if history[-1].first_revision < history[-1].revision
+            and (current := self.states.get(vin)) is not None
+            and history[-1].revision == current.revision
+        }
+        if merged_latest or len(histories) < len(self.states):
+            for stored in self.store.load_all():
+                vin = stored.snapshot.vin
+                current = self.states.get(vin)
+                if current is None or (vin in histories and vin not in merged_latest):
+                    continue
+                # Settings without history rows (a store filled by other means)
+                # are known from the time they were applied too.
+                exact = Interval(
+                    current.revision, current.revision, stored.snapshot.applied_at, current
+                )
+                older: CaptureHistory = ()
+                if vin in merged_latest:
+                    *before, last = histories[vin]
+                    older = (
+                        *before,
+                        dataclasses.replace(last, revision=current.revision - 1),
+                    )
+                histories[vin] = (*older, exact)
+        return histories
 
     def _record_policy(self) -> None:
         """Run the last accepted policy; on a first start, store the configured one.
@@ -372,7 +466,11 @@ class GatewayService:
             asyncio.create_task(self._announce_ready(), name="ready"),
             asyncio.create_task(self.accounting.run(), name="egress-counts"),
             asyncio.create_task(self._purge_dead_letters_periodically(), name="dead-letters"),
+            asyncio.create_task(self._expire_parked_periodically(), name="parked-expiry"),
+            asyncio.create_task(self._publish_erasure_events(), name="erasure-events"),
         ]
+        if self._parked_count:
+            self.spawn(self.run_control(self._release_applied_parked))
 
     @property
     def edges(self) -> list[MqttEdge]:
@@ -607,7 +705,13 @@ class GatewayService:
     ) -> None:
         started = time.perf_counter()
         decision = decide(
-            self.ctx, msg.topic, msg.payload, self.states, self.coarse_fixes, self._clock()
+            self.ctx,
+            msg.topic,
+            msg.payload,
+            self.states,
+            self.anchors,
+            self._clock(),
+            histories=self.histories,
         )
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         if isinstance(decision, Forward):
@@ -621,8 +725,19 @@ class GatewayService:
                 self.metrics.inc(self.metrics.dropped, decision.stream, "ecall_lane")
                 slot.settle()
                 return
-            if decision.coarse_fix is not None:
-                self.coarse_fixes[decision.vin] = decision.coarse_fix
+            if decision.state is not None:
+                # A find-my-car fix spends its command's budget durably before
+                # it leaves: a restart never forwards it twice (fail closed).
+                await self._persist(
+                    self.store.save_find_my_car,
+                    decision.vin,
+                    decision.state.find_my_car,
+                    decision.state.window_until,
+                )
+                self.states[decision.vin] = decision.state
+            if decision.anchor is not None:
+                self.anchors[decision.vin] = decision.anchor
+                self.accounting.anchor(decision.vin, decision.anchor)
             self.metrics.inc(self.metrics.forwarded, decision.stream, decision.feature)
             for transform in decision.transforms:
                 self.metrics.inc(self.metrics.transforms, transform)
@@ -654,6 +769,11 @@ class GatewayService:
                 )
             else:
                 slot.settle()
+        elif isinstance(decision, Hold):
+            if isinstance(slot, _ParkedSlot):  # released too early: stays parked
+                slot.keep()
+                return
+            await self._park(decision, msg, slot)
         elif isinstance(decision, ApplySettings):
             vin, now = decision.snapshot.vin, self._clock()
             if vin not in self.states and not self._new_vehicles.allow(now):
@@ -696,9 +816,16 @@ class GatewayService:
         # Durable before it is announced and before the next message is decided.
         await self._persist(self.store.apply_settings, snapshot, record, merge)
         state = decision.state
+        if snapshot.vin not in self.states:
+            erased = self.ctx.identity.row(self.ctx.key, snapshot.vin)
+            if erased is not None:  # back after an erasure: its epoch, its restriction
+                self.ctx.identity.epochs[snapshot.vin] = erased.epoch
+                if erased.restricted:
+                    self.restricted.add(snapshot.vin)
         if snapshot.vin in self.restricted and not state.restricted:
             state = dataclasses.replace(state, restricted=True)
         self.states[snapshot.vin] = state
+        self._add_interval(snapshot.vin, snapshot.revision, snapshot.applied_at, state)
         self.metrics.settings_applied.inc()
         self.metrics.vehicles.set(len(self.states))
         log.info(
@@ -725,6 +852,137 @@ class GatewayService:
                 slot.expires_at,
             ),
         )
+        await self._release_parked(snapshot.vin, snapshot.revision)
+
+    def _add_interval(self, vin: str, revision: int, since: float, state: VehicleState) -> None:
+        self.histories[vin] = append(
+            self.histories.get(vin),
+            Interval(revision, revision, since, state),
+            self.config.limits.capture_intervals_per_vehicle,
+        )
+
+    # ------------------------------------------------------------ parked messages
+
+    async def _park(self, decision: Hold, msg: InboundMessage, slot: Settleable) -> None:
+        """Keep a message stating a revision not applied yet (contract rule 12):
+        sealed in the store, acknowledged once durable (never in the ack window
+        waiting for settings), released when that revision is applied."""
+        now = self._clock()
+        hold_max = self.config.pipeline.hold_max_s
+        if hold_max <= 0:
+            self.metrics.inc(self.metrics.dropped, decision.stream, "settings_pending")
+            slot.settle()
+            return
+        subject = self.audit_subject(decision.vin)
+        expires_at = now + hold_max
+        if slot.expires_at is not None:  # a re-driven dead letter keeps its expiry
+            expires_at = min(expires_at, slot.expires_at)
+        row = ParkedMessage(
+            subject=subject,
+            revision=decision.revision,
+            parked_at=now,
+            expires_at=expires_at,
+            stream=decision.stream,
+            size=len(msg.payload),
+            sealed=self._park_seal.seal(msg.topic, msg.payload, subject),
+        )
+        pipeline = self.config.pipeline
+        result = await self._persist(
+            self.store.park, row, pipeline.parked_bytes_per_vehicle, pipeline.parked_bytes
+        )
+        self.metrics.inc(self.metrics.parked, decision.stream)
+        self._parked_subjects.add(subject)
+        self._parked_count += 1
+        self._parked_bytes += row.size
+        for _, stream, size in result.evicted:
+            self._parked_count -= 1
+            self._parked_bytes -= size
+            self._refuse(DropReason.PARKED_EVICTED.value, stream, now)
+        slot.settle()
+
+    async def _release_parked(self, vin: str, revision: int) -> None:
+        """Decide again, in order, a car's messages parked for `revision` or
+        older, now that it is applied (in the decision loop, like any message)."""
+        subject = self.audit_subject(vin)
+        if subject not in self._parked_subjects:
+            return
+        rows = await self._persist(self.store.parked, subject)
+        ready = [r for r in rows if r.revision <= revision]
+        if len(ready) == len(rows):
+            self._parked_subjects.discard(subject)
+        await self._release(ready)
+
+    async def _release(self, rows: list[ParkedMessage]) -> None:
+        now = self._clock()
+        for row in rows:
+            if row.id in self._releasing:
+                continue
+            self._releasing.add(row.id)
+            slot = _ParkedSlot(self, row)
+            if row.expires_at <= now:
+                self.metrics.inc(self.metrics.dropped, row.stream, "settings_pending")
+                slot.settle()
+                continue
+            try:
+                topic, payload = self._park_seal.open(row.sealed, row.subject)
+            except ValueError:
+                log.error("parked message %d does not open with the current key", row.id)
+                self.metrics.internal_errors.inc()
+                slot.settle()
+                continue
+            msg = InboundMessage("parked", topic, payload, 1, 0, 0)
+            try:
+                await self._handle_vehicle_message(msg, slot)
+            except Exception:
+                log.exception("internal error deciding a parked message")
+                self.metrics.internal_errors.inc()
+                slot.settle()
+
+    async def _release_applied_parked(self) -> None:
+        """After a start: parked messages whose revision was applied before a
+        crash could release them."""
+        rows = await self._persist_once(self.store.parked)
+        ready: list[ParkedMessage] = []
+        for row in rows:
+            try:
+                topic, _ = self._park_seal.open(row.sealed, row.subject)
+            except ValueError:
+                continue  # left to expire
+            parts = split_vehicle_topic(self.ctx.vehicle_prefix, topic)
+            state = self.states.get(parts[0]) if parts is not None else None
+            if state is not None and row.revision <= state.revision:
+                ready.append(row)
+        await self._release(ready)
+
+    async def _expire_parked_periodically(self) -> None:
+        """Parked messages whose revision did not arrive in time are dropped
+        (`settings_pending`), between two decisions."""
+        interval = min(60.0, max(0.05, self.config.pipeline.hold_max_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_control(self._expire_parked)
+            except Exception as exc:
+                log.error("expiring parked messages failed: %s", exc)
+
+    async def _expire_parked(self) -> int:
+        expired = [
+            e
+            for e in await self._persist_once(self.store.expired_parked, self._clock())
+            if e[0] not in self._releasing
+        ]
+        if not expired:
+            return 0
+        deleted = await self._persist_once(self.store.delete_parked, [e[0] for e in expired])
+        for _, stream, size in expired:
+            self.metrics.inc(self.metrics.dropped, stream, "settings_pending")
+            self._parked_bytes -= size
+        self._parked_count -= len(expired)
+        if deleted != len(expired):  # erased meanwhile: count again
+            count, size, _ = await self._persist_once(self.store.parked_stats)
+            self._parked_count, self._parked_bytes = count, size
+        log.info("dropped %d parked message(s) whose settings never arrived", len(expired))
+        return len(expired)
 
     async def _handle_command(self, msg: InboundMessage, slot: Settleable) -> None:
         decision = decide_command(self.ctx, msg.topic, msg.payload, self.states, self._clock())
@@ -736,7 +994,14 @@ class GatewayService:
         name = decision.command if decision.command in self.ctx.policy.commands else "unknown"
         self.metrics.inc(self.metrics.commands, name, str(decision.accepted).lower())
         if decision.state is not None:
-            await self._persist(self.store.open_window, decision.vin, decision.state.window_until)
+            # The window and the command's place under the hourly cap are
+            # durable before the command reaches the car.
+            await self._persist(
+                self.store.save_find_my_car,
+                decision.vin,
+                decision.state.find_my_car,
+                decision.state.window_until,
+            )
             self.states[decision.vin] = decision.state
         log.info(
             "command %s",
@@ -800,8 +1065,16 @@ class GatewayService:
         return self.audit_subject(vin)[:16]
 
     def log_topic(self, topic: str) -> str:
-        parts = topic.split("/")
-        return "/".join(self.log_ref(p) if is_valid_vin(p) else p for p in parts)
+        return self.redact_vins(topic, self.log_ref)
+
+    def redact_vins(self, path: str, replace: Callable[[str], str] | None = None) -> str:
+        """`path` with every segment that is a VIN (in any letter case, with
+        stray whitespace: invalid in a topic or URL, still a VIN) replaced by
+        its keyed hash (default: the audit subject)."""
+        replace = replace or self.audit_subject
+        return "/".join(
+            replace(p) if is_valid_vin(p.strip().upper()) else p for p in path.split("/")
+        )
 
     def audit_subject(self, vin: str) -> str:
         """Keyed hash of a VIN for the audit ledger (never the VIN itself)."""
@@ -877,6 +1150,11 @@ class GatewayService:
             await loop.run_in_executor(self._store_executor, self.load_state)
         log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
 
+    def is_restricted(self, vin: str) -> bool:
+        """Restricted now, or restricted when it was erased (kept for its return)."""
+        erased = self.ctx.identity.row(self.ctx.key, vin)
+        return vin in self.restricted or (erased is not None and erased.restricted)
+
     async def set_restriction(self, vin: str, restricted: bool, actor: str) -> bool:
         async def run() -> bool:
             record = AuditRecord(
@@ -887,6 +1165,17 @@ class GatewayService:
                 at=self._clock(),
             )
             changed = await self._persist_once(self.store.set_restriction, vin, restricted, record)
+            subject = self.audit_subject(vin)
+            erased = self.ctx.identity.rows.get(subject)
+            if erased is not None and erased.restricted != restricted:
+                # Carried past the erasure: lifting or setting it again holds there too.
+                await self._persist_once(self.store.set_identity_restricted, subject, restricted)
+                self.ctx.identity.rows[subject] = dataclasses.replace(
+                    erased, restricted=restricted
+                )
+                if not changed:  # the store had no row by VIN to audit the change with
+                    await self._persist_once(self.store.append_audit, record)
+                changed = True
             if restricted:
                 self.restricted.add(vin)
             else:
@@ -894,6 +1183,8 @@ class GatewayService:
             state = self.states.get(vin)
             if state is not None:
                 self.states[vin] = dataclasses.replace(state, restricted=restricted)
+                if changed:  # a restriction period is part of what was allowed when
+                    self._add_interval(vin, state.revision, record.at, self.states[vin])
             return bool(changed)
 
         return await self.run_control(run)
@@ -904,23 +1195,64 @@ class GatewayService:
         async def run() -> dict[str, Any]:
             now = self._clock()
             subject = self.audit_subject(vin)
-            apps = sorted(
+            used = {  # (app id, day) the car sent app data on
+                (k[3].partition(".")[2], k[1])
+                for k in self.accounting.pending_keys()
+                if k[0] == vin and "." in k[3]
+            } | {
+                (c.feature.partition(".")[2], c.day)
+                for c in await self._persist_once(self.store.egress_counts, vin)
+                if "." in c.feature
+            }
+            identity = self.ctx.policy.document.identity
+            apps = sorted(  # (app id, pseudonym scope): every rotation period used
                 {
-                    k[3].partition(".")[2]
-                    for k in self.accounting.pending_keys()
-                    if k[0] == vin and "." in k[3]
-                }
-                | {
-                    c.feature.partition(".")[2]
-                    for c in await self._persist_once(self.store.egress_counts, vin)
-                    if "." in c.feature
+                    (app, app_scope(app, identity.rotation_days(app), _day_start(day)))
+                    for app, day in used
                 }
             )
             record = AuditRecord(actor=actor, action="erasure", subject=subject, content={}, at=now)
-            removed = await self._persist_once(self.store.erase_vehicle, vin, subject, record)
+            # Rule 16: the VIN event carries only the VIN; each app pseudonym (of
+            # the epoch ending now) gets its own event, later, after a random delay.
+            book, erasure = self.ctx.identity, self.config.erasure
+            epoch = book.epoch(vin)
+            rng = random.SystemRandom()
+            events = erasure_events(
+                self.ctx.key,
+                self.ctx.backend_prefix,
+                vin,
+                apps,
+                epoch,
+                now,
+                [
+                    rng.uniform(erasure.app_event_min_delay_s, erasure.app_event_max_delay_s)
+                    for _ in apps
+                ],
+                self.ctx.policy.document.identity.pseudonymized_timestamp_step_s * 1000,
+            )
+            # What survives: a new pseudonym epoch, the revision floor (older
+            # settings are void) and a restriction; keyed by the subject hash.
+            state, before = self.states.get(vin), book.rows.get(subject)
+            survivor = IdentityRow(
+                epoch=epoch + 1,
+                revision_floor=max(
+                    state.revision if state is not None else 0,
+                    before.revision_floor if before is not None else 0,
+                ),
+                restricted=vin in self.restricted,
+            )
+            removed = await self._persist_once(
+                self.store.erase_vehicle, vin, subject, record, survivor, events.app_events
+            )
+            book.rows[subject] = survivor
+            book.epochs[vin] = survivor.epoch
             self.states.pop(vin, None)
-            self.coarse_fixes.pop(vin, None)
-            self.restricted.discard(vin)
+            self.anchors.pop(vin, None)
+            self.histories.pop(vin, None)
+            if removed.get("parked"):
+                count, size, subjects = await self._persist_once(self.store.parked_stats)
+                self._parked_count, self._parked_bytes = count, size
+                self._parked_subjects = subjects
             self.accounting.forget(vin)
             self._erased[vin] = now
             for old in [v for v, at in self._erased.items() if now - at > ERASED_MEMORY_S]:
@@ -929,10 +1261,7 @@ class GatewayService:
             self.metrics.dead_letters_stored.set(
                 await self._persist_once(self.store.dead_letter_count)
             )
-            refs = [pseudonym(self.ctx.key, f"vin/{app}", vin) for app in apps]
-            event = ErasureEvent(vin=vin, refs=refs, erased_at_ms=int(now * 1000), reason="art17")
-            topic = f"{self.ctx.backend_prefix}/{vin}/erasure"
-            payload = event.SerializeToString()
+            topic, payload = events.vin_topic, events.vin_payload
             # Not awaited inside the decision loop: a refused event must not
             # hold every car's messages (it ends delivered or as a dead letter).
             outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -944,10 +1273,26 @@ class GatewayService:
                 outcome.set_result,
                 self._egress_letter(vin, "erasure", topic, payload),
             )
+            # The car is asked to show its privacy screen again.
+            reprompt_topic, reprompt = applied_message(
+                self.ctx, vin, survivor.revision_floor, reprompt=True
+            )
+            self._deliver(
+                self.vehicle_edge,
+                reprompt_topic,
+                reprompt,
+                (),
+                lambda _: None,
+                self._egress_letter(vin, "avn/privacy/applied", reprompt_topic, reprompt),
+            )
+            self._erasure_events_changed.set()
             return {
                 "removed": removed,
                 "erasure_event_topic": topic,
-                "pseudonymous_refs": refs,
+                "pseudonymous_refs": list(events.refs),
+                "app_erasure_events": [
+                    {"topic": t, "due_in_s": round(due - now, 1)} for due, t, _ in events.app_events
+                ],
                 "_outcome": outcome,
             }
 
@@ -958,6 +1303,57 @@ class GatewayService:
         except TimeoutError:
             result["erasure_event"] = "pending"  # backend unreachable: delivered on reconnect
         return result
+
+    async def _publish_erasure_events(self, idle_s: float = 60.0) -> None:
+        """Publish app erasure events once due (they are stored with the
+        erasure, so a restart loses none); each leaves the store once delivered
+        or kept as a dead letter. At least once: a crash between the publish
+        and the removal publishes it again."""
+        in_flight: set[int] = set()
+        while True:
+            self._erasure_events_changed.clear()
+            wait = idle_s
+            try:
+                pending = await self._persist_once(self.store.pending_erasure_events)
+            except Exception:
+                log.exception("pending erasure events unreadable; retrying")
+                pending = []
+            now = self._clock()
+            for event_id, due_at, topic, payload in pending:
+                if event_id in in_flight:
+                    continue
+                if due_at > now:
+                    wait = min(wait, due_at - now)
+                    continue
+                in_flight.add(event_id)
+                self._deliver(
+                    self.backend_edge,
+                    topic,
+                    payload,
+                    (),
+                    functools.partial(self._erasure_event_done, event_id, in_flight),
+                    Undeliverable(
+                        DeadLetterKind.EGRESS,
+                        "",  # filed under no car: nothing pairs it with the VIN
+                        "erasure",
+                        "",
+                        self.config.dead_letters.retention_days,
+                        topic,
+                        payload,
+                    ),
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._erasure_events_changed.wait(), max(wait, 0.05))
+
+    def _erasure_event_done(self, event_id: int, in_flight: set[int], _: Outcome) -> None:
+        self.spawn(self._remove_erasure_event(event_id, in_flight))
+
+    async def _remove_erasure_event(self, event_id: int, in_flight: set[int]) -> None:
+        try:
+            await self._persist_once(self.store.delete_pending_erasure_event, event_id)
+        except Exception:
+            log.exception("erasure event not removed; it will be published again")
+        in_flight.discard(event_id)
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A background task kept referenced until done (the loop holds only weak ones)."""
@@ -1053,9 +1449,7 @@ class GatewayService:
 
     async def delete_dead_letters(self, ids: list[int] | None) -> int:
         removed = await self._persist_once(self.store.delete_dead_letters, ids)
-        self.metrics.dead_letters_stored.set(
-            await self._persist_once(self.store.dead_letter_count)
-        )
+        self.metrics.dead_letters_stored.set(await self._persist_once(self.store.dead_letter_count))
         return int(removed)
 
     async def _purge_dead_letters_periodically(self, interval: float = 3600.0) -> None:
@@ -1214,16 +1608,17 @@ class GatewayService:
             log.warning("refused message of an erased vehicle not kept (%s)", letter.stream)
             return
         expires_at = letter.expires_at
-        subject = subject if subject is not None else (
-            self.audit_subject(letter.vin) if letter.vin else ""
+        subject = (
+            subject
+            if subject is not None
+            else (self.audit_subject(letter.vin) if letter.vin else "")
         )
         reason = refusal_reason(code)
         row = DeadLetter(
             created_at=now,
             expires_at=expires_at
             if expires_at is not None
-            else now
-            + 86400 * min(letter.retention_days, self.config.dead_letters.retention_days),
+            else now + 86400 * min(letter.retention_days, self.config.dead_letters.retention_days),
             subject=subject,
             kind=letter.kind,
             edge=edge,
@@ -1277,8 +1672,53 @@ class GatewayService:
                 await asyncio.sleep(delay)
 
 
+def _day_start(day: str) -> float:
+    """'YYYY-MM-DD' (UTC) -> epoch seconds of its midnight."""
+    return float(calendar.timegm(time.strptime(day, "%Y-%m-%d")))
+
+
 def _digest(msg: InboundMessage) -> bytes:
     return hashlib.blake2b(msg.topic.encode() + b"\x00" + msg.payload, digest_size=16).digest()
+
+
+class _ParkedSlot:
+    """Stands in for an ack-window slot when a parked message is released (it
+    was acknowledged when parked): its final outcome removes the stored row."""
+
+    __slots__ = ("done", "expires_at", "row", "service")
+
+    def __init__(self, service: GatewayService, row: ParkedMessage) -> None:
+        self.service = service
+        self.row = row
+        self.expires_at: float | None = None  # a dead letter gets the stream's retention
+        self.done = False
+
+    def settle(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.service.spawn(self._remove())
+
+    def keep(self) -> None:
+        """Still waiting for its revision: stays parked."""
+        self.done = True
+        self.service._releasing.discard(self.row.id)
+
+    async def _remove(self) -> None:
+        service = self.service
+        try:
+            deleted = await service._persist(service.store.delete_parked, [self.row.id])
+            if deleted:
+                service._parked_count -= 1
+                service._parked_bytes -= self.row.size
+        finally:
+            service._releasing.discard(self.row.id)
+
+    def settle_with(self, outcome: Outcome) -> None:
+        self.settle()
+
+    def release_budget(self) -> None:
+        pass  # a released message holds no ingress budget
 
 
 class _RedriveSlot:

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
+import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -54,6 +57,10 @@ PROTOCOL = "protocol"
 CATEGORIES = (LEAK, LOSS, OVER_COARSENING, WRONG_TRANSFORM, USER_PROPERTIES, PROTOCOL)
 WINDOW_TOLERANCE_S = 2.0  # messages this close to a window boundary may go either way
 SLACK = 1.01  # 1 % slack on the approximate-location cell bounds
+# A coarse value (and the odometer frozen with it) may change once per refresh
+# interval on the gateway's clock; the recorder sees forwards a little later
+# than the gateway decided them, so changes this much closer still pass.
+REFRESH_TOLERANCE = 0.25  # of an interval
 REQUIRED_PROPERTIES = ("policy-version", "feature", "legal-basis", "retention-days", "transforms")
 CHECK_FILE = "check.json"
 GEOPOINT = "telematics.v1.GeoPoint"
@@ -326,8 +333,13 @@ class Checker:
             if meta.get("gateway_clock") == "simulated"
             else 1.0
         )
+        self.speedup = float(meta.get("speedup", 1.0))
         self.vins = [str(r["vin"]) for r in truth if r["type"] == "vehicle"]
         self.issues: list[Issue] = []
+        # Approximate values of where the car is or was, and odometer readings,
+        # as forwarded: (recorder wall time, value), for the refresh-interval rule.
+        self.anchor_values: dict[str, list[tuple[float, tuple[float, float]]]] = defaultdict(list)
+        self.odometer_values: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.tallies: dict[str, StreamTally] = defaultdict(StreamTally)
         self.approx_errors: list[float] = []
         self.outcomes: list[tuple[str, str, str]] = []
@@ -358,8 +370,21 @@ class Checker:
             for n, r in enumerate(recording)
         ]
         self.published = [self._published(r) for r in truth if r["type"] == "publish"]
+        self._fixes_by_vin: dict[str, list[Published]] = defaultdict(list)
+        for pub in self.published:
+            rule = policy.rule_for(pub.stream)
+            if (
+                rule is not None
+                and rule.requires_window
+                and pub.message is not None
+                and pub.record.get("purpose") not in MUST_NOT_ARRIVE
+            ):
+                self._fixes_by_vin[pub.vin].append(pub)
         self.positions = self._true_positions()
         self.windows = self._windows()
+        # Contract rule 17: (vin, request_id) -> when the gateway opened its window.
+        self.command_windows = self._command_windows()
+        self._fixes_delivered: list[Published] = []  # forwarded fixes, judged together
         # pseudonym stability without the key: input -> outputs seen
         self.pseudonyms_seen: dict[tuple[str, str], set[str]] = defaultdict(set)
 
@@ -389,7 +414,8 @@ class Checker:
                     name
                 ):
                     geo = getattr(pub.message, name)
-                    points[pub.vin].append((pub.ts_ms, Point(geo.latitude, geo.longitude)))
+                    if _valid(geo):  # GPS without a fix says nothing about where it is
+                        points[pub.vin].append((pub.ts_ms, Point(geo.latitude, geo.longitude)))
         result: dict[str, tuple[list[int], list[Point]]] = {}
         for vin, items in points.items():
             items.sort(key=lambda item: item[0])
@@ -419,6 +445,113 @@ class Checker:
         for opens in windows.values():
             opens.sort()
         return windows
+
+    def _command_windows(self) -> dict[tuple[str, str], float]:
+        """When each find_my_car command's window opened, by (vin, request_id)."""
+        opened: dict[tuple[str, str], float] = {}
+        received = {
+            str(r["request_id"]): float(r["wall"])
+            for r in self.truth
+            if r["type"] == "command_received" and r["command"] == "find_my_car"
+        }
+        for record in self.truth:
+            if record["type"] != "command" or record["command"] != "find_my_car":
+                continue
+            request_id = str(record["request_id"])
+            times = [float(record["wall_forwarded"])] if record.get("wall_forwarded") else []
+            if request_id in received:
+                times.append(received[request_id])
+            result = record.get("result")
+            if result and result.get("accepted") and record.get("wall_result") is not None:
+                times.append(float(record["wall_result"]))
+            if times:
+                opened[(str(record["vin"]), request_id)] = min(times)
+        return opened
+
+    def _answer_state(self, pub: Published) -> str | None:
+        """Contract rule 17 for a fix that is inside some window: None when it
+        must pass, AMBIGUOUS when its budget may have gone to another fix, or
+        why it must be dropped ("unanswered", "outside_window")."""
+        request_id = str(getattr(pub.message, "request_id", "") or "")
+        start, end = float(pub.record["wall_start"]), float(pub.record["wall_end"])
+        length = self.policy.find_my_car_window_s * self.gateway_wall_per_s
+        tol = min(WINDOW_TOLERANCE_S, length / 4)
+        if request_id:
+            opened = self.command_windows.get((pub.vin, request_id))
+            if opened is None:
+                return "unanswered"
+            if end < opened - tol or start > opened + length + tol:
+                return "outside_window"
+            if not (opened + tol <= start and end <= opened + length - tol):
+                return AMBIGUOUS
+            since = opened - tol
+        else:
+            containing = [
+                opened
+                for (vin, _), opened in self.command_windows.items()
+                if vin == pub.vin and opened - tol <= end and start <= opened + length + tol
+            ]
+            if not containing:
+                return None  # judged by the window rule alone
+            since = min(containing) - tol
+        # Another fix of this car in the window may have taken its budget first.
+        for other in self._fixes_by_vin.get(pub.vin, []):
+            if other is pub:
+                continue
+            other_start = float(other.record["wall_start"])
+            other_id = str(getattr(other.message, "request_id", "") or "")
+            if since <= other_start <= end and (not request_id or other_id in ("", request_id)):
+                return AMBIGUOUS
+        return None
+
+    def _check_fix_budgets(self) -> None:
+        """Every forwarded fix answers an accepted command inside its window, at
+        most fixes_per_command per command (a fix without a request id: the first
+        of a window)."""
+        length = self.policy.find_my_car_window_s * self.gateway_wall_per_s
+        tol = min(WINDOW_TOLERANCE_S, length / 4)
+        spent: Counter[tuple[str, str]] = Counter()
+        v1_spent: set[tuple[str, str]] = set()
+        budget = self.policy.fixes_per_command
+        ordered = sorted(self._fixes_delivered, key=lambda p: float(p.record["wall_start"]))
+        for pub in ordered:
+            request_id = str(getattr(pub.message, "request_id", "") or "")
+            start, end = float(pub.record["wall_start"]), float(pub.record["wall_end"])
+            if request_id:
+                key = (pub.vin, request_id)
+                if key not in self.command_windows:
+                    continue  # flagged as a leak already (unanswered)
+                spent[key] += 1
+                if spent[key] > budget:
+                    self._issue(
+                        LEAK,
+                        "find_my_car_fixes_over_budget",
+                        pub.stream,
+                        pub.vin,
+                        f"seq {pub.record['seq']}: fix {spent[key]} for {request_id}",
+                    )
+                continue
+            candidates = sorted(
+                (opened, key)
+                for key, opened in self.command_windows.items()
+                if key[0] == pub.vin
+                and opened - tol <= end
+                and start <= opened + length + tol
+                and key not in v1_spent
+                and spent[key] < budget
+            )
+            if not candidates:
+                self._issue(
+                    LEAK,
+                    "find_my_car_fix_answers_no_command",
+                    pub.stream,
+                    pub.vin,
+                    f"seq {pub.record['seq']}: no window with a fix left for it",
+                )
+                continue
+            key = candidates[0][1]
+            v1_spent.add(key)
+            spent[key] += 1
 
     def _settings_candidates(self, record: dict[str, Any]) -> list[Settings | None]:
         history = self.settings.get(str(record["vin"]), {})
@@ -459,7 +592,9 @@ class Checker:
         index = self._index_recording()
         self._check_publishes(index)
         dead_letter_summary = self._account_missing()
+        self._check_fix_budgets()
         self._check_global_grid()
+        self._check_refresh_interval()
         self._check_unmatched()
         self._check_app_topics()
         commands = self._check_commands()
@@ -533,10 +668,12 @@ class Checker:
             return [("raw", pub.stream, pub.payload)]
         if pub.stream.startswith(APP_STREAM_PREFIX):
             return [("app", str(record["nonce"]))]
-        keys = [(pub.vin, pub.stream, int(record["seq"]), pub.ts_ms)]
+        # The unit's own clock stamped the header (it may be minutes off).
+        header_ts = int(record.get("header_ts_ms") or pub.ts_ms)
+        keys = [(pub.vin, pub.stream, int(record["seq"]), header_ts)]
         if record.get("purpose") == PURPOSE_SPOOFED:
             # A gateway that trusts header.vin would forward it under the claimed VIN.
-            keys.append((str(record["header_vin"]), pub.stream, int(record["seq"]), pub.ts_ms))
+            keys.append((str(record["header_vin"]), pub.stream, int(record["seq"]), header_ts))
         return keys
 
     def _check_publishes(self, index: dict[tuple[Any, ...], list[Recorded]]) -> None:
@@ -551,6 +688,9 @@ class Checker:
                 matches = [r for r in matches if r.stream == pub.stream]
             for rec in matches:
                 rec.matched = True
+            rule = self.policy.rule_for(pub.stream)
+            if matches and rule is not None and rule.requires_window:
+                self._fixes_delivered.append(pub)
             if record.get("error"):
                 tally.ambiguous += 1
                 self.outcomes.append((pub.vin, pub.stream, "publish_failed"))
@@ -667,7 +807,48 @@ class Checker:
             decide_message(self.policy, pub.stream, settings, window)
             for settings in self._settings_candidates(pub.record)
         }
-        return decisions.pop() if len(decisions) == 1 else AMBIGUOUS
+        arrival = decisions.pop() if len(decisions) == 1 else AMBIGUOUS
+        if rule is not None and rule.requires_window and arrival in (PASS, AMBIGUOUS):
+            answer = self._answer_state(pub)
+            if answer is not None and (arrival == PASS or answer != AMBIGUOUS):
+                arrival = answer
+        if self.policy.is_legal_obligation(pub.stream):
+            return arrival
+        return self._capture_decision(pub, arrival)
+
+    def _capture_decision(self, pub: Published, arrival: str) -> str:
+        """Consent at capture time and the causal token (contract rules 11, 12):
+        a message passes only if the settings it states it was captured under
+        allowed it too; one stating a revision the gateway had not applied when
+        it arrived is parked until that revision is applied (or dropped as
+        `settings_pending` if it never is)."""
+        record = pub.record
+        revision = int(record.get("capture_rev") or 0)
+        if revision <= 0:
+            return arrival
+        vin = str(record["vin"])
+        captured = self.settings.get(vin, {}).get(revision)
+        applied = record.get("applied_rev")
+        if applied is None or revision > int(applied):
+            if not any(s.revision >= revision for _, s in self.settings_applied_wall[vin]):
+                return "settings_pending"
+            # Released when its revision was applied: decided then, under settings
+            # of that moment; whether it was released before the gateway's maximum
+            # wait is not known here.
+            at_capture = decide_message(self.policy, pub.stream, captured, True)
+            return at_capture if at_capture not in (PASS, AMBIGUOUS) else AMBIGUOUS
+        if captured is None:
+            return arrival
+        at_capture = decide_message(self.policy, pub.stream, captured, True)
+        if at_capture not in (PASS, AMBIGUOUS) and arrival in (PASS, AMBIGUOUS):
+            return at_capture
+        return arrival
+
+    def _captured_under(self, pub: Published) -> Settings | None:
+        revision = int(pub.record.get("capture_rev") or 0)
+        if revision <= 0:
+            return None
+        return self.settings.get(str(pub.record["vin"]), {}).get(revision)
 
     def _candidates_allowing(self, pub: Published) -> list[Settings | None]:
         """Settings under which this message may be forwarded (to judge its transforms)."""
@@ -677,7 +858,16 @@ class Checker:
             for s in candidates
             if decide_message(self.policy, pub.stream, s, True) in (PASS, AMBIGUOUS)
         ]
-        return allowing or candidates
+        captured = self._captured_under(pub)
+        if captured is None or self.policy.is_legal_obligation(pub.stream):
+            return allowing or candidates
+        # The stricter location mode of capture and arrival applies.
+        return [
+            s
+            if s is None
+            else dataclasses.replace(s, location=_stricter(s.location, captured.location))
+            for s in (allowing or candidates)
+        ]
 
     # --- transforms ---------------------------------------------------------------
     def _check_forwarded(
@@ -688,12 +878,16 @@ class Checker:
         for settings in candidates:
             saved_errors = len(self.approx_errors)
             saved_positions = {k: len(v) for k, v in self.received_positions.items()}
+            saved_anchor = len(self.anchor_values[pub.vin])
+            saved_odometer = len(self.odometer_values[pub.vin])
             found = self._transform_issues(pub, rec, settings)
             if not found:
                 return
             del self.approx_errors[saved_errors:]
             for vin, items in self.received_positions.items():
                 del items[saved_positions.get(vin, 0) :]
+            del self.anchor_values[pub.vin][saved_anchor:]
+            del self.odometer_values[pub.vin][saved_odometer:]
             attempts.append(found)
         if attempts:
             for issue in min(attempts, key=len):
@@ -750,7 +944,7 @@ class Checker:
         for name in geopoint_fields(original):
             cleared.append(name)
             action = rule.fields.get(name, "place")
-            self._check_geopoint(pub, received, original, name, action, mode, add)
+            self._check_geopoint(pub, received, original, name, action, mode, add, rec.wall)
         for name, action in rule.fields.items():
             if action == "place_id":
                 cleared.append(name)
@@ -766,12 +960,18 @@ class Checker:
                 cleared.append(name)
                 if getattr(received, name):
                     add(LEAK, f"{name}_present", f"{name} was forwarded")
+            elif action in ("odometer", "generalize", "enum", "place_text"):
+                cleared.append(name)
+                self._check_side_field(
+                    pub, rule, name, action, original, received, mode, add, rec.wall
+                )
             elif action == "truncate_ip":
                 cleared.append(name)
                 self._check_ip(getattr(original, name), getattr(received, name), add)
             elif action == "pseudonymize" and name != "payload":
                 cleared.append(name)
-                purpose = "bluetooth_mac" if name == "bluetooth_mac" else "voice_session"
+                # A MAC is keyed per vehicle (one phone in two cars: two values).
+                purpose = f"bluetooth_mac/{vin}" if name == "bluetooth_mac" else "voice_session"
                 value = getattr(original, name)
                 if name == "bluetooth_mac":
                     value = value.upper()
@@ -784,8 +984,15 @@ class Checker:
             left.ClearField(name)
             right.ClearField(name)
         if is_app:
-            left.header.ClearField("vin")  # type: ignore[attr-defined]
-            right.header.ClearField("vin")  # type: ignore[attr-defined]
+            # Rule 15: the header of a pseudonymized stream shares nothing with
+            # VIN streams (vin, seq and capture time are rewritten).
+            sent_header, got_header = original.header, received.header  # type: ignore[attr-defined]
+            if sent_header.seq and got_header.seq == sent_header.seq:
+                add(LEAK, "app_seq_shared", "header.seq of an app stream equals the car's")
+            if got_header.timestamp_ms % 1000 or got_header.timestamp_ms > sent_header.timestamp_ms:
+                add(LEAK, "app_time_precise", "header.timestamp_ms of an app stream not coarsened")
+            left.ClearField("header")
+            right.ClearField("header")
         if left.SerializeToString(deterministic=True) != right.SerializeToString(
             deterministic=True
         ):
@@ -828,8 +1035,14 @@ class Checker:
         action: str,
         mode: int,
         add: Any,
+        wall: float = 0.0,
     ) -> None:
         has_original, has_received = original.HasField(name), received.HasField(name)
+        if has_original and not _valid(getattr(original, name)):
+            # GPS without a fix: nothing to report, in every mode.
+            if has_received:
+                add(WRONG_TRANSFORM, "invalid_position_forwarded", f"{name} had no fix")
+            return
         if mode not in LOCATION_ON:
             if has_received:
                 add(LEAK, "geopoint_under_location_off", f"{name} present under {_mode_name(mode)}")
@@ -867,11 +1080,17 @@ class Checker:
             )
         candidates = [Point(want.latitude, want.longitude)]
         if action == "position":
+            refresh_ms = self._refresh_sim_ms()
+            # The anchor: refreshed at most an interval (gateway clock) before. A
+            # record uploaded late may meet a coarse value refreshed after it was
+            # captured (the refresh interval runs on arrival).
+            later_ms = refresh_ms if pub.record.get("uploaded_late") else 0
             candidates.extend(
-                self._positions_between(
-                    pub.vin, pub.ts_ms - int(self.policy.refresh_interval_s * 1000), pub.ts_ms
-                )
+                self._positions_between(pub.vin, pub.ts_ms - refresh_ms, pub.ts_ms + later_ms)
             )
+        elif action != "destination":
+            # Where the car was: the anchor that held before, however old.
+            candidates.extend(self._positions_between(pub.vin, 0, pub.ts_ms))
         if not any(_within_cell(got, point, cell) for point in candidates):
             error = distance_m(Point(got.latitude, got.longitude), candidates[0])
             if error < cell / 2 / 4:  # far inside any cell: finer than the grid allows
@@ -887,6 +1106,57 @@ class Checker:
         self.received_positions[pub.vin].append(
             (pub.ts_ms, got.latitude, got.longitude, "approximate", pub.stream)
         )
+        if action != "destination":
+            self.anchor_values[pub.vin].append((wall, (got.latitude, got.longitude)))
+
+    def _refresh_sim_ms(self) -> int:
+        """The refresh interval (gateway clock) in simulated ms, with tolerance."""
+        wall_s = self.policy.refresh_interval_s * self.gateway_wall_per_s
+        return int(wall_s * self.speedup * 1000 * (1 + REFRESH_TOLERANCE)) + 2000
+
+    def _check_side_field(
+        self,
+        pub: Published,
+        rule: Any,
+        name: str,
+        action: str,
+        original: Message,
+        received: Message,
+        mode: int,
+        add: Any,
+        wall: float,
+    ) -> None:
+        """Contract rule 14: fields that would rebuild a track or name a place."""
+        got, want = getattr(received, name), getattr(original, name)
+        if action == "enum":
+            allowed = rule.enums.get(name, frozenset())
+            if got and (got not in allowed or got != want):
+                add(LEAK, f"{name}_free_text", f"{name}={got[:40]!r} is not a listed value")
+            elif want in allowed and got != want:
+                add(OVER_COARSENING, f"{name}_listed_value_removed", f"{name}={want!r} removed")
+            return
+        if mode == common_pb2.LOCATION_PRECISE:
+            if got != want:
+                add(OVER_COARSENING, f"{name}_changed_under_precise", f"{got!r} != {want!r}")
+            return
+        if mode not in LOCATION_ON:
+            if got:
+                add(LEAK, f"{name}_under_location_off", f"{name}={got!r} under {_mode_name(mode)}")
+            return
+        if action == "place_text":
+            if got != want:
+                add(OVER_COARSENING, f"{name}_changed_under_approximate", f"{name} changed")
+        elif action == "generalize":
+            step = rule.steps[name]
+            on_grid = abs(got / step - round(got / step)) < 1e-6
+            if not on_grid or abs(got - want) > step / 2 + 1e-6:
+                add(
+                    LEAK if not on_grid else WRONG_TRANSFORM,
+                    f"{name}_not_on_step_grid",
+                    f"{name}={got!r} from {want!r} (step {step:g})",
+                )
+        elif action == "odometer" and got:
+            self.odometer_values[pub.vin].append((wall, float(got)))
 
     def _check_global_grid(self) -> None:
         """Approximate values are points of the one public grid (rows at whole cell
@@ -909,6 +1179,36 @@ class Checker:
                         f"approximate latitude {lat:.6f} is {phase:.2f} cells off the global grid",
                     )
                     break
+
+    def _check_refresh_interval(self) -> None:
+        """Contract rules 13 and 14: per car, across all units and streams, the
+        approximate value of where the car is or was, and the odometer frozen
+        with it, change at most once per refresh interval on the gateway's
+        clock, whatever the cars' timestamps say."""
+        interval = self.policy.refresh_interval_s * self.gateway_wall_per_s
+        least = interval * (1 - REFRESH_TOLERANCE)
+        series: list[tuple[str, str, dict[str, list[tuple[float, Any]]]]] = [
+            ("approximate_refresh_too_soon", "approximate value", dict(self.anchor_values)),
+            ("odometer_moves_between_refreshes", "odometer", dict(self.odometer_values)),
+        ]
+        for rule, what, by_vin in series:
+            for vin, items in by_vin.items():
+                items = sorted(items, key=lambda item: item[0])
+                last_change: float | None = None
+                for (_, before), (wall, value) in itertools.pairwise(items):
+                    if value == before:
+                        continue
+                    if last_change is not None and wall - last_change < least:
+                        self._issue(
+                            LEAK,
+                            rule,
+                            "(all)",
+                            vin,
+                            f"{what} changed {wall - last_change:.2f} s (wall) after the previous"
+                            f" change; the refresh interval is {interval:.2f} s",
+                        )
+                        break
+                    last_change = wall
 
     def _positions_between(self, vin: str, start_ms: int, end_ms: int) -> list[Point]:
         times, points = self.positions.get(vin, ([], []))
@@ -1024,6 +1324,9 @@ class Checker:
             if record["type"] == "command_received":
                 forwarded[str(record["request_id"])].append(record)
         tally: Counter[str] = Counter()
+        # Contract rule 17: find_my_car commands the gateway accepted, per car (wall).
+        accepted_fmc: dict[str, list[float]] = defaultdict(list)
+        hour = 3600.0 * self.gateway_wall_per_s
         for record in self.truth:
             if record["type"] != "command":
                 continue
@@ -1038,6 +1341,19 @@ class Checker:
                 for settings in self._settings_candidates(record)
             }
             expected = decisions.pop() if len(decisions) == 1 else AMBIGUOUS
+            if command == "find_my_car" and expected in (ACCEPT, AMBIGUOUS):
+                sent = float(record["wall_sent"])
+                earlier = accepted_fmc[vin]
+                certain = sum(1 for t in earlier if sent - t < hour - WINDOW_TOLERANCE_S)
+                possible = sum(1 for t in earlier if sent - t < hour + WINDOW_TOLERANCE_S)
+                cap = self.policy.max_commands_per_hour
+                if certain >= cap:
+                    expected = "rate_limited"
+                elif possible >= cap:
+                    expected = AMBIGUOUS
+                outcome = record.get("result")
+                if outcome and outcome.get("accepted"):
+                    accepted_fmc[vin].append(float(record.get("wall_result") or sent))
             if expected == ACCEPT:
                 tally["expected_accept"] += 1
             else:
@@ -1082,10 +1398,20 @@ class Checker:
                 if result.accepted:
                     self._issue(
                         LEAK,
-                        "command_accepted_when_forbidden",
+                        "find_my_car_over_hourly_cap"
+                        if expected == "rate_limited"
+                        else "command_accepted_when_forbidden",
                         stream,
                         vin,
                         f"{expected}: accepted",
+                    )
+                elif expected == "rate_limited" and result.reason != "rate_limited":
+                    self._issue(
+                        PROTOCOL,
+                        "command_refused_with_wrong_reason",
+                        stream,
+                        vin,
+                        f"{request_id}: {result.reason!r}, not 'rate_limited'",
                     )
                 elif not result.reason:
                     self._issue(PROTOCOL, "command_refused_without_reason", stream, vin, request_id)
@@ -1142,6 +1468,14 @@ def _app_nonce(message: Message) -> str:
     return str(body.get("nonce", "")) if isinstance(body, dict) else ""
 
 
+def _valid(point: Any) -> bool:
+    """A usable coordinate (GPS without a fix reports NaN)."""
+    lat, lon = point.latitude, point.longitude
+    return bool(
+        math.isfinite(lat) and math.isfinite(lon) and -90 <= lat <= 90 and -180 <= lon <= 180
+    )
+
+
 def _within_cell(got: Any, truth: Point, cell_size_m: float) -> bool:
     """Within one cell per axis of the truth: contract rule 13 publishes the grid
     point nearest to (truth + a secret shift of up to half a cell per axis)."""
@@ -1150,6 +1484,20 @@ def _within_cell(got: Any, truth: Point, cell_size_m: float) -> bool:
         abs(got.latitude - truth.lat) <= 2 * half_lat * SLACK
         and abs(got.longitude - truth.lon) <= 2 * half_lon * SLACK
     )
+
+
+_LOCATION_ORDER: dict[int, int] = {
+    common_pb2.LOCATION_APPROXIMATE: 1,
+    common_pb2.LOCATION_PRECISE: 2,
+}
+
+
+def _stricter(a: int, b: int) -> int:
+    """The stricter of two location modes (anything but approximate/precise is off)."""
+    rank_a, rank_b = _LOCATION_ORDER.get(a, 0), _LOCATION_ORDER.get(b, 0)
+    if min(rank_a, rank_b) == 0:
+        return common_pb2.LOCATION_OFF
+    return a if rank_a <= rank_b else b
 
 
 def _mode_name(mode: int) -> str:
@@ -1163,6 +1511,8 @@ def _leak_rule(decision: str) -> str:
         "feature_off": "forwarded_with_feature_off",
         "location_off": "location_stream_under_location_off",
         "outside_window": "location_outside_find_my_car_window",
+        "unanswered": "location_answering_no_find_my_car_command",
+        "settings_pending": "forwarded_before_its_settings_revision",
         PURPOSE_MALFORMED: "malformed_payload_forwarded",
         PURPOSE_SPOOFED: "spoofed_vin_forwarded",
     }.get(decision, f"forwarded_{decision}")
@@ -1200,6 +1550,9 @@ DROP_LABELS = {
     "feature_off": "feature switched off",
     "location_off": "location switched off",
     "outside_window": "outside a find-my-car window",
+    "unanswered": "answers no find-my-car command",
+    "rate_limited": "find-my-car over the hourly cap",
+    "settings_pending": "captured under settings that never arrived",
     PURPOSE_MALFORMED: "malformed message",
     PURPOSE_SPOOFED: "VIN does not match the car",
     "unknown_stream": "not a stream of the policy",

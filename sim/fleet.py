@@ -28,7 +28,7 @@ from sim.model import (
 )
 from sim.mqtt import ClientFactory, ClientLike, MessageLike, aiomqtt_factory
 from sim.policy import Policy
-from sim.scenario import Scenario, VehicleScenario
+from sim.scenario import Scenario, VehicleScenario, unit_clock_skew_ms
 from telematics.v1 import command_pb2, privacy_pb2
 
 APPLIED_TIMEOUT_S = 5.0
@@ -129,6 +129,18 @@ class VehicleState:
         self.applied_changed = asyncio.Event()
         self.forwarded_commands: dict[str, asyncio.Future[float]] = {}
         self.last_window_open_wall: float | None = None
+        # (sim time, revision) of every settings change the car made, in order:
+        # the revision a record was captured under (the causal token it states).
+        self.revisions: list[tuple[int, int]] = []
+
+    def revision_at(self, t_ms: int) -> int:
+        """The settings revision the car was under at sim time `t_ms` (0: none yet)."""
+        revision = 0
+        for changed_ms, changed_to in self.revisions:
+            if changed_ms > t_ms:
+                break
+            revision = changed_to
+        return revision
 
     def next_seq(self, unit: str) -> int:
         self.seq[unit] += 1
@@ -414,6 +426,13 @@ class Fleet:
         unit = event.unit
         client = self.tbox_clients[vehicle.vin] if unit == "tbox" else self.avn_clients[vehicle.vin]
         header_vin = event.header_vin or vehicle.vin
+        header_ts_ms = 0
+        # The revision the car was under when it captured the record (rule 12).
+        capture_rev = (
+            vehicle.revision_at(event.captured_ms)
+            if event.captured_ms is not None
+            else vehicle.revision_at(event.t_ms)
+        )
         if event.purpose == PURPOSE_MALFORMED:
             seq = 0
             payload = event.raw_payload or b""
@@ -429,11 +448,18 @@ class Fleet:
             header = message.header  # type: ignore[attr-defined]
             header.vin = header_vin
             header.seq = seq
-            header.timestamp_ms = timestamp_ms if timestamp_ms is not None else event.t_ms
+            captured_ms = self._capture_ms(event, timestamp_ms)
+            header_ts_ms = captured_ms + unit_clock_skew_ms(vehicle.vin, unit)
+            header.timestamp_ms = header_ts_ms
+            header.settings_revision = capture_rev
             payload = message.SerializeToString(deterministic=True)
         topic = f"{self.options.vehicle_prefix}/{vehicle.vin}/{event.stream}"
         settings = vehicle.settings_in_force
         prediction = decide_message(self.policy, event.stream, settings, self._window_open(vehicle))
+        captured_under = vehicle.settings_by_revision.get(capture_rev)
+        if prediction == PASS and capture_rev and captured_under is not None:
+            # Consent at capture time (rule 11): allowed then and now.
+            prediction = decide_message(self.policy, event.stream, captured_under, True)
         if event.purpose in (PURPOSE_MALFORMED, PURPOSE_SPOOFED):
             prediction = event.purpose
         wall_start = time.time()
@@ -453,7 +479,10 @@ class Fleet:
                 "purpose": event.purpose,
                 "payload": b64(payload),
                 "seq": seq,
-                "ts_ms": timestamp_ms if timestamp_ms is not None else event.t_ms,
+                "ts_ms": self._capture_ms(event, timestamp_ms),
+                "header_ts_ms": header_ts_ms,  # what the unit's (skewed) clock stamped
+                "capture_rev": capture_rev,
+                "uploaded_late": event.captured_ms is not None,
                 "header_vin": header_vin,
                 "nonce": event.nonce,
                 "applied_rev": vehicle.applied_revision,
@@ -470,12 +499,19 @@ class Fleet:
         else:
             self.stats.expected_drops[prediction] += 1
 
+    @staticmethod
+    def _capture_ms(event: PublishEvent, timestamp_ms: int | None) -> int:
+        if timestamp_ms is not None:
+            return timestamp_ms
+        return event.captured_ms if event.captured_ms is not None else event.t_ms
+
     async def _send_settings(self, vehicle: VehicleState, event: SettingsEvent) -> None:
         topic = f"{self.options.vehicle_prefix}/{vehicle.vin}/avn/privacy"
         sent: list[tuple[Settings, int, float]] = []
         payload = b""
         for settings in (*event.flood, event.settings):
             vehicle.settings_by_revision[settings.revision] = settings
+            vehicle.revisions.append((event.t_ms, settings.revision))
             message = settings.to_proto(vehicle.vin, vehicle.next_seq("avn"), event.t_ms)
             payload = message.SerializeToString(deterministic=True)
             wall_sent = time.time()

@@ -93,6 +93,9 @@ class PublishEvent:
     raw_payload: bytes | None = None  # for malformed injections
     header_vin: str | None = None  # for spoofed injections
     nonce: str = ""  # app streams: what the checker matches on (never the VIN)
+    # Store and forward (a tunnel, an underground car park): captured at this
+    # time, buffered, uploaded at t_ms with its capture timestamp and revision.
+    captured_ms: int | None = None
 
 
 @dataclass

@@ -6,7 +6,7 @@ the gateway against the policy file, not against the gateway's interpretation of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,11 @@ class StreamRule:
     location_purpose: bool
     requires_window: bool
     pseudonymize_vin: bool
+    # field -> action name; parametrized actions are named "generalize" or
+    # "enum" here, their parameters in `steps` and `enums`.
     fields: dict[str, str]
+    steps: dict[str, float] = field(default_factory=dict)
+    enums: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class Policy:
     legal_basis: dict[str, str]  # feature id (without ".{app_id}") -> legal basis
     streams: dict[str, StreamRule]
     commands: dict[str, str]  # command -> feature
+    # Contract rule 17: fixes forwarded per find-my-car command, commands per car per hour.
+    fixes_per_command: int = 1
+    max_commands_per_hour: int = 4
 
     def rule_for(self, stream: str) -> StreamRule | None:
         """The rule for a concrete stream name such as "avn/app/music"."""
@@ -63,21 +70,39 @@ class Policy:
         return self.legal_basis_for(self.feature_for(stream)) == "legal_obligation"
 
 
+def _action(value: Any) -> str:
+    if isinstance(value, dict) and len(value) == 1:
+        return str(next(iter(value)))
+    return str(value)
+
+
+def _rule(key: str, body: dict[str, Any]) -> StreamRule:
+    fields = dict(body.get("fields") or {})
+    return StreamRule(
+        key=key,
+        message=str(body["message"]),
+        feature=str(body["feature"]),
+        retention_days=int(body["retention_days"]),
+        location_purpose=bool(body.get("location_purpose", False)),
+        requires_window=bool(body.get("requires_window", False)),
+        pseudonymize_vin=bool(body.get("pseudonymize_vin", False)),
+        fields={str(k): _action(v) for k, v in fields.items()},
+        steps={
+            str(k): float(v["generalize"])
+            for k, v in fields.items()
+            if isinstance(v, dict) and "generalize" in v
+        },
+        enums={
+            str(k): frozenset(str(x) for x in v["enum"])
+            for k, v in fields.items()
+            if isinstance(v, dict) and "enum" in v
+        },
+    )
+
+
 def load_policy(path: Path = DEFAULT_POLICY_PATH) -> Policy:
     raw: dict[str, Any] = yaml.safe_load(path.read_text())
-    streams = {
-        key: StreamRule(
-            key=key,
-            message=str(body["message"]),
-            feature=str(body["feature"]),
-            retention_days=int(body["retention_days"]),
-            location_purpose=bool(body.get("location_purpose", False)),
-            requires_window=bool(body.get("requires_window", False)),
-            pseudonymize_vin=bool(body.get("pseudonymize_vin", False)),
-            fields={str(k): str(v) for k, v in (body.get("fields") or {}).items()},
-        )
-        for key, body in raw["streams"].items()
-    }
+    streams = {key: _rule(key, body) for key, body in raw["streams"].items()}
     return Policy(
         version=str(raw["version"]),
         cell_size_m=float(raw["location"]["cell_size_m"]),
@@ -86,4 +111,6 @@ def load_policy(path: Path = DEFAULT_POLICY_PATH) -> Policy:
         legal_basis={name: str(body["legal_basis"]) for name, body in raw["features"].items()},
         streams=streams,
         commands={name: str(body["feature"]) for name, body in raw["commands"].items()},
+        fixes_per_command=int(raw["find_my_car"].get("fixes_per_command", 1)),
+        max_commands_per_hour=int(raw["find_my_car"].get("max_commands_per_hour", 4)),
     )

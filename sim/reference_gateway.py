@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from google.protobuf.message import DecodeError, Message
 from paho.mqtt.packettypes import PacketTypes
@@ -35,13 +36,24 @@ from sim.mqtt import ClientFactory, ClientLike, MessageLike, aiomqtt_factory
 from sim.policy import APP_STREAM_PREFIX, DEFAULT_POLICY_PATH, Policy, load_policy
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2
 
+_LOCATION_RANK: dict[int, int] = {
+    common_pb2.LOCATION_APPROXIMATE: 1,
+    common_pb2.LOCATION_PRECISE: 2,
+}
+
 
 @dataclass
 class CarState:
     settings: Settings | None = None
     window_opened: float | None = None
-    cached_position: tuple[int, common_pb2.GeoPoint] | None = None  # (vehicle ts, coarse)
+    # The location anchor: (gateway time it refreshed, coarse point, odometer then).
+    anchor: tuple[float, common_pb2.GeoPoint, float | None] | None = None
+    # Accepted find_my_car commands of the last hour: [request_id, accepted, until, fixes].
+    fmc_commands: list[list[Any]] = field(default_factory=list)
     offset: tuple[float, float] = (0.0, 0.0)  # sticky secret shift, cell fractions [0, 1)
+    history: dict[int, Settings] = field(default_factory=dict)  # applied, by revision
+    # Messages stating a revision not applied yet (rule 12): (revision, stream, message).
+    parked: list[tuple[int, str, Message]] = field(default_factory=list)
 
 
 @dataclass
@@ -119,13 +131,41 @@ class ReferenceGateway:
             self.dropped += 1
             return
         car = self.car(vin)
-        window = car.window_opened is not None and (
-            self.now() - car.window_opened < self.policy.find_my_car_window_s
-        )
+        revision = int(decoded.header.settings_revision)  # type: ignore[attr-defined]
+        applied = car.settings.revision if car.settings is not None else 0
+        if revision > applied and not self.policy.is_legal_obligation(stream):
+            car.parked.append((revision, stream, decoded))
+            return
+        await self._decide(vin, stream, decoded, payload, car)
+
+    async def _decide(
+        self, vin: str, stream: str, decoded: Message, payload: bytes, car: CarState
+    ) -> None:
+        assert self._backend is not None
+        now = self.now()
+        window = any(now < c[2] for c in car.fmc_commands)
         if decide_message(self.policy, stream, car.settings, window) != PASS:
             self.dropped += 1
             return
-        out_payload, ref, transforms = self.transform(vin, stream, decoded, payload, car)
+        mode = None
+        revision = int(decoded.header.settings_revision)  # type: ignore[attr-defined]
+        if revision > 0 and not self.policy.is_legal_obligation(stream):
+            # Consent at capture time (rule 11): allowed when captured too, under
+            # the stricter location mode of the two (a revision never seen: refused).
+            captured = car.history.get(revision)
+            if decide_message(self.policy, stream, captured, True) != PASS:
+                self.dropped += 1
+                return
+            assert captured is not None and car.settings is not None
+            modes = (car.settings.location, captured.location)
+            mode = min(modes, key=lambda m: _LOCATION_RANK.get(m, 0))
+            if _LOCATION_RANK.get(mode, 0) == 0:
+                mode = common_pb2.LOCATION_OFF
+        rule = self.policy.rule_for(stream)
+        if rule is not None and rule.requires_window and not self._answer(car, decoded, now):
+            self.dropped += 1
+            return
+        out_payload, ref, transforms = self.transform(vin, stream, decoded, payload, car, mode)
         feature = self.policy.feature_for(stream)
         rule = self.policy.rule_for(stream)
         assert rule is not None
@@ -142,6 +182,23 @@ class ReferenceGateway:
         )
         self.forwarded += 1
 
+    def _answer(self, car: CarState, fix: Message, now: float) -> bool:
+        """Contract rule 17: whether the fix answers an open command with
+        budget left (and spend it). No request id (contract v1): the first
+        fix of the oldest open command that has had none."""
+        request_id = str(getattr(fix, "request_id", ""))
+        for command in car.fmc_commands:
+            if now >= command[2]:
+                continue
+            if request_id:
+                if command[0] == request_id and command[3] < self.policy.fixes_per_command:
+                    command[3] += 1
+                    return True
+            elif command[3] == 0:
+                command[3] = 1
+                return True
+        return False
+
     async def _on_settings(self, vin: str, payload: bytes) -> None:
         assert self._vehicle is not None
         settings = privacy_pb2.PrivacySettings()
@@ -157,49 +214,85 @@ class ReferenceGateway:
         car.settings = Settings(
             settings.revision, settings.privacy_mode, settings.location, dict(settings.features)
         )
+        car.history[settings.revision] = car.settings
         if settings.privacy_mode or not car.settings.enabled("find_my_car"):
             car.window_opened = None
+            for command in car.fmc_commands:  # windows close; the cap still counts them
+                command[2] = min(command[2], self.now())
         applied = privacy_pb2.PrivacyApplied(
             vin=vin, revision=settings.revision, policy_version=self.policy.version
         )
         await self._vehicle.publish(
             f"{self.vehicle_prefix}/{vin}/avn/privacy/applied", applied.SerializeToString(), qos=1
         )
+        ready = [p for p in car.parked if p[0] <= settings.revision]
+        car.parked = [p for p in car.parked if p[0] > settings.revision]
+        for _, stream, message in ready:
+            await self._decide(vin, stream, message, message.SerializeToString(), car)
 
     def transform(
-        self, vin: str, stream: str, message: Message, payload: bytes, car: CarState
+        self,
+        vin: str,
+        stream: str,
+        message: Message,
+        payload: bytes,
+        car: CarState,
+        mode: int | None = None,
     ) -> tuple[bytes, str, list[str]]:
         if self.policy.is_legal_obligation(stream):
             return payload, vin, []
         rule = self.policy.rule_for(stream)
         assert rule is not None and car.settings is not None
-        mode = car.settings.location
+        if mode is None:
+            mode = car.settings.location
         transforms: list[str] = []
-        ts_ms = int(message.header.timestamp_ms)  # type: ignore[attr-defined]
+        approximate = mode == common_pb2.LOCATION_APPROXIMATE
+        present: list[tuple[str, str]] = []  # (field, action) of valid points
         for name in geopoint_fields(message):
             if not message.HasField(name):
                 continue
+            point = getattr(message, name)
+            if not (math.isfinite(point.latitude) and math.isfinite(point.longitude)) or not (
+                -90 <= point.latitude <= 90 and -180 <= point.longitude <= 180
+            ):
+                message.ClearField(name)  # GPS without a fix
+                transforms.append(f"{name}:no_fix")
+                continue
             if mode == common_pb2.LOCATION_PRECISE:
                 continue
-            if mode != common_pb2.LOCATION_APPROXIMATE:
+            if not approximate:
                 message.ClearField(name)
                 transforms.append(f"{name}:removed")
                 continue
-            action = rule.fields.get(name, "place")
-            point = getattr(message, name)
-            if action == "position":
-                cached = car.cached_position
-                refresh_ms = self.policy.refresh_interval_s * 1000
-                if cached is None or not 0 <= ts_ms - cached[0] < refresh_ms:
-                    cached = (ts_ms, self.coarsen(point, car))
-                    car.cached_position = cached
-                coarse = cached[1]
-            else:
-                coarse = self.coarsen(point, car)
-            point.CopyFrom(coarse)
-            transforms.append(f"{name}:approximate")
+            present.append((name, rule.fields.get(name, "place")))
+        if present:
+            self.locate(message, present, car, rule.fields)
+            transforms += [f"{name}:approximate" for name, _ in present]
         for name, action in rule.fields.items():
             value = getattr(message, name, None)
+            if action in ("odometer", "generalize", "place_text") and value:
+                if mode == common_pb2.LOCATION_PRECISE:
+                    continue
+                if not approximate or (
+                    action == "odometer" and (not car.anchor or car.anchor[2] is None)
+                ):
+                    message.ClearField(name)
+                    transforms.append(f"{name}:removed")
+                elif action == "odometer":
+                    assert car.anchor is not None
+                    setattr(message, name, car.anchor[2])
+                    transforms.append(f"{name}:anchored")
+                elif action == "generalize":
+                    step = rule.steps[name]
+                    rounded = math.floor(abs(value) / step + 0.5) * step
+                    rounded = math.copysign(rounded, value)
+                    setattr(message, name, int(rounded) if isinstance(value, int) else rounded)
+                    transforms.append(f"{name}:generalized")
+                continue
+            if action == "enum" and value and value not in rule.enums.get(name, ()):
+                message.ClearField(name)
+                transforms.append(f"{name}:removed")
+                continue
             if not isinstance(value, str) or not value:
                 continue
             if (action == "place_id" and mode != common_pb2.LOCATION_PRECISE) or action == "remove":
@@ -210,16 +303,59 @@ class ReferenceGateway:
                     setattr(message, name, truncate_ip(value))
                     transforms.append(f"{name}:truncated")
             elif action == "pseudonymize":
-                purpose = "bluetooth_mac" if name == "bluetooth_mac" else "voice_session"
+                purpose = f"bluetooth_mac/{vin}" if name == "bluetooth_mac" else "voice_session"
                 normalised = value.upper() if name == "bluetooth_mac" else value
                 setattr(message, name, pseudonym(self.key, purpose, normalised))
                 transforms.append(f"{name}:pseudonymized")
         ref = vin
         if stream.startswith(APP_STREAM_PREFIX):
             ref = pseudonym(self.key, f"vin/{stream[len(APP_STREAM_PREFIX) :]}", vin)
-            message.header.vin = ref  # type: ignore[attr-defined]
+            header = message.header  # type: ignore[attr-defined]
+            seq_mac = hmac.new(
+                self.key,
+                b"header-seq\x00" + ref.encode() + b"\x00" + int(header.seq).to_bytes(8, "big"),
+                hashlib.sha256,
+            )
+            header.vin = ref
+            header.seq = int.from_bytes(seq_mac.digest()[:8], "big")
+            header.timestamp_ms -= header.timestamp_ms % 60_000
             transforms.append("vin:pseudonymized")
         return message.SerializeToString(deterministic=True), ref, transforms
+
+    def locate(
+        self,
+        message: Message,
+        present: list[tuple[str, str]],
+        car: CarState,
+        fields: dict[str, str],
+    ) -> None:
+        """One anchor per car on this gateway's clock: positions show it (and
+        refresh it once the interval is over), places the one before this
+        message, destinations are coarsened on their own."""
+        now = self.now()
+        before = car.anchor
+        if before is None or now - before[0] >= self.policy.refresh_interval_s:
+            source = next((n for n, a in present if a == "position"), None) or next(
+                (n for n, a in present if a == "place"), None
+            )
+            if source is not None:
+                odometer = next(
+                    (
+                        float(getattr(message, n))
+                        for n, a in fields.items()
+                        if a == "odometer" and getattr(message, n)
+                    ),
+                    before[2] if before is not None else None,
+                )
+                car.anchor = (now, self.coarsen(getattr(message, source), car), odometer)
+        for name, action in present:
+            point = getattr(message, name)
+            if action == "destination":
+                point.CopyFrom(self.coarsen(point, car))
+                continue
+            value = car.anchor if action == "position" or before is None else before
+            assert value is not None
+            point.CopyFrom(value[1])
 
     def coarsen(self, point: common_pb2.GeoPoint, car: CarState) -> common_pb2.GeoPoint:
         """The global-grid point nearest to (truth + the car's secret shift of up to
@@ -247,9 +383,17 @@ class ReferenceGateway:
             return
         car = self.car(vin)
         verdict = decide_command(self.policy, name, car.settings)
+        if verdict == ACCEPT and name == "find_my_car":
+            now = self.now()
+            car.fmc_commands = [c for c in car.fmc_commands if now - c[1] < 3600 or now < c[2]]
+            if len(car.fmc_commands) >= self.policy.max_commands_per_hour:
+                verdict = "rate_limited"
+            else:
+                car.window_opened = now
+                car.fmc_commands.append(
+                    [command.request_id, now, now + self.policy.find_my_car_window_s, 0]
+                )
         if verdict == ACCEPT:
-            if name == "find_my_car":
-                car.window_opened = self.now()
             await self._vehicle.publish(
                 f"{self.vehicle_prefix}/{vin}/cmd/{name}", bytes(message.payload), qos=1
             )
@@ -280,13 +424,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend-broker", default=None)
     parser.add_argument("--state-dir", type=Path, default=Path(".state-reference"))
     parser.add_argument("--policy", type=Path, default=DEFAULT_POLICY_PATH)
+    parser.add_argument(
+        "--simulated-clock",
+        type=Path,
+        default=None,
+        help="run time-based rules on the simulator's clock (like the gateway's flag)",
+    )
     args = parser.parse_args(argv)
+    now: Callable[[], float] = time.time
+    if args.simulated_clock is not None:
+        from gateway.clock import SimulatedClock
+
+        now = SimulatedClock(args.simulated_clock)
     gateway = ReferenceGateway(
         load_policy(args.policy),
         load_or_create_key(args.state_dir),
         args.vehicle_broker,
         args.backend_broker or args.vehicle_broker,
         announce=True,
+        now=now,
     )
 
     async def serve() -> None:

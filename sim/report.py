@@ -268,9 +268,14 @@ _GATEWAY_ACTIONS = {
     "pseudonymize": "hmac",
     "truncate_ip": "truncated",
     "remove": "removed",
+    "anchor": "anchored",
+    "generalize": "generalized",
 }
 _REFERENCE_OUTCOMES = {
     "approximate": "coarsened",
+    "no_fix": "cleared",
+    "anchored": "anchored",
+    "generalized": "generalized",
     "pseudonymized": "hmac",
     "truncated": "truncated",
     "removed": "",  # cleared or removed, by the policy's action for the field
@@ -297,7 +302,8 @@ def parse_transform(token: str, rule: StreamRule) -> tuple[str, str]:
     if tail in _REFERENCE_OUTCOMES:
         category = _REFERENCE_OUTCOMES[tail]
         if not category:
-            category = "removed" if rule.fields.get(head) == "remove" else "cleared"
+            removes = ("remove", "odometer", "generalize", "enum")
+            category = "removed" if rule.fields.get(head) in removes else "cleared"
         return head, category
     return token, "other"
 
@@ -331,8 +337,12 @@ def _policy_rows(policy: Policy, rule: StreamRule) -> list[FieldRow]:
             f"{cell} grid, moving at most every {refresh}; precise: as sent"
         ),
         "place": (
-            f"a place. Location off: cleared; approximate: coarsened to the {cell} grid; "
-            "precise: as sent"
+            "where the car was. Location off: cleared; approximate: the car's coarse value"
+            f" on the {cell} grid from before the message; precise: as sent"
+        ),
+        "destination": (
+            f"where the car is not. Location off: cleared; approximate: coarsened to the {cell}"
+            " grid (never moves the car's coarse value); precise: as sent"
         ),
     }
     actions = {
@@ -341,6 +351,13 @@ def _policy_rows(policy: Policy, rule: StreamRule) -> list[FieldRow]:
         "truncate_ip": ("truncated: IPv4 to /24, IPv6 to /48", {"truncated"}),
         "remove": ("removed", {"removed"}),
         "keep": ("forwarded as sent (the policy keeps it)", set()),
+        "odometer": (
+            "Location off: removed; approximate: the reading frozen with the coarse position"
+            f" (moves at most every {refresh}); precise: as sent",
+            {"removed", "anchored"},
+        ),
+        "place_text": ("may name a place: cleared when location is off", {"cleared"}),
+        "enum": ("free text: passes only as one of the policy's listed values", {"removed"}),
     }
     rows: list[FieldRow] = []
     geo = _geopoint_names(message_class(policy, concrete))
@@ -356,6 +373,12 @@ def _policy_rows(policy: Policy, rule: StreamRule) -> list[FieldRow]:
         if name in geo:
             continue
         text, expected = actions.get(action, (action, set()))
+        if action == "generalize":
+            text = (
+                f"Location off: removed; approximate: rounded to a step of {rule.steps[name]:g};"
+                " precise: as sent"
+            )
+            expected = {"removed", "generalized"}
         rows.append(FieldRow(rule.key, name, text, frozenset(expected)))
     if rule.pseudonymize_vin:
         rows.append(

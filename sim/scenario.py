@@ -8,8 +8,10 @@ time* each event happens and records what the gateway answered.
 from __future__ import annotations
 
 import calendar
+import hashlib
 import itertools
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -91,6 +93,9 @@ class VehicleProfile:
     ecall_probability: float
     initial_soc: float
     initial_odometer_km: float
+    # Contract v2 cars answer find_my_car with the command's request_id; v1 cars
+    # do not fill it (the gateway passes them the first fix of a window).
+    fills_request_id: bool = True
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,9 @@ def _make_profile(rng: random.Random, index: int, vin: str, count: int) -> Vehic
         ecall_probability=0.15,
         initial_soc=rng.uniform(35, 90),
         initial_odometer_km=rng.uniform(3_000, 90_000),
+        # Every fourth car (from the second) is of contract v1; from the index,
+        # so adding it changed no other draw of the scenario.
+        fills_request_id=index % 4 != 1,
     )
 
 
@@ -351,6 +359,32 @@ def geo_point(sample: Sample, rng: random.Random) -> common_pb2.GeoPoint:
     )
 
 
+# Share of status reports whose GPS has no fix (garage, tunnel): NaN coordinates,
+# which the gateway must clear and never take as a refresh of the coarse value.
+NO_FIX_SHARE = 0.03
+
+
+def no_fix_point() -> common_pb2.GeoPoint:
+    return common_pb2.GeoPoint(latitude=math.nan, longitude=math.nan)
+
+
+def unit_clock_skew_ms(vin: str, unit: str) -> int:
+    """How far a unit's clock is off (ms added to its header timestamps).
+
+    The two units of a car keep separate clocks that disagree by minutes (the
+    attack on the refresh interval used exactly that): the AVN runs 2 to 8
+    minutes ahead, the TBOX up to 2 s behind. Ahead, not behind, so capture-time
+    consent (a future timestamp counts as arrival time) judges the message
+    as the checker does. Derived from the VIN: no draw from the scenario's
+    random stream, so scenarios of a seed stay what they were otherwise.
+    """
+    r = int.from_bytes(hashlib.sha256(f"clock/{vin}/{unit}".encode()).digest()[:4], "big")
+    fraction = r / 2**32
+    if unit == "avn":
+        return int(120_000 + fraction * 360_000)
+    return -int(fraction * 2_000)
+
+
 def place_point(point: Point) -> common_pb2.GeoPoint:
     return common_pb2.GeoPoint(latitude=round(point.lat, 7), longitude=round(point.lon, 7))
 
@@ -368,6 +402,11 @@ class _EventBuilder:
         self.end_ms = end_ms
         self.events: list[ScenarioEvent] = []
         self.ip = self._new_ip()
+        # Its own stream: GPS dropouts do not shift the rest of the scenario.
+        self.no_fix_rng = random.Random(f"no-fix/{vehicle.vin}")
+        # Find-my-car polling and stray answers draw from their own generator:
+        # adding them changed no other event of a scenario.
+        self.fmc_rng = random.Random(f"fmc:{self.profile.vin}")
 
     def _new_ip(self) -> str:
         if self.profile.prefers_ipv6 and self.rng.random() < 0.85:
@@ -414,7 +453,11 @@ class _EventBuilder:
                 sunroof_closed=True,
                 doors_locked=locked,
                 odometer_km=round(odometer, 2),
-                position=self.position(t_ms),
+                position=(
+                    no_fix_point()
+                    if self.no_fix_rng.random() < NO_FIX_SHARE
+                    else self.position(t_ms)
+                ),
             ),
         )
 
@@ -623,6 +666,7 @@ class _EventBuilder:
             rng, stay.start_ms + 5 * MINUTE_MS, stay.end_ms, self.profile.find_my_car_per_hour
         ):
             self.find_my_car(t)
+        self.find_my_car_polling(stay)
         for t in _poisson_times(rng, stay.start_ms, stay.end_ms, 0.25):
             command = rng.choice(COMMANDS_WITH_FEATURE)
             args = {"target_c": "21"} if command == "climate" else {}
@@ -632,24 +676,45 @@ class _EventBuilder:
 
     def find_my_car(self, t_ms: int) -> None:
         answer_at = t_ms + 3_000
-        response = streams_pb2.Location(position=self.position(answer_at))
+        request_id = f"req-{identifiers.make_token(self.rng, 12)}"
+        response = streams_pb2.Location(
+            position=self.position(answer_at),
+            request_id=request_id if self.profile.fills_request_id else "",
+        )
         self.add(
-            CommandEvent(
-                t_ms,
-                "find_my_car",
-                f"req-{identifiers.make_token(self.rng, 12)}",
-                {"requested_by": "app"},
-                response,
-            )
+            CommandEvent(t_ms, "find_my_car", request_id, {"requested_by": "app"}, response)
         )
 
+    def find_my_car_polling(self, stay: Stay) -> None:
+        """A backend that polls find-my-car (contract rule 17's attack): every
+        2.5 minutes for 20 minutes, twice the hourly cap; the gateway refuses
+        what is above it as rate_limited."""
+        rng = self.fmc_rng
+        hours = (stay.end_ms - stay.start_ms) / HOUR_MS
+        if self.profile.find_my_car_per_hour <= 0 or rng.random() >= 0.05 * hours:
+            return
+        start = rng.randint(stay.start_ms, max(stay.start_ms, stay.end_ms - 25 * MINUTE_MS))
+        for t in range(start, min(start + 20 * MINUTE_MS, stay.end_ms), 150_000):
+            request_id = f"poll-{identifiers.make_token(rng, 12)}"
+            response = streams_pb2.Location(
+                position=self.position(t + 3_000),
+                request_id=request_id if self.profile.fills_request_id else "",
+            )
+            self.add(CommandEvent(t, "find_my_car", request_id, {"requested_by": "poll"}, response))
+
     def stray_locations(self) -> None:
-        """tbox/location nobody asked for (a buggy periodic upload): only passes in a window."""
+        """tbox/location nobody asked for: a buggy periodic upload (no request
+        id: inside a window it may take the window's fix) or an answer to a
+        command the gateway never accepted (a request id nobody issued)."""
         for t in _poisson_times(self.rng, self.start_ms, self.end_ms, 0.6):
+            stale = self.profile.fills_request_id and self.fmc_rng.random() < 0.3
             self.publish(
                 t,
                 "tbox/location",
-                streams_pb2.Location(position=self.position(t)),
+                streams_pb2.Location(
+                    position=self.position(t),
+                    request_id=f"req-{identifiers.make_token(self.fmc_rng, 12)}" if stale else "",
+                ),
                 purpose=PURPOSE_STRAY_LOCATION,
             )
 
@@ -803,6 +868,55 @@ def _guaranteed_ecalls(
     )
 
 
+TUNNEL_CHANCE = 0.3  # drives of 10 minutes or more with a stretch without coverage
+GARAGE_CHANCE = 0.15  # stays of two hours or more in an underground car park
+UPLOAD_DELAY_MS = 5_000  # coverage is back: the buffer goes out this long after
+
+
+def _store_and_forward(
+    rng: random.Random, vehicle: VehicleScenario, events: list[ScenarioEvent], end_ms: int
+) -> None:
+    """Coverage gaps: what a car captures in a tunnel or an underground car park
+    is buffered and uploaded when coverage returns, in capture order, with its
+    capture timestamp and the settings revision it was captured under (contract
+    rules 11, 12). Settings changes made meanwhile are sent at once (the AVN has
+    its own connection): a buffered record may reach the gateway after the
+    settings it was captured under have changed, either way. eCall is never
+    buffered (it has its own lane and priority); answers to the backend
+    (find-my-car) neither. A separate random stream: the rest of the scenario
+    is the same with or without gaps."""
+    gaps: list[tuple[int, int, frozenset[str]]] = []
+    for activity in vehicle.activities:
+        if isinstance(activity, Drive):
+            start, end = activity.start_ms, activity.end_ms
+            if end - start >= 10 * MINUTE_MS and rng.random() < TUNNEL_CHANCE:
+                a = rng.randint(start + 2 * MINUTE_MS, end - 5 * MINUTE_MS)
+                gaps.append((a, min(end, a + rng.randint(2, 6) * MINUTE_MS), frozenset()))
+        elif (
+            activity.end_ms - activity.start_ms >= 2 * HOUR_MS
+            and rng.random() < GARAGE_CHANCE
+        ):
+            # Parked underground: the TBOX's uploads wait for the way out.
+            gaps.append((activity.start_ms, activity.end_ms, frozenset({"tbox"})))
+    if not gaps:
+        return
+    for event in events:
+        if (
+            not isinstance(event, PublishEvent)
+            or event.purpose != PURPOSE_TELEMETRY
+            or event.stream == "tbox/ecall"
+        ):
+            continue
+        for a, b, units in gaps:
+            if b + UPLOAD_DELAY_MS + (b - a) // 1000 >= end_ms:
+                continue  # coverage returns after the run: sent live instead
+            if a <= event.t_ms < b and (not units or event.unit in units):
+                event.captured_ms = event.t_ms
+                # Uploaded in capture order once coverage is back.
+                event.t_ms = b + UPLOAD_DELAY_MS + (event.t_ms - a) // 1000
+                break
+
+
 def build_scenario(
     seed: int, vehicle_count: int, duration_s: float, sim_start_ms: int = DEFAULT_SIM_START_MS
 ) -> Scenario:
@@ -825,6 +939,9 @@ def build_scenario(
             else:
                 builder.stay_events(activity)
         builder.stray_locations()
+        _store_and_forward(
+            random.Random(f"buffer:{seed}:{index}"), vehicle, builder.events, end_ms
+        )
         vehicle.events = builder.events
         vehicles.append(vehicle)
     _injections(fleet_rng, vehicles, sim_start_ms, end_ms)
@@ -854,4 +971,8 @@ def event_fingerprint(event: ScenarioEvent) -> str:
             else b""
         )
     )
-    return f"{event.t_ms} pub {event.stream} {event.purpose} {event.header_vin} {payload.hex()}"
+    captured = f" captured {event.captured_ms}" if event.captured_ms is not None else ""
+    return (
+        f"{event.t_ms} pub {event.stream} {event.purpose} {event.header_vin} {payload.hex()}"
+        + captured
+    )

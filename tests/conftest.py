@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,8 @@ def gateway_config(
             session_expiry_s=0,
             keepalive_s=5,
         ),
-        pipeline=pipeline or PipelineConfig(inflight=256, drain_timeout_s=5),
+        # Tests run in seconds: a clock-skew margin (rule 11) of one second.
+        pipeline=pipeline or PipelineConfig(inflight=256, drain_timeout_s=5, capture_skew_s=1),
     )
 
 
@@ -155,12 +157,20 @@ class Car:
         self.applied: asyncio.Queue[privacy_pb2.PrivacyApplied] = asyncio.Queue()
         self.commands: list[aiomqtt.Message] = []
         self.barriers: asyncio.Queue[int] = asyncio.Queue()
+        # The settings revision the car is under (its last settings sent): a
+        # contract v2 car states it in every header (the causal token).
+        self.revision = 0
+        self._last_ms = 0
 
     def header(self, msg: Message, vin: str | None = None) -> Message:
         header = msg.header  # type: ignore[attr-defined]
         header.vin = vin or self.vin
         header.seq = next(self._seq)
-        header.timestamp_ms = 1_700_000_000_000 + header.seq * 1000
+        # Captured now (on the clock the gateway runs on), strictly increasing.
+        self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)
+        header.timestamp_ms = self._last_ms
+        if vin is None or vin == self.vin:
+            header.settings_revision = self.revision
         return msg
 
     async def send(self, relative: str, msg: Message | bytes, vin: str | None = None) -> None:
@@ -184,6 +194,7 @@ class Car:
         msg.header.vin = self.vin
         for name, on in (features or {}).items():
             msg.features[name] = on
+        self.revision = max(self.revision, revision)
         await self.send("avn/privacy", msg)
         if wait:
             while True:

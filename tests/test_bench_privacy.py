@@ -1,8 +1,9 @@
 """The privacy attack benchmark, short variant (100 cars, 2 days, a few seconds).
 
 The attacks must be real: each one beats the deliberately weakened design it
-is paired with (so the benchmark can fail). What the real gateway must pass
-is asserted only where today's core already has the defence.
+is paired with (so the benchmark can fail). The real gateway's figures are
+asserted where a fleet this small is stable (home and work and averaging are
+medians over about 80 cars: they move by +-0.05 cell with the seed).
 """
 
 from __future__ import annotations
@@ -69,12 +70,25 @@ def test_every_attack_beats_its_weakened_design(results: dict[str, Any]) -> None
     assert leaked["late:location_off"] > 0
 
 
-def test_defences_of_this_branch_hold(results: dict[str, Any]) -> None:
-    # The secret per-car shift already defeats the crossing reconstruction.
+def test_defences_hold(results: dict[str, Any]) -> None:
+    # The secret per-car shift and anchors on the gateway clock defeat the
+    # crossing reconstruction.
     assert attack(results, "trip_ends")["real"]["pass"]
+    # Rule 17: no more fixes an hour than the cap.
+    assert attack(results, "find_my_car")["real"]["pass"]
+    # Rules 11-12: nothing captured while not allowed reaches the backend from
+    # a car that states its revision; what still passes comes from cars with
+    # timestamps only whose TBOX clock was off or reported nothing.
+    late = attack(results, "late_data")["real"]
+    assert set(late["leaked_by_car"]) <= {"timestamp only, tbox_jumps clock"}
+    assert late["value"] < 0.1 * attack(results, "late_data")["weakened"]["value"]
+    # Utility: messages are lost only to the clock-skew margin of cars with
+    # timestamps only (captured just after a stricter period).
     utility = attack(results, "utility")["real"]
-    assert utility["value"] == 100.0
-    assert utility["trip_distance_error_km"] < 0.01  # side fields still exact today
+    assert utility["value"] > 99.9
+    assert all(key.startswith("timestamp only") for key in utility["lost_by_car_and_reason"])
+    step = results["policy"]["side_field_step_km"]
+    assert step and 0 < utility["trip_distance_error_km"] <= step
 
 
 def test_html_page(results: dict[str, Any], tmp_path: Path) -> None:
@@ -104,16 +118,17 @@ def test_through_mosquitto_matches_the_core() -> None:
     results = run_wire(
         WireOptions(cars=3, days=1, speedup=4000.0, find_my_car_cars=1), lambda _text: None
     )
-    for entry in results["attacks"]:
-        local, wire = entry["in_process"], entry["through_mosquitto"]
-        if entry["id"] == "late_data":
-            continue  # the wire run leaves out the pseudonymized app streams
-        if entry["id"] == "find_my_car":
-            # At this speed-up a window lasts 30 ms of wall time: the wire's
-            # latency moves fixes across its edges. The polling still works.
-            assert wire["value"] > entry["target"]
-            continue
-        # Same payloads; the crossing attacks also read arrival order, which
-        # the wire's latency (minutes of simulated time here) perturbs.
-        timing = entry["id"] in ("home_work", "trip_ends")
-        assert local["value"] == pytest.approx(wire["value"], rel=0.15 if timing else 1e-9)
+    figures = {
+        entry["id"]: (entry["in_process"]["value"], entry["through_mosquitto"]["value"])
+        for entry in results["attacks"]
+    }
+    # Parked values do not depend on timing: the same both ways.
+    assert figures["averaging"][0] == pytest.approx(figures["averaging"][1])
+    assert figures["late_data"][1] <= figures["late_data"][0]
+    # At 4,000 simulated seconds per second the path's latency (minutes of
+    # simulated time) moves anchor refreshes, window edges and the skew
+    # margin: close, not equal. The defences hold through the real gateway.
+    assert figures["find_my_car"][1] <= results["policy"]["find_my_car_cap_per_hour"]
+    assert abs(figures["utility"][0] - figures["utility"][1]) < 0.5
+    for name in ("home_work", "trip_ends"):
+        assert 0 < figures[name][1] < 2, name

@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 
 from gateway.core import (
     ApplySettings,
-    CoarseFix,
     CommandDecision,
     DecisionContext,
     Drop,
     DropReason,
     Forward,
+    LocationAnchor,
     LocationMode,
     SettingsSnapshot,
     VehicleState,
@@ -31,6 +31,7 @@ from gateway.core import (
     state_from_snapshot,
 )
 from gateway.core.decide import applied_message
+from gateway.core.identity import pseudonymize_vehicle_field
 from gateway.core.transforms import (
     coarse_cell_degrees,
     coarsen_position,
@@ -94,7 +95,8 @@ def geo_fields(cls: type[Message]) -> list[str]:
 
 def sample(stream: str, vin: str = VIN, ts_ms: int = TS_MS, seq: int = 1) -> Message:
     """A fully populated message of the stream, every GeoPoint set to a distinct place."""
-    if stream.startswith("avn/app/"):
+    app_stream = stream.removeprefix("avn/app/") if stream.startswith("avn/app/") else None
+    if app_stream is not None:
         stream = "avn/app/music"  # every app stream carries AppTraffic
     _, cls = STREAMS[stream]
     msg = cls()
@@ -128,6 +130,8 @@ def sample(stream: str, vin: str = VIN, ts_ms: int = TS_MS, seq: int = 1) -> Mes
     }
     for name, value in extra.get(stream, {}).items():
         setattr(msg, name, value)
+    if app_stream is not None:
+        msg.app_id = app_stream  # type: ignore[attr-defined]
     return msg
 
 
@@ -155,13 +159,13 @@ def run(
     st: VehicleState | None,
     msg: Message | None = None,
     *,
-    fixes: dict[str, CoarseFix] | None = None,
+    anchors: dict[str, LocationAnchor] | None = None,
     now: float = NOW,
     vin: str = VIN,
 ) -> Forward | Drop | ApplySettings:
     payload = (msg if msg is not None else sample(stream, vin)).SerializeToString()
     states = {vin: st} if st is not None else {}
-    return decide(CTX, f"vehicle/{vin}/{stream}", payload, states, fixes or {}, now)
+    return decide(CTX, f"vehicle/{vin}/{stream}", payload, states, anchors or {}, now)
 
 
 def open_window() -> float:
@@ -343,6 +347,10 @@ def test_location_approximate_coarsens_geopoints(stream: str, field: str) -> Non
     st = state(location=LocationMode.APPROXIMATE, window_until=window_for(stream))
     fwd = forwarded(run(stream, st, msg))
     point = getattr(STREAMS[stream][1].FromString(fwd.payload), field)
+    if (stream, field) == ("tbox/trip", "start"):
+        # Where the car was, with no anchor yet: the anchor this report sets
+        # (from the end), never a second fresh value.
+        original = msg.end  # type: ignore[attr-defined]
     assert point.altitude_m == 0 and point.heading_deg == 0 and point.speed_kmh == 0
     assert point.horizontal_accuracy_m == POLICY.cell_size_m
     assert (point.latitude, point.longitude) != (original.latitude, original.longitude)
@@ -397,84 +405,82 @@ def _status_at(lat: float, lon: float, ts_ms: int) -> Message:
     return msg
 
 
-def test_approximate_position_reuses_fix_within_refresh_interval() -> None:
+def test_approximate_position_reuses_anchor_within_refresh_interval() -> None:
     st = state(location=LocationMode.APPROXIMATE)
     first = forwarded(run("tbox/status", st, _status_at(48.137, 11.576, TS_MS)))
-    fix = first.coarse_fix
-    assert fix is not None and fix.timestamp_ms == TS_MS
+    anchor = first.anchor
+    assert anchor is not None and anchor.refreshed_at == NOW
     out1 = streams_pb2.VehicleStatus.FromString(first.payload).position
-    assert (fix.latitude, fix.longitude) == (out1.latitude, out1.longitude)
+    assert (anchor.latitude, anchor.longitude) == (out1.latitude, out1.longitude)
 
-    # 10 km away, a minute later (vehicle clock): the coarse value does not move.
-    later = TS_MS + 60_000
+    # 10 km away, a minute later (gateway clock): the coarse value does not move.
     second = forwarded(
-        run("tbox/status", st, _status_at(48.227, 11.676, later), fixes={VIN: fix})
+        run("tbox/status", st, _status_at(48.227, 11.676, TS_MS + 60_000),
+            anchors={VIN: anchor}, now=NOW + 60)
     )
     out2 = streams_pb2.VehicleStatus.FromString(second.payload).position
-    assert (out2.latitude, out2.longitude) == (fix.latitude, fix.longitude)
+    assert (out2.latitude, out2.longitude) == (anchor.latitude, anchor.longitude)
     assert out2.horizontal_accuracy_m == POLICY.cell_size_m
     assert out2.altitude_m == 0 and out2.speed_kmh == 0 and out2.heading_deg == 0
-    assert second.coarse_fix is None
+    assert second.anchor is None
 
     # Just inside the interval: still the old value.
-    edge = TS_MS + POLICY.refresh_interval_ms - 1
-    third = forwarded(run("tbox/status", st, _status_at(48.227, 11.676, edge), fixes={VIN: fix}))
+    edge = NOW + POLICY.refresh_interval_ms / 1000 - 0.001
+    third = forwarded(run("tbox/status", st, _status_at(48.227, 11.676, TS_MS),
+                          anchors={VIN: anchor}, now=edge))
     out3 = streams_pb2.VehicleStatus.FromString(third.payload).position
-    assert (out3.latitude, out3.longitude) == (fix.latitude, fix.longitude)
+    assert (out3.latitude, out3.longitude) == (anchor.latitude, anchor.longitude)
 
 
 def test_approximate_position_refreshes_after_interval() -> None:
     st = state(location=LocationMode.APPROXIMATE)
-    fix = CoarseFix(TS_MS, 10.0, 10.0)
-    ts = TS_MS + POLICY.refresh_interval_ms
-    fwd = forwarded(run("tbox/status", st, _status_at(48.227, 11.676, ts), fixes={VIN: fix}))
+    anchor = LocationAnchor(NOW, 10.0, 10.0)
+    later = NOW + POLICY.refresh_interval_ms / 1000
+    fwd = forwarded(run("tbox/status", st, _status_at(48.227, 11.676, TS_MS),
+                        anchors={VIN: anchor}, now=later))
     out = streams_pb2.VehicleStatus.FromString(fwd.payload).position
     expected = coarsen_position(48.227, 11.676, POLICY.cell_size_m, grid_offset(KEY, VIN))
     assert (out.latitude, out.longitude) == expected
-    assert fwd.coarse_fix == CoarseFix(ts, *expected)
+    assert fwd.anchor == LocationAnchor(later, *expected, odometer_km=12345.6)
 
 
-def test_refresh_uses_vehicle_timestamp_not_gateway_clock() -> None:
+def test_refresh_uses_gateway_clock_not_vehicle_timestamp() -> None:
     st = state(location=LocationMode.APPROXIMATE)
-    fix = CoarseFix(TS_MS, 10.0, 10.0)
-    # Gateway clock a day later, vehicle clock 1 s later: no refresh.
+    anchor = LocationAnchor(NOW, 10.0, 10.0)
+    # Vehicle clock a day later, gateway clock 1 s later: no refresh.
     fwd = forwarded(
-        run("tbox/status", st, _status_at(48.2, 11.6, TS_MS + 1000), fixes={VIN: fix},
-            now=NOW + 86_400)
+        run("tbox/status", st, _status_at(48.2, 11.6, TS_MS + 86_400_000),
+            anchors={VIN: anchor}, now=NOW + 1)
     )
     out = streams_pb2.VehicleStatus.FromString(fwd.payload).position
     assert (out.latitude, out.longitude) == (10.0, 10.0)
+    assert fwd.anchor is None
 
 
-def test_fix_of_another_vehicle_is_not_used() -> None:
+def test_anchor_of_another_vehicle_is_not_used() -> None:
     st = state(location=LocationMode.APPROXIMATE)
-    fixes = {OTHER_VIN: CoarseFix(TS_MS, 10.0, 10.0)}
-    fwd = forwarded(run("tbox/status", st, _status_at(48.2, 11.6, TS_MS + 1), fixes=fixes))
+    anchors = {OTHER_VIN: LocationAnchor(NOW, 10.0, 10.0)}
+    fwd = forwarded(run("tbox/status", st, _status_at(48.2, 11.6, TS_MS + 1), anchors=anchors))
     out = streams_pb2.VehicleStatus.FromString(fwd.payload).position
     assert (out.latitude, out.longitude) != (10.0, 10.0)
 
 
-@pytest.mark.parametrize(
-    ("stream", "fields"),
-    [("tbox/trip", ["start", "end"]), ("tbox/battery", ["charging_location"]),
-     ("avn/nav", ["destination"])],
-)
-def test_place_fields_coarsened_per_message_despite_fix(stream: str, fields: list[str]) -> None:
-    msg = sample(stream, ts_ms=TS_MS + 1000)
-    fix = CoarseFix(TS_MS, 10.0, 10.0)
+def test_destination_coarsened_per_message_despite_anchor() -> None:
+    msg = sample("avn/nav", ts_ms=TS_MS + 1000)
+    anchor = LocationAnchor(NOW, 10.0, 10.0)
     fwd = forwarded(
-        run(stream, state(location=LocationMode.APPROXIMATE), msg, fixes={VIN: fix})
+        run("avn/nav", state(location=LocationMode.APPROXIMATE), msg, anchors={VIN: anchor},
+            now=NOW + 1)
     )
-    out = STREAMS[stream][1].FromString(fwd.payload)
-    offset = grid_offset(KEY, VIN)
-    for name in fields:
-        src, got = getattr(msg, name), getattr(out, name)
-        expected = coarsen_position(src.latitude, src.longitude, POLICY.cell_size_m, offset)
-        assert (got.latitude, got.longitude) == expected
-    if stream == "avn/nav":  # its current position does follow the refresh rule
-        assert (out.position.latitude, out.position.longitude) == (10.0, 10.0)
-    else:
-        assert fwd.coarse_fix is None  # places never set the refresh anchor
+    out = streams_pb2.NavRequest.FromString(fwd.payload)
+    src = msg.destination  # type: ignore[attr-defined]
+    expected = coarsen_position(
+        src.latitude, src.longitude, POLICY.cell_size_m, grid_offset(KEY, VIN)
+    )
+    assert (out.destination.latitude, out.destination.longitude) == expected
+    # Its current position does follow the anchor; the destination never moves it.
+    assert (out.position.latitude, out.position.longitude) == (10.0, 10.0)
+    assert fwd.anchor is None
 
 
 # ------------------------------------------- (5b) positions without a fix
@@ -513,7 +519,7 @@ def test_invalid_point_is_cleared_and_message_forwarded(
     assert f"invalid_position:{field}" in fwd.transforms
     assert not any(t.endswith(f":{field}") and not t.startswith("invalid_position:")
                    for t in fwd.transforms)
-    assert fwd.coarse_fix is None or field != "position"
+    assert fwd.anchor is None or field != "position"
     # The other location fields are still treated as usual.
     for other in geo_fields(STREAMS[stream][1]):
         if other != field:
@@ -540,22 +546,25 @@ def test_extreme_valid_coordinates_are_kept(lat: float, lon: float, mode: Locati
 def test_invalid_position_never_sets_the_refresh_anchor() -> None:
     st = state(location=LocationMode.APPROXIMATE)
     fwd = forwarded(run("tbox/status", st, _status_at(math.nan, math.nan, TS_MS)))
-    assert fwd.coarse_fix is None
+    assert fwd.anchor is None
     # After the interval, an invalid point neither moves the old anchor...
-    fix = CoarseFix(TS_MS, 10.0, 10.0)
-    late = TS_MS + POLICY.refresh_interval_ms
-    fwd = forwarded(run("tbox/status", st, _status_at(math.inf, 11.6, late), fixes={VIN: fix}))
-    assert fwd.coarse_fix is None
+    anchor = LocationAnchor(NOW, 10.0, 10.0)
+    late = NOW + POLICY.refresh_interval_ms / 1000
+    fwd = forwarded(run("tbox/status", st, _status_at(math.inf, 11.6, TS_MS),
+                        anchors={VIN: anchor}, now=late))
+    assert fwd.anchor is None
     assert not streams_pb2.VehicleStatus.FromString(fwd.payload).HasField("position")
     # ...and within it, the invalid point is cleared rather than replaced by the anchor.
     fwd = forwarded(
-        run("tbox/status", st, _status_at(math.nan, 11.6, TS_MS + 1000), fixes={VIN: fix})
+        run("tbox/status", st, _status_at(math.nan, 11.6, TS_MS), anchors={VIN: anchor},
+            now=NOW + 1)
     )
-    assert fwd.coarse_fix is None
+    assert fwd.anchor is None
     assert not streams_pb2.VehicleStatus.FromString(fwd.payload).HasField("position")
     # The next valid point after the interval anchors as usual.
-    fwd = forwarded(run("tbox/status", st, _status_at(48.2, 11.6, late + 1), fixes={VIN: fix}))
-    assert fwd.coarse_fix is not None and fwd.coarse_fix.timestamp_ms == late + 1
+    fwd = forwarded(run("tbox/status", st, _status_at(48.2, 11.6, TS_MS),
+                        anchors={VIN: anchor}, now=late + 1))
+    assert fwd.anchor is not None and fwd.anchor.refreshed_at == late + 1
 
 
 # A stream carrying repeated GeoPoints that is not a legal obligation (the
@@ -564,7 +573,8 @@ TRACK_POLICY = parse_policy(
     (ROOT / "config" / "policy.yaml").read_text(encoding="utf-8").replace(
         "\nstreams:\n",
         "\nstreams:\n  tbox/track:\n    message: ECall\n    feature: remote_control\n"
-        "    retention_days: 1\n",
+        "    retention_days: 1\n    fields: {position: position, recent_positions: place,"
+        " trigger: keep, passengers: keep, vehicle_type: keep, propulsion: keep}\n",
     )
 )
 TRACK_CTX = DecisionContext(TRACK_POLICY, KEY)
@@ -596,10 +606,12 @@ def test_track_policy_has_a_repeated_geo_field() -> None:
 def test_invalid_points_dropped_from_repeated_field_approximate(lat: float, lon: float) -> None:
     fwd, out = _track([(48.1, 11.5), (lat, lon), (48.3, 11.7)], LocationMode.APPROXIMATE)
     offset = grid_offset(KEY, VIN)
-    assert [(p.latitude, p.longitude) for p in out.recent_positions] == [
-        coarsen_position(48.1, 11.5, POLICY.cell_size_m, offset),
-        coarsen_position(48.3, 11.7, POLICY.cell_size_m, offset),
-    ]
+    # Places where the car was: every point shows the one anchor (set from the
+    # latest valid point), never a track of fresh coarse values.
+    anchored = coarsen_position(48.3, 11.7, POLICY.cell_size_m, offset)
+    assert [(p.latitude, p.longitude) for p in out.recent_positions] == [anchored, anchored]
+    assert all(p.speed_kmh == 0 and p.heading_deg == 0 and p.altitude_m == 0
+               for p in out.recent_positions)
     assert "invalid_position:recent_positions" in fwd.transforms
     assert "coarsen:recent_positions" in fwd.transforms
 
@@ -656,8 +668,13 @@ def test_bluetooth_mac_is_keyed_pseudonym() -> None:
     fwd = forwarded(run("tbox/digital_key", state()))
     out = streams_pb2.DigitalKeyEvent.FromString(fwd.payload)
     assert HEX32.match(out.bluetooth_mac)
-    assert out.bluetooth_mac == pseudonymize_field(KEY, "bluetooth_mac", "aa-bb-cc-dd-ee-ff")
-    assert out.bluetooth_mac == pseudonym(KEY, "bluetooth_mac", normalize_mac("AA:BB:CC:DD:EE:FF"))
+    # Keyed per vehicle (one phone in two cars gives two unrelated values).
+    assert out.bluetooth_mac == pseudonymize_vehicle_field(
+        KEY, "bluetooth_mac", "aa-bb-cc-dd-ee-ff", VIN
+    )
+    assert out.bluetooth_mac == pseudonym(
+        KEY, f"bluetooth_mac/{VIN}", normalize_mac("AA:BB:CC:DD:EE:FF")
+    )
     assert b"aa-bb" not in fwd.payload and b"AA:BB" not in fwd.payload
     assert "hmac:bluetooth_mac" in fwd.transforms
     other = DecisionContext(POLICY, b"\x01" * 32)
@@ -979,7 +996,7 @@ def test_settings_keep_an_open_window() -> None:
 def test_decide_does_not_mutate_inputs() -> None:
     st = state(location=LocationMode.APPROXIMATE)
     states = {VIN: st}
-    fixes = {VIN: CoarseFix(0, 1.0, 1.0)}
+    fixes = {VIN: LocationAnchor(0, 1.0, 1.0)}
     before = (dict(states), dict(fixes))
     decide(CTX, f"vehicle/{VIN}/tbox/status", sample("tbox/status").SerializeToString(),
            states, fixes, NOW)

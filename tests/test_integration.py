@@ -216,7 +216,7 @@ async def test_position_without_fix_is_cleared_and_message_still_forwarded(
     m = service.metrics
     assert m.value("gateway_internal_errors_total") == 0
     assert m.value("gateway_transforms_total", transform="invalid_position:position") == 2
-    assert VIN not in service.coarse_fixes
+    assert VIN not in service.anchors
 
 
 async def test_stale_revision_is_ignored(gateways: GatewayHarness, clients: Clients) -> None:
@@ -563,3 +563,33 @@ async def test_slow_decisions_pause_reading_bounding_the_queue_without_loss(
         assert paused > 0  # the high-water mark was reached and reading paused
     finally:
         await service.stop()
+
+
+async def test_location_anchor_survives_restart(
+    gateways: GatewayHarness, clients: Clients
+) -> None:
+    """Contract rule 13: a restart cannot be used to force a refresh of the
+    approximate value; the anchor is durable, written with the message's ack."""
+    first = await gateways.start()
+    car = clients.car
+    await car.settings(1, features={"remote_control": True},
+                       location=common_pb2.LOCATION_APPROXIMATE)
+    home = status(car)
+    await car.send("tbox/status", home)
+    await car.barrier()
+    anchor = first.anchors[VIN]
+    await gateways.stop(first)
+
+    second = await gateways.start()
+    assert second.anchors[VIN] == anchor
+    away = status(car, lat=48.237154, lon=11.676124)  # 13 km away, a second later
+    away.header.timestamp_ms = 0  # and no car timestamp to go by
+    await car.send("tbox/status", away)
+    await car.barrier()
+    got = [
+        streams_pb2.VehicleStatus.FromString(m.payload).position  # type: ignore[arg-type]
+        for m in clients.backend.on("/tbox/status")
+    ]
+    assert len(got) == 2
+    assert {(p.latitude, p.longitude) for p in got} == {(anchor.latitude, anchor.longitude)}
+    assert second.anchors[VIN] == anchor

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import Descriptor
 
 from gateway.core import (
     DecisionContext,
@@ -23,10 +25,15 @@ from gateway.core import (
 from gateway.core.transforms import coarsen_position, grid_offset
 from gateway.policy import (
     CompiledPolicy,
+    PolicyDocument,
     PolicyError,
+    StreamSpec,
+    check_fields,
+    compile_policy,
     load_policy,
     parse_policy,
     summary_rows,
+    unclassified_fields,
 )
 from telematics.v1 import common_pb2, streams_pb2
 
@@ -86,7 +93,22 @@ def test_default_policy_compiled_fields() -> None:
     status = policy.exact_routes["tbox/status"]
     assert [(g.name, g.is_position) for g in status.geo_fields] == [("position", True)]
     trip = policy.exact_routes["tbox/trip"]
-    assert [(g.name, g.is_position) for g in trip.geo_fields] == [("start", False), ("end", False)]
+    assert [(g.name, g.role) for g in trip.geo_fields] == [("start", "place"), ("end", "position")]
+    assert trip.odometer_fields == ("odometer_km",)
+    assert dict(trip.generalize_fields) == {
+        "distance_km": 5,
+        "energy_kwh": 1,
+        "average_speed_kmh": 10,
+        "duration_s": 600,
+    }
+    nav = policy.exact_routes["avn/nav"]
+    assert [(g.name, g.role) for g in nav.geo_fields] == [
+        ("position", "position"),
+        ("destination", "destination"),
+    ]
+    assert policy.exact_routes["avn/search"].place_text_fields == ("text",)
+    (name, allowed), = policy.exact_routes["tbox/alarm"].enum_fields
+    assert name == "detail" and "engine started" in allowed
     ecall = policy.exact_routes["tbox/ecall"]
     assert ecall.legal_obligation and ecall.geo_fields == ()
     conn = policy.exact_routes["tbox/connectivity"]
@@ -174,7 +196,7 @@ BROKEN: list[tuple[str, Mutation, str, str]] = [
         "GeoPoint kept",
         _set("streams|tbox/status|fields|position", "keep"),
         "streams.tbox/status.fields.position",
-        "GeoPoint fields take 'position', 'place' or 'remove'",
+        "GeoPoint fields take 'position', 'place', 'destination' or 'remove'",
     ),
     (
         "truncate_ip on an int",
@@ -364,9 +386,22 @@ def test_minimum_cell_size_is_accepted(tmp_path: Path) -> None:
 
 
 def _compiled_without_status_fields() -> CompiledPolicy:
+    """Compiled without the validation that refuses it: the last line of
+    defence for an undeclared GeoPoint (compile_policy called directly)."""
     doc = default_doc()
     del doc["streams"]["tbox/status"]["fields"]
-    return parse_policy(yaml.safe_dump(doc), source="test")
+    return compile_policy(PolicyDocument.model_validate(doc))
+
+
+def test_undeclared_fields_refuse_the_policy() -> None:
+    doc = default_doc()
+    del doc["streams"]["tbox/status"]["fields"]
+    with pytest.raises(PolicyError) as info:
+        parse_policy(yaml.safe_dump(doc), source="test")
+    paths = {path for path, _ in info.value.problems}
+    assert "streams.tbox/status.fields.position" in paths
+    assert "streams.tbox/status.fields.odometer_km" in paths
+    assert "streams.tbox/status.fields.header" not in paths
 
 
 def _status_decision(policy: CompiledPolicy, mode: LocationMode) -> Forward | Drop:
@@ -409,13 +444,14 @@ def test_undeclared_geopoint_coarsened_when_approximate() -> None:
     expected = coarsen_position(52.52, 13.405, 2000.0, grid_offset(KEY, VIN))
     assert (point.latitude, point.longitude) == expected
     assert point.altitude_m == 0 and point.horizontal_accuracy_m == 2000.0
-    assert d.coarse_fix is None  # a place: coarsened per message, no refresh anchor
+    # A place where the car was, with no anchor yet: the value it anchors.
+    assert d.anchor is not None and (d.anchor.latitude, d.anchor.longitude) == expected
 
 
 @pytest.mark.parametrize("mode", [LocationMode.OFF, LocationMode.APPROXIMATE, LocationMode.PRECISE])
 def test_removed_geopoint_is_gone_in_every_mode(mode: LocationMode) -> None:
     doc = default_doc()
-    doc["streams"]["tbox/status"]["fields"] = {"position": "remove"}
+    doc["streams"]["tbox/status"]["fields"]["position"] = "remove"
     policy = parse_policy(yaml.safe_dump(doc), source="test")
     d = _status_decision(policy, mode)
     assert isinstance(d, Forward)
@@ -485,3 +521,101 @@ def test_duplicate_keys_are_refused_with_their_line(tmp_path: Path) -> None:
         load_policy(path)
     message = str(err.value)
     assert str(path) in message and "duplicate key 'tbox/status'" in message and "line" in message
+
+
+# ------------------------------------------------ rule 14: every field classified
+
+
+def _nested_descriptor() -> Descriptor:
+    """A message nesting a sub-message (the default streams do not): Outer {
+    Header header; GeoPoint where; Inner inner; string note } with Inner {
+    string city; int32 code; Deeper deeper } and Deeper { string street }."""
+    pool = descriptor_pool.DescriptorPool()
+    common = descriptor_pb2.FileDescriptorProto()
+    common_pb2.DESCRIPTOR.CopyToProto(common)
+    pool.Add(common)
+    f = descriptor_pb2.FileDescriptorProto(
+        name="test/nested.proto", package="test", dependency=[common.name], syntax="proto3"
+    )
+    t = descriptor_pb2.FieldDescriptorProto
+    deeper = f.message_type.add(name="Deeper")
+    deeper.field.add(name="street", number=1, type=t.TYPE_STRING, label=t.LABEL_OPTIONAL)
+    inner = f.message_type.add(name="Inner")
+    inner.field.add(name="city", number=1, type=t.TYPE_STRING, label=t.LABEL_OPTIONAL)
+    inner.field.add(name="code", number=2, type=t.TYPE_INT32, label=t.LABEL_OPTIONAL)
+    inner.field.add(name="deeper", number=3, type=t.TYPE_MESSAGE, label=t.LABEL_REPEATED,
+                    type_name=".test.Deeper")
+    outer = f.message_type.add(name="Outer")
+    outer.field.add(name="header", number=1, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL,
+                    type_name=".telematics.v1.Header")
+    outer.field.add(name="where", number=2, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL,
+                    type_name=".telematics.v1.GeoPoint")
+    outer.field.add(name="inner", number=3, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL,
+                    type_name=".test.Inner")
+    outer.field.add(name="note", number=4, type=t.TYPE_STRING, label=t.LABEL_OPTIONAL)
+    pool.Add(f)
+    return pool.FindMessageTypeByName("test.Outer")
+
+
+def _problems(fields: dict[str, Any]) -> dict[str, str]:
+    spec = StreamSpec.model_validate(
+        {"message": "Outer", "feature": "f", "retention_days": 1, "fields": fields}
+    )
+    return dict(check_fields(_nested_descriptor(), spec.fields, "fields"))
+
+
+def test_unclassified_field_is_refused() -> None:
+    problems = _problems({"where": "position", "inner": "remove"})
+    assert list(problems) == ["fields.note"]
+    assert "not classified" in problems["fields.note"]
+
+
+def test_nested_unclassified_field_is_refused() -> None:
+    problems = _problems(
+        {"where": "position", "note": "keep", "inner.city": "keep", "inner.deeper.street": "keep"}
+    )
+    assert list(problems) == ["fields.inner.code"]
+    # Every nested field listed: accepted.
+    assert _problems(
+        {"where": "position", "note": "keep", "inner.city": "keep", "inner.code": "keep",
+         "inner.deeper.street": "keep"}
+    ) == {}
+
+
+def test_sub_message_is_removed_whole_or_classified_field_by_field() -> None:
+    problems = _problems({"where": "position", "note": "keep", "inner": "keep"})
+    assert "removed as a whole" in problems["fields.inner"]
+    problems = _problems({"where": "position", "note": "keep", "inner.city": "place_text",
+                          "inner.code": "keep", "inner.deeper": "remove"})
+    assert "take 'keep'" in problems["fields.inner.city"]
+
+
+def test_geopoint_is_classified_as_a_whole() -> None:
+    problems = _problems({"where.latitude": "keep", "note": "keep", "inner": "remove"})
+    assert "fields.where" in problems
+
+
+def test_every_default_stream_classifies_every_field() -> None:
+    for stream in load_policy(DEFAULT).streams:
+        spec = load_policy(DEFAULT).document.streams[stream.key]
+        assert unclassified_fields(stream.message_cls.DESCRIPTOR, spec.fields) == [], stream.key
+
+
+@pytest.mark.parametrize(
+    ("field", "action", "problem"),
+    [
+        ("tbox/trip|fields|trip_id", {"generalize": 5}, "single numeric fields"),
+        ("tbox/trip|fields|duration_s", {"generalize": 0.5}, "step must be whole"),
+        ("tbox/status|fields|odometer_km", "place_text", "single string fields"),
+        ("tbox/alarm|fields|type", {"enum": ["x"]}, "single string fields"),
+        ("avn/nav|fields|destination", "keep", "GeoPoint fields take"),
+        ("avn/search|fields|text", "destination", "applies to GeoPoint fields"),
+    ],
+)
+def test_side_field_actions_checked(field: str, action: Any, problem: str) -> None:
+    doc = default_doc()
+    stream, _, name = field.split("|")
+    doc["streams"][stream]["fields"][name] = action
+    with pytest.raises(PolicyError) as info:
+        parse_policy(yaml.safe_dump(doc), source="test")
+    assert any(problem in msg for _, msg in info.value.problems), info.value.problems

@@ -196,7 +196,13 @@ async def test_explain_with_the_key_file_reproduces_what_the_gateway_published(
         status = streams_pb2.VehicleStatus(fuel_level_pct=40)
         status.position.latitude, status.position.longitude = 48.137154, 11.576124
         battery = streams_pb2.BatteryStatus(evse_id="DE*ABC*E1", state_of_charge_pct=80)
-        battery.charging_location.latitude, battery.charging_location.longitude = 48.1, 11.5
+        # The car charges where it reported its position: within the refresh interval
+        # the gateway shows the car's anchor, which a stateless dry run computes only
+        # for the position the anchor was set from.
+        battery.charging_location.latitude, battery.charging_location.longitude = (
+            48.137154,
+            11.576124,
+        )
         key = streams_pb2.DigitalKeyEvent(key_id="k1", bluetooth_mac="AA:BB:CC:DD:EE:FF")
         app = streams_pb2.AppTraffic(app_id="music", content_type="text/plain", payload=b"hi")
         sent = {

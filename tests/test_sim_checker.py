@@ -103,7 +103,8 @@ def recorded_key(record: Record, policy: Policy) -> tuple[Any, ...] | None:
 def pub_key(pub: Published) -> tuple[Any, ...]:
     if pub.stream.startswith("avn/app/"):
         return ("app", pub.record["nonce"])
-    return (pub.vin, pub.stream, pub.record["seq"], pub.ts_ms)
+    # The header carries the unit's own (skewed) clock.
+    return (pub.vin, pub.stream, pub.record["seq"], pub.record.get("header_ts_ms") or pub.ts_ms)
 
 
 def find_delivered(
@@ -378,6 +379,24 @@ def test_vin_in_app_stream_is_a_leak(clean_run: Run) -> None:
     assert (WRONG_TRANSFORM, "pseudonym_vin") in found
 
 
+def test_app_header_sharing_the_cars_seq_or_time_is_a_leak(clean_run: Run) -> None:
+    """Rule 15: an app message with the car's own seq or millisecond capture time
+    links its pseudonym to the car's VIN-keyed streams."""
+    pub, position = find_delivered(clean_run, "avn/app/music")
+    sent = original(pub).header
+    same_seq = edit_recorded(
+        clean_run, position, "avn/app/music", lambda m: setattr(m.header, "seq", sent.seq)
+    )
+    assert (LEAK, "app_seq_shared") in rules(check(clean_run, same_seq))
+    precise = edit_recorded(
+        clean_run,
+        position,
+        "avn/app/music",
+        lambda m: setattr(m.header, "timestamp_ms", sent.timestamp_ms | 1),
+    )
+    assert (LEAK, "app_time_precise") in rules(check(clean_run, precise))
+
+
 # --- over-coarsening, wrong transforms, metadata --------------------------------------
 def test_coarsened_under_precise_is_over_coarsening(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "tbox/status", mode_is(common_pb2.LOCATION_PRECISE))
@@ -444,7 +463,7 @@ def test_modified_ecall_is_a_wrong_transform(clean_run: Run) -> None:
 def test_changed_kept_field_is_a_wrong_transform(clean_run: Run) -> None:
     _, position = find_delivered(clean_run, "tbox/status")
     recording = edit_recorded(
-        clean_run, position, "tbox/status", lambda m: setattr(m, "odometer_km", 1.0)
+        clean_run, position, "tbox/status", lambda m: setattr(m, "cabin_temp_c", -40.0)
     )
     assert (WRONG_TRANSFORM, "unexpected_field_change") in rules(check(clean_run, recording))
 
@@ -479,3 +498,131 @@ def test_check_cli_writes_summary_and_report(clean_run: Run, tmp_path: Path) -> 
     assert "leaks 0" in output.getvalue()
     report = (tmp_path / "report.html").read_text()
     assert "<svg" in report and "tbox/status" in report
+
+
+# --------------------------------------------- contract rules 13 and 14 (anchor)
+
+
+def _approximate(pub: Published, settings: Settings | None) -> bool:
+    return settings is not None and settings.location == common_pb2.LOCATION_APPROXIMATE
+
+
+def test_trip_value_off_the_step_grid_is_a_leak(clean_run: Run) -> None:
+    pub, position = find_delivered(clean_run, "tbox/trip", _approximate)
+    exact = pub.message.distance_km  # type: ignore[union-attr]
+    recording = edit_recorded(
+        clean_run, position, "tbox/trip", lambda m: setattr(m, "distance_km", exact)
+    )
+    assert (LEAK, "distance_km_not_on_step_grid") in rules(check(clean_run, recording))
+
+
+def test_alarm_free_text_is_a_leak(clean_run: Run) -> None:
+    _, position = find_delivered(clean_run, "tbox/alarm")
+    recording = edit_recorded(
+        clean_run, position, "tbox/alarm", lambda m: setattr(m, "detail", "at 48.1371,11.5761")
+    )
+    assert (LEAK, "detail_free_text") in rules(check(clean_run, recording))
+
+
+def test_odometer_under_location_off_is_a_leak(clean_run: Run) -> None:
+    def off(pub: Published, settings: Settings | None) -> bool:
+        return settings is not None and settings.location == common_pb2.LOCATION_OFF
+
+    _, position = find_delivered(clean_run, "tbox/status", off)
+    recording = edit_recorded(
+        clean_run, position, "tbox/status", lambda m: setattr(m, "odometer_km", 12_345.6)
+    )
+    assert (LEAK, "odometer_km_under_location_off") in rules(check(clean_run, recording))
+
+
+def test_refresh_sooner_than_the_interval_is_a_leak(clean_run: Run) -> None:
+    """Across streams of one car, on the recorder's clock (the gateway's, scaled)."""
+    checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
+    interval = clean_run.policy.refresh_interval_s * checker.gateway_wall_per_s
+    vin = checker.vins[0]
+    a, b = (48.1, 11.5), (48.2, 11.6)
+    checker.anchor_values[vin] = [(0.0, a), (1.0, b), (1.0 + interval, a)]  # ok
+    checker._check_refresh_interval()
+    assert checker.issues == []
+    checker.anchor_values[vin] = [(0.0, a), (1.0, b), (1.0 + interval / 2, a)]  # too soon
+    checker.odometer_values[vin] = [(0.0, 10.0), (5.0, 10.0), (6.0, 11.0), (7.0, 12.0)]
+    checker._check_refresh_interval()
+    assert {(i.category, i.rule) for i in checker.issues} == {
+        (LEAK, "approximate_refresh_too_soon"),
+        (LEAK, "odometer_moves_between_refreshes"),
+    }
+
+
+# --- consent at capture time and the causal token (contract rules 11, 12) ----------
+
+
+def with_capture(run: Run, pub: Published, revision: int, settings: Settings | None) -> Run:
+    """The run's ground truth, claiming `pub` was captured under `revision`
+    (with `settings`, applied, when given)."""
+    truth = copy.deepcopy(run.truth)
+    for record in truth:
+        if record["type"] == "publish" and record["seq"] == pub.record["seq"] and (
+            record["vin"] == pub.vin and record["stream"] == pub.stream
+        ):
+            record["capture_rev"] = revision
+            record["uploaded_late"] = True
+    if settings is not None:
+        truth.append(
+            {
+                "type": "settings",
+                "vin": pub.vin,
+                "ts_ms": pub.ts_ms,
+                "seq": 0,
+                "settings": settings.to_json(),
+                "wall_sent": pub.record["wall_start"],
+                "applied": True,
+                "wall_applied": pub.record["wall_start"],
+            }
+        )
+    return Run(truth, run.recording, run.policy, run.key)
+
+
+def test_clean_run_has_late_uploads_judged_at_capture(clean_run: Run) -> None:
+    late = [r for r in clean_run.truth if r["type"] == "publish" and r.get("uploaded_late")]
+    assert late, "the scenario has store-and-forward uploads"
+    assert all("capture_rev" in r for r in late)
+    assert check(clean_run).issues == []
+
+
+def test_forward_captured_in_privacy_mode_is_a_leak(clean_run: Run) -> None:
+    pub, _ = find_delivered(clean_run, "tbox/status")
+    revision = 10**6
+    forged = with_capture(
+        clean_run, pub, revision, Settings(revision, True, common_pb2.LOCATION_PRECISE, {})
+    )
+    assert (LEAK, "forwarded_in_privacy_mode") in rules(check(forged))
+
+
+def test_forward_before_its_revision_was_applied_is_a_leak(clean_run: Run) -> None:
+    pub, _ = find_delivered(clean_run, "tbox/status")
+    forged = with_capture(clean_run, pub, 10**6, None)  # a revision that never arrived
+    assert (LEAK, "forwarded_before_its_settings_revision") in rules(check(forged))
+
+
+def test_message_whose_revision_never_arrived_is_not_a_loss(clean_run: Run) -> None:
+    pub, position = find_delivered(clean_run, "tbox/status")
+    forged = with_capture(clean_run, pub, 10**6, None)
+    recording = [r for n, r in enumerate(clean_run.recording) if n != position]
+    result = check(forged, recording)
+    assert result.losses == 0 and result.leaks == 0, result.issues
+    assert result.tallies["tbox/status"].dropped["settings_pending"] == 1
+
+
+def test_location_under_a_stricter_capture_mode_is_a_leak(clean_run: Run) -> None:
+    pub, _ = find_delivered(
+        clean_run,
+        "tbox/status",
+        lambda p, s: s is not None
+        and s.location == common_pb2.LOCATION_PRECISE
+        and p.message is not None
+        and p.message.HasField("position"),
+    )
+    revision = 10**6
+    captured = Settings(revision, False, common_pb2.LOCATION_OFF, {"remote_control": True})
+    forged = with_capture(clean_run, pub, revision, captured)
+    assert (LEAK, "geopoint_under_location_off") in rules(check(forged))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.control.audit import AuditRecord
-from gateway.core import LocationMode, SettingsSnapshot
+from gateway.core import LocationAnchor, LocationMode, SettingsSnapshot
 from gateway.core.decide import MAX_REVISION
 from gateway.policy import VersionConflict
 from gateway.store import SqliteConsentStore, StoredPolicy, StoredVehicle
@@ -241,3 +241,108 @@ def test_policy_version_check_reads_the_database(path: Path, store: SqliteConsen
     finally:
         other.close()
     assert [p.version for p in store.policies()] == ["2027.2.1"]
+
+
+# ---------------------------------------------------------- location anchors
+
+
+def test_anchors_survive_reopen(path: Path) -> None:
+    first = SqliteConsentStore(path)
+    first.save_anchors({VIN: LocationAnchor(1_800_000_000.0, 48.1, 11.5, 12_345.6)})
+    first.save_anchors({OTHER: LocationAnchor(1_800_000_100.0, 52.5, 13.4)})
+    first.close()
+    second = SqliteConsentStore(path)
+    try:
+        assert dict(second.load_anchors()) == {
+            VIN: LocationAnchor(1_800_000_000.0, 48.1, 11.5, 12_345.6),
+            OTHER: LocationAnchor(1_800_000_100.0, 52.5, 13.4, None),
+        }
+        assert second.holds_vehicle_data()
+    finally:
+        second.close()
+
+
+def test_anchor_never_moves_back_in_time(store: SqliteConsentStore) -> None:
+    store.save_anchors({VIN: LocationAnchor(2000.0, 1.0, 1.0)})
+    store.save_anchors({VIN: LocationAnchor(1000.0, 2.0, 2.0)})  # a stale write
+    assert dict(store.load_anchors()) == {VIN: LocationAnchor(2000.0, 1.0, 1.0)}
+    store.save_anchors({VIN: LocationAnchor(3000.0, 3.0, 3.0, 7.0)})
+    assert dict(store.load_anchors()) == {VIN: LocationAnchor(3000.0, 3.0, 3.0, 7.0)}
+
+
+def test_anchor_erased_with_the_car(store: SqliteConsentStore) -> None:
+    store.apply_settings(snap(1))
+    store.save_anchors({VIN: LocationAnchor(1.0, 1.0, 1.0), OTHER: LocationAnchor(1.0, 2.0, 2.0)})
+    record = AuditRecord(actor="op", action="erasure", subject="s", content={}, at=2.0)
+    removed = store.erase_vehicle(VIN, "s", record)
+    assert removed["location_anchors"] == 1
+    assert dict(store.load_anchors()) == {OTHER: LocationAnchor(1.0, 2.0, 2.0)}
+
+
+def test_state_dir_of_the_previous_release_opens(tmp_path: Path) -> None:
+    """A consent store written by the release before location anchors
+    (schema 3) opens: settings and counts kept, anchors table added."""
+    path = tmp_path / SqliteConsentStore.FILENAME
+    path.write_bytes((Path(__file__).parent / "data" / "consent-schema3.sqlite3").read_bytes())
+    store = SqliteConsentStore(path)
+    try:
+        (vehicle,) = store.load_all()
+        assert vehicle.snapshot.vin == VIN and vehicle.snapshot.revision == 3
+        assert [c.count for c in store.egress_counts(VIN)] == [7]
+        assert list(store.load_anchors()) == []
+        store.save_anchors({VIN: LocationAnchor(1.0, 48.1, 11.5)})
+        row = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        assert row == (str(SCHEMA_VERSION),)
+        assert store.verify_audit().ok
+    finally:
+        store.close()
+    reopened = SqliteConsentStore(path)
+    try:
+        assert dict(reopened.load_anchors()) == {VIN: LocationAnchor(1.0, 48.1, 11.5)}
+    finally:
+        reopened.close()
+
+
+def test_restriction_periods_are_history_rows_of_their_own(store: SqliteConsentStore) -> None:
+    """Set and lifted, a restriction is two settings_history rows (what the
+    capture-time check needs), not part of the car's settings history."""
+    store.apply_settings(snap(1))
+    store.set_restriction(VIN, True, AuditRecord("dpo", "restriction_set", "s", {}, 10.0))
+    store.set_restriction(VIN, False, AuditRecord("dpo", "restriction_lifted", "s", {}, 20.0))
+    assert [s.revision for s in store.history(VIN)] == [1]
+    rows = [r for r in store.capture_history() if r.snapshot.vin == VIN]
+    assert [(r.snapshot.source, r.snapshot.privacy_mode, r.snapshot.applied_at) for r in rows][
+        1:
+    ] == [("restriction", True, 10.0), ("restriction_lifted", False, 20.0)]
+    # A restriction is never folded into by a car over its settings rate.
+    store.set_restriction(VIN, True, AuditRecord("dpo", "restriction_set", "s", {}, 30.0))
+    store.apply_settings(snap(2), merge=True)
+    rows = [r for r in store.capture_history() if r.snapshot.vin == VIN]
+    assert [(r.snapshot.source, r.snapshot.revision) for r in rows][-2:] == [
+        ("restriction", 1),
+        ("vehicle", 2),
+    ]
+
+
+def test_parked_messages_are_bounded_oldest_first_and_erased_with_the_car(
+    store: SqliteConsentStore,
+) -> None:
+    from gateway.store import ParkedMessage
+
+    def park(subject: str, size: int, per_subject: int = 250, total: int = 10_000) -> list[int]:
+        row = ParkedMessage(subject, 2, 1.0, 100.0, "tbox/status", size, b"x" * size)
+        return [e[0] for e in store.park(row, per_subject, total).evicted]
+
+    assert park("a", 100) == []
+    assert park("a", 100) == []
+    assert park("b", 100) == []
+    assert park("a", 100) == [1]  # car a over 250 bytes: its oldest goes
+    assert [p.id for p in store.parked("a")] == [2, 4]
+    assert park("c", 100, total=350) == [2]  # all cars over 350: the oldest of all goes
+    assert store.parked_stats() == (3, 300, {"a", "b", "c"})
+    assert [p.id for p in store.parked("a", up_to_revision=1)] == []
+    assert store.expired_parked(100.0) == [(3, "tbox/status", 100), (4, "tbox/status", 100),
+                                           (5, "tbox/status", 100)]
+    removed = store.erase_vehicle(VIN, "a", AuditRecord("dpo", "erasure", "a", {}, 5.0))
+    assert removed["parked"] == 1
+    assert store.parked_stats() == (2, 200, {"b", "c"})

@@ -7,7 +7,9 @@ parked messages, per-car location anchors on the gateway clock, find-my-car
 request ids and hourly caps), only this module follows:
 
 - `Gateway.vehicle_message`: one vehicle message in, what reaches the backend out
-  (today: `decide(ctx, topic, payload, states, coarse_fixes, now)`);
+  (`decide(ctx, topic, payload, states, anchors, now, histories=...)`, keeping
+  anchors, capture-time settings intervals and parked messages as the service
+  does);
 - `Gateway.command`: one backend command in, its result out (`decide_command`);
 - `Gateway.settings_allow`: the car's applied settings, for the weakened
   variants that emulate a v1 rule themselves (find-my-car without limits);
@@ -21,21 +23,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from google.protobuf.message import Message
 
 from gateway.core import (
     ApplySettings,
-    CoarseFix,
     DecisionContext,
     Drop,
     Forward,
+    Hold,
+    LocationAnchor,
     LocationMode,
     VehicleState,
     decide,
     decide_command,
 )
+from gateway.core.capture import CaptureHistory, Interval, append
 from gateway.policy import CompiledPolicy, CompiledStream, load_policy
 from telematics.v1 import command_pb2, common_pb2
 
@@ -47,6 +50,7 @@ BENCH_KEY = bytes(range(100, 132))
 # states one, targets use this (a person looking for their car a few times).
 DEFAULT_FIND_MY_CAR_CAP_PER_HOUR = 4
 HEADER_HAS_REVISION = "settings_revision" in common_pb2.Header.DESCRIPTOR.fields_by_name
+CAPTURE_INTERVALS = 32  # [limits] capture_intervals_per_vehicle, default
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +100,14 @@ def find_my_car_cap(policy: CompiledPolicy) -> int:
 
 
 def side_field_step_km(policy: CompiledPolicy) -> float | None:
-    """The policy's odometer / trip-distance step under approximate (rule 14),
-    None while the policy has none (side fields exact)."""
-    location: Any = policy.document.location
-    for name in ("distance_step_km", "odometer_step_km", "trip_distance_step_km"):
-        value = getattr(location, name, None)
-        if isinstance(value, int | float) and value > 0:
-            return float(value)
-    return None
+    """The policy's trip-distance step under approximate (rule 14), None when
+    the policy forwards it exact."""
+    route = policy.route("tbox/trip")
+    if route is None:
+        return None
+    steps = dict(getattr(route[0], "generalize_fields", ()))
+    step = steps.get("distance_km")
+    return float(step) if step else None
 
 
 class Gateway:
@@ -113,25 +117,50 @@ class Gateway:
         self.policy = policy if policy is not None else load_policy(POLICY)
         self.ctx = DecisionContext(policy=self.policy, key=key)
         self.states: dict[str, VehicleState] = {}
-        self.anchors: dict[str, CoarseFix] = {}
+        self.anchors: dict[str, LocationAnchor] = {}
+        self.histories: dict[str, CaptureHistory] = {}
+        # Messages stating a revision not applied yet (rule 12), per car:
+        # (revision, topic, payload), released when that revision is applied.
+        self.parked: dict[str, list[tuple[int, str, bytes]]] = {}
 
     def stream(self, relative: str) -> CompiledStream | None:
         route = self.policy.route(relative)
         return None if route is None else route[0]
 
     def vehicle_message(self, topic: str, payload: bytes, now: float) -> Outcome:
-        decision = decide(self.ctx, topic, payload, self.states, self.anchors, now)
+        decision = decide(
+            self.ctx, topic, payload, self.states, self.anchors, now, histories=self.histories
+        )
         if isinstance(decision, Forward):
-            if decision.coarse_fix is not None:
-                self.anchors[decision.vin] = decision.coarse_fix
+            if decision.state is not None:  # a find-my-car fix spent its command
+                self.states[decision.vin] = decision.state
+            if decision.anchor is not None:
+                self.anchors[decision.vin] = decision.anchor
             return Outcome(
                 (WireMessage(now, decision.topic, decision.payload, decision.user_properties),)
             )
+        if isinstance(decision, Hold):
+            self.parked.setdefault(decision.vin, []).append((decision.revision, topic, payload))
+            return Outcome((), dropped="parked")
         if isinstance(decision, ApplySettings):
-            self.states[decision.snapshot.vin] = decision.state
-            # Messages parked until this revision would be released (and
-            # decided) here once the core parks them (contract rule 12).
-            return Outcome(())
+            vin, revision = decision.snapshot.vin, decision.snapshot.revision
+            self.states[vin] = decision.state
+            self.histories[vin] = append(
+                self.histories.get(vin),
+                Interval(revision, revision, decision.snapshot.applied_at, decision.state),
+                CAPTURE_INTERVALS,
+            )
+            # Parked messages of this revision or older are decided now, in order.
+            released: list[WireMessage] = []
+            waiting = []
+            for stated, parked_topic, parked_payload in self.parked.pop(vin, []):
+                if stated <= revision:
+                    released.extend(self.vehicle_message(parked_topic, parked_payload, now).wire)
+                else:
+                    waiting.append((stated, parked_topic, parked_payload))
+            if waiting:
+                self.parked[vin] = waiting
+            return Outcome(tuple(released))
         assert isinstance(decision, Drop)
         return Outcome((), dropped=decision.reason.value)
 

@@ -316,7 +316,8 @@ class ControlPlane:
                     request.remote or "",
                     caller.name if caller else "",
                     request.method,
-                    request.path,
+                    # The VIN as the ledger names the car: its keyed hash.
+                    self.service.redact_vins(request.path),
                     response.status,
                 )
             except Exception as exc:  # a full disk must not turn every answer into a 500
@@ -480,7 +481,7 @@ class ControlPlane:
                     "policy_version": current.policy_version,
                 },
                 "enforced_features": sorted(state.enabled) if state else [],
-                "restricted": restriction is not None,
+                "restricted": restriction is not None or self.service.is_restricted(vin),
                 "restricted_since": restriction[0] if restriction else None,
                 "open_windows": (
                     [{"window": "find_my_car", "open_until": state.window_until}]
@@ -547,7 +548,7 @@ class ControlPlane:
                     }
                     for s in streams
                 ],
-                "restricted": restriction is not None,
+                "restricted": restriction is not None or self.service.is_restricted(vin),
             }
         )
 

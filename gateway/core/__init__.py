@@ -8,27 +8,40 @@ from gateway.core.decide import (
     Drop,
     DropReason,
     Forward,
+    Hold,
     decide,
     decide_command,
+    expire_find_my_car,
     refused_result,
     state_from_snapshot,
+    with_find_my_car,
 )
-from gateway.core.state import CoarseFix, LocationMode, SettingsSnapshot, VehicleState
+from gateway.core.state import (
+    FindMyCarCommand,
+    LocationAnchor,
+    LocationMode,
+    SettingsSnapshot,
+    VehicleState,
+)
 
 __all__ = [
     "ApplySettings",
-    "CoarseFix",
     "CommandDecision",
     "Decision",
     "DecisionContext",
     "Drop",
     "DropReason",
+    "FindMyCarCommand",
     "Forward",
+    "Hold",
+    "LocationAnchor",
     "LocationMode",
     "SettingsSnapshot",
     "VehicleState",
     "decide",
     "decide_command",
+    "expire_find_my_car",
     "refused_result",
     "state_from_snapshot",
+    "with_find_my_car",
 ]

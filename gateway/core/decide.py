@@ -7,6 +7,7 @@ of its inputs. Every rule of the wire contract's "Decisions" list lives here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,10 +15,22 @@ from enum import StrEnum
 
 from google.protobuf.message import DecodeError, Message
 
+from gateway.core import findmycar
 from gateway.core.cache import ENTRY_OVERHEAD, ByteBoundedMemo, strings_size
+from gateway.core.capture import CaptureHistory, capture_state, stricter_mode
 from gateway.core.ecall import conform_ecall
+from gateway.core.identity import (
+    IdentityBook,
+    app_id_mismatch,
+    app_scope,
+    pseudonymize_header,
+    pseudonymize_vehicle_field,
+    vin_in_bytes,
+    vin_ref,
+)
 from gateway.core.state import (
-    CoarseFix,
+    FindMyCarCommand,
+    LocationAnchor,
     LocationMode,
     SettingsSnapshot,
     VehicleState,
@@ -25,9 +38,9 @@ from gateway.core.state import (
 )
 from gateway.core.transforms import (
     coarsen_geopoint,
+    coarsen_position,
+    generalize_number,
     grid_offset,
-    pseudonym,
-    pseudonymize_field,
     truncate_ip,
     valid_position,
 )
@@ -56,9 +69,16 @@ class DropReason(StrEnum):
     FEATURE_DISABLED = "feature_disabled"
     LOCATION_OFF = "location_off"
     NO_WINDOW = "no_find_my_car_window"
+    UNANSWERED_LOCATION = findmycar.FixRefusal.UNANSWERED.value
+    FIXES_SPENT = findmycar.FixRefusal.SPENT.value
     STALE_REVISION = "stale_revision"
     VIN_IN_PAYLOAD = "vin_in_pseudonymized_payload"
+    APP_ID_MISMATCH = "app_id_mismatch"
     OVERSIZED = "oversized"
+    # Contract v2 rules 11 and 12 (consent at capture time, the causal token).
+    CAPTURED_BEFORE_KNOWN_SETTINGS = "captured_before_known_settings"
+    SETTINGS_PENDING = "settings_pending"  # parked too long for its revision
+    PARKED_EVICTED = "parked_evicted"  # parked, pushed out by the byte bounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +93,12 @@ class DecisionContext:
     key: bytes
     vehicle_prefix: str = "vehicle"
     backend_prefix: str = "tsp"
+    # Clock skew allowed between a car's capture timestamp and the gateway's
+    # clock: the strictest settings within this margin apply (rule 11).
+    capture_skew_s: float = 180.0
+    # Pseudonym epochs and what survived erasures (kept by the service; the
+    # same book across policy swaps).
+    identity: IdentityBook = dataclasses.field(default_factory=IdentityBook)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +110,10 @@ class Forward:
     stream: str
     feature: str
     transforms: tuple[str, ...]
-    coarse_fix: CoarseFix | None = None  # new refresh-interval anchor, if any
+    anchor: LocationAnchor | None = None  # the vehicle's new location anchor, if it refreshed
+    # New state when forwarding changes it (a find-my-car fix spends its
+    # command's budget): durable before the message is forwarded.
+    state: VehicleState | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +136,17 @@ class ApplySettings:
     ignored_features: int = 0  # feature ids of the snapshot not kept (unknown, off apps, cap)
 
 
-Decision = Forward | Drop | ApplySettings
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Captured under a revision newer than the applied one (rule 12): not
+    decided under older settings; parked until `revision` is applied."""
+
+    vin: str
+    stream: str
+    revision: int
+
+
+Decision = Forward | Drop | ApplySettings | Hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +182,19 @@ def decide(
     topic: str,
     payload: bytes,
     states: Mapping[str, VehicleState],
-    coarse_fixes: Mapping[str, CoarseFix],
+    anchors: Mapping[str, LocationAnchor],
     now: float,
+    histories: Mapping[str, CaptureHistory] | None = None,
 ) -> Decision:
-    """Decide one message received from the vehicle side."""
+    """Decide one message received from the vehicle side.
+
+    `now` is the gateway's clock (epoch seconds): the refresh interval of
+    approximate locations runs on it, never on a car timestamp.
+
+    With `histories` (per car: the settings intervals applied, see
+    gateway.core.capture), a message also has to have been allowed when it
+    was captured, and one stating a revision not applied yet is held.
+    """
     parts = split_vehicle_topic(ctx.vehicle_prefix, topic)
     if parts is None:
         return Drop(DropReason.UNKNOWN_TOPIC, "", detail=topic)
@@ -195,31 +243,70 @@ def decide(
             transforms=done,
         )
     state = states.get(vin)
+    stated = header.settings_revision
+    if histories is not None and stated > (state.revision if state is not None else 0):
+        return Hold(vin, stream.key, stated)
     if state is None:
         return Drop(DropReason.UNKNOWN_VEHICLE, stream.key, vin=vin)
-    if state.restricted:
-        return Drop(DropReason.RESTRICTED, stream.key, vin=vin)
-    if state.privacy_mode:
-        return Drop(DropReason.PRIVACY_MODE, stream.key, vin=vin)
-    if feature not in state.enabled:
-        return Drop(DropReason.FEATURE_DISABLED, stream.key, vin=vin, detail=feature)
+    refused = _refused(state, stream, feature, vin, "")
+    if refused is not None:
+        return refused
     mode = state.location.effective
+    if histories is not None:
+        history = histories.get(vin)
+        if history is None:
+            # Applied settings without a history (never both in the service):
+            # nothing is known about the time before them.
+            return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
+        last = history[-1]
+        if not (stated == last.revision == last.first_revision and (
+            len(history) == 1 or history[-2].revision < stated
+        )):
+            # Not the common case (stated = applied, the only interval of it:
+            # captured under the settings in force now, checked above).
+            captured = capture_state(
+                history, stated, header.timestamp_ms, now, ctx.capture_skew_s
+            )
+            if captured is None:
+                return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
+            refused = _refused(captured, stream, feature, vin, "at_capture")
+            if refused is not None:
+                return refused
+            mode = stricter_mode(mode, captured.location)
     if stream.location_purpose and mode is LocationMode.OFF:
         return Drop(DropReason.LOCATION_OFF, stream.key, vin=vin)
-    if stream.requires_window and not state.window_open(now):
-        return Drop(DropReason.NO_WINDOW, stream.key, vin=vin)
-    timestamp_ms = header.timestamp_ms or int(now * 1000)
-    transforms, fix = _transform(
-        ctx, stream, message, vin, mode, coarse_fixes.get(vin), timestamp_ms
-    )
+    new_state: VehicleState | None = None
+    if stream.requires_window:
+        if not state.window_open(now):
+            return Drop(DropReason.NO_WINDOW, stream.key, vin=vin)
+        # Contract rule 17: only a fix that answers an open command, within its budget.
+        answered = findmycar.answer(
+            findmycar.live_commands(state, now, ctx.policy.window_s),
+            str(getattr(message, "request_id", "")),
+            now,
+            ctx.policy.fixes_per_command,
+        )
+        if isinstance(answered, findmycar.FixRefusal):
+            return Drop(DropReason(answered.value), stream.key, vin=vin)
+        new_state = with_find_my_car(state, answered)
+    transforms, anchor = _transform(ctx, stream, message, vin, mode, anchors.get(vin), now)
     ref = vin
     if stream.pseudonymize_vin:
-        ref = pseudonym(ctx.key, f"vin/{app_id or stream.key}", vin)
-        header.vin = ref
+        if app_id is not None and (other := app_id_mismatch(message, app_id)) is not None:
+            return Drop(DropReason.APP_ID_MISMATCH, stream.key, vin=vin, detail=other[:32])
+        # Rule 15: the header shares no value with the car's VIN-keyed streams.
+        identity = ctx.policy.document.identity
+        scope = (
+            stream.key if app_id is None else app_scope(app_id, identity.rotation_days(app_id), now)
+        )
+        ref = vin_ref(ctx.key, scope, vin, ctx.identity.epoch(vin))
+        step_ms = identity.pseudonymized_timestamp_step_s * 1000
+        pseudonymize_header(ctx.key, header, ref, step_ms)
         transforms.append("pseudonymize:vin")
     out = message.SerializeToString()
-    if stream.pseudonymize_vin and vin.encode() in out:
-        # The car put its VIN somewhere we cannot rewrite (opaque app bytes).
+    if stream.pseudonymize_vin and vin_in_bytes(out, vin):
+        # The car put its VIN somewhere we cannot rewrite (opaque app bytes),
+        # in clear or in a common encoding (best effort).
         return Drop(DropReason.VIN_IN_PAYLOAD, stream.key, vin=vin)
     return Forward(
         topic=f"{ctx.backend_prefix}/{ref}/{relative}",
@@ -229,8 +316,23 @@ def decide(
         stream=stream.key,
         feature=feature,
         transforms=tuple(transforms),
-        coarse_fix=fix,
+        anchor=anchor,
+        state=new_state,
     )
+
+
+def _refused(
+    state: VehicleState, stream: CompiledStream, feature: str, vin: str, when: str
+) -> Drop | None:
+    if state.restricted:
+        return Drop(DropReason.RESTRICTED, stream.key, vin=vin, detail=when)
+    if state.privacy_mode:
+        return Drop(DropReason.PRIVACY_MODE, stream.key, vin=vin, detail=when)
+    if feature not in state.enabled:
+        return Drop(
+            DropReason.FEATURE_DISABLED, stream.key, vin=vin, detail=f"{feature} {when}".strip()
+        )
+    return None
 
 
 def _properties(
@@ -254,13 +356,89 @@ def _transform(
     message: Message,
     vin: str,
     mode: LocationMode,
-    fix: CoarseFix | None,
-    timestamp_ms: int,
-) -> tuple[list[str], CoarseFix | None]:
-    """Apply the stream's field rules in place; returns what was applied."""
+    anchor: LocationAnchor | None,
+    now: float,
+) -> tuple[list[str], LocationAnchor | None]:
+    """Apply the stream's field rules in place.
+
+    Returns what was applied and the vehicle's new location anchor when this
+    message refreshed it (approximate mode, refresh interval over on the
+    gateway clock, a valid position in the message).
+    """
     applied: list[str] = []
-    new_fix: CoarseFix | None = None
-    policy = ctx.policy
+    new_anchor: LocationAnchor | None = None
+    if stream.geo_fields:
+        new_anchor = _locate(ctx, stream, message, vin, mode, anchor, now, applied)
+    current = new_anchor if new_anchor is not None else anchor
+    for name in stream.odometer_fields:
+        _side_odometer(message, name, mode, current, applied)
+    for name, step in stream.generalize_fields:
+        value = getattr(message, name)
+        if not value or mode is LocationMode.PRECISE:
+            continue
+        if mode is LocationMode.OFF or not math.isfinite(value):
+            message.ClearField(name)
+            applied.append(f"remove:{name}")
+            continue
+        setattr(message, name, generalize_number(value, step))
+        applied.append(f"generalize:{name}")
+    for name in stream.place_text_fields:
+        if mode is LocationMode.OFF and getattr(message, name):
+            message.ClearField(name)
+            applied.append(f"clear:{name}")
+    for name, allowed in stream.enum_fields:
+        value = getattr(message, name)
+        if value and value not in allowed:
+            # Free text outside the declared vocabulary may name a place.
+            message.ClearField(name)
+            applied.append(f"remove:{name}")
+    for name in stream.place_id_fields:
+        if mode is not LocationMode.PRECISE and getattr(message, name):
+            message.ClearField(name)
+            applied.append(f"clear:{name}")
+    for name in stream.pseudonymize_fields:
+        value = getattr(message, name)
+        if value:
+            setattr(
+                message,
+                name,
+                pseudonymize_vehicle_field(ctx.key, name, value, vin, ctx.identity.epoch(vin)),
+            )
+            applied.append(f"hmac:{name}")
+    for name in stream.truncate_ip_fields:
+        value = getattr(message, name)
+        if value:
+            setattr(message, name, truncate_ip(value))
+            applied.append(f"truncate_ip:{name}")
+    for name in stream.remove_fields:
+        if message.HasField(name) if _has_presence(message, name) else bool(getattr(message, name)):
+            message.ClearField(name)
+            applied.append(f"remove:{name}")
+    # Fields the policy does not know (a newer car schema) never leave.
+    message.DiscardUnknownFields()
+    return applied, new_anchor
+
+
+def _locate(
+    ctx: DecisionContext,
+    stream: CompiledStream,
+    message: Message,
+    vin: str,
+    mode: LocationMode,
+    anchor: LocationAnchor | None,
+    now: float,
+    applied: list[str],
+) -> LocationAnchor | None:
+    """Location mode on every GeoPoint field (contract rules 4, 5, 13).
+
+    Under approximate, every field that says where the car is or was shows
+    the vehicle's one anchored coarse value: "position" fields the current
+    anchor (refreshed by this message when the interval is over on the gateway
+    clock), "place" fields the anchor that held before this message, so no
+    field ever publishes a fresher value than the anchor. A "destination" is
+    coarsened on the same grid and leaves the anchor alone.
+    """
+    present: list[tuple[str, list[common_pb2.GeoPoint]]] = []
     for geo in stream.geo_fields:
         if geo.repeated:
             points = getattr(message, geo.name)
@@ -275,11 +453,10 @@ def _transform(
                 for i in reversed(invalid):
                     del points[i]
                 applied.append(f"invalid_position:{geo.name}")
-            if points and mode is LocationMode.APPROXIMATE:
-                offset = grid_offset(ctx.key, vin)
-                for point in points:
-                    coarsen_geopoint(point, policy.cell_size_m, offset)
-                applied.append(f"coarsen:{geo.name}")
+            if points:
+                present.append((geo.role, list(points)))
+                if mode is LocationMode.APPROXIMATE:
+                    applied.append(f"coarsen:{geo.name}")
             continue
         if not message.HasField(geo.name):
             continue
@@ -287,48 +464,78 @@ def _transform(
             message.ClearField(geo.name)
             applied.append(f"clear:{geo.name}")
         elif not valid_position(getattr(message, geo.name)):
-            # No fix: nothing to report, and never a refresh anchor.
+            # No fix: nothing to report, and never a refresh of the anchor.
             message.ClearField(geo.name)
             applied.append(f"invalid_position:{geo.name}")
-        elif mode is LocationMode.APPROXIMATE:
-            point = getattr(message, geo.name)
-            current = fix if new_fix is None else new_fix
-            if (
-                geo.is_position
-                and current is not None
-                and abs(timestamp_ms - current.timestamp_ms) < policy.refresh_interval_ms
-            ):
-                # Within the refresh interval the coarse value does not move.
-                point.Clear()
-                point.latitude = current.latitude
-                point.longitude = current.longitude
-                point.horizontal_accuracy_m = policy.cell_size_m
-            else:
-                coarsen_geopoint(point, policy.cell_size_m, grid_offset(ctx.key, vin))
-                if geo.is_position:
-                    new_fix = CoarseFix(timestamp_ms, point.latitude, point.longitude)
-            applied.append(f"coarsen:{geo.name}")
-    for name in stream.place_id_fields:
-        if mode is not LocationMode.PRECISE and getattr(message, name):
-            message.ClearField(name)
-            applied.append(f"clear:{name}")
-    for name in stream.pseudonymize_fields:
-        value = getattr(message, name)
-        if value:
-            setattr(message, name, pseudonymize_field(ctx.key, name, value))
-            applied.append(f"hmac:{name}")
-    for name in stream.truncate_ip_fields:
-        value = getattr(message, name)
-        if value:
-            setattr(message, name, truncate_ip(value))
-            applied.append(f"truncate_ip:{name}")
-    for name in stream.remove_fields:
-        if message.HasField(name) if _has_presence(message, name) else bool(getattr(message, name)):
-            message.ClearField(name)
-            applied.append(f"remove:{name}")
-    # Fields the policy does not know (a newer car schema) never leave.
-    message.DiscardUnknownFields()
-    return applied, new_fix
+        else:
+            present.append((geo.role, [getattr(message, geo.name)]))
+            if mode is LocationMode.APPROXIMATE:
+                applied.append(f"coarsen:{geo.name}")
+    if mode is not LocationMode.APPROXIMATE or not present:
+        return None
+    policy = ctx.policy
+    cell = policy.cell_size_m
+    offset = grid_offset(ctx.key, vin)
+    new_anchor: LocationAnchor | None = None
+    if anchor is None or anchor.due(now, policy.refresh_interval_ms / 1000.0):
+        # The freshest point the message has: a current position before a past place.
+        source = next((pts[-1] for role, pts in present if role == "position"), None)
+        if source is None:
+            source = next((pts[-1] for role, pts in present if role == "place"), None)
+        if source is not None:
+            lat, lon = coarsen_position(source.latitude, source.longitude, cell, offset)
+            odometer = _odometer_reading(message, stream.odometer_fields)
+            if odometer is None and anchor is not None:
+                odometer = anchor.odometer_km
+            new_anchor = LocationAnchor(now, lat, lon, odometer)
+    current = new_anchor if new_anchor is not None else anchor
+    before = anchor if anchor is not None else new_anchor
+    for role, points in present:
+        for point in points:
+            if role == "destination":
+                coarsen_geopoint(point, cell, offset)
+                continue
+            value = current if role == "position" else before
+            assert value is not None  # a valid point of the car always anchors
+            point.Clear()
+            point.latitude = value.latitude
+            point.longitude = value.longitude
+            point.horizontal_accuracy_m = cell
+    return new_anchor
+
+
+def _odometer_reading(message: Message, names: tuple[str, ...]) -> float | None:
+    for name in names:
+        value = float(getattr(message, name))
+        if value and math.isfinite(value):
+            return value
+    return None
+
+
+def _side_odometer(
+    message: Message,
+    name: str,
+    mode: LocationMode,
+    anchor: LocationAnchor | None,
+    applied: list[str],
+) -> None:
+    """An odometer moves only with the coarse position (contract rule 14):
+    under approximate it shows the reading stored with the anchor, so its
+    steps coincide with the anchor's and time no grid crossing; under off
+    it is removed; precise keeps it."""
+    if mode is LocationMode.PRECISE:
+        return
+    value = getattr(message, name)
+    if not value:
+        return
+    frozen = anchor.odometer_km if anchor is not None else None
+    if mode is LocationMode.APPROXIMATE and frozen is not None:
+        if value != frozen:
+            setattr(message, name, frozen)
+        applied.append(f"anchor:{name}")
+    else:
+        message.ClearField(name)
+        applied.append(f"remove:{name}")
 
 
 def _has_presence(message: Message, name: str) -> bool:
@@ -357,6 +564,16 @@ def _decide_settings(
         # forever, stalling the pipeline (a car counting by one never gets there).
         return Drop(DropReason.UNDECODABLE, SETTINGS_TOPIC, vin=vin, detail="revision out of range")
     applied_revision = current.revision if current is not None else 0
+    erased = ctx.identity.row(ctx.key, vin) if current is None else None
+    if erased is not None and settings.revision <= erased.revision_floor:
+        # Settings from before an erasure are void: ask for the screen again.
+        return Drop(
+            DropReason.STALE_REVISION,
+            SETTINGS_TOPIC,
+            vin=vin,
+            detail=f"{settings.revision}<={erased.revision_floor} (erased)",
+            reannounce=applied_message(ctx, vin, erased.revision_floor, reprompt=True),
+        )
     if settings.revision <= applied_revision:
         reannounce = None
         if current is not None and settings.revision == applied_revision:
@@ -379,8 +596,11 @@ def _decide_settings(
         policy_version=ctx.policy.version,
     )
     state = state_from_snapshot(ctx.policy, snapshot, current.window_until if current else 0.0)
-    if current is not None and current.restricted:
+    if (current is not None and current.restricted) or (erased is not None and erased.restricted):
         state = dataclasses.replace(state, restricted=True)
+    if current is not None and current.find_my_car:
+        # New settings neither reset the commands-per-hour cap nor spent fixes.
+        state = with_find_my_car(state, findmycar.live_commands(current, now, ctx.policy.window_s))
     topic, body = applied_message(ctx, vin, settings.revision)
     return ApplySettings(snapshot, state, topic, body, len(settings.features) - len(features))
 
@@ -430,6 +650,31 @@ def state_from_snapshot(
     return state
 
 
+def with_find_my_car(state: VehicleState, commands: tuple[FindMyCarCommand, ...]) -> VehicleState:
+    """`state` holding `commands` (contract rule 17). A car with none left
+    shares its state with the other cars of the same settings again."""
+    if commands:
+        return dataclasses.replace(
+            state, find_my_car=commands, window_until=max(c.until for c in commands)
+        )
+    if not state.find_my_car and state.window_until == 0.0:
+        return state
+    bare = dataclasses.replace(state, find_my_car=(), window_until=0.0)
+    if bare.restricted:
+        return bare
+    key = (bare.revision, bare.privacy_mode, bare.location, bare.enabled, 0.0)
+    return _STATE_CACHE.put(key, bare)
+
+
+def expire_find_my_car(state: VehicleState, now: float, window_s: float = 0.0) -> VehicleState:
+    """`state` without the find-my-car commands that no longer matter at `now`
+    (window closed and the cap's hour over): shared again when none is left."""
+    if not state.find_my_car:
+        return state
+    live = findmycar.live_commands(state, now, window_s)
+    return state if live == state.find_my_car else with_find_my_car(state, live)
+
+
 # The enabled set is shared (charged to _SET_CACHE), so a state costs a constant.
 _STATE_CACHE: ByteBoundedMemo[tuple[object, ...], VehicleState] = ByteBoundedMemo(
     64 << 20, lambda key: 2 * ENTRY_OVERHEAD
@@ -471,8 +716,15 @@ def _intern_set(value: frozenset[str]) -> frozenset[str]:
     return _SET_CACHE.put(value, value)
 
 
-def applied_message(ctx: DecisionContext, vin: str, revision: int) -> tuple[str, bytes]:
-    body = privacy_pb2.PrivacyApplied(vin=vin, revision=revision, policy_version=ctx.policy.version)
+def applied_message(
+    ctx: DecisionContext, vin: str, revision: int, *, reprompt: bool = False
+) -> tuple[str, bytes]:
+    """PrivacyApplied for the car; with `reprompt`, the gateway holds no
+    settings for it (erased): show the privacy screen again and send a
+    snapshot newer than `revision`."""
+    body = privacy_pb2.PrivacyApplied(
+        vin=vin, revision=revision, policy_version=ctx.policy.version, reprompt=reprompt
+    )
     return f"{ctx.vehicle_prefix}/{vin}/{APPLIED_TOPIC}", body.SerializeToString()
 
 
@@ -530,7 +782,15 @@ def decide_command(
         return refuse(f"feature_disabled:{rule.feature}")
     new_state = None
     if rule.opens_window:
-        new_state = dataclasses.replace(state, window_until=now + ctx.policy.window_s)
+        if len(request_id) > findmycar.MAX_REQUEST_ID:
+            return refuse("invalid_request_id")
+        # Contract rule 17: a car answers at most this many commands an hour.
+        commands = findmycar.live_commands(state, now, ctx.policy.window_s)
+        if findmycar.rate_limited(commands, now, ctx.policy.max_commands_per_hour):
+            return refuse("rate_limited")
+        new_state = with_find_my_car(
+            state, findmycar.accept(commands, request_id, now, ctx.policy.window_s)
+        )
     result = command_pb2.CommandResult(
         request_id=request_id, command=name, accepted=True, reason="forwarded"
     )

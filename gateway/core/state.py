@@ -95,6 +95,20 @@ def strictest(older: SettingsSnapshot, newer: SettingsSnapshot) -> SettingsSnaps
 
 
 @dataclass(frozen=True, slots=True)
+class FindMyCarCommand:
+    """An accepted find-my-car command of one car (contract rule 17).
+
+    Kept for an hour after acceptance (the commands-per-hour cap counts it)
+    and durable, so a restart neither resets the cap nor re-opens spent fixes.
+    """
+
+    request_id: str
+    accepted_at: float  # gateway clock, epoch seconds
+    until: float  # end of its window (exclusive)
+    fixes: int = 0  # fixes forwarded as answers to it
+
+
+@dataclass(frozen=True, slots=True)
 class VehicleState:
     """What the hot path needs to decide a message of one vehicle.
 
@@ -108,16 +122,39 @@ class VehicleState:
     enabled: frozenset[str]
     window_until: float = 0.0  # find-my-car window end, gateway epoch seconds
     restricted: bool = False  # GDPR Art. 18: only legal-obligation streams, whatever the car says
+    # Find-my-car commands of the last hour, oldest first; empty (and the state
+    # shared with other cars) for the cars that did not send one.
+    # `window_until` is then the end of the latest of their windows.
+    find_my_car: tuple[FindMyCarCommand, ...] = ()
 
     def window_open(self, now: float) -> bool:
         return now < self.window_until
 
 
 @dataclass(frozen=True, slots=True)
-class CoarseFix:
-    """Last approximate current-position value sent for a vehicle, for the
-    refresh-interval rule (the coarse value changes at most once per interval)."""
+class LocationAnchor:
+    """The one coarse location of a vehicle the backend may learn per refresh
+    interval (contract rule 13), and the side values frozen with it (rule 14).
 
-    timestamp_ms: int
+    Set when an approximate value refreshes; shared by every unit and stream of
+    the vehicle and by every field that says where the car is or was. Only the
+    gateway's clock moves it: `refreshed_at` is gateway epoch seconds, never a
+    car timestamp, so no old, future, missing or disagreeing car clock can make
+    the value refresh sooner. `odometer_km` is the odometer reading of the
+    message that refreshed it (None when that message had none and no earlier
+    anchor did): odometer fields publish it, so their steps coincide with the
+    coarse value's and time no grid crossing.
+    """
+
+    refreshed_at: float
     latitude: float
     longitude: float
+    odometer_km: float | None = None
+
+    def due(self, now: float, interval_s: float) -> bool:
+        """Whether a new coarse value may be published at gateway time `now`.
+
+        A gateway clock that went back (now < refreshed_at) is not a reason to
+        refresh early: the anchor holds until the clock passes it again.
+        """
+        return now - self.refreshed_at >= interval_s

@@ -114,11 +114,30 @@ def coarsen_geopoint(point: common_pb2.GeoPoint, cell_size_m: float, offset: Gri
     point.horizontal_accuracy_m = cell_size_m
 
 
+def generalize_number(value: float, step: float) -> float:
+    """`value` rounded to the nearest multiple of `step` (halves away from
+    zero), so published values lie on the policy's step grid. Integer inputs
+    stay integers (the policy refuses a fractional step for them)."""
+    steps = math.floor(abs(value) / step + 0.5)
+    result = math.copysign(steps * step, value) if steps else 0.0
+    if isinstance(value, int):
+        return int(result)
+    return result
+
+
 _V6_NET48 = ((1 << 48) - 1) << 80
+_V6_NET40 = ((1 << 40) - 1) << 88
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known NAT64 prefix: IPv4 in the last 32 bits
 
 
 def truncate_ip(value: str) -> str:
-    """IPv4 -> /24, IPv6 -> /48. Unparseable input yields "" (fail closed)."""
+    """IPv4 -> /24, IPv6 -> /48. Unparseable input yields "" (fail closed).
+
+    An IPv4 address carried inside IPv6 keeps no more than its /24: mapped
+    (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) become the IPv4 /24; 6to4
+    (2002:AABB:CCDD::/48 holds all 32 bits) is cut to /40. Teredo,
+    IPv4-compatible and ISATAP addresses carry the client's IPv4 below /48.
+    """
     text = value.strip()
     fast = _ipv4_slash24(text)
     if fast is not None:
@@ -127,8 +146,13 @@ def truncate_ip(value: str) -> str:
         addr = ipaddress.ip_address(text)
     except ValueError:
         return ""
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        elif addr in _NAT64:
+            addr = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        elif addr.sixtofour is not None:
+            return str(ipaddress.IPv6Address(int(addr) & _V6_NET40))
     # Network address by masking: same result as ip_network(.., strict=False),
     # a fraction of the cost (and a scope id never survives).
     if addr.version == 4:

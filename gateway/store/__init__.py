@@ -1,11 +1,22 @@
 """Durable per-vehicle state behind the ConsentStore interface."""
 
-from gateway.store.base import ConsentStore, EgressCount, StoredPolicy, StoredVehicle
+from gateway.store.base import (
+    ConsentStore,
+    EgressCount,
+    HistoryRow,
+    ParkedMessage,
+    ParkResult,
+    StoredPolicy,
+    StoredVehicle,
+)
 from gateway.store.sqlite import SqliteConsentStore, StoreDamaged, StoreError
 
 __all__ = [
     "ConsentStore",
     "EgressCount",
+    "HistoryRow",
+    "ParkResult",
+    "ParkedMessage",
     "SqliteConsentStore",
     "StoreDamaged",
     "StoreError",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.control.audit import AuditRecord, VerifyResult
-from gateway.core.state import SettingsSnapshot
+from gateway.core.identity import IdentityRow
+from gateway.core.state import FindMyCarCommand, LocationAnchor, SettingsSnapshot
 from gateway.delivery import DeadLetter
 
 
@@ -40,6 +41,36 @@ class StoredVehicle:
     window_until: float
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """A settings_history row for the capture-time check: applied settings, or
+    (source `restriction`/`restriction_lifted`) a restriction set or lifted."""
+
+    snapshot: SettingsSnapshot
+    merged: int  # how many later rows were folded into it (0: as applied)
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedMessage:
+    """A vehicle message held until its car's settings reach `revision`
+    (contract rule 12). Only `sealed` holds content (AES-GCM, bound to subject)."""
+
+    subject: str  # keyed hash of the VIN, never the VIN
+    revision: int
+    parked_at: float
+    expires_at: float
+    stream: str
+    size: int
+    sealed: bytes
+    id: int = 0  # assigned by the store
+
+
+@dataclass(frozen=True, slots=True)
+class ParkResult:
+    id: int
+    evicted: tuple[tuple[int, str, int], ...]  # (id, stream, size) pushed out by the bounds
+
+
 class ConsentStore(Protocol):
     """Durable per-vehicle privacy state.
 
@@ -60,11 +91,25 @@ class ConsentStore(Protocol):
     def open_window(self, vin: str, until: float) -> None:
         """Record an open find-my-car window (gateway epoch seconds)."""
 
+    def save_find_my_car(
+        self, vin: str, commands: tuple[FindMyCarCommand, ...], window_until: float
+    ) -> None:
+        """Replace the vehicle's find-my-car commands (contract rule 17: the
+        commands-per-hour cap and spent fixes survive a restart) and its
+        window end, in one transaction."""
+
+    def find_my_car_commands(self) -> dict[str, tuple[FindMyCarCommand, ...]]:
+        """Every vehicle's find-my-car commands, oldest first."""
+
     def load_all(self) -> Iterator[StoredVehicle]:
         """Every vehicle with applied settings, for the in-memory hot path."""
 
     def history(self, vin: str) -> list[SettingsSnapshot]:
         """Applied settings of one vehicle, oldest first."""
+
+    def capture_history(self) -> Iterator[HistoryRow]:
+        """Every settings history row, restriction periods included, grouped by
+        vehicle, oldest first (the in-memory capture-time intervals)."""
 
     def restricted_vins(self) -> set[str]: ...
 
@@ -72,10 +117,32 @@ class ConsentStore(Protocol):
         """(since, actor) when processing of the vehicle's data is restricted."""
 
     def set_restriction(self, vin: str, restricted: bool, record: AuditRecord) -> bool:
-        """Set or lift; audited. Returns whether anything changed."""
+        """Set or lift; audited; a change is also a settings history row (from
+        `record.at` on nothing, or the applied settings again, was allowed).
+        Returns whether anything changed."""
 
-    def erase_vehicle(self, vin: str, subject: str, record: AuditRecord) -> dict[str, int]:
-        """Delete everything held about a vehicle; scrub its audit content."""
+    def erase_vehicle(
+        self,
+        vin: str,
+        subject: str,
+        record: AuditRecord,
+        identity: IdentityRow | None = None,
+        events: Sequence[tuple[float, str, bytes]] = (),
+    ) -> dict[str, int]:
+        """Delete everything held about a vehicle; scrub its audit content. In
+        the same transaction keep `identity` under `subject` (epoch, revision
+        floor, restriction: what survives) and queue `events` (due_at, topic,
+        payload) for delayed publication."""
+
+    def identities(self) -> dict[str, IdentityRow]:
+        """What survived erasures, by subject."""
+
+    def set_identity_restricted(self, subject: str, restricted: bool) -> bool: ...
+
+    def pending_erasure_events(self) -> list[tuple[int, float, str, bytes]]:
+        """Queued app erasure events (id, due_at, topic, payload), earliest first."""
+
+    def delete_pending_erasure_event(self, event_id: int) -> None: ...
 
     def save_policy(self, policy: StoredPolicy, record: AuditRecord) -> None:
         """Store a policy and make it the active one (audited). In the same
@@ -94,6 +161,12 @@ class ConsentStore(Protocol):
 
     def egress_counts(self, vin: str) -> list[EgressCount]: ...
 
+    def save_anchors(self, anchors: Mapping[str, LocationAnchor]) -> None:
+        """Make these the vehicles' location anchors (never an older one over a newer)."""
+
+    def load_anchors(self) -> Iterator[tuple[str, LocationAnchor]]:
+        """Every vehicle's location anchor, so a restart cannot force a refresh."""
+
     def add_dead_letter(self, letter: DeadLetter, max_rows: int) -> tuple[int, int]:
         """Store a dead letter, evicting the oldest beyond `max_rows`: (id, evicted)."""
 
@@ -107,6 +180,22 @@ class ConsentStore(Protocol):
     def delete_dead_letters(self, ids: list[int] | None) -> int: ...
 
     def purge_dead_letters(self, now: float) -> int: ...
+
+    def park(
+        self, message: ParkedMessage, max_bytes_per_subject: int, max_bytes: int
+    ) -> ParkResult:
+        """Store a parked message; evict the oldest beyond the byte bounds."""
+
+    def parked(
+        self, subject: str | None = None, up_to_revision: int | None = None
+    ) -> list[ParkedMessage]: ...
+
+    def delete_parked(self, ids: list[int]) -> int: ...
+
+    def expired_parked(self, now: float) -> list[tuple[int, str, int]]:
+        """(id, stream, size) of parked messages past their maximum wait."""
+
+    def parked_stats(self) -> tuple[int, int, set[str]]: ...
 
     def log_access(
         self, at: float, client: str, actor: str, method: str, path: str, status: int

@@ -7,20 +7,39 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.control import audit
 from gateway.control.audit import AuditRecord, VerifyResult
-from gateway.core.state import LocationMode, SettingsSnapshot, strictest
+from gateway.core.identity import IdentityRow
+from gateway.core.state import (
+    FindMyCarCommand,
+    LocationAnchor,
+    LocationMode,
+    SettingsSnapshot,
+    strictest,
+)
 from gateway.delivery import DeadLetter, DeadLetterKind
 from gateway.policy import VersionConflict, check_new_version
-from gateway.store.base import EgressCount, StoredPolicy, StoredVehicle
+from gateway.store.base import (
+    EgressCount,
+    HistoryRow,
+    ParkedMessage,
+    ParkResult,
+    StoredPolicy,
+    StoredVehicle,
+)
 
 # 1: v1 gateway. 2: dead_letters. 3: settings_history.merged (snapshots
-# compacted into one row).
-SCHEMA_VERSION = 3
+# compacted into one row). 4: parked (messages held for a settings revision not
+# applied yet); settings_history rows of restriction periods. 5:
+# find_my_car_commands (contract rule 17). 6: location_anchors (contract rule
+# 13). 7: vehicle_identity and pending_erasure_events (identity privacy). New
+# tables are created by the schema script on every open; their versions only
+# record the step.
+SCHEMA_VERSION = 7
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
 # version N, run in one transaction with recording N. A new table needs no
@@ -28,14 +47,51 @@ HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are 
 # does (ALTER TABLE, and its index here rather than in _SCHEMA). New `meta`
 # keys need none: older code reads only `schema_version` (so `key_fingerprint`
 # is not a schema change, and a store stays readable by the previous release).
+# What survives an erasure, keyed by the keyed VIN hash (the audit subject),
+# never the VIN: the pseudonym epoch, the revision floor and a restriction.
+# And app erasure events waiting for their random delay (only a pseudonym).
+_IDENTITY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vehicle_identity (
+    subject        TEXT PRIMARY KEY,
+    epoch          INTEGER NOT NULL,
+    revision_floor INTEGER NOT NULL,
+    restricted     INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending_erasure_events (
+    id      INTEGER PRIMARY KEY,
+    due_at  REAL NOT NULL,
+    topic   TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
+"""
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (),  # dead_letters: a new table
     3: ("ALTER TABLE settings_history ADD COLUMN merged INTEGER NOT NULL DEFAULT 0",),
+    # parked: a new table. Restriction periods become settings_history rows
+    # from the next change on (sources RESTRICTION_SOURCES): a store written
+    # before has none, as if every earlier restriction were still unknown.
+    4: (),
+    5: (),  # find_my_car_commands: a new table
+    6: (),  # location_anchors: a new table
+    # New tables (also in _SCHEMA); stated here so the step stands on its own.
+    7: tuple(s.strip() for s in _IDENTITY_SCHEMA.split(";") if s.strip()),
 }
+# settings_history rows that record a restriction being set or lifted (Art. 18)
+# rather than settings the car sent: what was allowed from then on, for the
+# capture-time check (rule 11). Not part of history() (the car's settings).
+RESTRICTION_SOURCES = ("restriction", "restriction_lifted")
 # Tables of data about vehicles; with the audit entries about them, what a
 # different pseudonymization key would make inconsistent.
-_VEHICLE_TABLES = ("vehicle_settings", "settings_history", "restrictions", "egress_counts")
+_VEHICLE_TABLES = (
+    "vehicle_settings",
+    "settings_history",
+    "restrictions",
+    "egress_counts",
+    "location_anchors",
+    "find_my_car_commands",
+)
 T = TypeVar("T")
+MAX_SQLITE_INT = 2**63 - 1
 _SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -111,8 +167,37 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     sealed     BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_subject ON dead_letters (subject);
+CREATE TABLE IF NOT EXISTS location_anchors (
+    vin          TEXT PRIMARY KEY,
+    refreshed_at REAL NOT NULL,
+    latitude     REAL NOT NULL,
+    longitude    REAL NOT NULL,
+    odometer_km  REAL
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dead_letters_expires ON dead_letters (expires_at);
+CREATE TABLE IF NOT EXISTS find_my_car_commands (
+    vin         TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    request_id  TEXT NOT NULL,
+    accepted_at REAL NOT NULL,
+    until       REAL NOT NULL,
+    fixes       INTEGER NOT NULL,
+    PRIMARY KEY (vin, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS parked (
+    id         INTEGER PRIMARY KEY,
+    subject    TEXT NOT NULL,
+    revision   INTEGER NOT NULL,
+    parked_at  REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    stream     TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    sealed     BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS parked_subject ON parked (subject, revision);
+CREATE INDEX IF NOT EXISTS parked_expires ON parked (expires_at);
 """
+    + _IDENTITY_SCHEMA
     + audit.SCHEMA
 )
 
@@ -238,7 +323,7 @@ class SqliteConsentStore:
     def holds_vehicle_data(self) -> bool:
         """Whether anything about a vehicle was ever written (keyed with the
         pseudonymization key: audit subjects; downstream: pseudonyms)."""
-        for table in _VEHICLE_TABLES:
+        for table in (*_VEHICLE_TABLES, "parked"):
             if self._read(f"SELECT 1 FROM {table} LIMIT 1"):
                 return True
         # Policy entries name a version; every other entry names a vehicle.
@@ -304,8 +389,8 @@ class SqliteConsentStore:
             " ORDER BY id DESC LIMIT 1",
             (snapshot.vin,),
         ).fetchone()
-        if row is None:
-            return False
+        if row is None or (int(row[9]) == 0 and str(row[8]) in RESTRICTION_SOURCES):
+            return False  # a restriction period stays a row of its own
         self._write_merged(int(row[0]), strictest(_snapshot(row[1:]), snapshot), int(row[9]) + 1)
         return True
 
@@ -350,6 +435,39 @@ class SqliteConsentStore:
         with self._lock:
             self._db.execute("UPDATE vehicle_settings SET window_until=? WHERE vin=?", (until, vin))
 
+    def save_find_my_car(
+        self, vin: str, commands: tuple[FindMyCarCommand, ...], window_until: float
+    ) -> None:
+        """Replace the car's find-my-car commands (contract rule 17) and its
+        window end, in one transaction."""
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM find_my_car_commands WHERE vin=?", (vin,))
+            db.executemany(
+                "INSERT INTO find_my_car_commands VALUES (?,?,?,?,?,?)",
+                [
+                    (vin, i, c.request_id, c.accepted_at, c.until, c.fixes)
+                    for i, c in enumerate(commands)
+                ],
+            )
+            db.execute(
+                "UPDATE vehicle_settings SET window_until=? WHERE vin=?", (window_until, vin)
+            )
+
+        self._write(tx)
+
+    def find_my_car_commands(self) -> dict[str, tuple[FindMyCarCommand, ...]]:
+        """Every car's find-my-car commands, oldest first (few cars have any)."""
+        found: dict[str, list[FindMyCarCommand]] = {}
+        for vin, request_id, accepted_at, until, fixes in self._read(
+            "SELECT vin, request_id, accepted_at, until, fixes FROM find_my_car_commands"
+            " ORDER BY vin, position"
+        ):
+            found.setdefault(str(vin), []).append(
+                FindMyCarCommand(str(request_id), float(accepted_at), float(until), int(fixes))
+            )
+        return {vin: tuple(commands) for vin, commands in found.items()}
+
     def load_all(self) -> Iterator[StoredVehicle]:
         """Stream every vehicle in batches.
 
@@ -376,10 +494,27 @@ class SqliteConsentStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT vin, revision, privacy_mode, location, features, applied_at,"
-                " policy_version, source FROM settings_history WHERE vin=? ORDER BY id",
-                (vin,),
+                " policy_version, source FROM settings_history WHERE vin=?"
+                " AND NOT (merged=0 AND source IN (?,?)) ORDER BY id",
+                (vin, *RESTRICTION_SOURCES),
             ).fetchall()
         return [_snapshot(r) for r in rows]
+
+    def capture_history(self) -> Iterator[HistoryRow]:
+        """Every history row (restriction periods included), by vehicle, oldest first."""
+        decoded: dict[str, dict[str, bool]] = {}
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT vin, revision, privacy_mode, location, features, applied_at,"
+                " policy_version, source, merged FROM settings_history ORDER BY vin, id"
+            )
+            while rows := cursor.fetchmany(10_000):
+                for row in rows:
+                    text = str(row[4])
+                    features = decoded.get(text)
+                    if features is None:
+                        features = decoded[text] = json.loads(text)
+                    yield HistoryRow(_snapshot(row, features), int(row[8]))
 
     # ------------------------------------------------------------ transactions
 
@@ -414,9 +549,38 @@ class SqliteConsentStore:
                 cur = db.execute("DELETE FROM restrictions WHERE vin=?", (vin,))
             if cur.rowcount:
                 audit.append(db, record)
+                self._record_restriction_period(vin, restricted, record.at)
             return cur.rowcount > 0
 
         return self._write(tx)
+
+    def _record_restriction_period(self, vin: str, restricted: bool, at: float) -> None:
+        """A settings_history row for the restriction set (nothing allowed from
+        `at`, recorded as privacy mode so compaction stays conservative) or
+        lifted (the applied settings again): data captured while restricted
+        never passes later (rule 11). Nothing for a car without settings."""
+        row = self._db.execute(
+            "SELECT vin, revision, privacy_mode, location, features, applied_at,"
+            " policy_version, source FROM vehicle_settings WHERE vin=?",
+            (vin,),
+        ).fetchone()
+        if row is None:
+            return
+        self._db.execute(
+            "INSERT INTO settings_history (vin, revision, privacy_mode, location,"
+            " features, applied_at, policy_version, source) VALUES (?,?,?,?,?,?,?,?)",
+            (
+                vin,
+                row[1],
+                1 if restricted else row[2],
+                row[3],
+                row[4],
+                at,
+                row[6],
+                RESTRICTION_SOURCES[0 if restricted else 1],
+            ),
+        )
+        self._compact_history(vin)
 
     def restricted_vins(self) -> set[str]:
         return {str(r[0]) for r in self._read("SELECT vin FROM restrictions")}
@@ -427,10 +591,30 @@ class SqliteConsentStore:
 
     # ------------------------------------------------------------------ erasure
 
-    def erase_vehicle(self, vin: str, subject: str, record: AuditRecord) -> dict[str, int]:
-        """Delete what is held about a vehicle; scrub its audit content (chain kept)."""
+    def erase_vehicle(
+        self,
+        vin: str,
+        subject: str,
+        record: AuditRecord,
+        identity: IdentityRow | None = None,
+        events: Sequence[tuple[float, str, bytes]] = (),
+    ) -> dict[str, int]:
+        """Delete what is held about a vehicle; scrub its audit content (chain kept).
+
+        In the same transaction: `identity` (what survives the erasure) is
+        stored under `subject`, and `events` (due_at, topic, payload) are
+        queued for publication after their delay."""
 
         def tx(db: sqlite3.Connection) -> dict[str, int]:
+            if identity is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO vehicle_identity VALUES (?,?,?,?)",
+                    (subject, identity.epoch, identity.revision_floor, int(identity.restricted)),
+                )
+            db.executemany(
+                "INSERT INTO pending_erasure_events (due_at, topic, payload) VALUES (?,?,?)",
+                events,
+            )
             removed = {
                 table: db.execute(f"DELETE FROM {table} WHERE vin=?", (vin,)).rowcount
                 for table in (
@@ -438,16 +622,58 @@ class SqliteConsentStore:
                     "settings_history",
                     "egress_counts",
                     "restrictions",
+                    "location_anchors",
+                    "find_my_car_commands",
                 )
             }
             removed["dead_letters"] = db.execute(
                 "DELETE FROM dead_letters WHERE subject=?", (subject,)
+            ).rowcount
+            removed["parked"] = db.execute(
+                "DELETE FROM parked WHERE subject=?", (subject,)
             ).rowcount
             removed["audit_entries_scrubbed"] = audit.scrub_subject(db, subject)
             audit.append(db, record)
             return removed
 
         return self._write(tx)
+
+    # ----------------------------------------------------------------- identity
+
+    def identities(self) -> dict[str, IdentityRow]:
+        """What survived erasures, by subject (only cars ever erased)."""
+        return {
+            str(r[0]): IdentityRow(int(r[1]), int(r[2]), bool(r[3]))
+            for r in self._read(
+                "SELECT subject, epoch, revision_floor, restricted FROM vehicle_identity"
+            )
+        }
+
+    def set_identity_restricted(self, subject: str, restricted: bool) -> bool:
+        """Carry a restriction set or lifted later into the surviving row."""
+        return self._write(
+            lambda db: (
+                db.execute(
+                    "UPDATE vehicle_identity SET restricted=? WHERE subject=?",
+                    (int(restricted), subject),
+                ).rowcount
+                > 0
+            )
+        )
+
+    def pending_erasure_events(self) -> list[tuple[int, float, str, bytes]]:
+        """(id, due_at, topic, payload), earliest first."""
+        return [
+            (int(r[0]), float(r[1]), str(r[2]), bytes(r[3]))
+            for r in self._read(
+                "SELECT id, due_at, topic, payload FROM pending_erasure_events ORDER BY due_at"
+            )
+        ]
+
+    def delete_pending_erasure_event(self, event_id: int) -> None:
+        self._write(
+            lambda db: db.execute("DELETE FROM pending_erasure_events WHERE id=?", (event_id,))
+        )
 
     # ----------------------------------------------------------------- policies
 
@@ -544,6 +770,45 @@ class SqliteConsentStore:
             for r in rows
         ]
 
+    # --------------------------------------------------------- location anchors
+
+    def save_anchors(self, anchors: Mapping[str, LocationAnchor]) -> None:
+        """Upsert the latest location anchor of each vehicle (one transaction).
+        A row never moves back in time: a stale write cannot shorten an interval."""
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO location_anchors VALUES (?,?,?,?,?) ON CONFLICT(vin) DO UPDATE SET"
+                " refreshed_at=excluded.refreshed_at, latitude=excluded.latitude,"
+                " longitude=excluded.longitude, odometer_km=excluded.odometer_km"
+                " WHERE excluded.refreshed_at >= location_anchors.refreshed_at",
+                [
+                    (vin, a.refreshed_at, a.latitude, a.longitude, a.odometer_km)
+                    for vin, a in anchors.items()
+                ],
+            )
+
+        if anchors:
+            self._write(tx)
+
+    def load_anchors(self) -> Iterator[tuple[str, LocationAnchor]]:
+        """Every vehicle's location anchor, streamed in batches."""
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT vin, refreshed_at, latitude, longitude, odometer_km FROM location_anchors"
+            )
+            while rows := cursor.fetchmany(10_000):
+                for row in rows:
+                    yield (
+                        str(row[0]),
+                        LocationAnchor(
+                            float(row[1]),
+                            float(row[2]),
+                            float(row[3]),
+                            None if row[4] is None else float(row[4]),
+                        ),
+                    )
+
     # ------------------------------------------------------------ dead letters
 
     def add_dead_letter(self, letter: DeadLetter, max_rows: int) -> tuple[int, int]:
@@ -632,6 +897,96 @@ class SqliteConsentStore:
                 db.execute("DELETE FROM dead_letters WHERE expires_at <= ?", (now,)).rowcount
             )
         )
+
+    # --------------------------------------------------------------- parked
+
+    def park(
+        self, message: ParkedMessage, max_bytes_per_subject: int, max_bytes: int
+    ) -> ParkResult:
+        """Store a message held for its settings revision. Beyond the byte bounds
+        (of its car, then of all cars) the oldest are evicted, the new one too
+        when it alone is over: never refused, never blocking."""
+
+        def tx(db: sqlite3.Connection) -> ParkResult:
+            cur = db.execute(
+                "INSERT INTO parked (subject, revision, parked_at, expires_at, stream, size,"
+                " sealed) VALUES (?,?,?,?,?,?,?)",
+                (
+                    message.subject,
+                    message.revision,
+                    message.parked_at,
+                    message.expires_at,
+                    message.stream,
+                    message.size,
+                    message.sealed,
+                ),
+            )
+            new_id = int(cur.lastrowid or 0)
+            evicted: list[tuple[int, str, int]] = []
+            for where, params, bound in (
+                ("WHERE subject=?", (message.subject,), max_bytes_per_subject),
+                ("", (), max_bytes),
+            ):
+                evicted += [
+                    (int(r[0]), str(r[1]), int(r[2]))
+                    for r in db.execute(
+                        "SELECT id, stream, size FROM (SELECT id, stream, size,"
+                        f" sum(size) OVER (ORDER BY id DESC) AS total FROM parked {where})"
+                        " WHERE total > ? ORDER BY id",
+                        (*params, bound),
+                    )
+                ]
+                db.executemany("DELETE FROM parked WHERE id=?", [(e[0],) for e in evicted])
+            return ParkResult(new_id, tuple(evicted))
+
+        return self._write(tx)
+
+    def parked(
+        self, subject: str | None = None, up_to_revision: int | None = None
+    ) -> list[ParkedMessage]:
+        """Parked messages, oldest first: of one car (keyed hash), up to a revision."""
+        sql = (
+            "SELECT id, subject, revision, parked_at, expires_at, stream, size, sealed"
+            " FROM parked"
+        )
+        if subject is None:
+            rows = self._read(sql + " ORDER BY id")
+        else:
+            rows = self._read(
+                sql + " WHERE subject=? AND revision<=? ORDER BY id",
+                (subject, MAX_SQLITE_INT if up_to_revision is None else up_to_revision),
+            )
+        return [
+            ParkedMessage(
+                subject=str(r[1]),
+                revision=int(r[2]),
+                parked_at=float(r[3]),
+                expires_at=float(r[4]),
+                stream=str(r[5]),
+                size=int(r[6]),
+                sealed=bytes(r[7]),
+                id=int(r[0]),
+            )
+            for r in rows
+        ]
+
+    def delete_parked(self, ids: list[int]) -> int:
+        return self._write(
+            lambda db: sum(db.execute("DELETE FROM parked WHERE id=?", (i,)).rowcount for i in ids)
+        )
+
+    def expired_parked(self, now: float) -> list[tuple[int, str, int]]:
+        """(id, stream, size) of parked messages past their maximum wait."""
+        rows = self._read(
+            "SELECT id, stream, size FROM parked WHERE expires_at <= ? ORDER BY id", (now,)
+        )
+        return [(int(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    def parked_stats(self) -> tuple[int, int, set[str]]:
+        """(messages, bytes, subjects) parked."""
+        count, size = self._read("SELECT count(*), coalesce(sum(size), 0) FROM parked")[0]
+        subjects = {str(r[0]) for r in self._read("SELECT DISTINCT subject FROM parked")}
+        return int(count), int(size), subjects
 
     # ------------------------------------------------------ protocol data, audit
 

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atelematics/v1/common.proto\x12\rtelematics.v1\"8\n\x06Header\x12\x0b\n\x03vin\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\"\x8a\x01\n\x08GeoPoint\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\x12\n\naltitude_m\x18\x03 \x01(\x02\x12\x13\n\x0bheading_deg\x18\x04 \x01(\x02\x12\x11\n\tspeed_kmh\x18\x05 \x01(\x02\x12\x1d\n\x15horizontal_accuracy_m\x18\x06 \x01(\x02*o\n\x0cLocationMode\x12\x1d\n\x19LOCATION_MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cLOCATION_OFF\x10\x01\x12\x18\n\x14LOCATION_APPROXIMATE\x10\x02\x12\x14\n\x10LOCATION_PRECISE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atelematics/v1/common.proto\x12\rtelematics.v1\"S\n\x06Header\x12\x0b\n\x03vin\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12\x19\n\x11settings_revision\x18\x04 \x01(\x04\"\x8a\x01\n\x08GeoPoint\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\x12\n\naltitude_m\x18\x03 \x01(\x02\x12\x13\n\x0bheading_deg\x18\x04 \x01(\x02\x12\x11\n\tspeed_kmh\x18\x05 \x01(\x02\x12\x1d\n\x15horizontal_accuracy_m\x18\x06 \x01(\x02*o\n\x0cLocationMode\x12\x1d\n\x19LOCATION_MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cLOCATION_OFF\x10\x01\x12\x18\n\x14LOCATION_APPROXIMATE\x10\x02\x12\x14\n\x10LOCATION_PRECISE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'telematics.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOCATIONMODE']._serialized_start=244
-  _globals['_LOCATIONMODE']._serialized_end=355
+  _globals['_LOCATIONMODE']._serialized_start=271
+  _globals['_LOCATIONMODE']._serialized_end=382
   _globals['_HEADER']._serialized_start=45
-  _globals['_HEADER']._serialized_end=101
-  _globals['_GEOPOINT']._serialized_start=104
-  _globals['_GEOPOINT']._serialized_end=242
+  _globals['_HEADER']._serialized_end=128
+  _globals['_GEOPOINT']._serialized_start=131
+  _globals['_GEOPOINT']._serialized_end=269
 # @@protoc_insertion_point(module_scope)

@@ -17,14 +17,16 @@ LOCATION_APPROXIMATE: LocationMode
 LOCATION_PRECISE: LocationMode
 
 class Header(_message.Message):
-    __slots__ = ("vin", "seq", "timestamp_ms")
+    __slots__ = ("vin", "seq", "timestamp_ms", "settings_revision")
     VIN_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_REVISION_FIELD_NUMBER: _ClassVar[int]
     vin: str
     seq: int
     timestamp_ms: int
-    def __init__(self, vin: _Optional[str] = ..., seq: _Optional[int] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
+    settings_revision: int
+    def __init__(self, vin: _Optional[str] = ..., seq: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., settings_revision: _Optional[int] = ...) -> None: ...
 
 class GeoPoint(_message.Message):
     __slots__ = ("latitude", "longitude", "altitude_m", "heading_deg", "speed_kmh", "horizontal_accuracy_m")

@@ -29,14 +29,16 @@ class PrivacySettings(_message.Message):
     def __init__(self, header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., revision: _Optional[int] = ..., privacy_mode: _Optional[bool] = ..., location: _Optional[_Union[_common_pb2.LocationMode, str]] = ..., features: _Optional[_Mapping[str, bool]] = ...) -> None: ...
 
 class PrivacyApplied(_message.Message):
-    __slots__ = ("vin", "revision", "policy_version")
+    __slots__ = ("vin", "revision", "policy_version", "reprompt")
     VIN_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPROMPT_FIELD_NUMBER: _ClassVar[int]
     vin: str
     revision: int
     policy_version: str
-    def __init__(self, vin: _Optional[str] = ..., revision: _Optional[int] = ..., policy_version: _Optional[str] = ...) -> None: ...
+    reprompt: bool
+    def __init__(self, vin: _Optional[str] = ..., revision: _Optional[int] = ..., policy_version: _Optional[str] = ..., reprompt: _Optional[bool] = ...) -> None: ...
 
 class ErasureEvent(_message.Message):
     __slots__ = ("vin", "refs", "erased_at_ms", "reason")

@@ -100,12 +100,14 @@ class Alarm(_message.Message):
     def __init__(self, header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., type: _Optional[_Union[AlarmType, str]] = ..., detail: _Optional[str] = ..., position: _Optional[_Union[_common_pb2.GeoPoint, _Mapping]] = ...) -> None: ...
 
 class Location(_message.Message):
-    __slots__ = ("header", "position")
+    __slots__ = ("header", "position", "request_id")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     header: _common_pb2.Header
     position: _common_pb2.GeoPoint
-    def __init__(self, header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., position: _Optional[_Union[_common_pb2.GeoPoint, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., position: _Optional[_Union[_common_pb2.GeoPoint, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class BatteryStatus(_message.Message):
     __slots__ = ("header", "state_of_charge_pct", "time_to_full_min", "current_a", "voltage_v", "range_km", "charging", "charging_location", "evse_id")

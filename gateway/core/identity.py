@@ -1,0 +1,276 @@
+"""Identity privacy: pseudonyms that link to nothing (contract rules 15 and 16).
+
+- Pseudonyms derive from (operator key, purpose, vehicle, epoch). Epoch 0 is
+  exactly the pseudonym of earlier releases (app backends keep their users
+  across an upgrade); an erasure starts the next epoch, after which nothing
+  in pseudonymized egress links to before.
+- A pseudonymized stream shares no value with the car's VIN-keyed streams:
+  `header.seq` becomes a keyed hash of (pseudonym, seq), the capture time is
+  coarsened to an operator-set step, every other header field is cleared.
+- The VIN is searched in opaque bytes (best effort: encryption defeats it).
+
+Pure functions and one small in-memory book; no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from google.protobuf.message import Message
+
+from gateway.core.transforms import normalize_mac, pseudonym, pseudonymize_field
+from telematics.v1 import common_pb2, privacy_pb2
+
+# Header fields a pseudonymized message keeps (rewritten); every other one,
+# present or added later (settings_revision), is cleared.
+KEPT_HEADER_FIELDS = frozenset({"vin", "seq", "timestamp_ms"})
+# Purpose of the keyed VIN hash that names a car inside the gateway (audit
+# subject, identity row, log reference).
+SUBJECT_PURPOSE = "audit-subject"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRow:
+    """What survives an erasure, keyed by the car's keyed VIN hash: the
+    pseudonym epoch, the revision floor (settings up to it are void) and
+    whether processing was restricted."""
+
+    epoch: int
+    revision_floor: int
+    restricted: bool
+
+
+class IdentityBook:
+    """Per-car identity state the decision reads (owned by the service).
+
+    `rows` holds only cars that were ever erased (keyed by subject hash, as
+    stored); `epochs` resolves a VIN to its epoch once the car is known
+    again. A car absent from both is at epoch 0.
+    """
+
+    __slots__ = ("epochs", "rows")
+
+    def __init__(
+        self, rows: Mapping[str, IdentityRow] | None = None, epochs: Mapping[str, int] | None = None
+    ) -> None:
+        self.rows: dict[str, IdentityRow] = dict(rows or {})
+        self.epochs: dict[str, int] = dict(epochs or {})
+
+    def epoch(self, vin: str) -> int:
+        return self.epochs.get(vin, 0)
+
+    def row(self, key: bytes, vin: str) -> IdentityRow | None:
+        if not self.rows:
+            return None
+        return self.rows.get(subject(key, vin))
+
+
+def subject(key: bytes, vin: str) -> str:
+    """Keyed hash of a VIN naming the car inside the gateway (never the VIN)."""
+    return pseudonym(key, SUBJECT_PURPOSE, vin)
+
+
+def epoch_pseudonym(key: bytes, purpose: str, value: str, epoch: int) -> str:
+    """Keyed pseudonym of `value` for `purpose` in `epoch`.
+
+    Epoch 0 is the pseudonym of earlier releases. Later epochs use a purpose
+    no earlier release used ('@' never occurs in a purpose: app ids and field
+    names cannot contain it), so epochs are unrelated to each other.
+    """
+    if epoch == 0:
+        return pseudonym(key, purpose, value)
+    return pseudonym(key, f"{purpose}@{epoch}", value)
+
+
+def vin_ref(key: bytes, scope: str, vin: str, epoch: int = 0) -> str:
+    """The `{ref}` of a pseudonymized stream (`scope`: app id or stream key)."""
+    return epoch_pseudonym(key, f"vin/{scope}", vin, epoch)
+
+
+def app_scope(app_id: str, rotation_days: int, now: float) -> str:
+    """The pseudonym scope of an app: its id, plus the rotation period `now`
+    falls in when the app's pseudonyms rotate ('#' never occurs in an app id).
+    Periods are aligned for every car, so all rotate at the same instant."""
+    if rotation_days <= 0:
+        return app_id
+    return f"{app_id}#{int(now // (rotation_days * 86400))}"
+
+
+def pseudonymize_vehicle_field(
+    key: bytes, field_name: str, value: str, vin: str, epoch: int = 0
+) -> str:
+    """A field pseudonym. A Bluetooth MAC is keyed per vehicle and epoch (one
+    phone in two cars gives two unrelated values); other fields keep their
+    per-field domain (their streams are VIN-keyed, linkable anyway)."""
+    if field_name == "bluetooth_mac":
+        return epoch_pseudonym(key, f"bluetooth_mac/{vin}", normalize_mac(value), epoch)
+    return pseudonymize_field(key, field_name, value)
+
+
+def seq_token(key: bytes, ref: str, seq: int) -> int:
+    """Keyed hash of (pseudonym, seq) as a uint64: the same message always
+    maps to the same value (duplicates stay recognisable), and nothing links
+    it to the car's counter or to another pseudonym's."""
+    digest = hmac.new(
+        key, b"header-seq\x00" + ref.encode() + b"\x00" + seq.to_bytes(8, "big"), hashlib.sha256
+    ).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def coarsen_timestamp(timestamp_ms: int, step_ms: int) -> int:
+    """Down to a multiple of `step_ms` (0 stays 0: not stated)."""
+    if step_ms <= 0 or timestamp_ms == 0:
+        return timestamp_ms
+    return timestamp_ms - timestamp_ms % step_ms
+
+
+def pseudonymize_header(key: bytes, header: common_pb2.Header, ref: str, step_ms: int) -> None:
+    """Rewrite a header in place so it shares no value with VIN streams."""
+    seq, timestamp_ms = header.seq, header.timestamp_ms
+    for field in header.DESCRIPTOR.fields:
+        if field.name not in KEPT_HEADER_FIELDS:
+            header.ClearField(field.name)
+    header.vin = ref
+    header.seq = seq_token(key, ref, seq)
+    header.timestamp_ms = coarsen_timestamp(timestamp_ms, step_ms)
+
+
+def app_id_mismatch(message: Message, app_id: str) -> str | None:
+    """The value of an `app_id` field that differs from the topic's app id."""
+    field = message.DESCRIPTOR.fields_by_name.get("app_id")
+    if field is None or field.type != field.TYPE_STRING or field.is_repeated:
+        return None
+    value = str(getattr(message, field.name))
+    return value if value != app_id else None
+
+
+# --------------------------------------------------------------------------
+# The VIN in opaque bytes (best effort)
+
+# Dropped before comparing: separators people and encoders put between
+# characters, and NUL (UTF-16LE/BE text of ASCII becomes ASCII).
+_STRIP = b" \t\r\n\x00-_.:/\\|,;'\"+"
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_HEX_CHARS = b"0123456789abcdef"  # searched in lower-cased text
+_B64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_"
+_MIN_HEX_RUN = 34  # 17 characters
+_MIN_B64_RUN = 23  # 17 bytes
+
+
+def _class_table(members: bytes) -> bytes:
+    return bytes(ord("x") if c in members else ord(".") for c in range(256))
+
+
+_HEX_TABLE = _class_table(_HEX_CHARS)
+_B64_TABLE = _class_table(_B64_CHARS)
+
+
+def _runs(data: bytes, table: bytes, min_len: int) -> Iterator[bytes]:
+    """Maximal runs of at least `min_len` bytes of one character class, found
+    with C-speed searches over a class mask (a regex retries at every byte)."""
+    mask = data.translate(table)
+    needle = b"x" * min_len
+    start = mask.find(needle)
+    while start != -1:
+        end = mask.find(b".", start + min_len)
+        if end == -1:
+            end = len(mask)
+        yield data[start:end]
+        start = mask.find(needle, end)
+
+
+def _canon(data: bytes) -> bytes:
+    return data.translate(None, _STRIP).lower()
+
+
+@lru_cache(maxsize=4096)
+def _target(vin: str) -> bytes:
+    return _canon(vin.encode())
+
+
+def vin_in_bytes(data: bytes, vin: str) -> bool:
+    """Whether `data` holds the VIN: in any letter case, with separators, as
+    UTF-16LE/BE, as hex, or as base64 (standard or URL-safe, any alignment).
+    A detector, not a guarantee: encrypted or otherwise encoded VINs pass."""
+    target = _target(vin)
+    if not target:
+        return False
+    flat = _canon(data)
+    if target in flat:
+        return True
+    for run in _runs(flat, _HEX_TABLE, _MIN_HEX_RUN):
+        for start in (0, 1):
+            part = run[start : start + (len(run) - start) // 2 * 2]
+            if target in _canon(bytes.fromhex(part.decode())):
+                return True
+    compact = data.translate(None, b" \t\r\n")
+    for run in _runs(compact, _B64_TABLE, _MIN_B64_RUN):
+        run = run.translate(_URLSAFE)
+        for start in range(4):
+            part = run[start:]
+            if len(part) % 4 == 1:
+                part = part[:-1]
+            part += b"=" * (-len(part) % 4)
+            try:
+                decoded = base64.b64decode(part)
+            except (binascii.Error, ValueError):
+                continue
+            if target in _canon(decoded):
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------
+# Erasure events (rule 16)
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureEvents:
+    vin_topic: str
+    vin_payload: bytes
+    app_events: tuple[tuple[float, str, bytes], ...]  # (due_at, topic, payload)
+    refs: tuple[str, ...]
+
+
+def erasure_events(
+    key: bytes,
+    backend_prefix: str,
+    vin: str,
+    apps: Sequence[tuple[str, str]],
+    epoch: int,
+    now: float,
+    delays: Sequence[float],
+    step_ms: int,
+) -> ErasureEvents:
+    """The VIN event (only the VIN) and one event per app pseudonym (only that
+    ref, on the app's own topic, due after its own delay from `delays`).
+    `apps` are (app id, pseudonym scope) pairs: one per rotation period the
+    car used when the app's pseudonyms rotate.
+
+    An app event states when it is published (coarsened), never the erasure
+    time of the VIN event, so no field pairs them.
+    """
+    vin_event = privacy_pb2.ErasureEvent(vin=vin, erased_at_ms=int(now * 1000), reason="art17")
+    events: list[tuple[float, str, bytes]] = []
+    refs: list[str] = []
+    for (app, scope), delay in zip(apps, delays, strict=True):
+        ref = vin_ref(key, scope, vin, epoch)
+        due = now + delay
+        body = privacy_pb2.ErasureEvent(
+            refs=[ref],
+            erased_at_ms=coarsen_timestamp(int(due * 1000), step_ms),
+            reason="art17",
+        )
+        refs.append(ref)
+        events.append(
+            (due, f"{backend_prefix}/{ref}/avn/app/{app}/erasure", body.SerializeToString())
+        )
+    return ErasureEvents(
+        f"{backend_prefix}/{vin}/erasure", vin_event.SerializeToString(), tuple(events), tuple(refs)
+    )
