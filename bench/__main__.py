@@ -1,8 +1,10 @@
-"""`python -m bench {all,core,throughput,latency,scale,bounds,peers}`: see docs/performance.md.
+"""`python -m bench {all,core,throughput,latency,scale,bounds,peers,privacy}`: see
+docs/performance.md and docs/privacy.md.
 
 `all` runs core, throughput, latency and scale; `bounds` (the floods of
-contract rule 20, several minutes) and `peers` (the gateway against a
-Node-RED flow doing the same work) run only when named."""
+contract rule 20, several minutes), `peers` (the gateway against a Node-RED
+flow doing the same work) and `privacy` (the attack benchmark, in process, a
+few minutes; `--short` for a quick one) run only when named."""
 
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ BENCHMARKS: dict[str, Callable[[Context], dict[str, Any]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("benchmark", choices=["all", *BENCHMARKS, "bounds", "peers"])
+    parser.add_argument("benchmark", choices=["all", *BENCHMARKS, "bounds", "peers", "privacy"])
     parser.add_argument("--rounds", type=int, default=3, help="A B A B rounds (median quoted)")
     parser.add_argument("--fleet", type=int, default=5_000, help="vehicles in the fleet")
     parser.add_argument("--messages", type=int, default=30_000, help="messages per throughput run")
@@ -63,7 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         help="bounds: deadline per flood in s (default 180, plus publishing time when paced)",
     )
     parser.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
+    parser.add_argument("--short", action="store_true", help="privacy: 100 cars over 2 days (CI)")
+    parser.add_argument("--cars", type=int, default=None, help="privacy: cars (1,000)")
+    parser.add_argument("--days", type=int, default=None, help="privacy: simulated days (7)")
+    parser.add_argument("--seed", type=int, default=None, help="privacy: fleet seed (1)")
+    parser.add_argument(
+        "--html-from", default=None, help="privacy: only render the HTML page of a results JSON"
+    )
+    parser.add_argument(
+        "--wire",
+        action="store_true",
+        help="privacy: a small fleet through the real gateway over Mosquitto (simulated clock)",
+    )
     args = parser.parse_args(argv)
+    if args.benchmark == "privacy":
+        return run_privacy(args, argv)
     options = Options(
         rounds=args.rounds,
         fleet_size=args.fleet,
@@ -113,6 +129,67 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = [t.as_dict() for t in targets(results)]
     path = write_json(results, f"{args.benchmark}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     print_table(results, Console(width=160))
+    console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
+    return 0
+
+
+def run_privacy(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from bench.privacy.report import print_privacy_table, write_html
+    from bench.privacy.run import SHORT, Options, run
+    from bench.report import RESULTS
+
+    if args.html_from:
+        saved = json.loads(Path(args.html_from).read_text())
+        print(write_html(saved, Path(args.html_from).with_suffix(".html")))
+        return 0
+    if args.wire:
+        return run_privacy_wire(args, argv)
+    options = SHORT if args.short else Options()
+    changes = {
+        k: v for k, v in (("cars", args.cars), ("days", args.days), ("seed", args.seed)) if v
+    }
+    options = replace(options, **changes)
+    console = Console(stderr=True)
+    console.print(f"[bold]privacy[/] {options.cars} cars, {options.days} days")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results: dict[str, Any] = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": started,
+        "machine": machine_info(),
+    }
+    results |= run(options, lambda text: console.print(text, highlight=False))
+    name = f"privacy-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = write_json(results, f"{name}.json")
+    page = write_html(results, RESULTS / "privacy.html")
+    print_privacy_table(results, Console(width=200))
+    console.print(f"{results['seconds']:.0f} s; raw figures in {path}; page {page}")
+    return 0
+
+
+def run_privacy_wire(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from dataclasses import replace
+
+    from bench.privacy.report import print_wire_table
+    from bench.privacy.wire import WireOptions, run_wire
+
+    changes = {
+        k: v for k, v in (("cars", args.cars), ("days", args.days), ("seed", args.seed)) if v
+    }
+    options = replace(WireOptions(), **changes)
+    console = Console(stderr=True)
+    console.print(f"[bold]privacy through Mosquitto[/] {options.cars} cars, {options.days} days")
+    results: dict[str, Any] = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+    }
+    results |= run_wire(options, lambda text: console.print(text, highlight=False))
+    path = write_json(results, f"privacy-wire-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    print_wire_table(results, Console(width=160))
     console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
     return 0
 

@@ -115,9 +115,13 @@ def write_gateway_config(
     path = directory / f"{name}.toml"
     limit_lines = "".join(f"{key} = {value!r}\n" for key, value in (limits or {}).items())
     limits_section = f"\n[limits]\n{limit_lines}" if limits else ""
-    control_section = _control_section() if control is None else (
-        f'\n[control]\nlisten = "127.0.0.1:{control[0]}"\n\n'
-        f'[[control.tokens]]\nname = "bench"\nrole = "dpo"\nsha256 = "{control[1]}"\n'
+    control_section = (
+        _control_section()
+        if control is None
+        else (
+            f'\n[control]\nlisten = "127.0.0.1:{control[0]}"\n\n'
+            f'[[control.tokens]]\nname = "bench"\nrole = "dpo"\nsha256 = "{control[1]}"\n'
+        )
     )
     path.write_text(
         f"""policy = "{POLICY}"
