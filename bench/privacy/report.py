@@ -120,11 +120,18 @@ def _detail(attack: dict[str, Any]) -> str:
     if attack["id"] == "find_my_car":
         return f"median {real['median']:.0f} fixes/h over {real['cars']} cars"
     if attack["id"] == "late_data":
-        return ", ".join(f"{k.split(':')[1]} {v}" for k, v in real["leaked"].items())
+        judged = ", ".join(f"{k.split(':')[1]} {v}" for k, v in real["leaked"].items())
+        return (
+            f"{judged}; cars stating no revision with a wrong or silent clock (the contract"
+            f" takes their timestamp or arrival as capture time): {real['undecidable_leaked']:,}"
+        )
     if attack["id"] == "utility":
         return (
-            f"{real['delivered']:,}/{real['allowed']:,} allowed delivered; approximate position"
-            f" error median {real.get('position_error_m', float('nan')):,.0f} m"
+            f"{real['delivered']:,}/{real['allowed']:,} allowed delivered; within the skew"
+            f" margin of a settings change (clock-judged cars)"
+            f" {real['within_skew_margin_delivered']:,}/{real['within_skew_margin']:,};"
+            f" approximate position error median"
+            f" {real.get('position_error_m', float('nan')):,.0f} m"
         )
     return ""
 

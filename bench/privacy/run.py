@@ -6,6 +6,7 @@ and no attack needs two cars at once), so memory stays flat at any fleet size.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import statistics
@@ -44,6 +45,7 @@ from bench.privacy.fleet import (
     LATE_LOCATION_OFF,
     LATE_PRIVACY,
     LIVE,
+    SETTINGS,
     START_MS,
     Car,
     CarEvent,
@@ -53,6 +55,7 @@ from bench.privacy.fleet import (
     public_places,
 )
 from bench.privacy.variants import NoiseVariant, V1Variant, Variant
+from gateway.config import PipelineConfig
 from gateway.core.transforms import grid_offset
 from gateway.policy import load_policy
 from sim.geo import Point, distance_m
@@ -122,10 +125,52 @@ def _leaks_location(relative: str, payload: bytes) -> bool:
     return any(message.HasField(name) and getattr(message, name).ByteSize() > 0 for name in names)
 
 
+# The gateway's default clock-skew margin (`[pipeline] capture_skew_s`): for a
+# car that states no revision, the strictest settings within this margin of the
+# stamped capture time apply (contract rule 11).
+CAPTURE_SKEW_MS = int(PipelineConfig().capture_skew_s * 1000)
+
+
+def _stamped_ms(event: CarEvent) -> int:
+    """The capture time a car that states no revision is judged by: its header
+    timestamp, or its arrival when the timestamp is missing or in the future."""
+    payload = event.payload
+    if payload[:1] != b"\x0a":
+        return event.arrival_ms
+    length, start = _varint(payload, 1)
+    stamped = common_pb2.Header.FromString(payload[start : start + length]).timestamp_ms
+    return event.arrival_ms if stamped <= 0 or stamped > event.arrival_ms else stamped
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _within_skew_margin(event: CarEvent, changes: list[int]) -> bool:
+    """A settings change within the skew margin of the stamped capture time:
+    rule 11 applies the strictest side, so the contract does not promise it."""
+    stamped = _stamped_ms(event)
+    i = bisect.bisect_left(changes, stamped - CAPTURE_SKEW_MS)
+    return i < len(changes) and changes[i] <= stamped + CAPTURE_SKEW_MS
+
+
 def _feed(variant: Variant, car: Car, tally: Tally, utility: bool) -> list[WireMessage]:
     vin = car.truth.vin
     wire: list[WireMessage] = []
     events = car.events
+    # A car that states its revision is judged by it; one that does not, by its
+    # clock: the contract can hold the gateway to "never" only where the car
+    # says when (and under what) it captured a record.
+    judged_by_revision = car.truth.states_revision
+    decidable = judged_by_revision or car.truth.clock == "honest"
+    changes = sorted(e.capture_ms for e in events if e.kind == SETTINGS)
     if variant.name == "noise":
         events = [e for e in events if e.relative in ("avn/privacy", "tbox/status")]
     status_sample = 0
@@ -137,7 +182,15 @@ def _feed(variant: Variant, car: Car, tally: Tally, utility: bool) -> list[WireM
             if car.truth.states_revision
             else f"timestamp only, {car.truth.clock} clock"
         )
-        if event.kind == LIVE and event.allowed:
+        if (
+            event.kind == LIVE
+            and event.allowed
+            and not judged_by_revision
+            and _within_skew_margin(event, changes)
+        ):
+            tally.counts["allowed_within_skew_margin"] += 1
+            tally.counts["allowed_within_skew_margin_delivered"] += 1 if outcome.wire else 0
+        elif event.kind == LIVE and event.allowed:
             tally.counts["allowed"] += 1
             tally.counts["allowed_delivered"] += 1 if outcome.wire else 0
             if not outcome.wire:
@@ -150,7 +203,10 @@ def _feed(variant: Variant, car: Car, tally: Tally, utility: bool) -> list[WireM
                     if event.kind == LATE_LOCATION_OFF
                     else True
                 )
-                tally.counts[f"leaked:{event.kind}"] += 1 if leaked else 0
+                if decidable:
+                    tally.counts[f"leaked:{event.kind}"] += 1 if leaked else 0
+                else:
+                    tally.counts[f"undecidable_leaked:{event.kind}"] += 1 if leaked else 0
                 tally.counts[f"leaked_by:{group}"] += 1 if leaked else 0
         if (
             utility
@@ -457,7 +513,10 @@ ATTACKS: tuple[dict[str, Any], ...] = (
             "Keeps whatever cars upload after privacy mode, a feature switched off or location"
             " switched off ended: records captured during those periods, stating the old revision."
         ),
-        "metric": "records captured while not allowed that reached the backend",
+        "metric": (
+            "records captured while not allowed that reached the backend, from cars that"
+            " state their revision or keep a correct clock (the rest reported beside it)"
+        ),
         "unit": "messages",
         "op": "<=",
         "target": 0,
@@ -467,7 +526,10 @@ ATTACKS: tuple[dict[str, Any], ...] = (
         "id": "utility",
         "title": "Utility kept",
         "attacker": "(no attacker) what the backend still gets of what it is allowed to get.",
-        "metric": "share of allowed messages delivered",
+        "metric": (
+            "share of allowed messages delivered (records of cars judged by their clock"
+            " within the skew margin of a settings change reported beside it)"
+        ),
         "unit": "%",
         "op": ">=",
         "target": 100.0,
@@ -533,9 +595,15 @@ def _row(
     elif attack == "late_data":
         kinds = (LATE_PRIVACY, LATE_FEATURE_OFF, LATE_LOCATION_OFF)
         leaked = {k: tally.counts.get(f"leaked:{k}", 0) for k in kinds}
+        undecidable = {k: tally.counts.get(f"undecidable_leaked:{k}", 0) for k in kinds}
         row.update(
             value=float(sum(leaked.values())),
             leaked=leaked,
+            # Cars that state no revision and whose clock is wrong or silent: the
+            # gateway cannot know when they captured (rule 11 takes a missing or
+            # future timestamp as arrival). Reported, not part of the target.
+            undecidable_leaked=sum(undecidable.values()),
+            undecidable_leaked_by_kind=undecidable,
             leaked_by_car=_prefixed(tally.counts, "leaked_by:"),
             captured={k: tally.counts.get(f"captured:{k}", 0) for k in kinds},
         )
@@ -547,6 +615,12 @@ def _row(
             else float("nan"),
             allowed=allowed,
             delivered=tally.counts.get("allowed_delivered", 0),
+            # Cars judged by their clock, captured within the skew margin of a
+            # settings change: rule 11 applies the stricter side (not promised).
+            within_skew_margin=tally.counts.get("allowed_within_skew_margin", 0),
+            within_skew_margin_delivered=tally.counts.get(
+                "allowed_within_skew_margin_delivered", 0
+            ),
             lost_by_car_and_reason=_prefixed(tally.counts, "lost:"),
         )
         if design == "real":
