@@ -845,7 +845,7 @@ def _describe(s: CompiledStream, mode: str) -> str:
             steps.append("coarsen " + ", ".join(free))
     if s.place_id_fields and mode != "precise":
         steps.append("clear " + ", ".join(s.place_id_fields))
-    if s.place_text_fields and mode == "off":
+    if s.place_text_fields and mode != "precise":
         steps.append("clear " + ", ".join(s.place_text_fields))
     if s.odometer_fields and mode == "off":
         steps.append("clear " + ", ".join(s.odometer_fields))

@@ -273,8 +273,10 @@ class ReferenceGateway:
             if action in ("odometer", "generalize", "place_text") and value:
                 if mode == common_pb2.LOCATION_PRECISE:
                     continue
-                if not approximate or (
-                    action == "odometer" and (not car.anchor or car.anchor[2] is None)
+                if (
+                    not approximate
+                    or action == "place_text"
+                    or (action == "odometer" and (not car.anchor or car.anchor[2] is None))
                 ):
                     message.ClearField(name)
                     transforms.append(f"{name}:removed")

@@ -356,7 +356,7 @@ def _policy_rows(policy: Policy, rule: StreamRule) -> list[FieldRow]:
             f" (moves at most every {refresh}); precise: as sent",
             {"removed", "anchored"},
         ),
-        "place_text": ("may name a place: cleared when location is off", {"cleared"}),
+        "place_text": ("may name a place: cleared unless location is precise", {"cleared"}),
         "enum": ("free text: passes only as one of the policy's listed values", {"removed"}),
     }
     rows: list[FieldRow] = []

@@ -294,10 +294,11 @@ def test_side_fields_kept_when_precise() -> None:
     assert out.odometer_km == 12_400.0  # type: ignore[attr-defined]
 
 
-def test_search_text_kept_when_approximate() -> None:
-    search = streams_pb2.SearchQuery(text="Hauptstrasse 5", position=_geo(*HOME))
+def test_search_text_cleared_when_approximate() -> None:
+    """Typed text can hold an address or coordinates and has no coarse form."""
+    search = streams_pb2.SearchQuery(text="52.516275, 13.377704", position=_geo(*HOME))
     out = Car().send("avn/search", search, NOW)
-    assert out.text == "Hauptstrasse 5"  # type: ignore[attr-defined]
+    assert out.text == ""  # type: ignore[attr-defined]
     assert latlon(out.position) == _coarse(HOME)  # type: ignore[attr-defined]
 
 

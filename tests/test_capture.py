@@ -278,3 +278,21 @@ def test_merge_is_strictest() -> None:
     assert (m.first_revision, m.revision, m.since) == (1, 2, T0)
     assert m.state.location is LocationMode.APPROXIMATE
     assert "remote_control" not in m.state.enabled
+
+
+def test_a_stated_revision_does_not_outrank_a_restriction_or_an_erasure() -> None:
+    """Restrictions and erasures happen on the gateway's clock: a car that
+    applied its next revision before the gateway did must not carry data
+    captured during a restriction (or before an erasure) past them."""
+    r5, r6 = state(5), state(6)
+    restricted = dataclasses.replace(r5, restricted=True)
+    hist = history((5, T0, r5), (5, T1, restricted), (5, T1 + 1800, r5), (6, T2, r6))
+    during = run(status(revision=6, timestamp_ms=ms(T1 + 600)), hist)
+    assert isinstance(during, Drop) and during.reason is DropReason.RESTRICTED
+    after_lift = run(status(revision=6, timestamp_ms=ms(T2 + 600)), hist)
+    assert not isinstance(after_lift, Drop)
+    # After an erasure the history starts again: a record captured before it
+    # stays out, whatever revision it states.
+    erased = history((6, T2, r6))
+    before = run(status(revision=6, timestamp_ms=ms(T0 + 60)), erased)
+    assert isinstance(before, Drop) and before.reason is DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS

@@ -10,6 +10,7 @@ the two oldest intervals become one that allows only what both allowed
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from gateway.core.state import LocationMode, VehicleState
@@ -119,24 +120,20 @@ def capture_state(
     clock is ahead); a missing one as now exactly.
     """
     if revision > 0:
-        candidates = [i for i in history if i.first_revision <= revision <= i.revision]
-        if len(candidates) == 1:
-            return candidates[0].state
-        if not candidates:
-            if revision < history[0].first_revision:
-                return None
-            # Between two intervals (or after the last: the caller holds those).
-            before = [i for i in history if i.revision < revision]
-            after = [i for i in history if i.first_revision > revision]
-            return _strictest([before[-1], *after[:1]])
+        state = _by_revision(history, revision, timestamp_ms, now, skew_s)
         window = _timestamp_window(timestamp_ms, now, skew_s)
-        if window is None:  # no timestamp: arrival time
-            if candidates[-1] is history[-1]:
-                return candidates[-1].state
-            return _strictest(candidates)
-        # Each candidate taken to last until the next one (or for ever): wider
-        # than the truth when other revisions lie between them, so stricter.
-        return _strictest(_overlapping(tuple(candidates), *window) or candidates)
+        if state is None or window is None:
+            return state
+        # Restrictions and erasures happen on the gateway's clock, not under a
+        # revision of the car's: a stated revision never outranks them (a car
+        # that applied its next revision first would otherwise carry data
+        # captured during a restriction, or before an erasure, past them).
+        lo, hi = window
+        if hi < history[0].since:
+            return None
+        if any(i.state.restricted for i in _overlapping(history, lo, hi)):
+            return dataclasses.replace(state, restricted=True)
+        return state
     if timestamp_ms <= 0:
         return history[-1].state
     window = _timestamp_window(timestamp_ms, now, skew_s)
@@ -145,6 +142,30 @@ def capture_state(
     if min(timestamp_ms / 1000.0, now) < history[0].since:
         return None
     return _strictest(_overlapping(history, lo, hi))
+
+
+def _by_revision(
+    history: CaptureHistory, revision: int, timestamp_ms: int, now: float, skew_s: float
+) -> VehicleState | None:
+    """The interval(s) of a stated revision (see capture_state)."""
+    candidates = [i for i in history if i.first_revision <= revision <= i.revision]
+    if len(candidates) == 1:
+        return candidates[0].state
+    if not candidates:
+        if revision < history[0].first_revision:
+            return None
+        # Between two intervals (or after the last: the caller holds those).
+        before = [i for i in history if i.revision < revision]
+        after = [i for i in history if i.first_revision > revision]
+        return _strictest([before[-1], *after[:1]])
+    window = _timestamp_window(timestamp_ms, now, skew_s)
+    if window is None:  # no timestamp: arrival time
+        if candidates[-1] is history[-1]:
+            return candidates[-1].state
+        return _strictest(candidates)
+    # Each candidate taken to last until the next one (or for ever): wider
+    # than the truth when other revisions lie between them, so stricter.
+    return _strictest(_overlapping(tuple(candidates), *window) or candidates)
 
 
 def _timestamp_window(timestamp_ms: int, now: float, skew_s: float) -> tuple[float, float] | None:

@@ -259,11 +259,17 @@ def decide(
             # nothing is known about the time before them.
             return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
         last = history[-1]
-        if not (stated == last.revision == last.first_revision and (
-            len(history) == 1 or history[-2].revision < stated
-        )):
-            # Not the common case (stated = applied, the only interval of it:
-            # captured under the settings in force now, checked above).
+        stamped = header.timestamp_ms
+        if not (
+            stated == last.revision == last.first_revision
+            and (len(history) == 1 or history[-2].revision < stated)
+            and (stamped <= 0 or stamped >= (last.since + ctx.capture_skew_s) * 1000)
+        ):
+            # Not the common case (stated = applied, the only interval of it,
+            # stamped after it began: captured under the settings in force
+            # now, checked above). A record stamped before the interval began
+            # may have been captured during a restriction or before an
+            # erasure, which no revision outranks.
             captured = capture_state(
                 history, stated, header.timestamp_ms, now, ctx.capture_skew_s
             )
@@ -383,7 +389,9 @@ def _transform(
         setattr(message, name, generalize_number(value, step))
         applied.append(f"generalize:{name}")
     for name in stream.place_text_fields:
-        if mode is LocationMode.OFF and getattr(message, name):
+        # Text the user typed can hold an address or coordinates, with no
+        # coarse form: only precise location lets it out.
+        if mode is not LocationMode.PRECISE and getattr(message, name):
             message.ClearField(name)
             applied.append(f"clear:{name}")
     for name, allowed in stream.enum_fields:
