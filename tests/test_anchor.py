@@ -25,7 +25,7 @@ from gateway.core import (
     decide,
     state_from_snapshot,
 )
-from gateway.core.transforms import coarsen_position, grid_offset
+from gateway.core.transforms import coarsen_position, destination_offset, grid_offset
 from gateway.policy import load_policy
 from telematics.v1 import common_pb2, streams_pb2
 
@@ -220,12 +220,28 @@ def test_destination_is_coarsened_without_moving_the_anchor() -> None:
     car = Car(anchors={VIN: LocationAnchor(NOW - 10 * INTERVAL_S, *_coarse(HOME))})
     # Interval over, but the request has no position: only a destination.
     out = car.send("avn/nav", nav(None, TS_MS, dest=far), NOW)
-    assert latlon(out.destination) == _coarse(far)  # type: ignore[attr-defined]
+    expected = coarsen_position(far[0], far[1], CELL, destination_offset(KEY, VIN))
+    assert latlon(out.destination) == expected  # type: ignore[attr-defined]
     assert out.destination.speed_kmh == 0  # type: ignore[attr-defined]
     assert car.anchors[VIN].refreshed_at == NOW - 10 * INTERVAL_S
     # With a position, the position anchors; the destination never does.
     out = car.send("avn/nav", nav(AWAY, TS_MS, dest=far), NOW + 1)
     assert car.anchors[VIN] == LocationAnchor(NOW + 1, *_coarse(AWAY))
+
+
+def test_destinations_do_not_reveal_the_position_shift() -> None:
+    """A backend that knows a destination exactly (it answered the search) gets
+    an (exact, coarse) pair per request: on the position shift, enough pairs
+    would pin the shift that hides where the car parks. Destinations use a shift
+    of their own, so a destination at the parking spot itself is published on
+    another grid point for most cars."""
+    differ = 0
+    for n in range(100):
+        vin = f"WVWZZZ1JZ3W{n:06d}"
+        dest = coarsen_position(*HOME, CELL, destination_offset(KEY, vin))
+        parked = coarsen_position(*HOME, CELL, grid_offset(KEY, vin))
+        differ += dest != parked
+    assert differ > 25  # independent shifts: about half; the position shift: none
 
 
 def test_parked_car_always_yields_the_same_value() -> None:

@@ -39,6 +39,7 @@ from gateway.core.state import (
 from gateway.core.transforms import (
     coarsen_geopoint,
     coarsen_position,
+    destination_offset,
     generalize_number,
     grid_offset,
     truncate_ip,
@@ -501,7 +502,7 @@ def _locate(
     for role, points in present:
         for point in points:
             if role == "destination":
-                coarsen_geopoint(point, cell, offset)
+                coarsen_geopoint(point, cell, destination_offset(ctx.key, vin))
                 continue
             value = current if role == "position" else before
             assert value is not None  # a valid point of the car always anchors

@@ -59,6 +59,14 @@ def grid_offset(key: bytes, vin: str) -> GridOffset:
     return GridOffset(a / 2.0**64, b / 2.0**64)
 
 
+def destination_offset(key: bytes, vin: str) -> GridOffset:
+    """The shift for places the car is not at (a navigation destination):
+    independent of `grid_offset`. A backend often knows a destination exactly
+    (it answered the search); with the position shift, every (exact, coarse)
+    pair would narrow the shift that hides where the car is parked."""
+    return grid_offset(key, "destination\x00" + vin)
+
+
 def coarse_cell_degrees(cell_size_m: float, latitude: float) -> tuple[float, float]:
     """Cell height and width in degrees at a (snapped) latitude."""
     dlat = cell_size_m / METRES_PER_DEGREE_LAT
