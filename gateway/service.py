@@ -299,7 +299,15 @@ class GatewayService:
                 state = expire_find_my_car(with_find_my_car(state, commands), now, policy.window_s)
             states[vin] = state
         self.states = states
-        self.anchors = dict(self.store.load_anchors())
+        # Anchors do not depend on the policy: on a policy switch the ones set
+        # since the last commit (still only in memory) must not fall back to
+        # older stored ones, or the next message would refresh early (rule 13).
+        anchors = dict(self.store.load_anchors())
+        for vin, anchor in self.anchors.items():
+            kept = anchors.get(vin)
+            if kept is None or kept.refreshed_at < anchor.refreshed_at:
+                anchors[vin] = anchor
+        self.anchors = anchors
         self.histories = self._load_histories()
         self.metrics.vehicles.set(len(self.states))
         count, size, subjects = self.store.parked_stats()
@@ -322,7 +330,10 @@ class GatewayService:
             if row.merged:
                 # The revisions folded into it are not stored: every one after
                 # the row before (inclusive: that one may be split by a restriction).
-                first = previous[1] if previous[0] == vin else 0
+                # A car's oldest row covers only its own revision: what was folded
+                # into it is unknown, so older revisions count as captured before
+                # the known settings (fail closed), never as allowed by it.
+                first = previous[1] if previous[0] == vin else snapshot.revision
             previous = (vin, snapshot.revision)
             interval = Interval(first, snapshot.revision, snapshot.applied_at, state)
             histories[vin] = append(histories.get(vin), interval, limit)

@@ -296,3 +296,36 @@ def test_a_stated_revision_does_not_outrank_a_restriction_or_an_erasure() -> Non
     erased = history((6, T2, r6))
     before = run(status(revision=6, timestamp_ms=ms(T0 + 60)), erased)
     assert isinstance(before, Drop) and before.reason is DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS
+
+
+def test_a_compacted_oldest_row_accepts_no_older_revision_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The revisions folded into a car's oldest stored row are unknown: after a
+    restart, an older stated revision is captured before the known settings,
+    never taken as allowed by that row (rules 9 and 11: no fail-open on restart)."""
+    import types
+
+    from gateway.core.state import SettingsSnapshot
+    from gateway.service import GatewayService
+    from gateway.store.sqlite import SqliteConsentStore
+
+    store = SqliteConsentStore(tmp_path / "consent.db", history_limit=3)
+    try:
+        for i, revision in enumerate(range(5, 10)):  # the oldest three end up merged
+            store.apply_settings(
+                SettingsSnapshot(VIN, revision, False, LocationMode.PRECISE,
+                                 {"remote_control": True}, T0 + i * 60, POLICY.version)
+            )
+        service = types.SimpleNamespace(
+            store=store, ctx=CTX, states={VIN: state(9)},
+            config=types.SimpleNamespace(
+                limits=types.SimpleNamespace(capture_intervals_per_vehicle=32)
+            ),
+        )
+        loaded = GatewayService._load_histories(service)  # type: ignore[arg-type]
+    finally:
+        store.close()
+    decision = run(status(revision=2), loaded[VIN])
+    assert isinstance(decision, Drop)
+    assert decision.reason is DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS

@@ -593,3 +593,24 @@ async def test_location_anchor_survives_restart(
     assert len(got) == 2
     assert {(p.latitude, p.longitude) for p in got} == {(anchor.latitude, anchor.longitude)}
     assert second.anchors[VIN] == anchor
+
+
+@pytest.mark.integration
+async def test_policy_switch_keeps_anchors_not_yet_committed(
+    gateways: GatewayHarness, clients: Clients
+) -> None:
+    """A policy switch reloads the state from the store between two messages:
+    an anchor set by a message whose batch is not committed yet must survive
+    it, or the car's next message refreshes early (contract rule 13)."""
+    service = await gateways.start()
+    car = clients.car
+    await car.settings(1, features={"remote_control": True},
+                       location=common_pb2.LOCATION_APPROXIMATE)
+    await car.send("tbox/status", status(car))
+    await car.barrier()
+    committed = service.anchors[VIN]
+    # The next refresh, decided but (as between two group commits) not stored yet.
+    newer = dataclasses.replace(committed, refreshed_at=committed.refreshed_at + 1000, latitude=1.0)
+    service.anchors[VIN] = newer
+    service.load_state()
+    assert service.anchors[VIN] == newer
