@@ -30,7 +30,7 @@ from gateway.core import (
     decide_command,
     state_from_snapshot,
 )
-from gateway.core.decide import applied_message
+from gateway.core.decide import applied_message, kept_features
 from gateway.core.identity import pseudonymize_vehicle_field
 from gateway.core.transforms import (
     coarse_cell_degrees,
@@ -1174,3 +1174,26 @@ def test_arbitrary_commands_never_raise(
     assert result.accepted == d.accepted and result.reason == d.reason
     if d.accepted:
         assert st_ is not None and not st_.privacy_mode
+
+
+def test_an_off_for_a_feature_the_policy_does_not_know_yet_survives_a_policy_that_adds_it() -> None:
+    """The car's screen already shows a feature the running policy lacks and the
+    driver switched it off; a later policy adds it on by default. The stored
+    snapshot must still say no (rule 8: a withdrawal always holds)."""
+    src = (ROOT / "config" / "policy.yaml").read_text()
+    version = POLICY.version
+    later = parse_policy(
+        src.replace(f'version: "{version}"', f'version: "{version}.1"').replace(
+            "  ecall:\n    legal_basis: legal_obligation",
+            "  driving_analytics:\n    legal_basis: legitimate_interest\n    default: true\n"
+            "    description: x\n  ecall:\n    legal_basis: legal_obligation",
+        )
+    )
+    assert "driving_analytics" in later.default_on  # the new policy really turns it on
+    kept = kept_features(POLICY, {"remote_control": True, "driving_analytics": False})
+    assert kept["driving_analytics"] is False
+    snapshot = SettingsSnapshot(VIN, 3, False, LocationMode.APPROXIMATE, kept, 0.0, version)
+    assert "driving_analytics" not in state_from_snapshot(later, snapshot).enabled
+    # Bounded: a car cannot grow its stored snapshot with made-up offs.
+    many = kept_features(POLICY, {f"made_up_{i:04d}": False for i in range(1000)})
+    assert len(many) <= 40

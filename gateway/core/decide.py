@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ MAX_REVISION = 2**63 - 1  # PrivacySettings.revision is uint64; stores keep sign
 # rest never enables anything, and nothing a car sends grows the store
 # beyond this.
 MAX_APP_CONSENTS = 64
+# Explicit offs of feature ids the policy does not know yet, kept so a later
+# policy that adds such a feature (on by default) cannot re-enable what the
+# driver switched off. Bounded like the consents; an off never enables anything.
+MAX_UNKNOWN_OFFS = 32
+FEATURE_ID_PATTERN = re.compile(r"[a-z][a-z0-9_]*(\.[A-Za-z0-9_-]+)?")
 MAX_FEATURE_ID = 96
 
 
@@ -617,16 +623,27 @@ def _decide_settings(
 def kept_features(policy: CompiledPolicy, features: Mapping[str, bool]) -> dict[str, bool]:
     """The part of a snapshot's feature map worth enforcing and storing: the
     policy's features (on or off: an explicit off of a default-on feature
-    matters) and at most MAX_APP_CONSENTS per-app consents that are on."""
+    matters), at most MAX_APP_CONSENTS per-app consents that are on, and at
+    most MAX_UNKNOWN_OFFS explicit offs of ids the policy does not know (a
+    later policy may add that feature on by default: the driver's no must
+    still hold then)."""
     kept: dict[str, bool] = {}
     apps: list[str] = []
+    offs: list[str] = []
     for name, on in features.items():
         if name in policy.features:
             kept[name] = on
-        elif on and len(name) <= MAX_FEATURE_ID and policy.feature_is_known(name):
-            apps.append(name)
+        elif len(name) > MAX_FEATURE_ID:
+            continue
+        elif policy.feature_is_known(name):
+            if on:  # a per-app consent; an absent one is off already
+                apps.append(name)
+        elif not on and FEATURE_ID_PATTERN.fullmatch(name):
+            offs.append(name)
     for name in sorted(apps)[:MAX_APP_CONSENTS]:
         kept[name] = True
+    for name in sorted(offs)[:MAX_UNKNOWN_OFFS]:
+        kept[name] = False
     return kept
 
 
