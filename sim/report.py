@@ -116,6 +116,7 @@ def write_report(out_dir: Path, result: CheckResult) -> Path:
         f"<style>{CSS}</style></head><body>",
         _header(result, meta),
         _key_figures(result, truth, policy),
+        _privacy_benchmark(),
         _field_summary(result, policy),
         _decision_mix(result),
         _maps(truth, result, policy.cell_size_m),
@@ -129,6 +130,43 @@ def write_report(out_dir: Path, result: CheckResult) -> Path:
     path = out_dir / REPORT_FILE
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------ privacy attack benchmark
+
+
+def _privacy_benchmark(results_dir: Path | None = None) -> str:
+    """The latest `python -m bench privacy` run of this checkout, as a section:
+    what an adversary with the whole backend view could infer (the fleet run
+    above checks rules; this measures inference). Absent in an installed
+    package, and before the first run."""
+    import json
+
+    from gateway.about import source_root
+
+    if results_dir is None:
+        root = source_root()
+        results_dir = root / "bench" / "results" if root is not None else None
+    runs = sorted(results_dir.glob("privacy-2*.json")) if results_dir is not None else []
+    # A full run (1,000 cars) when there is one: the short variant's medians are noisy.
+    full = [p for p in runs if json.loads(p.read_text()).get("options", {}).get("cars", 0) >= 1000]
+    runs = full or runs
+    if not runs:
+        return (
+            "<h2>Privacy attack benchmark</h2><p>Not run on this machine yet: <code>python -m"
+            " bench privacy</code> (about 4 minutes) measures what a backend could infer from"
+            " everything the gateway sends (home and work, parked position, trip ends,"
+            " find-my-car polling, late data), against this gateway and weakened designs.</p>"
+        )
+    try:
+        from bench.privacy.report import privacy_section
+    except ImportError:  # an installed package has no benchmarks
+        return ""
+    results = json.loads(runs[-1].read_text())
+    return (
+        privacy_section(results)
+        + f"<p><small>From {_esc(runs[-1].name)} ({_esc(results.get('started', ''))}).</small></p>"
+    )
 
 
 # ------------------------------------------------------------------ headline

@@ -134,3 +134,16 @@ def test_through_mosquitto_matches_the_core() -> None:
     assert abs(figures["utility"][0] - figures["utility"][1]) < 0.5
     for name in ("home_work", "trip_ends"):
         assert 0 < figures[name][1] < 2, name
+
+
+def test_the_conformance_report_carries_the_latest_run(
+    results: dict[str, Any], tmp_path: Path
+) -> None:
+    """The DPO's report (python -m sim demo / check) embeds the newest run."""
+    from sim.report import _privacy_benchmark
+
+    assert "Not run on this machine yet" in _privacy_benchmark(tmp_path)
+    (tmp_path / "privacy-20260101-000000.json").write_text(json.dumps(results))
+    section = _privacy_benchmark(tmp_path)
+    assert "<h2>Privacy attack benchmark</h2>" in section
+    assert "Where the driver lives and works" in section and "privacy-20260101" in section
