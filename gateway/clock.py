@@ -63,9 +63,18 @@ class TimeMapping:
             raise ClockFileError(f"{source}: not a clock mapping: {exc}") from exc
         if not (math.isfinite(mapping.wall_start) and math.isfinite(mapping.speedup)):
             raise ClockFileError(f"{source}: wall_start and speedup must be finite")
-        if not 0 < mapping.speedup <= 100_000:
+        if not 0 < mapping.speedup <= 100_000:  # (0: a clock that never moves)
             raise ClockFileError(f"{source}: speedup must be in (0, 100000]")
         return mapping
+
+    @classmethod
+    def frozen(cls, sim_start_ms: int) -> TimeMapping:
+        """Simulated time standing (practically) still at the simulation's start:
+        what a gateway reads before the fleet's clock starts. Time then only
+        moves forward when the fleet writes its mapping; a provisional mapping
+        that ran ahead would step back, and settings applied meanwhile would
+        seem to start after the records captured under them."""
+        return cls(sim_start_ms, 0.0, 1e-9)
 
     def write(self, path: Path) -> None:
         """Atomically (a reader never sees half a file)."""

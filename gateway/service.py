@@ -320,6 +320,7 @@ class GatewayService:
         policy, limit = self.ctx.policy, self.config.limits.capture_intervals_per_vehicle
         histories: dict[str, CaptureHistory] = {}
         previous: tuple[str, int] = ("", 0)  # (vin, revision) of the row before
+        latest_merged: set[str] = set()  # cars whose newest row folded settings in
         for row in self.store.capture_history():
             snapshot = row.snapshot
             vin = snapshot.vin
@@ -335,6 +336,10 @@ class GatewayService:
                 # the known settings (fail closed), never as allowed by it.
                 first = previous[1] if previous[0] == vin else snapshot.revision
             previous = (vin, snapshot.revision)
+            if row.merged:
+                latest_merged.add(vin)
+            else:
+                latest_merged.discard(vin)
             interval = Interval(first, snapshot.revision, snapshot.applied_at, state)
             histories[vin] = append(histories.get(vin), interval, limit)
         # A latest row that folded in settings over the rate limit holds the
@@ -344,7 +349,7 @@ class GatewayService:
         merged_latest = {
             vin
             for vin, history in histories.items()
-            if history[-1].first_revision < history[-1].revision
+            if vin in latest_merged
             and (current := self.states.get(vin)) is not None
             and history[-1].revision == current.revision
         }
@@ -362,9 +367,14 @@ class GatewayService:
                 older: CaptureHistory = ()
                 if vin in merged_latest:
                     *before, last = histories[vin]
+                    # The revisions folded in end just below the current one.
                     older = (
                         *before,
-                        dataclasses.replace(last, revision=current.revision - 1),
+                        dataclasses.replace(
+                            last,
+                            first_revision=min(last.first_revision, current.revision - 1),
+                            revision=current.revision - 1,
+                        ),
                     )
                 histories[vin] = (*older, exact)
         return histories

@@ -35,6 +35,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from gateway.clock import TimeMapping
 from sim.broker import MosquittoBroker, free_port
 from sim.chaos_plan import (
     ACL_DENY,
@@ -65,7 +66,7 @@ from sim.demo import READY_MARKER, GatewayProcess
 from sim.policy import DEFAULT_POLICY_PATH, load_policy
 from sim.resilient import ConnectionStats, ResilientClient, resilient_factory
 from sim.run import RunConfig, RunSummary, parse_duration, run_simulation
-from sim.scenario import build_scenario
+from sim.scenario import DEFAULT_SIM_START_MS, build_scenario
 from sim.vin import make_vin
 from telematics.v1 import common_pb2, privacy_pb2
 
@@ -451,9 +452,7 @@ class Injector:
             for first in range(0, len(vins), 200):
                 await asyncio.gather(
                     *(
-                        client.publish(
-                            f"vehicle/{vin}/avn/privacy", _fake_settings(vin, i), qos=1
-                        )
+                        client.publish(f"vehicle/{vin}/avn/privacy", _fake_settings(vin, i), qos=1)
                         for i, vin in enumerate(vins[first : first + 200], start=first)
                     )
                 )
@@ -474,9 +473,7 @@ class Injector:
 
 
 def _fake_settings(vin: str, n: int) -> bytes:
-    message = privacy_pb2.PrivacySettings(
-        revision=1, location=common_pb2.LOCATION_APPROXIMATE
-    )
+    message = privacy_pb2.PrivacySettings(revision=1, location=common_pb2.LOCATION_APPROXIMATE)
     message.features["remote_control"] = True
     message.header.vin = vin
     message.header.seq = n + 1
@@ -530,9 +527,7 @@ def ecall_latency(result: CheckResult, records: list[FaultRecord]) -> dict[str, 
         "during_ordinary_lane_faults": latency_stats(
             [a for a in no_outage if _overlaps(a, ordinary_faults)]
         ),
-        "during_backend_outage": latency_stats(
-            [a for a in arrivals if _overlaps(a, backend_down)]
-        ),
+        "during_backend_outage": latency_stats([a for a in arrivals if _overlaps(a, backend_down)]),
         "during_gateway_kill": latency_stats(
             [a for a in arrivals if _overlaps(a, windows(KILL, KILL_IN_OUTAGE))]
         ),
@@ -594,7 +589,21 @@ def run_chaos(config: ChaosConfig, console: Console | None = None) -> ChaosOutco
                 token_sha256=hashlib.sha256(token.encode()).hexdigest(),
             )
         )
-        command = [sys.executable, "-m", "gateway", "run", "--config", str(config_path)]
+        # The gateway runs on the fleet's compressed time, as in the demo (every
+        # interval of the contract on one clock); the fleet rewrites the mapping
+        # when its clock starts, and a restarted gateway reads the same file.
+        clock_file = out / "sim-clock.json"
+        TimeMapping.frozen(DEFAULT_SIM_START_MS).write(clock_file)
+        command = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--config",
+            str(config_path),
+            "--simulated-clock",
+            str(clock_file),
+        ]
         gateway = GatewayProcess(command, out / "gateway-1.log")
         gateway.start()
         gateway.wait_ready(config.ready_timeout_s)
@@ -627,6 +636,7 @@ def run_chaos(config: ChaosConfig, console: Console | None = None) -> ChaosOutco
             applied_timeout_s=90.0,
             result_timeout_s=90.0,
             settings_resend_s=3.0,
+            clock_file=clock_file,
         )
         active = injector
 

@@ -193,7 +193,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoOutcome:
     # The gateway runs on the fleet's compressed time: the fleet rewrites this mapping
     # when its clock starts; until then the gateway reads the provisional one.
     clock_file = out / "sim-clock.json"
-    TimeMapping(DEFAULT_SIM_START_MS, time.time(), config.speedup).write(clock_file)
+    TimeMapping.frozen(DEFAULT_SIM_START_MS).write(clock_file)
     with MosquittoBroker() as broker:
         command = gateway_command(config, broker.url, state_dir, clock_file)
         console.print(f"mosquitto on {broker.url}; starting gateway: {shlex.join(command)}")

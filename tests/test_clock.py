@@ -89,3 +89,22 @@ def test_run_refuses_a_missing_clock_file_and_it_is_not_a_config_key(tmp_path: P
     # Only a command-line flag: no configuration section or key selects it.
     for shipped in (ROOT / "config").glob("*.toml"):
         assert "simulated" not in shipped.read_text().lower()
+
+
+def test_before_the_fleet_starts_time_stands_at_the_start_and_never_steps_back(
+    tmp_path: Path,
+) -> None:
+    """A provisional mapping that ran ahead would step back when the fleet's
+    clock starts: settings applied meanwhile would seem to begin after the
+    records captured under them (and those would count as captured before)."""
+    path = tmp_path / "clock.json"
+    TimeMapping.frozen(1_000_000).write(path)
+    wall = FakeWall(1_800_000_000.0)
+    clock = SimulatedClock(path, wall)
+    before = clock()
+    wall.t += 30  # the gateway waits for the fleet
+    assert clock() == pytest.approx(before, abs=1e-3) == pytest.approx(1000.0, abs=2)
+    TimeMapping(1_000_000, wall.t, 240).write(path)  # the fleet starts its clock
+    os.utime(path, ns=(5, 5))
+    wall.t += 1
+    assert clock() >= before and clock() == pytest.approx(1000.0 + 240, abs=2)

@@ -541,11 +541,19 @@ def test_refresh_sooner_than_the_interval_is_a_leak(clean_run: Run) -> None:
     interval = clean_run.policy.refresh_interval_s * checker.gateway_wall_per_s
     vin = checker.vins[0]
     a, b = (48.1, 11.5), (48.2, 11.6)
-    checker.anchor_values[vin] = [(0.0, a), (1.0, b), (1.0 + interval, a)]  # ok
+    checker.anchor_values[vin] = [(0.0, 0.0, a), (1.0, 1.0, b), (1.0 + interval, 1.0 + interval, a)]
+    checker._check_refresh_interval()
+    assert checker.issues == []  # ok
+    # Held back by a backend outage: decided an interval apart, arriving together.
+    held = [(0.0, 0.0, a), (5 * interval, 0.5, b), (5 * interval + 0.01, 1.5 + interval, a)]
+    checker.anchor_values[vin] = held
     checker._check_refresh_interval()
     assert checker.issues == []
-    checker.anchor_values[vin] = [(0.0, a), (1.0, b), (1.0 + interval / 2, a)]  # too soon
-    checker.odometer_values[vin] = [(0.0, 10.0), (5.0, 10.0), (6.0, 11.0), (7.0, 12.0)]
+    too_soon = 1.0 + interval / 2
+    checker.anchor_values[vin] = [(0.0, 0.0, a), (1.0, 1.0, b), (too_soon, too_soon - 0.01, a)]
+    checker.odometer_values[vin] = [
+        (0.0, 0.0, 10.0), (5.0, 5.0, 10.0), (6.0, 6.0, 11.0), (7.0, 7.0, 12.0)
+    ]
     checker._check_refresh_interval()
     assert {(i.category, i.rule) for i in checker.issues} == {
         (LEAK, "approximate_refresh_too_soon"),
