@@ -130,6 +130,8 @@ def _detail(attack: dict[str, Any]) -> str:
             f"{real['delivered']:,}/{real['allowed']:,} allowed delivered; within the skew"
             f" margin of a settings change (clock-judged cars)"
             f" {real['within_skew_margin_delivered']:,}/{real['within_skew_margin']:,};"
+            f" cars stating no revision with a wrong or silent clock"
+            f" {real['wrong_clock_delivered']:,}/{real['wrong_clock']:,};"
             f" approximate position error median"
             f" {real.get('position_error_m', float('nan')):,.0f} m"
         )

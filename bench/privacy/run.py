@@ -182,7 +182,12 @@ def _feed(variant: Variant, car: Car, tally: Tally, utility: bool) -> list[WireM
             if car.truth.states_revision
             else f"timestamp only, {car.truth.clock} clock"
         )
-        if (
+        if event.kind == LIVE and event.allowed and not decidable:
+            # Judged by a clock that is wrong or silent: the contract cannot promise
+            # either way (a wrong time can land in a stricter period: fail closed).
+            tally.counts["allowed_wrong_clock"] += 1
+            tally.counts["allowed_wrong_clock_delivered"] += 1 if outcome.wire else 0
+        elif (
             event.kind == LIVE
             and event.allowed
             and not judged_by_revision
@@ -528,7 +533,8 @@ ATTACKS: tuple[dict[str, Any], ...] = (
         "attacker": "(no attacker) what the backend still gets of what it is allowed to get.",
         "metric": (
             "share of allowed messages delivered (records of cars judged by their clock"
-            " within the skew margin of a settings change reported beside it)"
+            " within the skew margin of a settings change, and of cars stating no revision"
+            " with a wrong or silent clock, reported beside it)"
         ),
         "unit": "%",
         "op": ">=",
@@ -621,6 +627,8 @@ def _row(
             within_skew_margin_delivered=tally.counts.get(
                 "allowed_within_skew_margin_delivered", 0
             ),
+            wrong_clock=tally.counts.get("allowed_wrong_clock", 0),
+            wrong_clock_delivered=tally.counts.get("allowed_wrong_clock_delivered", 0),
             lost_by_car_and_reason=_prefixed(tally.counts, "lost:"),
         )
         if design == "real":
