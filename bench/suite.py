@@ -164,12 +164,22 @@ def bench_core(ctx: Context) -> dict[str, Any]:
         rates.append(len(work) / elapsed)
         ctx.log(f"  core round {r + 1}: {rates[-1]:,.0f} msg/s")
     per_stream = _per_stream_cost(decide, dctx, work, messages, states, now)
+    detection = _vin_detection_cost(work, messages)
+    app_decide = per_stream.get("avn/app/*", {}).get("mean_us", float("nan"))
+    detection["share_of_decide"] = detection["typical_us"] / app_decide
+    ctx.log(
+        "  VIN search in app messages: median {typical_us:.1f} us per message"
+        " ({share_of_decide:.0%} of deciding one), 64 KiB base64 {worst_us:,.0f} us".format(
+            **detection
+        )
+    )
     return {
         "messages": len(work),
         "rates_msg_s": rates,
         "median_msg_s": median(rates),
         "outcomes_first_20k": dict(outcomes.most_common()),
         "per_stream_us": per_stream,
+        "vin_detection": detection,
         "mix": templates().mix(),
         "fleet": fleet.coverage(),
     }
@@ -194,6 +204,42 @@ def _per_stream_cost(
     return {
         k: {"count": len(v), "mean_us": round(statistics.fmean(v) * 1e6, 2)}
         for k, v in sorted(costs.items(), key=lambda kv: -len(kv[1]))
+    }
+
+
+def _vin_detection_cost(
+    work: list[tuple[str, bytes]], messages: list[VehicleMessage]
+) -> dict[str, float]:
+    """The best-effort VIN search (contract rule 15) on the fleet's app
+    messages: median microseconds per message over rounds, its share of a
+    whole decision of such a message, and the worst case the payload cap
+    allows (64 KiB of base64 text, decoded at four offsets)."""
+    import base64
+    import os
+
+    from gateway.core.identity import vin_in_bytes
+
+    apps = [(p, m.vin) for (_t, p), m in zip(work, messages, strict=True) if "/app/" in m.stream]
+    if not apps:
+        return {"messages": 0, "typical_us": float("nan"), "worst_us": float("nan")}
+    clock = time.perf_counter
+    rounds = []
+    for _ in range(5):
+        t0 = clock()
+        for payload, vin in apps:
+            vin_in_bytes(payload, vin)
+        rounds.append((clock() - t0) / len(apps) * 1e6)
+    worst_payload = base64.b64encode(os.urandom(48 * 1024))
+    worst = []
+    for _ in range(5):
+        t0 = clock()
+        vin_in_bytes(worst_payload, apps[0][1])
+        worst.append((clock() - t0) * 1e6)
+    return {
+        "messages": len(apps),
+        "typical_us": median(rounds),
+        "worst_us": median(worst),
+        "mean_payload_bytes": statistics.fmean(len(p) for p, _ in apps),
     }
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from bench.privacy.attacks import Ring, distance_interval_m, ring_place
 from bench.privacy.report import write_html
-from bench.privacy.run import SHORT, STEPS_KM, run
+from bench.privacy.run import SHORT, STEPS_KM, knee_step, run
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,62 @@ def test_defences_hold(results: dict[str, Any]) -> None:
     assert all(key.startswith("timestamp only") for key in utility["lost_by_car_and_reason"])
     step = results["policy"]["side_field_step_km"]
     assert step and 0 < utility["trip_distance_error_km"] <= step
+
+
+def test_the_ring_attack_beats_exact_trip_distance(results: dict[str, Any]) -> None:
+    """A known start plus the trip distance along the street grid locates the
+    end: against exact distance the best attack beats the target on this
+    gateway too; rounding the distance to the policy's step pushes it back
+    over the target, and the error grows with the step."""
+    trip = attack(results, "trip_ends")
+    target = trip["target"]
+    real = {p["step_km"]: p for p in trip["curve"]["real"]}
+    exact = real[0.0]
+    assert min(exact["estimators_m"], key=exact["estimators_m"].get).startswith("ring")
+    assert exact["privacy_cells"] < target
+    default = results["policy"]["side_field_step_km"]
+    assert real[default]["privacy_cells"] >= target
+    assert real[max(STEPS_KM)]["privacy_cells"] > exact["privacy_cells"] + 0.1
+    # The knee is the smallest step reaching the target, and the policy sits there.
+    assert trip["knee_step_km"] == default
+    # Against v1 (exact distance, the cell centre) the two-ring fit wins.
+    v1 = trip["weakened"]["estimators_m"]
+    assert v1["ring2"] < min(v1["final"], v1["crossing"])
+
+
+def test_ring_place_finds_the_corner_two_rings_share() -> None:
+    # Start at the origin, end at (1500, 700): 2200 m on the grid; the next
+    # trip ends at (-500, 2000): 3300 m from the end. Band: a 2000 m cell
+    # around a published value 600 m off the end.
+    end = (1500.0, 700.0)
+    value = (1900.0, 1100.0)
+    first = Ring((0.0, 0.0), *distance_interval_m(2.2, 0.0, None, 0.0))
+    second = Ring((-500.0, 2000.0), *distance_interval_m(3.3, 0.0, None, 0.0))
+    guess = ring_place(value, 1000.0, [first, second])
+    assert guess is not None
+    assert abs(guess[0] - end[0]) < 150 and abs(guess[1] - end[1]) < 150
+    # Rounded to 5 km (and 1 kWh of energy at 0.17 kWh/km) the region spans the band.
+    lo, hi = distance_interval_m(0.0, 5.0, 0.0, 1.0)
+    assert (lo, hi) == (-50.0, 2550.0)
+    coarse = ring_place(value, 1000.0, [Ring((0.0, 0.0), lo, hi)])
+    assert coarse is not None
+    assert abs(coarse[0] - end[0]) + abs(coarse[1] - end[1]) > 2 * (
+        abs(guess[0] - end[0]) + abs(guess[1] - end[1])
+    )
+    # No point of the band on the ring: no estimate.
+    assert ring_place((9000.0, 9000.0), 1000.0, [first]) is None
+
+
+def test_knee_is_the_smallest_step_reaching_the_target() -> None:
+    curve = [
+        {"step_km": 5.0, "privacy_cells": 0.41},
+        {"step_km": 0.0, "privacy_cells": 0.2},
+        {"step_km": 2.0, "privacy_cells": 0.36},
+        {"step_km": 1.0, "privacy_cells": float("nan")},
+    ]
+    assert knee_step(curve, 0.35) == 2.0
+    assert knee_step(curve, 0.40) == 5.0
+    assert knee_step(curve, 0.5) is None
 
 
 def test_html_page(results: dict[str, Any], tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -241,6 +242,16 @@ def _encodings(vin: str) -> dict[str, bytes]:
         forms[f"b64url+{len(prefix)}"] = base64.urlsafe_b64encode(prefix + b"\xfb\xff" + raw)
         forms[f"b64-lower+{len(prefix)}"] = base64.b64encode(prefix + raw.lower())
     forms["b64-utf16"] = base64.b64encode(vin.encode("utf-16-le"))
+    # Forms encoders emit for byte arrays and escaped text.
+    forms["json-buffer"] = json.dumps({"type": "Buffer", "data": list(raw)}).encode()
+    forms["decimal-list"] = " ".join(str(b) for b in raw).encode()
+    forms["json-unicode-escapes"] = "".join(f"\\u{b:04x}" for b in raw).encode()
+    forms["JSON-unicode-escapes"] = "".join(f"\\u{b:04X}" for b in raw).encode()
+    forms["hex-escapes"] = "".join(f"\\x{b:02x}" for b in raw).encode()
+    forms["percent"] = "".join(f"%{b:02X}" for b in raw).encode()
+    forms["hex-literals"] = ", ".join(f"0x{b:02x}" for b in raw).encode()
+    forms["html-entities"] = "".join(f"&#{b};" for b in raw).encode()
+    forms["html-hex-entities"] = "".join(f"&#x{b:x};" for b in raw).encode()
     return forms
 
 

@@ -55,6 +55,7 @@ class TripView:
     distance_km: float
     duration_s: int
     odometer_km: float
+    energy_kwh: float | None = None
 
 
 @dataclass
@@ -110,7 +111,13 @@ def view(
             end = _xy(tr.end) if tr.HasField("end") else None
             out.trips.append(
                 TripView(
-                    w.t, tr.trip_id, end, gen(tr.distance_km), tr.duration_s, gen(tr.odometer_km)
+                    w.t,
+                    tr.trip_id,
+                    end,
+                    gen(tr.distance_km),
+                    tr.duration_s,
+                    gen(tr.odometer_km),
+                    tr.energy_kwh or None,
                 )
             )
         elif stream == "tbox/location":
@@ -373,3 +380,100 @@ def trip_legs(
 
 def odometer_track(car: CarView) -> list[tuple[float, float]]:
     return [(r.t, r.odometer) for r in car.reports if r.odometer is not None]
+
+
+# Energy the fleet's cars report per km driven (public: any owner can read it
+# off the car): trip energy is a second measure of trip distance.
+KWH_PER_KM = 0.17
+
+
+@dataclass(frozen=True, slots=True)
+class Ring:
+    """Known start (or known next end) of a trip and the road distance to the
+    unknown place, in metres: the place lies where the street-grid (Manhattan)
+    distance from `centre` is within [lo, hi]."""
+
+    centre: tuple[float, float]
+    lo: float
+    hi: float
+
+
+def distance_interval_m(
+    distance_km: float,
+    distance_step_km: float,
+    energy_kwh: float | None,
+    energy_step_kwh: float,
+    tolerance_m: float = 50.0,
+) -> tuple[float, float]:
+    """The road distances (m) consistent with a published trip distance and
+    trip energy, each rounded to its step (halves away from zero: the
+    gateway's `generalize`): the intersection of both intervals."""
+    half = distance_step_km / 2
+    lo, hi = max(0.0, distance_km - half), distance_km + half
+    if energy_kwh is not None and energy_step_kwh:
+        e_half = energy_step_kwh / 2
+        lo = max(lo, (energy_kwh - e_half) / KWH_PER_KM)
+        hi = min(hi, (energy_kwh + e_half) / KWH_PER_KM)
+        if lo > hi:  # rounding at both edges: keep the distance's own interval
+            lo, hi = max(0.0, distance_km - half), distance_km + half
+    return lo * 1000 - tolerance_m, hi * 1000 + tolerance_m
+
+
+def _ring_spans(ring: Ring, x: float) -> list[tuple[float, float]]:
+    """The y intervals at column `x` whose Manhattan distance from the ring's
+    centre lies in [lo, hi]."""
+    ax = abs(x - ring.centre[0])
+    inner, outer = ring.lo - ax, ring.hi - ax
+    if outer < 0:
+        return []
+    cy = ring.centre[1]
+    if inner <= 0:
+        return [(cy - outer, cy + outer)]
+    return [(cy - outer, cy - inner), (cy + inner, cy + outer)]
+
+
+def _intersect(
+    a: list[tuple[float, float]], b: list[tuple[float, float]]
+) -> list[tuple[float, float]]:
+    out = []
+    for lo1, hi1 in a:
+        for lo2, hi2 in b:
+            lo, hi = max(lo1, lo2), min(hi1, hi2)
+            if lo < hi:
+                out.append((lo, hi))
+    return out
+
+
+def ring_place(
+    centre: tuple[float, float], band_half: float, rings: list[Ring]
+) -> tuple[float, float] | None:
+    """The place behind a published value `centre` (shift removed where known)
+    that lies within `band_half` of it on each axis and on every ring: the
+    centroid of that region (columns of 50 m), None when it is empty.
+
+    The adversary knows where the trip began (say the owner's address, or the
+    previous trip's end) and, for the second ring, where the next trip ended;
+    roads run in street-grid legs (sim.world), so the road distance is the
+    Manhattan distance unless a diagonal arterial shortened it (the attack
+    takes the likely case)."""
+    # Columns no wider than half a ring's tolerance band (100 m for exact
+    # distances), so a thin intersection of two rings is not stepped over.
+    columns = max(1, math.ceil(2 * band_half / 50.0))
+    width = 2 * band_half / columns
+    band = [(centre[1] - band_half, centre[1] + band_half)]
+    area = sx = sy = 0.0
+    for k in range(columns):
+        x = centre[0] - band_half + (k + 0.5) * width
+        spans = band
+        for ring in rings:
+            spans = _intersect(spans, _ring_spans(ring, x))
+            if not spans:
+                break
+        for lo, hi in spans:
+            length = hi - lo
+            area += length
+            sx += x * length
+            sy += (lo + hi) / 2 * length
+    if area <= 0:
+        return None
+    return sx / area, sy / area

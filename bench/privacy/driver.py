@@ -102,11 +102,17 @@ def find_my_car_cap(policy: CompiledPolicy) -> int:
 def side_field_step_km(policy: CompiledPolicy) -> float | None:
     """The policy's trip-distance step under approximate (rule 14), None when
     the policy forwards it exact."""
+    return trip_field_step(policy, "distance_km")
+
+
+def trip_field_step(policy: CompiledPolicy, name: str) -> float | None:
+    """The policy's step for a `tbox/trip` field (public: the published policy
+    says it), None when the field passes exact."""
     route = policy.route("tbox/trip")
     if route is None:
         return None
     steps = dict(getattr(route[0], "generalize_fields", ()))
-    step = steps.get("distance_km")
+    step = steps.get(name)
     return float(step) if step else None
 
 

@@ -19,14 +19,18 @@ from typing import Any
 from google.protobuf.message import Message
 
 from bench.privacy.attacks import (
+    KWH_PER_KM,
     CarView,
     Leg,
     Report,
+    Ring,
+    distance_interval_m,
     fit_place,
     learn_offset,
     mean_parked,
     modal,
     public_xy,
+    ring_place,
     trip_legs,
     view,
 )
@@ -38,6 +42,7 @@ from bench.privacy.driver import (
     find_my_car_cap,
     side_field_step_km,
     stamp_header,
+    trip_field_step,
 )
 from bench.privacy.fleet import (
     DAY_MS,
@@ -49,6 +54,7 @@ from bench.privacy.fleet import (
     START_MS,
     Car,
     CarEvent,
+    TripTruth,
     build_car,
     fleet_vins,
     metres,
@@ -56,12 +62,12 @@ from bench.privacy.fleet import (
 )
 from bench.privacy.variants import NoiseVariant, V1Variant, Variant
 from gateway.config import PipelineConfig
-from gateway.core.transforms import grid_offset
+from gateway.core.transforms import generalize_number, grid_offset
 from gateway.policy import load_policy
 from sim.geo import Point, distance_m
 from telematics.v1 import common_pb2, streams_pb2
 
-STEPS_KM = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+STEPS_KM = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5)
 FIND_MY_CAR_POLLS = 60  # one command a minute for an hour
 FIND_MY_CAR_STRAY_S = 20  # a car that also uploads a fix every 20 s
 APPROXIMATE = common_pb2.LOCATION_APPROXIMATE
@@ -292,6 +298,8 @@ def _score_car(
     places: list[tuple[float, float]],
     cell_m: float,
     refresh_ms: int,
+    steps: TripSteps,
+    curve_energy_step_kwh: float = 0.0,
 ) -> None:
     truth = car.truth
     if truth.location != APPROXIMATE:
@@ -332,11 +340,18 @@ def _score_car(
             tally.add("home_work", f"arrivals{suffix}", _dist(guess, true_xy))
     adversarial = truth.clock != "honest"
     group = "trip_ends" if adversarial else "trip_ends_honest_clock"
+    recorded = {t.trip_id: (t.distance_km, t.energy_kwh) for t in seen.trips}
+    rings = _rings(truth.trips, recorded, steps)
     for suffix, estimates in ends.items():
+        # Without the car's shift the truth is within a cell of the published
+        # value on each axis; with it (or the v1 cell centre) within half a cell.
+        band = cell_m / 2 if suffix or design != "real" else cell_m
         for trip_id, (final, crossing) in estimates.items():
             true_end = metres(trip_truth[trip_id].end)
             tally.add(group, f"final{suffix}", _dist(final, true_end))
             tally.add(group, f"crossing{suffix}", _dist(crossing, true_end))
+            for name, guess in _ring_guesses(final, rings.get(trip_id, []), band):
+                tally.add(group, f"{name}{suffix}", _dist(guess, true_end))
     if design == "real":
         for trip in seen.trips:
             tally.add(
@@ -355,18 +370,102 @@ def _score_car(
             curves.append((SHIFT_KNOWN, known_shift(truth.vin, cell_m)))
         for step in STEPS_KM:
             stepped = _generalized(seen, step)
+            # Trip distance as a gateway with this step would publish it (energy
+            # at the policy's own step: it measures distance too).
+            at_step = TripSteps(step, curve_energy_step_kwh)
+            emulated = {t.trip_id: _published_trip(t.distance_km, at_step) for t in truth.trips}
+            rings = _rings(truth.trips, emulated, at_step)
             for label, shift in curves:
+                band = cell_m if label == "real" else cell_m / 2
                 for trip_id, (final, crossing) in _trip_ends(stepped, shift, cell_m)[0].items():
                     true_end = metres(trip_truth[trip_id].end)
                     tally.curve[label][step].append(_dist(crossing, true_end))
                     tally.curve[f"{label}/final"][step].append(_dist(final, true_end))
+                    for name, guess in _ring_guesses(final, rings.get(trip_id, []), band):
+                        tally.curve[f"{label}/{name}"][step].append(_dist(guess, true_end))
             for true_trip in truth.trips:
                 exact = true_trip.distance_km
-                published = math.floor(exact / step) * step if step else exact
+                published = generalize_number(exact, step) if step else exact
                 tally.add("curve_utility", f"{step:g}", abs(published - exact))
 
 
+@dataclass(frozen=True, slots=True)
+class TripSteps:
+    """The steps a design publishes trip distance and energy in (0: exact)."""
+
+    distance_km: float
+    energy_kwh: float
+
+
+EXACT = TripSteps(0.0, 0.0)
+
+
+def trip_steps(policy: Any) -> TripSteps:
+    """The steps the policy publishes trip distance and energy in."""
+    return TripSteps(
+        trip_field_step(policy, "distance_km") or 0.0, trip_field_step(policy, "energy_kwh") or 0.0
+    )
+
+
+def _published_trip(distance_km: float, steps: TripSteps) -> tuple[float, float | None]:
+    """(distance, energy) as a gateway with these steps publishes a trip of
+    `distance_km` (the fleet reports energy at KWH_PER_KM, to the Wh)."""
+    energy = round(distance_km * KWH_PER_KM, 3)
+    return (
+        generalize_number(distance_km, steps.distance_km) if steps.distance_km else distance_km,
+        generalize_number(energy, steps.energy_kwh) if steps.energy_kwh else energy,
+    )
+
+
+def _rings(
+    trips: list[TripTruth],
+    published: dict[str, tuple[float, float | None]],
+    steps: TripSteps,
+) -> dict[str, list[Ring]]:
+    """Per trip: the ring around its known start from its published distance
+    and, when the next trip is known, the ring around that trip's known end
+    from the next trip's distance (it left from this trip's end)."""
+    out: dict[str, list[Ring]] = {}
+    for i, trip in enumerate(trips):
+        if trip.trip_id not in published:
+            continue
+        distance, energy = published[trip.trip_id]
+        lo, hi = distance_interval_m(distance, steps.distance_km, energy, steps.energy_kwh)
+        rings = [Ring(metres(trip.start), lo, hi)]
+        following = trips[i + 1] if i + 1 < len(trips) else None
+        if following is not None and following.trip_id in published:
+            distance, energy = published[following.trip_id]
+            lo, hi = distance_interval_m(distance, steps.distance_km, energy, steps.energy_kwh)
+            rings.append(Ring(metres(following.end), lo, hi))
+        out[trip.trip_id] = rings
+    return out
+
+
+def _ring_guesses(
+    final: tuple[float, float], rings: list[Ring], band: float
+) -> list[tuple[str, tuple[float, float]]]:
+    """The known-start ring estimate and, with the next trip, the two-ring one
+    (each falls back to the published value when its region is empty)."""
+    if not rings:
+        return []
+    out = [("ring", ring_place(final, band, rings[:1]) or final)]
+    if len(rings) > 1:
+        out.append(("ring2", ring_place(final, band, rings) or out[0][1]))
+    return out
+
+
 SHIFT_KNOWN = "real-shift-known"
+CURVE_ESTIMATORS = ("final", "ring", "ring2")
+
+
+def knee_step(curve: list[dict[str, Any]], target_cells: float) -> float | None:
+    """The smallest step whose best trip-end attack stays at or above the
+    target (the least utility given up for it); None when no step does."""
+    for point in sorted(curve, key=lambda p: p["step_km"]):
+        value = point["privacy_cells"]
+        if not math.isnan(value) and value >= target_cells:
+            return float(point["step_km"])
+    return None
 
 
 def known_shift(vin: str, cell_m: float) -> tuple[float, float]:
@@ -437,7 +536,17 @@ def run(options: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
                 tally.fixes_per_hour.append(len(fixes))
             timings[f"decide:{design.name}"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            _score_car(design.name, car, wire, tally, places_xy, cell_m, policy.refresh_interval_ms)
+            _score_car(
+                design.name,
+                car,
+                wire,
+                tally,
+                places_xy,
+                cell_m,
+                policy.refresh_interval_ms,
+                trip_steps(policy) if design.name == "real" else EXACT,
+                trip_steps(policy).energy_kwh,
+            )
             timings[f"attack:{design.name}"] += time.perf_counter() - t0
         if (index + 1) % max(1, options.cars // 10) == 0:
             log(f"  {index + 1}/{options.cars} cars, {time.perf_counter() - started:.0f} s")
@@ -656,10 +765,15 @@ def summarize(
         attacks.append(entry)
     trip = next(a for a in attacks if a["id"] == "trip_ends")
 
-    def best(design: str, label: str, step: float) -> float:
-        # The better of the two trip-end estimators (crossing, final) at this step.
+    def estimators(design: str, label: str, step: float) -> dict[str, float]:
         curve = tallies[design].curve
-        return min(_median(curve[label][step]), _median(curve[f"{label}/final"][step]))
+        names = {"crossing": label} | {n: f"{label}/{n}" for n in CURVE_ESTIMATORS}
+        return {n: _median(curve[key][step]) for n, key in names.items() if curve[key][step]}
+
+    def best(design: str, label: str, step: float) -> float:
+        # The best trip-end estimator at this step.
+        found = [v for v in estimators(design, label, step).values() if not math.isnan(v)]
+        return min(found) if found else float("nan")
 
     trip["curve"] = {
         label: [
@@ -667,6 +781,7 @@ def summarize(
                 "step_km": step,
                 "privacy_m": best(design, label, step),
                 "privacy_cells": best(design, label, step) / cell_m,
+                "estimators_m": estimators(design, label, step),
                 "utility_trip_distance_error_km": _median(
                     tallies[design].estimators["curve_utility"][f"{step:g}"]
                 ),
@@ -675,6 +790,7 @@ def summarize(
         ]
         for design, label in (("v1", "v1"), ("real", "real"), ("real", SHIFT_KNOWN))
     }
+    trip["knee_step_km"] = knee_step(trip["curve"]["real"], trip["target"])
     trip["default_step_km"] = policy["side_field_step_km"]
     trip["utility_trip_distance_error_km"] = next(a for a in attacks if a["id"] == "utility")[
         "real"

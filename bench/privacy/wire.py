@@ -48,6 +48,7 @@ from bench.privacy.run import (
     policy_info,
     run,
     summarize,
+    trip_steps,
 )
 from bench.procs import Proc, write_gateway_config
 from gateway.clock import TimeMapping
@@ -248,6 +249,7 @@ def run_wire(options: WireOptions, log: Callable[[str], None] = print) -> dict[s
             public_xy(places),
             policy.cell_size_m,
             policy.refresh_interval_ms,
+            trip_steps(policy),
         )
     tally.fixes_per_hour = [fixes.get(c.truth.vin, 0) for c in polled]
     wire_options = Options(options.cars, options.days, options.seed, options.find_my_car_cars)

@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -185,6 +186,24 @@ def _runs(data: bytes, table: bytes, min_len: int) -> Iterator[bytes]:
         start = mask.find(needle, end)
 
 
+# Escapes that write one byte as hex digits (`\\u00` for text of ASCII).
+_HEX_ESCAPES = (b"\\u00", b"\\x", b"%", b"0x", b"&#x")
+# At least 17 numbers of 1-3 digits with short separators between them.
+_DECIMAL_LIST = re.compile(rb"\d{1,3}(?:[^0-9a-z]{1,4}\d{1,3}){16,}")
+_DECIMAL = re.compile(rb"\d{1,3}")
+
+
+def _in_hex_runs(flat: bytes, target: bytes) -> bool:
+    """Whether a run of hex digits in `flat` decodes (either alignment) to text
+    holding `target`."""
+    for run in _runs(flat, _HEX_TABLE, _MIN_HEX_RUN):
+        for start in (0, 1):
+            part = run[start : start + (len(run) - start) // 2 * 2]
+            if target in _canon(bytes.fromhex(part.decode())):
+                return True
+    return False
+
+
 def _canon(data: bytes) -> bytes:
     return data.translate(None, _STRIP).lower()
 
@@ -202,13 +221,21 @@ def vin_in_bytes(data: bytes, vin: str) -> bool:
     if not target:
         return False
     flat = _canon(data)
-    if target in flat:
+    if target in flat or _in_hex_runs(flat, target):
         return True
-    for run in _runs(flat, _HEX_TABLE, _MIN_HEX_RUN):
-        for start in (0, 1):
-            part = run[start : start + (len(run) - start) // 2 * 2]
-            if target in _canon(bytes.fromhex(part.decode())):
-                return True
+    low = data.lower()
+    if any(prefix in low for prefix in _HEX_ESCAPES):
+        # \u0057, \x57, %57, 0x57, &#x57; -> 57: the hex digits of each byte.
+        unescaped = low
+        for prefix in _HEX_ESCAPES:
+            unescaped = unescaped.replace(prefix, b"")
+        if _in_hex_runs(_canon(unescaped.replace(b";", b"")), target):
+            return True
+    for match in _DECIMAL_LIST.finditer(low):
+        # Byte arrays written as numbers: [87, 86, ...], "87 86 ...", &#87;&#86;...
+        numbers = [int(n) for n in _DECIMAL.findall(match.group())]
+        if max(numbers) < 256 and target in _canon(bytes(numbers)):
+            return True
     compact = data.translate(None, b" \t\r\n")
     for run in _runs(compact, _B64_TABLE, _MIN_B64_RUN):
         run = run.translate(_URLSAFE)
