@@ -278,6 +278,26 @@ class PipelineConfig(_Strict):
         ge=64 * 1024,
         description="payload bytes parked for all vehicles; beyond, the oldest are dropped",
     )
+    parked_app_release_min_delay_s: float = Field(
+        30.0,
+        ge=0,
+        description="a car's parked app (pseudonymized) messages are released this long at"
+        " least after its VIN-keyed ones, so one burst does not pair them (rule 15)",
+    )
+    parked_app_release_max_delay_s: float = Field(
+        600.0,
+        ge=0,
+        description="upper bound of that random delay (never past the messages' own"
+        " maximum wait)",
+    )
+
+    @model_validator(mode="after")
+    def _app_release_delays(self) -> PipelineConfig:
+        if self.parked_app_release_max_delay_s < self.parked_app_release_min_delay_s:
+            raise ValueError(
+                "parked_app_release_max_delay_s must not be below parked_app_release_min_delay_s"
+            )
+        return self
 
 
 class LimitsConfig(_Strict):

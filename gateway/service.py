@@ -934,7 +934,38 @@ class GatewayService:
         await self._release(ready)
 
     async def _release(self, rows: list[ParkedMessage]) -> None:
+        """Release VIN-keyed rows now and a car's app (pseudonymized) rows after
+        a random delay of their own: one burst of both would pair the app's
+        pseudonym with the VIN by timing (rule 15). Delayed rows stay parked
+        (a restart releases them at start) and are spared from expiry meanwhile."""
         now = self._clock()
+        rows = [r for r in rows if r.id not in self._releasing]
+        pipeline = self.config.pipeline
+        later = [r for r in rows if self._pseudonymized_stream(r.stream)]
+        if later and pipeline.parked_app_release_max_delay_s > 0:
+            rows = [r for r in rows if not self._pseudonymized_stream(r.stream)]
+            delay = random.SystemRandom().uniform(
+                pipeline.parked_app_release_min_delay_s, pipeline.parked_app_release_max_delay_s
+            )
+            self._releasing.update(r.id for r in later)
+            self.spawn(self._release_later(later, now + delay, now))
+        await self._release_now(rows, now)
+
+    def _pseudonymized_stream(self, stream: str) -> bool:
+        return any(s.key == stream and s.pseudonymize_vin for s in self.ctx.policy.streams)
+
+    async def _release_later(self, rows: list[ParkedMessage], due: float, released: float) -> None:
+        while (remaining := due - self._clock()) > 0:
+            await asyncio.sleep(min(remaining, 1.0))
+        self._releasing.difference_update(r.id for r in rows)
+        try:
+            await self.run_control(functools.partial(self._release_now, rows, released))
+        except Exception:
+            log.exception("releasing parked app messages failed; the next start releases them")
+
+    async def _release_now(self, rows: list[ParkedMessage], now: float) -> None:
+        """Decide parked rows again; `now`: when their revision was applied (a
+        delayed row does not expire waiting for its own delay)."""
         for row in rows:
             if row.id in self._releasing:
                 continue

@@ -187,6 +187,37 @@ async def test_held_message_is_forwarded_once_its_revision_arrives(
     assert service.metrics.value("gateway_parked_messages") == 0
 
 
+async def test_parked_app_messages_leave_apart_from_the_cars_vin_messages(
+    gateways: GatewayHarness, clients: Clients
+) -> None:
+    """Released together, a car's parked VIN-keyed and app messages would reach
+    the backend in one burst and pair the app's pseudonym with the VIN by
+    timing (rule 15): app rows wait a random delay of their own."""
+    gateways.pipeline = pipeline(
+        parked_app_release_min_delay_s=1.0, parked_app_release_max_delay_s=1.5
+    )
+    await gateways.start()
+    car = clients.car
+    features = REMOTE | {"third_party.music": True}
+    await car.settings(1, features=features)
+    app = car.header(streams_pb2.AppTraffic(app_id="music", payload=b"{}"))
+    app.header.settings_revision = 2
+    await car.send("avn/app/music", app)
+    early = status(clients, revision=2)
+    await car.send("tbox/status", early)
+    await car.barrier()
+    assert forwarded_seqs(clients) == [] and clients.backend.on("/avn/app/music") == []
+    await car.settings(2, features=features)
+    await car.barrier()
+    released = time.monotonic()
+    assert forwarded_seqs(clients) == [seq_of(early)]
+    assert clients.backend.on("/avn/app/music") == []  # not in the same burst
+    while not clients.backend.on("/avn/app/music"):
+        assert time.monotonic() - released < 10, "the parked app message never left"
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - released >= 0.9
+
+
 async def test_held_message_expires_as_settings_pending(
     gateways: GatewayHarness, clients: Clients
 ) -> None:
