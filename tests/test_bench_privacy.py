@@ -138,16 +138,23 @@ def test_ring_place_finds_the_corner_two_rings_share() -> None:
     assert ring_place((9000.0, 9000.0), 1000.0, [first]) is None
 
 
-def test_knee_is_the_smallest_step_reaching_the_target() -> None:
+def test_knee_is_the_smallest_step_clearing_the_target_with_margin() -> None:
     curve = [
         {"step_km": 5.0, "privacy_cells": 0.41},
         {"step_km": 0.0, "privacy_cells": 0.2},
         {"step_km": 2.0, "privacy_cells": 0.36},
+        {"step_km": 3.0, "privacy_cells": 0.42},
+        {"step_km": 4.0, "privacy_cells": 0.37},
+        {"step_km": 7.5, "privacy_cells": 0.39},
         {"step_km": 1.0, "privacy_cells": float("nan")},
     ]
-    assert knee_step(curve, 0.35) == 2.0
-    assert knee_step(curve, 0.40) == 5.0
-    assert knee_step(curve, 0.5) is None
+    assert knee_step(curve, 0.35, margin_cells=0.0) == 2.0
+    # With the margin: 2 km is too close to the target; 3 km clears it.
+    assert knee_step(curve, 0.35) == 3.0
+    # A coarser step falling below the target again disqualifies a finer one.
+    assert knee_step(curve, 0.40, margin_cells=0.0) is None
+    curve[4]["privacy_cells"] = 0.33
+    assert knee_step(curve, 0.35) == 5.0
 
 
 def test_html_page(results: dict[str, Any], tmp_path: Path) -> None:
