@@ -35,7 +35,15 @@ def test_structure(results: dict[str, Any]) -> None:
     assert results["fleet"]["cars"] == 100
     assert results["fleet"]["approximate_cars_scored"] > 50
     ids = [a["id"] for a in results["attacks"]]
-    assert ids == ["home_work", "averaging", "trip_ends", "find_my_car", "late_data", "utility"]
+    assert ids == [
+        "home_work",
+        "averaging",
+        "trip_ends",
+        "find_my_car",
+        "late_data",
+        "app_linkage",
+        "utility",
+    ]
     for entry in results["attacks"]:
         assert {"title", "attacker", "metric", "unit", "op", "target"} <= entry.keys()
         assert entry["op"] in (">=", "<=")
@@ -155,6 +163,36 @@ def test_knee_is_the_smallest_step_clearing_the_target_with_margin() -> None:
     assert knee_step(curve, 0.40, margin_cells=0.0) is None
     curve[4]["privacy_cells"] = 0.33
     assert knee_step(curve, 0.35) == 5.0
+
+
+def test_app_pseudonyms_link_to_vins_by_seq_in_v1_and_by_nothing_here(
+    results: dict[str, Any],
+) -> None:
+    linkage = attack(results, "app_linkage")
+    v1, real = linkage["weakened"]["by_values"], linkage["real"]["by_values"]
+    assert v1["pseudonyms"] > 20 and v1["correct"] > v1["pseudonyms"] / 2  # the car's counter
+    assert real["pseudonyms"] == v1["pseudonyms"] and real["claimed"] == 0
+    # Timing is the documented limit: a backend reading every topic still links.
+    timing = linkage["real"]["by_timing"]
+    assert timing["pseudonyms"] == real["pseudonyms"] and 0 <= timing["rate"] <= 1
+
+
+def test_linkage_by_values_weighs_rare_values_and_counter_gaps() -> None:
+    from bench.privacy.linkage import CarLinkage, link_by_values
+
+    cars = [CarLinkage(f"VIN{i}") for i in range(4)]
+    for i, car in enumerate(cars):
+        car.avn_seqs = [1, 2, 4, 6, 7] if i == 0 else [1, 2, 3, 4, 5, 6, 7]
+        car.vin_values = {("seq", 1), ("settings_revision", 2)}
+        car.refs = {f"ref{i}"}
+        car.app_values = {f"ref{i}": {("settings_revision", 2)}}  # every car has it: no weight
+    cars[0].app_seqs = {"ref0": [3, 5]}  # fills VIN0's gaps only
+    figures = link_by_values(cars)
+    assert (figures["pseudonyms"], figures["claimed"], figures["correct"]) == (4, 1, 1)
+    cars[2].vin_values.add(("route_id", "r7"))
+    cars[3].app_values["ref3"].add(("route_id", "r7"))  # a rare value shared with the wrong car
+    figures = link_by_values(cars)
+    assert (figures["claimed"], figures["correct"]) == (2, 1)
 
 
 def test_html_page(results: dict[str, Any], tmp_path: Path) -> None:

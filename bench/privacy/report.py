@@ -125,6 +125,14 @@ def _detail(attack: dict[str, Any]) -> str:
             f"{judged}; cars stating no revision with a wrong or silent clock (the contract"
             f" takes their timestamp or arrival as capture time): {real['undecidable_leaked']:,}"
         )
+    if attack["id"] == "app_linkage":
+        values, timing = real.get("by_values", {}), real.get("by_timing", {})
+        return (
+            f"{values.get('correct', 0):,}/{values.get('pseudonyms', 0):,} by shared values;"
+            f" by arrival time (a backend reading every topic; the documented limit)"
+            f" {timing.get('correct', 0):,}/{timing.get('pseudonyms', 0):,}"
+            f" (chance {timing.get('chance', float('nan')):.2%})"
+        )
     if attack["id"] == "utility":
         return (
             f"{real['delivered']:,}/{real['allowed']:,} allowed delivered; within the skew"
@@ -166,6 +174,12 @@ _PLAIN = {
         "Data captured while sharing was off",
         "Cars buffer data and upload it later. What was captured during privacy mode, or while a"
         " function or location was switched off, must never reach the backend.",
+    ),
+    "app_linkage": (
+        "Who is behind an app pseudonym",
+        "Third-party apps get the car's data under a pseudonym. Nothing in those messages may"
+        " match the same car's VIN-keyed messages; arrival times still can, for a backend that"
+        " reads every topic (app backends should see only their own).",
     ),
     "utility": (
         "What the service still gets",

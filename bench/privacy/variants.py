@@ -124,6 +124,7 @@ class V1Variant(Variant):
             for name in SIDE_FIELDS.get(event.relative, ()):
                 setattr(out, name, getattr(original, name))
             out.header.timestamp_ms = original.header.timestamp_ms  # type: ignore[attr-defined]
+            out.header.seq = original.header.seq  # type: ignore[attr-defined]  # v1: the car's
             wires.append(WireMessage(wire.t, wire.topic, out.SerializeToString(), wire.properties))
         return Outcome(tuple(wires), outcome.dropped)
 

@@ -275,10 +275,16 @@ def run_wire(options: WireOptions, log: Callable[[str], None] = print) -> dict[s
                 "through_mosquitto": w["real"],
             }
             for a, w in zip(in_process["attacks"], through["attacks"], strict=True)
+            # Scoring a linkage needs which car a pseudonym belongs to: only the
+            # in-process adapter knows (the values come from the same code).
+            if a["id"] not in IN_PROCESS_ONLY
         ],
         "recorded": len(recorder.messages),
         "seconds": time.perf_counter() - started,
     }
+
+
+IN_PROCESS_ONLY = ("app_linkage",)
 
 
 def _count(car: Car, wire: list[WireMessage], tally: Tally) -> None:
