@@ -45,7 +45,7 @@ from gateway.core import (
     with_find_my_car,
 )
 from gateway.core.capture import CaptureHistory, Interval, append
-from gateway.core.decide import applied_message, split_vehicle_topic
+from gateway.core.decide import applied_message, split_command_topic, split_vehicle_topic
 from gateway.core.identity import IdentityRow, app_scope, erasure_events
 from gateway.core.state import is_valid_vin
 from gateway.core.transforms import pseudonym
@@ -71,6 +71,7 @@ T = TypeVar("T")
 SETTINGS_STREAM = "avn/privacy"
 COMMAND_REDRIVE_TTL_S = 300.0  # older dead-lettered commands are answered `expired`
 ERASED_MEMORY_S = 3600.0  # far longer than anything stays in flight
+CHECKED_VINS_MAX = 100_000  # VINs remembered as having nothing stored (then forgotten)
 VEHICLE = "vehicle"
 BACKEND = "backend"
 ECALL = "ecall"  # the legal-obligation lane's vehicle-side connection
@@ -225,9 +226,21 @@ class GatewayService:
         self.restricted: set[str] = set()
         self.policy_record: StoredPolicy | None = None
         self.accounting = EgressAccounting(
-            lambda rows: self._persist(self.store.add_egress_counts, rows),
-            lambda anchors: self._persist(self.store.save_anchors, anchors),
+            lambda rows: self._persist(
+                self.store.add_egress_counts,
+                [dataclasses.replace(r, vin=self.audit_subject(r.vin)) for r in rows],
+            ),
+            lambda anchors: self._persist(
+                self.store.save_anchors, {self.audit_subject(v): a for v, a in anchors.items()}
+            ),
         )
+        # The store keys cars by subject (a keyed hash of the VIN, never the
+        # VIN). What a start loads waits under the subject until the car's VIN
+        # shows up (its first message or an operator request), then moves under
+        # the VIN: one keyed hash per car per start, none per message after.
+        self._unclaimed: set[str] = set()  # subjects loaded and not seen since
+        self._claimed: dict[str, str] = {}  # VIN -> subject, seen since the load
+        self._checked: set[str] = set()  # VINs looked for: nothing stored (bounded)
         self._seal = DeadLetterSeal(key)
         # Parked messages (held for a settings revision not applied yet).
         self._park_seal = DeadLetterSeal(key, b"parked-seal")
@@ -277,6 +290,8 @@ class GatewayService:
     def load_state(self) -> int:
         """Enforce the last applied settings before any message is decided."""
         policy = self.ctx.policy
+        # Everything loaded is keyed by subject (the store never holds a VIN);
+        # cars whose VIN was seen since the last load move back under it below.
         self.restricted = self.store.restricted_vins()
         book = self.ctx.identity
         book.rows = self.store.identities()
@@ -285,30 +300,35 @@ class GatewayService:
         find_my_car = self.store.find_my_car_commands()
         now = self._clock()
         for stored in self.store.load_all():
-            vin = stored.snapshot.vin
+            subject = stored.snapshot.vin
             state = state_from_snapshot(policy, stored.snapshot, stored.window_until)
-            erased = book.row(self.ctx.key, vin)  # None at once when nothing was erased
-            if erased is not None:
-                book.epochs[vin] = erased.epoch
-                if erased.restricted:
-                    self.restricted.add(vin)
-            if vin in self.restricted:
+            erased = book.rows.get(subject)  # its epoch is set when its VIN is seen
+            if erased is not None and erased.restricted:
+                self.restricted.add(subject)
+            if subject in self.restricted:
                 state = dataclasses.replace(state, restricted=True)
-            commands = find_my_car.get(vin)
+            commands = find_my_car.get(subject)
             if commands:
                 state = expire_find_my_car(with_find_my_car(state, commands), now, policy.window_s)
-            states[vin] = state
+            states[subject] = state
         self.states = states
         # Anchors do not depend on the policy: on a policy switch the ones set
         # since the last commit (still only in memory) must not fall back to
         # older stored ones, or the next message would refresh early (rule 13).
         anchors = dict(self.store.load_anchors())
-        for vin, anchor in self.anchors.items():
-            kept = anchors.get(vin)
+        for key, anchor in self.anchors.items():
+            subject = self._claimed.get(key, key)
+            kept = anchors.get(subject)
             if kept is None or kept.refreshed_at < anchor.refreshed_at:
-                anchors[vin] = anchor
+                anchors[subject] = anchor
         self.anchors = anchors
         self.histories = self._load_histories()
+        claimed, self._claimed = self._claimed, {}
+        self._unclaimed = set(self.states) | set(self.anchors) | set(self.histories)
+        self._unclaimed |= self.restricted
+        self._checked.clear()
+        for vin in claimed:
+            self.claim(vin)
         self.metrics.vehicles.set(len(self.states))
         count, size, subjects = self.store.parked_stats()
         self._parked_count, self._parked_bytes, self._parked_subjects = count, size, subjects
@@ -724,6 +744,8 @@ class GatewayService:
     async def _handle_vehicle_message(
         self, msg: InboundMessage, slot: Settleable, *, redriven: bool = False
     ) -> None:
+        if self._unclaimed:
+            self._claim_topic(msg.topic)
         started = time.perf_counter()
         decision = decide(
             self.ctx,
@@ -751,7 +773,7 @@ class GatewayService:
                 # it leaves: a restart never forwards it twice (fail closed).
                 await self._persist(
                     self.store.save_find_my_car,
-                    decision.vin,
+                    self.audit_subject(decision.vin),
                     decision.state.find_my_car,
                     decision.state.window_until,
                 )
@@ -824,8 +846,7 @@ class GatewayService:
             actor="vehicle",
             action="settings_applied",
             subject=self.audit_subject(snapshot.vin),
-            content={
-                "vin": snapshot.vin,
+            content={  # the subject names the car: no VIN in the store
                 "revision": snapshot.revision,
                 "privacy_mode": snapshot.privacy_mode,
                 "location": snapshot.location.name,
@@ -835,9 +856,15 @@ class GatewayService:
             at=snapshot.applied_at,
         )
         # Durable before it is announced and before the next message is decided.
-        await self._persist(self.store.apply_settings, snapshot, record, merge)
+        await self._persist(
+            self.store.apply_settings,
+            dataclasses.replace(snapshot, vin=record.subject),
+            record,
+            merge,
+        )
         state = decision.state
         if snapshot.vin not in self.states:
+            self._claimed[snapshot.vin] = record.subject
             erased = self.ctx.identity.row(self.ctx.key, snapshot.vin)
             if erased is not None:  # back after an erasure: its epoch, its restriction
                 self.ctx.identity.epochs[snapshot.vin] = erased.epoch
@@ -1001,6 +1028,8 @@ class GatewayService:
             except ValueError:
                 continue  # left to expire
             parts = split_vehicle_topic(self.ctx.vehicle_prefix, topic)
+            if parts is not None:
+                self.claim(parts[0])
             state = self.states.get(parts[0]) if parts is not None else None
             if state is not None and row.revision <= state.revision:
                 ready.append(row)
@@ -1037,6 +1066,8 @@ class GatewayService:
         return len(expired)
 
     async def _handle_command(self, msg: InboundMessage, slot: Settleable) -> None:
+        if self._unclaimed:
+            self._claim_command_topic(msg.topic)
         decision = decide_command(self.ctx, msg.topic, msg.payload, self.states, self._clock())
         if decision is None:
             self.metrics.dropped.labels("command", "unknown_topic").inc()
@@ -1050,7 +1081,7 @@ class GatewayService:
             # durable before the command reaches the car.
             await self._persist(
                 self.store.save_find_my_car,
-                decision.vin,
+                self.audit_subject(decision.vin),
                 decision.state.find_my_car,
                 decision.state.window_until,
             )
@@ -1129,8 +1160,45 @@ class GatewayService:
         )
 
     def audit_subject(self, vin: str) -> str:
-        """Keyed hash of a VIN for the audit ledger (never the VIN itself)."""
+        """Keyed hash of a VIN: how the store and the audit ledger name a car
+        (never the VIN itself)."""
         return pseudonym(self.ctx.key, "audit-subject", vin)
+
+    def claim(self, vin: str) -> None:
+        """Move what was loaded for `vin` under its subject to its VIN (see
+        `_unclaimed`); before anything about the car is decided or answered."""
+        if not self._unclaimed or vin in self._claimed or vin in self._checked:
+            return
+        subject = self.audit_subject(vin)
+        if subject not in self._unclaimed:
+            if len(self._checked) >= CHECKED_VINS_MAX:  # spoofed VINs: bounded
+                self._checked.clear()
+            self._checked.add(vin)
+            return
+        self._unclaimed.discard(subject)
+        self._claimed[vin] = subject
+        if (state := self.states.pop(subject, None)) is not None:
+            self.states[vin] = state
+            erased = self.ctx.identity.rows.get(subject)
+            if erased is not None:  # back after an erasure: its epoch
+                self.ctx.identity.epochs[vin] = erased.epoch
+        if (anchor := self.anchors.pop(subject, None)) is not None:
+            self.anchors[vin] = anchor
+        if (history := self.histories.pop(subject, None)) is not None:
+            self.histories[vin] = history
+        if subject in self.restricted:
+            self.restricted.discard(subject)
+            self.restricted.add(vin)
+
+    def _claim_command_topic(self, topic: str) -> None:
+        parts = split_command_topic(self.ctx.backend_prefix, topic)
+        if parts is not None and parts[0] not in self.states:
+            self.claim(parts[0])
+
+    def _claim_topic(self, topic: str) -> None:
+        parts = split_vehicle_topic(self.ctx.vehicle_prefix, topic)
+        if parts is not None and parts[0] not in self.states:
+            self.claim(parts[0])
 
     async def push_policy(self, policy: CompiledPolicy, signer: str, actor: str) -> StoredPolicy:
         """Store `policy` and switch every later message to it.
@@ -1204,6 +1272,7 @@ class GatewayService:
 
     def is_restricted(self, vin: str) -> bool:
         """Restricted now, or restricted when it was erased (kept for its return)."""
+        self.claim(vin)
         erased = self.ctx.identity.row(self.ctx.key, vin)
         return vin in self.restricted or (erased is not None and erased.restricted)
 
@@ -1213,11 +1282,14 @@ class GatewayService:
                 actor=actor,
                 action="restriction_set" if restricted else "restriction_lifted",
                 subject=self.audit_subject(vin),
-                content={"vin": vin},
+                content={},
                 at=self._clock(),
             )
-            changed = await self._persist_once(self.store.set_restriction, vin, restricted, record)
-            subject = self.audit_subject(vin)
+            self.claim(vin)
+            subject = record.subject
+            changed = await self._persist_once(
+                self.store.set_restriction, subject, restricted, record
+            )
             erased = self.ctx.identity.rows.get(subject)
             if erased is not None and erased.restricted != restricted:
                 # Carried past the erasure: lifting or setting it again holds there too.
@@ -1246,6 +1318,7 @@ class GatewayService:
 
         async def run() -> dict[str, Any]:
             now = self._clock()
+            self.claim(vin)
             subject = self.audit_subject(vin)
             used = {  # (app id, day) the car sent app data on
                 (k[3].partition(".")[2], k[1])
@@ -1253,7 +1326,7 @@ class GatewayService:
                 if k[0] == vin and "." in k[3]
             } | {
                 (c.feature.partition(".")[2], c.day)
-                for c in await self._persist_once(self.store.egress_counts, vin)
+                for c in await self._persist_once(self.store.egress_counts, subject)
                 if "." in c.feature
             }
             identity = self.ctx.policy.document.identity
@@ -1294,7 +1367,7 @@ class GatewayService:
                 restricted=vin in self.restricted,
             )
             removed = await self._persist_once(
-                self.store.erase_vehicle, vin, subject, record, survivor, events.app_events
+                self.store.erase_vehicle, subject, subject, record, survivor, events.app_events
             )
             book.rows[subject] = survivor
             book.epochs[vin] = survivor.epoch
@@ -1485,6 +1558,8 @@ class GatewayService:
     def _expire_command(self, msg: InboundMessage, slot: Settleable) -> None:
         """A command dead-lettered too long ago is not run now (the backend was
         told it did not reach the car): answered `expired` instead."""
+        if self._unclaimed:
+            self._claim_command_topic(msg.topic)
         decision = decide_command(self.ctx, msg.topic, msg.payload, self.states, self._clock())
         if decision is None:
             slot.settle()

@@ -461,8 +461,10 @@ class ControlPlane:
         vin = self._vin(request)
         if vin is None:
             return _error(400, "not a valid VIN")
-        history = await self._store(self.service.store.history, vin)
-        restriction = await self._store(self.service.store.restriction, vin)
+        self.service.claim(vin)
+        subject = self.service.audit_subject(vin)  # the store never holds the VIN
+        history = await self._store(self.service.store.history, subject)
+        restriction = await self._store(self.service.store.restriction, subject)
         state = self.service.states.get(vin)
         now = time.time()
         current = history[-1] if history else None
@@ -497,9 +499,10 @@ class ControlPlane:
             return _error(400, "not a valid VIN")
         await self.service.accounting.flush()
         store = self.service.store
-        history = await self._store(store.history, vin)
-        counts = await self._store(store.egress_counts, vin)
-        restriction = await self._store(store.restriction, vin)
+        subject = self.service.audit_subject(vin)  # the store never holds the VIN
+        history = await self._store(store.history, subject)
+        counts = await self._store(store.egress_counts, subject)
+        restriction = await self._store(store.restriction, subject)
         policy = self.service.ctx.policy
         by_day: dict[str, dict[str, int]] = {}
         for c in counts:
