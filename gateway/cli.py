@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from gateway.config import (
     INSTANCE_ID_PATTERN,
     ConfigError,
     GatewayConfig,
+    KeysConfig,
     load_config,
     read_config_file,
     read_secret,
@@ -476,12 +478,22 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    key_file = Path(state_dir) / KeysConfig().pseudonym_key_file
     try:
+        # Content hashes are keyed: without the key only the chain is checked.
+        with contextlib.suppress(FileNotFoundError, KeyFileError):
+            store.use_key_for_verification(read_key(key_file))
         result = store.verify_audit()
     finally:
         store.close()
     if result.ok:
         print(f"audit ledger intact: {result.entries} entries, head {result.head}")
+        if result.redacted:
+            print(f"  {result.redacted} entries had the VIN removed by the schema-8 upgrade")
+        if result.unchecked:
+            print(
+                f"  content of {result.unchecked} entries not checked: no key at {key_file}"
+            )
         return 0
     print(f"audit ledger TAMPERED ({len(result.problems)} problems):", file=sys.stderr)
     for problem in result.problems:

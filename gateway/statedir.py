@@ -12,6 +12,7 @@ damaged, empty or unwritable store, a missing or different key. Readers
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import INSTANCE_ID_PATTERN, LEGACY_INSTANCE_ID, GatewayConfig
+from gateway.core.identity import subject
 from gateway.keys import KeyFileError, create_key, key_fingerprint, read_key
 from gateway.store import SqliteConsentStore, StoreDamaged, StoreError
 
@@ -203,6 +205,15 @@ def open_state(config: GatewayConfig) -> OpenState:
             instance_id = state_dir.instance_id(config.instance_id, upgraded)
             if fingerprint is not None:
                 store.set_meta(FINGERPRINT_KEY, fingerprint)
+            # Keyed audit hashes from now on; a store written before schema 8
+            # is re-keyed here (VINs become subjects), with the key just checked.
+            rekeyed = store.attach_key(key, functools.partial(subject, key))
+            if rekeyed:
+                log.warning(
+                    "consent store upgraded to schema 8: %d rows now name cars by their"
+                    " keyed hash, never the VIN",
+                    rekeyed,
+                )
         except BaseException:
             store.close()
             raise

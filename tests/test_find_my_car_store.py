@@ -4,6 +4,7 @@ before they existed opens and works."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from gateway.control.audit import AuditRecord
 from gateway.core import FindMyCarCommand
+from gateway.core.identity import subject
 from gateway.store import SqliteConsentStore
 from gateway.store.sqlite import SCHEMA_VERSION
 
@@ -23,6 +25,9 @@ COMMANDS = (
     FindMyCarCommand("", T0 + 300, T0 + 420, 0),
     FindMyCarCommand("req-1", T0 + 301, T0 + 421, 0),  # a request id may repeat
 )
+
+
+KEY = bytes(range(32))
 
 
 @pytest.fixture
@@ -93,11 +98,13 @@ def test_store_of_schema_3_opens_and_works(path: Path) -> None:
     make_schema_3_store(path)
     store = SqliteConsentStore(path)
     try:
+        store.attach_key(KEY, functools.partial(subject, KEY))  # schema 8: cars by subject
+        car = subject(KEY, VIN)
         assert store.meta("schema_version") == str(SCHEMA_VERSION)
-        assert by_vin(store)[VIN].window_until == T0 + 120
+        assert by_vin(store)[car].window_until == T0 + 120
         assert store.find_my_car_commands() == {}
-        store.save_find_my_car(VIN, COMMANDS, T0 + 421)
-        assert store.find_my_car_commands() == {VIN: COMMANDS}
+        store.save_find_my_car(car, COMMANDS, T0 + 421)
+        assert store.find_my_car_commands() == {car: COMMANDS}
     finally:
         store.close()
 
@@ -115,8 +122,9 @@ def test_store_of_schema_4_without_this_table_opens(path: Path) -> None:
         db.close()
     store = SqliteConsentStore(path)
     try:
+        store.attach_key(KEY, functools.partial(subject, KEY))
         assert store.meta("schema_version") == str(SCHEMA_VERSION)
-        store.save_find_my_car(VIN, COMMANDS, T0 + 421)
-        assert store.find_my_car_commands() == {VIN: COMMANDS}
+        store.save_find_my_car(subject(KEY, VIN), COMMANDS, T0 + 421)
+        assert store.find_my_car_commands() == {subject(KEY, VIN): COMMANDS}
     finally:
         store.close()

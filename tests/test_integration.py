@@ -13,12 +13,15 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.config import PipelineConfig
 from gateway.edges.mqtt import InboundMessage
 from gateway.policy import load_policy
+from gateway.store import SqliteConsentStore
 from sim.broker import MosquittoBroker
 from telematics.v1 import command_pb2, common_pb2, streams_pb2
 
 from .conftest import (
+    BARRIER_VIN,
     DEFAULT_POLICY,
     OTHER_VIN,
     VIN,
@@ -569,15 +572,14 @@ async def test_slow_decisions_pause_reading_bounding_the_queue_without_loss(
         await service.stop()
 
 
-async def test_location_anchor_survives_restart(
-    gateways: GatewayHarness, clients: Clients
-) -> None:
+async def test_location_anchor_survives_restart(gateways: GatewayHarness, clients: Clients) -> None:
     """Contract rule 13: a restart cannot be used to force a refresh of the
     approximate value; the anchor is durable, written with the message's ack."""
     first = await gateways.start()
     car = clients.car
-    await car.settings(1, features={"remote_control": True},
-                       location=common_pb2.LOCATION_APPROXIMATE)
+    await car.settings(
+        1, features={"remote_control": True}, location=common_pb2.LOCATION_APPROXIMATE
+    )
     home = status(car)
     await car.send("tbox/status", home)
     await car.barrier()
@@ -601,6 +603,49 @@ async def test_location_anchor_survives_restart(
     assert second.anchors[VIN] == anchor
 
 
+async def test_the_store_never_holds_a_vin(gateways: GatewayHarness, clients: Clients) -> None:
+    """Issue 10 / rule 16: cars are keyed by a keyed hash of the VIN in every
+    table, the audit content names none, and after real traffic (settings,
+    positions with anchors, counts, a restriction, a restart) no byte of the
+    database, its WAL or shared memory holds the VIN."""
+    # A short capture-skew margin: data captured near a restriction is dropped.
+    gateways.pipeline = PipelineConfig(inflight=256, drain_timeout_s=5, capture_skew_s=0.2)
+    service = await gateways.start()
+    car = clients.car
+    await car.settings(
+        1,
+        features={"remote_control": True, "online_navigation": True},
+        location=common_pb2.LOCATION_APPROXIMATE,
+    )
+    await car.send("tbox/status", status(car))
+    await car.send("avn/nav", nav(car))
+    await car.barrier()
+    await service.set_restriction(VIN, True, "dpo")
+    await service.set_restriction(VIN, False, "dpo")
+    await asyncio.sleep(0.3)
+    await car.send("tbox/status", status(car))
+    await car.barrier()
+    assert len(clients.backend.on("/tbox/status")) == 2
+    await service.accounting.flush()
+    files = sorted(gateways.state_dir.glob(SqliteConsentStore.FILENAME + "*"))
+    assert len(files) >= 2  # database and WAL, while running
+    for file in files:
+        data = file.read_bytes()
+        for vin in (VIN, BARRIER_VIN):
+            assert vin.encode() not in data and vin.lower().encode() not in data, file.name
+    subject = service.audit_subject(VIN)
+    cars = {v.snapshot.vin for v in service.store.load_all()}
+    assert cars == {subject, service.audit_subject(BARRIER_VIN)}
+    assert service.store.history(subject) and service.store.egress_counts(subject)
+    assert dict(service.store.load_anchors()).keys() == {subject}
+    await gateways.stop(service)
+    second = await gateways.start()
+    await car.send("tbox/status", status(car))
+    await car.barrier()
+    assert len(clients.backend.on("/tbox/status")) == 3  # the car is known again
+    assert second.states[VIN].revision == 1
+
+
 @pytest.mark.integration
 async def test_policy_switch_keeps_anchors_not_yet_committed(
     gateways: GatewayHarness, clients: Clients
@@ -610,8 +655,9 @@ async def test_policy_switch_keeps_anchors_not_yet_committed(
     it, or the car's next message refreshes early (contract rule 13)."""
     service = await gateways.start()
     car = clients.car
-    await car.settings(1, features={"remote_control": True},
-                       location=common_pb2.LOCATION_APPROXIMATE)
+    await car.settings(
+        1, features={"remote_control": True}, location=common_pb2.LOCATION_APPROXIMATE
+    )
     await car.send("tbox/status", status(car))
     await car.barrier()
     committed = service.anchors[VIN]

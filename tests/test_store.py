@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +14,14 @@ import pytest
 from gateway.control.audit import AuditRecord
 from gateway.core import LocationAnchor, LocationMode, SettingsSnapshot
 from gateway.core.decide import MAX_REVISION
+from gateway.core.identity import subject
 from gateway.policy import VersionConflict
 from gateway.store import SqliteConsentStore, StoredPolicy, StoredVehicle
 from gateway.store.sqlite import SCHEMA_VERSION
 
 VIN = "WVWZZZ1JZXW000001"
+OTHER_VIN = "WVWZZZ1JZXW000002"
+KEY = bytes(range(32))
 OTHER = "WVWZZZ1JZXW000002"
 
 
@@ -32,8 +37,7 @@ def snap(
         revision=revision,
         privacy_mode=privacy_mode,
         location=location,
-        features={"remote_control": True, "online_search": False} if features is None
-        else features,
+        features={"remote_control": True, "online_search": False} if features is None else features,
         applied_at=1_800_000_000.5 + revision,
         policy_version="2026.11.1",
         source="vehicle",
@@ -131,8 +135,7 @@ def test_survives_close_and_reopen(path: Path) -> None:
         second.close()
 
 
-def test_visible_to_another_connection_without_close(path: Path,
-                                                     store: SqliteConsentStore) -> None:
+def test_visible_to_another_connection_without_close(path: Path, store: SqliteConsentStore) -> None:
     # Committed on return: a second reader (e.g. after a crash) sees it.
     store.apply_settings(snap(7))
     other = sqlite3.connect(path)
@@ -168,8 +171,7 @@ def test_newer_schema_is_refused(path: Path) -> None:
     SqliteConsentStore(path).close()
     db = sqlite3.connect(path)
     with db:
-        db.execute("UPDATE meta SET value=? WHERE key='schema_version'",
-                   (str(SCHEMA_VERSION + 1),))
+        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
     db.close()
     with pytest.raises(RuntimeError, match="newer gateway"):
         SqliteConsentStore(path)
@@ -285,12 +287,14 @@ def test_state_dir_of_the_previous_release_opens(tmp_path: Path) -> None:
     path = tmp_path / SqliteConsentStore.FILENAME
     path.write_bytes((Path(__file__).parent / "data" / "consent-schema3.sqlite3").read_bytes())
     store = SqliteConsentStore(path)
+    car = subject(KEY, VIN)
     try:
+        store.attach_key(KEY, functools.partial(subject, KEY))
         (vehicle,) = store.load_all()
-        assert vehicle.snapshot.vin == VIN and vehicle.snapshot.revision == 3
-        assert [c.count for c in store.egress_counts(VIN)] == [7]
+        assert vehicle.snapshot.vin == car and vehicle.snapshot.revision == 3
+        assert [c.count for c in store.egress_counts(car)] == [7]
         assert list(store.load_anchors()) == []
-        store.save_anchors({VIN: LocationAnchor(1.0, 48.1, 11.5)})
+        store.save_anchors({car: LocationAnchor(1.0, 48.1, 11.5)})
         row = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         assert row == (str(SCHEMA_VERSION),)
         assert store.verify_audit().ok
@@ -298,9 +302,105 @@ def test_state_dir_of_the_previous_release_opens(tmp_path: Path) -> None:
         store.close()
     reopened = SqliteConsentStore(path)
     try:
-        assert dict(reopened.load_anchors()) == {VIN: LocationAnchor(1.0, 48.1, 11.5)}
+        assert dict(reopened.load_anchors()) == {car: LocationAnchor(1.0, 48.1, 11.5)}
     finally:
         reopened.close()
+
+
+def _vin_bytes_in(path: Path) -> list[str]:
+    """Every file of the store (database, WAL, shared memory) holding a VIN of
+    the fixture, in any of the forms the file could carry it."""
+    found = []
+    for file in path.parent.glob(path.name + "*"):
+        data = file.read_bytes()
+        for vin in (VIN, OTHER_VIN):
+            if vin.encode() in data or vin.encode("utf-16-le") in data:
+                found.append(f"{file.name}: {vin}")
+    return found
+
+
+def test_schema_7_store_is_rekeyed_and_keeps_no_vin(tmp_path: Path) -> None:
+    """A store written by the release before schema 8 (VINs in clear in six
+    tables, the audit content and an access-log path): opened with the key,
+    every car is named by its subject, the audit chain still verifies (VINs
+    removed from the content, recorded as such) and no byte of any store
+    file holds a VIN (rewritten, WAL truncated)."""
+    path = tmp_path / SqliteConsentStore.FILENAME
+    path.write_bytes((Path(__file__).parent / "data" / "consent-schema7.sqlite3").read_bytes())
+    store = SqliteConsentStore(path)
+    try:
+        assert store.meta("schema_version") == "7"  # needs the key to go on
+        assert _vin_bytes_in(path)  # the fixture holds VINs in clear
+        changed = store.attach_key(KEY, functools.partial(subject, KEY))
+        assert changed >= 8
+        assert store.meta("schema_version") == str(SCHEMA_VERSION)
+        car, other = subject(KEY, VIN), subject(KEY, OTHER_VIN)
+        assert {v.snapshot.vin for v in store.load_all()} == {car, other}
+        assert [s.revision for s in store.history(car)] == [3]
+        assert store.restriction(car) is not None and store.restricted_vins() == {car}
+        assert [c.count for c in store.egress_counts(car)] == [7]
+        assert dict(store.load_anchors()) == {car: LocationAnchor(1200.0, 48.1, 11.5)}
+        assert set(store.find_my_car_commands()) == {car}
+        assert [row[4] for row in store.access_log()] == [f"/v1/vehicles/{car}/export"]
+        result = store.verify_audit()
+        assert result.ok and result.redacted == 3, result
+        assert all("vin" not in (e["content"] or {}) for e in store.audit_entries())
+        # New entries hash their content with a key; erasing a redacted entry's
+        # content keeps the ledger verifiable.
+        store.append_audit(AuditRecord("dpo", "export", car, {"n": 1}, 2000.0))
+        head = store._db.execute("SELECT content_hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+        assert str(head.fetchone()[0]).startswith("hmac:")
+        store.erase_vehicle(car, car, AuditRecord("dpo", "erasure", car, {}, 2100.0))
+        assert store.verify_audit().ok
+    finally:
+        store.close()
+    assert _vin_bytes_in(path) == []
+    # Opened again: nothing left to migrate.
+    again = SqliteConsentStore(path)
+    try:
+        assert again.attach_key(KEY, functools.partial(subject, KEY)) == 0
+        assert again.verify_audit().ok
+    finally:
+        again.close()
+
+
+def test_redacted_ledger_entries_still_show_tampering(tmp_path: Path) -> None:
+    path = tmp_path / SqliteConsentStore.FILENAME
+    path.write_bytes((Path(__file__).parent / "data" / "consent-schema7.sqlite3").read_bytes())
+    store = SqliteConsentStore(path)
+    try:
+        store.attach_key(KEY, functools.partial(subject, KEY))
+        redacted = store._db.execute(
+            "SELECT seq FROM audit_log WHERE redacted_hash IS NOT NULL ORDER BY seq"
+        ).fetchone()[0]
+        store._db.execute(
+            "UPDATE audit_log SET content='{\"revision\":9}' WHERE seq=?", (redacted,)
+        )
+        assert f"entry {redacted}: content was modified" in store.verify_audit().problems
+        # Moving the mark along with the content is caught by the chained digest.
+        store._db.execute(
+            "UPDATE audit_log SET redacted_hash=? WHERE seq=?",
+            (hashlib.sha256(b'{"revision":9}').hexdigest(), redacted),
+        )
+        assert not store.verify_audit().ok
+    finally:
+        store.close()
+
+
+def test_a_vin_guess_cannot_confirm_a_keyed_ledger_entry(tmp_path: Path) -> None:
+    """Erased content leaves only its hash; with a plain hash, a VIN (or
+    subject) and a guess of the few settings fields would confirm it."""
+    store = SqliteConsentStore(tmp_path / "s.sqlite3")
+    try:
+        store.attach_key(KEY, functools.partial(subject, KEY))
+        content = {"revision": 3, "privacy_mode": False}
+        store.append_audit(AuditRecord("vehicle", "settings_applied", "s", content, 1.0))
+        (stored,) = store._db.execute("SELECT content_hash FROM audit_log").fetchone()
+        guess = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        assert stored != hashlib.sha256(guess.encode()).hexdigest()
+        assert stored.startswith("hmac:") and store.verify_audit().ok
+    finally:
+        store.close()
 
 
 def test_restriction_periods_are_history_rows_of_their_own(store: SqliteConsentStore) -> None:
@@ -341,8 +441,11 @@ def test_parked_messages_are_bounded_oldest_first_and_erased_with_the_car(
     assert park("c", 100, total=350) == [2]  # all cars over 350: the oldest of all goes
     assert store.parked_stats() == (3, 300, {"a", "b", "c"})
     assert [p.id for p in store.parked("a", up_to_revision=1)] == []
-    assert store.expired_parked(100.0) == [(3, "tbox/status", 100), (4, "tbox/status", 100),
-                                           (5, "tbox/status", 100)]
+    assert store.expired_parked(100.0) == [
+        (3, "tbox/status", 100),
+        (4, "tbox/status", 100),
+        (5, "tbox/status", 100),
+    ]
     removed = store.erase_vehicle(VIN, "a", AuditRecord("dpo", "erasure", "a", {}, 5.0))
     assert removed["parked"] == 1
     assert store.parked_stats() == (2, 200, {"b", "c"})

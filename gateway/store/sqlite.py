@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,7 +41,7 @@ from gateway.store.base import (
 # 13). 7: vehicle_identity and pending_erasure_events (identity privacy). New
 # tables are created by the schema script on every open; their versions only
 # record the step.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
 # version N, run in one transaction with recording N. A new table needs no
@@ -75,7 +77,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     6: (),  # location_anchors: a new table
     # New tables (also in _SCHEMA); stated here so the step stands on its own.
     7: tuple(s.strip() for s in _IDENTITY_SCHEMA.split(";") if s.strip()),
+    # Cars keyed by subject (keyed hash of the VIN), never the VIN, and the
+    # audit column `redacted_hash`: needs the key, so `attach_key` runs it
+    # (`_rekey`), not the open.
+    8: (),
 }
+KEYED_STEP = 8
 # settings_history rows that record a restriction being set or lifted (Art. 18)
 # rather than settings the car sent: what was allowed from then on, for the
 # capture-time check (rule 11). Not part of history() (the car's settings).
@@ -91,6 +98,8 @@ _VEHICLE_TABLES = (
     "find_my_car_commands",
 )
 T = TypeVar("T")
+# A VIN in an access-log path (access logs of schema < 8 may name one).
+_VIN_IN_PATH = re.compile(r"(/vehicles/)([A-HJ-NPR-Z0-9]{17})(?=/|$)", re.IGNORECASE)
 MAX_SQLITE_INT = 2**63 - 1
 _SCHEMA = (
     """
@@ -245,6 +254,8 @@ class SqliteConsentStore:
             # Private from the start; SQLite gives -wal and -shm the same mode.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self._lock = threading.Lock()
+        self._keyed_step_pending = False
+        self._ledger_key: bytes | None = None  # keyed content hashes once attached
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
@@ -291,6 +302,9 @@ class SqliteConsentStore:
                 f"(schema {version} > {SCHEMA_VERSION}); run that version"
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
+            if target == KEYED_STEP:
+                self._keyed_step_pending = True  # attach_key runs it and the rest
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for statement in MIGRATIONS.get(target, ()):
@@ -302,6 +316,56 @@ class SqliteConsentStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def use_key_for_verification(self, key: bytes) -> None:
+        """Check keyed audit content hashes (read-only tools: no migration)."""
+        self._ledger_key = audit.ledger_key(key)
+
+    def attach_key(self, key: bytes, subject_of: Callable[[str], str]) -> int:
+        """Use the pseudonymization key from now on: audit content hashes are
+        keyed with it, and a store written before schema 8 is re-keyed: every
+        VIN becomes its subject (`subject_of`), VINs leave the audit content,
+        then the file is rewritten (VACUUM, WAL truncated) so no old page
+        holds a VIN. Returns how many rows changed."""
+        self._ledger_key = audit.ledger_key(key)
+        if not self._keyed_step_pending:
+            return 0
+        with self._lock:
+            changed = self._rekey(subject_of)
+            self._keyed_step_pending = False
+            self._migrate()  # any later steps
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return changed
+
+    def _rekey(self, subject_of: Callable[[str], str]) -> int:
+        db = self._db
+        db.create_function("car_subject", 1, subject_of, deterministic=True)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            changed = 0
+            columns = {str(r[1]) for r in db.execute("PRAGMA table_info(audit_log)")}
+            if "redacted_hash" not in columns:
+                db.execute("ALTER TABLE audit_log ADD COLUMN redacted_hash TEXT")
+            for table in _VEHICLE_TABLES:
+                # Every row of a schema-7 store names its car by VIN.
+                changed += db.execute(f"UPDATE {table} SET vin = car_subject(vin)").rowcount
+            changed += audit.redact_vins(db, self._ledger_key or b"", time.time())
+            rows = db.execute("SELECT rowid, path FROM access_log WHERE path LIKE '%/vehicles/%'")
+            for rowid, path in rows.fetchall():
+                redacted = _VIN_IN_PATH.sub(lambda m: m[1] + subject_of(m[2]), str(path))
+                if redacted != path:
+                    db.execute("UPDATE access_log SET path=? WHERE rowid=?", (redacted, rowid))
+                    changed += 1
+            db.execute(
+                "UPDATE meta SET value=? WHERE key='schema_version'", (str(KEYED_STEP),)
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return changed
 
     @classmethod
     def in_state_dir(
@@ -371,7 +435,7 @@ class SqliteConsentStore:
                             row,
                         )
                         if record is not None:
-                            audit.append(self._db, record)
+                            audit.append(self._db, record, self._ledger_key)
                         self._compact_history(snapshot.vin)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -548,7 +612,7 @@ class SqliteConsentStore:
             else:
                 cur = db.execute("DELETE FROM restrictions WHERE vin=?", (vin,))
             if cur.rowcount:
-                audit.append(db, record)
+                audit.append(db, record, self._ledger_key)
                 self._record_restriction_period(vin, restricted, record.at)
             return cur.rowcount > 0
 
@@ -633,7 +697,7 @@ class SqliteConsentStore:
                 "DELETE FROM parked WHERE subject=?", (subject,)
             ).rowcount
             removed["audit_entries_scrubbed"] = audit.scrub_subject(db, subject)
-            audit.append(db, record)
+            audit.append(db, record, self._ledger_key)
             return removed
 
         return self._write(tx)
@@ -703,7 +767,7 @@ class SqliteConsentStore:
                     policy.applied_at,
                 ),
             )
-            audit.append(db, record)
+            audit.append(db, record, self._ledger_key)
 
         self._write(tx)
 
@@ -720,7 +784,7 @@ class SqliteConsentStore:
             db.execute(
                 "UPDATE policies SET active=1, applied_at=? WHERE version=?", (applied_at, version)
             )
-            audit.append(db, record)
+            audit.append(db, record, self._ledger_key)
 
         self._write(tx)
 
@@ -1009,7 +1073,7 @@ class SqliteConsentStore:
         )
 
     def append_audit(self, record: AuditRecord) -> None:
-        self._write(lambda db: audit.append(db, record))
+        self._write(lambda db: audit.append(db, record, self._ledger_key))
 
     def audit_entries(self, subject: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT seq, at, actor, action, subject, content FROM audit_log"
@@ -1032,7 +1096,7 @@ class SqliteConsentStore:
 
     def verify_audit(self) -> VerifyResult:
         with self._lock:
-            return audit.verify(self._db)
+            return audit.verify(self._db, self._ledger_key)
 
     def check_writable(self) -> None:
         """Raises when a write fails (readiness probe): a real, committed write,
