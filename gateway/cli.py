@@ -53,7 +53,7 @@ from telematics.v1 import privacy_pb2
 if TYPE_CHECKING:
     from gateway.control.api import ControlPlane
     from gateway.service import GatewayService
-    from gateway.store import SqliteConsentStore
+    from gateway.statedir import OpenState
 
 log = logging.getLogger("gateway")
 CONTROL_TOKEN_ENV = "GATEWAY_CONTROL_TOKEN"
@@ -245,6 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="runtime config",
     )
 
+    rotate = command(
+        sub,
+        "rotate-key",
+        help="replace the pseudonymization key (gateway stopped)",
+        description=(
+            "Retire the pseudonymization key and create a new one. App pseudonyms, MAC"
+            " pseudonyms and seq hashes change (app backends see new users); the store's car"
+            " names, seals, audit hashes and grid offsets keep the first key (internal.key)."
+            " Retired keys stay in retired-keys/ so erasure events name the refs they made."
+        ),
+    )
+    rotate.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG),
+        help="runtime config",
+    )
+
     token = command(
         sub,
         "token",
@@ -320,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_audit_verify(args)
     if args.command == "token":
         return cmd_token(args)
+    if args.command == "rotate-key":
+        return cmd_rotate_key(args)
     raise AssertionError(args.command)
 
 
@@ -454,6 +474,33 @@ def _push_token(args: argparse.Namespace) -> str:
     if not token:
         raise ConfigError(f"no token: give --token-file FILE or set {CONTROL_TOKEN_ENV}")
     return token
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    from gateway.statedir import StateDirError, rotate_key
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        rotation = rotate_key(config, time.time())
+    except (StateDirError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"new key {config.key_path} (fingerprint {rotation.new_fingerprint}): back it up")
+    print(f"retired {rotation.retired} (fingerprint {rotation.retired_fingerprint})")
+    if rotation.internal_created:
+        print(
+            f"internal key {config.state_dir / 'internal.key'} written (the first key): back it"
+            " up; it keeps the store's car names, seals and grid offsets"
+        )
+    print(
+        "delete the retired key once the longest retention of pseudonymized streams has"
+        " passed: until then erasure events also name the refs it made"
+    )
+    return 0
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -606,7 +653,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.simulated_clock,
         )
     try:
-        return _run(config, policy, state.key, state.store, lambda: resolve_run_config(args), clock)
+        return _run(config, policy, state, lambda: resolve_run_config(args), clock)
     finally:
         state.state_dir.unlock()
 
@@ -706,8 +753,7 @@ async def reload_config(
 def _run(
     config: GatewayConfig,
     policy: CompiledPolicy,
-    key: bytes,
-    store: SqliteConsentStore,
+    state: OpenState,
     load: Callable[[], GatewayConfig],
     clock: Clock = time.time,
 ) -> int:
@@ -718,7 +764,15 @@ def _run(
         from gateway.control.api import ControlPlane
 
         try:
-            service = GatewayService(config, policy, key, store, clock=clock)
+            service = GatewayService(
+                config,
+                policy,
+                state.key,
+                state.store,
+                clock=clock,
+                internal_key=state.internal_key,
+                retired_keys=state.retired_keys,
+            )
         except ConfigError as exc:
             log.error("refusing to start: %s", exc)
             raise SystemExit(EXIT_CONFIG) from exc

@@ -67,8 +67,15 @@ def read_key(path: Path) -> bytes:
 
 def create_key(path: Path) -> bytes:
     """Write a new random key (mode 0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(KEY_BYTES)
+    write_key(path, key)
+    log.warning("generated a new pseudonymization key at %s: back it up", path)
+    return key
+
+
+def write_key(path: Path, key: bytes) -> None:
+    """Write key bytes (mode 0600) atomically and durably (the directory too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -78,8 +85,11 @@ def create_key(path: Path) -> bytes:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    log.warning("generated a new pseudonymization key at %s: back it up", path)
-    return key
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_or_create_key(path: Path) -> bytes:

@@ -47,8 +47,8 @@ from gateway.core import (
 from gateway.core.capture import CaptureHistory, Interval, append
 from gateway.core.decide import applied_message, split_command_topic, split_vehicle_topic
 from gateway.core.identity import IdentityRow, app_scope, erasure_events
+from gateway.core.identity import subject as identity_subject
 from gateway.core.state import is_valid_vin
-from gateway.core.transforms import pseudonym
 from gateway.delivery import (
     RETRY_DELAYS_S,
     DeadLetter,
@@ -205,7 +205,13 @@ class GatewayService:
         store: ConsentStore,
         *,
         clock: Callable[[], float] = time.time,
+        internal_key: bytes | None = None,
+        retired_keys: tuple[bytes, ...] = (),
     ) -> None:
+        """`key` makes the pseudonyms that leave; `internal_key` (when the key
+        was rotated: the first one) names cars in the store, seals what it
+        holds and places the grid; `retired_keys` made pseudonyms the backend
+        may still hold (erasure events name those refs too)."""
         self.config = config
         self.store = store
         self.metrics = GatewayMetrics(config.limits.metric_series)
@@ -215,7 +221,10 @@ class GatewayService:
             vehicle_prefix=config.vehicle_broker.topic_prefix,
             backend_prefix=config.backend_broker.topic_prefix,
             capture_skew_s=config.pipeline.capture_skew_s,
+            internal_key=internal_key,
         )
+        self.retired_keys = retired_keys
+        key = self.ctx.stable_key  # everything below is internal
         self.states: dict[str, VehicleState] = {}
         # Per vehicle, across units and streams (contract rule 13); durable.
         self.anchors: dict[str, LocationAnchor] = {}
@@ -444,6 +453,14 @@ class GatewayService:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # Keyed audit hashes; a store of schema < 8 is re-keyed (VINs -> subjects).
+        key = self.ctx.stable_key
+        await loop.run_in_executor(
+            self._store_executor,
+            self.store.attach_key,
+            key,
+            functools.partial(identity_subject, key),
+        )
         await loop.run_in_executor(self._store_executor, self._record_policy)
         count = await loop.run_in_executor(self._store_executor, self.load_state)
         log.info("loaded applied settings of %d vehicles", count, extra={"vehicles": count})
@@ -865,7 +882,7 @@ class GatewayService:
         state = decision.state
         if snapshot.vin not in self.states:
             self._claimed[snapshot.vin] = record.subject
-            erased = self.ctx.identity.row(self.ctx.key, snapshot.vin)
+            erased = self.ctx.identity.row(self.ctx.stable_key, snapshot.vin)
             if erased is not None:  # back after an erasure: its epoch, its restriction
                 self.ctx.identity.epochs[snapshot.vin] = erased.epoch
                 if erased.restricted:
@@ -1162,7 +1179,7 @@ class GatewayService:
     def audit_subject(self, vin: str) -> str:
         """Keyed hash of a VIN: how the store and the audit ledger name a car
         (never the VIN itself)."""
-        return pseudonym(self.ctx.key, "audit-subject", vin)
+        return identity_subject(self.ctx.stable_key, vin)
 
     def claim(self, vin: str) -> None:
         """Move what was loaded for `vin` under its subject to its VIN (see
@@ -1273,7 +1290,7 @@ class GatewayService:
     def is_restricted(self, vin: str) -> bool:
         """Restricted now, or restricted when it was erased (kept for its return)."""
         self.claim(vin)
-        erased = self.ctx.identity.row(self.ctx.key, vin)
+        erased = self.ctx.identity.row(self.ctx.stable_key, vin)
         return vin in self.restricted or (erased is not None and erased.restricted)
 
     async def set_restriction(self, vin: str, restricted: bool, actor: str) -> bool:
@@ -1342,19 +1359,26 @@ class GatewayService:
             book, erasure = self.ctx.identity, self.config.erasure
             epoch = book.epoch(vin)
             rng = random.SystemRandom()
-            events = erasure_events(
-                self.ctx.key,
-                self.ctx.backend_prefix,
-                vin,
-                apps,
-                epoch,
-                now,
-                [
-                    rng.uniform(erasure.app_event_min_delay_s, erasure.app_event_max_delay_s)
-                    for _ in apps
-                ],
-                self.ctx.policy.document.identity.pseudonymized_timestamp_step_s * 1000,
-            )
+            # Refs made with a retired key may still be held downstream: each
+            # gets its event too (the VIN event is one).
+            step_ms = self.ctx.policy.document.identity.pseudonymized_timestamp_step_s * 1000
+            events, *older = [
+                erasure_events(
+                    key,
+                    self.ctx.backend_prefix,
+                    vin,
+                    apps,
+                    epoch,
+                    now,
+                    [
+                        rng.uniform(erasure.app_event_min_delay_s, erasure.app_event_max_delay_s)
+                        for _ in apps
+                    ],
+                    step_ms,
+                )
+                for key in (self.ctx.key, *self.retired_keys)
+            ]
+            app_events = [e for batch in (events, *older) for e in batch.app_events]
             # What survives: a new pseudonym epoch, the revision floor (older
             # settings are void) and a restriction; keyed by the subject hash.
             state, before = self.states.get(vin), book.rows.get(subject)
@@ -1367,7 +1391,7 @@ class GatewayService:
                 restricted=vin in self.restricted,
             )
             removed = await self._persist_once(
-                self.store.erase_vehicle, subject, subject, record, survivor, events.app_events
+                self.store.erase_vehicle, subject, subject, record, survivor, app_events
             )
             book.rows[subject] = survivor
             book.epochs[vin] = survivor.epoch
@@ -1414,9 +1438,9 @@ class GatewayService:
             return {
                 "removed": removed,
                 "erasure_event_topic": topic,
-                "pseudonymous_refs": list(events.refs),
+                "pseudonymous_refs": [r for batch in (events, *older) for r in batch.refs],
                 "app_erasure_events": [
-                    {"topic": t, "due_in_s": round(due - now, 1)} for due, t, _ in events.app_events
+                    {"topic": t, "due_in_s": round(due - now, 1)} for due, t, _ in app_events
                 ],
                 "_outcome": outcome,
             }

@@ -19,12 +19,21 @@ import re
 import secrets
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import INSTANCE_ID_PATTERN, LEGACY_INSTANCE_ID, GatewayConfig
+from gateway.control.audit import AuditRecord
 from gateway.core.identity import subject
-from gateway.keys import KeyFileError, create_key, key_fingerprint, read_key
+from gateway.keys import (
+    KEY_BYTES,
+    KeyFileError,
+    create_key,
+    key_fingerprint,
+    read_key,
+    write_key,
+)
 from gateway.store import SqliteConsentStore, StoreDamaged, StoreError
 
 log = logging.getLogger("gateway.statedir")
@@ -32,6 +41,12 @@ log = logging.getLogger("gateway.statedir")
 LOCK_FILE = "gateway.lock"
 INSTANCE_FILE = "instance.id"
 FINGERPRINT_KEY = "key_fingerprint"  # in the store's meta table
+# After a key rotation: the first key, kept for what must not change (store
+# subjects, seals, audit hashes, grid offsets); the fingerprint is its.
+INTERNAL_KEY_FILE = "internal.key"
+# Rotated-out pseudonymization keys: refs made with them may still be held
+# downstream, so erasure events name those refs too. Named `{when}-{fingerprint}.key`.
+RETIRED_KEYS_DIR = "retired-keys"
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o700
 
@@ -161,6 +176,8 @@ class OpenState:
     store: SqliteConsentStore
     key: bytes
     instance_id: str
+    internal_key: bytes | None = None  # set once the key was rotated
+    retired_keys: tuple[bytes, ...] = ()
 
     def close(self) -> None:
         self.store.close()
@@ -197,9 +214,17 @@ def open_state(config: GatewayConfig) -> OpenState:
             upgraded = store.meta(FINGERPRINT_KEY) is None and (
                 bool(store.policies()) or store.holds_vehicle_data()
             )
-            key, fingerprint = _open_key(
-                store, key_path, may_create=not config.require_initialized_state
-            )
+            internal_path = config.state_dir / INTERNAL_KEY_FILE
+            internal_key = _read_internal_key(internal_path)
+            if internal_key is not None:
+                # Rotated: the store was written with the internal key.
+                _check_fingerprint(store, internal_path, internal_key)
+                key, fingerprint = _read_rotated_key(key_path), None
+            else:
+                key, fingerprint = _open_key(
+                    store, key_path, may_create=not config.require_initialized_state
+                )
+            retired = read_retired_keys(config.state_dir)
             # Refusals come before any of these writes; the fingerprint goes
             # last, as it is what marks the directory as no longer upgraded.
             instance_id = state_dir.instance_id(config.instance_id, upgraded)
@@ -207,7 +232,8 @@ def open_state(config: GatewayConfig) -> OpenState:
                 store.set_meta(FINGERPRINT_KEY, fingerprint)
             # Keyed audit hashes from now on; a store written before schema 8
             # is re-keyed here (VINs become subjects), with the key just checked.
-            rekeyed = store.attach_key(key, functools.partial(subject, key))
+            stable = internal_key if internal_key is not None else key
+            rekeyed = store.attach_key(stable, functools.partial(subject, stable))
             if rekeyed:
                 log.warning(
                     "consent store upgraded to schema 8: %d rows now name cars by their"
@@ -220,7 +246,7 @@ def open_state(config: GatewayConfig) -> OpenState:
     except BaseException:
         state_dir.unlock()
         raise
-    return OpenState(state_dir, store, key, instance_id)
+    return OpenState(state_dir, store, key, instance_id, internal_key, retired)
 
 
 def _check_initialized(config: GatewayConfig) -> None:
@@ -350,6 +376,105 @@ def _open_key(
             " restore the right key; a different key would change every pseudonym"
         )
     return key, None
+
+
+def _read_internal_key(path: Path) -> bytes | None:
+    try:
+        return read_key(path)
+    except FileNotFoundError:
+        return None
+    except KeyFileError as exc:
+        raise StateDirError(str(exc)) from exc
+
+
+def _read_rotated_key(path: Path) -> bytes:
+    try:
+        return read_key(path)
+    except FileNotFoundError:
+        raise StateDirError(
+            f"pseudonymization key {path} is missing after a key rotation: restore it from"
+            " its backup (a new key would change every pseudonym again; to rotate on"
+            " purpose, use `gateway rotate-key`)"
+        ) from None
+    except KeyFileError as exc:
+        raise StateDirError(str(exc)) from exc
+
+
+def _check_fingerprint(store: SqliteConsentStore, path: Path, key: bytes) -> None:
+    stored, actual = store.meta(FINGERPRINT_KEY), key_fingerprint(key)
+    if stored is not None and stored != actual:
+        raise StateDirError(
+            f"key {path} does not match the key the consent store {store.path} was written"
+            f" with (fingerprint {actual}, expected {stored}): restore the right key"
+        )
+
+
+def read_retired_keys(state_dir: Path) -> tuple[bytes, ...]:
+    folder = state_dir / RETIRED_KEYS_DIR
+    if not folder.is_dir():
+        return ()
+    try:
+        return tuple(read_key(path) for path in sorted(folder.glob("*.key")))
+    except KeyFileError as exc:
+        raise StateDirError(str(exc)) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    retired: Path
+    retired_fingerprint: str
+    new_fingerprint: str
+    internal_created: bool
+
+
+def rotate_key(config: GatewayConfig, now: float) -> Rotation:
+    """Replace the pseudonymization key (the gateway must be stopped: the
+    state directory's lock is taken). What leaves the gateway changes (app
+    refs, MAC pseudonyms, seq hashes); what names cars inside it does not: on
+    the first rotation the current key becomes the internal key. The old key
+    is retired, not deleted: erasure events name the refs it made."""
+    state_dir = StateDir(config.state_dir)
+    state_dir.lock()
+    try:
+        db = config.state_dir / SqliteConsentStore.FILENAME
+        if not db.exists():
+            raise StateDirError(f"no consent store at {db}: nothing to rotate")
+        store = SqliteConsentStore(db)
+        try:
+            internal_path = config.state_dir / INTERNAL_KEY_FILE
+            internal = _read_internal_key(internal_path)
+            current = _read_rotated_key(config.key_path)
+            created = internal is None
+            if internal is None:
+                _check_fingerprint(store, config.key_path, current)
+                write_key(internal_path, current)
+                internal = current
+            else:
+                _check_fingerprint(store, internal_path, internal)
+            store.attach_key(internal, functools.partial(subject, internal))
+            old_fp = key_fingerprint(current)
+            retired_dir = config.state_dir / RETIRED_KEYS_DIR
+            retired_dir.mkdir(mode=0o700, exist_ok=True)
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+            retired = retired_dir / f"{stamp}-{old_fp}.key"
+            write_key(retired, current)
+            new = secrets.token_bytes(KEY_BYTES)
+            write_key(config.key_path, new)
+            new_fp = key_fingerprint(new)
+            store.append_audit(
+                AuditRecord(
+                    actor="operator",
+                    action="pseudonym_key_rotated",
+                    subject="",
+                    content={"retired": old_fp, "new": new_fp, "internal_created": created},
+                    at=now,
+                )
+            )
+        finally:
+            store.close()
+    finally:
+        state_dir.unlock()
+    return Rotation(retired, old_fp, new_fp, created)
 
 
 def _make_private(*paths: Path) -> None:

@@ -97,7 +97,7 @@ class DecisionContext:
     """
 
     policy: CompiledPolicy
-    key: bytes
+    key: bytes  # pseudonyms that leave the gateway (app refs, seq hashes): rotatable
     vehicle_prefix: str = "vehicle"
     backend_prefix: str = "tsp"
     # Clock skew allowed between a car's capture timestamp and the gateway's
@@ -106,6 +106,14 @@ class DecisionContext:
     # Pseudonym epochs and what survived erasures (kept by the service; the
     # same book across policy swaps).
     identity: IdentityBook = dataclasses.field(default_factory=IdentityBook)
+    # What must never change with a key rotation: subjects naming cars in the
+    # store and the grid offset of a car (two offsets of one parked car could be
+    # intersected). None: `key` (a gateway whose key was never rotated).
+    internal_key: bytes | None = None
+
+    @property
+    def stable_key(self) -> bytes:
+        return self.internal_key if self.internal_key is not None else self.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,7 +498,7 @@ def _locate(
         return None
     policy = ctx.policy
     cell = policy.cell_size_m
-    offset = grid_offset(ctx.key, vin)
+    offset = grid_offset(ctx.stable_key, vin)
     new_anchor: LocationAnchor | None = None
     if anchor is None or anchor.due(now, policy.refresh_interval_ms / 1000.0):
         # The freshest point the message has: a current position before a past place.
@@ -508,7 +516,7 @@ def _locate(
     for role, points in present:
         for point in points:
             if role == "destination":
-                coarsen_geopoint(point, cell, destination_offset(ctx.key, vin))
+                coarsen_geopoint(point, cell, destination_offset(ctx.stable_key, vin))
                 continue
             value = current if role == "position" else before
             assert value is not None  # a valid point of the car always anchors
@@ -579,7 +587,7 @@ def _decide_settings(
         # forever, stalling the pipeline (a car counting by one never gets there).
         return Drop(DropReason.UNDECODABLE, SETTINGS_TOPIC, vin=vin, detail="revision out of range")
     applied_revision = current.revision if current is not None else 0
-    erased = ctx.identity.row(ctx.key, vin) if current is None else None
+    erased = ctx.identity.row(ctx.stable_key, vin) if current is None else None
     if erased is not None and settings.revision <= erased.revision_floor:
         # Settings from before an erasure are void: ask for the screen again.
         return Drop(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,6 +78,11 @@ class ConsentStore(Protocol):
     synced): callers rely on that before acknowledging or announcing it.
     Methods are blocking; the service runs them off the event loop.
     """
+
+    def attach_key(self, key: bytes, subject_of: Callable[[str], str]) -> int:
+        """Key the audit content hashes with `key` from now on and bring a
+        store that still names cars by VIN to naming them by `subject_of(vin)`
+        (no VIN left in any file). Returns the rows changed; idempotent."""
 
     def apply_settings(
         self, snapshot: SettingsSnapshot, record: AuditRecord | None = None, merge: bool = False
