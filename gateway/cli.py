@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway")
 CONTROL_TOKEN_ENV = "GATEWAY_CONTROL_TOKEN"
 EXIT_CONFIG = 2
+EXIT_UNCHECKED = 3  # audit verify: chain intact, content not checkable (no key)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -234,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit_cmd = command(sub, "audit", help="audit ledger tools")
     audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    verify = command(audit_sub, "verify", help="check the hash chain; exit 1 if tampered")
+    verify = command(
+        audit_sub,
+        "verify",
+        help="check the hash chain; exit 1 if tampered, 3 if the key to check content is missing",
+    )
     verify.add_argument(
         "--state-dir", type=Path, help="state directory (default: state_dir of --config)"
     )
@@ -504,6 +509,7 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway.statedir import INTERNAL_KEY_FILE
     from gateway.store import SqliteConsentStore, StoreError
 
     state_dir = args.state_dir
@@ -525,22 +531,29 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    key_file = Path(state_dir) / KeysConfig().pseudonym_key_file
+    # Content hashes are keyed with the internal key (the first key, once the
+    # key was rotated): without it only the chain can be checked.
+    key_file = Path(state_dir) / INTERNAL_KEY_FILE
+    if not key_file.exists():
+        key_file = Path(state_dir) / KeysConfig().pseudonym_key_file
     try:
-        # Content hashes are keyed: without the key only the chain is checked.
         with contextlib.suppress(FileNotFoundError, KeyFileError):
             store.use_key_for_verification(read_key(key_file))
         result = store.verify_audit()
     finally:
         store.close()
+    if result.ok and result.unchecked:
+        print(
+            f"audit ledger chain intact ({result.entries} entries, head {result.head}), but the"
+            f" content of {result.unchecked} entries was NOT checked: no readable key at"
+            f" {key_file}",
+            file=sys.stderr,
+        )
+        return EXIT_UNCHECKED
     if result.ok:
         print(f"audit ledger intact: {result.entries} entries, head {result.head}")
         if result.redacted:
             print(f"  {result.redacted} entries had the VIN removed by the schema-8 upgrade")
-        if result.unchecked:
-            print(
-                f"  content of {result.unchecked} entries not checked: no key at {key_file}"
-            )
         return 0
     print(f"audit ledger TAMPERED ({len(result.problems)} problems):", file=sys.stderr)
     for problem in result.problems:

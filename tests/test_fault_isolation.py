@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -20,8 +21,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.accounting import EgressAccounting
-from gateway.config import LimitsConfig, PipelineConfig
+from gateway.config import KeysConfig, LimitsConfig, PipelineConfig
+from gateway.core.identity import subject
 from gateway.delivery import DeadLetterKind, DeadLetterSeal, is_transient, refusal_reason
+from gateway.keys import read_key
 from gateway.store import SqliteConsentStore
 from gateway.store.sqlite import SCHEMA_VERSION
 from sim.broker import MosquittoBroker
@@ -34,10 +37,11 @@ OPEN_ACL = "topic readwrite vehicle/#\ntopic readwrite tsp/#\n"
 NO_BATTERY_ACL = OPEN_ACL + "topic deny tsp/+/tbox/battery\n"
 NO_ERASURE_ACL = OPEN_ACL + "topic deny tsp/+/erasure\n"
 
+
 @contextlib.asynccontextmanager
-async def running(broker: MosquittoBroker, tmp_path: Path) -> AsyncIterator[
-    tuple[GatewayHarness, Clients]
-]:
+async def running(
+    broker: MosquittoBroker, tmp_path: Path
+) -> AsyncIterator[tuple[GatewayHarness, Clients]]:
     harness = GatewayHarness(broker.url, broker.url, tmp_path / "state")
     async with (
         aiomqtt.Client(
@@ -59,10 +63,9 @@ async def running(broker: MosquittoBroker, tmp_path: Path) -> AsyncIterator[
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+
 @contextlib.asynccontextmanager
-async def car_on(
-    vehicle_broker: MosquittoBroker, harness: GatewayHarness
-) -> AsyncIterator[Car]:
+async def car_on(vehicle_broker: MosquittoBroker, harness: GatewayHarness) -> AsyncIterator[Car]:
     """A car on the vehicle-side broker (the backend being another broker);
     stops the harness's gateways on the way out."""
     try:
@@ -103,10 +106,12 @@ def battery(car: Car) -> streams_pb2.BatteryStatus:
     car.header(msg)
     return msg
 
+
 def status(car: Car) -> streams_pb2.VehicleStatus:
     msg = streams_pb2.VehicleStatus()
     car.header(msg)
     return msg
+
 
 async def test_acl_refusal_is_dead_lettered_and_blocks_nothing(tmp_path: Path) -> None:
     with MosquittoBroker(acl=NO_BATTERY_ACL) as broker:
@@ -123,17 +128,22 @@ async def test_acl_refusal_is_dead_lettered_and_blocks_nothing(tmp_path: Path) -
             # v1: the battery message is retried forever and nothing behind it is acked.
             await car.barrier()
             await clients.backend.wait_for(
-                lambda: len(clients.backend.on("/tbox/status")) == 5
-                and bool(clients.backend.on("/tbox/ecall"))
+                lambda: (
+                    len(clients.backend.on("/tbox/status")) == 5
+                    and bool(clients.backend.on("/tbox/ecall"))
+                )
             )
             assert clients.backend.on("/tbox/battery") == []
             letters = service.store.dead_letters()
             assert [(d.stream, d.reason, d.code, d.kind) for d in letters] == [
                 ("tbox/battery", "not_authorized", 0x87, DeadLetterKind.VEHICLE)
             ]
-            assert service.metrics.value(
-                "gateway_dead_letters_total", edge="backend", reason="not_authorized"
-            ) == 1
+            assert (
+                service.metrics.value(
+                    "gateway_dead_letters_total", edge="backend", reason="not_authorized"
+                )
+                == 1
+            )
             assert service.metrics.value("gateway_dead_letters_stored") == 1
             # Personal data at rest: the content is sealed, the VIN appears nowhere.
             db = sqlite3.connect(tmp_path / "state" / SqliteConsentStore.FILENAME)
@@ -155,6 +165,7 @@ async def test_acl_refusal_is_dead_lettered_and_blocks_nothing(tmp_path: Path) -
             await clients.backend.wait_for(lambda: bool(clients.backend.on("/tbox/battery")))
             await _wait(lambda: service.store.dead_letter_count() == 0)
 
+
 async def test_redrive_decides_again_under_current_consent(tmp_path: Path) -> None:
     with MosquittoBroker(acl=NO_BATTERY_ACL) as broker:
         async with running(broker, tmp_path) as (harness, clients):
@@ -172,6 +183,7 @@ async def test_redrive_decides_again_under_current_consent(tmp_path: Path) -> No
             await car.barrier()
             await _wait(lambda: service.store.dead_letter_count() == 0)
             assert clients.backend.on("/tbox/battery") == []
+
 
 async def test_message_above_broker_packet_limit_is_dead_lettered_without_sending(
     tmp_path: Path,
@@ -204,6 +216,7 @@ async def test_message_above_broker_packet_limit_is_dead_lettered_without_sendin
             assert "exceeded" not in broker.log_path.read_text().lower()
             assert service.backend_edge.generation == 1
 
+
 async def test_ecall_is_not_delayed_by_a_control_operation_or_a_backlog(tmp_path: Path) -> None:
     with MosquittoBroker() as broker:
         async with running(broker, tmp_path) as (harness, clients):
@@ -232,6 +245,7 @@ async def test_ecall_is_not_delayed_by_a_control_operation_or_a_backlog(tmp_path
                 )
                 == 1
             )
+
 
 async def test_ecall_queued_before_the_ecall_lane_existed_is_not_lost(tmp_path: Path) -> None:
     """An eCall published while the gateway is down, into the ordinary lane's
@@ -281,6 +295,7 @@ async def test_refused_erasure_event_wedges_neither_the_pipeline_nor_shutdown(
             await harness.stop(service)
             assert time.monotonic() - started < 5
 
+
 async def test_dead_letters_are_erased_with_the_car_and_bound_by_retention(
     tmp_path: Path,
 ) -> None:
@@ -302,6 +317,7 @@ async def test_dead_letters_are_erased_with_the_car_and_bound_by_retention(
             assert all(d.stream == "erasure" for d in remaining)
             assert service.store.purge_dead_letters(time.time() + 8 * 86400) == len(remaining)
 
+
 async def test_egress_counts_survive_kill_9(tmp_path: Path) -> None:
     """v1 kept per-vehicle egress counts in memory for seconds: 600 forwarded,
     kill -9, and the Art. 15 export said 0."""
@@ -321,8 +337,9 @@ async def test_egress_counts_survive_kill_9(tmp_path: Path) -> None:
         finally:
             proc.kill()
         store = SqliteConsentStore.in_state_dir(state)
+        car_subject = subject(read_key(state / KeysConfig().pseudonym_key_file), VIN)
         try:
-            assert sum(c.count for c in store.egress_counts(VIN)) == 200
+            assert sum(c.count for c in store.egress_counts(car_subject)) == 200
         finally:
             store.close()
 
@@ -382,7 +399,7 @@ async def test_settings_flood_is_merged_and_a_withdrawal_always_takes_effect(
             await car.send("tbox/status", status(car))
             await car.barrier()
             assert clients.backend.on("/tbox/status") == []  # revision 40 withdrew it
-            history = service.store.history(VIN)
+            history = service.store.history(service.audit_subject(VIN))
             assert len(history) == 5
             assert history[-1].revision == 40
             assert history[-1].features == {"remote_control": False}
@@ -500,8 +517,10 @@ async def test_redriven_ecall_is_delivered(tmp_path: Path) -> None:
             # (re-driving never extends how long personal data is kept).
             await service.redrive_dead_letters(None)
             await _wait(
-                lambda: [d.expires_at for d in service.store.dead_letters()] == [expires]
-                and service.store.dead_letters()[0].id != 1
+                lambda: (
+                    [d.expires_at for d in service.store.dead_letters()] == [expires]
+                    and service.store.dead_letters()[0].id != 1
+                )
             )
             broker.reload(OPEN_ACL)
             await asyncio.sleep(0.5)
@@ -513,9 +532,7 @@ async def test_redriven_ecall_is_delivered(tmp_path: Path) -> None:
 async def test_erasure_is_final_for_messages_still_in_flight(tmp_path: Path) -> None:
     """Messages decided before an erasure that complete after it (the backend
     was down) left an egress count under the raw VIN and dead letters behind."""
-    with MosquittoBroker() as vehicle_broker, MosquittoBroker(
-        acl=NO_BATTERY_ACL
-    ) as backend_broker:
+    with MosquittoBroker() as vehicle_broker, MosquittoBroker(acl=NO_BATTERY_ACL) as backend_broker:
         harness = GatewayHarness(vehicle_broker.url, backend_broker.url, tmp_path / "state")
         service = await harness.start()
         async with car_on(vehicle_broker, harness) as car:
@@ -560,9 +577,7 @@ async def test_dead_lettered_command_too_old_is_answered_expired_not_run(
             broker.reload(OPEN_ACL)
             await asyncio.sleep(0.5)
             await service.redrive_dead_letters(None)
-            await clients.backend.wait_for(
-                lambda: len(clients.backend.on("/cmd/lock/result")) == 2
-            )
+            await clients.backend.wait_for(lambda: len(clients.backend.on("/cmd/lock/result")) == 2)
             second = command_pb2.CommandResult.FromString(
                 clients.backend.on("/cmd/lock/result")[1].payload  # type: ignore[arg-type]
             )
@@ -628,11 +643,13 @@ async def test_back_pressure_outlasts_the_keepalive_without_a_reconnect(tmp_path
             async with recording(backend_broker) as recorder:
                 want = {m.header.seq for m in sent}
                 await recorder.wait_for(
-                    lambda: want
-                    <= {
-                        streams_pb2.VehicleStatus.FromString(m.payload).header.seq  # type: ignore[arg-type]
-                        for m in recorder.on("/tbox/status")
-                    },
+                    lambda: (
+                        want
+                        <= {
+                            streams_pb2.VehicleStatus.FromString(m.payload).header.seq  # type: ignore[arg-type]
+                            for m in recorder.on("/tbox/status")
+                        }
+                    ),
                     30,
                 )
 
@@ -676,6 +693,7 @@ def test_refusal_classes() -> None:
     assert refusal_reason(0x87) == "not_authorized"
     assert refusal_reason(0xA2) == "refused_0xa2"
 
+
 def test_dead_letter_seal_binds_content_to_key_and_subject() -> None:
     seal = DeadLetterSeal(KEY)
     sealed = seal.seal("vehicle/X/tbox/status", b"\x00payload", "subject-a")
@@ -684,6 +702,7 @@ def test_dead_letter_seal_binds_content_to_key_and_subject() -> None:
         seal.open(sealed, "subject-b")
     with pytest.raises(ValueError):
         DeadLetterSeal(bytes(32)).open(sealed, "subject-a")
+
 
 def test_store_written_by_v1_is_migrated(tmp_path: Path) -> None:
     """A consent store of schema 1 (no dead_letters table) opens, gains the
@@ -701,11 +720,14 @@ def test_store_written_by_v1_is_migrated(tmp_path: Path) -> None:
     store = SqliteConsentStore.in_state_dir(tmp_path)
     try:
         assert store.dead_letter_count() == 0
-        assert store.restricted_vins() == {VIN}
+        assert store.restricted_vins() == {VIN}  # schema 7 until the key is attached
+        store.attach_key(KEY, functools.partial(subject, KEY))
+        assert store.restricted_vins() == {subject(KEY, VIN)}
         version = store._read("SELECT value FROM meta WHERE key='schema_version'")[0][0]
         assert version == str(SCHEMA_VERSION)
     finally:
         store.close()
+
 
 async def _wait(predicate: object, timeout: float = 10.0) -> None:
     assert callable(predicate)
