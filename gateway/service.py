@@ -46,7 +46,7 @@ from gateway.core import (
 )
 from gateway.core.capture import CaptureHistory, Interval, append
 from gateway.core.decide import applied_message, split_command_topic, split_vehicle_topic
-from gateway.core.identity import IdentityRow, app_scope, erasure_events
+from gateway.core.identity import IdentityRow, app_scope, erasure_events, restriction_event
 from gateway.core.identity import subject as identity_subject
 from gateway.core.state import is_valid_vin
 from gateway.delivery import (
@@ -547,9 +547,7 @@ class GatewayService:
         upgrade to this version, reaches only the ordinary lane). So eCall is
         delivered at least once, sometimes twice; never lost."""
         vcfg, bcfg = self.config.vehicle_broker, self.config.backend_broker
-        topics = sorted(
-            f"{vcfg.topic_prefix}/+/{key}" for key in self._legal_streams
-        )
+        topics = sorted(f"{vcfg.topic_prefix}/+/{key}" for key in self._legal_streams)
         self.ecall_backend_edge = MqttEdge(
             name=ECALL_BACKEND,
             endpoint=self._access[BACKEND].endpoint,
@@ -604,8 +602,7 @@ class GatewayService:
         offered = self.offered_policy()
         if offered is not None:
             log.warning(
-                "policy file %s has version %s newer than the active %s: sign and push it"
-                " to apply",
+                "policy file %s has version %s newer than the active %s: sign and push it to apply",
                 path,
                 policy.version,
                 self.ctx.policy.version,
@@ -1311,9 +1308,7 @@ class GatewayService:
             if erased is not None and erased.restricted != restricted:
                 # Carried past the erasure: lifting or setting it again holds there too.
                 await self._persist_once(self.store.set_identity_restricted, subject, restricted)
-                self.ctx.identity.rows[subject] = dataclasses.replace(
-                    erased, restricted=restricted
-                )
+                self.ctx.identity.rows[subject] = dataclasses.replace(erased, restricted=restricted)
                 if not changed:  # the store had no row by VIN to audit the change with
                     await self._persist_once(self.store.append_audit, record)
                 changed = True
@@ -1326,6 +1321,21 @@ class GatewayService:
                 self.states[vin] = dataclasses.replace(state, restricted=restricted)
                 if changed:  # a restriction period is part of what was allowed when
                     self._add_interval(vin, state.revision, record.at, self.states[vin])
+            if changed:
+                # Stored backend data is marked (Art. 18): the backend is told.
+                # Not awaited in the decision loop; it ends delivered or as a
+                # dead letter, like the erasure event.
+                topic, payload = restriction_event(
+                    self.ctx.backend_prefix, vin, restricted, record.at
+                )
+                self._deliver(
+                    self.backend_edge,
+                    topic,
+                    payload,
+                    (),
+                    lambda _: None,
+                    self._egress_letter(vin, "restriction", topic, payload),
+                )
             return bool(changed)
 
         return await self.run_control(run)

@@ -452,6 +452,36 @@ async def test_rollback_to_a_stored_policy_that_no_longer_validates(
     assert control.service.store.active_policy().version == "2026.11.1"  # type: ignore[union-attr]
 
 
+async def test_restriction_is_announced_downstream_set_and_lifted(
+    control: Control, clients: Clients
+) -> None:
+    """Art. 18 / notice L989: stored backend data of a restricted car must be
+    marked, so the backend is told (and told again when it is lifted)."""
+    http, url, car = control.http, control.url, clients.car
+    await car.settings(1, features={"remote_control": True})
+    for method, restricted in (("post", True), ("delete", False)):
+        request = getattr(http, method)
+        response = await request(
+            f"{url}/v1/vehicles/{VIN}/restriction", headers=control.auth("dpo")
+        )
+        assert response.status == 200
+        await clients.backend.wait_for(
+            lambda n=restricted: (
+                len(clients.backend.on(f"tsp/{VIN}/restriction")) == (1 if n else 2)
+            )
+        )
+        event = privacy_pb2.RestrictionEvent.FromString(
+            clients.backend.on(f"tsp/{VIN}/restriction")[-1].payload  # type: ignore[arg-type]
+        )
+        assert (event.vin, event.restricted) == (VIN, restricted) and event.at_ms > 0
+    # Asking again changes nothing and announces nothing.
+    assert (
+        await http.delete(f"{url}/v1/vehicles/{VIN}/restriction", headers=control.auth("dpo"))
+    ).status == 200
+    await car.barrier()
+    assert len(clients.backend.on(f"tsp/{VIN}/restriction")) == 2
+
+
 async def test_restriction_export_and_erasure_round_trip(
     control: Control, clients: Clients
 ) -> None:

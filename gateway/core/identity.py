@@ -265,6 +265,15 @@ class ErasureEvents:
     refs: tuple[str, ...]
 
 
+def restriction_event(
+    backend_prefix: str, vin: str, restricted: bool, at: float
+) -> tuple[str, bytes]:
+    """`tsp/{vin}/restriction`: the backend marks (or unmarks) what it stores of
+    the car (Art. 18). VIN-keyed: it names no app ref."""
+    event = privacy_pb2.RestrictionEvent(vin=vin, restricted=restricted, at_ms=int(at * 1000))
+    return f"{backend_prefix}/{vin}/restriction", event.SerializeToString()
+
+
 def erasure_events(
     key: bytes,
     backend_prefix: str,

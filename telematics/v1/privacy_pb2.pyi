@@ -51,3 +51,13 @@ class ErasureEvent(_message.Message):
     erased_at_ms: int
     reason: str
     def __init__(self, vin: _Optional[str] = ..., refs: _Optional[_Iterable[str]] = ..., erased_at_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RestrictionEvent(_message.Message):
+    __slots__ = ("vin", "restricted", "at_ms")
+    VIN_FIELD_NUMBER: _ClassVar[int]
+    RESTRICTED_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    vin: str
+    restricted: bool
+    at_ms: int
+    def __init__(self, vin: _Optional[str] = ..., restricted: _Optional[bool] = ..., at_ms: _Optional[int] = ...) -> None: ...
