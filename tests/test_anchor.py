@@ -26,11 +26,20 @@ from gateway.core import (
     state_from_snapshot,
 )
 from gateway.core.transforms import coarsen_position, destination_offset, grid_offset
-from gateway.policy import load_policy
+from gateway.policy import parse_policy
 from telematics.v1 import common_pb2, streams_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICY = load_policy(ROOT / "config" / "policy.yaml")
+# The location mechanics are tested on every GeoPoint role; the default policy
+# removes trip start and end (energy statistics carry no location, notice
+# L522-530), so these tests put them back as a place and a position.
+DEFAULT_POLICY_TEXT = (ROOT / "config" / "policy.yaml").read_text()
+POLICY = parse_policy(
+    DEFAULT_POLICY_TEXT.replace(
+        "      start: remove\n      end: remove\n", "      start: place\n      end: position\n"
+    ),
+    source="default policy, trip start and end located",
+)
 KEY = bytes(range(32))
 CTX = DecisionContext(POLICY, KEY)
 VIN = "WVWZZZ1JZXW000001"
@@ -51,7 +60,11 @@ AWAY = (48.227154, 11.676124)  # about 12 km from HOME
 
 def _geo(lat: float, lon: float) -> common_pb2.GeoPoint:
     return common_pb2.GeoPoint(
-        latitude=lat, longitude=lon, altitude_m=512.5, heading_deg=93.0, speed_kmh=47.5,
+        latitude=lat,
+        longitude=lon,
+        altitude_m=512.5,
+        heading_deg=93.0,
+        speed_kmh=47.5,
         horizontal_accuracy_m=3.5,
     )
 
@@ -76,11 +89,16 @@ def nav(at: tuple[float, float] | None, ts_ms: int, dest: tuple[float, float]) -
     return msg
 
 
-def trip(start: tuple[float, float], end: tuple[float, float], ts_ms: int,
-         odometer: float = 12_400.0) -> Message:
+def trip(
+    start: tuple[float, float], end: tuple[float, float], ts_ms: int, odometer: float = 12_400.0
+) -> Message:
     msg = streams_pb2.Trip(
-        trip_id="t", distance_km=12.3, energy_kwh=2.26, average_speed_kmh=47.0,
-        duration_s=1234, odometer_km=odometer,
+        trip_id="t",
+        distance_km=12.3,
+        energy_kwh=2.26,
+        average_speed_kmh=47.0,
+        duration_s=1234,
+        odometer_km=odometer,
     )
     msg.start.CopyFrom(_geo(*start))
     msg.end.CopyFrom(_geo(*end))
@@ -150,9 +168,15 @@ def test_tbox_and_avn_clocks_minutes_apart_share_one_anchor() -> None:
     a = car.send("tbox/status", status(HOME, tbox_clock), NOW)
     b = car.send("avn/nav", nav(AWAY, avn_clock, dest=AWAY), NOW + 10)
     c = car.send("tbox/status", status(AWAY, tbox_clock + 20_000), NOW + 20)
-    d = car.send("avn/search", streams_pb2.SearchQuery(
-        text="pharmacy", position=_geo(*AWAY),
-        header=common_pb2.Header(timestamp_ms=avn_clock - 40 * 60_000)), NOW + 30)
+    d = car.send(
+        "avn/search",
+        streams_pb2.SearchQuery(
+            text="pharmacy",
+            position=_geo(*AWAY),
+            header=common_pb2.Header(timestamp_ms=avn_clock - 40 * 60_000),
+        ),
+        NOW + 30,
+    )
     values = {latlon(m.position) for m in (a, b, c, d)}  # type: ignore[attr-defined]
     assert values == {_coarse(HOME)}
 
@@ -165,7 +189,7 @@ def test_refresh_at_most_once_per_interval_across_streams() -> None:
     for step in range(600):  # 10 hours, a message a minute, the car always moving
         now = NOW + 60 * step
         lat, lon = lat + 0.003, lon + 0.002
-        ts = rng.choice([0, TS_MS + rng.randint(-10**9, 10**9), int(now * 1000)])
+        ts = rng.choice([0, TS_MS + rng.randint(-(10**9), 10**9), int(now * 1000)])
         stream = rng.choice(["tbox/status", "avn/nav", "tbox/battery", "tbox/trip"])
         if stream == "tbox/status":
             out = car.send(stream, status((lat, lon), ts), now)
@@ -263,7 +287,8 @@ def test_odometer_constant_between_refreshes() -> None:
     for minute in range(120):
         lat += 0.002
         out = car.send(
-            "tbox/status", status((lat, lon), TS_MS, odometer=10_000 + minute * 0.9),
+            "tbox/status",
+            status((lat, lon), TS_MS, odometer=10_000 + minute * 0.9),
             NOW + 60 * minute,
         )
         seen.append((NOW + 60 * minute, out.odometer_km, latlon(out.position)))  # type: ignore[attr-defined]
@@ -271,8 +296,9 @@ def test_odometer_constant_between_refreshes() -> None:
         assert (odo_a == odo_b) == (pos_a == pos_b)  # steps only with the coarse value
     assert {odo for _, odo, _ in seen} == {10_000 + m * 0.9 for m in range(0, 120, 15)}
     # A trip report within the interval shows the anchored reading, too.
-    out = car.send("tbox/trip", trip(HOME, (lat, lon), TS_MS, odometer=10_200.0),
-                   NOW + 60 * 119 + 30)
+    out = car.send(
+        "tbox/trip", trip(HOME, (lat, lon), TS_MS, odometer=10_200.0), NOW + 60 * 119 + 30
+    )
     assert out.odometer_km == seen[-1][1]  # type: ignore[attr-defined]
 
 

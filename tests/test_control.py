@@ -51,7 +51,7 @@ POLICY_TEXT = DEFAULT_POLICY.read_text()
 
 
 def policy_text(version: str, cell_size: int = 2000) -> str:
-    text = POLICY_TEXT.replace('version: "2026.11.1"', f'version: "{version}"')
+    text = POLICY_TEXT.replace('version: "2026.11.2"', f'version: "{version}"')
     return text.replace("cell_size_m: 2000 ", f"cell_size_m: {cell_size} ")
 
 
@@ -106,7 +106,7 @@ async def restart(control: Control, gateways: GatewayHarness) -> None:
     config = control.plane.config
     await control.plane.stop()
     await gateways.stop(control.service)
-    control.service = await gateways.start()  # the configured file says 2026.11.1
+    control.service = await gateways.start()  # the configured file says 2026.11.2
     control.plane = ControlPlane(control.service, config)
     await control.plane.start()
     control.url = f"http://127.0.0.1:{control.plane.port}"
@@ -199,7 +199,7 @@ async def test_refused_pushes_leave_the_active_policy_enforced(
         body = await response.json()
         assert response.status == status, body
         assert words in repr(body)
-        assert await status_version(clients) == "2026.11.1"
+        assert await status_version(clients) == "2026.11.2"
     problems = (await refusals[3][0].json())["problems"]
     assert any("privacy by default" in p["problem"] for p in problems)
 
@@ -238,9 +238,9 @@ async def test_push_while_messages_flow_each_message_decided_by_exactly_one_vers
         )
     assert set(sent) <= set(received)  # nothing lost during the swap
     versions = [received[s] for s in sent]
-    assert {v for v, _ in versions} == {"2026.11.1", "2027.2.1"}
+    assert {v for v, _ in versions} == {"2026.11.2", "2027.2.1"}
     for version, accuracy in versions:
-        assert accuracy == (2000 if version == "2026.11.1" else 5000)
+        assert accuracy == (2000 if version == "2026.11.2" else 5000)
     # Arrival order: once the new version decided a message, the old one never did again.
     first_new = next(i for i, (v, _) in enumerate(versions) if v == "2027.2.1")
     assert all(v == "2027.2.1" for v, _ in versions[first_new:])
@@ -262,13 +262,13 @@ async def test_rollback(control: Control, clients: Clients) -> None:
     assert unknown.status == 404
     back = await control.http.post(
         f"{control.url}/v1/policy/rollback",
-        json={"version": "2026.11.1"},
+        json={"version": "2026.11.2"},
         headers=control.auth("operator"),
     )
     assert back.status == 200, await back.text()
-    assert await status_version(clients) == "2026.11.1"
+    assert await status_version(clients) == "2026.11.2"
     versions = {p.version: p.active for p in control.service.store.policies()}
-    assert versions == {"2026.11.1": True, "2027.3.1": False}
+    assert versions == {"2026.11.2": True, "2027.3.1": False}
 
 
 async def get_policy(control: Control) -> dict[str, Any]:
@@ -341,7 +341,7 @@ async def test_concurrent_pushes_the_newest_stays_active_also_after_restart(
     assert await status_version(clients) == "2027.8.2"
     stored = {p.version: p.active for p in service.store.policies()}
     assert stored == {
-        "2026.11.1": False,
+        "2026.11.2": False,
         **{f"2027.{i}.2": False for i in range(1, 8)},
         "2027.8.2": True,
     }
@@ -369,12 +369,12 @@ async def test_a_version_names_one_text_for_good(
         assert (stored["2027.5.1"].digest, stored["2027.5.1"].yaml) == (digest, text)
 
     await other_text_refused()  # while 2027.5.1 is active
-    assert (await rollback(control, "2026.11.1")).status == 200
+    assert (await rollback(control, "2026.11.2")).status == 200
     await other_text_refused()  # newer than the active one, still the same number
-    assert await status_version(clients) == "2026.11.1"
+    assert await status_version(clients) == "2026.11.2"
     await restart(control, gateways)
     await other_text_refused()
-    assert await status_version(clients) == "2026.11.1"
+    assert await status_version(clients) == "2026.11.2"
     back = await rollback(control, "2027.5.1")
     assert back.status == 200, await back.text()
     assert (await back.json())["digest"] == digest
@@ -410,7 +410,7 @@ async def test_replayed_bundle_refused_rollback_is_the_way_back(
     active = await rollback(control, "2027.6.2")
     assert active.status == 409 and "already active" in (await active.json())["error"]
     assert [p.version for p in control.service.store.policies()] == [
-        "2026.11.1",
+        "2026.11.2",
         "2027.6.1",
         "2027.6.2",
     ]
@@ -448,8 +448,8 @@ async def test_rollback_to_a_stored_policy_that_no_longer_validates(
     assert response.status == 422, body
     assert "stored policy 2026.5.1 no longer validates" in body["error"]
     assert any("privacy by default" in p["problem"] for p in body["problems"])
-    assert await status_version(clients) == "2026.11.1"
-    assert control.service.store.active_policy().version == "2026.11.1"  # type: ignore[union-attr]
+    assert await status_version(clients) == "2026.11.2"
+    assert control.service.store.active_policy().version == "2026.11.2"  # type: ignore[union-attr]
 
 
 async def test_restriction_is_announced_downstream_set_and_lifted(
@@ -529,7 +529,7 @@ async def test_restriction_export_and_erasure_round_trip(
     sent = {(c["feature"], c["category"]): c["messages"] for c in export["sent_to_backend"]}
     assert sent[("remote_control", "tbox/status")] == 2  # none while restricted
     assert sent[("third_party.music", "avn/app/{app_id}")] == 1
-    assert "2026.11.1" in export["policy_versions_applied"]
+    assert "2026.11.2" in export["policy_versions_applied"]
     assert {r["category"]: r["retention_days"] for r in export["retention"]}[
         "tbox/connectivity"
     ] == 7

@@ -44,7 +44,16 @@ from gateway.policy import load_policy, parse_policy
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2, streams_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICY = load_policy(ROOT / "config" / "policy.yaml")
+# The location mechanics are tested on every GeoPoint role; the default policy
+# removes trip start and end (energy statistics carry no location, notice
+# L522-530), so these tests put them back as a place and a position.
+DEFAULT_POLICY_TEXT = (ROOT / "config" / "policy.yaml").read_text()
+POLICY = parse_policy(
+    DEFAULT_POLICY_TEXT.replace(
+        "      start: remove\n      end: remove\n", "      start: place\n      end: position\n"
+    ),
+    source="default policy, trip start and end located",
+)
 KEY = bytes(range(32))
 CTX = DecisionContext(POLICY, KEY)
 VIN = "WVWZZZ1JZXW000001"
@@ -310,6 +319,26 @@ GEO_CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", list(LocationMode))
+def test_default_policy_sends_no_trip_location(mode: LocationMode) -> None:
+    """Energy statistics (mileage, consumption, speed, time) list no location
+    data in the notice (L522-530): the default policy removes trip start and
+    end under every location mode."""
+    default = load_policy(ROOT / "config" / "policy.yaml")
+    st = state({"energy_consumption": True}, location=mode)
+    msg = sample("tbox/trip")
+    msg.start.latitude, msg.start.longitude = 48.1, 11.5
+    msg.end.latitude, msg.end.longitude = 48.2, 11.6
+    ctx = DecisionContext(default, KEY)
+    out = streams_pb2.Trip.FromString(
+        forwarded(
+            decide(ctx, f"vehicle/{VIN}/tbox/trip", msg.SerializeToString(), {VIN: st}, {}, NOW)
+        ).payload
+    )
+    assert not out.HasField("start") and not out.HasField("end")
+    assert out.trip_id == "t-1"  # the statistics themselves pass
+
+
 def test_geo_cases_cover_every_geopoint_field() -> None:
     assert {name for _, name in GEO_CASES} >= {
         "position",
@@ -415,8 +444,13 @@ def test_approximate_position_reuses_anchor_within_refresh_interval() -> None:
 
     # 10 km away, a minute later (gateway clock): the coarse value does not move.
     second = forwarded(
-        run("tbox/status", st, _status_at(48.227, 11.676, TS_MS + 60_000),
-            anchors={VIN: anchor}, now=NOW + 60)
+        run(
+            "tbox/status",
+            st,
+            _status_at(48.227, 11.676, TS_MS + 60_000),
+            anchors={VIN: anchor},
+            now=NOW + 60,
+        )
     )
     out2 = streams_pb2.VehicleStatus.FromString(second.payload).position
     assert (out2.latitude, out2.longitude) == (anchor.latitude, anchor.longitude)
@@ -426,8 +460,9 @@ def test_approximate_position_reuses_anchor_within_refresh_interval() -> None:
 
     # Just inside the interval: still the old value.
     edge = NOW + POLICY.refresh_interval_ms / 1000 - 0.001
-    third = forwarded(run("tbox/status", st, _status_at(48.227, 11.676, TS_MS),
-                          anchors={VIN: anchor}, now=edge))
+    third = forwarded(
+        run("tbox/status", st, _status_at(48.227, 11.676, TS_MS), anchors={VIN: anchor}, now=edge)
+    )
     out3 = streams_pb2.VehicleStatus.FromString(third.payload).position
     assert (out3.latitude, out3.longitude) == (anchor.latitude, anchor.longitude)
 
@@ -436,8 +471,9 @@ def test_approximate_position_refreshes_after_interval() -> None:
     st = state(location=LocationMode.APPROXIMATE)
     anchor = LocationAnchor(NOW, 10.0, 10.0)
     later = NOW + POLICY.refresh_interval_ms / 1000
-    fwd = forwarded(run("tbox/status", st, _status_at(48.227, 11.676, TS_MS),
-                        anchors={VIN: anchor}, now=later))
+    fwd = forwarded(
+        run("tbox/status", st, _status_at(48.227, 11.676, TS_MS), anchors={VIN: anchor}, now=later)
+    )
     out = streams_pb2.VehicleStatus.FromString(fwd.payload).position
     expected = coarsen_position(48.227, 11.676, POLICY.cell_size_m, grid_offset(KEY, VIN))
     assert (out.latitude, out.longitude) == expected
@@ -449,8 +485,13 @@ def test_refresh_uses_gateway_clock_not_vehicle_timestamp() -> None:
     anchor = LocationAnchor(NOW, 10.0, 10.0)
     # Vehicle clock a day later, gateway clock 1 s later: no refresh.
     fwd = forwarded(
-        run("tbox/status", st, _status_at(48.2, 11.6, TS_MS + 86_400_000),
-            anchors={VIN: anchor}, now=NOW + 1)
+        run(
+            "tbox/status",
+            st,
+            _status_at(48.2, 11.6, TS_MS + 86_400_000),
+            anchors={VIN: anchor},
+            now=NOW + 1,
+        )
     )
     out = streams_pb2.VehicleStatus.FromString(fwd.payload).position
     assert (out.latitude, out.longitude) == (10.0, 10.0)
@@ -469,8 +510,13 @@ def test_destination_coarsened_per_message_despite_anchor() -> None:
     msg = sample("avn/nav", ts_ms=TS_MS + 1000)
     anchor = LocationAnchor(NOW, 10.0, 10.0)
     fwd = forwarded(
-        run("avn/nav", state(location=LocationMode.APPROXIMATE), msg, anchors={VIN: anchor},
-            now=NOW + 1)
+        run(
+            "avn/nav",
+            state(location=LocationMode.APPROXIMATE),
+            msg,
+            anchors={VIN: anchor},
+            now=NOW + 1,
+        )
     )
     out = streams_pb2.NavRequest.FromString(fwd.payload)
     src = msg.destination  # type: ignore[attr-defined]
@@ -517,8 +563,9 @@ def test_invalid_point_is_cleared_and_message_forwarded(
     out = STREAMS[stream][1].FromString(fwd.payload)
     assert not out.HasField(field)
     assert f"invalid_position:{field}" in fwd.transforms
-    assert not any(t.endswith(f":{field}") and not t.startswith("invalid_position:")
-                   for t in fwd.transforms)
+    assert not any(
+        t.endswith(f":{field}") and not t.startswith("invalid_position:") for t in fwd.transforms
+    )
     assert fwd.anchor is None or field != "position"
     # The other location fields are still treated as usual.
     for other in geo_fields(STREAMS[stream][1]):
@@ -533,8 +580,9 @@ def test_invalid_point_is_cleared_and_message_forwarded(
 @pytest.mark.parametrize("mode", LOCATION_ON)
 @pytest.mark.parametrize(("lat", "lon"), [(90.0, 180.0), (-90.0, -180.0), (0.0, 0.0)])
 def test_extreme_valid_coordinates_are_kept(lat: float, lon: float, mode: LocationMode) -> None:
-    fwd = forwarded(run("tbox/status", state(location=mode), _with_point(
-        "tbox/status", "position", lat, lon)))
+    fwd = forwarded(
+        run("tbox/status", state(location=mode), _with_point("tbox/status", "position", lat, lon))
+    )
     out = streams_pb2.VehicleStatus.FromString(fwd.payload).position
     assert math.isfinite(out.latitude) and math.isfinite(out.longitude)
     assert -90 <= out.latitude <= 90 and -180 <= out.longitude <= 180
@@ -550,27 +598,32 @@ def test_invalid_position_never_sets_the_refresh_anchor() -> None:
     # After the interval, an invalid point neither moves the old anchor...
     anchor = LocationAnchor(NOW, 10.0, 10.0)
     late = NOW + POLICY.refresh_interval_ms / 1000
-    fwd = forwarded(run("tbox/status", st, _status_at(math.inf, 11.6, TS_MS),
-                        anchors={VIN: anchor}, now=late))
+    fwd = forwarded(
+        run("tbox/status", st, _status_at(math.inf, 11.6, TS_MS), anchors={VIN: anchor}, now=late)
+    )
     assert fwd.anchor is None
     assert not streams_pb2.VehicleStatus.FromString(fwd.payload).HasField("position")
     # ...and within it, the invalid point is cleared rather than replaced by the anchor.
     fwd = forwarded(
-        run("tbox/status", st, _status_at(math.nan, 11.6, TS_MS), anchors={VIN: anchor},
-            now=NOW + 1)
+        run(
+            "tbox/status", st, _status_at(math.nan, 11.6, TS_MS), anchors={VIN: anchor}, now=NOW + 1
+        )
     )
     assert fwd.anchor is None
     assert not streams_pb2.VehicleStatus.FromString(fwd.payload).HasField("position")
     # The next valid point after the interval anchors as usual.
-    fwd = forwarded(run("tbox/status", st, _status_at(48.2, 11.6, TS_MS),
-                        anchors={VIN: anchor}, now=late + 1))
+    fwd = forwarded(
+        run("tbox/status", st, _status_at(48.2, 11.6, TS_MS), anchors={VIN: anchor}, now=late + 1)
+    )
     assert fwd.anchor is not None and fwd.anchor.refreshed_at == late + 1
 
 
 # A stream carrying repeated GeoPoints that is not a legal obligation (the
 # default policy's only one, ECall.recent_positions, is never transformed).
 TRACK_POLICY = parse_policy(
-    (ROOT / "config" / "policy.yaml").read_text(encoding="utf-8").replace(
+    (ROOT / "config" / "policy.yaml")
+    .read_text(encoding="utf-8")
+    .replace(
         "\nstreams:\n",
         "\nstreams:\n  tbox/track:\n    message: ECall\n    feature: remote_control\n"
         "    retention_days: 1\n    fields: {position: position, recent_positions: place,"
@@ -590,8 +643,7 @@ def _track(
         TRACK_POLICY,
         SettingsSnapshot(VIN, 1, False, mode, {"remote_control": True}, NOW, TRACK_POLICY.version),
     )
-    d = decide(TRACK_CTX, f"vehicle/{VIN}/tbox/track", msg.SerializeToString(), {VIN: st}, {},
-               NOW)
+    d = decide(TRACK_CTX, f"vehicle/{VIN}/tbox/track", msg.SerializeToString(), {VIN: st}, {}, NOW)
     fwd = forwarded(d)
     return fwd, streams_pb2.ECall.FromString(fwd.payload)
 
@@ -599,7 +651,9 @@ def _track(
 def test_track_policy_has_a_repeated_geo_field() -> None:
     stream, _ = TRACK_POLICY.route("tbox/track")  # type: ignore[misc]
     assert [(g.name, g.repeated) for g in stream.geo_fields] == [
-        ("position", False), ("recent_positions", True)]
+        ("position", False),
+        ("recent_positions", True),
+    ]
 
 
 @pytest.mark.parametrize(("lat", "lon"), BAD_COORDINATES)
@@ -610,8 +664,9 @@ def test_invalid_points_dropped_from_repeated_field_approximate(lat: float, lon:
     # latest valid point), never a track of fresh coarse values.
     anchored = coarsen_position(48.3, 11.7, POLICY.cell_size_m, offset)
     assert [(p.latitude, p.longitude) for p in out.recent_positions] == [anchored, anchored]
-    assert all(p.speed_kmh == 0 and p.heading_deg == 0 and p.altitude_m == 0
-               for p in out.recent_positions)
+    assert all(
+        p.speed_kmh == 0 and p.heading_deg == 0 and p.altitude_m == 0 for p in out.recent_positions
+    )
     assert "invalid_position:recent_positions" in fwd.transforms
     assert "coarsen:recent_positions" in fwd.transforms
 
@@ -646,8 +701,12 @@ coordinates = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
 
 
 @settings(max_examples=300, deadline=None)
-@given(lat=coordinates, lon=coordinates, mode=st.sampled_from(LOCATION_ON),
-       stream_field=st.sampled_from(GEO_CASES))
+@given(
+    lat=coordinates,
+    lon=coordinates,
+    mode=st.sampled_from(LOCATION_ON),
+    stream_field=st.sampled_from(GEO_CASES),
+)
 def test_any_coordinates_forward_only_valid_points(
     lat: float, lon: float, mode: LocationMode, stream_field: tuple[str, str]
 ) -> None:
@@ -678,8 +737,14 @@ def test_bluetooth_mac_is_keyed_pseudonym() -> None:
     assert b"aa-bb" not in fwd.payload and b"AA:BB" not in fwd.payload
     assert "hmac:bluetooth_mac" in fwd.transforms
     other = DecisionContext(POLICY, b"\x01" * 32)
-    again = decide(other, f"vehicle/{VIN}/tbox/digital_key",
-                   sample("tbox/digital_key").SerializeToString(), {VIN: state()}, {}, NOW)
+    again = decide(
+        other,
+        f"vehicle/{VIN}/tbox/digital_key",
+        sample("tbox/digital_key").SerializeToString(),
+        {VIN: state()},
+        {},
+        NOW,
+    )
     other_mac = streams_pb2.DigitalKeyEvent.FromString(forwarded(again).payload).bluetooth_mac
     assert other_mac != out.bluetooth_mac
 
@@ -737,17 +802,23 @@ def test_app_pseudonyms_differ_per_app_and_per_vehicle() -> None:
     st = state({"third_party.music": True, "third_party.weather": True})
     music = forwarded(run("avn/app/music", st)).topic.split("/")[1]
     weather = forwarded(run("avn/app/weather", st)).topic.split("/")[1]
-    other = decide(CTX, f"vehicle/{OTHER_VIN}/avn/app/music",
-                   sample("avn/app/music", OTHER_VIN).SerializeToString(),
-                   {OTHER_VIN: st}, {}, NOW)
+    other = decide(
+        CTX,
+        f"vehicle/{OTHER_VIN}/avn/app/music",
+        sample("avn/app/music", OTHER_VIN).SerializeToString(),
+        {OTHER_VIN: st},
+        {},
+        NOW,
+    )
     assert len({music, weather, forwarded(other).topic.split("/")[1]}) == 3
 
 
 def test_vin_inside_app_payload_is_dropped() -> None:
     msg = sample("avn/app/music")
     msg.payload = b'{"car": "' + VIN.encode() + b'"}'  # type: ignore[attr-defined]
-    dropped(run("avn/app/music", state({"third_party.music": True}), msg),
-            DropReason.VIN_IN_PAYLOAD)
+    dropped(
+        run("avn/app/music", state({"third_party.music": True}), msg), DropReason.VIN_IN_PAYLOAD
+    )
 
 
 def test_per_app_feature_enables_only_that_app() -> None:
@@ -774,17 +845,24 @@ def test_every_forward_carries_user_properties(stream: str) -> None:
     fwd = forwarded(run(stream, state(window_until=window_for(stream))))
     props = dict(fwd.user_properties)
     assert [k for k, _ in fwd.user_properties] == [
-        "policy-version", "feature", "legal-basis", "retention-days", "transforms"
+        "policy-version",
+        "feature",
+        "legal-basis",
+        "retention-days",
+        "transforms",
     ]
     route = POLICY.route(stream)
     assert route is not None
     rule = route[0]
-    assert props["policy-version"] == POLICY.version == "2026.11.1"
+    assert props["policy-version"] == POLICY.version == "2026.11.2"
     assert props["feature"] == STREAMS[stream][0] == fwd.feature
     assert props["legal-basis"] == rule.legal_basis
     assert props["legal-basis"] == (
-        "legal_obligation" if stream == "tbox/ecall"
-        else "consent" if stream.startswith("avn/") else "contract"
+        "legal_obligation"
+        if stream == "tbox/ecall"
+        else "consent"
+        if stream.startswith("avn/")
+        else "contract"
     )
     assert props["retention-days"] == str(rule.retention_days)
     assert props["transforms"] == ",".join(fwd.transforms)
@@ -849,8 +927,13 @@ def test_ecall_conforming_is_byte_for_byte_and_unknown_fields_are_trimmed() -> N
 
 
 def test_first_settings_apply() -> None:
-    d = apply(settings_payload(3, {"remote_control": True, "online_search": False},
-                                  location=common_pb2.LOCATION_APPROXIMATE))
+    d = apply(
+        settings_payload(
+            3,
+            {"remote_control": True, "online_search": False},
+            location=common_pb2.LOCATION_APPROXIMATE,
+        )
+    )
     assert isinstance(d, ApplySettings)
     assert d.applied_topic == f"vehicle/{VIN}/avn/privacy/applied"
     applied = privacy_pb2.PrivacyApplied.FromString(d.applied_payload)
@@ -907,8 +990,10 @@ def test_telemetry_vin_mismatch(stream: str) -> None:
 
 
 def test_missing_header_is_vin_mismatch() -> None:
-    dropped(run("tbox/status", state(), streams_pb2.VehicleStatus(fuel_level_pct=1.0)),
-            DropReason.VIN_MISMATCH)
+    dropped(
+        run("tbox/status", state(), streams_pb2.VehicleStatus(fuel_level_pct=1.0)),
+        DropReason.VIN_MISMATCH,
+    )
 
 
 TRUNCATED = b"\x0a\x05ab"  # field 1, length 5, only 2 bytes follow
@@ -920,8 +1005,9 @@ def test_undecodable_payload(stream: str) -> None:
     dropped(d, DropReason.UNDECODABLE)
 
 
-@pytest.mark.parametrize("bad_vin", ["WVWZZZ1JZXW00000I", "SHORT", "wvwzzz1jzxw000001",
-                                     "WVWZZZ1JZXW0000012", f"{VIN}\n"])
+@pytest.mark.parametrize(
+    "bad_vin", ["WVWZZZ1JZXW00000I", "SHORT", "wvwzzz1jzxw000001", "WVWZZZ1JZXW0000012", f"{VIN}\n"]
+)
 @pytest.mark.parametrize("stream", ["tbox/status", "tbox/ecall", "avn/privacy"])
 def test_invalid_vin_in_topic(stream: str, bad_vin: str) -> None:
     if stream == "avn/privacy":
@@ -962,8 +1048,12 @@ def test_unspecified_location_is_enforced_as_off(location: int) -> None:
 
 
 def test_unknown_feature_ids_are_ignored() -> None:
-    d = apply(settings_payload(1, {"remote_control": True, "telepathy": True,
-                                      "third_party.music": True, "ecall": False}))
+    d = apply(
+        settings_payload(
+            1,
+            {"remote_control": True, "telepathy": True, "third_party.music": True, "ecall": False},
+        )
+    )
     assert isinstance(d, ApplySettings)
     assert d.state.enabled == frozenset({"remote_control", "third_party.music"})
     # Neither enforced nor stored (an unbounded map a car controls); counted.
@@ -998,8 +1088,14 @@ def test_decide_does_not_mutate_inputs() -> None:
     states = {VIN: st}
     fixes = {VIN: LocationAnchor(0, 1.0, 1.0)}
     before = (dict(states), dict(fixes))
-    decide(CTX, f"vehicle/{VIN}/tbox/status", sample("tbox/status").SerializeToString(),
-           states, fixes, NOW)
+    decide(
+        CTX,
+        f"vehicle/{VIN}/tbox/status",
+        sample("tbox/status").SerializeToString(),
+        states,
+        fixes,
+        NOW,
+    )
     decide(CTX, f"vehicle/{VIN}/avn/privacy", settings_payload(9), states, fixes, NOW)
     assert (states, fixes) == before
     assert states[VIN] is st
@@ -1078,14 +1174,17 @@ def test_command_without_command_field_is_filled_in() -> None:
     [
         ("find_my_car", None, None, VIN, "unknown_vehicle"),
         ("find_my_car", state(privacy_mode=True), None, VIN, "privacy_mode"),
-        ("find_my_car", state({"remote_control": True}), None, VIN,
-         "feature_disabled:find_my_car"),
+        ("find_my_car", state({"remote_control": True}), None, VIN, "feature_disabled:find_my_car"),
         ("lock", state({"find_my_car": True}), None, VIN, "feature_disabled:remote_control"),
         ("self_destruct", state(), None, VIN, "unknown_command"),
         ("find_my_car", state(), TRUNCATED, VIN, "undecodable"),
-        ("find_my_car", state(),
-         command_pb2.Command(request_id="req-1", command="unlock").SerializeToString(),
-         VIN, "command_mismatch"),
+        (
+            "find_my_car",
+            state(),
+            command_pb2.Command(request_id="req-1", command="unlock").SerializeToString(),
+            VIN,
+            "command_mismatch",
+        ),
         ("find_my_car", state(), None, "WVWZZZ1JZXW00000O", "invalid_vin"),
         ("find_my_car", state(), None, f"{VIN}\n", "invalid_vin"),
     ],
@@ -1107,8 +1206,13 @@ def test_command_refusals(
 
 @pytest.mark.parametrize(
     "topic",
-    [f"tsp/{VIN}/cmd/find_my_car/result", f"tsp/{VIN}/tbox/status", f"tsp/{VIN}/cmd",
-     f"vehicle/{VIN}/cmd/find_my_car", f"tsp/{VIN}/xcmd/lock"],
+    [
+        f"tsp/{VIN}/cmd/find_my_car/result",
+        f"tsp/{VIN}/tbox/status",
+        f"tsp/{VIN}/cmd",
+        f"vehicle/{VIN}/cmd/find_my_car",
+        f"tsp/{VIN}/xcmd/lock",
+    ],
 )
 def test_non_command_topics_are_not_commands(topic: str) -> None:
     payload = command_pb2.Command(command="lock").SerializeToString()
@@ -1118,12 +1222,17 @@ def test_non_command_topics_are_not_commands(topic: str) -> None:
 def test_custom_prefixes() -> None:
     ctx = DecisionContext(POLICY, KEY, vehicle_prefix="fleet/v1/cars", backend_prefix="b/e")
     payload = sample("tbox/status").SerializeToString()
-    fwd = forwarded(decide(ctx, f"fleet/v1/cars/{VIN}/tbox/status", payload, {VIN: state()},
-                           {}, NOW))
+    fwd = forwarded(
+        decide(ctx, f"fleet/v1/cars/{VIN}/tbox/status", payload, {VIN: state()}, {}, NOW)
+    )
     assert fwd.topic == f"b/e/{VIN}/tbox/status"
-    d = decide_command(ctx, f"b/e/{VIN}/cmd/lock",
-                       command_pb2.Command(command="lock").SerializeToString(),
-                       {VIN: state()}, NOW)
+    d = decide_command(
+        ctx,
+        f"b/e/{VIN}/cmd/lock",
+        command_pb2.Command(command="lock").SerializeToString(),
+        {VIN: state()},
+        NOW,
+    )
     assert d is not None and d.accepted
     assert d.forward_topic == f"fleet/v1/cars/{VIN}/cmd/lock"
     assert d.result_topic == f"b/e/{VIN}/cmd/lock/result"
@@ -1144,8 +1253,12 @@ def test_largest_storable_revision_applies() -> None:
 
 any_stream = st.sampled_from([*STREAMS, "avn/privacy", "avn/app/x-1", "tbox/other"])
 any_state = st.sampled_from(
-    [None, state(), state(location=LocationMode.APPROXIMATE, window_until=open_window()),
-     state(privacy_mode=True)]
+    [
+        None,
+        state(),
+        state(location=LocationMode.APPROXIMATE, window_until=open_window()),
+        state(privacy_mode=True),
+    ]
 )
 
 
@@ -1162,8 +1275,7 @@ def test_arbitrary_payloads_never_raise_or_leak(
 
 
 @settings(max_examples=200, deadline=None)
-@given(name=st.sampled_from([*COMMANDS, "nope"]), payload=st.binary(max_size=100),
-       st_=any_state)
+@given(name=st.sampled_from([*COMMANDS, "nope"]), payload=st.binary(max_size=100), st_=any_state)
 def test_arbitrary_commands_never_raise(
     name: str, payload: bytes, st_: VehicleState | None
 ) -> None:

@@ -60,7 +60,7 @@ def write(tmp_path: Path, doc: Doc | str, name: str = "policy.yaml") -> Path:
 
 def test_default_policy_loads() -> None:
     policy = load_policy(DEFAULT)
-    assert policy.version == "2026.11.1"
+    assert policy.version == "2026.11.2"
     assert policy.digest == hashlib.sha256(DEFAULT.read_bytes()).hexdigest()
     assert policy.cell_size_m == 2000.0
     assert policy.refresh_interval_ms == 900_000
@@ -93,7 +93,8 @@ def test_default_policy_compiled_fields() -> None:
     status = policy.exact_routes["tbox/status"]
     assert [(g.name, g.is_position) for g in status.geo_fields] == [("position", True)]
     trip = policy.exact_routes["tbox/trip"]
-    assert [(g.name, g.role) for g in trip.geo_fields] == [("start", "place"), ("end", "position")]
+    # Energy statistics carry no location (the notice lists none for them).
+    assert trip.geo_fields == () and {"start", "end"} <= set(trip.remove_fields)
     assert trip.odometer_fields == ("odometer_km",)
     assert dict(trip.generalize_fields) == {
         "distance_km": 5,

@@ -127,7 +127,7 @@ async def test_sighup_reloads_tokens_keys_and_level_and_offers_a_newer_policy(
             offered_line = await wait_for_line(proc, "newer than the active", mark)
             assert (
                 f"policy file {policy_file} has version 2027.6.1 newer than the active"
-                " 2026.11.1: sign and push it to apply"
+                " 2026.11.2: sign and push it to apply"
             ) in offered_line
             await flow
             await car.barrier()
@@ -135,7 +135,7 @@ async def test_sighup_reloads_tokens_keys_and_level_and_offers_a_newer_policy(
             assert (await get_policy(old_token))[0] == 401
             status, view = await get_policy(new_token)
             assert status == 200
-            assert view["version"] == "2026.11.1"  # offered, not applied
+            assert view["version"] == "2026.11.2"  # offered, not applied
             assert view["offered"] == {
                 "version": "2027.6.1",
                 "digest": load_policy(policy_file).digest,

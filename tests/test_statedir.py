@@ -82,7 +82,7 @@ def snapshot(vin: str = VIN, **features: bool) -> SettingsSnapshot:
         location=LocationMode.PRECISE,
         features=features or {"remote_control": True},
         applied_at=time.time(),
-        policy_version="2026.11.1",
+        policy_version="2026.11.2",
     )
 
 

@@ -39,7 +39,7 @@ def snap(
         location=location,
         features={"remote_control": True, "online_search": False} if features is None else features,
         applied_at=1_800_000_000.5 + revision,
-        policy_version="2026.11.1",
+        policy_version="2026.11.2",
         source="vehicle",
     )
 
@@ -201,13 +201,13 @@ def policy(version: str, text: str = "") -> tuple[StoredPolicy, AuditRecord]:
 def test_policy_versions_only_move_forward_and_name_one_text(
     store: SqliteConsentStore,
 ) -> None:
-    store.save_policy(*policy("2026.11.1"))
+    store.save_policy(*policy("2026.11.2"))
     store.save_policy(*policy("2027.1.2"))
-    store.activate_policy("2026.11.1", 2.0, policy("2026.11.1")[1])
+    store.activate_policy("2026.11.2", 2.0, policy("2026.11.2")[1])
 
     def unchanged() -> None:
         assert [(p.version, p.active) for p in store.policies()] == [
-            ("2026.11.1", True),
+            ("2026.11.2", True),
             ("2027.1.2", False),
         ]
         assert store.policies()[1].yaml == "version: 2027.1.2"
@@ -218,14 +218,14 @@ def test_policy_versions_only_move_forward_and_name_one_text(
         ("2027.1.2", "", "pushed before"),  # replay of a rolled-back version
         ("2027.1.2", "other text", "different text"),
         ("2027.01.2", "other text", "different text"),  # the same number, spelled otherwise
-        ("2026.11.1", "", "already active"),
+        ("2026.11.2", "", "already active"),
     ]
     for version, text, words in refused:
         with pytest.raises(VersionConflict, match=words):
             store.save_policy(*policy(version, text))
         unchanged()
     with pytest.raises(VersionConflict, match="already active"):
-        store.activate_policy("2026.11.1", 3.0, policy("2026.11.1")[1])
+        store.activate_policy("2026.11.2", 3.0, policy("2026.11.2")[1])
     with pytest.raises(KeyError):
         store.activate_policy("2027.9.9", 3.0, policy("2027.9.9")[1])
     unchanged()
