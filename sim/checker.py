@@ -960,11 +960,14 @@ class Checker:
                 add(WRONG_TRANSFORM, "header_vin_changed", "header.vin differs from the car's VIN")
         mode = settings.location if settings is not None else common_pb2.LOCATION_OFF
         cleared: list[str] = []
-        for name in geopoint_fields(original):
+        geo = set(geopoint_fields(original))
+        for name in geo:
             cleared.append(name)
             action = rule.fields.get(name, "place")
             self._check_geopoint(pub, received, original, name, action, mode, add, rec.wall)
         for name, action in rule.fields.items():
+            if name in geo:  # judged above, whatever the action
+                continue
             if action == "place_id":
                 cleared.append(name)
                 got, want = getattr(received, name), getattr(original, name)
@@ -1057,6 +1060,10 @@ class Checker:
         wall: float = 0.0,
     ) -> None:
         has_original, has_received = original.HasField(name), received.HasField(name)
+        if action == "remove":  # the policy never sends it, whatever the mode
+            if has_received:
+                add(LEAK, f"{name}_present", f"{name} was forwarded")
+            return
         if has_original and not _valid(getattr(original, name)):
             # GPS without a fix: nothing to report, in every mode.
             if has_received:

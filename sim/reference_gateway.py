@@ -251,6 +251,10 @@ class ReferenceGateway:
         for name in geopoint_fields(message):
             if not message.HasField(name):
                 continue
+            if rule.fields.get(name) == "remove":  # never sent, whatever the mode
+                message.ClearField(name)
+                transforms.append(f"{name}:removed")
+                continue
             point = getattr(message, name)
             if not (math.isfinite(point.latitude) and math.isfinite(point.longitude)) or not (
                 -90 <= point.latitude <= 90 and -180 <= point.longitude <= 180

@@ -401,6 +401,13 @@ def _policy_rows(policy: Policy, rule: StreamRule) -> list[FieldRow]:
     geo = _geopoint_names(message_class(policy, concrete))
     for name in geo:
         action = rule.fields.get(name, "place")
+        if action == "remove":  # never sent, whatever the location mode
+            rows.append(
+                FieldRow(
+                    rule.key, name, "removed (the policy never sends it)", frozenset({"removed"})
+                )
+            )
+            continue
         text = location.get(action, location["place"])
         expected = {"cleared", "coarsened"}
         if rule.location_purpose:  # never forwarded without location: nothing to clear
@@ -808,9 +815,7 @@ def _timeline_rows(
 
 def _consent_legend() -> str:
     return (
-        "".join(
-            _swatch(colour, MODE_LABELS[mode]) for mode, colour in MODE_COLOURS.items()
-        )
+        "".join(_swatch(colour, MODE_LABELS[mode]) for mode, colour in MODE_COLOURS.items())
         + _swatch(PRIVACY_MODE_COLOUR, "privacy mode (only eCall passes)")
         + _swatch(
             "#ffffff",

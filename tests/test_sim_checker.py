@@ -418,12 +418,14 @@ def test_removed_under_approximate_is_over_coarsening(clean_run: Run) -> None:
 
 
 def test_approximate_outside_cell_is_a_wrong_transform(clean_run: Run) -> None:
-    _, position = find_delivered(clean_run, "tbox/trip", mode_is(common_pb2.LOCATION_APPROXIMATE))
+    _, position = find_delivered(
+        clean_run, "tbox/status", mode_is(common_pb2.LOCATION_APPROXIMATE)
+    )
     recording = edit_recorded(
         clean_run,
         position,
-        "tbox/trip",
-        lambda m: setattr(m.end, "latitude", m.end.latitude + 0.05),
+        "tbox/status",
+        lambda m: setattr(m.position, "latitude", m.position.latitude + 0.05),
     )
     assert (WRONG_TRANSFORM, "approximate_outside_cell") in rules(check(clean_run, recording))
 
@@ -433,17 +435,19 @@ def test_fresh_noise_instead_of_the_global_grid_is_detected(clean_run: Run) -> N
     global grid (what fresh per-message noise, or v1's per-car grid whose cell
     centre bounds the truth, would look like)."""
     step = clean_run.policy.cell_size_m / 111_320
-    pub, position = find_delivered(clean_run, "tbox/trip", mode_is(common_pb2.LOCATION_APPROXIMATE))
+    pub, position = find_delivered(
+        clean_run, "tbox/status", mode_is(common_pb2.LOCATION_APPROXIMATE)
+    )
     on_grid = next(
         lat
         for _, lat, _, mode, _ in check(clean_run).received_positions[pub.vin]
         if mode == "approximate"
     )
-    truth_lat = original(pub).end.latitude
+    truth_lat = original(pub).position.latitude
     phase = ((truth_lat - on_grid) / step) % 1.0
     off_grid = truth_lat + (0.5 - phase) * step * 0.98  # stays inside the truth's cell bounds
     recording = edit_recorded(
-        clean_run, position, "tbox/trip", lambda m: setattr(m.end, "latitude", off_grid)
+        clean_run, position, "tbox/status", lambda m: setattr(m.position, "latitude", off_grid)
     )
     assert (WRONG_TRANSFORM, "approximate_not_on_global_grid") in rules(
         check(clean_run, recording)
