@@ -27,6 +27,7 @@ from gateway.control.api import (
     hash_token,
     openapi_document,
 )
+from gateway.control.audit import AuditRecord
 from gateway.control.signing import generate_keypair, load_private_key, sign_policy
 from gateway.service import GatewayService
 from gateway.store import SqliteConsentStore
@@ -681,6 +682,61 @@ async def test_access_log_purged_after_retention(control: Control) -> None:
     clients_seen = [row[1] for row in store.access_log()]
     assert "10.0.0.9" not in clients_seen  # older than 7 days: gone
     assert "127.0.0.1" in clients_seen  # recent: kept
+
+
+async def test_incident_hold_suspends_the_protocol_data_purge_for_its_time(
+    control: Control,
+) -> None:
+    """Notice L115: protocol data is kept 7 days unless a security-relevant
+    incident: an operator's hold (audited, time-bounded) keeps it meanwhile."""
+    store, http, url = control.service.store, control.http, control.url
+    opened = await http.post(
+        f"{url}/v1/incidents",
+        json={"reason": "credential stuffing on the control plane", "hold_days": 14},
+        headers=control.auth("operator"),
+    )
+    assert opened.status == 201
+    incident = await opened.json()
+    assert incident["active"] and incident["until"] > time.time() + 13 * 86400
+    # (logged after the hold opened: the plane's own purge runs as it starts)
+    store.log_access(time.time() - 8 * 86400, "10.0.0.9", "old", "GET", "/v1/policy", 200)
+    assert (
+        await http.post(
+            f"{url}/v1/incidents",
+            json={"reason": "x", "hold_days": 14},
+            headers=control.auth("viewer"),
+        )
+    ).status == 403
+    for bad in ({"reason": "", "hold_days": 3}, {"reason": "x", "hold_days": 400}, {}):
+        response = await http.post(
+            f"{url}/v1/incidents", json=bad, headers=control.auth("operator")
+        )
+        assert response.status == 400, bad
+    await control.plane.purge_protocol_data()
+    assert "10.0.0.9" in [row[1] for row in store.access_log()]  # held
+    listed = await (await http.get(f"{url}/v1/incidents", headers=control.auth("dpo"))).json()
+    assert [i["id"] for i in listed["incidents"] if i["active"]] == [incident["id"]]
+    closed = await http.delete(
+        f"{url}/v1/incidents/{incident['id']}", headers=control.auth("operator")
+    )
+    assert closed.status == 200 and not (await closed.json())["active"]
+    await control.plane.purge_protocol_data()
+    assert "10.0.0.9" not in [row[1] for row in store.access_log()]  # released: purged
+    actions = [e["action"] for e in store.audit_entries()]
+    assert "incident_hold_opened" in actions and "incident_hold_closed" in actions
+
+
+async def test_an_expired_incident_hold_holds_nothing(control: Control) -> None:
+    store = control.service.store
+    store.open_incident(
+        time.time() - 20 * 86400,
+        time.time() - 86400,
+        "old",
+        AuditRecord("ops", "incident_hold_opened", "", {"reason": "old"}, time.time() - 20 * 86400),
+    )
+    store.log_access(time.time() - 8 * 86400, "10.0.0.9", "old", "GET", "/v1/policy", 200)
+    await control.plane.purge_protocol_data()
+    assert "10.0.0.9" not in [row[1] for row in store.access_log()]
 
 
 def test_openapi_document_matches_the_routes(control: Control) -> None:

@@ -23,12 +23,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.config import ControlConfig, TokenConfig
+from gateway.control.audit import AuditRecord
 from gateway.control.signing import BundleError, PolicyBundle, load_public_key, verify_bundle
 from gateway.control.signing import key_id as public_key_id
 from gateway.core.state import VIN_SCHEMA_PATTERN, is_valid_vin
 from gateway.policy import PolicyError, VersionConflict, parse_policy, version_key
 from gateway.service import GatewayService
-from gateway.store import StoredPolicy
+from gateway.store import IncidentHold, StoredPolicy
 
 log = logging.getLogger("gateway.control")
 
@@ -43,6 +44,8 @@ SECONDS_PER_DAY = 86400
 # path template -> method -> roles allowed. One table: routing, access control
 # and the OpenAPI document all read it, so they cannot drift apart.
 READ = ("viewer", "operator", "dpo")
+# An incident hold is time-bounded: longer needs a new, separately audited one.
+MAX_INCIDENT_HOLD_DAYS = 90
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +154,24 @@ ROUTES: tuple[Route, ...] = (
         "Send dead letters again (?id=N repeatable, else the oldest 1000); vehicle messages"
         " are decided again under current consent",
         "redrive_dead_letters",
+    ),
+    Route(
+        "POST",
+        "/v1/incidents",
+        ("operator",),
+        "Open a security-incident hold: protocol data (the access log) is not purged for"
+        f" hold_days (1..{MAX_INCIDENT_HOLD_DAYS}; notice: 7 days unless an incident)",
+        "open_incident",
+        body={"reason": {"type": "string"}, "hold_days": {"type": "number"}},
+    ),
+    Route("GET", "/v1/incidents", ("operator", "dpo"), "Incident holds", "list_incidents"),
+    Route(
+        "DELETE",
+        "/v1/incidents/{id}",
+        ("operator",),
+        "Close an incident hold (the purge resumes)",
+        "close_incident",
+        errors=((404, "no open hold with this id"),),
     ),
 )
 
@@ -266,8 +287,15 @@ class ControlPlane:
             await self._runner.cleanup()
 
     async def purge_protocol_data(self) -> int:
-        """Protocol data (client IPs) is kept at most the configured days."""
-        cutoff = time.time() - self.config.access_log_retention_days * SECONDS_PER_DAY
+        """Protocol data (client IPs) is kept at most the configured days,
+        unless an incident hold is open (notice: "unless a security-relevant
+        incident"): then nothing is purged until it ends."""
+        now = time.time()
+        holds = [h for h in await self._store(self.service.store.incidents) if h.active(now)]
+        if holds:
+            log.info("access-log purge held by incident %s", ", ".join(str(h.id) for h in holds))
+            return 0
+        cutoff = now - self.config.access_log_retention_days * SECONDS_PER_DAY
         removed = int(await self._store(self.service.store.purge_access_log, cutoff))
         if removed:
             log.info("purged %d access-log entries older than retention", removed)
@@ -577,8 +605,58 @@ class ControlPlane:
         result = await self.service.erase_vehicle(vin, caller.name)
         return web.json_response({"vin": vin, "erased": True, **result})
 
-
     # -------------------------------------------------------------- dead letters
+
+    @staticmethod
+    def _incident_view(hold: IncidentHold, now: float) -> dict[str, Any]:
+        return {
+            "id": hold.id,
+            "opened_at": hold.opened_at,
+            "until": hold.until,
+            "reason": hold.reason,
+            "actor": hold.actor,
+            "closed_at": hold.closed_at,
+            "active": hold.active(now),
+        }
+
+    async def open_incident(self, request: web.Request) -> web.Response:
+        caller: TokenConfig = request[CALLER_KEY]
+        try:
+            body = await request.json()
+            reason = str(body["reason"]).strip()
+            days = float(body["hold_days"])
+        except (ValueError, KeyError, TypeError):
+            return _error(400, 'body must be JSON {"reason": "...", "hold_days": N}')
+        if not reason or len(reason) > 500:
+            return _error(400, "reason: 1 to 500 characters")
+        if not 0 < days <= MAX_INCIDENT_HOLD_DAYS:
+            return _error(400, f"hold_days: more than 0, at most {MAX_INCIDENT_HOLD_DAYS}")
+        now = time.time()
+        until = now + days * SECONDS_PER_DAY
+        record = AuditRecord(
+            caller.name, "incident_hold_opened", "", {"reason": reason, "until": until}, now
+        )
+        hold_id = await self._store(self.service.store.open_incident, now, until, reason, record)
+        hold = IncidentHold(hold_id, now, until, reason, caller.name, None)
+        return web.json_response(self._incident_view(hold, now), status=201)
+
+    async def list_incidents(self, request: web.Request) -> web.Response:
+        now = time.time()
+        holds = await self._store(self.service.store.incidents)
+        return web.json_response({"incidents": [self._incident_view(h, now) for h in holds]})
+
+    async def close_incident(self, request: web.Request) -> web.Response:
+        caller: TokenConfig = request[CALLER_KEY]
+        try:
+            hold_id = int(request.match_info["id"])
+        except ValueError:
+            return _error(400, "id must be a number")
+        now = time.time()
+        record = AuditRecord(caller.name, "incident_hold_closed", "", {"id": hold_id}, now)
+        if not await self._store(self.service.store.close_incident, hold_id, now, record):
+            return _error(404, f"no open incident hold {hold_id}")
+        hold = next(h for h in await self._store(self.service.store.incidents) if h.id == hold_id)
+        return web.json_response(self._incident_view(hold, now))
 
     async def list_dead_letters(self, request: web.Request) -> web.Response:
         try:

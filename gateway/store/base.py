@@ -66,6 +66,21 @@ class ParkedMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class IncidentHold:
+    """A security incident during which protocol data is not purged (notice L115)."""
+
+    id: int
+    opened_at: float
+    until: float
+    reason: str
+    actor: str
+    closed_at: float | None
+
+    def active(self, now: float) -> bool:
+        return self.closed_at is None and self.opened_at <= now < self.until
+
+
+@dataclass(frozen=True, slots=True)
 class ParkResult:
     id: int
     evicted: tuple[tuple[int, str, int], ...]  # (id, stream, size) pushed out by the bounds
@@ -207,6 +222,16 @@ class ConsentStore(Protocol):
     ) -> None: ...
 
     def purge_access_log(self, older_than: float) -> int: ...
+
+    def open_incident(
+        self, opened_at: float, until: float, reason: str, record: AuditRecord
+    ) -> int:
+        """Record an incident hold (audited); its id."""
+
+    def close_incident(self, incident_id: int, at: float, record: AuditRecord) -> bool:
+        """End a hold early (audited); False when unknown or already closed."""
+
+    def incidents(self) -> list[IncidentHold]: ...
 
     def access_log(self) -> list[tuple[Any, ...]]: ...
 

@@ -28,6 +28,7 @@ from gateway.policy import VersionConflict, check_new_version
 from gateway.store.base import (
     EgressCount,
     HistoryRow,
+    IncidentHold,
     ParkedMessage,
     ParkResult,
     StoredPolicy,
@@ -38,10 +39,12 @@ from gateway.store.base import (
 # compacted into one row). 4: parked (messages held for a settings revision not
 # applied yet); settings_history rows of restriction periods. 5:
 # find_my_car_commands (contract rule 17). 6: location_anchors (contract rule
-# 13). 7: vehicle_identity and pending_erasure_events (identity privacy). New
+# 13). 7: vehicle_identity and pending_erasure_events (identity privacy). 8:
+# cars named by subject, never the VIN (needs the key: `attach_key`). 9:
+# incident_holds (protocol data kept during a security incident). New
 # tables are created by the schema script on every open; their versions only
 # record the step.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
 # version N, run in one transaction with recording N. A new table needs no
@@ -81,6 +84,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # audit column `redacted_hash`: needs the key, so `attach_key` runs it
     # (`_rekey`), not the open.
     8: (),
+    9: (),  # incident_holds: a new table
 }
 KEYED_STEP = 8
 # settings_history rows that record a restriction being set or lifted (Art. 18)
@@ -160,6 +164,14 @@ CREATE TABLE IF NOT EXISTS access_log (
     status INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS access_log_at ON access_log (at);
+CREATE TABLE IF NOT EXISTS incident_holds (
+    id        INTEGER PRIMARY KEY,
+    opened_at REAL NOT NULL,
+    until     REAL NOT NULL,
+    reason    TEXT NOT NULL,
+    actor     TEXT NOT NULL,
+    closed_at REAL
+);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id         INTEGER PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -1066,6 +1078,40 @@ class SqliteConsentStore:
     def purge_access_log(self, older_than: float) -> int:
         with self._lock:
             return self._db.execute("DELETE FROM access_log WHERE at < ?", (older_than,)).rowcount
+
+    def open_incident(
+        self, opened_at: float, until: float, reason: str, record: AuditRecord
+    ) -> int:
+        def tx(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "INSERT INTO incident_holds (opened_at, until, reason, actor) VALUES (?,?,?,?)",
+                (opened_at, until, reason, record.actor),
+            )
+            audit.append(db, record, self._ledger_key)
+            return int(cur.lastrowid or 0)
+
+        return self._write(tx)
+
+    def close_incident(self, incident_id: int, at: float, record: AuditRecord) -> bool:
+        def tx(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "UPDATE incident_holds SET closed_at=? WHERE id=? AND closed_at IS NULL",
+                (at, incident_id),
+            )
+            if cur.rowcount:
+                audit.append(db, record, self._ledger_key)
+            return cur.rowcount > 0
+
+        return self._write(tx)
+
+    def incidents(self) -> list[IncidentHold]:
+        return [
+            IncidentHold(int(r[0]), float(r[1]), float(r[2]), str(r[3]), str(r[4]), r[5])
+            for r in self._read(
+                "SELECT id, opened_at, until, reason, actor, closed_at FROM incident_holds"
+                " ORDER BY id"
+            )
+        ]
 
     def access_log(self) -> list[tuple[Any, ...]]:
         return self._read(
