@@ -483,6 +483,34 @@ async def test_restriction_is_announced_downstream_set_and_lifted(
     assert len(clients.backend.on(f"tsp/{VIN}/restriction")) == 2
 
 
+async def test_export_answers_art_15_per_stream_and_renders_for_people(
+    control: Control, clients: Clients
+) -> None:
+    """Art. 15: purposes, categories of data, legal basis, recipients and
+    retention per stream, beside the counts and the settings history; and a
+    page a data subject can read."""
+    http, url, car = control.http, control.url, clients.car
+    await car.settings(1, features={"remote_control": True})
+    assert await status_version(clients)
+    export = await (
+        await http.get(f"{url}/v1/vehicles/{VIN}/export", headers=control.auth("dpo"))
+    ).json()
+    streams = {s["stream"]: s for s in export["streams"]}
+    status = streams["tbox/status"]
+    assert status["purpose"] and status["legal_basis"] == "contract"
+    assert status["retention_days"] > 0 and status["recipients"]
+    assert status["data"]["position"].startswith("location")
+    assert status["messages_sent"] >= 1
+    page = await http.get(
+        f"{url}/v1/vehicles/{VIN}/export?format=html", headers=control.auth("dpo")
+    )
+    text = await page.text()
+    assert page.status == 200 and page.content_type == "text/html"
+    assert text.startswith("<!doctype html>") and VIN in text
+    assert status["purpose"] in text and "tbox/status" in text
+    assert "<script" not in text.lower()
+
+
 async def test_restriction_export_and_erasure_round_trip(
     control: Control, clients: Clients
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import html
 import logging
 import ssl
 import time
@@ -27,9 +28,16 @@ from gateway.control.audit import AuditRecord
 from gateway.control.signing import BundleError, PolicyBundle, load_public_key, verify_bundle
 from gateway.control.signing import key_id as public_key_id
 from gateway.core.state import VIN_SCHEMA_PATTERN, is_valid_vin
-from gateway.policy import PolicyError, VersionConflict, parse_policy, version_key
+from gateway.policy import (
+    CompiledPolicy,
+    PolicyError,
+    VersionConflict,
+    action_name,
+    parse_policy,
+    version_key,
+)
 from gateway.service import GatewayService
-from gateway.store import IncidentHold, StoredPolicy
+from gateway.store import EgressCount, IncidentHold, StoredPolicy
 
 log = logging.getLogger("gateway.control")
 
@@ -538,7 +546,8 @@ class ControlPlane:
             key = f"{c.feature}|{c.stream}"
             by_day[c.day][key] = by_day[c.day].get(key, 0) + c.count
         streams = policy.streams
-        return web.json_response(
+        return self._export_response(
+            request,
             {
                 "format": "privacy-gateway-export/1",
                 "vin": vin,
@@ -579,9 +588,17 @@ class ControlPlane:
                     }
                     for s in streams
                 ],
+                "streams": _stream_answers(policy, counts),
                 "restricted": restriction is not None or self.service.is_restricted(vin),
-            }
+            },
         )
+
+    @staticmethod
+    def _export_response(request: web.Request, export: dict[str, Any]) -> web.Response:
+        """JSON (Art. 20: machine-readable), or `?format=html` for the person."""
+        if request.query.get("format") == "html":
+            return web.Response(text=render_export_html(export), content_type="text/html")
+        return web.json_response(export)
 
     async def restrict(self, request: web.Request) -> web.Response:
         return await self._set_restriction(request, True)
@@ -785,3 +802,104 @@ def openapi_document() -> dict[str, Any]:
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "paths": paths,
     }
+
+
+# What a field of a stream carries, in words (the export's "categories").
+_FIELD_WORDS = {
+    "position": "location: as sent (precise), a grid point near it (approximate), nothing (off)",
+    "place": "location of a place the car was: as position",
+    "destination": "a destination: as position, coarsened on its own",
+    "remove": "never sent",
+    "keep": "sent as the car sent it",
+    "pseudonymize": "replaced by a keyed pseudonym",
+    "truncate_ip": "network address, truncated (IPv4 /24, IPv6 /48)",
+    "odometer": "mileage: frozen with the coarse location (approximate), nothing (off)",
+    "generalize": "rounded to a step (approximate), nothing (off)",
+    "enum": "only as one of a fixed list of values",
+    "place_text": "text that may name a place: sent only under precise location",
+    "place_id": "a place identifier: sent only under precise location",
+}
+
+
+def _stream_answers(policy: CompiledPolicy, counts: list[EgressCount]) -> list[dict[str, Any]]:
+    """Art. 15 per stream: purpose, categories of data, legal basis, recipients,
+    retention, and how many messages of the car were sent."""
+    sent: dict[str, int] = {}
+    for c in counts:
+        sent[c.stream] = sent.get(c.stream, 0) + c.count
+    answers = []
+    for key, spec in policy.document.streams.items():
+        feature = policy.document.features.get(spec.feature)
+        app = spec.pseudonymize_vin
+        answers.append(
+            {
+                "stream": key,
+                "feature": spec.feature,
+                "purpose": feature.description if feature is not None else "",
+                "legal_basis": feature.legal_basis if feature is not None else "",
+                "retention_days": spec.retention_days,
+                "recipients": [
+                    "the app's provider, under a pseudonym (never the VIN)"
+                    if app
+                    else "the carmaker's telematics backend"
+                ],
+                "data": {
+                    name: _FIELD_WORDS.get(action_name(action), action_name(action))
+                    for name, action in spec.fields.items()
+                },
+                "messages_sent": sum(n for s, n in sent.items() if _stream_matches(key, s)),
+            }
+        )
+    return answers
+
+
+def _stream_matches(key: str, stream: str) -> bool:
+    if "{" not in key:
+        return key == stream
+    head = key.split("{", 1)[0]
+    return stream.startswith(head)
+
+
+def render_export_html(export: dict[str, Any]) -> str:
+    """The export as a page a data subject can read (everything escaped)."""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(s['stream'])}</td><td>{e(s['purpose'])}</td><td>{e(s['legal_basis'])}</td>"
+        f"<td>{e('; '.join(s['recipients']))}</td><td>{s['retention_days']} days</td>"
+        f"<td>{s['messages_sent']}</td><td><ul>"
+        + "".join(f"<li>{e(k)}: {e(v)}</li>" for k, v in s["data"].items())
+        + "</ul></td></tr>"
+        for s in export["streams"]
+    )
+    history = "".join(
+        f"<tr><td>{h['revision']}</td><td>{e(_utc(h['applied_at']))}</td>"
+        f"<td>{'on' if h['privacy_mode'] else 'off'}</td><td>{e(h['location'])}</td>"
+        f"<td>{e(', '.join(f'{k}={v}' for k, v in sorted(h['features'].items())))}</td></tr>"
+        for h in export["settings_history"]
+    )
+    days = "".join(
+        f"<tr><td>{e(c['day'])}</td><td>{e(c['category'])}</td><td>{e(c['legal_basis'])}</td>"
+        f"<td>{c['messages']}</td></tr>"
+        for c in export["sent_to_backend"]
+    )
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>Your car's data: {e(export['vin'])}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px;vertical-align:top}</style></head><body>"
+        f"<h1>What the privacy gateway sends about car {e(export['vin'])}</h1>"
+        f"<p>Generated {e(_utc(export['generated_at']))}. Processing restricted:"
+        f" {'yes' if export['restricted'] else 'no'}.</p>"
+        "<h2>Per function: purpose, legal basis, recipients, retention, data</h2>"
+        "<table><tr><th>stream</th><th>purpose</th><th>legal basis</th><th>recipients</th>"
+        "<th>kept</th><th>messages sent</th><th>data</th></tr>"
+        f"{rows}</table>"
+        "<h2>Your privacy settings over time</h2><table><tr><th>revision</th><th>applied</th>"
+        f"<th>privacy mode</th><th>location</th><th>functions</th></tr>{history}</table>"
+        "<h2>Messages sent per day</h2><table><tr><th>day</th><th>stream</th>"
+        f"<th>legal basis</th><th>messages</th></tr>{days}</table></body></html>"
+    )
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
