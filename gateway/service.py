@@ -1285,10 +1285,22 @@ class GatewayService:
         log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
 
     def is_restricted(self, vin: str) -> bool:
-        """Restricted now, or restricted when it was erased (kept for its return)."""
-        self.claim(vin)
+        """Restricted now, or restricted when it was erased (kept for its return).
+        Reads only (the control plane calls it outside the decision loop)."""
         erased = self.ctx.identity.row(self.ctx.stable_key, vin)
-        return vin in self.restricted or (erased is not None and erased.restricted)
+        return (
+            vin in self.restricted
+            or (bool(self._unclaimed) and self.audit_subject(vin) in self.restricted)
+            or (erased is not None and erased.restricted)
+        )
+
+    def state_of(self, vin: str) -> VehicleState | None:
+        """The car's state whether or not its VIN was seen since the load. Reads
+        only: `claim` moves state and runs in the decision loop, this does not."""
+        state = self.states.get(vin)
+        if state is None and self._unclaimed:
+            state = self.states.get(self.audit_subject(vin))
+        return state
 
     async def set_restriction(self, vin: str, restricted: bool, actor: str) -> bool:
         async def run() -> bool:

@@ -333,6 +333,9 @@ async def test_settings_survive_restart(gateways: GatewayHarness, clients: Clien
     # Loaded under the car's subject (the store never holds the VIN) until
     # the car shows up.
     assert VIN not in second.states and second.states[second.audit_subject(VIN)].revision == 3
+    # The control plane reads it without moving it (it runs outside the decision loop).
+    state = second.state_of(VIN)
+    assert state is not None and state.revision == 3 and VIN not in second.states
     second.claim(VIN)
     assert second.states[VIN].revision == 3 and second.audit_subject(VIN) not in second.states
     await car.send("avn/nav", nav(car))

@@ -497,11 +497,10 @@ class ControlPlane:
         vin = self._vin(request)
         if vin is None:
             return _error(400, "not a valid VIN")
-        self.service.claim(vin)
         subject = self.service.audit_subject(vin)  # the store never holds the VIN
         history = await self._store(self.service.store.history, subject)
         restriction = await self._store(self.service.store.restriction, subject)
-        state = self.service.states.get(vin)
+        state = self.service.state_of(vin)
         now = time.time()
         current = history[-1] if history else None
         return web.json_response(
