@@ -46,7 +46,13 @@ from gateway.core import (
 )
 from gateway.core.capture import CaptureHistory, Interval, append
 from gateway.core.decide import applied_message, split_command_topic, split_vehicle_topic
-from gateway.core.identity import IdentityRow, app_scope, erasure_events, restriction_event
+from gateway.core.identity import (
+    IdentityRow,
+    app_scope,
+    erasure_events,
+    ownership_event,
+    restriction_event,
+)
 from gateway.core.identity import subject as identity_subject
 from gateway.core.state import is_valid_vin
 from gateway.delivery import (
@@ -881,7 +887,7 @@ class GatewayService:
             self._claimed[snapshot.vin] = record.subject
             erased = self.ctx.identity.row(self.ctx.stable_key, snapshot.vin)
             if erased is not None:  # back after an erasure: its epoch, its restriction
-                self.ctx.identity.epochs[snapshot.vin] = erased.epoch
+                self.ctx.identity.learn(snapshot.vin, erased)
                 if erased.restricted:
                     self.restricted.add(snapshot.vin)
         if snapshot.vin in self.restricted and not state.restricted:
@@ -1195,7 +1201,7 @@ class GatewayService:
             self.states[vin] = state
             erased = self.ctx.identity.rows.get(subject)
             if erased is not None:  # back after an erasure: its epoch
-                self.ctx.identity.epochs[vin] = erased.epoch
+                self.ctx.identity.learn(vin, erased)
         if (anchor := self.anchors.pop(subject, None)) is not None:
             self.anchors[vin] = anchor
         if (history := self.histories.pop(subject, None)) is not None:
@@ -1411,12 +1417,13 @@ class GatewayService:
                     before.revision_floor if before is not None else 0,
                 ),
                 restricted=vin in self.restricted,
+                ownership=before.ownership if before is not None else 0,  # same grid offset
             )
             removed = await self._persist_once(
                 self.store.erase_vehicle, subject, subject, record, survivor, app_events
             )
             book.rows[subject] = survivor
-            book.epochs[vin] = survivor.epoch
+            book.learn(vin, survivor)
             self.states.pop(vin, None)
             self.anchors.pop(vin, None)
             self.histories.pop(vin, None)
@@ -1473,6 +1480,78 @@ class GatewayService:
             result["erasure_event"] = (await asyncio.wait_for(asyncio.shield(outcome), 5)).value
         except TimeoutError:
             result["erasure_event"] = "pending"  # backend unreachable: delivered on reconnect
+        return result
+
+    async def change_ownership(self, vin: str, actor: str) -> dict[str, Any]:
+        """The car has a new owner: what the gateway holds of the previous one
+        leaves (settings, history, counts, anchors, find-my-car, parked and
+        dead-lettered messages; the audit trail stays, content included),
+        consent is unknown again (only legal obligations pass), the pseudonyms
+        start a new epoch and the grid offset changes; the backend is told to
+        unlink the car, and the car to show its privacy screen to the new owner."""
+
+        async def run() -> dict[str, Any]:
+            now = self._clock()
+            self.claim(vin)
+            subject = self.audit_subject(vin)
+            book = self.ctx.identity
+            state, before = self.states.get(vin), book.rows.get(subject)
+            survivor = IdentityRow(
+                epoch=book.epoch(vin) + 1,
+                revision_floor=max(
+                    state.revision if state is not None else 0,
+                    before.revision_floor if before is not None else 0,
+                ),
+                restricted=False,  # a restriction was the previous owner's
+                ownership=(before.ownership if before is not None else 0) + 1,
+            )
+            record = AuditRecord(
+                actor=actor, action="ownership_changed", subject=subject, content={}, at=now
+            )
+            removed = await self._persist_once(
+                self.store.erase_vehicle, subject, subject, record, survivor, (), False
+            )
+            book.rows[subject] = survivor
+            book.learn(vin, survivor)
+            self.states.pop(vin, None)
+            self.anchors.pop(vin, None)
+            self.histories.pop(vin, None)
+            self.restricted.discard(vin)
+            if removed.get("parked"):
+                count, size, subjects = await self._persist_once(self.store.parked_stats)
+                self._parked_count, self._parked_bytes = count, size
+                self._parked_subjects = subjects
+            self.accounting.forget(vin)
+            self.metrics.vehicles.set(len(self.states))
+            topic, payload = ownership_event(self.ctx.backend_prefix, vin, now)
+            outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            self._deliver(
+                self.backend_edge,
+                topic,
+                payload,
+                (),
+                outcome.set_result,
+                self._egress_letter(vin, "ownership", topic, payload),
+            )
+            reprompt_topic, reprompt = applied_message(
+                self.ctx, vin, survivor.revision_floor, reprompt=True
+            )
+            self._deliver(
+                self.vehicle_edge,
+                reprompt_topic,
+                reprompt,
+                (),
+                lambda _: None,
+                self._egress_letter(vin, "avn/privacy/applied", reprompt_topic, reprompt),
+            )
+            return {"removed": removed, "ownership_event_topic": topic, "_outcome": outcome}
+
+        result = await self.run_control(run)
+        outcome = result.pop("_outcome")
+        try:
+            result["ownership_event"] = (await asyncio.wait_for(asyncio.shield(outcome), 5)).value
+        except TimeoutError:
+            result["ownership_event"] = "pending"
         return result
 
     async def _publish_erasure_events(self, idle_s: float = 60.0) -> None:

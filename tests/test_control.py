@@ -511,6 +511,62 @@ async def test_export_answers_art_15_per_stream_and_renders_for_people(
     assert "<script" not in text.lower()
 
 
+async def test_ownership_change_gives_the_new_owner_a_clean_car(
+    control: Control, clients: Clients
+) -> None:
+    """Notice L332-334: the car leaves one account for another. Nothing of the
+    previous owner reaches the next (settings, history, counts, pseudonyms,
+    grid offset); the backend is told to unlink it and the car to ask again."""
+    http, url, car = control.http, control.url, clients.car
+    features = {"remote_control": True, "third_party.music": True}
+    await car.settings(3, features=features, location=common_pb2.LOCATION_APPROXIMATE)
+
+    async def coarse_and_ref() -> tuple[tuple[float, float], str]:
+        start = len(clients.backend.messages)
+        msg = streams_pb2.VehicleStatus()
+        msg.position.latitude, msg.position.longitude = 48.137, 11.576
+        await car.send("tbox/status", car.header(msg))
+        await car.send("avn/app/music", car.header(streams_pb2.AppTraffic(app_id="music")))
+        await car.barrier()
+        new = clients.backend.messages[start:]
+        status = next(m for m in new if str(m.topic).endswith("/tbox/status"))
+        app = next(m for m in new if "/avn/app/music" in str(m.topic))
+        point = streams_pb2.VehicleStatus.FromString(status.payload).position  # type: ignore[arg-type]
+        return (point.latitude, point.longitude), str(app.topic).split("/")[1]
+
+    before, old_ref = await coarse_and_ref()
+    denied = await http.post(
+        f"{url}/v1/vehicles/{VIN}/ownership-change", headers=control.auth("operator")
+    )
+    assert denied.status == 403
+    changed = await http.post(
+        f"{url}/v1/vehicles/{VIN}/ownership-change", headers=control.auth("dpo")
+    )
+    assert changed.status == 200 and (await changed.json())["ownership_event"] == "delivered"
+    (event,) = clients.backend.on(f"tsp/{VIN}/ownership")
+    assert privacy_pb2.OwnershipEvent.FromString(event.payload).vin == VIN  # type: ignore[arg-type]
+    applied = await asyncio.wait_for(car.applied.get(), 10)
+    while not applied.reprompt:
+        applied = await asyncio.wait_for(car.applied.get(), 10)
+    # Consent is unknown again: only legal obligations pass.
+    sent = len(clients.backend.on("/tbox/status"))
+    await car.send("tbox/status", car.header(streams_pb2.VehicleStatus(fuel_level_pct=3.0)))
+    await car.barrier()
+    assert len(clients.backend.on("/tbox/status")) == sent
+    export = await (
+        await http.get(f"{url}/v1/vehicles/{VIN}/export", headers=control.auth("dpo"))
+    ).json()
+    assert export["settings_history"] == [] and export["sent_to_backend"] == []
+    # The new owner's choices: new pseudonyms, a new grid offset for the same spot.
+    await car.settings(4, features=features, location=common_pb2.LOCATION_APPROXIMATE)
+    after, new_ref = await coarse_and_ref()
+    assert new_ref != old_ref and after != before
+    entries = control.service.store.audit_entries(control.service.audit_subject(VIN))
+    assert "ownership_changed" in [e["action"] for e in entries]
+    assert any(e["content"] for e in entries if e["action"] == "settings_applied")  # trail kept
+    assert control.service.store.verify_audit().ok
+
+
 async def test_restriction_export_and_erasure_round_trip(
     control: Control, clients: Clients
 ) -> None:

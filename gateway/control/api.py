@@ -142,6 +142,14 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route("DELETE", "/v1/vehicles/{vin}", ("dpo",), "Erase the vehicle's data (Art. 17)", "erase"),
     Route(
+        "POST",
+        "/v1/vehicles/{vin}/ownership-change",
+        ("dpo",),
+        "The car has a new owner: the previous owner's data leaves the gateway, consent is"
+        " unknown again, new pseudonyms and grid offset, the backend and the car are told",
+        "ownership_change",
+    ),
+    Route(
         "GET",
         "/v1/dead-letters",
         ("operator",),
@@ -612,6 +620,14 @@ class ControlPlane:
         caller: TokenConfig = request[CALLER_KEY]
         changed = await self.service.set_restriction(vin, on, caller.name)
         return web.json_response({"vin": vin, "restricted": on, "changed": changed})
+
+    async def ownership_change(self, request: web.Request) -> web.Response:
+        vin = self._vin(request)
+        if vin is None:
+            return _error(400, "not a valid VIN")
+        caller: TokenConfig = request[CALLER_KEY]
+        result = await self.service.change_ownership(vin, caller.name)
+        return web.json_response({"vin": vin, **result})
 
     async def erase(self, request: web.Request) -> web.Response:
         vin = self._vin(request)

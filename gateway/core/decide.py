@@ -498,7 +498,7 @@ def _locate(
         return None
     policy = ctx.policy
     cell = policy.cell_size_m
-    offset = grid_offset(ctx.stable_key, vin)
+    offset = grid_offset(ctx.stable_key, ctx.identity.placement(vin))
     new_anchor: LocationAnchor | None = None
     if anchor is None or anchor.due(now, policy.refresh_interval_ms / 1000.0):
         # The freshest point the message has: a current position before a past place.
@@ -516,7 +516,9 @@ def _locate(
     for role, points in present:
         for point in points:
             if role == "destination":
-                coarsen_geopoint(point, cell, destination_offset(ctx.stable_key, vin))
+                coarsen_geopoint(
+                    point, cell, destination_offset(ctx.stable_key, ctx.identity.placement(vin))
+                )
                 continue
             value = current if role == "position" else before
             assert value is not None  # a valid point of the car always anchors

@@ -45,6 +45,9 @@ class IdentityRow:
     epoch: int
     revision_floor: int
     restricted: bool
+    # Owners the car had before the current one: a new owner gets a new grid
+    # offset (the previous owner's coarse values do not place the new one's).
+    ownership: int = 0
 
 
 class IdentityBook:
@@ -55,16 +58,29 @@ class IdentityBook:
     again. A car absent from both is at epoch 0.
     """
 
-    __slots__ = ("epochs", "rows")
+    __slots__ = ("epochs", "ownerships", "rows")
 
     def __init__(
         self, rows: Mapping[str, IdentityRow] | None = None, epochs: Mapping[str, int] | None = None
     ) -> None:
         self.rows: dict[str, IdentityRow] = dict(rows or {})
         self.epochs: dict[str, int] = dict(epochs or {})
+        self.ownerships: dict[str, int] = {}
 
     def epoch(self, vin: str) -> int:
         return self.epochs.get(vin, 0)
+
+    def learn(self, vin: str, row: IdentityRow) -> None:
+        """The VIN behind a stored row is known: its epoch and owner apply."""
+        self.epochs[vin] = row.epoch
+        if row.ownership:
+            self.ownerships[vin] = row.ownership
+
+    def placement(self, vin: str) -> str:
+        """What the car's grid offset is derived from: the VIN for its first
+        owner (the offsets of earlier releases), the VIN and owner after."""
+        ownership = self.ownerships.get(vin, 0)
+        return vin if not ownership else f"{vin}\x00owner-{ownership}"
 
     def row(self, key: bytes, vin: str) -> IdentityRow | None:
         if not self.rows:
@@ -272,6 +288,12 @@ def restriction_event(
     the car (Art. 18). VIN-keyed: it names no app ref."""
     event = privacy_pb2.RestrictionEvent(vin=vin, restricted=restricted, at_ms=int(at * 1000))
     return f"{backend_prefix}/{vin}/restriction", event.SerializeToString()
+
+
+def ownership_event(backend_prefix: str, vin: str, at: float) -> tuple[str, bytes]:
+    """`tsp/{vin}/ownership`: the backend unlinks the car from its previous owner."""
+    event = privacy_pb2.OwnershipEvent(vin=vin, at_ms=int(at * 1000))
+    return f"{backend_prefix}/{vin}/ownership", event.SerializeToString()
 
 
 def erasure_events(

@@ -148,6 +148,7 @@ class ConsentStore(Protocol):
         record: AuditRecord,
         identity: IdentityRow | None = None,
         events: Sequence[tuple[float, str, bytes]] = (),
+        scrub: bool = True,
     ) -> dict[str, int]:
         """Delete everything held about a vehicle; scrub its audit content. In
         the same transaction keep `identity` under `subject` (epoch, revision

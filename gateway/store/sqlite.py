@@ -41,10 +41,11 @@ from gateway.store.base import (
 # find_my_car_commands (contract rule 17). 6: location_anchors (contract rule
 # 13). 7: vehicle_identity and pending_erasure_events (identity privacy). 8:
 # cars named by subject, never the VIN (needs the key: `attach_key`). 9:
-# incident_holds (protocol data kept during a security incident). New
+# incident_holds (protocol data kept during a security incident). 10:
+# vehicle_identity.ownership (a new owner, a new grid offset). New
 # tables are created by the schema script on every open; their versions only
 # record the step.
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
 # version N, run in one transaction with recording N. A new table needs no
@@ -60,7 +61,8 @@ CREATE TABLE IF NOT EXISTS vehicle_identity (
     subject        TEXT PRIMARY KEY,
     epoch          INTEGER NOT NULL,
     revision_floor INTEGER NOT NULL,
-    restricted     INTEGER NOT NULL
+    restricted     INTEGER NOT NULL,
+    ownership      INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending_erasure_events (
     id      INTEGER PRIMARY KEY,
@@ -85,6 +87,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # (`_rekey`), not the open.
     8: (),
     9: (),  # incident_holds: a new table
+    10: ("ALTER TABLE vehicle_identity ADD COLUMN ownership INTEGER NOT NULL DEFAULT 0",),
 }
 KEYED_STEP = 8
 # settings_history rows that record a restriction being set or lifted (Art. 18)
@@ -320,7 +323,8 @@ class SqliteConsentStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for statement in MIGRATIONS.get(target, ()):
-                    self._db.execute(statement)
+                    if not self._adds_existing_column(statement):
+                        self._db.execute(statement)
                 self._db.execute(
                     "UPDATE meta SET value=? WHERE key='schema_version'", (str(target),)
                 )
@@ -370,14 +374,21 @@ class SqliteConsentStore:
                 if redacted != path:
                     db.execute("UPDATE access_log SET path=? WHERE rowid=?", (redacted, rowid))
                     changed += 1
-            db.execute(
-                "UPDATE meta SET value=? WHERE key='schema_version'", (str(KEYED_STEP),)
-            )
+            db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(KEYED_STEP),))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return changed
+
+    def _adds_existing_column(self, statement: str) -> bool:
+        """A table created by this release's schema already has the column an
+        older step adds (a table that was missing when the store was opened)."""
+        match = re.fullmatch(r"ALTER TABLE (\w+) ADD COLUMN (\w+) .*", statement)
+        if match is None:
+            return False
+        columns = {str(r[1]) for r in self._db.execute(f"PRAGMA table_info({match[1]})")}
+        return match[2] in columns
 
     @classmethod
     def in_state_dir(
@@ -674,8 +685,10 @@ class SqliteConsentStore:
         record: AuditRecord,
         identity: IdentityRow | None = None,
         events: Sequence[tuple[float, str, bytes]] = (),
+        scrub: bool = True,
     ) -> dict[str, int]:
-        """Delete what is held about a vehicle; scrub its audit content (chain kept).
+        """Delete what is held about a vehicle; scrub its audit content (chain
+        kept) unless `scrub` is false (an ownership change: the trail stays).
 
         In the same transaction: `identity` (what survives the erasure) is
         stored under `subject`, and `events` (due_at, topic, payload) are
@@ -684,8 +697,15 @@ class SqliteConsentStore:
         def tx(db: sqlite3.Connection) -> dict[str, int]:
             if identity is not None:
                 db.execute(
-                    "INSERT OR REPLACE INTO vehicle_identity VALUES (?,?,?,?)",
-                    (subject, identity.epoch, identity.revision_floor, int(identity.restricted)),
+                    "INSERT OR REPLACE INTO vehicle_identity (subject, epoch, revision_floor,"
+                    " restricted, ownership) VALUES (?,?,?,?,?)",
+                    (
+                        subject,
+                        identity.epoch,
+                        identity.revision_floor,
+                        int(identity.restricted),
+                        identity.ownership,
+                    ),
                 )
             db.executemany(
                 "INSERT INTO pending_erasure_events (due_at, topic, payload) VALUES (?,?,?)",
@@ -708,7 +728,7 @@ class SqliteConsentStore:
             removed["parked"] = db.execute(
                 "DELETE FROM parked WHERE subject=?", (subject,)
             ).rowcount
-            removed["audit_entries_scrubbed"] = audit.scrub_subject(db, subject)
+            removed["audit_entries_scrubbed"] = audit.scrub_subject(db, subject) if scrub else 0
             audit.append(db, record, self._ledger_key)
             return removed
 
@@ -719,9 +739,9 @@ class SqliteConsentStore:
     def identities(self) -> dict[str, IdentityRow]:
         """What survived erasures, by subject (only cars ever erased)."""
         return {
-            str(r[0]): IdentityRow(int(r[1]), int(r[2]), bool(r[3]))
+            str(r[0]): IdentityRow(int(r[1]), int(r[2]), bool(r[3]), int(r[4]))
             for r in self._read(
-                "SELECT subject, epoch, revision_floor, restricted FROM vehicle_identity"
+                "SELECT subject, epoch, revision_floor, restricted, ownership FROM vehicle_identity"
             )
         }
 
@@ -1022,8 +1042,7 @@ class SqliteConsentStore:
     ) -> list[ParkedMessage]:
         """Parked messages, oldest first: of one car (keyed hash), up to a revision."""
         sql = (
-            "SELECT id, subject, revision, parked_at, expires_at, stream, size, sealed"
-            " FROM parked"
+            "SELECT id, subject, revision, parked_at, expires_at, stream, size, sealed FROM parked"
         )
         if subject is None:
             rows = self._read(sql + " ORDER BY id")

@@ -61,3 +61,11 @@ class RestrictionEvent(_message.Message):
     restricted: bool
     at_ms: int
     def __init__(self, vin: _Optional[str] = ..., restricted: _Optional[bool] = ..., at_ms: _Optional[int] = ...) -> None: ...
+
+class OwnershipEvent(_message.Message):
+    __slots__ = ("vin", "at_ms")
+    VIN_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    vin: str
+    at_ms: int
+    def __init__(self, vin: _Optional[str] = ..., at_ms: _Optional[int] = ...) -> None: ...
