@@ -1036,6 +1036,7 @@ _WHY = {
     ),
     "privacy_mode": "privacy mode is on: only legal-obligation streams pass",
     "feature_disabled": "the driver switched this stream's feature off",
+    "objected": "the data subject objected to this feature (Art. 21), whatever the toggle",
     "location_off": "location is off and this stream's purpose is location",
     "no_find_my_car_window": "tbox/location passes only inside a find-my-car window",
     "unanswered_location": (

@@ -176,6 +176,13 @@ class CommandSpec(_Strict):
     opens_window: bool = False
 
 
+class MessageSpec(_Strict):
+    """A message-centre category: backend -> car messages (alerts, operating
+    information, service adverts) gated by `feature`."""
+
+    feature: str
+
+
 class PolicyDocument(_Strict):
     # Dotted numbers ("2026.11.1"): pushes must carry a strictly newer version.
     version: str = Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")
@@ -185,6 +192,8 @@ class PolicyDocument(_Strict):
     features: dict[str, FeatureSpec]
     streams: dict[str, StreamSpec]
     commands: dict[str, CommandSpec] = Field(default_factory=dict)
+    # Message centre: tsp/{vin}/msg/{category} -> vehicle/{vin}/avn/msg/{category}.
+    messages: dict[str, MessageSpec] = Field(default_factory=dict)
     # Bigger payloads are dropped (counted as `oversized`); eCall is trimmed instead.
     max_payload_bytes: int = Field(DEFAULT_MAX_PAYLOAD, ge=64, le=MAX_PAYLOAD_LIMIT)
 
@@ -274,6 +283,8 @@ class CompiledPolicy:
     text: str = ""  # the YAML as loaded, so it can be stored and rolled back to
     fixes_per_command: int = 1  # find-my-car fixes forwarded per accepted command
     max_commands_per_hour: int = 4  # accepted find-my-car commands per car per hour
+    # Message-centre categories (backend -> car), each gated by a feature.
+    messages: Mapping[str, CompiledCommand] = dataclasses.field(default_factory=dict)
 
     def route(self, relative_topic: str) -> tuple[CompiledStream, str | None] | None:
         """Stream rule for a topic relative to vehicle/{vin}/, plus the app id if any."""
@@ -548,6 +559,17 @@ def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
                 (path, "legal-obligation streams are forwarded untouched and unconditionally")
             )
         problems += check_fields(desc, stream.fields, f"{path}.fields", legal=legal)
+    for name, message in doc.messages.items():
+        path = f"messages.{name}"
+        if not _NAME.match(name):
+            problems.append((path, "message categories are lower_snake_case"))
+        msg_feat = doc.features.get(message.feature)
+        if msg_feat is None:
+            problems.append((f"{path}.feature", f"unknown feature {message.feature!r}"))
+        elif msg_feat.per_app or msg_feat.legal_basis == "legal_obligation":
+            problems.append(
+                (f"{path}.feature", "message categories need a per-car, non-legal feature")
+            )
     for name, cmd in doc.commands.items():
         path = f"commands.{name}"
         if not _NAME.match(name):
@@ -798,6 +820,7 @@ def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
         commands={
             n: CompiledCommand(n, c.feature, c.opens_window) for n, c in doc.commands.items()
         },
+        messages={n: CompiledCommand(n, m.feature, False) for n, m in doc.messages.items()},
         document=doc,
     )
 

@@ -39,13 +39,19 @@ from gateway.core import (
     VehicleState,
     decide,
     decide_command,
+    decide_message,
     expire_find_my_car,
     refused_result,
     state_from_snapshot,
     with_find_my_car,
 )
 from gateway.core.capture import CaptureHistory, Interval, append
-from gateway.core.decide import applied_message, split_command_topic, split_vehicle_topic
+from gateway.core.decide import (
+    CommandDecision,
+    applied_message,
+    split_command_topic,
+    split_vehicle_topic,
+)
 from gateway.core.identity import (
     IdentityRow,
     app_scope,
@@ -239,6 +245,8 @@ class GatewayService:
         self._clock = clock
         self._queue: asyncio.Queue[InboundMessage | ControlOp | None] = asyncio.Queue()
         self.restricted: set[str] = set()
+        # Features objected to per car (Art. 21), by subject: part of each state.
+        self._objections: dict[str, frozenset[str]] = {}
         self.policy_record: StoredPolicy | None = None
         self.accounting = EgressAccounting(
             lambda rows: self._persist(
@@ -308,6 +316,7 @@ class GatewayService:
         # Everything loaded is keyed by subject (the store never holds a VIN);
         # cars whose VIN was seen since the last load move back under it below.
         self.restricted = self.store.restricted_vins()
+        self._objections = self.store.objections()
         book = self.ctx.identity
         book.rows = self.store.identities()
         states: dict[str, VehicleState] = {}
@@ -325,7 +334,7 @@ class GatewayService:
             commands = find_my_car.get(subject)
             if commands:
                 state = expire_find_my_car(with_find_my_car(state, commands), now, policy.window_s)
-            states[subject] = state
+            states[subject] = self._with_objections(subject, state)
         self.states = states
         # Anchors do not depend on the policy: on a policy switch the ones set
         # since the last commit (still only in memory) must not fall back to
@@ -495,7 +504,7 @@ class GatewayService:
             name=BACKEND,
             endpoint=self._access[BACKEND].endpoint,
             client_id=self.config.client_id(bcfg),
-            subscriptions=[f"{bcfg.topic_prefix}/+/cmd/+"],
+            subscriptions=[f"{bcfg.topic_prefix}/+/cmd/+", f"{bcfg.topic_prefix}/+/msg/+"],
             on_message=self._queue.put_nowait,
             clean_start=bcfg.session_expiry_s == 0,
             session_expiry_s=bcfg.session_expiry_s,
@@ -892,6 +901,7 @@ class GatewayService:
                     self.restricted.add(snapshot.vin)
         if snapshot.vin in self.restricted and not state.restricted:
             state = dataclasses.replace(state, restricted=True)
+        state = self._with_objections(record.subject, state)
         self.states[snapshot.vin] = state
         self._add_interval(snapshot.vin, snapshot.revision, snapshot.applied_at, state)
         self.metrics.settings_applied.inc()
@@ -1085,16 +1095,27 @@ class GatewayService:
         log.info("dropped %d parked message(s) whose settings never arrived", len(expired))
         return len(expired)
 
-    async def _handle_command(self, msg: InboundMessage, slot: Settleable) -> None:
+    def _decide_request(self, msg: InboundMessage) -> CommandDecision | None:
+        """A command (tsp/{vin}/cmd/{name}) or a message-centre message
+        (tsp/{vin}/msg/{category}); None for any other topic."""
         if self._unclaimed:
             self._claim_command_topic(msg.topic)
-        decision = decide_command(self.ctx, msg.topic, msg.payload, self.states, self._clock())
+        now = self._clock()
+        decision = decide_command(self.ctx, msg.topic, msg.payload, self.states, now)
+        if decision is None:
+            decision = decide_message(self.ctx, msg.topic, msg.payload, self.states, now)
+        return decision
+
+    async def _handle_command(self, msg: InboundMessage, slot: Settleable) -> None:
+        decision = self._decide_request(msg)
         if decision is None:
             self.metrics.dropped.labels("command", "unknown_topic").inc()
             slot.settle()
             return
         # The command name comes from the topic: only the policy's own are labels.
-        name = decision.command if decision.command in self.ctx.policy.commands else "unknown"
+        policy = self.ctx.policy
+        known = decision.command in policy.commands or decision.command in policy.messages
+        name = decision.command if known else "unknown"
         self.metrics.inc(self.metrics.commands, name, str(decision.accepted).lower())
         if decision.state is not None:
             # The window and the command's place under the hourly cap are
@@ -1211,7 +1232,8 @@ class GatewayService:
             self.restricted.add(vin)
 
     def _claim_command_topic(self, topic: str) -> None:
-        parts = split_command_topic(self.ctx.backend_prefix, topic)
+        prefix = self.ctx.backend_prefix
+        parts = split_command_topic(prefix, topic) or split_command_topic(prefix, topic, "msg")
         if parts is not None and parts[0] not in self.states:
             self.claim(parts[0])
 
@@ -1289,6 +1311,45 @@ class GatewayService:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._store_executor, self.load_state)
         log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
+
+    def _with_objections(self, subject: str, state: VehicleState) -> VehicleState:
+        objected = self._objections.get(subject, frozenset())
+        if objected == state.objected:
+            return state
+        return dataclasses.replace(state, objected=objected)
+
+    async def set_objection(self, vin: str, feature: str, objected: bool, actor: str) -> bool:
+        """Art. 21: the car's data for a legitimate-interest feature stops (or
+        resumes), whatever its toggle says; durable and audited."""
+
+        async def run() -> bool:
+            self.claim(vin)
+            subject = self.audit_subject(vin)
+            record = AuditRecord(
+                actor=actor,
+                action="objection_made" if objected else "objection_withdrawn",
+                subject=subject,
+                content={"feature": feature},
+                at=self._clock(),
+            )
+            changed = await self._persist_once(
+                self.store.set_objection, subject, feature, objected, record
+            )
+            current = set(self._objections.get(subject, frozenset()))
+            if objected:
+                current.add(feature)
+            else:
+                current.discard(feature)
+            if current:
+                self._objections[subject] = frozenset(current)
+            else:
+                self._objections.pop(subject, None)
+            state = self.states.get(vin)
+            if state is not None:
+                self.states[vin] = self._with_objections(subject, state)
+            return bool(changed)
+
+        return await self.run_control(run)
 
     def is_restricted(self, vin: str) -> bool:
         """Restricted now, or restricted when it was erased (kept for its return).
@@ -1517,6 +1578,7 @@ class GatewayService:
             self.anchors.pop(vin, None)
             self.histories.pop(vin, None)
             self.restricted.discard(vin)
+            self._objections.pop(subject, None)
             if removed.get("parked"):
                 count, size, subjects = await self._persist_once(self.store.parked_stats)
                 self._parked_count, self._parked_bytes = count, size
@@ -1683,9 +1745,7 @@ class GatewayService:
     def _expire_command(self, msg: InboundMessage, slot: Settleable) -> None:
         """A command dead-lettered too long ago is not run now (the backend was
         told it did not reach the car): answered `expired` instead."""
-        if self._unclaimed:
-            self._claim_command_topic(msg.topic)
-        decision = decide_command(self.ctx, msg.topic, msg.payload, self.states, self._clock())
+        decision = self._decide_request(msg)
         if decision is None:
             slot.settle()
             return

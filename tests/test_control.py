@@ -32,7 +32,7 @@ from gateway.control.signing import generate_keypair, load_private_key, sign_pol
 from gateway.service import GatewayService
 from gateway.store import SqliteConsentStore
 from sim.broker import MosquittoBroker
-from telematics.v1 import common_pb2, privacy_pb2, streams_pb2
+from telematics.v1 import command_pb2, common_pb2, privacy_pb2, streams_pb2
 
 from .conftest import (
     DEFAULT_POLICY,
@@ -509,6 +509,64 @@ async def test_export_answers_art_15_per_stream_and_renders_for_people(
     assert text.startswith("<!doctype html>") and VIN in text
     assert status["purpose"] in text and "tbox/status" in text
     assert "<script" not in text.lower()
+
+
+async def test_objection_stops_a_legitimate_interest_feature_and_survives_changes(
+    control: Control, clients: Clients, gateways: GatewayHarness
+) -> None:
+    """Notice L1005-1029 and L450: service adverts in the message centre rest
+    on legitimate interest, on by default for known cars; an objection stops
+    them for one car whatever it sends, durably; every message gets a result."""
+    http, url, car = control.http, control.url, clients.car
+    await car.client.subscribe(f"vehicle/{VIN}/avn/msg/#", qos=1)
+
+    async def message(category: str, request_id: str) -> command_pb2.CommandResult:
+        cmd = command_pb2.Command(request_id=request_id, args={"title": "Service due"})
+        await clients.backend_client.publish(
+            f"tsp/{VIN}/msg/{category}", cmd.SerializeToString(), qos=1
+        )
+
+        def result() -> command_pb2.CommandResult | None:
+            for m in clients.backend.on(f"/msg/{category}/result"):
+                parsed = command_pb2.CommandResult.FromString(m.payload)  # type: ignore[arg-type]
+                if parsed.request_id == request_id:
+                    return parsed
+            return None
+
+        await clients.backend.wait_for(lambda: result() is not None)
+        found = result()
+        assert found is not None
+        return found
+
+    def delivered() -> list[str]:
+        return [str(m.topic) for m in car.commands if "/avn/msg/" in str(m.topic)]
+
+    assert (await message("service_advert", "m0")).reason == "unknown_vehicle"
+    await car.settings(1, features={"remote_control": True})  # says nothing of adverts
+    assert (await message("service_advert", "m1")).accepted
+    assert (await message("no_such_category", "m2")).reason == "unknown_category"
+    objection = f"{url}/v1/vehicles/{VIN}/objections/service_adverts"
+    assert (await http.post(objection, headers=control.auth("operator"))).status == 403
+    assert (await http.post(objection, headers=control.auth("dpo"))).status == 200
+    assert (await message("service_advert", "m3")).reason == "objected:service_adverts"
+    assert (await message("alert", "m4")).accepted  # contract: no objection applies
+    # Consent is withdrawn with the car's toggle; unknown features do not exist.
+    consent = f"{url}/v1/vehicles/{VIN}/objections/online_navigation"
+    assert (await http.post(consent, headers=control.auth("dpo"))).status == 409
+    unknown = f"{url}/v1/vehicles/{VIN}/objections/nothing"
+    assert (await http.post(unknown, headers=control.auth("dpo"))).status == 404
+    # The objection survives new settings and a restart.
+    await car.settings(2, features={"remote_control": True, "service_adverts": True})
+    assert (await message("service_advert", "m5")).reason == "objected:service_adverts"
+    await restart(control, gateways)
+    assert (await message("service_advert", "m6")).reason == "objected:service_adverts"
+    objection = f"{control.url}/v1/vehicles/{VIN}/objections/service_adverts"
+    assert (await http.delete(objection, headers=control.auth("dpo"))).status == 200
+    assert (await message("service_advert", "m7")).accepted
+    await car.barrier()
+    assert delivered().count(f"vehicle/{VIN}/avn/msg/service_advert") == 2  # m1, m7
+    actions = [e["action"] for e in control.service.store.audit_entries()]
+    assert "objection_made" in actions and "objection_withdrawn" in actions
 
 
 async def test_ownership_change_gives_the_new_owner_a_clean_car(

@@ -6,6 +6,7 @@ no broker, no clock (time is passed in).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -337,6 +338,13 @@ def test_default_policy_sends_no_trip_location(mode: LocationMode) -> None:
     )
     assert not out.HasField("start") and not out.HasField("end")
     assert out.trip_id == "t-1"  # the statistics themselves pass
+
+
+def test_an_objected_feature_is_dropped_whatever_the_toggle_says() -> None:
+    st = dataclasses.replace(state(), objected=frozenset({"remote_control"}))
+    dropped = run("tbox/status", st)
+    assert isinstance(dropped, Drop) and dropped.reason is DropReason.OBJECTED
+    assert isinstance(run("tbox/status", state()), Forward)
 
 
 def test_geo_cases_cover_every_geopoint_field() -> None:
@@ -942,7 +950,7 @@ def test_first_settings_apply() -> None:
     assert d.snapshot.features == {"remote_control": True, "online_search": False}
     assert d.snapshot.applied_at == NOW and d.snapshot.policy_version == POLICY.version
     assert d.state.revision == 3
-    assert d.state.enabled == frozenset({"remote_control"})
+    assert d.state.enabled == {"remote_control"} | POLICY.default_on
     assert d.state.location is LocationMode.APPROXIMATE
     assert not d.state.privacy_mode
 
@@ -1055,7 +1063,7 @@ def test_unknown_feature_ids_are_ignored() -> None:
         )
     )
     assert isinstance(d, ApplySettings)
-    assert d.state.enabled == frozenset({"remote_control", "third_party.music"})
+    assert d.state.enabled == {"remote_control", "third_party.music"} | POLICY.default_on
     # Neither enforced nor stored (an unbounded map a car controls); counted.
     assert "telepathy" not in d.snapshot.features and d.ignored_features == 1
     assert d.snapshot.features["ecall"] is False  # a policy feature, kept as sent
@@ -1073,7 +1081,7 @@ def test_per_app_consents_per_snapshot_are_capped_and_only_on_ones_kept() -> Non
         f"third_party.app{i:03d}" for i in range(64)
     ]
     assert d.ignored_features == 1001 + 1 - len(kept)
-    assert len(d.state.enabled) == 64
+    assert len(d.state.enabled - POLICY.default_on) == 64
 
 
 def test_settings_keep_an_open_window() -> None:

@@ -84,8 +84,12 @@ def test_default_policy_loads() -> None:
     assert not any(c.opens_window for n, c in policy.commands.items() if n != "find_my_car")
     assert policy.legal_obligation_features == {"ecall"}
     assert policy.per_app_features == {"third_party"}
-    # Privacy by default: nothing is on for a snapshot that does not mention it.
-    assert policy.default_on == frozenset()
+    # Privacy by default: nothing that sends the car's data is on for a snapshot
+    # that does not mention it; only the message centre (backend -> car, the
+    # service and, under legitimate interest with an objection, its adverts).
+    assert policy.default_on == {"message_centre", "service_adverts"}
+    assert not any(policy.route(s.key) and s.feature in policy.default_on for s in policy.streams)
+    assert {m.feature for m in policy.messages.values()} == policy.default_on
 
 
 def test_default_policy_compiled_fields() -> None:
@@ -464,14 +468,14 @@ def test_non_consent_default_on_feature(tmp_path: Path) -> None:
     doc = default_doc()
     doc["features"]["remote_control"]["default"] = True
     policy = load_policy(write(tmp_path, doc))
-    assert policy.default_on == {"remote_control"}
+    assert policy.default_on == {"remote_control", "message_centre", "service_adverts"}
     snapshot = SettingsSnapshot(VIN, 1, False, LocationMode.OFF, {}, 0.0, "t")
-    assert state_from_snapshot(policy, snapshot).enabled == {"remote_control"}
+    assert state_from_snapshot(policy, snapshot).enabled == policy.default_on
     # An explicit "off" in the snapshot wins over the default.
     snapshot = SettingsSnapshot(
         VIN, 1, False, LocationMode.OFF, {"remote_control": False}, 0.0, "t"
     )
-    assert state_from_snapshot(policy, snapshot).enabled == frozenset()
+    assert state_from_snapshot(policy, snapshot).enabled == {"message_centre", "service_adverts"}
     assert isinstance(_status_decision(policy, LocationMode.OFF), Forward)
 
 

@@ -143,6 +143,29 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/v1/vehicles/{vin}", ("dpo",), "Erase the vehicle's data (Art. 17)", "erase"),
     Route(
         "POST",
+        "/v1/vehicles/{vin}/objections/{feature}",
+        ("dpo",),
+        "Art. 21 objection: a legitimate-interest feature stops for this car, whatever its"
+        " toggle says (durable, audited)",
+        "object",
+        errors=(
+            (404, "no such feature"),
+            (409, "the feature's legal basis is not legitimate interest"),
+        ),
+    ),
+    Route(
+        "DELETE",
+        "/v1/vehicles/{vin}/objections/{feature}",
+        ("dpo",),
+        "Withdraw an objection",
+        "withdraw_objection",
+        errors=(
+            (404, "no such feature"),
+            (409, "the feature's legal basis is not legitimate interest"),
+        ),
+    ),
+    Route(
+        "POST",
         "/v1/vehicles/{vin}/ownership-change",
         ("dpo",),
         "The car has a new owner: the previous owner's data leaves the gateway, consent is"
@@ -620,6 +643,32 @@ class ControlPlane:
         caller: TokenConfig = request[CALLER_KEY]
         changed = await self.service.set_restriction(vin, on, caller.name)
         return web.json_response({"vin": vin, "restricted": on, "changed": changed})
+
+    async def object(self, request: web.Request) -> web.Response:
+        return await self._objection(request, True)
+
+    async def withdraw_objection(self, request: web.Request) -> web.Response:
+        return await self._objection(request, False)
+
+    async def _objection(self, request: web.Request, objected: bool) -> web.Response:
+        vin = self._vin(request)
+        if vin is None:
+            return _error(400, "not a valid VIN")
+        name = request.match_info["feature"]
+        feature = self.service.ctx.policy.document.features.get(name)
+        if feature is None:
+            return _error(404, f"no feature {name!r} in the policy")
+        if feature.legal_basis != "legitimate_interest":
+            return _error(
+                409,
+                f"{name!r} rests on {feature.legal_basis}, not legitimate interest: an"
+                " objection (Art. 21) does not apply (consent is withdrawn with the car's toggle)",
+            )
+        caller: TokenConfig = request[CALLER_KEY]
+        changed = await self.service.set_objection(vin, name, objected, caller.name)
+        return web.json_response(
+            {"vin": vin, "feature": name, "objected": objected, "changed": changed}
+        )
 
     async def ownership_change(self, request: web.Request) -> web.Response:
         vin = self._vin(request)

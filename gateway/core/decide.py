@@ -46,7 +46,7 @@ from gateway.core.transforms import (
     truncate_ip,
     valid_position,
 )
-from gateway.policy import CompiledPolicy, CompiledStream
+from gateway.policy import CompiledCommand, CompiledPolicy, CompiledStream
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2, streams_pb2
 
 SETTINGS_TOPIC = "avn/privacy"
@@ -74,6 +74,7 @@ class DropReason(StrEnum):
     PRIVACY_MODE = "privacy_mode"
     RESTRICTED = "restricted"
     FEATURE_DISABLED = "feature_disabled"
+    OBJECTED = "objected"  # Art. 21: the feature was objected to for this car
     LOCATION_OFF = "location_off"
     NO_WINDOW = "no_find_my_car_window"
     UNANSWERED_LOCATION = findmycar.FixRefusal.UNANSWERED.value
@@ -353,6 +354,8 @@ def _refused(
         return Drop(
             DropReason.FEATURE_DISABLED, stream.key, vin=vin, detail=f"{feature} {when}".strip()
         )
+    if state.objected and feature in state.objected:
+        return Drop(DropReason.OBJECTED, stream.key, vin=vin, detail=feature)
     return None
 
 
@@ -768,13 +771,43 @@ def applied_message(
 # Backend -> vehicle commands
 
 
-def split_command_topic(prefix: str, topic: str) -> tuple[str, str] | None:
-    """'tsp/{vin}/cmd/{command}' -> ('{vin}', '{command}')."""
+def split_command_topic(prefix: str, topic: str, kind: str = "cmd") -> tuple[str, str] | None:
+    """'tsp/{vin}/cmd/{command}' -> ('{vin}', '{command}'); with `kind` "msg",
+    a message-centre topic 'tsp/{vin}/msg/{category}'."""
     parts = topic.split("/")
     head = prefix.split("/")
-    if len(parts) != len(head) + 3 or parts[: len(head)] != head or parts[len(head) + 1] != "cmd":
+    if len(parts) != len(head) + 3 or parts[: len(head)] != head or parts[len(head) + 1] != kind:
         return None
     return parts[len(head)], parts[len(head) + 2]
+
+
+def decide_message(
+    ctx: DecisionContext,
+    topic: str,
+    payload: bytes,
+    states: Mapping[str, VehicleState],
+    now: float,
+) -> CommandDecision | None:
+    """A message-centre message (backend -> car): forwarded to
+    'vehicle/{vin}/avn/msg/{category}' when the car is known and its feature
+    is on (an objection turns it off); every message gets a result. None when
+    the topic is not a message-centre topic."""
+    parts = split_command_topic(ctx.backend_prefix, topic, "msg")
+    if parts is None:
+        return None
+    vin, category = parts
+    return _decide_request(
+        ctx,
+        vin,
+        category,
+        payload,
+        ctx.policy.messages.get(category),
+        states,
+        now,
+        f"{ctx.backend_prefix}/{vin}/msg/{category}/result",
+        f"{ctx.vehicle_prefix}/{vin}/avn/msg/{category}",
+        "unknown_category",
+    )
 
 
 def decide_command(
@@ -789,7 +822,33 @@ def decide_command(
     if parts is None:
         return None
     vin, name = parts
-    result_topic = f"{ctx.backend_prefix}/{vin}/cmd/{name}/result"
+    return _decide_request(
+        ctx,
+        vin,
+        name,
+        payload,
+        ctx.policy.commands.get(name),
+        states,
+        now,
+        f"{ctx.backend_prefix}/{vin}/cmd/{name}/result",
+        f"{ctx.vehicle_prefix}/{vin}/cmd/{name}",
+        "unknown_command",
+    )
+
+
+def _decide_request(
+    ctx: DecisionContext,
+    vin: str,
+    name: str,
+    payload: bytes,
+    rule: CompiledCommand | None,
+    states: Mapping[str, VehicleState],
+    now: float,
+    result_topic: str,
+    forward_topic: str,
+    unknown: str,
+) -> CommandDecision:
+    """A backend -> car request (a command or a message-centre message)."""
     command = command_pb2.Command()
     try:
         command.ParseFromString(payload)
@@ -804,9 +863,8 @@ def decide_command(
         return refuse("invalid_vin")
     if command.command and command.command != name:
         return refuse("command_mismatch")
-    rule = ctx.policy.commands.get(name)
     if rule is None:
-        return refuse("unknown_command")
+        return refuse(unknown)
     state = states.get(vin)
     if state is None:
         return refuse("unknown_vehicle")
@@ -814,6 +872,8 @@ def decide_command(
         return refuse("restricted")
     if state.privacy_mode:
         return refuse("privacy_mode")
+    if rule.feature in state.objected:
+        return refuse(f"objected:{rule.feature}")
     if rule.feature not in state.enabled:
         return refuse(f"feature_disabled:{rule.feature}")
     new_state = None
@@ -839,7 +899,7 @@ def decide_command(
         reason="forwarded",
         result_topic=result_topic,
         result_payload=result.SerializeToString(),
-        forward_topic=f"{ctx.vehicle_prefix}/{vin}/cmd/{name}",
+        forward_topic=forward_topic,
         forward_payload=command.SerializeToString(),
         state=new_state,
     )

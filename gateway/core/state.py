@@ -126,6 +126,9 @@ class VehicleState:
     # shared with other cars) for the cars that did not send one.
     # `window_until` is then the end of the latest of their windows.
     find_my_car: tuple[FindMyCarCommand, ...] = ()
+    # Features objected to (Art. 21, legitimate-interest features): off
+    # whatever the car's toggles say; kept across settings changes.
+    objected: frozenset[str] = frozenset()
 
     def window_open(self, now: float) -> bool:
         return now < self.window_until

@@ -224,6 +224,16 @@ class ConsentStore(Protocol):
 
     def purge_access_log(self, older_than: float) -> int: ...
 
+    def set_objection(
+        self, subject: str, feature: str, objected: bool, record: AuditRecord
+    ) -> bool:
+        """Object to a feature for a car, or withdraw it (Art. 21; audited).
+        Kept across settings changes and erasure; an ownership change drops
+        them (they were the previous owner's). Returns whether it changed."""
+
+    def objections(self) -> dict[str, frozenset[str]]:
+        """Objected features by subject."""
+
     def open_incident(
         self, opened_at: float, until: float, reason: str, record: AuditRecord
     ) -> int:

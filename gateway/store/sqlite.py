@@ -42,10 +42,11 @@ from gateway.store.base import (
 # 13). 7: vehicle_identity and pending_erasure_events (identity privacy). 8:
 # cars named by subject, never the VIN (needs the key: `attach_key`). 9:
 # incident_holds (protocol data kept during a security incident). 10:
-# vehicle_identity.ownership (a new owner, a new grid offset). New
+# vehicle_identity.ownership (a new owner, a new grid offset). 11: objections
+# (Art. 21, per car and legitimate-interest feature). New
 # tables are created by the schema script on every open; their versions only
 # record the step.
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
 # version N, run in one transaction with recording N. A new table needs no
@@ -88,6 +89,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     8: (),
     9: (),  # incident_holds: a new table
     10: ("ALTER TABLE vehicle_identity ADD COLUMN ownership INTEGER NOT NULL DEFAULT 0",),
+    11: (),  # objections: a new table
 }
 KEYED_STEP = 8
 # settings_history rows that record a restriction being set or lifted (Art. 18)
@@ -167,6 +169,13 @@ CREATE TABLE IF NOT EXISTS access_log (
     status INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS access_log_at ON access_log (at);
+CREATE TABLE IF NOT EXISTS objections (
+    subject TEXT NOT NULL,
+    feature TEXT NOT NULL,
+    since   REAL NOT NULL,
+    actor   TEXT NOT NULL,
+    PRIMARY KEY (subject, feature)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS incident_holds (
     id        INTEGER PRIMARY KEY,
     opened_at REAL NOT NULL,
@@ -729,6 +738,10 @@ class SqliteConsentStore:
                 "DELETE FROM parked WHERE subject=?", (subject,)
             ).rowcount
             removed["audit_entries_scrubbed"] = audit.scrub_subject(db, subject) if scrub else 0
+            if not scrub:  # an ownership change: the objections were the previous owner's
+                removed["objections"] = db.execute(
+                    "DELETE FROM objections WHERE subject=?", (subject,)
+                ).rowcount
             audit.append(db, record, self._ledger_key)
             return removed
 
@@ -1097,6 +1110,31 @@ class SqliteConsentStore:
     def purge_access_log(self, older_than: float) -> int:
         with self._lock:
             return self._db.execute("DELETE FROM access_log WHERE at < ?", (older_than,)).rowcount
+
+    def set_objection(
+        self, subject: str, feature: str, objected: bool, record: AuditRecord
+    ) -> bool:
+        def tx(db: sqlite3.Connection) -> bool:
+            if objected:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO objections VALUES (?,?,?,?)",
+                    (subject, feature, record.at, record.actor),
+                )
+            else:
+                cur = db.execute(
+                    "DELETE FROM objections WHERE subject=? AND feature=?", (subject, feature)
+                )
+            if cur.rowcount:
+                audit.append(db, record, self._ledger_key)
+            return cur.rowcount > 0
+
+        return self._write(tx)
+
+    def objections(self) -> dict[str, frozenset[str]]:
+        found: dict[str, set[str]] = {}
+        for subject, feature in self._read("SELECT subject, feature FROM objections"):
+            found.setdefault(str(subject), set()).add(str(feature))
+        return {k: frozenset(v) for k, v in found.items()}
 
     def open_incident(
         self, opened_at: float, until: float, reason: str, record: AuditRecord
