@@ -15,7 +15,7 @@ from gateway import __version__
 PROJECT_NAME = "vehicle-privacy-gateway"
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGED_DEFAULTS = PACKAGE_DIR / "defaults"
-DEFAULT_FILES = ("gateway.toml", "policy.yaml")
+DEFAULT_FILES = ("gateway.toml", "policy.yaml", "notice-map.yaml")
 
 
 def is_project_root(directory: Path) -> bool:

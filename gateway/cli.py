@@ -289,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("policy", type=Path)
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
+    check.add_argument(
+        "--notice-map",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="FILE",
+        help="print which policy entries enforce each section of the privacy notice"
+        " (default map: the one shipped with the gateway); exit 1 when a section names"
+        " entries that do not exist",
+    )
 
     explain = command(
         sub,
@@ -844,6 +854,8 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.notice_map is not None:
+        return _print_notice_map(policy, args.notice_map)
     rows = summary_rows(policy)
     if args.json:
         print(
@@ -856,6 +868,38 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
 
     print_policy_summary(Console(), policy, rows)  # as wide as the terminal ($COLUMNS)
     return 0
+
+
+def _print_notice_map(policy: CompiledPolicy, path: bool | Path) -> int:
+    import yaml
+    from rich.console import Console
+    from rich.table import Table
+
+    from gateway.control.api import ROUTES
+    from gateway.notice import DEFAULT_NOTICE_MAP, check, load_notice_map
+
+    source = DEFAULT_NOTICE_MAP if path is True else Path(str(path))
+    try:
+        sections = load_notice_map(source)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
+        print(f"error: notice map {source}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    table = Table(title=f"the notice, section by section, against policy {policy.version}")
+    for column in ("section", "lines", "what the notice says", "enforced by", "where it differs"):
+        table.add_column(column)
+    for section in sections:
+        table.add_row(
+            section.id,
+            section.lines,
+            section.title,
+            "\n".join(section.policy) or f"(outside the gateway: {section.outside})",
+            section.differs,
+        )
+    Console().print(table)
+    problems = check(sections, policy, {route.path for route in ROUTES})
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 WIDE_TABLE = 150  # columns from which streams and decisions fit in one table
