@@ -1773,9 +1773,30 @@ class GatewayService:
                 self.metrics.dead_letters_stored.set(
                     await self._persist_once(self.store.dead_letter_count)
                 )
+                await self.purge_retention()
             except Exception as exc:
-                log.error("dead-letter retention purge failed: %s", exc)
+                log.error("retention purge failed: %s", exc)
             await asyncio.sleep(interval)
+
+    async def purge_retention(self) -> dict[str, int]:
+        """What the gateway itself holds, bounded by the policy's retention: a
+        stream's egress counts as long as the backend may keep its data; the
+        settings history and the audit content of cars as long as the longest
+        of them (data captured under those settings may still be held)."""
+        now = self._clock()
+        streams = self.ctx.policy.document.streams
+        longest = max((s.retention_days for s in streams.values()), default=0)
+        day = 86_400.0
+        counts_before = {
+            key: time.strftime("%Y-%m-%d", time.gmtime(now - s.retention_days * day))
+            for key, s in streams.items()
+        }
+        removed: dict[str, int] = await self._persist_once(
+            self.store.purge_retention, counts_before, now - longest * day, now - longest * day
+        )
+        if any(removed.values()):
+            log.info("purged what is past retention: %s", removed)
+        return removed
 
     def _count_key(self, decision: Forward) -> tuple[str, str, str, str, str]:
         day = self.accounting.day(self._clock())

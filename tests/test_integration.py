@@ -669,3 +669,24 @@ async def test_policy_switch_keeps_anchors_not_yet_committed(
     service.anchors[VIN] = newer
     service.load_state()
     assert service.anchors[VIN] == newer
+
+
+async def test_counts_are_kept_as_long_as_their_streams_retention(
+    gateways: GatewayHarness,
+) -> None:
+    """Issue 14, item 7: the gateway's own records follow the policy's
+    retention per stream (7 days for connectivity, 365 for trips)."""
+    from gateway.store import EgressCount
+
+    service = await gateways.start()
+    subject = service.audit_subject(VIN)
+    ten_days_ago = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 10 * 86400))
+    service.store.add_egress_counts(
+        [
+            EgressCount(subject, ten_days_ago, "tbox/connectivity", "remote_control", "p", 3),
+            EgressCount(subject, ten_days_ago, "tbox/trip", "energy_consumption", "p", 4),
+        ]
+    )
+    removed = await service.purge_retention()
+    assert removed["egress_counts"] == 1
+    assert [c.stream for c in service.store.egress_counts(subject)] == ["tbox/trip"]

@@ -31,6 +31,7 @@ def snap(
     features: dict[str, bool] | None = None,
     location: LocationMode = LocationMode.APPROXIMATE,
     privacy_mode: bool = False,
+    applied_at: float | None = None,
 ) -> SettingsSnapshot:
     return SettingsSnapshot(
         vin=vin,
@@ -38,7 +39,7 @@ def snap(
         privacy_mode=privacy_mode,
         location=location,
         features={"remote_control": True, "online_search": False} if features is None else features,
-        applied_at=1_800_000_000.5 + revision,
+        applied_at=1_800_000_000.5 + revision if applied_at is None else applied_at,
         policy_version="2026.11.2",
         source="vehicle",
     )
@@ -449,3 +450,43 @@ def test_parked_messages_are_bounded_oldest_first_and_erased_with_the_car(
     removed = store.erase_vehicle(VIN, "a", AuditRecord("dpo", "erasure", "a", {}, 5.0))
     assert removed["parked"] == 1
     assert store.parked_stats() == (2, 200, {"b", "c"})
+
+
+def test_what_the_gateway_holds_is_bounded_by_the_declared_retention(
+    store: SqliteConsentStore,
+) -> None:
+    """Issue 14, item 7: counts per stream past that stream's retention, settings
+    history past the longest retention (each car keeps its newest row) and audit
+    content past it (the chain stays verifiable) leave the store."""
+    from gateway.store import EgressCount
+
+    day = 86_400.0
+    car = "0123456789abcdef" * 2  # a subject
+    store.apply_settings(
+        snap(1, applied_at=10 * day), AuditRecord("v", "a", car, {"r": 1}, 10 * day)
+    )
+    store.append_audit(AuditRecord("ops", "policy_pushed", "2026.11.2", {"d": 1}, 11 * day))
+    store.apply_settings(
+        snap(2, applied_at=500 * day), AuditRecord("v", "a", car, {"r": 2}, 500 * day)
+    )
+    store.add_egress_counts(
+        [
+            EgressCount(VIN, "1970-01-02", "tbox/status", "remote_control", "p", 5),
+            EgressCount(VIN, "1971-05-01", "tbox/status", "remote_control", "p", 6),
+            EgressCount(VIN, "1970-01-02", "tbox/trip", "energy_consumption", "p", 7),
+        ]
+    )
+    removed = store.purge_retention(
+        counts_before={"tbox/status": "1971-01-01", "tbox/trip": "1969-01-01"},
+        history_before=400 * day,
+        audit_content_before=400 * day,
+    )
+    assert removed == {"egress_counts": 1, "settings_history": 1, "audit_content": 1}
+    assert sorted(c.count for c in store.egress_counts(VIN)) == [6, 7]
+    assert [h.revision for h in store.history(VIN)] == [2]
+    contents = [e["content"] for e in store.audit_entries()]
+    assert contents == [None, {"d": 1}, {"r": 2}]  # policy entries are not a car's
+    assert store.verify_audit().ok
+    # A car's newest settings row stays, however old.
+    assert store.purge_retention({}, 10_000 * day, 0.0)["settings_history"] == 0
+    assert [h.revision for h in store.history(VIN)] == [2]

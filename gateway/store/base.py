@@ -224,6 +224,18 @@ class ConsentStore(Protocol):
 
     def purge_access_log(self, older_than: float) -> int: ...
 
+    def purge_retention(
+        self,
+        counts_before: Mapping[str, str],
+        history_before: float,
+        audit_content_before: float,
+    ) -> dict[str, int]:
+        """What the gateway holds, bounded by the declared retention: egress
+        counts of each stream before its day (YYYY-MM-DD), settings history rows
+        applied before `history_before` (each car keeps its newest), audit
+        content of vehicle entries before `audit_content_before` (the chain and
+        the content hash stay: the ledger still verifies)."""
+
     def set_objection(
         self, subject: str, feature: str, objected: bool, record: AuditRecord
     ) -> bool:

@@ -1111,6 +1111,35 @@ class SqliteConsentStore:
         with self._lock:
             return self._db.execute("DELETE FROM access_log WHERE at < ?", (older_than,)).rowcount
 
+    def purge_retention(
+        self,
+        counts_before: Mapping[str, str],
+        history_before: float,
+        audit_content_before: float,
+    ) -> dict[str, int]:
+        def tx(db: sqlite3.Connection) -> dict[str, int]:
+            counts = sum(
+                db.execute(
+                    "DELETE FROM egress_counts WHERE stream=? AND day<?", (stream, day)
+                ).rowcount
+                for stream, day in counts_before.items()
+            )
+            # Each car keeps its newest row: what is allowed now.
+            history = db.execute(
+                "DELETE FROM settings_history WHERE applied_at<? AND id NOT IN"
+                " (SELECT MAX(id) FROM settings_history GROUP BY vin)",
+                (history_before,),
+            ).rowcount
+            content = db.execute(
+                # Vehicle entries only (named by a subject; policy entries name a version).
+                "UPDATE audit_log SET content=NULL WHERE at<? AND content IS NOT NULL"
+                " AND length(subject)=32 AND subject NOT GLOB '*[^0-9a-f]*'",
+                (audit_content_before,),
+            ).rowcount
+            return {"egress_counts": counts, "settings_history": history, "audit_content": content}
+
+        return self._write(tx)
+
     def set_objection(
         self, subject: str, feature: str, objected: bool, record: AuditRecord
     ) -> bool:
