@@ -365,6 +365,27 @@ def test_schema_7_store_is_rekeyed_and_keeps_no_vin(tmp_path: Path) -> None:
         again.close()
 
 
+def test_a_crash_before_the_rewrite_is_finished_at_the_next_open(tmp_path: Path) -> None:
+    """Re-keyed and committed, then killed before VACUUM: freed pages may
+    still hold VINs, so the next open rewrites the file."""
+    path = tmp_path / SqliteConsentStore.FILENAME
+    path.write_bytes((Path(__file__).parent / "data" / "consent-schema7.sqlite3").read_bytes())
+    store = SqliteConsentStore(path)
+    store._ledger_key = b"k" * 32
+    store._rekey(functools.partial(subject, KEY))  # the crash comes right after
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert store.meta("vacuum_pending") == "1"  # recorded with the re-keying
+    store.close()
+    reopened = SqliteConsentStore(path)
+    try:
+        assert reopened.attach_key(KEY, functools.partial(subject, KEY)) == 0
+        assert reopened.meta("schema_version") == str(SCHEMA_VERSION)
+        assert reopened.meta("vacuum_pending") is None  # the file was rewritten
+    finally:
+        reopened.close()
+    assert _vin_bytes_in(path) == []
+
+
 def test_redacted_ledger_entries_still_show_tampering(tmp_path: Path) -> None:
     path = tmp_path / SqliteConsentStore.FILENAME
     path.write_bytes((Path(__file__).parent / "data" / "consent-schema7.sqlite3").read_bytes())

@@ -353,15 +353,20 @@ class SqliteConsentStore:
         then the file is rewritten (VACUUM, WAL truncated) so no old page
         holds a VIN. Returns how many rows changed."""
         self._ledger_key = audit.ledger_key(key)
-        if not self._keyed_step_pending:
-            return 0
+        changed = 0
         with self._lock:
-            changed = self._rekey(subject_of)
-            self._keyed_step_pending = False
-            self._migrate()  # any later steps
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._db.execute("VACUUM")
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if self._keyed_step_pending:
+                changed = self._rekey(subject_of)  # records `vacuum_pending` with it
+                self._keyed_step_pending = False
+                self._migrate()  # any later steps
+            pending = self._db.execute("SELECT 1 FROM meta WHERE key='vacuum_pending'")
+            if pending.fetchone() is not None:
+                # Rewrite the file: freed pages still hold the VINs the rows had
+                # (also after a crash between the re-keying and this).
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._db.execute("VACUUM")
+                self._db.execute("DELETE FROM meta WHERE key='vacuum_pending'")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return changed
 
     def _rekey(self, subject_of: Callable[[str], str]) -> int:
@@ -384,6 +389,7 @@ class SqliteConsentStore:
                     db.execute("UPDATE access_log SET path=? WHERE rowid=?", (redacted, rowid))
                     changed += 1
             db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(KEYED_STEP),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('vacuum_pending', '1')")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
