@@ -1081,6 +1081,9 @@ _WHY = {
     "privacy_mode": "privacy mode is on: only legal-obligation streams pass",
     "feature_disabled": "the driver switched this stream's feature off",
     "objected": "the data subject objected to this feature (Art. 21), whatever the toggle",
+    "consent_outdated": (
+        "the policy widened this stream since the car's consent was given: the car is asked again"
+    ),
     "location_off": "location is off and this stream's purpose is location",
     "no_find_my_car_window": "tbox/location passes only inside a find-my-car window",
     "unanswered_location": (

@@ -898,3 +898,53 @@ def _describe(s: CompiledStream, mode: str) -> str:
             # Kept opaque bytes are searched for the VIN, but encryption defeats that.
             steps.append("keep " + ", ".join(opaque) + " (VIN search: best effort)")
     return "; ".join(steps) or "forward"
+
+
+# How much a field action lets through, least first (for "did a new policy
+# version widen what a consent covers").
+_ACTION_RANK = {
+    "remove": 0,
+    "enum": 1,
+    "generalize": 2,
+    "pseudonymize": 2,
+    "truncate_ip": 2,
+    "odometer": 2,
+    "place_id": 3,
+    "place_text": 3,
+    "position": 3,
+    "place": 3,
+    "destination": 3,
+    "keep": 4,
+}
+
+
+def widened_streams(current: CompiledPolicy, older: CompiledPolicy) -> frozenset[str]:
+    """Stream keys of consent-based features that `current` lets more through
+    than `older` did: a stream new under its feature, a field whose action is
+    more permissive (a finer generalize step included), pseudonymization of
+    the VIN dropped. A consent given under `older` does not cover them."""
+    widened = set()
+    for key, spec in current.document.streams.items():
+        feature = current.document.features.get(spec.feature)
+        if feature is None or feature.legal_basis != "consent":
+            continue
+        before = older.document.streams.get(key)
+        if before is None or before.feature != spec.feature:
+            widened.add(key)
+            continue
+        if before.pseudonymize_vin and not spec.pseudonymize_vin:
+            widened.add(key)
+            continue
+        for name, action in spec.fields.items():
+            old = before.fields.get(name, "remove")
+            new_rank = _ACTION_RANK.get(action_name(action), 4)
+            old_rank = _ACTION_RANK.get(action_name(old), 4)
+            finer = (
+                isinstance(action, GeneralizeAction)
+                and isinstance(old, GeneralizeAction)
+                and action.generalize < old.generalize
+            )
+            if new_rank > old_rank or finer:
+                widened.add(key)
+                break
+    return frozenset(widened)

@@ -73,7 +73,13 @@ from gateway.delivery import (
 from gateway.edges.mqtt import InboundMessage, MqttEdge, PublishRefused
 from gateway.logs import Throttle
 from gateway.metrics import GatewayMetrics
-from gateway.policy import CompiledPolicy, parse_policy, version_key
+from gateway.policy import (
+    CompiledPolicy,
+    PolicyError,
+    parse_policy,
+    version_key,
+    widened_streams,
+)
 from gateway.store import ConsentStore, ParkedMessage, StoredPolicy
 from gateway.store.sqlite import RESTRICTION_SOURCES
 
@@ -442,6 +448,8 @@ class GatewayService:
                     active.signer,
                     extra={"policy_version": active.version},
                 )
+            else:
+                self._set_policy(configured)  # what it widened since older versions
             self.policy_record = active
             return
         now = self._clock()
@@ -463,8 +471,29 @@ class GatewayService:
         self.policy_record = record
 
     def _set_policy(self, policy: CompiledPolicy) -> None:
-        self.ctx = dataclasses.replace(self.ctx, policy=policy)
+        self.ctx = dataclasses.replace(
+            self.ctx, policy=policy, consent_scopes=self._consent_scopes(policy)
+        )
         self.metrics.set_policy(policy.version, policy.digest)
+
+    def _consent_scopes(self, policy: CompiledPolicy) -> dict[str, frozenset[str]]:
+        """Per stored version: what `policy` widened relative to it (a consent
+        given under that version does not cover it)."""
+        scopes: dict[str, frozenset[str]] = {}
+        for stored in self.store.policies():
+            if stored.version == policy.version:
+                continue
+            try:
+                older = parse_policy(stored.yaml, source=f"stored policy {stored.version}")
+            except PolicyError:
+                # No longer readable: nothing it defined is known to be covered.
+                older = None
+            scopes[stored.version] = (
+                widened_streams(policy, older)
+                if older is not None
+                else frozenset(s.key for s in policy.streams if s.legal_basis == "consent")
+            )
+        return scopes
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

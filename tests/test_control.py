@@ -569,6 +569,48 @@ async def test_objection_stops_a_legitimate_interest_feature_and_survives_change
     assert "objection_made" in actions and "objection_withdrawn" in actions
 
 
+async def test_a_widened_policy_needs_the_consent_again(control: Control, clients: Clients) -> None:
+    """Issue 14, item 2: a consent given under 2026.11.2 covers online search
+    as that version defined it (the typed text cleared unless precise). A push
+    that keeps the text widens it: the car's searches drop as
+    `consent_outdated`, the car is asked again, and once it confirms the new
+    version they pass. Narrowing takes effect at once."""
+    car = clients.car
+    features = {"online_search": True}
+    await car.settings(1, features=features, location=common_pb2.LOCATION_APPROXIMATE)
+
+    async def search(text: str) -> int:
+        msg = streams_pb2.SearchQuery(text=text, category="charger")
+        await car.send("avn/search", car.header(msg))
+        await car.barrier()
+        return len(clients.backend.on("/avn/search"))
+
+    assert await search("near me") == 1
+    wider = policy_text("2027.1.1").replace("      text: place_text\n", "      text: keep\n")
+    assert (await control.push(wider)).status == 200
+    assert await search("near me") == 1  # not covered by the consent given
+    dropped = control.service.metrics.value(
+        "gateway_messages_dropped_total", stream="avn/search", reason="consent_outdated"
+    )
+    assert dropped == 1
+    # New settings that do not say which screen was shown: judged by the
+    # version in force when applied (2027.1.1): the driver answered that one.
+    msg = privacy_pb2.PrivacySettings(revision=2, location=common_pb2.LOCATION_APPROXIMATE)
+    msg.header.vin = VIN
+    msg.features["online_search"] = True
+    msg.policy_version = "2026.11.2"  # the car still shows the old screen
+    await car.send("avn/privacy", msg)
+    applied = await asyncio.wait_for(car.applied.get(), 10)
+    while applied.revision != 2:
+        applied = await asyncio.wait_for(car.applied.get(), 10)
+    assert applied.reprompt and applied.policy_version == "2027.1.1"
+    assert await search("near me") == 1
+    await car.settings(3, features=features, location=common_pb2.LOCATION_APPROXIMATE)
+    assert await search("near me") == 2  # confirmed under 2027.1.1
+    got = streams_pb2.SearchQuery.FromString(clients.backend.on("/avn/search")[-1].payload)  # type: ignore[arg-type]
+    assert got.text == "near me"
+
+
 async def test_ownership_change_gives_the_new_owner_a_clean_car(
     control: Control, clients: Clients
 ) -> None:

@@ -347,6 +347,44 @@ def test_an_objected_feature_is_dropped_whatever_the_toggle_says() -> None:
     assert isinstance(run("tbox/status", state()), Forward)
 
 
+def test_a_consent_given_under_a_version_covers_only_what_it_defined() -> None:
+    ctx = DecisionContext(POLICY, KEY, consent_scopes={"2026.1.1": frozenset({"avn/nav"})})
+    old = dataclasses.replace(state(), consent_version="2026.1.1")
+    payload = sample("avn/nav").SerializeToString()
+    dropped = decide(ctx, f"vehicle/{VIN}/avn/nav", payload, {VIN: old}, {}, NOW)
+    assert isinstance(dropped, Drop) and dropped.reason is DropReason.CONSENT_OUTDATED
+    current = dataclasses.replace(state(), consent_version=POLICY.version)
+    assert isinstance(
+        decide(ctx, f"vehicle/{VIN}/avn/nav", payload, {VIN: current}, {}, NOW), Forward
+    )
+    # Contract streams are not consents; a version never stored is not judged.
+    status = sample("tbox/status").SerializeToString()
+    assert isinstance(
+        decide(ctx, f"vehicle/{VIN}/tbox/status", status, {VIN: old}, {}, NOW), Forward
+    )
+    unknown = dataclasses.replace(state(), consent_version="1999.1.1")
+    assert isinstance(
+        decide(ctx, f"vehicle/{VIN}/avn/nav", payload, {VIN: unknown}, {}, NOW), Forward
+    )
+
+
+def test_settings_record_the_version_the_car_showed_when_it_is_known() -> None:
+    ctx = DecisionContext(POLICY, KEY, consent_scopes={"2026.1.1": frozenset({"avn/nav"})})
+    for stated, recorded, reprompt in (
+        ("2026.1.1", "2026.1.1", True),
+        ("", POLICY.version, False),
+        ("1999.1.1", POLICY.version, False),
+        (POLICY.version, POLICY.version, False),
+    ):
+        msg = privacy_pb2.PrivacySettings(revision=5, location=common_pb2.LOCATION_PRECISE)
+        msg.header.vin = VIN
+        msg.policy_version = stated
+        d = decide(ctx, f"vehicle/{VIN}/avn/privacy", msg.SerializeToString(), {}, {}, NOW)
+        assert isinstance(d, ApplySettings), stated
+        assert d.snapshot.policy_version == recorded == d.state.consent_version
+        assert privacy_pb2.PrivacyApplied.FromString(d.applied_payload).reprompt is reprompt
+
+
 def test_geo_cases_cover_every_geopoint_field() -> None:
     assert {name for _, name in GEO_CASES} >= {
         "position",

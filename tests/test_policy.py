@@ -34,6 +34,7 @@ from gateway.policy import (
     parse_policy,
     summary_rows,
     unclassified_fields,
+    widened_streams,
 )
 from telematics.v1 import common_pb2, streams_pb2
 
@@ -112,7 +113,7 @@ def test_default_policy_compiled_fields() -> None:
         ("destination", "destination"),
     ]
     assert policy.exact_routes["avn/search"].place_text_fields == ("text",)
-    (name, allowed), = policy.exact_routes["tbox/alarm"].enum_fields
+    ((name, allowed),) = policy.exact_routes["tbox/alarm"].enum_fields
     assert name == "detail" and "engine started" in allowed
     ecall = policy.exact_routes["tbox/ecall"]
     assert ecall.legal_obligation and ecall.geo_fields == ()
@@ -548,15 +549,31 @@ def _nested_descriptor() -> Descriptor:
     inner = f.message_type.add(name="Inner")
     inner.field.add(name="city", number=1, type=t.TYPE_STRING, label=t.LABEL_OPTIONAL)
     inner.field.add(name="code", number=2, type=t.TYPE_INT32, label=t.LABEL_OPTIONAL)
-    inner.field.add(name="deeper", number=3, type=t.TYPE_MESSAGE, label=t.LABEL_REPEATED,
-                    type_name=".test.Deeper")
+    inner.field.add(
+        name="deeper",
+        number=3,
+        type=t.TYPE_MESSAGE,
+        label=t.LABEL_REPEATED,
+        type_name=".test.Deeper",
+    )
     outer = f.message_type.add(name="Outer")
-    outer.field.add(name="header", number=1, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL,
-                    type_name=".telematics.v1.Header")
-    outer.field.add(name="where", number=2, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL,
-                    type_name=".telematics.v1.GeoPoint")
-    outer.field.add(name="inner", number=3, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL,
-                    type_name=".test.Inner")
+    outer.field.add(
+        name="header",
+        number=1,
+        type=t.TYPE_MESSAGE,
+        label=t.LABEL_OPTIONAL,
+        type_name=".telematics.v1.Header",
+    )
+    outer.field.add(
+        name="where",
+        number=2,
+        type=t.TYPE_MESSAGE,
+        label=t.LABEL_OPTIONAL,
+        type_name=".telematics.v1.GeoPoint",
+    )
+    outer.field.add(
+        name="inner", number=3, type=t.TYPE_MESSAGE, label=t.LABEL_OPTIONAL, type_name=".test.Inner"
+    )
     outer.field.add(name="note", number=4, type=t.TYPE_STRING, label=t.LABEL_OPTIONAL)
     pool.Add(f)
     return pool.FindMessageTypeByName("test.Outer")
@@ -581,17 +598,32 @@ def test_nested_unclassified_field_is_refused() -> None:
     )
     assert list(problems) == ["fields.inner.code"]
     # Every nested field listed: accepted.
-    assert _problems(
-        {"where": "position", "note": "keep", "inner.city": "keep", "inner.code": "keep",
-         "inner.deeper.street": "keep"}
-    ) == {}
+    assert (
+        _problems(
+            {
+                "where": "position",
+                "note": "keep",
+                "inner.city": "keep",
+                "inner.code": "keep",
+                "inner.deeper.street": "keep",
+            }
+        )
+        == {}
+    )
 
 
 def test_sub_message_is_removed_whole_or_classified_field_by_field() -> None:
     problems = _problems({"where": "position", "note": "keep", "inner": "keep"})
     assert "removed as a whole" in problems["fields.inner"]
-    problems = _problems({"where": "position", "note": "keep", "inner.city": "place_text",
-                          "inner.code": "keep", "inner.deeper": "remove"})
+    problems = _problems(
+        {
+            "where": "position",
+            "note": "keep",
+            "inner.city": "place_text",
+            "inner.code": "keep",
+            "inner.deeper": "remove",
+        }
+    )
     assert "take 'keep'" in problems["fields.inner.city"]
 
 
@@ -624,3 +656,20 @@ def test_side_field_actions_checked(field: str, action: Any, problem: str) -> No
     with pytest.raises(PolicyError) as info:
         parse_policy(yaml.safe_dump(doc), source="test")
     assert any(problem in msg for _, msg in info.value.problems), info.value.problems
+
+
+def test_widened_streams_are_what_a_consent_given_under_an_older_version_misses(
+    tmp_path: Path,
+) -> None:
+    older = load_policy(DEFAULT)
+    doc = default_doc()
+    doc["streams"]["avn/search"]["fields"]["text"] = "keep"  # place_text -> keep: wider
+    doc["streams"]["avn/nav"]["fields"]["route_id"] = "remove"  # narrower: covered
+    doc["streams"]["tbox/status"]["fields"]["fuel_level_pct"] = "keep"  # contract: not judged
+    wider = parse_policy(yaml.safe_dump(doc), source="test")
+    assert widened_streams(wider, older) == {"avn/search"}
+    # Back to the older version: search narrows again, the route id it hid widens.
+    assert widened_streams(older, wider) == {"avn/nav"}
+    del doc["streams"]["avn/voice"]
+    without_voice = parse_policy(yaml.safe_dump(doc), source="test")
+    assert "avn/voice" in widened_streams(older, without_voice)  # new under its feature

@@ -74,6 +74,7 @@ class DropReason(StrEnum):
     PRIVACY_MODE = "privacy_mode"
     RESTRICTED = "restricted"
     FEATURE_DISABLED = "feature_disabled"
+    CONSENT_OUTDATED = "consent_outdated"  # widened since the consent: ask again
     OBJECTED = "objected"  # Art. 21: the feature was objected to for this car
     LOCATION_OFF = "location_off"
     NO_WINDOW = "no_find_my_car_window"
@@ -111,6 +112,16 @@ class DecisionContext:
     # store and the grid offset of a car (two offsets of one parked car could be
     # intersected). None: `key` (a gateway whose key was never rotated).
     internal_key: bytes | None = None
+    # Per stored policy version V: the consent-based streams the active policy
+    # widened relative to V (a consent given under V does not cover them).
+    consent_scopes: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+
+    def consent_outdated(self, version: str, stream: str) -> bool:
+        """Whether a consent given under `version` does not cover `stream` as
+        the active policy defines it. A version never stored is not judged."""
+        if not version or version == self.policy.version:
+            return False
+        return stream in self.consent_scopes.get(version, frozenset())
 
     @property
     def stable_key(self) -> bytes:
@@ -267,6 +278,8 @@ def decide(
     refused = _refused(state, stream, feature, vin, "")
     if refused is not None:
         return refused
+    if stream.legal_basis == "consent" and ctx.consent_outdated(state.consent_version, stream.key):
+        return Drop(DropReason.CONSENT_OUTDATED, stream.key, vin=vin, detail=state.consent_version)
     mode = state.location.effective
     if histories is not None:
         history = histories.get(vin)
@@ -286,9 +299,7 @@ def decide(
             # now, checked above). A record stamped before the interval began
             # may have been captured during a restriction or before an
             # erasure, which no revision outranks.
-            captured = capture_state(
-                history, stated, header.timestamp_ms, now, ctx.capture_skew_s
-            )
+            captured = capture_state(history, stated, header.timestamp_ms, now, ctx.capture_skew_s)
             if captured is None:
                 return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
             refused = _refused(captured, stream, feature, vin, "at_capture")
@@ -614,6 +625,10 @@ def _decide_settings(
             reannounce=reannounce,
         )
     features = kept_features(ctx.policy, settings.features)
+    # The version the consent was given under: the one the car says it showed
+    # when the gateway stored it (or it is the active one), else the active one.
+    stated = settings.policy_version
+    known = stated == ctx.policy.version or stated in ctx.consent_scopes
     snapshot = SettingsSnapshot(
         vin=vin,
         revision=settings.revision,
@@ -621,7 +636,7 @@ def _decide_settings(
         location=LocationMode.parse(settings.location),
         features=features,
         applied_at=now,
-        policy_version=ctx.policy.version,
+        policy_version=stated if stated and known else ctx.policy.version,
     )
     state = state_from_snapshot(ctx.policy, snapshot, current.window_until if current else 0.0)
     if (current is not None and current.restricted) or (erased is not None and erased.restricted):
@@ -629,7 +644,12 @@ def _decide_settings(
     if current is not None and current.find_my_car:
         # New settings neither reset the commands-per-hour cap nor spent fixes.
         state = with_find_my_car(state, findmycar.live_commands(current, now, ctx.policy.window_s))
-    topic, body = applied_message(ctx, vin, settings.revision)
+    # Consent given under an older version that the active one widened: the
+    # car is asked to show its privacy screen again (for the active version).
+    outdated = bool(ctx.consent_scopes.get(snapshot.policy_version)) and (
+        snapshot.policy_version != ctx.policy.version
+    )
+    topic, body = applied_message(ctx, vin, settings.revision, reprompt=outdated)
     return ApplySettings(snapshot, state, topic, body, len(settings.features) - len(features))
 
 
@@ -673,7 +693,14 @@ def state_from_snapshot(
     hold and fast to load).
     """
     enabled = _enabled_features(policy, tuple(snapshot.features.items()))
-    key = (snapshot.revision, snapshot.privacy_mode, snapshot.location, enabled, window_until)
+    key = (
+        snapshot.revision,
+        snapshot.privacy_mode,
+        snapshot.location,
+        enabled,
+        window_until,
+        snapshot.policy_version,
+    )
     state = _STATE_CACHE.get(key)
     if state is None:
         state = _STATE_CACHE.put(
@@ -684,6 +711,7 @@ def state_from_snapshot(
                 location=snapshot.location,
                 enabled=enabled,
                 window_until=window_until,
+                consent_version=snapshot.policy_version,
             ),
         )
     return state
@@ -699,9 +727,9 @@ def with_find_my_car(state: VehicleState, commands: tuple[FindMyCarCommand, ...]
     if not state.find_my_car and state.window_until == 0.0:
         return state
     bare = dataclasses.replace(state, find_my_car=(), window_until=0.0)
-    if bare.restricted:
+    if bare.restricted or bare.objected:  # per car: never shared
         return bare
-    key = (bare.revision, bare.privacy_mode, bare.location, bare.enabled, 0.0)
+    key = (bare.revision, bare.privacy_mode, bare.location, bare.enabled, 0.0, bare.consent_version)
     return _STATE_CACHE.put(key, bare)
 
 

@@ -129,6 +129,8 @@ class VehicleState:
     # Features objected to (Art. 21, legitimate-interest features): off
     # whatever the car's toggles say; kept across settings changes.
     objected: frozenset[str] = frozenset()
+    # The policy version the car's consent was given under (what it covers).
+    consent_version: str = ""
 
     def window_open(self, now: float) -> bool:
         return now < self.window_until

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from telematics.v1 import common_pb2 as telematics_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btelematics/v1/privacy.proto\x12\rtelematics.v1\x1a\x1atelematics/v1/common.proto\"\x80\x02\n\x0fPrivacySettings\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.telematics.v1.Header\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x14\n\x0cprivacy_mode\x18\x03 \x01(\x08\x12-\n\x08location\x18\x04 \x01(\x0e\x32\x1b.telematics.v1.LocationMode\x12>\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32,.telematics.v1.PrivacySettings.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"Y\n\x0ePrivacyApplied\x12\x0b\n\x03vin\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x10\n\x08reprompt\x18\x04 \x01(\x08\"O\n\x0c\x45rasureEvent\x12\x0b\n\x03vin\x18\x01 \x01(\t\x12\x0c\n\x04refs\x18\x02 \x03(\t\x12\x14\n\x0c\x65rased_at_ms\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"B\n\x10RestrictionEvent\x12\x0b\n\x03vin\x18\x01 \x01(\t\x12\x12\n\nrestricted\x18\x02 \x01(\x08\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\",\n\x0eOwnershipEvent\x12\x0b\n\x03vin\x18\x01 \x01(\t\x12\r\n\x05\x61t_ms\x18\x02 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btelematics/v1/privacy.proto\x12\rtelematics.v1\x1a\x1atelematics/v1/common.proto\"\x98\x02\n\x0fPrivacySettings\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.telematics.v1.Header\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x14\n\x0cprivacy_mode\x18\x03 \x01(\x08\x12-\n\x08location\x18\x04 \x01(\x0e\x32\x1b.telematics.v1.LocationMode\x12>\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32,.telematics.v1.PrivacySettings.FeaturesEntry\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"Y\n\x0ePrivacyApplied\x12\x0b\n\x03vin\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x10\n\x08reprompt\x18\x04 \x01(\x08\"O\n\x0c\x45rasureEvent\x12\x0b\n\x03vin\x18\x01 \x01(\t\x12\x0c\n\x04refs\x18\x02 \x03(\t\x12\x14\n\x0c\x65rased_at_ms\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"B\n\x10RestrictionEvent\x12\x0b\n\x03vin\x18\x01 \x01(\t\x12\x12\n\nrestricted\x18\x02 \x01(\x08\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\",\n\x0eOwnershipEvent\x12\x0b\n\x03vin\x18\x01 \x01(\t\x12\r\n\x05\x61t_ms\x18\x02 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRIVACYSETTINGS_FEATURESENTRY']._loaded_options = None
   _globals['_PRIVACYSETTINGS_FEATURESENTRY']._serialized_options = b'8\001'
   _globals['_PRIVACYSETTINGS']._serialized_start=75
-  _globals['_PRIVACYSETTINGS']._serialized_end=331
-  _globals['_PRIVACYSETTINGS_FEATURESENTRY']._serialized_start=284
-  _globals['_PRIVACYSETTINGS_FEATURESENTRY']._serialized_end=331
-  _globals['_PRIVACYAPPLIED']._serialized_start=333
-  _globals['_PRIVACYAPPLIED']._serialized_end=422
-  _globals['_ERASUREEVENT']._serialized_start=424
-  _globals['_ERASUREEVENT']._serialized_end=503
-  _globals['_RESTRICTIONEVENT']._serialized_start=505
-  _globals['_RESTRICTIONEVENT']._serialized_end=571
-  _globals['_OWNERSHIPEVENT']._serialized_start=573
-  _globals['_OWNERSHIPEVENT']._serialized_end=617
+  _globals['_PRIVACYSETTINGS']._serialized_end=355
+  _globals['_PRIVACYSETTINGS_FEATURESENTRY']._serialized_start=308
+  _globals['_PRIVACYSETTINGS_FEATURESENTRY']._serialized_end=355
+  _globals['_PRIVACYAPPLIED']._serialized_start=357
+  _globals['_PRIVACYAPPLIED']._serialized_end=446
+  _globals['_ERASUREEVENT']._serialized_start=448
+  _globals['_ERASUREEVENT']._serialized_end=527
+  _globals['_RESTRICTIONEVENT']._serialized_start=529
+  _globals['_RESTRICTIONEVENT']._serialized_end=595
+  _globals['_OWNERSHIPEVENT']._serialized_start=597
+  _globals['_OWNERSHIPEVENT']._serialized_end=641
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrivacySettings(_message.Message):
-    __slots__ = ("header", "revision", "privacy_mode", "location", "features")
+    __slots__ = ("header", "revision", "privacy_mode", "location", "features", "policy_version")
     class FeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,12 +21,14 @@ class PrivacySettings(_message.Message):
     PRIVACY_MODE_FIELD_NUMBER: _ClassVar[int]
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     header: _common_pb2.Header
     revision: int
     privacy_mode: bool
     location: _common_pb2.LocationMode
     features: _containers.ScalarMap[str, bool]
-    def __init__(self, header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., revision: _Optional[int] = ..., privacy_mode: _Optional[bool] = ..., location: _Optional[_Union[_common_pb2.LocationMode, str]] = ..., features: _Optional[_Mapping[str, bool]] = ...) -> None: ...
+    policy_version: str
+    def __init__(self, header: _Optional[_Union[_common_pb2.Header, _Mapping]] = ..., revision: _Optional[int] = ..., privacy_mode: _Optional[bool] = ..., location: _Optional[_Union[_common_pb2.LocationMode, str]] = ..., features: _Optional[_Mapping[str, bool]] = ..., policy_version: _Optional[str] = ...) -> None: ...
 
 class PrivacyApplied(_message.Message):
     __slots__ = ("vin", "revision", "policy_version", "reprompt")
