@@ -575,6 +575,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     from gateway.control.api import hash_token
 
     value = secrets.token_urlsafe(32)
+    while value.startswith("-"):  # `--token -abc...` would read as an option
+        value = secrets.token_urlsafe(32)
     print(f"token (give to {args.name}, shown once): {value}")
     print("config entry:")
     print(f'[[control.tokens]]\nname = "{args.name}"\nrole = "{args.role}"')

@@ -215,7 +215,9 @@ def _check_private_key(path: Path, password: str | None) -> None:
         raise ConfigError(f"tls_key_file {path}: {hint}") from exc
     except ValueError as exc:
         problem = str(exc).split(".", 1)[0]
-        if password is not None and "decrypt" in str(exc).lower():
+        # A wrong password decrypts an encrypted key to garbage: the parser
+        # then says "Could not deserialize" as often as "bad decrypt".
+        if password is not None and ("decrypt" in str(exc).lower() or b"ENCRYPTED" in data):
             problem = "cannot decrypt it with the password of tls_key_password_file"
         raise ConfigError(f"tls_key_file {path}: {problem}") from exc
 

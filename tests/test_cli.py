@@ -488,3 +488,18 @@ def test_run_on_the_installed_default_config_needs_a_state_dir(
     assert not (PACKAGED_DEFAULTS.parent / ".state").exists()
     assert cli.main(["audit", "verify", "--config", str(config)]) == 2
     assert "give --state-dir DIR" in capsys.readouterr().err
+
+
+def test_a_token_never_starts_with_a_dash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`policy push --token -abc` would read the token as an option (seen
+    once in 64 runs of the README workflow)."""
+    import secrets
+
+    drawn = iter(["-first", "second"])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(drawn))
+    from gateway.cli import main
+
+    assert main(["token", "--name", "ops", "--role", "operator"]) == 0
+    assert "shown once): second" in capsys.readouterr().out
