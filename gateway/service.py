@@ -1321,17 +1321,20 @@ class GatewayService:
             )
             await self._persist_once(self.store.activate_policy, stored.version, now, audit)
             record = dataclasses.replace(stored, applied_at=now, active=True)
-            await self._switch_policy(policy, record)
+            # The store capped newer confirmed versions at this one: reload them.
+            await self._switch_policy(policy, record, reload=True)
             return record
 
         return await self.run_control(run)
 
-    async def _switch_policy(self, policy: CompiledPolicy, record: StoredPolicy) -> None:
+    async def _switch_policy(
+        self, policy: CompiledPolicy, record: StoredPolicy, reload: bool = False
+    ) -> None:
         """Every message decided after this uses `policy` (runs in the decision loop)."""
         old = self.ctx.policy
         self._set_policy(policy)
         self.policy_record = record
-        if (old.default_on, old.features.keys(), old.per_app_features) != (
+        if reload or (old.default_on, old.features.keys(), old.per_app_features) != (
             policy.default_on,
             policy.features.keys(),
             policy.per_app_features,

@@ -611,6 +611,32 @@ async def test_a_widened_policy_needs_the_consent_again(control: Control, client
     assert got.text == "near me"
 
 
+async def test_rewidening_after_a_rollback_needs_the_consent_again(
+    control: Control, clients: Clients
+) -> None:
+    """Confirmed under a wide version, rolled back to a narrow one, then the
+    wide rules pushed again: the consent covers what was in force after it
+    (the narrow version), so the car is asked again."""
+    car = clients.car
+    features = {"online_search": True}
+    await car.settings(1, features=features, location=common_pb2.LOCATION_APPROXIMATE)
+
+    async def searches() -> int:
+        await car.send("avn/search", car.header(streams_pb2.SearchQuery(text="x")))
+        await car.barrier()
+        return len(clients.backend.on("/avn/search"))
+
+    wide = policy_text("2027.1.1").replace("      text: place_text\n", "      text: keep\n")
+    assert (await control.push(wide)).status == 200
+    await car.settings(2, features=features, location=common_pb2.LOCATION_APPROXIMATE)
+    assert await searches() == 1  # confirmed under 2027.1.1
+    assert (await rollback(control, "2026.11.2")).status == 200
+    assert await searches() == 2  # narrowing applies at once
+    again = policy_text("2027.2.1").replace("      text: place_text\n", "      text: keep\n")
+    assert (await control.push(again)).status == 200
+    assert await searches() == 2  # wider than what was in force after the consent
+
+
 async def test_ownership_change_gives_the_new_owner_a_clean_car(
     control: Control, clients: Clients
 ) -> None:

@@ -24,7 +24,7 @@ from gateway.core.state import (
     strictest,
 )
 from gateway.delivery import DeadLetter, DeadLetterKind
-from gateway.policy import VersionConflict, check_new_version
+from gateway.policy import VersionConflict, check_new_version, version_key
 from gateway.store.base import (
     EgressCount,
     HistoryRow,
@@ -241,6 +241,13 @@ class StoreError(RuntimeError):
 
 class StoreDamaged(StoreError):
     """The file is not an intact consent store: only a backup brings its content back."""
+
+
+def _newer(version: str, than: str) -> bool:
+    try:
+        return version_key(version) > version_key(than)
+    except ValueError:  # not a policy version (a store filled by other means)
+        return False
 
 
 def _store_error(path: Path, exc: sqlite3.Error) -> StoreError:
@@ -835,6 +842,19 @@ class SqliteConsentStore:
             db.execute(
                 "UPDATE policies SET active=1, applied_at=? WHERE version=?", (applied_at, version)
             )
+            # A consent covers what was in force after it: cars that confirmed a
+            # newer version now hold this one (a later re-widening asks them again).
+            confirmed = [
+                r[0] for r in db.execute("SELECT DISTINCT policy_version FROM vehicle_settings")
+            ]
+            newer = [v for v in confirmed if _newer(v, version)]
+            if newer:
+                marks = ",".join("?" * len(newer))
+                db.execute(
+                    "UPDATE vehicle_settings SET policy_version=?"
+                    f" WHERE policy_version IN ({marks})",
+                    (version, *newer),
+                )
             audit.append(db, record, self._ledger_key)
 
         self._write(tx)
