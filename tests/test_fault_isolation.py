@@ -86,10 +86,22 @@ async def car_on(vehicle_broker: MosquittoBroker, harness: GatewayHarness) -> As
 
 
 @contextlib.asynccontextmanager
-async def recording(backend_broker: MosquittoBroker) -> AsyncIterator[Recorder]:
-    """A backend client recording everything on tsp/#."""
+async def recording(
+    backend_broker: MosquittoBroker, persistent: bool = False
+) -> AsyncIterator[Recorder]:
+    """A backend client recording everything on tsp/#; `persistent`: its
+    session (and what is published meanwhile) outlives the connection."""
+    properties = None
+    if persistent:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600
     async with aiomqtt.Client(
-        "127.0.0.1", backend_broker.port, identifier="backend", protocol=aiomqtt.ProtocolVersion.V5
+        "127.0.0.1",
+        backend_broker.port,
+        identifier="backend",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=not persistent,
+        properties=properties,
     ) as backend_client:
         await backend_client.subscribe("tsp/#", qos=1)
         recorder = Recorder(backend_client)
@@ -353,11 +365,18 @@ async def test_backend_outage_holds_a_bounded_number_of_messages_and_bytes(
     10 s). Now messages and bytes in flight stop the reading of the vehicle
     socket; the broker keeps the rest, and nothing is lost."""
     pipeline = PipelineConfig(inflight=32, max_bytes=80 * 1024, drain_timeout_s=5)
-    with MosquittoBroker() as vehicle_broker, MosquittoBroker() as backend_broker:
+    with (
+        MosquittoBroker() as vehicle_broker,
+        MosquittoBroker(persistence=True) as backend_broker,
+    ):
         harness = GatewayHarness(
             vehicle_broker.url, backend_broker.url, tmp_path / "state", pipeline=pipeline
         )
         service = await harness.start()
+        # The backend's session, kept across the outage: the gateway may
+        # deliver before the recorder is back (a race that lost messages).
+        async with recording(backend_broker, persistent=True):
+            pass
         async with car_on(vehicle_broker, harness) as car:
             await car.settings(1, features={"third_party.music": True})
             backend_broker.stop_keep_state()
@@ -369,7 +388,7 @@ async def test_backend_outage_holds_a_bounded_number_of_messages_and_bytes(
             assert held <= bound, held
             assert service.budget.bytes <= 80 * 1024 + payload_bytes + 200
             backend_broker.start()
-            async with recording(backend_broker) as recorder:
+            async with recording(backend_broker, persistent=True) as recorder:
                 await recorder.wait_for(lambda: len(recorder.on("/avn/app/music")) >= 300, 30)
                 got = {
                     streams_pb2.AppTraffic.FromString(m.payload).header.seq  # type: ignore[arg-type]
