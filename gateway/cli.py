@@ -47,7 +47,15 @@ from gateway.core import (
 from gateway.core.decide import SETTINGS_TOPIC, split_vehicle_topic
 from gateway.keys import KeyFileError, read_key
 from gateway.logs import setup_logging
-from gateway.policy import CompiledPolicy, PolicyError, load_policy, summary_rows
+from gateway.policy import (
+    CompiledPolicy,
+    CompiledRoute,
+    PolicyError,
+    check_egress,
+    declared_recipients,
+    load_policy,
+    summary_rows,
+)
 from telematics.v1 import privacy_pb2
 
 if TYPE_CHECKING:
@@ -659,6 +667,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         policy = load_policy(config.policy)
+        problems = check_egress(
+            policy, config.vehicle_broker.topic_prefix, config.backend_broker.topic_prefix
+        )
+        if problems:
+            raise PolicyError(str(config.policy), problems)
         state = open_state(config)  # held (locked) until the process ends
     except (PolicyError, StateDirError, OSError) as exc:
         log.error("refusing to start: %s", exc)
@@ -942,6 +955,12 @@ def _narrow_streams_table(rows: list[dict[str, Any]], style: Any) -> Any:
     return table
 
 
+def _route_words(route: CompiledRoute) -> str:
+    words = [f"without {', '.join(route.remove_fields)}"] if route.remove_fields else []
+    words += ["pseudonym"] if route.pseudonymize_vin else []
+    return f" ({'; '.join(words)})" if words else ""
+
+
 def print_policy_summary(console: Any, policy: CompiledPolicy, rows: list[dict[str, Any]]) -> None:
     from rich import box
     from rich.table import Table
@@ -965,6 +984,32 @@ def print_policy_summary(console: Any, policy: CompiledPolicy, rows: list[dict[s
             spec.description,
         )
     console.print(features)
+    recipients = Table(title="recipients and transfers", box=style)
+    headings = ("role", "region", "transfer basis", "prefix", "streams")
+    recipients.add_column("recipient", no_wrap=True)
+    if narrow:  # one column of text: nothing cut short
+        recipients.add_column("; ".join(headings))
+    else:
+        for col in headings:
+            recipients.add_column(col, no_wrap=col != "streams")
+    for rid, recipient in declared_recipients(policy.document).items():
+        routed = [
+            stream.key + _route_words(route)
+            for stream in policy.streams
+            for route in stream.routes
+            if route.recipient == rid
+        ]
+        cells = [
+            recipient.role
+            if recipient.role == "controller"
+            else f"processor for {recipient.controller}",
+            recipient.region or "-",
+            recipient.transfer_basis,
+            recipient.egress_prefix or "(backend prefix)",
+            ", ".join(routed),
+        ]
+        recipients.add_row(rid, *(["; ".join(cells)] if narrow else cells))
+    console.print(recipients)
     if narrow:
         console.print(_narrow_streams_table(rows, style))
     else:

@@ -86,6 +86,9 @@ class DeadLetter:
     size: int  # bytes of the refused payload
     sealed: bytes
     id: int = 0  # assigned by the store
+    # The one recipient of a multi-recipient stream this letter is for ("":
+    # every recipient of the stream): a re-drive sends only its copy.
+    recipient: str = ""
 
 
 class DeadLetterSeal:

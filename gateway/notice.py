@@ -59,6 +59,7 @@ def check(sections: list[NoticeSection], policy: CompiledPolicy, api_paths: set[
         "streams": set(doc.streams),
         "commands": set(doc.commands),
         "messages": set(doc.messages),
+        "recipients": set(doc.recipients),
         "api": api_paths,
     }
     problems = []

@@ -55,6 +55,7 @@ _NUMERIC_TYPES = frozenset(
 )
 _FLOAT_TYPES = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT})
 GEOPOINT_TYPE = "telematics.v1.GeoPoint"
+IMPLICIT_RECIPIENT_ID = "backend"
 HEADER_TYPE = "telematics.v1.Header"
 MIN_CELL_SIZE_M = 200.0
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -158,6 +159,50 @@ def action_name(action: FieldAction) -> str:
     return action
 
 
+TransferBasis = Literal["none", "adequacy", "scc", "bcr", "explicit_consent"]
+# Countries of the EEA (GDPR applies: sending there is no transfer).
+_EEA_CODES = (
+    "AT BE BG HR CY CZ DK EE FI FR DE GR HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE IS LI NO"
+)
+EEA = frozenset(_EEA_CODES.split())
+# Third countries with an adequacy decision of the European Commission (Art. 45).
+# US: only organisations certified under the EU-US Data Privacy Framework.
+_ADEQUATE_CODES = "AD AR CA FO GG IL IM JP JE NZ KR CH GB UY US"
+ADEQUATE = frozenset(_ADEQUATE_CODES.split())
+OPERATOR = "operator"  # the controller running the gateway (whose own recipients are processors)
+
+
+class RecipientSpec(_Strict):
+    """Who receives a stream (GDPR Art. 13(1)(e)-(f), Art. 44-49)."""
+
+    name: str = Field("", max_length=200, description="the legal entity, as the notice names it")
+    role: Literal["controller", "processor"]
+    # A processor acts for a controller: the operator, or a declared controller recipient.
+    controller: str = OPERATOR
+    # ISO 3166-1 alpha-2 country, "EEA", or "unknown" (a third country not known in advance).
+    region: str = Field(pattern=r"^([A-Z]{2}|EEA|unknown)$")
+    transfer_basis: TransferBasis = "none"
+    # Streams without their own `recipients` go to every default recipient.
+    default: bool = False
+    # Topic prefix on the backend broker (its ACL gives the recipient only this
+    # prefix, or a bridge carries it to the recipient's broker); none: the
+    # gateway's backend prefix.
+    egress_prefix: str | None = Field(None, pattern=r"^[a-z][a-z0-9_-]{0,63}$")
+
+    @property
+    def third_country(self) -> bool:
+        return self.region not in EEA and self.region not in ("EEA", "")
+
+
+class RouteSpec(_Strict):
+    """What one recipient of a stream gets, when it is less than the stream's rules."""
+
+    # Top-level fields this recipient does not get (besides what the rules remove).
+    remove: list[str] = Field(default_factory=list, max_length=64)
+    # The VIN becomes a pseudonym of this recipient (topic and header).
+    pseudonymize_vin: bool = False
+
+
 class StreamSpec(_Strict):
     message: str
     feature: str
@@ -169,6 +214,9 @@ class StreamSpec(_Strict):
     max_payload_bytes: int | None = Field(
         None, ge=64, le=MAX_PAYLOAD_LIMIT, description="default: the policy's max_payload_bytes"
     )
+    # Recipient id -> what it gets (`{}`: the stream as the rules make it);
+    # none: the policy's default recipients.
+    recipients: dict[str, RouteSpec] | None = None
 
 
 class CommandSpec(_Strict):
@@ -190,6 +238,9 @@ class PolicyDocument(_Strict):
     find_my_car: FindMyCarSpec = FindMyCarSpec()
     identity: IdentitySpec = IdentitySpec()
     features: dict[str, FeatureSpec]
+    # Who receives data (none declared: one default recipient, `backend`, on
+    # the gateway's backend prefix, as before recipients existed).
+    recipients: dict[str, RecipientSpec] = Field(default_factory=dict)
     streams: dict[str, StreamSpec]
     commands: dict[str, CommandSpec] = Field(default_factory=dict)
     # Message centre: tsp/{vin}/msg/{category} -> vehicle/{vin}/avn/msg/{category}.
@@ -249,6 +300,22 @@ class CompiledStream:
     generalize_fields: tuple[tuple[str, float], ...] = ()  # (name, step)
     enum_fields: tuple[tuple[str, frozenset[str]], ...] = ()  # (name, allowed values)
     place_text_fields: tuple[str, ...] = ()
+    # Who gets the stream, first the one whose pseudonyms predate recipients.
+    routes: tuple[CompiledRoute, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    """One recipient of a stream and what it gets beyond the stream's rules."""
+
+    recipient: str
+    prefix: str | None  # topic prefix; None: the gateway's backend prefix
+    pseudonymize_vin: bool
+    remove_fields: tuple[str, ...]
+    # Part of the pseudonym scope of a pseudonymized route, so two recipients
+    # never share a pseudonym ("" for the first route: as before recipients).
+    scope_suffix: str
+    properties: tuple[tuple[str, str], ...]  # MQTT v5 `recipient`, `transfer-basis`
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,9 +534,168 @@ def _feature_ref(feature: str, placeholders: set[str]) -> tuple[str, str | None]
     return feature, None
 
 
+# A policy without a `recipients` section: everything goes to the gateway's
+# backend prefix, as before recipients could be declared.
+IMPLICIT_RECIPIENT = RecipientSpec.model_construct(
+    name="",
+    role="controller",
+    controller=OPERATOR,
+    region="",
+    transfer_basis="none",
+    default=True,
+    egress_prefix=None,
+)
+
+
+def declared_recipients(doc: PolicyDocument) -> dict[str, RecipientSpec]:
+    return dict(doc.recipients) or {IMPLICIT_RECIPIENT_ID: IMPLICIT_RECIPIENT}
+
+
+def stream_routes(doc: PolicyDocument, spec: StreamSpec) -> dict[str, RouteSpec]:
+    """Recipient id -> route of one stream (the default recipients when it names none)."""
+    if spec.recipients is not None:
+        return dict(spec.recipients)
+    return {n: RouteSpec() for n, r in declared_recipients(doc).items() if r.default}
+
+
+def controller_of(recipients: Mapping[str, RecipientSpec], recipient: str) -> str:
+    """The controller a recipient's data belongs to: itself, or the one its processor serves."""
+    spec = recipients[recipient]
+    return recipient if spec.role == "controller" else spec.controller
+
+
+def _check_recipients(doc: PolicyDocument) -> list[tuple[str, str]]:
+    """Recipients and transfers (GDPR Art. 44-49) and the routes of each stream."""
+    problems: list[tuple[str, str]] = []
+    recipients = declared_recipients(doc)
+    prefixes: dict[str | None, str] = {}
+    for rid, r in doc.recipients.items():
+        path = f"recipients.{rid}"
+        if not _NAME.match(rid):
+            problems.append((path, "recipient ids are lower_snake_case"))
+        if r.egress_prefix in prefixes:
+            where = r.egress_prefix or "the backend prefix"
+            problems.append(
+                (f"{path}.egress_prefix", f"{where} is also {prefixes[r.egress_prefix]}'s")
+            )
+        prefixes.setdefault(r.egress_prefix, rid)
+        if r.role == "processor":
+            if r.controller != OPERATOR and (
+                r.controller not in doc.recipients
+                or doc.recipients[r.controller].role != "controller"
+            ):
+                problems.append(
+                    (
+                        f"{path}.controller",
+                        f"{r.controller!r} is neither '{OPERATOR}' nor a declared controller",
+                    )
+                )
+        elif r.controller != OPERATOR:
+            problems.append((f"{path}.controller", "a controller acts for itself"))
+        if not r.third_country and r.transfer_basis != "none":
+            problems.append(
+                (
+                    f"{path}.transfer_basis",
+                    f"{r.region} is in the EEA: not a transfer, the basis is 'none'",
+                )
+            )
+        if r.third_country and r.transfer_basis == "none":
+            problems.append(
+                (
+                    f"{path}.transfer_basis",
+                    f"{r.region} is a third country: declare the transfer basis (adequacy,"
+                    " scc, bcr, or explicit_consent under Art. 49(1)(a))",
+                )
+            )
+        if r.transfer_basis == "adequacy" and r.region not in ADEQUATE:
+            problems.append(
+                (
+                    f"{path}.transfer_basis",
+                    f"no adequacy decision covers {r.region}"
+                    f" (decisions: {', '.join(sorted(ADEQUATE))})",
+                )
+            )
+    for key, stream in doc.streams.items():
+        path = f"streams.{key}.recipients"
+        routes = stream_routes(doc, stream)
+        if not routes:
+            problems.append((path, "no recipient: name one, or mark a recipient `default: true`"))
+            continue
+        feature = doc.features.get(stream.feature.partition(".")[0])
+        basis = feature.legal_basis if feature is not None else ""
+        desc = _message_descriptor(stream.message)
+        for rid, route in routes.items():
+            rpath = f"{path}.{rid}"
+            target = recipients.get(rid)
+            if target is None:
+                problems.append((rpath, f"unknown recipient {rid!r}"))
+                continue
+            if target.transfer_basis == "explicit_consent" and basis != "consent":
+                problems.append(
+                    (
+                        rpath,
+                        f"{rid} relies on explicit consent (Art. 49(1)(a)) but the stream's"
+                        f" legal basis is {basis}",
+                    )
+                )
+            if basis == "legal_obligation" and (route.remove or route.pseudonymize_vin):
+                problems.append((rpath, "legal-obligation streams are forwarded untouched"))
+            for name in route.remove:
+                if desc is not None and name not in desc.fields_by_name:
+                    problems.append((f"{rpath}.remove", f"{stream.message} has no field {name!r}"))
+                elif name == "header":
+                    problems.append((f"{rpath}.remove", "the header is managed by the gateway"))
+        if basis == "legal_obligation" and len(routes) > 1:
+            problems.append((path, "a legal-obligation stream goes to exactly one recipient"))
+        # Rules 15-16: the same values at the same moment, VIN-keyed for one
+        # recipient and pseudonymized for another, pair the pseudonym with the
+        # VIN wherever the two views meet: only separate controllers may.
+        keyed = {
+            rid: stream.pseudonymize_vin or route.pseudonymize_vin
+            for rid, route in routes.items()
+            if rid in recipients
+        }
+        for a in keyed:
+            for b in keyed:
+                if a < b and keyed[a] != keyed[b]:
+                    ca, cb = controller_of(recipients, a), controller_of(recipients, b)
+                    if ca == cb:
+                        problems.append(
+                            (
+                                path,
+                                f"{a} gets the VIN {'' if not keyed[a] else 'pseudonymized '}and"
+                                f" {b} {'pseudonymized' if keyed[b] else 'the VIN'}: both serve"
+                                f" controller {ca!r}, who could pair the two; only separate"
+                                " controllers may be keyed differently",
+                            )
+                        )
+    return problems
+
+
+def check_egress(
+    policy: CompiledPolicy, vehicle_prefix: str, backend_prefix: str
+) -> list[tuple[str, str]]:
+    """Recipient prefixes against the gateway's own topics: a recipient on the
+    vehicle prefix would publish to cars, one on the backend prefix would mix
+    with the default recipient's topics (and its commands)."""
+    problems = []
+    for rid, r in policy.document.recipients.items():
+        prefix = r.egress_prefix
+        if prefix is not None and prefix in (vehicle_prefix, backend_prefix):
+            side = "vehicle" if prefix == vehicle_prefix else "backend"
+            problems.append(
+                (
+                    f"recipients.{rid}.egress_prefix",
+                    f"{prefix!r} is the gateway's {side} prefix; leave egress_prefix out to"
+                    " use the backend prefix",
+                )
+            )
+    return problems
+
+
 def check_document(doc: PolicyDocument) -> list[tuple[str, str]]:
     """Semantic checks pydantic cannot express. Returns (path, problem) pairs."""
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = _check_recipients(doc)
     if doc.location.cell_size_m < MIN_CELL_SIZE_M:
         problems.append(
             (
@@ -768,6 +994,21 @@ def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
             (n, frozenset(a.enum)) for n, a in spec.fields.items() if isinstance(a, EnumAction)
         )
 
+        recipients = declared_recipients(doc)
+        routes = tuple(
+            CompiledRoute(
+                recipient=rid,
+                prefix=recipients[rid].egress_prefix,
+                pseudonymize_vin=spec.pseudonymize_vin or route.pseudonymize_vin,
+                remove_fields=tuple(n for n in route.remove if n not in removes),
+                scope_suffix="" if i == 0 else f"|{rid}",
+                properties=(
+                    ("recipient", rid),
+                    ("transfer-basis", recipients[rid].transfer_basis),
+                ),
+            )
+            for i, (rid, route) in enumerate(stream_routes(doc, spec).items())
+        )
         stream = CompiledStream(
             key=key,
             unit=segments[0],
@@ -792,6 +1033,7 @@ def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
             generalize_fields=() if legal else generalize,
             enum_fields=() if legal else enums,
             place_text_fields=() if legal else named("place_text"),
+            routes=routes,
         )
         if placeholders:
             parts = tuple(None if _PLACEHOLDER.match(s) else s for s in segments)
@@ -935,6 +1177,9 @@ def widened_streams(current: CompiledPolicy, older: CompiledPolicy) -> frozenset
         if before.pseudonymize_vin and not spec.pseudonymize_vin:
             widened.add(key)
             continue
+        if _routes_widened(current.document, spec, older.document, before):
+            widened.add(key)
+            continue
         for name, action in spec.fields.items():
             old = before.fields.get(name, "remove")
             new_rank = _ACTION_RANK.get(action_name(action), 4)
@@ -948,3 +1193,32 @@ def widened_streams(current: CompiledPolicy, older: CompiledPolicy) -> frozenset
                 widened.add(key)
                 break
     return frozenset(widened)
+
+
+def _routes_widened(
+    doc: PolicyDocument, spec: StreamSpec, older: PolicyDocument, before: StreamSpec
+) -> bool:
+    """A recipient the stream did not reach under `older`, one that now gets a
+    field it did not, or its VIN where it got a pseudonym."""
+    old_routes = stream_routes(older, before)
+    old_recipients = declared_recipients(older)
+    new_recipients = declared_recipients(doc)
+    for rid, route in stream_routes(doc, spec).items():
+        was = old_routes.get(rid)
+        if was is None:
+            return True
+        old_r, new_r = old_recipients.get(rid), new_recipients.get(rid)
+        if (
+            old_r is not None
+            and new_r is not None
+            and (
+                (old_r.region, old_r.transfer_basis, old_r.role)
+                != (new_r.region, new_r.transfer_basis, new_r.role)
+            )
+        ):
+            return True  # the same id now names a different kind of recipient
+        if set(was.remove) - set(route.remove):
+            return True
+        if was.pseudonymize_vin and not route.pseudonymize_vin and not spec.pseudonymize_vin:
+            return True
+    return False

@@ -48,6 +48,7 @@ from gateway.core import (
 from gateway.core.capture import CaptureHistory, Interval, append
 from gateway.core.decide import (
     CommandDecision,
+    Egress,
     applied_message,
     split_command_topic,
     split_vehicle_topic,
@@ -76,6 +77,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy import (
     CompiledPolicy,
     PolicyError,
+    check_egress,
     parse_policy,
     version_key,
     widened_streams,
@@ -112,6 +114,7 @@ class Undeliverable:
     # A re-driven letter keeps its original expiry: re-driving never extends
     # how long personal data is kept.
     expires_at: float | None = None
+    recipient: str = ""  # the one recipient refused, when the stream has several
 
 
 class Settleable(Protocol):
@@ -441,6 +444,7 @@ class GatewayService:
         if active is not None:
             if active.digest != configured.digest:
                 stored = parse_policy(active.yaml, source=f"stored policy {active.version}")
+                self.check_egress(stored)
                 self._set_policy(stored)
                 log.info(
                     "running the last accepted policy %s (signed by %s)",
@@ -469,6 +473,12 @@ class GatewayService:
         )
         self.store.save_policy(record, audit)
         self.policy_record = record
+
+    def check_egress(self, policy: CompiledPolicy) -> None:
+        """Raise PolicyError when a recipient's prefix is one of the gateway's own."""
+        problems = check_egress(policy, self.ctx.vehicle_prefix, self.ctx.backend_prefix)
+        if problems:
+            raise PolicyError(f"policy {policy.version}", problems)
 
     def _set_policy(self, policy: CompiledPolicy) -> None:
         self.ctx = dataclasses.replace(
@@ -800,7 +810,12 @@ class GatewayService:
                     slot.settle()
 
     async def _handle_vehicle_message(
-        self, msg: InboundMessage, slot: Settleable, *, redriven: bool = False
+        self,
+        msg: InboundMessage,
+        slot: Settleable,
+        *,
+        redriven: bool = False,
+        only_recipient: str = "",
     ) -> None:
         if self._unclaimed:
             self._claim_topic(msg.topic)
@@ -843,14 +858,41 @@ class GatewayService:
             for transform in decision.transforms:
                 self.metrics.inc(self.metrics.transforms, transform)
             key = self._count_key(decision)
-            self._deliver(
-                self.backend_edge,
-                decision.topic,
-                decision.payload,
-                decision.user_properties,
-                lambda outcome: self._settle_forward(outcome, key, slot),
-                self._undeliverable(DeadLetterKind.VEHICLE, decision, msg, slot.expires_at),
-            )
+            if not decision.also and not only_recipient:
+                self._deliver(
+                    self.backend_edge,
+                    decision.topic,
+                    decision.payload,
+                    decision.user_properties,
+                    lambda outcome: self._settle_forward(outcome, key, slot),
+                    self._undeliverable(DeadLetterKind.VEHICLE, decision, msg, slot.expires_at),
+                )
+                return
+            copies = [
+                Egress(
+                    decision.recipient, decision.topic, decision.payload, decision.user_properties
+                ),
+                *decision.also,
+            ]
+            if only_recipient:
+                # A re-driven letter of one recipient: only its copy, if the
+                # stream still goes there.
+                copies = [c for c in copies if c.recipient == only_recipient]
+                if not copies:
+                    self.metrics.inc(self.metrics.dropped, decision.stream, "recipient_removed")
+                    slot.settle()
+                    return
+            join = _AllCopies(len(copies), lambda outcome: self._settle_forward(outcome, key, slot))
+            for copy in copies:
+                letter = self._undeliverable(DeadLetterKind.VEHICLE, decision, msg, slot.expires_at)
+                self._deliver(
+                    self.backend_edge,
+                    copy.topic,
+                    copy.payload,
+                    copy.user_properties,
+                    join.done,
+                    dataclasses.replace(letter, recipient=copy.recipient),
+                )
         elif isinstance(decision, Drop):
             self.metrics.inc(self.metrics.dropped, decision.stream, decision.reason.value)
             if log.isEnabledFor(logging.DEBUG):
@@ -1743,7 +1785,9 @@ class GatewayService:
                 slot = _RedriveSlot(self, letter.id, letter.expires_at)
                 msg = InboundMessage(letter.kind.value, topic, payload, 1, 0, 0)
                 if letter.kind is DeadLetterKind.VEHICLE:
-                    await self._handle_vehicle_message(msg, slot, redriven=True)
+                    await self._handle_vehicle_message(
+                        msg, slot, redriven=True, only_recipient=letter.recipient
+                    )
                 elif letter.kind is DeadLetterKind.COMMAND:
                     if now - letter.created_at > COMMAND_REDRIVE_TTL_S:
                         self._expire_command(msg, slot)
@@ -1994,6 +2038,7 @@ class GatewayService:
             attempts=attempts,
             size=len(letter.payload),
             sealed=self._seal.seal(letter.topic, letter.payload, subject),
+            recipient=letter.recipient,
         )
         _, evicted = await self._persist(
             self.store.add_dead_letter, row, self.config.dead_letters.max_rows
@@ -2035,6 +2080,24 @@ class GatewayService:
                 delay = min(10.0, 0.1 * 2**attempt)
                 log.error("consent store write failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
+
+
+class _AllCopies:
+    """A message sent to several recipients is final once every copy is:
+    delivered if any copy was (it is counted as forwarded), else dead-lettered."""
+
+    __slots__ = ("_delivered", "_left", "_on_done")
+
+    def __init__(self, copies: int, on_done: Callable[[Outcome], None]) -> None:
+        self._left = copies
+        self._delivered = False
+        self._on_done = on_done
+
+    def done(self, outcome: Outcome) -> None:
+        self._left -= 1
+        self._delivered = self._delivered or outcome is Outcome.DELIVERED
+        if self._left == 0:
+            self._on_done(Outcome.DELIVERED if self._delivered else Outcome.DEAD_LETTERED)
 
 
 def _day_start(day: str) -> float:

@@ -75,7 +75,12 @@ CHAOS_FILE = "chaos.json"
 # persistence file no ACL list until its client reconnects, and with only `topic`
 # lines it then drops every message for that session (the recorder's, after a
 # backend restart) instead of queueing it. Patterns apply without the list.
-OPEN_ACL = "pattern readwrite vehicle/#\npattern readwrite tsp/#\n"
+# The vehicle side, the backend prefix and the default policy's recipients'
+# egress prefixes (policy `recipients`).
+OPEN_ACL = "".join(
+    f"pattern readwrite {prefix}/#\n"
+    for prefix in ("vehicle", *load_policy(DEFAULT_POLICY_PATH).prefixes("tsp"))
+)
 # Counters read from the gateway's /metrics before each kill and at the end; a
 # restarted gateway counts from zero, so the totals are sums over its lives.
 METRICS = {

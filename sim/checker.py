@@ -41,6 +41,7 @@ from sim.geo import METRES_PER_DEGREE, Point, cell_half_extent_deg, distance_m
 from sim.groundtruth import GROUND_TRUTH_FILE, RECORDING_FILE, read_json_lines, unb64
 from sim.model import (
     MUST_NOT_ARRIVE,
+    OWNERSHIP_CHANGE,
     PURPOSE_MALFORMED,
     PURPOSE_SPOOFED,
     Settings,
@@ -61,6 +62,9 @@ SLACK = 1.01  # 1 % slack on the approximate-location cell bounds
 # interval on the gateway's clock; the recorder sees forwards a little later
 # than the gateway decided them, so changes this much closer still pass.
 REFRESH_TOLERANCE = 0.25  # of an interval
+# A message published this long (wall seconds) before a DPO action may still be
+# in the gateway's queue when the action runs: decided before it or after.
+OPERATOR_SLACK_S = 1.0
 REQUIRED_PROPERTIES = ("policy-version", "feature", "legal-basis", "retention-days", "transforms")
 CHECK_FILE = "check.json"
 GEOPOINT = "telematics.v1.GeoPoint"
@@ -204,6 +208,10 @@ class CheckResult:
     legal_arrivals: list[Arrival] = field(default_factory=list)
     # Set when dead letters were given: how missing messages were accounted for.
     dead_letters: DeadLetterSummary | None = None
+    # Message-centre messages (backend -> car) by outcome, and the DPO's
+    # actions of the scenario (ownership changes, objections) by outcome.
+    messages: Counter[str] = field(default_factory=Counter)
+    operator: Counter[str] = field(default_factory=Counter)
 
     def count(self, category: str) -> int:
         return sum(1 for issue in self.issues if issue.category == category)
@@ -252,6 +260,8 @@ class CheckResult:
             "published": self.published,
             "recorded": self.recorded,
             "commands": dict(self.commands),
+            "messages": dict(self.messages),
+            "operator_actions": dict(self.operator),
             "settings_timeouts": self.settings_timeouts,
             "pseudonym_key_available": self.key_available,
             "transforms_seen": {
@@ -284,6 +294,7 @@ class Recorded:
     ref: str = ""
     stream: str = ""
     matched: bool = False
+    recipient: str = ""
 
 
 @dataclass
@@ -367,6 +378,37 @@ class Checker:
                     )
                 else:
                     self.settings_timeouts += 1
+        # The scenario's DPO actions that the gateway accepted: ownership
+        # changes per car (sim time, wall start, wall end), objections per
+        # (car, feature) (wall start, wall end).
+        self.ownership: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+        self.objections: dict[tuple[str, str], tuple[float, float]] = {}
+        self.operator_outcomes: Counter[str] = Counter()
+        for record in truth:
+            if record["type"] == "operator_skipped":
+                self.operator_outcomes[f"{record['action']}:skipped"] += 1
+            if record["type"] != "operator":
+                continue
+            vin, action = str(record["vin"]), str(record["action"])
+            span = (float(record["wall_start"]), float(record["wall_end"]))
+            if int(record["status"]) != 200:
+                self.operator_outcomes[f"{action}:failed"] += 1
+                self.issues.append(
+                    Issue(
+                        LEAK,
+                        "operator_action_refused",
+                        "(control)",
+                        vin,
+                        f"{action} {record.get('feature', '')} answered {record['status']}:"
+                        f" {record.get('detail', '')}"[:300],
+                    )
+                )
+                continue
+            self.operator_outcomes[f"{action}:done"] += 1
+            if action == OWNERSHIP_CHANGE:
+                self.ownership[vin].append((int(record["t_ms"]), *span))
+            else:
+                self.objections[(vin, str(record["feature"]))] = span
         self.recorded = [
             Recorded(
                 index=n,
@@ -395,6 +437,10 @@ class Checker:
         self._fixes_delivered: list[Published] = []  # forwarded fixes, judged together
         # pseudonym stability without the key: input -> outputs seen
         self.pseudonyms_seen: dict[tuple[str, str], set[str]] = defaultdict(set)
+        # Copies for a stream's other recipients, and the messages its first
+        # recipient got (per concrete stream): every one has one copy each.
+        self._copies: list[Recorded] = []
+        self._delivered_first: Counter[str] = Counter()
 
     # --- loading helpers ------------------------------------------------------------
     def _published(self, record: dict[str, Any]) -> Published:
@@ -603,9 +649,11 @@ class Checker:
         self._check_fix_budgets()
         self._check_global_grid()
         self._check_refresh_interval()
+        self._check_recipients()
         self._check_unmatched()
         self._check_app_topics()
         commands = self._check_commands()
+        messages = self._check_messages()
         self._check_applied()
         must_pass = sum(t.must_pass for t in self.tallies.values())
         delivered = sum(t.delivered for t in self.tallies.values())
@@ -625,6 +673,8 @@ class Checker:
             transforms_seen=self._transforms_seen(),
             legal_arrivals=self.legal_arrivals,
             dead_letters=dead_letter_summary,
+            messages=messages,
+            operator=self.operator_outcomes,
         )
 
     def _transforms_seen(self) -> dict[str, Counter[str]]:
@@ -644,14 +694,20 @@ class Checker:
 
     def _index_recording(self) -> dict[tuple[Any, ...], list[Recorded]]:
         index: dict[tuple[Any, ...], list[Recorded]] = defaultdict(list)
-        prefix = self.backend_prefix + "/"
+        prefixes = self.policy.prefixes(self.backend_prefix)
         for rec in self.recorded:
-            if not rec.topic.startswith(prefix):
+            recipient = prefixes.get(rec.topic.split("/", 1)[0])
+            if recipient is None:
                 continue
             parts = rec.topic.split("/")
-            if len(parts) < 4 or parts[2] == "cmd":
+            if len(parts) < 4 or parts[2] in ("cmd", "msg"):
                 continue
-            rec.ref, rec.stream = parts[1], "/".join(parts[2:])
+            rec.ref, rec.stream, rec.recipient = parts[1], "/".join(parts[2:]), recipient
+            rule = self.policy.rule_for(rec.stream)
+            if rule is not None and rule.routes and recipient != next(iter(rule.routes)):
+                # Another recipient's copy: judged by _check_recipients.
+                self._copies.append(rec)
+                continue
             index[("raw", rec.stream, rec.payload)].append(rec)
             cls = message_class(self.policy, rec.stream)
             if cls is None:
@@ -696,6 +752,8 @@ class Checker:
                 matches = [r for r in matches if r.stream == pub.stream]
             for rec in matches:
                 rec.matched = True
+            if matches:
+                self._delivered_first[pub.stream] += 1
             rule = self.policy.rule_for(pub.stream)
             if matches and rule is not None and rule.requires_window:
                 self._fixes_delivered.append(pub)
@@ -833,7 +891,21 @@ class Checker:
                 arrival = answer
         if self.policy.is_legal_obligation(pub.stream):
             return arrival
+        published = float(pub.record["wall_start"])
+        for t_ms, wall_start, wall_end in self.ownership.get(pub.vin, ()):
+            if published >= wall_end and pub.ts_ms < t_ms:
+                # Captured under the previous owner, uploaded after the change.
+                return "previous_owner"
+            if wall_start - OPERATOR_SLACK_S <= published < wall_start and arrival == PASS:
+                # Published just before the change: the gateway may have decided
+                # it before (forwarded) or after (dropped, the car unknown).
+                return AMBIGUOUS
         return self._capture_decision(pub, arrival)
+
+    def epoch_at(self, vin: str, wall: float) -> int:
+        """The car's pseudonym epoch for a message published at `wall`: one
+        more per ownership change done before."""
+        return sum(1 for _, _, end in self.ownership.get(vin, ()) if end <= wall)
 
     def _capture_decision(self, pub: Published, arrival: str) -> str:
         """Consent at capture time and the causal token (contract rules 11, 12):
@@ -1228,7 +1300,14 @@ class Checker:
                 # arrival of the one that changed it again (outages delay both).
                 items = sorted(items, key=lambda item: item[0])
                 last_change: float | None = None
-                for (_, _, before), (wall, published, value) in itertools.pairwise(items):
+                changes = [start for _, start, _ in self.ownership.get(vin, ())]
+                for (before_wall, _, before), (wall, published, value) in itertools.pairwise(
+                    items
+                ):
+                    if any(before_wall <= start <= published for start in changes):
+                        # A new owner: a new grid offset and anchor, a new series.
+                        last_change = None
+                        continue
                     if value == before:
                         continue
                     if last_change is not None and wall - last_change < least:
@@ -1295,12 +1374,15 @@ class Checker:
         header_vin = received.header.vin  # type: ignore[attr-defined]
         if rec.ref != header_vin:
             add(WRONG_TRANSFORM, "app_ref_mismatch", "topic ref differs from header.vin")
+        # A new owner starts a new epoch: the app sees a new user.
+        epoch = self.epoch_at(pub.vin, float(pub.record["wall_start"]))
+        purpose = f"vin/{app_id}" + (f"@{epoch}" if epoch else "")
         if self.key is not None:
-            expected = pseudonym(self.key, f"vin/{app_id}", pub.vin)
+            expected = pseudonym(self.key, purpose, pub.vin)
             if rec.ref != expected:
                 add(WRONG_TRANSFORM, "pseudonym_vin", f"app ref {rec.ref} != HMAC {expected}")
         else:
-            seen = self.pseudonyms_seen[(f"vin/{app_id}", pub.vin)]
+            seen = self.pseudonyms_seen[(purpose, pub.vin)]
             seen.add(rec.ref)
             if len(seen) > 1:
                 add(
@@ -1308,6 +1390,10 @@ class Checker:
                     "pseudonym_unstable_vin",
                     f"{len(seen)} refs for one car and app",
                 )
+        if epoch:
+            before = purpose.rsplit("@", 1)[0] if epoch == 1 else f"vin/{app_id}@{epoch - 1}"
+            if self.key is not None and rec.ref == pseudonym(self.key, before, pub.vin):
+                add(LEAK, "previous_owner_pseudonym", "the app ref of the previous owner")
 
     def _check_app_topics(self) -> None:
         """No VIN in any byte of a pseudonymized stream's topic or payload (matched or not)."""
@@ -1327,6 +1413,193 @@ class Checker:
                         rec.topic,
                     )
                     break
+
+    def _check_messages(self) -> Counter[str]:
+        """Message-centre messages (backend -> car): one reaches the car only
+        when the car is known, not in privacy mode, its category's feature is
+        on, and the feature is not objected to (Art. 21); each of the others
+        must not. Around a settings change or an objection under way, either
+        is right."""
+        received: set[tuple[str, str]] = {
+            (str(r["vin"]), str(r["request_id"]))
+            for r in self.truth
+            if r["type"] == "message_received"
+        }
+        outcomes: Counter[str] = Counter()
+        for record in self.truth:
+            if record["type"] != "message_sent":
+                continue
+            vin, category = str(record["vin"]), str(record["category"])
+            feature = self.policy.messages.get(category, "")
+            wall = float(record["wall_sent"])
+            objected = self._objected(vin, feature, wall)
+            expected = set()
+            for settings in self._settings_candidates(record):
+                if settings is None:
+                    expected.add("unknown_vehicle")
+                elif settings.privacy_mode:
+                    expected.add("privacy_mode")
+                elif not feature or not self.policy.feature_on(settings, feature):
+                    expected.add("feature_off")
+                elif objected is None:
+                    expected.update({"objected", PASS})
+                elif objected:
+                    expected.add("objected")
+                else:
+                    expected.add(PASS)
+            if any(
+                start - OPERATOR_SLACK_S <= wall < start
+                for _, start, _ in self.ownership.get(vin, ())
+            ):
+                expected.add("unknown_vehicle")  # may be decided after the change
+            got = (vin, str(record["request_id"])) in received
+            if expected == {PASS}:
+                outcomes["delivered" if got else "lost"] += 1
+                if not got:
+                    self._issue(
+                        LOSS,
+                        "message_not_delivered",
+                        f"msg/{category}",
+                        vin,
+                        f"{record['request_id']} was allowed but never reached the car",
+                    )
+            elif PASS in expected:
+                outcomes["ambiguous"] += 1
+            elif got:
+                outcomes["leaked"] += 1
+                reason = expected.pop() if len(expected) == 1 else "refused"
+                rule = (
+                    "objected_feature_reached_the_car"
+                    if reason == "objected"
+                    else f"message_delivered_{reason}"
+                )
+                self._issue(
+                    LEAK,
+                    rule,
+                    f"msg/{category}",
+                    vin,
+                    f"{record['request_id']} reached the car ({reason})",
+                )
+            else:
+                outcomes["refused"] += 1
+        return outcomes
+
+    def _objected(self, vin: str, feature: str, wall: float) -> bool | None:
+        """Whether an objection to `feature` held for the car at `wall` (None:
+        it was being made). An ownership change ends it: it was the previous
+        owner's."""
+        span = self.objections.get((vin, feature))
+        if span is None or wall < span[0] - OPERATOR_SLACK_S:
+            return False
+        if wall < span[0]:
+            return None  # sent just before: may have been decided after it
+        if any(span[0] <= start <= wall for _, start, _ in self.ownership.get(vin, ())):
+            return False
+        return True if wall >= span[1] else None
+
+    def _check_recipients(self) -> None:
+        """Copies for a stream's other recipients (policy `recipients`): only to
+        a declared recipient, without what it must not get, under a pseudonym
+        where it must; one copy for every message its first recipient got
+        (more is a leak, fewer a loss unless a dead letter of that recipient
+        stands for it)."""
+        # One message, however often redelivered (and decided again, maybe
+        # under a fresher anchor): its ref, sequence number and timestamp.
+        copies: dict[tuple[str, str], set[object]] = defaultdict(set)
+        for rec in self._copies:
+            rec.matched = True
+            rule = self.policy.rule_for(rec.stream)
+            assert rule is not None
+            route = rule.routes.get(rec.recipient)
+            vin = next((v for v in self.vins if v in rec.topic), "")
+            if route is None:
+                self._issue(
+                    LEAK,
+                    "undeclared_recipient",
+                    rec.stream,
+                    vin,
+                    f"{rec.recipient} got a copy; the policy does not route the stream there",
+                    rec.topic,
+                )
+                continue
+            props = dict(rec.props)
+            if props.get("recipient", rec.recipient) != rec.recipient:
+                self._issue(
+                    USER_PROPERTIES,
+                    "wrong_recipient",
+                    rec.stream,
+                    vin,
+                    f"recipient={props['recipient']!r} on {rec.recipient}'s prefix",
+                    rec.topic,
+                )
+            cls = message_class(self.policy, rec.stream)
+            message = None if cls is None else cls()
+            try:
+                if message is not None:
+                    message.ParseFromString(rec.payload)
+            except DecodeError:
+                message = None
+            if route.pseudonymize_vin:
+                leaked = next(
+                    (v for v in self.vins if v.encode() in rec.topic.encode() + rec.payload), ""
+                )
+                if leaked:
+                    self._issue(
+                        LEAK,
+                        "vin_to_pseudonymized_recipient",
+                        rec.stream,
+                        leaked,
+                        f"{rec.recipient} must get a pseudonym, got the VIN",
+                        rec.topic,
+                    )
+            if message is None:
+                copies[(rec.recipient, rec.stream)].add(rec.payload)
+                continue
+            header = message.header  # type: ignore[attr-defined]
+            copies[(rec.recipient, rec.stream)].add((rec.ref, header.seq, header.timestamp_ms))
+            for name in sorted(route.remove):
+                present = (
+                    message.HasField(name)
+                    if _has_presence(message, name)
+                    else bool(getattr(message, name, None))
+                )
+                if present:
+                    self._issue(
+                        LEAK,
+                        "field_not_for_recipient",
+                        rec.stream,
+                        vin,
+                        f"{rec.recipient} got {name}, which the policy removes for it",
+                        rec.topic,
+                    )
+        for stream, delivered in self._delivered_first.items():
+            rule = self.policy.rule_for(stream)
+            if rule is None:
+                continue
+            for recipient in list(rule.routes)[1:]:
+                got = len(copies.get((recipient, stream), ()))
+                lettered = sum(
+                    1
+                    for d in self.dead_letters or ()
+                    if d.recipient == recipient and d.stream == rule.key
+                )
+                if got > delivered:
+                    self._issue(
+                        LEAK,
+                        "copy_without_message",
+                        stream,
+                        "",
+                        f"{recipient} got {got} copies of {delivered} messages delivered",
+                    )
+                elif got + lettered < delivered:
+                    self._issue(
+                        LOSS,
+                        "recipient_copy_missing",
+                        stream,
+                        "",
+                        f"{recipient} got {got} copies of {delivered} messages delivered"
+                        f" ({lettered} dead-lettered)",
+                    )
 
     def _check_unmatched(self) -> None:
         for rec in self.recorded:
@@ -1376,7 +1649,12 @@ class Checker:
             expected = decisions.pop() if len(decisions) == 1 else AMBIGUOUS
             if command == "find_my_car" and expected in (ACCEPT, AMBIGUOUS):
                 sent = float(record["wall_sent"])
-                earlier = accepted_fmc[vin]
+                # An ownership change forgets the previous owner's commands.
+                since = max(
+                    (end for _, _, end in self.ownership.get(vin, ()) if end <= sent),
+                    default=0.0,
+                )
+                earlier = [t for t in accepted_fmc[vin] if t >= since]
                 certain = sum(1 for t in earlier if sent - t < hour - WINDOW_TOLERANCE_S)
                 possible = sum(1 for t in earlier if sent - t < hour + WINDOW_TOLERANCE_S)
                 cap = self.policy.max_commands_per_hour
@@ -1501,6 +1779,11 @@ def _app_nonce(message: Message) -> str:
     return str(body.get("nonce", "")) if isinstance(body, dict) else ""
 
 
+def _has_presence(message: Message, name: str) -> bool:
+    field = message.DESCRIPTOR.fields_by_name.get(name)
+    return field is not None and field.has_presence and not _is_repeated(field)
+
+
 def _valid(point: Any) -> bool:
     """A usable coordinate (GPS without a fix reports NaN)."""
     lat, lon = point.latitude, point.longitude
@@ -1546,6 +1829,7 @@ def _leak_rule(decision: str) -> str:
         "outside_window": "location_outside_find_my_car_window",
         "unanswered": "location_answering_no_find_my_car_command",
         "settings_pending": "forwarded_before_its_settings_revision",
+        "previous_owner": "previous_owners_data_after_ownership_change",
         PURPOSE_MALFORMED: "malformed_payload_forwarded",
         PURPOSE_SPOOFED: "spoofed_vin_forwarded",
     }.get(decision, f"forwarded_{decision}")
@@ -1717,6 +2001,13 @@ def print_summary(result: CheckResult, console: Console) -> None:
         f"published {result.published}, recorded {result.recorded}, pseudonym key "
         f"{'used' if result.key_available else 'not available (stability checks only)'}"
     )
+    if result.messages or result.operator:
+        messages = ", ".join(f"{k} {v}" for k, v in sorted(result.messages.items()))
+        actions = ", ".join(f"{k} {v}" for k, v in sorted(result.operator.items()))
+        console.print(
+            f"message centre: {messages or 'none'}; DPO actions (ownership changes, objections):"
+            f" {actions or 'none'}"
+        )
 
 
 def check_main(

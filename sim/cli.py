@@ -66,9 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     record = commands.add_parser(
-        "record", help="record everything on tsp/# (MQTT v5, QoS 1)", formatter_class=HelpFormatter
+        "record",
+        help="record everything on tsp/# and the policy's recipient prefixes (MQTT v5, QoS 1)",
+        formatter_class=HelpFormatter,
     )
     record.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="backend-side broker URL")
+    record.add_argument(
+        "--policy",
+        type=Path,
+        default=DEFAULT_POLICY_PATH,
+        help="policy whose recipients' egress prefixes are recorded too",
+    )
     record.add_argument("--out", type=Path, required=True, help="output directory")
     record.add_argument("--duration", default=None, help="stop after this long (default: Ctrl-C)")
 
@@ -191,11 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "record":
+        from sim.policy import load_policy
         from sim.recorder import record_until_cancelled
 
         duration = parse_duration(args.duration) if args.duration else None
         try:
-            count = asyncio.run(record_until_cancelled(args.broker, args.out, duration))
+            prefixes = tuple(load_policy(args.policy).prefixes("tsp"))
+            count = asyncio.run(record_until_cancelled(args.broker, args.out, duration, prefixes))
         except KeyboardInterrupt:
             return 0
         console.print(f"recorded {count} messages into {args.out}")

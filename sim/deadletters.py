@@ -48,6 +48,7 @@ class DeadLetterRecord:
     reason: str
     code: int
     size: int
+    recipient: str = ""  # one recipient of a stream with several ("": all)
 
     @classmethod
     def from_json(cls, item: dict[str, Any]) -> DeadLetterRecord:
@@ -61,6 +62,7 @@ class DeadLetterRecord:
             reason=str(item["reason"]),
             code=int(item.get("code", 0)),
             size=int(item.get("size", 0)),
+            recipient=str(item.get("recipient", "")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -92,9 +94,11 @@ def read_dead_letters_from_state(state_dir: Path) -> list[DeadLetterRecord]:
     path = (state_dir / STORE_FILE).resolve()
     db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(dead_letters)")}
+        recipient = "recipient" if "recipient" in columns else "''"  # schema < 12: none
         rows = db.execute(
-            "SELECT id, created_at, subject, kind, edge, stream, reason, code, size"
-            " FROM dead_letters ORDER BY id"
+            "SELECT id, created_at, subject, kind, edge, stream, reason, code, size,"
+            f" {recipient} FROM dead_letters ORDER BY id"
         ).fetchall()
     finally:
         db.close()
@@ -109,6 +113,7 @@ def read_dead_letters_from_state(state_dir: Path) -> list[DeadLetterRecord]:
             str(r[6]),
             int(r[7]),
             int(r[8]),
+            str(r[9]),
         )
         for r in rows
     ]

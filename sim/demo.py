@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -25,7 +27,7 @@ from rich.console import Console
 
 from gateway.about import DEFAULT_CONFIG, source_root
 from gateway.clock import TimeMapping
-from sim.broker import MosquittoBroker
+from sim.broker import MosquittoBroker, free_port
 from sim.checker import CHECK_FILE, CheckResult, check_run, print_summary
 from sim.policy import DEFAULT_POLICY_PATH
 from sim.run import RunConfig, RunSummary, parse_duration, run_simulation
@@ -65,16 +67,19 @@ class GatewayProcess:
     """The gateway as a child process; its stderr is copied to a log file and scanned
     for the readiness line."""
 
-    def __init__(self, command: list[str], log_path: Path) -> None:
+    def __init__(
+        self, command: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.command = command
         self.log_path = log_path
+        self.env = env or {}
         self.ready = threading.Event()
         self.tail: deque[str] = deque(maxlen=40)
         self.process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.process = subprocess.Popen(
             self.command,
             cwd=source_root(),  # the checkout, if any (else: where we are)
@@ -156,7 +161,11 @@ class GatewayProcess:
 
 
 def gateway_command(
-    config: DemoConfig, broker_url: str, state_dir: Path, clock_file: Path | None = None
+    config: DemoConfig,
+    broker_url: str,
+    state_dir: Path,
+    clock_file: Path | None = None,
+    control_port: int = 0,
 ) -> list[str]:
     base = config.gateway_command or [
         sys.executable,
@@ -167,7 +176,7 @@ def gateway_command(
         str(config.gateway_config),
         # A free port: the demo must not depend on 8080 being unused.
         "--control-listen",
-        "127.0.0.1:0",
+        f"127.0.0.1:{control_port}",
     ]
     return [
         *base,
@@ -194,10 +203,23 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoOutcome:
     # when its clock starts; until then the gateway reads the provisional one.
     clock_file = out / "sim-clock.json"
     TimeMapping.frozen(DEFAULT_SIM_START_MS).write(clock_file)
+    # The scenario's DPO (ownership changes, objections) uses the control API
+    # with a token of this run only.
+    control_port = free_port()
+    token = secrets.token_urlsafe(32)
+    tokens_file = out / "control-tokens.toml"
+    tokens_file.write_text(
+        '[[tokens]]\nname = "sim-dpo"\nrole = "dpo"\n'
+        f'sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+    )
+    tokens_file.chmod(0o600)
+    own_command = config.gateway_command is None
     with MosquittoBroker() as broker:
-        command = gateway_command(config, broker.url, state_dir, clock_file)
+        command = gateway_command(config, broker.url, state_dir, clock_file, control_port)
         console.print(f"mosquitto on {broker.url}; starting gateway: {shlex.join(command)}")
-        gateway = GatewayProcess(command, log_path)
+        gateway = GatewayProcess(
+            command, log_path, {"GATEWAY_CONTROL__TOKENS_FILE": str(tokens_file)}
+        )
         with gateway:
             gateway.wait_ready(config.ready_timeout_s)
             console.print("gateway ready; starting recorder and fleet")
@@ -212,6 +234,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoOutcome:
                 policy_path=config.policy_path,
                 live=config.live,
                 clock_file=clock_file,
+                control_url=f"http://127.0.0.1:{control_port}" if own_command else None,
+                control_token=token if own_command else None,
             )
             summary = asyncio.run(run_simulation(run_config, console))
             exit_code = gateway.stop()

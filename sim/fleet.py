@@ -18,10 +18,13 @@ from gateway.clock import TimeMapping
 from sim.contract import PASS, decide_command, decide_message
 from sim.groundtruth import GROUND_TRUTH_FILE, JsonLinesWriter, b64
 from sim.model import (
+    OWNERSHIP_CHANGE,
     PURPOSE_FMC_RESPONSE,
     PURPOSE_MALFORMED,
     PURPOSE_SPOOFED,
     CommandEvent,
+    MessageEvent,
+    OperatorEvent,
     PublishEvent,
     Settings,
     SettingsEvent,
@@ -58,6 +61,13 @@ class FleetOptions:
     # writes its time mapping there when its clock starts, so both agree on every
     # interval (refresh, find-my-car windows, capture time).
     clock_file: Path | None = None
+    # The gateway's control API and a DPO token, for the scenario's operator
+    # events (ownership changes, objections); without them those are skipped.
+    control_url: str | None = None
+    control_token: str | None = None
+    # In-process instead (the in-memory reference gateway): (vin, action,
+    # feature) -> (HTTP-like status, detail).
+    operator: Callable[[str, str, str], Awaitable[tuple[int, str]]] | None = None
 
 
 @dataclass
@@ -240,6 +250,7 @@ class Fleet:
         )
         self.backend = backend
         await backend.subscribe(f"{options.backend_prefix}/+/cmd/+/result", qos=1)
+        await backend.subscribe(f"{options.backend_prefix}/+/msg/+/result", qos=1)
         self._readers.append(asyncio.create_task(self._read(backend, self._on_backend_message)))
         self.stats.clients_connected += 1
         semaphore = asyncio.Semaphore(64)  # don't SYN-flood the broker with hundreds of connects
@@ -253,6 +264,7 @@ class Fleet:
                 for vin in vins:
                     topics.append((f"{options.vehicle_prefix}/{vin}/cmd/#", 1))
                     topics.append((f"{options.vehicle_prefix}/{vin}/avn/privacy/applied", 1))
+                    topics.append((f"{options.vehicle_prefix}/{vin}/avn/msg/+", 1))
                 for start in range(0, len(topics), 200):
                     await client.subscribe(topics[start : start + 200])
                 self._readers.append(
@@ -322,9 +334,25 @@ class Fleet:
                     "wall": now,
                 }
             )
+            if applied.reprompt:
+                # "Show the privacy screen again" (a new owner): confirms nothing.
+                return
             if vehicle.applied_revision is None or applied.revision > vehicle.applied_revision:
                 vehicle.applied_revision = applied.revision
             vehicle.applied_changed.set()
+        elif parts[2:4] == ["avn", "msg"] and len(parts) == 5:
+            command = command_pb2.Command()
+            with contextlib.suppress(Exception):
+                command.ParseFromString(payload)
+            self.truth.write(
+                {
+                    "type": "message_received",
+                    "vin": vehicle.vin,
+                    "category": parts[4],
+                    "request_id": command.request_id,
+                    "wall": now,
+                }
+            )
         elif len(parts) >= 4 and parts[2] == "cmd":
             command = command_pb2.Command()
             with contextlib.suppress(Exception):
@@ -349,6 +377,20 @@ class Fleet:
                 bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
             )
         except Exception:
+            return
+        parts = message.topic.value.split("/")
+        if len(parts) == 5 and parts[2] == "msg":
+            self.truth.write(
+                {
+                    "type": "message_result",
+                    "vin": parts[1],
+                    "category": parts[3],
+                    "request_id": result.request_id,
+                    "accepted": result.accepted,
+                    "reason": result.reason,
+                    "wall": time.time(),
+                }
+            )
             return
         waiter = self.pending_results.get(result.request_id)
         if waiter is not None and not waiter.done():
@@ -408,7 +450,90 @@ class Fleet:
                 await self._publish(vehicle, event)
             elif isinstance(event, CommandEvent):
                 await self._command(vehicle, event)
+            elif isinstance(event, MessageEvent):
+                await self._message(vehicle, event)
+            elif isinstance(event, OperatorEvent):
+                await self._operator(vehicle, event)
         self.stats.vehicles_done += 1
+
+    async def _message(self, vehicle: VehicleState, event: MessageEvent) -> None:
+        """The backend sends a message-centre message; the car records what reaches it."""
+        assert self.backend is not None
+        command = command_pb2.Command(
+            request_id=event.request_id, command=event.category, issued_at_ms=event.t_ms
+        )
+        wall_sent = time.time()
+        topic = f"{self.options.backend_prefix}/{vehicle.vin}/msg/{event.category}"
+        await self.backend.publish(topic, command.SerializeToString(deterministic=True), qos=1)
+        self.truth.write(
+            {
+                "type": "message_sent",
+                "vin": vehicle.vin,
+                "category": event.category,
+                "request_id": event.request_id,
+                "applied_rev": vehicle.applied_revision,
+                "pending_rev": vehicle.pending_revision,
+                "wall_sent": wall_sent,
+            }
+        )
+
+    async def _control_api(self, vin: str, event: OperatorEvent) -> tuple[int, str]:
+        import aiohttp
+
+        options = self.options
+        base = f"{options.control_url}/v1/vehicles/{vin}"
+        url = (
+            f"{base}/ownership-change"
+            if event.action == OWNERSHIP_CHANGE
+            else f"{base}/objections/{event.feature}"
+        )
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    url,
+                    headers={"Authorization": f"Bearer {options.control_token}"},
+                    timeout=aiohttp.ClientTimeout(total=30),
+                ) as response,
+            ):
+                return response.status, (await response.text())[:500]
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return 0, str(exc)
+
+    async def _operator(self, vehicle: VehicleState, event: OperatorEvent) -> None:
+        """A DPO's action through the control API. Nothing else leaves this car
+        meanwhile; after an ownership change the car is unknown to the gateway
+        until the new owner's settings are applied, and they are sent at once."""
+        options = self.options
+        wall_start = time.time()
+        if options.operator is not None:
+            status, body = await options.operator(vehicle.vin, event.action, event.feature)
+        elif options.control_url is not None and options.control_token is not None:
+            status, body = await self._control_api(vehicle.vin, event)
+        else:
+            self.truth.write(
+                {"type": "operator_skipped", "vin": vehicle.vin, "action": event.action}
+            )
+            return
+        done = status == 200
+        if done and event.action == OWNERSHIP_CHANGE:
+            vehicle.applied_revision = None
+            vehicle.published_revision = None
+        self.truth.write(
+            {
+                "type": "operator",
+                "vin": vehicle.vin,
+                "action": event.action,
+                "feature": event.feature,
+                "t_ms": event.t_ms,
+                "wall_start": wall_start,
+                "wall_end": time.time(),
+                "status": status,
+                "detail": "" if done else body,
+            }
+        )
+        if done and event.new_settings is not None:
+            await self._send_settings(vehicle, SettingsEvent(event.t_ms, event.new_settings))
 
     def _window_open(self, vehicle: VehicleState) -> bool:
         opened = vehicle.last_window_open_wall

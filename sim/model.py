@@ -117,4 +117,27 @@ class CommandEvent:
     response: Message | None = None
 
 
-ScenarioEvent = PublishEvent | SettingsEvent | CommandEvent
+@dataclass
+class MessageEvent:
+    """The backend sends a message-centre message (alert, service advert) to the car."""
+
+    t_ms: int
+    category: str
+    request_id: str
+
+
+@dataclass
+class OperatorEvent:
+    """What a DPO does to the car through the gateway's control API."""
+
+    t_ms: int
+    action: str  # OWNERSHIP_CHANGE or OBJECTION
+    feature: str = ""  # an objection: the legitimate-interest feature
+    # An ownership change: the new owner's first settings, sent once it is done.
+    new_settings: Settings | None = None
+
+
+OWNERSHIP_CHANGE = "ownership_change"
+OBJECTION = "objection"
+
+ScenarioEvent = PublishEvent | SettingsEvent | CommandEvent | MessageEvent | OperatorEvent

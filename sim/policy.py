@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from gateway.about import DEFAULT_POLICY
+from sim.model import Settings
 
 DEFAULT_POLICY_PATH = DEFAULT_POLICY  # config/policy.yaml, or the packaged copy when installed
 
@@ -34,6 +35,21 @@ class StreamRule:
     fields: dict[str, str]
     steps: dict[str, float] = field(default_factory=dict)
     enums: dict[str, frozenset[str]] = field(default_factory=dict)
+    # Recipient id -> what it gets beyond the rules, in the policy's order
+    # (the first is the one the checker matches message by message).
+    routes: dict[str, Route] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Route:
+    remove: frozenset[str] = frozenset()
+    pseudonymize_vin: bool = False
+
+
+@dataclass(frozen=True)
+class Recipient:
+    prefix: str | None  # None: the gateway's backend prefix
+    transfer_basis: str
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,19 @@ class Policy:
     # Contract rule 17: fixes forwarded per find-my-car command, commands per car per hour.
     fixes_per_command: int = 1
     max_commands_per_hour: int = 4
+    recipients: dict[str, Recipient] = field(
+        default_factory=lambda: {"backend": Recipient(None, "none")}
+    )
+    messages: dict[str, str] = field(default_factory=dict)  # message-centre category -> feature
+    # Features on for a known car unless its settings say off (not consent-based).
+    default_on: frozenset[str] = frozenset()
+
+    def feature_on(self, settings: Settings, feature: str) -> bool:
+        return settings.features.get(feature, feature in self.default_on)
+
+    def prefixes(self, backend_prefix: str) -> dict[str, str]:
+        """Topic prefix -> recipient id."""
+        return {r.prefix or backend_prefix: rid for rid, r in self.recipients.items()}
 
     def rule_for(self, stream: str) -> StreamRule | None:
         """The rule for a concrete stream name such as "avn/app/music"."""
@@ -76,9 +105,20 @@ def _action(value: Any) -> str:
     return str(value)
 
 
-def _rule(key: str, body: dict[str, Any]) -> StreamRule:
+def _rule(key: str, body: dict[str, Any], defaults: list[str]) -> StreamRule:
     fields = dict(body.get("fields") or {})
+    routes = body.get("recipients")
     return StreamRule(
+        routes={
+            str(rid): Route(
+                frozenset(str(n) for n in (spec or {}).get("remove", [])),
+                bool((spec or {}).get("pseudonymize_vin", False))
+                or bool(body.get("pseudonymize_vin", False)),
+            )
+            for rid, spec in (
+                routes.items() if routes is not None else ((d, {}) for d in defaults)
+            )
+        },
         key=key,
         message=str(body["message"]),
         feature=str(body["feature"]),
@@ -102,8 +142,25 @@ def _rule(key: str, body: dict[str, Any]) -> StreamRule:
 
 def load_policy(path: Path = DEFAULT_POLICY_PATH) -> Policy:
     raw: dict[str, Any] = yaml.safe_load(path.read_text())
-    streams = {key: _rule(key, body) for key, body in raw["streams"].items()}
+    declared = raw.get("recipients") or {"backend": {"default": True}}
+    recipients = {
+        str(rid): Recipient(
+            None if body.get("egress_prefix") is None else str(body["egress_prefix"]),
+            str(body.get("transfer_basis", "none")),
+        )
+        for rid, body in declared.items()
+    }
+    defaults = [str(rid) for rid, body in declared.items() if body.get("default")]
+    streams = {key: _rule(key, body, defaults) for key, body in raw["streams"].items()}
+    features = raw["features"]
     return Policy(
+        recipients=recipients,
+        messages={str(n): str(m["feature"]) for n, m in (raw.get("messages") or {}).items()},
+        default_on=frozenset(
+            str(n)
+            for n, f in features.items()
+            if f.get("default") and f.get("legal_basis") != "consent"
+        ),
         version=str(raw["version"]),
         cell_size_m=float(raw["location"]["cell_size_m"]),
         refresh_interval_s=float(raw["location"]["refresh_interval_s"]),

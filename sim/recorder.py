@@ -1,4 +1,5 @@
-"""The backend's view: record every message on tsp/# with its MQTT v5 user properties."""
+"""The backend's view: record every message on tsp/# and on each recipient's
+egress prefix, with its MQTT v5 user properties."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import aiomqtt
 from sim.groundtruth import RECORDING_FILE, JsonLinesWriter, b64
 from sim.mqtt import ClientFactory, MessageLike, aiomqtt_factory, user_properties
 
-BACKEND_FILTER = "tsp/#"
-
 
 class Recorder:
     """Subscribes (MQTT v5, QoS 1) to the backend topics and appends each message to
@@ -26,13 +25,15 @@ class Recorder:
         out_dir: Path,
         *,
         client_id: str = "tsp-recorder-sim",
-        topic_prefix: str = "tsp",
+        topic_prefixes: tuple[str, ...] = ("tsp",),
         client_factory: ClientFactory = aiomqtt_factory,
     ) -> None:
+        """`topic_prefixes`: the backend prefix and every recipient's egress
+        prefix (`Policy.prefixes`)."""
         self.client_factory = client_factory
         self.broker_url = broker_url
         self.client_id = client_id
-        self.topic_filter = f"{topic_prefix}/#"
+        self.topic_filters = [f"{prefix}/#" for prefix in topic_prefixes]
         self.writer = JsonLinesWriter(out_dir / RECORDING_FILE)
         self.received = 0
         self.received_telemetry = 0  # forwarded vehicle messages (not commands or their results)
@@ -56,7 +57,8 @@ class Recorder:
 
     async def _run(self) -> None:
         async with self.client_factory(self.broker_url, self.client_id, True) as client:
-            await client.subscribe(self.topic_filter, qos=1)
+            for topic_filter in self.topic_filters:
+                await client.subscribe(topic_filter, qos=1)
             self.ready.set()
             async for message in client.messages:
                 self._store(message)
@@ -77,7 +79,7 @@ class Recorder:
             }
         )
         self.received += 1
-        if "/cmd/" not in topic:
+        if "/cmd/" not in topic and "/msg/" not in topic:
             self.received_telemetry += 1
         parts = topic.split("/")
         self.received_by_stream["/".join(parts[2:]) if len(parts) >= 3 else topic] += 1
@@ -99,8 +101,10 @@ class Recorder:
         self.writer.close()
 
 
-async def record_until_cancelled(broker_url: str, out_dir: Path, duration_s: float | None) -> int:
-    recorder = Recorder(broker_url, out_dir)
+async def record_until_cancelled(
+    broker_url: str, out_dir: Path, duration_s: float | None, prefixes: tuple[str, ...] = ("tsp",)
+) -> int:
+    recorder = Recorder(broker_url, out_dir, topic_prefixes=prefixes)
     await recorder.start()
     try:
         if duration_s is None:

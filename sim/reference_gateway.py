@@ -31,9 +31,9 @@ from paho.mqtt.properties import Properties
 from sim.checker import geopoint_fields, message_class, pseudonym, truncate_ip
 from sim.contract import ACCEPT, PASS, decide_command, decide_message
 from sim.geo import METRES_PER_DEGREE
-from sim.model import Settings
+from sim.model import OWNERSHIP_CHANGE, Settings
 from sim.mqtt import ClientFactory, ClientLike, MessageLike, aiomqtt_factory
-from sim.policy import APP_STREAM_PREFIX, DEFAULT_POLICY_PATH, Policy, load_policy
+from sim.policy import APP_STREAM_PREFIX, DEFAULT_POLICY_PATH, Policy, Route, load_policy
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2
 
 _LOCATION_RANK: dict[int, int] = {
@@ -54,6 +54,9 @@ class CarState:
     history: dict[int, Settings] = field(default_factory=dict)  # applied, by revision
     # Messages stating a revision not applied yet (rule 12): (revision, stream, message).
     parked: list[tuple[int, str, Message]] = field(default_factory=list)
+    epoch: int = 0  # one more per ownership change: new pseudonyms, a new offset
+    floor: int = 0  # settings must be newer than this (the previous owner's last)
+    objected: set[str] = field(default_factory=set)  # Art. 21, per feature
 
 
 @dataclass
@@ -92,6 +95,7 @@ class ReferenceGateway:
             await vehicle.subscribe(f"{self.vehicle_prefix}/+/tbox/#", qos=1)
             await vehicle.subscribe(f"{self.vehicle_prefix}/+/avn/#", qos=1)
             await backend.subscribe(f"{self.backend_prefix}/+/cmd/+", qos=1)
+            await backend.subscribe(f"{self.backend_prefix}/+/msg/+", qos=1)
             self.ready.set()
             if self.announce:
                 # The demo waits for a line containing "gateway ready", like the real gateway's.
@@ -169,18 +173,47 @@ class ReferenceGateway:
         feature = self.policy.feature_for(stream)
         rule = self.policy.rule_for(stream)
         assert rule is not None
-        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        properties.UserProperty = [
-            ("policy-version", self.policy.version),
-            ("feature", feature),
-            ("legal-basis", self.policy.legal_basis_for(feature)),
-            ("retention-days", str(rule.retention_days)),
-            ("transforms", ",".join(transforms)),
-        ]
-        await self._backend.publish(
-            f"{self.backend_prefix}/{ref}/{stream}", out_payload, qos=1, properties=properties
-        )
+        routes = list(rule.routes.items()) or [("backend", Route())]
+        for n, (recipient, route) in enumerate(routes):
+            body, to, done = out_payload, ref, list(transforms)
+            if n:
+                # Another recipient's copy: less than the first one gets.
+                copy = type(decoded).FromString(out_payload)
+                for name in sorted(route.remove):
+                    copy.ClearField(name)
+                    done.append(f"{name}:removed")
+                if route.pseudonymize_vin and to == vin:
+                    to = pseudonym(self.key, f"vin/{stream}|{recipient}", vin)
+                    self._pseudonymize_header(copy, to)
+                    done.append("vin:pseudonymized")
+                body = copy.SerializeToString(deterministic=True)
+            declared = self.policy.recipients.get(recipient)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.UserProperty = [
+                ("policy-version", self.policy.version),
+                ("feature", feature),
+                ("legal-basis", self.policy.legal_basis_for(feature)),
+                ("retention-days", str(rule.retention_days)),
+                ("transforms", ",".join(done)),
+                ("recipient", recipient),
+                ("transfer-basis", declared.transfer_basis if declared else "none"),
+            ]
+            prefix = declared.prefix if declared is not None and declared.prefix else None
+            await self._backend.publish(
+                f"{prefix or self.backend_prefix}/{to}/{stream}", body, qos=1, properties=properties
+            )
         self.forwarded += 1
+
+    def _pseudonymize_header(self, message: Message, ref: str) -> None:
+        header = message.header  # type: ignore[attr-defined]
+        seq_mac = hmac.new(
+            self.key,
+            b"header-seq\x00" + ref.encode() + b"\x00" + int(header.seq).to_bytes(8, "big"),
+            hashlib.sha256,
+        )
+        header.vin = ref
+        header.seq = int.from_bytes(seq_mac.digest()[:8], "big")
+        header.timestamp_ms -= header.timestamp_ms % 60_000
 
     def _answer(self, car: CarState, fix: Message, now: float) -> bool:
         """Contract rule 17: whether the fix answers an open command with
@@ -209,7 +242,9 @@ class ReferenceGateway:
         if settings.header.vin != vin:
             return
         car = self.car(vin)
-        if car.settings is not None and settings.revision <= car.settings.revision:
+        if settings.revision <= car.floor or (
+            car.settings is not None and settings.revision <= car.settings.revision
+        ):
             return
         car.settings = Settings(
             settings.revision, settings.privacy_mode, settings.location, dict(settings.features)
@@ -315,16 +350,9 @@ class ReferenceGateway:
                 transforms.append(f"{name}:pseudonymized")
         ref = vin
         if stream.startswith(APP_STREAM_PREFIX):
-            ref = pseudonym(self.key, f"vin/{stream[len(APP_STREAM_PREFIX) :]}", vin)
-            header = message.header  # type: ignore[attr-defined]
-            seq_mac = hmac.new(
-                self.key,
-                b"header-seq\x00" + ref.encode() + b"\x00" + int(header.seq).to_bytes(8, "big"),
-                hashlib.sha256,
-            )
-            header.vin = ref
-            header.seq = int.from_bytes(seq_mac.digest()[:8], "big")
-            header.timestamp_ms -= header.timestamp_ms % 60_000
+            epoch = f"@{car.epoch}" if car.epoch else ""
+            ref = pseudonym(self.key, f"vin/{stream[len(APP_STREAM_PREFIX) :]}{epoch}", vin)
+            self._pseudonymize_header(message, ref)
             transforms.append("vin:pseudonymized")
         return message.SerializeToString(deterministic=True), ref, transforms
 
@@ -376,9 +404,72 @@ class ReferenceGateway:
         return common_pb2.GeoPoint(latitude=lat, longitude=lon, horizontal_accuracy_m=cell)
 
     # --- backend side ----------------------------------------------------------------
+    async def operate(self, vin: str, action: str, feature: str) -> tuple[int, str]:
+        """What the control API does for the scenario's DPO: an ownership change
+        (consent unknown, new pseudonyms and offset, the car asked again) or an
+        objection to a legitimate-interest feature."""
+        assert self._vehicle is not None
+        car = self.car(vin)
+        if action != OWNERSHIP_CHANGE:
+            car.objected.add(feature)
+            return 200, ""
+        floor = max(car.floor, car.settings.revision if car.settings is not None else 0)
+        epoch = car.epoch + 1
+        digest = hmac.new(
+            self.key, f"offset@{epoch}\x00{vin}".encode(), hashlib.sha256
+        ).digest()
+        self.cars[vin] = CarState(
+            offset=(digest[0] / 256, digest[1] / 256), epoch=epoch, floor=floor
+        )
+        applied = privacy_pb2.PrivacyApplied(
+            vin=vin, revision=floor, policy_version=self.policy.version, reprompt=True
+        )
+        await self._vehicle.publish(
+            f"{self.vehicle_prefix}/{vin}/avn/privacy/applied", applied.SerializeToString(), qos=1
+        )
+        return 200, ""
+
+    async def _on_message_centre(self, vin: str, category: str, payload: bytes) -> None:
+        assert self._vehicle is not None and self._backend is not None
+        command = command_pb2.Command()
+        try:
+            command.ParseFromString(payload)
+        except DecodeError:
+            return
+        car = self.car(vin)
+        feature = self.policy.messages.get(category)
+        settings = car.settings
+        if feature is None:
+            verdict = "unknown_category"
+        elif settings is None:
+            verdict = "unknown_vehicle"
+        elif settings.privacy_mode:
+            verdict = "privacy_mode"
+        elif feature in car.objected:
+            verdict = f"objected:{feature}"
+        elif not self.policy.feature_on(settings, feature):
+            verdict = f"feature_disabled:{feature}"
+        else:
+            verdict = ACCEPT
+            await self._vehicle.publish(
+                f"{self.vehicle_prefix}/{vin}/avn/msg/{category}", payload, qos=1
+            )
+        result = command_pb2.CommandResult(
+            request_id=command.request_id,
+            command=category,
+            accepted=verdict == ACCEPT,
+            reason="" if verdict == ACCEPT else verdict,
+        )
+        await self._backend.publish(
+            f"{self.backend_prefix}/{vin}/msg/{category}/result", result.SerializeToString(), qos=1
+        )
+
     async def on_backend(self, message: MessageLike) -> None:
         assert self._vehicle is not None and self._backend is not None
         parts = str(message.topic.value).split("/")
+        if len(parts) == 4 and parts[2] == "msg":
+            await self._on_message_centre(parts[1], parts[3], bytes(message.payload))
+            return
         if len(parts) != 4 or parts[2] != "cmd":
             return
         vin, name = parts[1], parts[3]

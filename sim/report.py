@@ -341,7 +341,10 @@ def parse_transform(token: str, rule: StreamRule) -> tuple[str, str]:
         category = _REFERENCE_OUTCOMES[tail]
         if not category:
             removes = ("remove", "odometer", "generalize", "enum")
-            category = "removed" if rule.fields.get(head) in removes else "cleared"
+            for_recipient = any(head in route.remove for route in rule.routes.values())
+            category = (
+                "removed" if rule.fields.get(head) in removes or for_recipient else "cleared"
+            )
         return head, category
     return token, "other"
 
@@ -425,12 +428,32 @@ def _policy_rows(policy: Policy, rule: StreamRule) -> list[FieldRow]:
             )
             expected = {"removed", "generalized"}
         rows.append(FieldRow(rule.key, name, text, frozenset(expected)))
+    for recipient, route in rule.routes.items():
+        # A recipient may get less than the stream's rules send (policy `recipients`).
+        for n, row in enumerate(rows):
+            if row.name in route.remove:
+                rows[n] = FieldRow(
+                    row.stream,
+                    row.name,
+                    f"{row.policy_says}; {recipient}: removed",
+                    row.expected | {"removed"},
+                )
     if rule.pseudonymize_vin:
         rows.append(
             FieldRow(
                 rule.key,
                 VIN_FIELD,
                 "the car's VIN (topic and header): replaced by a per-app keyed pseudonym",
+                frozenset({"hmac"}),
+            )
+        )
+    elif pseudonymous := [r for r, route in rule.routes.items() if route.pseudonymize_vin]:
+        rows.append(
+            FieldRow(
+                rule.key,
+                VIN_FIELD,
+                "the car's VIN (topic and header): replaced by a keyed pseudonym of their own"
+                f" for {', '.join(pseudonymous)}",
                 frozenset({"hmac"}),
             )
         )

@@ -61,6 +61,10 @@ class RunConfig:
     result_timeout_s: float = 5.0
     settings_resend_s: float | None = None
     clock_file: Path | None = None  # the gateway runs on this simulated clock
+    # The gateway's control API and a DPO token: the scenario's ownership
+    # changes and objections go through it (skipped without).
+    control_url: str | None = None
+    control_token: str | None = None
 
     @property
     def backend_url(self) -> str:
@@ -136,10 +140,12 @@ async def run_simulation(
     scenario: Scenario | None = None,
     on_connected: Callable[[], Awaitable[None]] | None = None,
     before_drain: Callable[[], Awaitable[None]] | None = None,
+    operator: Callable[[str, str, str], Awaitable[tuple[int, str]]] | None = None,
 ) -> RunSummary:
     """`scenario` replaces the one built from the config's seed; `on_connected` runs
     when every car is connected, just before the scenario clock starts; `before_drain`
-    runs after the last car is done, before waiting for the backend to go quiet."""
+    runs after the last car is done, before waiting for the backend to go quiet;
+    `operator` does the scenario's DPO actions in process (instead of the control API)."""
     console = console or Console(stderr=True)
     policy = load_policy(config.policy_path)
     if scenario is None:
@@ -147,7 +153,12 @@ async def run_simulation(
             config.seed, config.vehicles, config.duration_s, config.sim_start_ms
         )
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    recorder = Recorder(config.backend_url, config.out_dir, client_factory=client_factory)
+    recorder = Recorder(
+        config.backend_url,
+        config.out_dir,
+        topic_prefixes=tuple(policy.prefixes("tsp")),
+        client_factory=client_factory,
+    )
     await recorder.start()
     options = FleetOptions(
         vehicle_broker=config.broker,
@@ -158,6 +169,9 @@ async def run_simulation(
         result_timeout_s=config.result_timeout_s,
         settings_resend_s=config.settings_resend_s,
         clock_file=config.clock_file,
+        control_url=config.control_url,
+        control_token=config.control_token,
+        operator=operator,
     )
     fleet = Fleet(scenario, policy, options, config.out_dir, client_factory)
     started = time.monotonic()
@@ -200,7 +214,10 @@ async def run_simulation(
         max_lag_s=round(stats.lag_s, 2),
     )
     run_record = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "config": {
+            k: "(set)" if k == "control_token" and v else str(v) if isinstance(v, Path) else v
+            for k, v in asdict(config).items()
+        },
         "summary": asdict(summary),
     }
     (config.out_dir / RUN_FILE).write_text(json.dumps(run_record, indent=2))

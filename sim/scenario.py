@@ -8,6 +8,7 @@ time* each event happens and records what the gateway answered.
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -25,11 +26,15 @@ from sim.model import (
     APP_IDS,
     CONSENT_FEATURES,
     CONTRACT_FEATURES,
+    OBJECTION,
+    OWNERSHIP_CHANGE,
     PURPOSE_MALFORMED,
     PURPOSE_SPOOFED,
     PURPOSE_STRAY_LOCATION,
     PURPOSE_TELEMETRY,
     CommandEvent,
+    MessageEvent,
+    OperatorEvent,
     PublishEvent,
     ScenarioEvent,
     Settings,
@@ -681,9 +686,7 @@ class _EventBuilder:
             position=self.position(answer_at),
             request_id=request_id if self.profile.fills_request_id else "",
         )
-        self.add(
-            CommandEvent(t_ms, "find_my_car", request_id, {"requested_by": "app"}, response)
-        )
+        self.add(CommandEvent(t_ms, "find_my_car", request_id, {"requested_by": "app"}, response))
 
     def find_my_car_polling(self, stay: Stay) -> None:
         """A backend that polls find-my-car (contract rule 17's attack): every
@@ -892,10 +895,7 @@ def _store_and_forward(
             if end - start >= 10 * MINUTE_MS and rng.random() < TUNNEL_CHANCE:
                 a = rng.randint(start + 2 * MINUTE_MS, end - 5 * MINUTE_MS)
                 gaps.append((a, min(end, a + rng.randint(2, 6) * MINUTE_MS), frozenset()))
-        elif (
-            activity.end_ms - activity.start_ms >= 2 * HOUR_MS
-            and rng.random() < GARAGE_CHANCE
-        ):
+        elif activity.end_ms - activity.start_ms >= 2 * HOUR_MS and rng.random() < GARAGE_CHANCE:
             # Parked underground: the TBOX's uploads wait for the way out.
             gaps.append((activity.start_ms, activity.end_ms, frozenset({"tbox"})))
     if not gaps:
@@ -939,9 +939,7 @@ def build_scenario(
             else:
                 builder.stay_events(activity)
         builder.stray_locations()
-        _store_and_forward(
-            random.Random(f"buffer:{seed}:{index}"), vehicle, builder.events, end_ms
-        )
+        _store_and_forward(random.Random(f"buffer:{seed}:{index}"), vehicle, builder.events, end_ms)
         vehicle.events = builder.events
         vehicles.append(vehicle)
     _injections(fleet_rng, vehicles, sim_start_ms, end_ms)
@@ -949,11 +947,83 @@ def build_scenario(
     for vehicle in vehicles:
         # Stable sort: simultaneous events keep the order they were generated in.
         vehicle.events.sort(key=lambda event: event.t_ms)
+    # Its own random stream: the events above are the same with or without it.
+    _operator_events(random.Random(f"operator:{seed}"), vehicles, sim_start_ms, end_ms)
     return Scenario(seed, sim_start_ms, int(duration_s * 1000), vehicles)
+
+
+MESSAGE_CATEGORIES = ("alert", "service_advert")
+
+
+def _operator_events(
+    rng: random.Random, vehicles: list[VehicleScenario], start_ms: int, end_ms: int
+) -> None:
+    """The backend's message-centre messages, and what a DPO does: an
+    objection to service adverts for some cars (Art. 21) and an ownership
+    change for others (the new owner sets the privacy screen again). The
+    checker judges that an objected feature reaches the car no more, and that
+    nothing of the previous owner passes after the change."""
+    known = [v for v in vehicles if any(isinstance(e, SettingsEvent) for e in v.events)]
+    span = end_ms - start_ms
+    for vehicle in known:
+        first = min(e.t_ms for e in vehicle.events if isinstance(e, SettingsEvent))
+        for category in MESSAGE_CATEGORIES:
+            for t in _poisson_times(rng, first + 2 * MINUTE_MS, end_ms - 5 * MINUTE_MS, 0.5):
+                vehicle.events.append(
+                    MessageEvent(t, category, f"msg-{identifiers.make_token(rng, 12)}")
+                )
+    order = list(known)
+    rng.shuffle(order)
+    changes = (1 if len(known) >= 3 else 0) + len(known) // 10
+    objections = (1 if len(known) >= 2 else 0) + len(known) // 6
+    for vehicle in order[:changes]:
+        _ownership_change(rng, vehicle, start_ms + int(span * rng.uniform(0.35, 0.6)))
+    for vehicle in order[changes : changes + objections]:
+        t = start_ms + int(span * rng.uniform(0.3, 0.6))
+        vehicle.events.append(OperatorEvent(t, OBJECTION, feature="service_adverts"))
+        # One advert before and two after, so there is something to judge.
+        for at in (t - 10 * MINUTE_MS, t + 5 * MINUTE_MS, t + 20 * MINUTE_MS):
+            if start_ms < at < end_ms:
+                request_id = f"msg-{identifiers.make_token(rng, 12)}"
+                vehicle.events.append(MessageEvent(at, "service_advert", request_id))
+    for vehicle in vehicles:
+        vehicle.events.sort(key=lambda event: event.t_ms)
+
+
+def _ownership_change(rng: random.Random, vehicle: VehicleScenario, t: int) -> None:
+    """The car changes hands at `t`; its new owner's first settings follow at
+    once (revision one above the last one before), and every later revision
+    moves up by one."""
+    settings = [e for e in vehicle.events if isinstance(e, SettingsEvent)]
+    before = [e for e in settings if e.t_ms <= t]
+    if not before:
+        return
+    features = {name: rng.random() < 0.9 for name in CONTRACT_FEATURES}
+    features.update({name: rng.random() < 0.6 for name in CONSENT_FEATURES})
+    for app in APP_IDS:
+        features[f"third_party.{app}"] = rng.random() < 0.5
+    location = rng.choice(
+        (common_pb2.LOCATION_PRECISE, common_pb2.LOCATION_APPROXIMATE, common_pb2.LOCATION_OFF)
+    )
+    new = Settings(before[-1].settings.revision + 1, False, location, features)
+    for n, event in enumerate(vehicle.events):
+        if isinstance(event, SettingsEvent) and event.t_ms > t:
+            vehicle.events[n] = SettingsEvent(
+                event.t_ms,
+                dataclasses.replace(event.settings, revision=event.settings.revision + 1),
+                tuple(dataclasses.replace(f, revision=f.revision + 1) for f in event.flood),
+            )
+    vehicle.events.append(OperatorEvent(t, OWNERSHIP_CHANGE, new_settings=new))
 
 
 def event_fingerprint(event: ScenarioEvent) -> str:
     """A canonical text form of an event, for reproducibility checks."""
+    if isinstance(event, MessageEvent):
+        return f"{event.t_ms} msg {event.category} {event.request_id}"
+    if isinstance(event, OperatorEvent):
+        new = event.new_settings
+        settings = json.dumps(new.to_json(), sort_keys=True) if new is not None else ""
+        return f"{event.t_ms} operator {event.action} {event.feature} {settings}"
     if isinstance(event, SettingsEvent):
         return f"{event.t_ms} settings {json.dumps(event.settings.to_json(), sort_keys=True)}"
     if isinstance(event, CommandEvent):

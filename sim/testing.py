@@ -35,6 +35,7 @@ async def run_in_memory_async(
     state.mkdir(parents=True, exist_ok=True)
     (state / "pseudonym.key").write_bytes(key)
     task: asyncio.Task[None] | None = None
+    reference: ReferenceGateway | None = None
     if gateway:
         reference = ReferenceGateway(
             load_policy(DEFAULT_POLICY_PATH), key, "memory", "memory", client_factory=broker.client
@@ -54,7 +55,11 @@ async def run_in_memory_async(
         applied_timeout_s=5.0 if gateway else 0.05,
     )
     try:
-        summary = await run_simulation(config, client_factory=broker.client)
+        summary = await run_simulation(
+            config,
+            client_factory=broker.client,
+            operator=reference.operate if reference is not None else None,
+        )
     finally:
         if task is not None:
             task.cancel()

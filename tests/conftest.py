@@ -127,8 +127,13 @@ class Recorder:
     def topics(self) -> list[str]:
         return [str(m.topic) for m in self.messages]
 
-    def on(self, suffix: str) -> list[aiomqtt.Message]:
-        return [m for m in self.messages if str(m.topic).endswith(suffix)]
+    def on(self, suffix: str, prefix: str = "") -> list[aiomqtt.Message]:
+        """Messages whose topic ends with `suffix` (and starts with `prefix`: one recipient)."""
+        return [
+            m
+            for m in self.messages
+            if str(m.topic).endswith(suffix) and str(m.topic).startswith(prefix)
+        ]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         async def loop() -> None:
@@ -238,6 +243,17 @@ class Clients:
     backend_client: aiomqtt.Client
 
 
+# The default policy's recipients: the backend prefix and the egress
+# prefixes of the map provider and the app providers.
+BACKEND_FILTERS = ("tsp/#", "map/#", "apps/#")
+
+
+async def subscribe_backend(client: aiomqtt.Client) -> None:
+    """Subscribe a backend-side client to every recipient of the default policy."""
+    for topic in BACKEND_FILTERS:
+        await client.subscribe(topic, qos=1)
+
+
 @pytest.fixture
 async def clients(broker: MosquittoBroker) -> AsyncIterator[Clients]:
     async with (
@@ -246,7 +262,7 @@ async def clients(broker: MosquittoBroker) -> AsyncIterator[Clients]:
         ) as backend_client,
         aiomqtt.Client("127.0.0.1", broker.port, identifier=f"tbox-{VIN}") as car_client,
     ):
-        await backend_client.subscribe("tsp/#", qos=1)
+        await subscribe_backend(backend_client)
         recorder = Recorder(backend_client)
         car = Car(car_client, recorder)
         await car.subscribe()

@@ -23,7 +23,7 @@ from gateway.config import BrokerConfig, ConfigError
 from sim.broker import ListenerTls, MosquittoBroker, free_port
 from telematics.v1 import streams_pb2
 
-from .conftest import DEFAULT_POLICY, VIN, Car, Recorder, gateway_config
+from .conftest import DEFAULT_POLICY, VIN, Car, Recorder, gateway_config, subscribe_backend
 from .test_cli import gateway
 from .test_tls import CertificateAuthority, running_gateway
 
@@ -67,7 +67,7 @@ async def recording(
         protocol=aiomqtt.ProtocolVersion.V5,
         tls_context=context,
     ) as client:
-        await client.subscribe("tsp/#", qos=1)
+        await subscribe_backend(client)
         recorder = Recorder(client)
         task = asyncio.create_task(recorder.run())
         try:

@@ -277,7 +277,7 @@ async def test_parked_message_whose_revision_was_applied_before_a_crash_is_relea
     store = SqliteConsentStore.in_state_dir(gateways.state_dir)
     subject = service.audit_subject(VIN)  # the store keys cars by subject
     store.apply_settings(
-        SettingsSnapshot(subject, 2, False, LocationMode.PRECISE, REMOTE, time.time(), "2026.11.2")
+        SettingsSnapshot(subject, 2, False, LocationMode.PRECISE, REMOTE, time.time(), "2026.12.1")
     )
     store.close()
     await gateways.start()

@@ -77,7 +77,7 @@ def test_each_command_has_help(command: str) -> None:
 def test_check_policy_default() -> None:
     result = gateway("check-policy", POLICY)
     assert result.returncode == 0, result.stderr
-    assert "2026.11.2" in result.stdout and "valid" in result.stdout
+    assert "2026.12.1" in result.stdout and "valid" in result.stdout
     for stream in ("tbox/status", "tbox/ecall", "avn/nav", "avn/app/{app_id}"):
         assert stream in result.stdout
 
@@ -101,7 +101,7 @@ def test_check_policy_json() -> None:
     result = gateway("check-policy", POLICY, "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["version"] == "2026.11.2"
+    assert summary["version"] == "2026.12.1"
     assert len(summary["digest"]) == 64
     rows = {r["stream"]: r for r in summary["streams"]}
     assert len(rows) == 12
@@ -209,7 +209,7 @@ def test_run_refuses_a_stored_policy_that_no_longer_validates(
     from gateway.control.audit import AuditRecord
     from gateway.store import SqliteConsentStore, StoredPolicy
 
-    text = broken_policy.read_text().replace('version: "2026.11.2"', 'version: "2027.1.1"')
+    text = broken_policy.read_text().replace('version: "2026.12.1"', 'version: "2027.1.1"')
     digest = hashlib.sha256(text.encode()).hexdigest()
     store = SqliteConsentStore.in_state_dir(tmp_path / "state")
     store.save_policy(

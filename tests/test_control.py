@@ -52,7 +52,7 @@ POLICY_TEXT = DEFAULT_POLICY.read_text()
 
 
 def policy_text(version: str, cell_size: int = 2000) -> str:
-    text = POLICY_TEXT.replace('version: "2026.11.2"', f'version: "{version}"')
+    text = POLICY_TEXT.replace('version: "2026.12.1"', f'version: "{version}"')
     return text.replace("cell_size_m: 2000 ", f"cell_size_m: {cell_size} ")
 
 
@@ -107,7 +107,7 @@ async def restart(control: Control, gateways: GatewayHarness) -> None:
     config = control.plane.config
     await control.plane.stop()
     await gateways.stop(control.service)
-    control.service = await gateways.start()  # the configured file says 2026.11.2
+    control.service = await gateways.start()  # the configured file says 2026.12.1
     control.plane = ControlPlane(control.service, config)
     await control.plane.start()
     control.url = f"http://127.0.0.1:{control.plane.port}"
@@ -200,7 +200,7 @@ async def test_refused_pushes_leave_the_active_policy_enforced(
         body = await response.json()
         assert response.status == status, body
         assert words in repr(body)
-        assert await status_version(clients) == "2026.11.2"
+        assert await status_version(clients) == "2026.12.1"
     problems = (await refusals[3][0].json())["problems"]
     assert any("privacy by default" in p["problem"] for p in problems)
 
@@ -239,9 +239,9 @@ async def test_push_while_messages_flow_each_message_decided_by_exactly_one_vers
         )
     assert set(sent) <= set(received)  # nothing lost during the swap
     versions = [received[s] for s in sent]
-    assert {v for v, _ in versions} == {"2026.11.2", "2027.2.1"}
+    assert {v for v, _ in versions} == {"2026.12.1", "2027.2.1"}
     for version, accuracy in versions:
-        assert accuracy == (2000 if version == "2026.11.2" else 5000)
+        assert accuracy == (2000 if version == "2026.12.1" else 5000)
     # Arrival order: once the new version decided a message, the old one never did again.
     first_new = next(i for i, (v, _) in enumerate(versions) if v == "2027.2.1")
     assert all(v == "2027.2.1" for v, _ in versions[first_new:])
@@ -263,13 +263,13 @@ async def test_rollback(control: Control, clients: Clients) -> None:
     assert unknown.status == 404
     back = await control.http.post(
         f"{control.url}/v1/policy/rollback",
-        json={"version": "2026.11.2"},
+        json={"version": "2026.12.1"},
         headers=control.auth("operator"),
     )
     assert back.status == 200, await back.text()
-    assert await status_version(clients) == "2026.11.2"
+    assert await status_version(clients) == "2026.12.1"
     versions = {p.version: p.active for p in control.service.store.policies()}
-    assert versions == {"2026.11.2": True, "2027.3.1": False}
+    assert versions == {"2026.12.1": True, "2027.3.1": False}
 
 
 async def get_policy(control: Control) -> dict[str, Any]:
@@ -342,7 +342,7 @@ async def test_concurrent_pushes_the_newest_stays_active_also_after_restart(
     assert await status_version(clients) == "2027.8.2"
     stored = {p.version: p.active for p in service.store.policies()}
     assert stored == {
-        "2026.11.2": False,
+        "2026.12.1": False,
         **{f"2027.{i}.2": False for i in range(1, 8)},
         "2027.8.2": True,
     }
@@ -370,12 +370,12 @@ async def test_a_version_names_one_text_for_good(
         assert (stored["2027.5.1"].digest, stored["2027.5.1"].yaml) == (digest, text)
 
     await other_text_refused()  # while 2027.5.1 is active
-    assert (await rollback(control, "2026.11.2")).status == 200
+    assert (await rollback(control, "2026.12.1")).status == 200
     await other_text_refused()  # newer than the active one, still the same number
-    assert await status_version(clients) == "2026.11.2"
+    assert await status_version(clients) == "2026.12.1"
     await restart(control, gateways)
     await other_text_refused()
-    assert await status_version(clients) == "2026.11.2"
+    assert await status_version(clients) == "2026.12.1"
     back = await rollback(control, "2027.5.1")
     assert back.status == 200, await back.text()
     assert (await back.json())["digest"] == digest
@@ -411,7 +411,7 @@ async def test_replayed_bundle_refused_rollback_is_the_way_back(
     active = await rollback(control, "2027.6.2")
     assert active.status == 409 and "already active" in (await active.json())["error"]
     assert [p.version for p in control.service.store.policies()] == [
-        "2026.11.2",
+        "2026.12.1",
         "2027.6.1",
         "2027.6.2",
     ]
@@ -449,8 +449,8 @@ async def test_rollback_to_a_stored_policy_that_no_longer_validates(
     assert response.status == 422, body
     assert "stored policy 2026.5.1 no longer validates" in body["error"]
     assert any("privacy by default" in p["problem"] for p in body["problems"])
-    assert await status_version(clients) == "2026.11.2"
-    assert control.service.store.active_policy().version == "2026.11.2"  # type: ignore[union-attr]
+    assert await status_version(clients) == "2026.12.1"
+    assert control.service.store.active_policy().version == "2026.12.1"  # type: ignore[union-attr]
 
 
 async def test_restriction_is_announced_downstream_set_and_lifted(
@@ -498,7 +498,18 @@ async def test_export_answers_art_15_per_stream_and_renders_for_people(
     streams = {s["stream"]: s for s in export["streams"]}
     status = streams["tbox/status"]
     assert status["purpose"] and status["legal_basis"] == "contract"
-    assert status["retention_days"] > 0 and status["recipients"]
+    assert status["retention_days"] > 0
+    (developer,) = status["recipients"]  # who gets it, where, on which transfer basis
+    assert (developer["id"], developer["region"], developer["transfer_basis"]) == (
+        "developer",
+        "CN",
+        "scc",
+    )
+    assert developer["identified_by"] == "VIN"
+    nav = {r["id"]: r for r in streams["avn/nav"]["recipients"]}
+    assert nav["map_provider"]["identified_by"] == "pseudonym"
+    assert nav["map_provider"]["not_sent"] == ["route_id"]
+    assert streams["avn/app/{app_id}"]["recipients"][0]["transfer_basis"] == "explicit_consent"
     assert status["data"]["position"].startswith("location")
     assert status["messages_sent"] >= 1
     page = await http.get(
@@ -508,6 +519,7 @@ async def test_export_answers_art_15_per_stream_and_renders_for_people(
     assert page.status == 200 and page.content_type == "text/html"
     assert text.startswith("<!doctype html>") and VIN in text
     assert status["purpose"] in text and "tbox/status" in text
+    assert "standard contractual clauses" in text and "HERE Europe" in text
     assert "<script" not in text.lower()
 
 
@@ -570,7 +582,7 @@ async def test_objection_stops_a_legitimate_interest_feature_and_survives_change
 
 
 async def test_a_widened_policy_needs_the_consent_again(control: Control, clients: Clients) -> None:
-    """Issue 14, item 2: a consent given under 2026.11.2 covers online search
+    """Issue 14, item 2: a consent given under 2026.12.1 covers online search
     as that version defined it (the typed text cleared unless precise). A push
     that keeps the text widens it: the car's searches drop as
     `consent_outdated`, the car is asked again, and once it confirms the new
@@ -583,7 +595,7 @@ async def test_a_widened_policy_needs_the_consent_again(control: Control, client
         msg = streams_pb2.SearchQuery(text=text, category="charger")
         await car.send("avn/search", car.header(msg))
         await car.barrier()
-        return len(clients.backend.on("/avn/search"))
+        return len(clients.backend.on("/avn/search", "tsp/"))
 
     assert await search("near me") == 1
     wider = policy_text("2027.1.1").replace("      text: place_text\n", "      text: keep\n")
@@ -598,7 +610,7 @@ async def test_a_widened_policy_needs_the_consent_again(control: Control, client
     msg = privacy_pb2.PrivacySettings(revision=2, location=common_pb2.LOCATION_APPROXIMATE)
     msg.header.vin = VIN
     msg.features["online_search"] = True
-    msg.policy_version = "2026.11.2"  # the car still shows the old screen
+    msg.policy_version = "2026.12.1"  # the car still shows the old screen
     await car.send("avn/privacy", msg)
     applied = await asyncio.wait_for(car.applied.get(), 10)
     while applied.revision != 2:
@@ -607,7 +619,7 @@ async def test_a_widened_policy_needs_the_consent_again(control: Control, client
     assert await search("near me") == 1
     await car.settings(3, features=features, location=common_pb2.LOCATION_APPROXIMATE)
     assert await search("near me") == 2  # confirmed under 2027.1.1
-    got = streams_pb2.SearchQuery.FromString(clients.backend.on("/avn/search")[-1].payload)  # type: ignore[arg-type]
+    got = streams_pb2.SearchQuery.FromString(clients.backend.on("/avn/search", "tsp/")[-1].payload)  # type: ignore[arg-type]
     assert got.text == "near me"
 
 
@@ -624,13 +636,13 @@ async def test_rewidening_after_a_rollback_needs_the_consent_again(
     async def searches() -> int:
         await car.send("avn/search", car.header(streams_pb2.SearchQuery(text="x")))
         await car.barrier()
-        return len(clients.backend.on("/avn/search"))
+        return len(clients.backend.on("/avn/search", "tsp/"))
 
     wide = policy_text("2027.1.1").replace("      text: place_text\n", "      text: keep\n")
     assert (await control.push(wide)).status == 200
     await car.settings(2, features=features, location=common_pb2.LOCATION_APPROXIMATE)
     assert await searches() == 1  # confirmed under 2027.1.1
-    assert (await rollback(control, "2026.11.2")).status == 200
+    assert (await rollback(control, "2026.12.1")).status == 200
     assert await searches() == 2  # narrowing applies at once
     again = policy_text("2027.2.1").replace("      text: place_text\n", "      text: keep\n")
     assert (await control.push(again)).status == 200
@@ -740,7 +752,7 @@ async def test_restriction_export_and_erasure_round_trip(
     sent = {(c["feature"], c["category"]): c["messages"] for c in export["sent_to_backend"]}
     assert sent[("remote_control", "tbox/status")] == 2  # none while restricted
     assert sent[("third_party.music", "avn/app/{app_id}")] == 1
-    assert "2026.11.2" in export["policy_versions_applied"]
+    assert "2026.12.1" in export["policy_versions_applied"]
     assert {r["category"]: r["retention_days"] for r in export["retention"]}[
         "tbox/connectivity"
     ] == 7

@@ -832,7 +832,7 @@ def test_connectivity_ids_removed_ip_truncated(ip: str, expected: str) -> None:
 def test_app_stream_pseudonymizes_vin() -> None:
     fwd = forwarded(run("avn/app/music", state({"third_party.music": True})))
     ref = fwd.topic.split("/")[1]
-    assert fwd.topic == f"tsp/{ref}/avn/app/music"
+    assert fwd.topic == f"apps/{ref}/avn/app/music"
     assert HEX32.match(ref) and ref != VIN
     assert ref == pseudonym(KEY, "vin/music", VIN)
     out = streams_pb2.AppTraffic.FromString(fwd.payload)
@@ -896,11 +896,13 @@ def test_every_forward_carries_user_properties(stream: str) -> None:
         "legal-basis",
         "retention-days",
         "transforms",
+        "recipient",
+        "transfer-basis",
     ]
     route = POLICY.route(stream)
     assert route is not None
     rule = route[0]
-    assert props["policy-version"] == POLICY.version == "2026.11.2"
+    assert props["policy-version"] == POLICY.version == "2026.12.1"
     assert props["feature"] == STREAMS[stream][0] == fwd.feature
     assert props["legal-basis"] == rule.legal_basis
     assert props["legal-basis"] == (

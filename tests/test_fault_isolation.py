@@ -29,11 +29,21 @@ from gateway.store import SqliteConsentStore
 from gateway.store.sqlite import SCHEMA_VERSION
 from sim.broker import MosquittoBroker
 from telematics.v1 import command_pb2, privacy_pb2, streams_pb2
-from tests.conftest import KEY, VIN, Car, Clients, GatewayHarness, GatewayProcess, Recorder
+from tests.conftest import (
+    BACKEND_FILTERS,
+    KEY,
+    VIN,
+    Car,
+    Clients,
+    GatewayHarness,
+    GatewayProcess,
+    Recorder,
+    subscribe_backend,
+)
 
 pytestmark = pytest.mark.integration
 
-OPEN_ACL = "topic readwrite vehicle/#\ntopic readwrite tsp/#\n"
+OPEN_ACL = "".join(f"topic readwrite {t}\n" for t in ("vehicle/#", *BACKEND_FILTERS))
 NO_BATTERY_ACL = OPEN_ACL + "topic deny tsp/+/tbox/battery\n"
 NO_ERASURE_ACL = OPEN_ACL + "topic deny tsp/+/erasure\n"
 
@@ -49,7 +59,7 @@ async def running(
         ) as backend_client,
         aiomqtt.Client("127.0.0.1", broker.port, identifier=f"tbox-{VIN}") as car_client,
     ):
-        await backend_client.subscribe("tsp/#", qos=1)
+        await subscribe_backend(backend_client)
         recorder = Recorder(backend_client)
         car = Car(car_client, recorder)
         await car.subscribe()
@@ -103,7 +113,7 @@ async def recording(
         clean_start=not persistent,
         properties=properties,
     ) as backend_client:
-        await backend_client.subscribe("tsp/#", qos=1)
+        await subscribe_backend(backend_client)
         recorder = Recorder(backend_client)
         task = asyncio.create_task(recorder.run())
         try:

@@ -148,7 +148,7 @@ def test_pseudonymized_streams_share_no_value_with_the_cars_vin_streams(
     vin_ints = [v for v in vin_values if isinstance(v, int) and not public(v)]
     for topic, values in seen.items():
         shared = {v for v in values & vin_values if not public(v)}
-        shared -= {"avn", "app", "tsp", "application/json", b"{}", *topic.split("/")}
+        shared -= {"avn", "app", "tsp", "apps", "application/json", b"{}", *topic.split("/")}
         assert not shared, f"{topic} shares {shared} with VIN streams"
         # A counter's neighbour or a timestamp a moment apart links as well as
         # an equal value.
@@ -167,7 +167,7 @@ def test_pseudonymized_streams_share_no_value_with_the_cars_vin_streams(
         for b in seen:
             if a < b:
                 between = {v for v in seen[a] & seen[b] if not public(v)}
-                between -= {"avn", "app", "tsp", "application/json", b"{}"}
+                between -= {"avn", "app", "tsp", "apps", "application/json", b"{}"}
                 assert not between, f"{a} and {b} share {between}"
 
 
@@ -290,7 +290,7 @@ def test_epoch_zero_keeps_todays_pseudonyms() -> None:
     }
     for app, ref in expected.items():
         fwd = forwarded(send(ctx(), f"avn/app/{app}", app_message(app, 1, TS_MS)))
-        assert fwd.topic == f"tsp/{ref}/avn/app/{app}"
+        assert fwd.topic == f"apps/{ref}/avn/app/{app}"
 
 
 def test_a_new_epoch_links_to_nothing_before() -> None:

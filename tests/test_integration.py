@@ -30,6 +30,7 @@ from .conftest import (
     GatewayHarness,
     GatewayProcess,
     Recorder,
+    subscribe_backend,
     user_properties,
 )
 
@@ -126,7 +127,7 @@ async def test_location_modes(
         assert got.position.speed_kmh == 0 and got.position.altitude_m == 0
         assert got.position.horizontal_accuracy_m == 2000
         assert props["transforms"] == "coarsen:position"
-        assert len(navs) == 1
+        assert len(navs) == 2  # the backend and the map provider (test_recipients.py)
     else:
         assert got.position == sent.position
         assert props["transforms"] == ""
@@ -369,7 +370,7 @@ async def test_backend_broker_outage_loses_nothing(tmp_path: Path) -> None:
             await harness.start()
             # The backend's own session must outlive the outage, as a real one would.
             async with _backend_session(backend_broker) as backend_client:
-                await backend_client.subscribe("tsp/#", qos=1)
+                await subscribe_backend(backend_client)
             async with (
                 aiomqtt.Client(
                     "127.0.0.1", vehicle_broker.port, identifier=f"tbox-{VIN}"
@@ -419,7 +420,7 @@ async def test_kill_9_mid_stream_then_restart_delivers_everything_and_keeps_sett
             ) as backend_client,
             aiomqtt.Client("127.0.0.1", broker.port, identifier=f"tbox-{VIN}") as car_client,
         ):
-            await backend_client.subscribe("tsp/#", qos=1)
+            await subscribe_backend(backend_client)
             recorder = Recorder(backend_client)
             car = Car(car_client, recorder)
             await car.subscribe()
@@ -489,7 +490,7 @@ async def test_vehicle_broker_restart_gateway_reconnects_and_loses_nothing(tmp_p
                 identifier="backend",
                 protocol=aiomqtt.ProtocolVersion.V5,
             ) as backend_client:
-                await backend_client.subscribe("tsp/#", qos=1)
+                await subscribe_backend(backend_client)
                 recorder = Recorder(backend_client)
                 rec_task = asyncio.create_task(recorder.run())
                 async with aiomqtt.Client("127.0.0.1", vehicle_broker.port, identifier="avn") as c:

@@ -83,6 +83,6 @@ def test_the_running_gateway_logs_fields_in_text_mode(tmp_path: Path) -> None:
     starting = next(line for line in lines if "starting: vehicle broker" in line)
     assert starting.rstrip().endswith(f" version={__version__}")
     ready = next(line for line in lines if "gateway ready" in line)
-    assert " policy_version=2026.11.2" in ready
+    assert " policy_version=2026.12.1" in ready
     stopped = next(line for line in lines if "gateway stopped" in line)
     assert " received=" in stopped and " internal_errors=0" in stopped

@@ -147,7 +147,7 @@ def test_installed_cli_help_version_and_check_policy(installed: Path, elsewhere:
         "sys.exit(main(['check-policy', str(a.DEFAULT_POLICY)]))",
     )
     assert policy.returncode == 0, policy.stderr
-    assert "policy 2026.11.2" in policy.stdout and "is valid" in policy.stdout
+    assert "policy 2026.12.1" in policy.stdout and "is valid" in policy.stdout
     assert "tbox/connectivity" in policy.stdout
 
 
@@ -186,7 +186,7 @@ def test_installed_gateway_runs_on_its_default_config(
             lines.append(line)
             if "gateway ready" in line or time.monotonic() > deadline:
                 break
-        assert any("gateway ready: policy 2026.11.2" in line for line in lines), "".join(lines)
+        assert any("gateway ready: policy 2026.12.1" in line for line in lines), "".join(lines)
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)

@@ -61,7 +61,7 @@ def write(tmp_path: Path, doc: Doc | str, name: str = "policy.yaml") -> Path:
 
 def test_default_policy_loads() -> None:
     policy = load_policy(DEFAULT)
-    assert policy.version == "2026.11.2"
+    assert policy.version == "2026.12.1"
     assert policy.digest == hashlib.sha256(DEFAULT.read_bytes()).hexdigest()
     assert policy.cell_size_m == 2000.0
     assert policy.refresh_interval_ms == 900_000

@@ -60,7 +60,7 @@ def test_the_block_is_the_workflow_the_test_follows() -> None:
     """The steps this test relies on are in the README (else it would test nothing)."""
     joined = "\n".join(workflow_commands())
     for step in ("keygen ~/gateway-ops/ops.key", "token --name alice", " run --config ",
-                 "sed -i 's/^version: .*/version: \"2026.11.3\"/'", "policy sign", "policy push",
+                 "sed -i 's/^version: .*/version: \"2026.12.2\"/'", "policy sign", "policy push",
                  "audit verify"):
         assert step in joined, step
 
@@ -116,7 +116,7 @@ def test_operator_workflow_from_the_readme(tmp_path: Path) -> None:
                 if " token --name " in command:
                     token = edit_config_as_the_readme_says(ops, result.stdout, control_port)
                 if " policy push " in command:
-                    assert json.loads(result.stdout)["version"] == "2026.11.3", result.stdout
+                    assert json.loads(result.stdout)["version"] == "2026.12.2", result.stdout
                 if " audit verify " in command:
                     assert "audit ledger intact" in result.stdout
             assert gateway is not None and token
@@ -126,7 +126,7 @@ def test_operator_workflow_from_the_readme(tmp_path: Path) -> None:
             )
             with urllib.request.urlopen(request, timeout=10) as response:
                 view = json.loads(response.read())
-            assert view["version"] == "2026.11.3" and view["signer"] != "config"
+            assert view["version"] == "2026.12.2" and view["signer"] != "config"
         finally:
             if gateway is not None:
                 if gateway.poll() is None:
@@ -141,7 +141,7 @@ def test_operator_workflow_from_the_readme(tmp_path: Path) -> None:
     assert (ops / "ops.key").stat().st_mode & 0o777 == 0o600
     assert not (ROOT / "ops.key").exists() and not (ROOT / "config" / "ops.key").exists()
     # Text logs carry the structured fields: the pushed version is on its line.
-    assert any("policy 2026.11.3 active" in line and " policy_version=2026.11.3" in line
+    assert any("policy 2026.12.2 active" in line and " policy_version=2026.12.2" in line
                for line in log), "".join(log)
 
 

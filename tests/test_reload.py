@@ -23,7 +23,16 @@ from gateway.policy import load_policy
 from sim.broker import MosquittoBroker
 from telematics.v1 import streams_pb2
 
-from .conftest import DEFAULT_POLICY, REPO, VIN, Car, GatewayProcess, Recorder, gateway_config
+from .conftest import (
+    DEFAULT_POLICY,
+    REPO,
+    VIN,
+    Car,
+    GatewayProcess,
+    Recorder,
+    gateway_config,
+    subscribe_backend,
+)
 from .test_control import _control_url, policy_text
 from .test_tls import CertificateAuthority, running_gateway
 
@@ -65,7 +74,7 @@ async def fleet(broker: MosquittoBroker) -> AsyncIterator[tuple[Car, Recorder]]:
         ) as backend_client,
         aiomqtt.Client("127.0.0.1", broker.port, identifier=f"tbox-{VIN}") as car_client,
     ):
-        await backend_client.subscribe("tsp/#", qos=1)
+        await subscribe_backend(backend_client)
         recorder = Recorder(backend_client)
         car = Car(car_client, recorder)
         await car.subscribe()
@@ -127,7 +136,7 @@ async def test_sighup_reloads_tokens_keys_and_level_and_offers_a_newer_policy(
             offered_line = await wait_for_line(proc, "newer than the active", mark)
             assert (
                 f"policy file {policy_file} has version 2027.6.1 newer than the active"
-                " 2026.11.2: sign and push it to apply"
+                " 2026.12.1: sign and push it to apply"
             ) in offered_line
             await flow
             await car.barrier()
@@ -135,7 +144,7 @@ async def test_sighup_reloads_tokens_keys_and_level_and_offers_a_newer_policy(
             assert (await get_policy(old_token))[0] == 401
             status, view = await get_policy(new_token)
             assert status == 200
-            assert view["version"] == "2026.11.2"  # offered, not applied
+            assert view["version"] == "2026.12.1"  # offered, not applied
             assert view["offered"] == {
                 "version": "2027.6.1",
                 "digest": load_policy(policy_file).digest,

@@ -8,6 +8,7 @@ the checker reports exactly that kind of problem.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -150,9 +151,12 @@ def forged_forward(run: Run, pub: Published) -> Record:
     ref = pub.vin
     if pub.stream.startswith("avn/app/"):
         ref = pseudonym(run.key, f"vin/{pub.stream.split('/')[-1]}", pub.vin)
+    rule = run.policy.rule_for(pub.stream)
+    assert rule is not None
+    first = run.policy.recipients[next(iter(rule.routes))]  # its first recipient
     return {
         "wall": float(pub.record["wall_end"]) + 0.01,
-        "topic": f"tsp/{ref}/{pub.stream}",
+        "topic": f"{first.prefix or 'tsp'}/{ref}/{pub.stream}",
         "payload": pub.record["payload"],
         "props": properties_for(run, pub.stream),
         "qos": 1,
@@ -373,7 +377,7 @@ def test_vin_in_app_stream_is_a_leak(clean_run: Run) -> None:
     )
     assert (LEAK, "vin_in_pseudonymized_stream") in rules(check(clean_run, in_payload))
     in_topic = copy.deepcopy(clean_run.recording)
-    in_topic[position]["topic"] = f"tsp/{pub.vin}/avn/app/music"
+    in_topic[position]["topic"] = f"apps/{pub.vin}/avn/app/music"
     found = rules(check(clean_run, in_topic))
     assert (LEAK, "vin_in_pseudonymized_stream") in found
     assert (WRONG_TRANSFORM, "pseudonym_vin") in found
@@ -418,9 +422,7 @@ def test_removed_under_approximate_is_over_coarsening(clean_run: Run) -> None:
 
 
 def test_approximate_outside_cell_is_a_wrong_transform(clean_run: Run) -> None:
-    _, position = find_delivered(
-        clean_run, "tbox/status", mode_is(common_pb2.LOCATION_APPROXIMATE)
-    )
+    _, position = find_delivered(clean_run, "tbox/status", mode_is(common_pb2.LOCATION_APPROXIMATE))
     recording = edit_recorded(
         clean_run,
         position,
@@ -449,9 +451,7 @@ def test_fresh_noise_instead_of_the_global_grid_is_detected(clean_run: Run) -> N
     recording = edit_recorded(
         clean_run, position, "tbox/status", lambda m: setattr(m.position, "latitude", off_grid)
     )
-    assert (WRONG_TRANSFORM, "approximate_not_on_global_grid") in rules(
-        check(clean_run, recording)
-    )
+    assert (WRONG_TRANSFORM, "approximate_not_on_global_grid") in rules(check(clean_run, recording))
 
 
 def test_modified_ecall_is_a_wrong_transform(clean_run: Run) -> None:
@@ -556,7 +556,10 @@ def test_refresh_sooner_than_the_interval_is_a_leak(clean_run: Run) -> None:
     too_soon = 1.0 + interval / 2
     checker.anchor_values[vin] = [(0.0, 0.0, a), (1.0, 1.0, b), (too_soon, too_soon - 0.01, a)]
     checker.odometer_values[vin] = [
-        (0.0, 0.0, 10.0), (5.0, 5.0, 10.0), (6.0, 6.0, 11.0), (7.0, 7.0, 12.0)
+        (0.0, 0.0, 10.0),
+        (5.0, 5.0, 10.0),
+        (6.0, 6.0, 11.0),
+        (7.0, 7.0, 12.0),
     ]
     checker._check_refresh_interval()
     assert {(i.category, i.rule) for i in checker.issues} == {
@@ -573,8 +576,10 @@ def with_capture(run: Run, pub: Published, revision: int, settings: Settings | N
     (with `settings`, applied, when given)."""
     truth = copy.deepcopy(run.truth)
     for record in truth:
-        if record["type"] == "publish" and record["seq"] == pub.record["seq"] and (
-            record["vin"] == pub.vin and record["stream"] == pub.stream
+        if (
+            record["type"] == "publish"
+            and record["seq"] == pub.record["seq"]
+            and (record["vin"] == pub.vin and record["stream"] == pub.stream)
         ):
             record["capture_rev"] = revision
             record["uploaded_late"] = True
@@ -629,12 +634,145 @@ def test_location_under_a_stricter_capture_mode_is_a_leak(clean_run: Run) -> Non
     pub, _ = find_delivered(
         clean_run,
         "tbox/status",
-        lambda p, s: s is not None
-        and s.location == common_pb2.LOCATION_PRECISE
-        and p.message is not None
-        and p.message.HasField("position"),
+        lambda p, s: (
+            s is not None
+            and s.location == common_pb2.LOCATION_PRECISE
+            and p.message is not None
+            and p.message.HasField("position")
+        ),
     )
     revision = 10**6
     captured = Settings(revision, False, common_pb2.LOCATION_OFF, {"remote_control": True})
     forged = with_capture(clean_run, pub, revision, captured)
     assert (LEAK, "geopoint_under_location_off") in rules(check(forged))
+
+
+# --- issue 14: recipients, ownership change, objection ----------------------------------
+
+
+def _records(run: Run, kind: str) -> list[Record]:
+    return [r for r in run.truth if r["type"] == kind]
+
+
+def test_clean_run_exercises_the_notice(clean_run: Run) -> None:
+    result = check(clean_run)
+    assert result.operator["ownership_change:done"] >= 1
+    assert result.operator["objection:done"] >= 1
+    assert result.messages["delivered"] > 0 and result.messages["refused"] > 0
+    assert any(r["topic"].startswith("map/") for r in clean_run.recording)
+
+
+def test_previous_owners_data_after_the_change_is_a_leak(clean_run: Run) -> None:
+    """A message captured before the ownership change and forwarded after it."""
+    change = _records(clean_run, "operator")
+    change = [r for r in change if r["action"] == "ownership_change"]
+    assert change, "the clean run has no ownership change"
+    vin, t_ms, end = change[0]["vin"], change[0]["t_ms"], change[0]["wall_end"]
+    pub, _ = find_delivered(clean_run, "tbox/status", lambda p, s: p.vin == vin and p.ts_ms < t_ms)
+    late = dict(pub.record, wall_start=end + 1.0, wall_end=end + 1.1)
+    run = dataclasses.replace(clean_run, truth=[*clean_run.truth, late])
+    assert (LEAK, "previous_owners_data_after_ownership_change") in rules(check(run))
+
+
+def test_an_objected_advert_reaching_the_car_is_a_leak(clean_run: Run) -> None:
+    objections = [r for r in _records(clean_run, "operator") if r["action"] == "objection"]
+    assert objections, "the clean run has no objection"
+    received = {(r["vin"], r["request_id"]) for r in _records(clean_run, "message_received")}
+    for objection in objections:
+        vin, end = objection["vin"], objection["wall_end"]
+        refused = [
+            m
+            for m in _records(clean_run, "message_sent")
+            if m["vin"] == vin
+            and m["category"] == "service_advert"
+            and m["wall_sent"] > end
+            and (vin, m["request_id"]) not in received
+        ]
+        if refused:
+            break
+    else:
+        raise AssertionError("no advert was sent after an objection")
+    forged = {
+        "type": "message_received",
+        "vin": vin,
+        "category": "service_advert",
+        "request_id": refused[0]["request_id"],
+        "wall": refused[0]["wall_sent"] + 0.01,
+    }
+    run = dataclasses.replace(clean_run, truth=[*clean_run.truth, forged])
+    assert (LEAK, "objected_feature_reached_the_car") in rules(check(run))
+
+
+def test_an_allowed_message_that_never_reaches_the_car_is_a_loss(clean_run: Run) -> None:
+    changed = {r["vin"] for r in _records(clean_run, "operator")}
+    sent = {
+        r["request_id"]: r
+        for r in _records(clean_run, "message_sent")
+        if r["category"] == "alert"
+        and r["applied_rev"] is not None
+        and r["pending_rev"] is None
+        and r["vin"] not in changed
+    }
+    gone = next(r for r in _records(clean_run, "message_received") if r["request_id"] in sent)
+    truth = [
+        r
+        for r in clean_run.truth
+        if not (r["type"] == "message_received" and r["request_id"] == gone["request_id"])
+    ]
+    run = dataclasses.replace(clean_run, truth=truth)
+    assert (LOSS, "message_not_delivered") in rules(check(run))
+
+
+def test_a_refused_dpo_action_is_reported(clean_run: Run) -> None:
+    truth = [
+        dict(r, status=500, detail="boom") if r["type"] == "operator" else r
+        for r in clean_run.truth
+    ]
+    run = dataclasses.replace(clean_run, truth=truth)
+    assert (LEAK, "operator_action_refused") in rules(check(run))
+
+
+def _map_copies(run: Run) -> list[int]:
+    return [n for n, r in enumerate(run.recording) if r["topic"].startswith("map/")]
+
+
+def test_a_copy_for_an_undeclared_recipient_is_a_leak(clean_run: Run) -> None:
+    pub, position = find_delivered(clean_run, "tbox/status")
+    recording = copy.deepcopy(clean_run.recording)
+    forged = dict(recording[position], topic=f"map/{pub.vin}/tbox/status")
+    assert (LEAK, "undeclared_recipient") in rules(check(clean_run, [*recording, forged]))
+
+
+def test_a_field_the_recipient_must_not_get_is_a_leak(clean_run: Run) -> None:
+    nav = [n for n in _map_copies(clean_run) if clean_run.recording[n]["topic"].endswith("/nav")]
+    assert nav, "the clean run has no map provider copy of a navigation request"
+    recording = edit_recorded(clean_run, nav[0], "avn/nav", lambda m: setattr(m, "route_id", "r-1"))
+    assert (LEAK, "field_not_for_recipient") in rules(check(clean_run, recording))
+
+
+def test_the_vin_in_a_pseudonymized_copy_is_a_leak(clean_run: Run) -> None:
+    position = _map_copies(clean_run)[0]
+    recording = copy.deepcopy(clean_run.recording)
+    vin = next(v["vin"] for v in _records(clean_run, "vehicle"))
+    parts = recording[position]["topic"].split("/")
+    recording[position]["topic"] = "/".join([parts[0], vin, *parts[2:]])
+    assert (LEAK, "vin_to_pseudonymized_recipient") in rules(check(clean_run, recording))
+
+
+def test_a_missing_recipient_copy_is_a_loss(clean_run: Run) -> None:
+    gone = set(_map_copies(clean_run)[:1])
+    recording = [r for n, r in enumerate(clean_run.recording) if n not in gone]
+    assert (LOSS, "recipient_copy_missing") in rules(check(clean_run, recording))
+
+
+def test_an_extra_recipient_copy_is_a_leak(clean_run: Run) -> None:
+    """A copy for the map provider of a message the developer never got."""
+    position = _map_copies(clean_run)[0]
+    recording = edit_recorded(
+        clean_run,
+        position,
+        clean_run.recording[position]["topic"].split("/", 2)[2],
+        lambda m: setattr(m.header, "seq", m.header.seq + 1),
+    )
+    extra = [*clean_run.recording, recording[position]]
+    assert (LEAK, "copy_without_message") in rules(check(clean_run, extra))

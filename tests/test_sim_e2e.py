@@ -44,6 +44,14 @@ def test_fleet_through_real_gateway_has_no_leaks_and_no_losses(tmp_path: Path) -
     assert must_pass > 500 and dropped > 200, result.summary_json()
     assert result.tallies["tbox/ecall"].delivered >= 1
     assert result.commands["accepted_ok"] > 0 and result.commands["refused_ok"] > 0
+    # Issue 14: the DPO changed a car's owner and objected to another car's
+    # service adverts through the control API; the checker judged the
+    # messages around them (nothing of the previous owner after the change,
+    # no advert after the objection), and the map provider's copies.
+    assert result.operator["ownership_change:done"] >= 1, result.operator
+    assert result.operator["objection:done"] >= 1, result.operator
+    assert result.messages["delivered"] > 0 and result.messages["refused"] > 0, result.messages
+    assert any(rec.startswith("map/") for rec in _topics(tmp_path)), "no map provider copy"
     assert outcome.gateway_exit_code == 0
     # Every interval of the run (refresh, windows, capture time) ran on the fleet's
     # compressed time, not on wall time.
@@ -59,3 +67,11 @@ def test_fleet_through_real_gateway_has_no_leaks_and_no_losses(tmp_path: Path) -
     assert status["coarsened"] > 0 and status["cleared"] > 0
     assert outcome.report_path is not None
     assert "class='bad'" not in outcome.report_path.read_text()
+
+
+def _topics(out: Path) -> list[str]:
+    import json
+
+    return [
+        json.loads(line)["topic"] for line in (out / "recording.jsonl").read_text().splitlines()
+    ]

@@ -109,7 +109,7 @@ def test_field_summary_comes_from_the_policy_and_the_recording(report: Report) -
     listed: Counter[tuple[str, str]] = Counter()
     for record in recording:
         parts = record["topic"].split("/")
-        if parts[2] == "cmd":
+        if parts[2] in ("cmd", "msg"):
             continue
         stream = "/".join(parts[2:])
         key = "avn/app/{app_id}" if stream.startswith("avn/app/") else stream

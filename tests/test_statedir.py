@@ -37,7 +37,15 @@ from gateway.store import sqlite as store_module
 from sim.broker import MosquittoBroker, find_mosquitto
 from telematics.v1 import common_pb2, streams_pb2
 
-from .conftest import DEFAULT_POLICY, VIN, Car, GatewayHarness, GatewayProcess, Recorder
+from .conftest import (
+    DEFAULT_POLICY,
+    VIN,
+    Car,
+    GatewayHarness,
+    GatewayProcess,
+    Recorder,
+    subscribe_backend,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +90,7 @@ def snapshot(vin: str = VIN, **features: bool) -> SettingsSnapshot:
         location=LocationMode.PRECISE,
         features=features or {"remote_control": True},
         applied_at=time.time(),
-        policy_version="2026.11.2",
+        policy_version="2026.12.1",
     )
 
 
@@ -531,7 +539,7 @@ async def test_state_dir_of_the_previous_release_is_upgraded_in_place(
         ) as backend_client,
         aiomqtt.Client("127.0.0.1", broker.port, identifier=f"tbox-{VIN}") as car_client,
     ):  # fmt: skip
-        await backend_client.subscribe("tsp/#", qos=1)
+        await subscribe_backend(backend_client)
         recorder = Recorder(backend_client)
         car = Car(car_client, recorder)
         await car.subscribe()

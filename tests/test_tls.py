@@ -34,7 +34,7 @@ from gateway.store import SqliteConsentStore
 from sim.broker import ListenerTls, MosquittoBroker
 from telematics.v1 import privacy_pb2, streams_pb2
 
-from .conftest import DEFAULT_POLICY, KEY, VIN, Car, Recorder, gateway_config
+from .conftest import DEFAULT_POLICY, KEY, VIN, Car, Recorder, gateway_config, subscribe_backend
 
 pytestmark = pytest.mark.integration
 
@@ -333,7 +333,7 @@ async def test_gateway_forwards_end_to_end_over_tls(tmp_path: Path) -> None:
             ) as car_client,
             running_gateway(config, wait_ready=True),
         ):
-            await backend_client.subscribe("tsp/#", qos=1)
+            await subscribe_backend(backend_client)
             recorder = Recorder(backend_client)
             car = Car(car_client, recorder)
             await car.subscribe()
@@ -401,7 +401,7 @@ async def test_untrusted_backend_broker_is_never_talked_to(
             aiomqtt.Client("127.0.0.1", broker.port, identifier=f"tbox-{VIN}") as car_client,
             running_gateway(config, wait_ready=False) as service,
         ):
-            await backend_client.subscribe("tsp/#", qos=1)
+            await subscribe_backend(backend_client)
             recorder = Recorder(backend_client)
             car = Car(car_client, recorder)
             await car.subscribe()

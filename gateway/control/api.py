@@ -31,9 +31,12 @@ from gateway.core.state import VIN_SCHEMA_PATTERN, is_valid_vin
 from gateway.policy import (
     CompiledPolicy,
     PolicyError,
+    StreamSpec,
     VersionConflict,
     action_name,
+    declared_recipients,
     parse_policy,
+    stream_routes,
     version_key,
 )
 from gateway.service import GatewayService
@@ -466,6 +469,7 @@ class ControlPlane:
             return _error(403, str(exc))
         try:
             policy = parse_policy(bundle.policy_yaml, source=f"bundle signed by {bundle.key_id}")
+            self.service.check_egress(policy)
         except PolicyError as exc:
             return _error(
                 422,
@@ -491,6 +495,7 @@ class ControlPlane:
             return _error(404, f"no stored policy version {version!r}", stored=sorted(stored))
         try:
             policy = parse_policy(target.yaml, source=f"stored policy {version}")
+            self.service.check_egress(policy)
         except PolicyError as exc:  # stored policies validated once; the schema may have moved on
             return _error(
                 422,
@@ -765,6 +770,7 @@ class ControlPlane:
                         "code": d.code,
                         "attempts": d.attempts,
                         "size": d.size,
+                        "recipient": d.recipient,
                     }
                     for d in letters
                 ],
@@ -893,8 +899,7 @@ def _stream_answers(policy: CompiledPolicy, counts: list[EgressCount]) -> list[d
         sent[c.stream] = sent.get(c.stream, 0) + c.count
     answers = []
     for key, spec in policy.document.streams.items():
-        feature = policy.document.features.get(spec.feature)
-        app = spec.pseudonymize_vin
+        feature = policy.document.features.get(spec.feature.partition(".")[0])
         answers.append(
             {
                 "stream": key,
@@ -902,11 +907,7 @@ def _stream_answers(policy: CompiledPolicy, counts: list[EgressCount]) -> list[d
                 "purpose": feature.description if feature is not None else "",
                 "legal_basis": feature.legal_basis if feature is not None else "",
                 "retention_days": spec.retention_days,
-                "recipients": [
-                    "the app's provider, under a pseudonym (never the VIN)"
-                    if app
-                    else "the carmaker's telematics backend"
-                ],
+                "recipients": _recipients(policy, spec),
                 "data": {
                     name: _FIELD_WORDS.get(action_name(action), action_name(action))
                     for name, action in spec.fields.items()
@@ -915,6 +916,49 @@ def _stream_answers(policy: CompiledPolicy, counts: list[EgressCount]) -> list[d
             }
         )
     return answers
+
+
+_TRANSFER_WORDS = {
+    "none": "no transfer outside the EEA",
+    "adequacy": "third country with an adequacy decision (Art. 45)",
+    "scc": "third country, standard contractual clauses (Art. 46(2)(c))",
+    "bcr": "third country, binding corporate rules (Art. 47)",
+    "explicit_consent": "third country without adequate protection, on your explicit"
+    " consent (Art. 49(1)(a))",
+}
+
+
+def _recipients(policy: CompiledPolicy, spec: StreamSpec) -> list[dict[str, Any]]:
+    """Who gets a stream (Art. 15(1)(c)) and under which transfer safeguard (Art. 15(2))."""
+    declared = declared_recipients(policy.document)
+    out = []
+    for rid, route in stream_routes(policy.document, spec).items():
+        r = declared.get(rid)
+        if r is None:
+            continue
+        out.append(
+            {
+                "id": rid,
+                "name": r.name or "the carmaker's telematics backend",
+                "role": r.role,
+                "region": r.region,
+                "transfer_basis": r.transfer_basis,
+                "transfer": _TRANSFER_WORDS[r.transfer_basis],
+                "identified_by": "pseudonym"
+                if spec.pseudonymize_vin or route.pseudonymize_vin
+                else "VIN",
+                "not_sent": list(route.remove),
+            }
+        )
+    return out
+
+
+def _recipient_words(r: dict[str, Any]) -> str:
+    words = f"{r['name']} ({r['role']}, {r['region'] or 'region not declared'}; {r['transfer']}"
+    words += "; under a pseudonym, never the VIN" if r["identified_by"] == "pseudonym" else ""
+    if r["not_sent"]:
+        words += "; without " + ", ".join(r["not_sent"])
+    return words + ")"
 
 
 def _stream_matches(key: str, stream: str) -> bool:
@@ -929,7 +973,8 @@ def render_export_html(export: dict[str, Any]) -> str:
     e = html.escape
     rows = "".join(
         f"<tr><td>{e(s['stream'])}</td><td>{e(s['purpose'])}</td><td>{e(s['legal_basis'])}</td>"
-        f"<td>{e('; '.join(s['recipients']))}</td><td>{s['retention_days']} days</td>"
+        f"<td>{e('; '.join(_recipient_words(r) for r in s['recipients']))}</td>"
+        f"<td>{s['retention_days']} days</td>"
         f"<td>{s['messages_sent']}</td><td><ul>"
         + "".join(f"<li>{e(k)}: {e(v)}</li>" for k, v in s["data"].items())
         + "</ul></td></tr>"

@@ -46,7 +46,13 @@ from gateway.core.transforms import (
     truncate_ip,
     valid_position,
 )
-from gateway.policy import CompiledCommand, CompiledPolicy, CompiledStream
+from gateway.policy import (
+    IMPLICIT_RECIPIENT_ID,
+    CompiledCommand,
+    CompiledPolicy,
+    CompiledRoute,
+    CompiledStream,
+)
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2, streams_pb2
 
 SETTINGS_TOPIC = "avn/privacy"
@@ -128,6 +134,29 @@ class DecisionContext:
         return self.internal_key if self.internal_key is not None else self.key
 
 
+# A stream of a compiled policy that predates recipients (built by hand).
+_IMPLICIT_ROUTES = (
+    CompiledRoute(
+        IMPLICIT_RECIPIENT_ID,
+        None,
+        False,
+        (),
+        "",
+        (("recipient", IMPLICIT_RECIPIENT_ID), ("transfer-basis", "none")),
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Egress:
+    """One more recipient's copy of a forwarded message."""
+
+    recipient: str
+    topic: str
+    payload: bytes
+    user_properties: tuple[tuple[str, str], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Forward:
     topic: str
@@ -141,6 +170,10 @@ class Forward:
     # New state when forwarding changes it (a find-my-car fix spends its
     # command's budget): durable before the message is forwarded.
     state: VehicleState | None = None
+    recipient: str = IMPLICIT_RECIPIENT_ID  # who `topic` reaches
+    # The stream's other recipients, each with its own copy: the message is
+    # final once every copy is.
+    also: tuple[Egress, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,14 +293,16 @@ def decide(
             else None
         )
         done: tuple[str, ...] = () if trimmed is None else ("trim",)
+        only = (stream.routes or _IMPLICIT_ROUTES)[0]  # exactly one (policy validation)
         return Forward(
-            topic=f"{ctx.backend_prefix}/{vin}/{relative}",
+            topic=f"{only.prefix or ctx.backend_prefix}/{vin}/{relative}",
             payload=payload if trimmed is None else trimmed,
-            user_properties=_properties(ctx.policy, stream, feature, done),
+            user_properties=_properties(ctx.policy, stream, feature, done, only),
             vin=vin,
             stream=stream.key,
             feature=feature,
             transforms=done,
+            recipient=only.recipient,
         )
     state = states.get(vin)
     stated = header.settings_revision
@@ -323,34 +358,86 @@ def decide(
             return Drop(DropReason(answered.value), stream.key, vin=vin)
         new_state = with_find_my_car(state, answered)
     transforms, anchor = _transform(ctx, stream, message, vin, mode, anchors.get(vin), now)
+    routes = stream.routes or _IMPLICIT_ROUTES
+    if (
+        app_id is not None
+        and any(r.pseudonymize_vin for r in routes)
+        and (other := app_id_mismatch(message, app_id)) is not None
+    ):
+        return Drop(DropReason.APP_ID_MISMATCH, stream.key, vin=vin, detail=other[:32])
+    copies: list[Egress] = []
+    first_done = transforms
+    for i, target in enumerate(routes):
+        final = i == len(routes) - 1
+        # The last route may change the message itself; the others get a copy.
+        copy = message
+        if not final:
+            copy = type(message)()
+            copy.CopyFrom(message)
+        applied = transforms if final else list(transforms)
+        if i == 0:
+            first_done = applied
+        egress = _route_copy(
+            ctx, stream, copy, vin, app_id, feature, relative, now, target, applied
+        )
+        if egress is None:
+            # The car put its VIN somewhere we cannot rewrite (opaque app
+            # bytes), in clear or in a common encoding (best effort).
+            return Drop(DropReason.VIN_IN_PAYLOAD, stream.key, vin=vin)
+        copies.append(egress)
+    first = copies[0]
+    return Forward(
+        topic=first.topic,
+        payload=first.payload,
+        user_properties=first.user_properties,
+        vin=vin,
+        stream=stream.key,
+        feature=feature,
+        transforms=tuple(first_done),
+        anchor=anchor,
+        state=new_state,
+        recipient=first.recipient,
+        also=tuple(copies[1:]),
+    )
+
+
+def _route_copy(
+    ctx: DecisionContext,
+    stream: CompiledStream,
+    message: Message,
+    vin: str,
+    app_id: str | None,
+    feature: str,
+    relative: str,
+    now: float,
+    route: CompiledRoute,
+    transforms: list[str],
+) -> Egress | None:
+    """One recipient's copy: its own removals and keying, serialized. None
+    when a pseudonymized copy still holds the VIN."""
+    for name in route.remove_fields:
+        if message.HasField(name) if _has_presence(message, name) else bool(getattr(message, name)):
+            message.ClearField(name)
+            transforms.append(f"remove:{name}")
     ref = vin
-    if stream.pseudonymize_vin:
-        if app_id is not None and (other := app_id_mismatch(message, app_id)) is not None:
-            return Drop(DropReason.APP_ID_MISMATCH, stream.key, vin=vin, detail=other[:32])
+    if route.pseudonymize_vin:
         # Rule 15: the header shares no value with the car's VIN-keyed streams.
         identity = ctx.policy.document.identity
         scope = (
             stream.key if app_id is None else app_scope(app_id, identity.rotation_days(app_id), now)
         )
-        ref = vin_ref(ctx.key, scope, vin, ctx.identity.epoch(vin))
+        ref = vin_ref(ctx.key, scope + route.scope_suffix, vin, ctx.identity.epoch(vin))
         step_ms = identity.pseudonymized_timestamp_step_s * 1000
-        pseudonymize_header(ctx.key, header, ref, step_ms)
+        pseudonymize_header(ctx.key, message.header, ref, step_ms)  # type: ignore[attr-defined]
         transforms.append("pseudonymize:vin")
     out = message.SerializeToString()
-    if stream.pseudonymize_vin and vin_in_bytes(out, vin):
-        # The car put its VIN somewhere we cannot rewrite (opaque app bytes),
-        # in clear or in a common encoding (best effort).
-        return Drop(DropReason.VIN_IN_PAYLOAD, stream.key, vin=vin)
-    return Forward(
-        topic=f"{ctx.backend_prefix}/{ref}/{relative}",
-        payload=out,
-        user_properties=_properties(ctx.policy, stream, feature, transforms),
-        vin=vin,
-        stream=stream.key,
-        feature=feature,
-        transforms=tuple(transforms),
-        anchor=anchor,
-        state=new_state,
+    if route.pseudonymize_vin and vin_in_bytes(out, vin):
+        return None
+    return Egress(
+        route.recipient,
+        f"{route.prefix or ctx.backend_prefix}/{ref}/{relative}",
+        out,
+        _properties(ctx.policy, stream, feature, transforms, route),
     )
 
 
@@ -375,6 +462,7 @@ def _properties(
     stream: CompiledStream,
     feature: str,
     transforms: list[str] | tuple[str, ...],
+    route: CompiledRoute,
 ) -> tuple[tuple[str, str], ...]:
     return (
         ("policy-version", policy.version),
@@ -382,6 +470,7 @@ def _properties(
         ("legal-basis", stream.legal_basis),
         ("retention-days", str(stream.retention_days)),
         ("transforms", ",".join(transforms)),
+        *route.properties,
     )
 
 

@@ -43,10 +43,11 @@ from gateway.store.base import (
 # cars named by subject, never the VIN (needs the key: `attach_key`). 9:
 # incident_holds (protocol data kept during a security incident). 10:
 # vehicle_identity.ownership (a new owner, a new grid offset). 11: objections
-# (Art. 21, per car and legitimate-interest feature). New
+# (Art. 21, per car and legitimate-interest feature). 12:
+# dead_letters.recipient (streams with several recipients). New
 # tables are created by the schema script on every open; their versions only
 # record the step.
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
 # version N, run in one transaction with recording N. A new table needs no
@@ -90,6 +91,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     9: (),  # incident_holds: a new table
     10: ("ALTER TABLE vehicle_identity ADD COLUMN ownership INTEGER NOT NULL DEFAULT 0",),
     11: (),  # objections: a new table
+    12: ("ALTER TABLE dead_letters ADD COLUMN recipient TEXT NOT NULL DEFAULT ''",),
 }
 KEYED_STEP = 8
 # settings_history rows that record a restriction being set or lifted (Art. 18)
@@ -197,7 +199,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     code       INTEGER NOT NULL,
     attempts   INTEGER NOT NULL,
     size       INTEGER NOT NULL,
-    sealed     BLOB NOT NULL
+    sealed     BLOB NOT NULL,
+    recipient  TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS dead_letters_subject ON dead_letters (subject);
 CREATE TABLE IF NOT EXISTS location_anchors (
@@ -953,7 +956,8 @@ class SqliteConsentStore:
         def tx(db: sqlite3.Connection) -> tuple[int, int]:
             cur = db.execute(
                 "INSERT INTO dead_letters (created_at, expires_at, subject, kind, edge, stream,"
-                " feature, reason, code, attempts, size, sealed) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " feature, reason, code, attempts, size, sealed, recipient)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     letter.created_at,
                     letter.expires_at,
@@ -967,6 +971,7 @@ class SqliteConsentStore:
                     letter.attempts,
                     letter.size,
                     letter.sealed,
+                    letter.recipient,
                 ),
             )
             new_id = int(cur.lastrowid or 0)
@@ -984,7 +989,7 @@ class SqliteConsentStore:
     ) -> list[DeadLetter]:
         sql = (
             "SELECT id, created_at, expires_at, subject, kind, edge, stream, feature, reason,"
-            " code, attempts, size, sealed FROM dead_letters"
+            " code, attempts, size, sealed, recipient FROM dead_letters"
         )
         if ids is not None:
             marks = ",".join("?" * len(ids))
@@ -1006,6 +1011,7 @@ class SqliteConsentStore:
                 attempts=int(r[10]),
                 size=int(r[11]),
                 sealed=bytes(r[12]),
+                recipient=str(r[13]),
             )
             for r in rows
         ]
