@@ -175,7 +175,8 @@ OPERATOR = "operator"  # the controller running the gateway (whose own recipient
 class RecipientSpec(_Strict):
     """Who receives a stream (GDPR Art. 13(1)(e)-(f), Art. 44-49)."""
 
-    name: str = Field("", max_length=200, description="the legal entity, as the notice names it")
+    # The legal entity as the notice names it: what the data subject's export shows.
+    name: str = Field(min_length=1, max_length=200)
     role: Literal["controller", "processor"]
     # A processor acts for a controller: the operator, or a declared controller recipient.
     controller: str = OPERATOR
@@ -313,7 +314,7 @@ class CompiledRoute:
     pseudonymize_vin: bool
     remove_fields: tuple[str, ...]
     # Part of the pseudonym scope of a pseudonymized route, so two recipients
-    # never share a pseudonym ("" for the first route: as before recipients).
+    # never share a pseudonym ("" for the implicit `backend`: as before recipients).
     scope_suffix: str
     properties: tuple[tuple[str, str], ...]  # MQTT v5 `recipient`, `transfer-basis`
 
@@ -537,7 +538,7 @@ def _feature_ref(feature: str, placeholders: set[str]) -> tuple[str, str | None]
 # A policy without a `recipients` section: everything goes to the gateway's
 # backend prefix, as before recipients could be declared.
 IMPLICIT_RECIPIENT = RecipientSpec.model_construct(
-    name="",
+    name="the operator's telematics backend",
     role="controller",
     controller=OPERATOR,
     region="",
@@ -567,6 +568,10 @@ def controller_of(recipients: Mapping[str, RecipientSpec], recipient: str) -> st
 def _check_recipients(doc: PolicyDocument) -> list[tuple[str, str]]:
     """Recipients and transfers (GDPR Art. 44-49) and the routes of each stream."""
     problems: list[tuple[str, str]] = []
+    # Per recipient: streams it gets by VIN, and pseudonymized streams that
+    # still say where the car is (the two views would pair on position and time).
+    by_vin: dict[str, list[str]] = {}
+    located: dict[str, list[str]] = {}
     recipients = declared_recipients(doc)
     prefixes: dict[str | None, str] = {}
     for rid, r in doc.recipients.items():
@@ -647,6 +652,14 @@ def _check_recipients(doc: PolicyDocument) -> list[tuple[str, str]]:
                     problems.append((f"{rpath}.remove", "the header is managed by the gateway"))
         if basis == "legal_obligation" and len(routes) > 1:
             problems.append((path, "a legal-obligation stream goes to exactly one recipient"))
+        for rid, route in routes.items():
+            if not (stream.pseudonymize_vin or route.pseudonymize_vin):
+                by_vin.setdefault(rid, []).append(key)
+            elif any(
+                action_name(a) in GEO_ACTIONS and n not in route.remove
+                for n, a in stream.fields.items()
+            ):
+                located.setdefault(rid, []).append(key)
         # Rules 15-16: the same values at the same moment, VIN-keyed for one
         # recipient and pseudonymized for another, pair the pseudonym with the
         # VIN wherever the two views meet: only separate controllers may.
@@ -669,7 +682,29 @@ def _check_recipients(doc: PolicyDocument) -> list[tuple[str, str]]:
                                 " controllers may be keyed differently",
                             )
                         )
+    for rid in sorted(set(by_vin) & set(located)):
+        problems.append(
+            (
+                f"recipients.{rid}",
+                f"gets {', '.join(by_vin[rid])} by VIN and {', '.join(located[rid])} under a"
+                " pseudonym with the car's location: the same coarse position at the same"
+                " time pairs the pseudonym with the VIN (rule 15); remove the location from"
+                " the pseudonymized streams or key both the same way",
+            )
+        )
     return problems
+
+
+def vin_prefixes(policy: CompiledPolicy, backend_prefix: str) -> tuple[str, ...]:
+    """Topic prefixes of the recipients that get some stream by VIN: where the
+    gateway's VIN-keyed events (erasure, restriction, ownership) go."""
+    found: list[str] = []
+    for stream in policy.streams:
+        for route in stream.routes:
+            prefix = route.prefix or backend_prefix
+            if not route.pseudonymize_vin and prefix not in found:
+                found.append(prefix)
+    return tuple(found) or (backend_prefix,)
 
 
 def check_egress(
@@ -679,15 +714,18 @@ def check_egress(
     vehicle prefix would publish to cars, one on the backend prefix would mix
     with the default recipient's topics (and its commands)."""
     problems = []
+    heads = {vehicle_prefix.split("/")[0]: "vehicle", backend_prefix.split("/")[0]: "backend"}
     for rid, r in policy.document.recipients.items():
         prefix = r.egress_prefix
-        if prefix is not None and prefix in (vehicle_prefix, backend_prefix):
-            side = "vehicle" if prefix == vehicle_prefix else "backend"
+        if prefix is not None and prefix in heads:
+            # Also a first segment of theirs: a filter on it (an ACL `tsp/#`)
+            # would cover the recipient's topics.
+            side = heads[prefix]
             problems.append(
                 (
                     f"recipients.{rid}.egress_prefix",
-                    f"{prefix!r} is the gateway's {side} prefix; leave egress_prefix out to"
-                    " use the backend prefix",
+                    f"{prefix!r} is (the start of) the gateway's {side} prefix; leave"
+                    " egress_prefix out to use the backend prefix",
                 )
             )
     return problems
@@ -1001,13 +1039,15 @@ def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
                 prefix=recipients[rid].egress_prefix,
                 pseudonymize_vin=spec.pseudonymize_vin or route.pseudonymize_vin,
                 remove_fields=tuple(n for n in route.remove if n not in removes),
-                scope_suffix="" if i == 0 else f"|{rid}",
+                # Never shared between recipients, whatever their order; the
+                # implicit recipient keeps the pseudonyms of earlier releases.
+                scope_suffix="" if rid == IMPLICIT_RECIPIENT_ID else f"|{rid}",
                 properties=(
                     ("recipient", rid),
                     ("transfer-basis", recipients[rid].transfer_basis),
                 ),
             )
-            for i, (rid, route) in enumerate(stream_routes(doc, spec).items())
+            for rid, route in stream_routes(doc, spec).items()
         )
         stream = CompiledStream(
             key=key,
@@ -1167,7 +1207,7 @@ def widened_streams(current: CompiledPolicy, older: CompiledPolicy) -> frozenset
     the VIN dropped. A consent given under `older` does not cover them."""
     widened = set()
     for key, spec in current.document.streams.items():
-        feature = current.document.features.get(spec.feature)
+        feature = current.document.features.get(spec.feature.partition(".")[0])
         if feature is None or feature.legal_basis != "consent":
             continue
         before = older.document.streams.get(key)
@@ -1207,16 +1247,8 @@ def _routes_widened(
         was = old_routes.get(rid)
         if was is None:
             return True
-        old_r, new_r = old_recipients.get(rid), new_recipients.get(rid)
-        if (
-            old_r is not None
-            and new_r is not None
-            and (
-                (old_r.region, old_r.transfer_basis, old_r.role)
-                != (new_r.region, new_r.transfer_basis, new_r.role)
-            )
-        ):
-            return True  # the same id now names a different kind of recipient
+        if old_recipients.get(rid) != new_recipients.get(rid):
+            return True  # the same id now names another entity, place, role or prefix
         if set(was.remove) - set(route.remove):
             return True
         if was.pseudonymize_vin and not route.pseudonymize_vin and not spec.pseudonymize_vin:

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -80,6 +81,7 @@ from gateway.policy import (
     check_egress,
     parse_policy,
     version_key,
+    vin_prefixes,
     widened_streams,
 )
 from gateway.store import ConsentStore, ParkedMessage, StoredPolicy
@@ -854,9 +856,14 @@ class GatewayService:
             if decision.anchor is not None:
                 self.anchors[decision.vin] = decision.anchor
                 self.accounting.anchor(decision.vin, decision.anchor)
-            self.metrics.inc(self.metrics.forwarded, decision.stream, decision.feature)
-            for transform in decision.transforms:
-                self.metrics.inc(self.metrics.transforms, transform)
+            if not only_recipient:
+                # One message, however many recipients: a re-driven copy for
+                # one of them was counted with the message (it is not counted
+                # at all when every copy was refused and is re-driven one by
+                # one: the one undercount we accept).
+                self.metrics.inc(self.metrics.forwarded, decision.stream, decision.feature)
+                for transform in decision.transforms:
+                    self.metrics.inc(self.metrics.transforms, transform)
             key = self._count_key(decision)
             if not decision.also and not only_recipient:
                 self._deliver(
@@ -882,7 +889,12 @@ class GatewayService:
                     self.metrics.inc(self.metrics.dropped, decision.stream, "recipient_removed")
                     slot.settle()
                     return
-            join = _AllCopies(len(copies), lambda outcome: self._settle_forward(outcome, key, slot))
+            join = _AllCopies(
+                len(copies),
+                slot.settle_with
+                if only_recipient
+                else lambda outcome: self._settle_forward(outcome, key, slot),
+            )
             for copy in copies:
                 letter = self._undeliverable(DeadLetterKind.VEHICLE, decision, msg, slot.expires_at)
                 self._deliver(
@@ -1080,7 +1092,10 @@ class GatewayService:
         await self._release_now(rows, now)
 
     def _pseudonymized_stream(self, stream: str) -> bool:
-        return any(s.key == stream and s.pseudonymize_vin for s in self.ctx.policy.streams)
+        return any(
+            s.key == stream and any(r.pseudonymize_vin for r in s.routes)
+            for s in self.ctx.policy.streams
+        )
 
     async def _release_later(self, rows: list[ParkedMessage], due: float, released: float) -> None:
         while (remaining := due - self._clock()) > 0:
@@ -1478,16 +1493,13 @@ class GatewayService:
                 # Stored backend data is marked (Art. 18): the backend is told.
                 # Not awaited in the decision loop; it ends delivered or as a
                 # dead letter, like the erasure event.
-                topic, payload = restriction_event(
-                    self.ctx.backend_prefix, vin, restricted, record.at
-                )
-                self._deliver(
-                    self.backend_edge,
-                    topic,
-                    payload,
-                    (),
-                    lambda _: None,
-                    self._egress_letter(vin, "restriction", topic, payload),
+                self._publish_events(
+                    vin,
+                    "restriction",
+                    [
+                        restriction_event(prefix, vin, restricted, record.at)
+                        for prefix in vin_prefixes(self.ctx.policy, self.ctx.backend_prefix)
+                    ],
                 )
             return bool(changed)
 
@@ -1500,25 +1512,17 @@ class GatewayService:
             now = self._clock()
             self.claim(vin)
             subject = self.audit_subject(vin)
-            used = {  # (app id, day) the car sent app data on
-                (k[3].partition(".")[2], k[1])
-                for k in self.accounting.pending_keys()
-                if k[0] == vin and "." in k[3]
+            used = {  # (stream, feature, day) the car sent data on
+                (k[2], k[3], k[1]) for k in self.accounting.pending_keys() if k[0] == vin
             } | {
-                (c.feature.partition(".")[2], c.day)
+                (c.stream, c.feature, c.day)
                 for c in await self._persist_once(self.store.egress_counts, subject)
-                if "." in c.feature
             }
-            identity = self.ctx.policy.document.identity
-            apps = sorted(  # (app id, pseudonym scope): every rotation period used
-                {
-                    (app, app_scope(app, identity.rotation_days(app), _day_start(day)))
-                    for app, day in used
-                }
-            )
+            targets = self._pseudonym_targets(used)
             record = AuditRecord(actor=actor, action="erasure", subject=subject, content={}, at=now)
-            # Rule 16: the VIN event carries only the VIN; each app pseudonym (of
-            # the epoch ending now) gets its own event, later, after a random delay.
+            # Rule 16: the VIN event carries only the VIN; each pseudonym (of the
+            # epoch ending now) gets its own event at its recipient, later, after
+            # a random delay.
             book, erasure = self.ctx.identity, self.config.erasure
             epoch = book.epoch(vin)
             rng = random.SystemRandom()
@@ -1528,14 +1532,14 @@ class GatewayService:
             events, *older = [
                 erasure_events(
                     key,
-                    self.ctx.backend_prefix,
+                    vin_prefixes(self.ctx.policy, self.ctx.backend_prefix),
                     vin,
-                    apps,
+                    targets,
                     epoch,
                     now,
                     [
                         rng.uniform(erasure.app_event_min_delay_s, erasure.app_event_max_delay_s)
-                        for _ in apps
+                        for _ in targets
                     ],
                     step_ms,
                 )
@@ -1574,18 +1578,10 @@ class GatewayService:
             self.metrics.dead_letters_stored.set(
                 await self._persist_once(self.store.dead_letter_count)
             )
-            topic, payload = events.vin_topic, events.vin_payload
             # Not awaited inside the decision loop: a refused event must not
             # hold every car's messages (it ends delivered or as a dead letter).
-            outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-            self._deliver(
-                self.backend_edge,
-                topic,
-                payload,
-                (),
-                outcome.set_result,
-                self._egress_letter(vin, "erasure", topic, payload),
-            )
+            outcome = self._publish_events(vin, "erasure", events.vin_events)
+            topic = events.vin_events[0][0]
             # The car is asked to show its privacy screen again.
             reprompt_topic, reprompt = applied_message(
                 self.ctx, vin, survivor.revision_floor, reprompt=True
@@ -1602,6 +1598,7 @@ class GatewayService:
             return {
                 "removed": removed,
                 "erasure_event_topic": topic,
+                "erasure_event_topics": [t for t, _ in events.vin_events],
                 "pseudonymous_refs": [r for batch in (events, *older) for r in batch.refs],
                 "app_erasure_events": [
                     {"topic": t, "due_in_s": round(due - now, 1)} for due, t, _ in app_events
@@ -1659,16 +1656,10 @@ class GatewayService:
                 self._parked_subjects = subjects
             self.accounting.forget(vin)
             self.metrics.vehicles.set(len(self.states))
-            topic, payload = ownership_event(self.ctx.backend_prefix, vin, now)
-            outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-            self._deliver(
-                self.backend_edge,
-                topic,
-                payload,
-                (),
-                outcome.set_result,
-                self._egress_letter(vin, "ownership", topic, payload),
-            )
+            prefixes = vin_prefixes(self.ctx.policy, self.ctx.backend_prefix)
+            sent = [ownership_event(prefix, vin, now) for prefix in prefixes]
+            outcome = self._publish_events(vin, "ownership", sent)
+            topic = sent[0][0]
             reprompt_topic, reprompt = applied_message(
                 self.ctx, vin, survivor.revision_floor, reprompt=True
             )
@@ -1899,6 +1890,57 @@ class GatewayService:
                 self.accounting.record(key)
             slot.settle()
 
+    def _publish_events(
+        self, vin: str, kind: str, events: Sequence[tuple[str, bytes]]
+    ) -> asyncio.Future[Outcome]:
+        """VIN-keyed events (erasure, restriction, ownership), one per recipient
+        that got the VIN; the future is delivered once every one is, else
+        dead-lettered (a refused one is kept for re-drive)."""
+        outcome: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+        def done(result: Outcome) -> None:
+            if not outcome.done():
+                outcome.set_result(result)
+
+        join = _AllCopies(len(events), done, all_needed=True)
+        for topic, payload in events:
+            self._deliver(
+                self.backend_edge,
+                topic,
+                payload,
+                (),
+                join.done,
+                self._egress_letter(vin, kind, topic, payload),
+            )
+        return outcome
+
+    def _pseudonym_targets(
+        self, used: set[tuple[str, str, str]]
+    ) -> list[tuple[str, str, str]]:
+        """(prefix, pseudonym scope, stream topic) of every pseudonym the car
+        was sent under: per pseudonymized recipient of each stream it used (by
+        `(stream, feature, day)`), per rotation period of an app."""
+        identity = self.ctx.policy.document.identity
+        targets: set[tuple[str, str, str]] = set()
+        for stream_key, feature, day in used:
+            _, dot, app = feature.partition(".")
+            relative = re.sub(r"\{[a-z][a-z0-9_]*\}", app, stream_key) if dot else stream_key
+            routed = self.ctx.policy.route(relative)
+            if routed is None:  # a stream the policy no longer has: as its last rule said
+                continue
+            stream, _ = routed
+            for route in stream.routes:
+                if not route.pseudonymize_vin:
+                    continue
+                scope = (
+                    app_scope(app, identity.rotation_days(app), _day_start(day))
+                    if dot
+                    else stream.key
+                )
+                prefix = route.prefix or self.ctx.backend_prefix
+                targets.add((prefix, scope + route.scope_suffix, relative))
+        return sorted(targets)
+
     def _undeliverable(
         self,
         kind: DeadLetterKind,
@@ -2083,21 +2125,25 @@ class GatewayService:
 
 
 class _AllCopies:
-    """A message sent to several recipients is final once every copy is:
-    delivered if any copy was (it is counted as forwarded), else dead-lettered."""
+    """Several copies (one per recipient) are final once every one is:
+    delivered if any was (`all_needed`: if every one was), else dead-lettered."""
 
-    __slots__ = ("_delivered", "_left", "_on_done")
+    __slots__ = ("_all", "_delivered", "_left", "_on_done", "_total")
 
-    def __init__(self, copies: int, on_done: Callable[[Outcome], None]) -> None:
-        self._left = copies
-        self._delivered = False
+    def __init__(
+        self, copies: int, on_done: Callable[[Outcome], None], *, all_needed: bool = False
+    ) -> None:
+        self._left = self._total = copies
+        self._all = all_needed
+        self._delivered = 0
         self._on_done = on_done
 
     def done(self, outcome: Outcome) -> None:
         self._left -= 1
-        self._delivered = self._delivered or outcome is Outcome.DELIVERED
+        self._delivered += outcome is Outcome.DELIVERED
         if self._left == 0:
-            self._on_done(Outcome.DELIVERED if self._delivered else Outcome.DEAD_LETTERED)
+            enough = self._delivered == self._total if self._all else self._delivered > 0
+            self._on_done(Outcome.DELIVERED if enough else Outcome.DEAD_LETTERED)
 
 
 def _day_start(day: str) -> float:

@@ -1376,7 +1376,8 @@ class Checker:
             add(WRONG_TRANSFORM, "app_ref_mismatch", "topic ref differs from header.vin")
         # A new owner starts a new epoch: the app sees a new user.
         epoch = self.epoch_at(pub.vin, float(pub.record["wall_start"]))
-        purpose = f"vin/{app_id}" + (f"@{epoch}" if epoch else "")
+        scope = f"vin/{app_id}{self.policy.app_scope_suffix(pub.stream)}"
+        purpose = scope + (f"@{epoch}" if epoch else "")
         if self.key is not None:
             expected = pseudonym(self.key, purpose, pub.vin)
             if rec.ref != expected:
@@ -1391,7 +1392,7 @@ class Checker:
                     f"{len(seen)} refs for one car and app",
                 )
         if epoch:
-            before = purpose.rsplit("@", 1)[0] if epoch == 1 else f"vin/{app_id}@{epoch - 1}"
+            before = scope if epoch == 1 else f"{scope}@{epoch - 1}"
             if self.key is not None and rec.ref == pseudonym(self.key, before, pub.vin):
                 add(LEAK, "previous_owner_pseudonym", "the app ref of the previous owner")
 

@@ -74,6 +74,13 @@ class Policy:
     def feature_on(self, settings: Settings, feature: str) -> bool:
         return settings.features.get(feature, feature in self.default_on)
 
+    def app_scope_suffix(self, stream: str) -> str:
+        """What the gateway appends to a pseudonym scope for the stream's first
+        recipient: nothing for the implicit `backend`, else `|{recipient}`."""
+        rule = self.rule_for(stream)
+        first = next(iter(rule.routes), "backend") if rule is not None else "backend"
+        return "" if first == "backend" else f"|{first}"
+
     def prefixes(self, backend_prefix: str) -> dict[str, str]:
         """Topic prefix -> recipient id."""
         return {r.prefix or backend_prefix: rid for rid, r in self.recipients.items()}

@@ -351,7 +351,8 @@ class ReferenceGateway:
         ref = vin
         if stream.startswith(APP_STREAM_PREFIX):
             epoch = f"@{car.epoch}" if car.epoch else ""
-            ref = pseudonym(self.key, f"vin/{stream[len(APP_STREAM_PREFIX) :]}{epoch}", vin)
+            scope = stream[len(APP_STREAM_PREFIX) :] + self.policy.app_scope_suffix(stream)
+            ref = pseudonym(self.key, f"vin/{scope}{epoch}", vin)
             self._pseudonymize_header(message, ref)
             transforms.append("vin:pseudonymized")
         return message.SerializeToString(deterministic=True), ref, transforms

@@ -834,7 +834,7 @@ def test_app_stream_pseudonymizes_vin() -> None:
     ref = fwd.topic.split("/")[1]
     assert fwd.topic == f"apps/{ref}/avn/app/music"
     assert HEX32.match(ref) and ref != VIN
-    assert ref == pseudonym(KEY, "vin/music", VIN)
+    assert ref == pseudonym(KEY, "vin/music|app_providers", VIN)
     out = streams_pb2.AppTraffic.FromString(fwd.payload)
     assert out.header.vin == ref
     assert out.payload == b"song"

@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
+import yaml
 from google.protobuf.message import Message
 
 from gateway.core import DecisionContext, Drop, DropReason, Forward, LocationMode, decide
@@ -21,6 +22,7 @@ from gateway.core.identity import (
     erasure_events,
     subject,
     vin_in_bytes,
+    vin_ref,
 )
 from gateway.core.transforms import truncate_ip
 from gateway.policy import CompiledPolicy, parse_policy
@@ -283,14 +285,24 @@ def test_ordinary_app_payloads_pass() -> None:
 
 
 def test_epoch_zero_keeps_todays_pseudonyms() -> None:
-    """An upgrade changes no app user: the refs of earlier releases, pinned."""
+    """An upgrade changes no app user: the refs of earlier releases, pinned, as
+    long as the policy sends apps where it did (no recipients declared: the
+    implicit `backend`). A new recipient gets pseudonyms of its own."""
+    document = yaml.safe_load(POLICY.text)
+    del document["recipients"]
+    for spec in document["streams"].values():
+        spec.pop("recipients", None)
+    before_recipients = DecisionContext(parse_policy(yaml.safe_dump(document)), KEY)
     expected = {
         "music": "111d238488fc5bcc47490c7bae035417",
         "weather": "8f5489de0c65f99901ec77ec74818bb5",
     }
     for app, ref in expected.items():
-        fwd = forwarded(send(ctx(), f"avn/app/{app}", app_message(app, 1, TS_MS)))
-        assert fwd.topic == f"apps/{ref}/avn/app/{app}"
+        msg = app_message(app, 1, TS_MS)
+        fwd = forwarded(send(before_recipients, f"avn/app/{app}", msg))
+        assert fwd.topic == f"tsp/{ref}/avn/app/{app}"
+        moved = forwarded(send(ctx(), f"avn/app/{app}", msg))
+        assert moved.topic.startswith("apps/") and ref not in moved.topic
 
 
 def test_a_new_epoch_links_to_nothing_before() -> None:
@@ -357,15 +369,18 @@ def test_settings_after_erasure_respect_the_floor_and_the_restriction() -> None:
 
 
 def test_erasure_events_pair_nothing() -> None:
-    apps = [(app, app) for app in APPS]
-    events = erasure_events(KEY, "tsp", VIN, apps, 0, NOW, [400.0, 9000.0], 60_000)
-    vin_event = privacy_pb2.ErasureEvent.FromString(events.vin_payload)
-    assert events.vin_topic == f"tsp/{VIN}/erasure"
+    """Each pseudonym's event goes to the recipient that holds it (rule 16:
+    no other recipient learns it); the VIN event to every VIN-keyed one."""
+    targets = [("apps", f"{app}|app_providers", f"avn/app/{app}") for app in APPS]
+    events = erasure_events(KEY, ["tsp", "x"], VIN, targets, 0, NOW, [400.0, 9000.0], 60_000)
+    assert [t for t, _ in events.vin_events] == [f"tsp/{VIN}/erasure", f"x/{VIN}/erasure"]
+    vin_event = privacy_pb2.ErasureEvent.FromString(events.vin_events[0][1])
     assert vin_event.vin == VIN and not vin_event.refs
     assert len(events.app_events) == 2
     for (due, topic, payload), app, ref in zip(events.app_events, APPS, events.refs, strict=True):
         event = privacy_pb2.ErasureEvent.FromString(payload)
-        assert topic == f"tsp/{ref}/avn/app/{app}/erasure"
+        assert topic == f"apps/{ref}/avn/app/{app}/erasure"
+        assert ref == vin_ref(KEY, f"{app}|app_providers", VIN)
         assert list(event.refs) == [ref] and not event.vin
         assert VIN.encode() not in payload and due > NOW
         assert event.erased_at_ms != vin_event.erased_at_ms

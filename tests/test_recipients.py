@@ -298,3 +298,108 @@ def test_dead_letters_of_schema_11_gain_a_recipient(tmp_path: Path) -> None:
         assert letter.recipient == "" and letter.stream == "tbox/status"
     finally:
         store.close()
+
+
+async def test_erasure_reaches_every_recipient_and_pairs_nothing(
+    gateways: GatewayHarness, clients: Clients
+) -> None:
+    """Art. 17(2) for every recipient: the VIN event where the VIN went, each
+    pseudonym's event at the recipient that holds that pseudonym, and no
+    recipient learns another's pseudonym (the developer gets no app or map
+    ref). Restriction reaches the VIN-keyed recipients."""
+    from gateway.config import ErasureConfig
+
+    service = await gateways.start()
+    service.config.erasure = ErasureConfig(app_event_min_delay_s=0.3, app_event_max_delay_s=0.6)
+    car, backend = clients.car, clients.backend
+    features = {"online_navigation": True, "third_party.music": True, "remote_control": True}
+    await car.settings(1, features=features, location=common_pb2.LOCATION_APPROXIMATE)
+    msg = streams_pb2.NavRequest(route_id="r1")
+    msg.position.latitude, msg.position.longitude = 48.1, 11.5
+    await car.send("avn/nav", car.header(msg))
+    await car.send("avn/app/music", car.header(streams_pb2.AppTraffic(app_id="music")))
+    await car.barrier()
+    await backend.wait_for(lambda: len(backend.on("/avn/nav")) == 2)
+    (mapped,) = backend.on("/avn/nav", "map/")
+    (app,) = backend.on("/avn/app/music")
+    map_ref, app_ref = str(mapped.topic).split("/")[1], str(app.topic).split("/")[1]
+    assert await service.set_restriction(VIN, True, "dpo-test")
+    await backend.wait_for(lambda: bool(backend.on(f"{VIN}/restriction")))
+    assert [str(m.topic) for m in backend.on("/restriction")] == [f"tsp/{VIN}/restriction"]
+    result = await service.erase_vehicle(VIN, "dpo-test")
+    assert result["erasure_event"] == "delivered"
+    await backend.wait_for(lambda: len(backend.on("/erasure")) == 3)
+    topics = sorted(str(m.topic) for m in backend.on("/erasure"))
+    assert topics == sorted(
+        [
+            f"tsp/{VIN}/erasure",
+            f"map/{map_ref}/avn/nav/erasure",
+            f"apps/{app_ref}/avn/app/music/erasure",
+        ]
+    )
+    developer_view = " ".join(
+        str(m.topic) + m.payload.hex()  # type: ignore[union-attr]
+        for m in backend.messages
+        if str(m.topic).startswith("tsp/")
+    )
+    assert map_ref not in developer_view and app_ref not in developer_view
+
+
+def test_recipient_order_does_not_move_pseudonyms() -> None:
+    """The pseudonym of a recipient depends on who it is, not where it is listed."""
+    doc = document()
+    doc["recipients"]["ads"] = {
+        "name": "an advertiser",
+        "role": "controller",
+        "region": "DE",
+        "egress_prefix": "ads",
+    }
+    doc["streams"]["avn/search"]["recipients"]["ads"] = {"pseudonymize_vin": True}
+    first = parse_policy(yaml.safe_dump(doc, sort_keys=False))
+    routes = doc["streams"]["avn/search"]["recipients"]
+    doc["streams"]["avn/search"]["recipients"] = dict(reversed(list(routes.items())))
+    second = parse_policy(yaml.safe_dump(doc, sort_keys=False))
+
+    def suffixes(policy: object) -> dict[str, str]:
+        (stream,) = [s for s in policy.streams if s.key == "avn/search"]  # type: ignore[attr-defined]
+        return {r.recipient: r.scope_suffix for r in stream.routes}
+
+    assert suffixes(first) == suffixes(second)
+    assert len(set(suffixes(first).values())) == 3
+
+
+def test_widening_sees_per_app_streams_and_recipient_identity() -> None:
+    older = parse_policy(yaml.safe_dump(document()))
+    doc = document()
+    doc["streams"]["avn/app/{app_id}"]["recipients"] = {"developer": {}}
+    doc["streams"]["avn/app/{app_id}"].pop("pseudonymize_vin")
+    assert "avn/app/{app_id}" in widened_streams(parse_policy(yaml.safe_dump(doc)), older)
+    for change in ({"name": "another company"}, {"egress_prefix": "elsewhere"}):
+        doc = document()
+        doc["recipients"]["map_provider"].update(change)
+        assert "avn/nav" in widened_streams(parse_policy(yaml.safe_dump(doc)), older), change
+
+
+def test_a_recipient_needs_a_name_for_the_export() -> None:
+    doc = document()
+    del doc["recipients"]["app_providers"]["name"]
+    assert any(p == "recipients.app_providers.name" for p, _ in problems(doc))
+
+
+def test_a_prefix_that_starts_the_gateways_own_is_refused() -> None:
+    policy = load_policy(DEFAULT)
+    assert (
+        check_egress(policy, "vehicle", "map/eu")[0][0] == "recipients.map_provider.egress_prefix"
+    )
+
+
+def test_vin_and_located_pseudonym_to_one_recipient_is_refused() -> None:
+    """Rule 15 across streams: the map provider gets its pseudonymized
+    navigation with coarse positions and the car's status by VIN with the same
+    coarse position at the same moment."""
+    doc = document()
+    doc["streams"]["tbox/status"]["recipients"] = {"developer": {}, "map_provider": {}}
+    assert any(
+        p == "recipients.map_provider" and "pairs the pseudonym with the VIN" in m
+        for p, m in problems(doc)
+    )

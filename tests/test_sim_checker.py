@@ -150,7 +150,8 @@ def forged_forward(run: Run, pub: Published) -> Record:
     """What a broken gateway would have published for `pub`: the car's bytes, passed on."""
     ref = pub.vin
     if pub.stream.startswith("avn/app/"):
-        ref = pseudonym(run.key, f"vin/{pub.stream.split('/')[-1]}", pub.vin)
+        scope = pub.stream.split("/")[-1] + run.policy.app_scope_suffix(pub.stream)
+        ref = pseudonym(run.key, f"vin/{scope}", pub.vin)
     rule = run.policy.rule_for(pub.stream)
     assert rule is not None
     first = run.policy.recipients[next(iter(rule.routes))]  # its first recipient

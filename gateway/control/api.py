@@ -939,7 +939,7 @@ def _recipients(policy: CompiledPolicy, spec: StreamSpec) -> list[dict[str, Any]
         out.append(
             {
                 "id": rid,
-                "name": r.name or "the carmaker's telematics backend",
+                "name": r.name,
                 "role": r.role,
                 "region": r.region,
                 "transfer_basis": r.transfer_basis,

@@ -275,8 +275,7 @@ def vin_in_bytes(data: bytes, vin: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ErasureEvents:
-    vin_topic: str
-    vin_payload: bytes
+    vin_events: tuple[tuple[str, bytes], ...]  # (topic, payload): one per VIN-keyed recipient
     app_events: tuple[tuple[float, str, bytes], ...]  # (due_at, topic, payload)
     refs: tuple[str, ...]
 
@@ -298,37 +297,40 @@ def ownership_event(backend_prefix: str, vin: str, at: float) -> tuple[str, byte
 
 def erasure_events(
     key: bytes,
-    backend_prefix: str,
+    vin_prefixes: Sequence[str],
     vin: str,
-    apps: Sequence[tuple[str, str]],
+    targets: Sequence[tuple[str, str, str]],
     epoch: int,
     now: float,
     delays: Sequence[float],
     step_ms: int,
 ) -> ErasureEvents:
-    """The VIN event (only the VIN) and one event per app pseudonym (only that
-    ref, on the app's own topic, due after its own delay from `delays`).
-    `apps` are (app id, pseudonym scope) pairs: one per rotation period the
-    car used when the app's pseudonyms rotate.
+    """One VIN event (only the VIN) per prefix of a recipient that got the VIN,
+    and one event per pseudonym (only that ref, on the pseudonymized stream's
+    own topic at its recipient, due after its own delay from `delays`).
+    `targets` are (prefix, pseudonym scope, stream topic) triples: one per
+    recipient of a pseudonymized stream the car used, and per rotation period
+    when an app's pseudonyms rotate.
 
-    An app event states when it is published (coarsened), never the erasure
-    time of the VIN event, so no field pairs them.
+    A pseudonym's event states when it is published (coarsened), never the
+    erasure time of the VIN event, so no field pairs them.
     """
     vin_event = privacy_pb2.ErasureEvent(vin=vin, erased_at_ms=int(now * 1000), reason="art17")
+    body = vin_event.SerializeToString()
     events: list[tuple[float, str, bytes]] = []
     refs: list[str] = []
-    for (app, scope), delay in zip(apps, delays, strict=True):
+    for (prefix, scope, relative), delay in zip(targets, delays, strict=True):
         ref = vin_ref(key, scope, vin, epoch)
         due = now + delay
-        body = privacy_pb2.ErasureEvent(
+        event = privacy_pb2.ErasureEvent(
             refs=[ref],
             erased_at_ms=coarsen_timestamp(int(due * 1000), step_ms),
             reason="art17",
         )
         refs.append(ref)
-        events.append(
-            (due, f"{backend_prefix}/{ref}/avn/app/{app}/erasure", body.SerializeToString())
-        )
+        events.append((due, f"{prefix}/{ref}/{relative}/erasure", event.SerializeToString()))
     return ErasureEvents(
-        f"{backend_prefix}/{vin}/erasure", vin_event.SerializeToString(), tuple(events), tuple(refs)
+        tuple((f"{prefix}/{vin}/erasure", body) for prefix in vin_prefixes),
+        tuple(events),
+        tuple(refs),
     )
