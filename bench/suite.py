@@ -41,6 +41,7 @@ from bench.workload import (
     templates,
 )
 from sim.broker import MosquittoBroker
+from sim.scenario import DEFAULT_SIM_START_MS
 
 NAGLE_BAND_S = (0.035, 0.050)
 
@@ -113,6 +114,7 @@ def median(values: list[float]) -> float:
 def bench_core(ctx: Context) -> dict[str, Any]:
     """decide() over the realistic mix: decode, decide, transform, encode; no I/O."""
     from gateway.core import DecisionContext, Drop, Forward, SettingsSnapshot, state_from_snapshot
+    from gateway.core.capture import Interval
     from gateway.core.state import LocationMode
     from gateway.policy import load_policy
 
@@ -131,19 +133,27 @@ def bench_core(ctx: Context) -> dict[str, Any]:
     dctx = DecisionContext(policy=policy, key=bytes(range(32)))
     messages = make_messages(fleet, opts.core_messages, seed=4)
     work = [(f"vehicle/{m.vin}/{m.stream}", m.payload) for m in messages]
+    # Contract v2 in place: consent at capture time (rule 11) against each
+    # car's settings history, as the service decides (one interval per car,
+    # applied before the fleet's first capture).
+    since = DEFAULT_SIM_START_MS / 1000 - 3600
+    histories = {
+        vin: (Interval(state.revision, state.revision, since, state),)
+        for vin, state in states.items()
+    }
 
     def run(decide: Callable[..., Any]) -> tuple[float, Counter[str]]:
         fixes: dict[str, Any] = {}
         outcomes: Counter[str] = Counter()
         started = time.perf_counter()
         for topic, payload in work:
-            decision = decide(dctx, topic, payload, states, fixes, now)
+            decision = decide(dctx, topic, payload, states, fixes, now, histories)
             if type(decision) is Forward and decision.anchor is not None:
                 fixes[decision.vin] = decision.anchor
         elapsed = time.perf_counter() - started
         # Outcome tally outside the timed loop.
         for topic, payload in work[:20_000]:
-            d = decide(dctx, topic, payload, states, fixes, now)
+            d = decide(dctx, topic, payload, states, fixes, now, histories)
             outcomes[
                 "forward"
                 if isinstance(d, Forward)
@@ -163,7 +173,7 @@ def bench_core(ctx: Context) -> dict[str, Any]:
         elapsed, outcomes = run(decide)
         rates.append(len(work) / elapsed)
         ctx.log(f"  core round {r + 1}: {rates[-1]:,.0f} msg/s")
-    per_stream = _per_stream_cost(decide, dctx, work, messages, states, now)
+    per_stream = _per_stream_cost(decide, dctx, work, messages, states, now, histories)
     detection = _vin_detection_cost(work, messages)
     app_decide = per_stream.get("avn/app/*", {}).get("mean_us", float("nan"))
     detection["share_of_decide"] = detection["typical_us"] / app_decide
@@ -192,13 +202,14 @@ def _per_stream_cost(
     messages: list[VehicleMessage],
     states: dict[str, Any],
     now: float,
+    histories: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     clock = time.perf_counter
     costs: dict[str, list[float]] = {}
     fixes: dict[str, Any] = {}
     for (topic, payload), m in zip(work, messages, strict=True):
         t0 = clock()
-        decide(dctx, topic, payload, states, fixes, now)
+        decide(dctx, topic, payload, states, fixes, now, histories)
         family = "avn/app/*" if m.stream.startswith("avn/app/") else m.stream
         costs.setdefault(family, []).append(clock() - t0)
     return {
