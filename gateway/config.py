@@ -359,6 +359,15 @@ class KeysConfig(_Strict):
     pseudonym_key_file: str = "pseudonym.key"
 
 
+class StoreConfig(_Strict):
+    """Where the consent store lives: the state directory's SQLite file
+    (default), or a PostgreSQL database shared by several instances."""
+
+    # postgresql://user@host:5432/db; the password from a libpq password file
+    # (PGPASSFILE), never in this file.
+    url: str | None = Field(None, pattern=r"^postgres(ql)?://[^:@/\s]+(@|/|$)[^\s]*$")
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_lines: bool = Field(False, alias="json")
@@ -498,6 +507,7 @@ class GatewayConfig(_Strict):
     erasure: ErasureConfig = ErasureConfig()
     limits: LimitsConfig = LimitsConfig()
     keys: KeysConfig = KeysConfig()
+    store: StoreConfig = StoreConfig()
     logging: LoggingConfig = LoggingConfig()
     control: ControlConfig = ControlConfig()
 

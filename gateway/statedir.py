@@ -35,6 +35,7 @@ from gateway.keys import (
     write_key,
 )
 from gateway.store import SqliteConsentStore, StoreDamaged, StoreError
+from gateway.store.postgres import PostgresConsentStore
 
 log = logging.getLogger("gateway.statedir")
 
@@ -196,10 +197,23 @@ def open_state(config: GatewayConfig) -> OpenState:
     try:
         db = config.state_dir / SqliteConsentStore.FILENAME
         key_path = config.key_path
-        _check_store_file(db, key_path)
-        _make_private(db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), key_path)
         try:
-            store = SqliteConsentStore(db, config.limits.history_per_vehicle)
+            if config.store.url is not None:
+                # Shared by the instances; the key and instance id stay here.
+                _make_private(key_path)
+                shared = PostgresConsentStore(config.store.url, config.limits.history_per_vehicle)
+                try:
+                    shared.claim_exclusive()
+                except StoreError:
+                    shared.close()
+                    raise
+                store: SqliteConsentStore = shared
+            else:
+                _check_store_file(db, key_path)
+                _make_private(
+                    db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), key_path
+                )
+                store = SqliteConsentStore(db, config.limits.history_per_vehicle)
         except StoreDamaged as exc:
             raise StateDirError(
                 f"{exc}; restore {db.name} from a backup (to start over instead, move it"
@@ -257,6 +271,11 @@ def _check_initialized(config: GatewayConfig) -> None:
     db = path / SqliteConsentStore.FILENAME
     if not path.is_dir():
         what = "it does not exist"
+    elif config.store.url is not None:
+        # The store is shared (PostgreSQL); what must be here is the key.
+        if config.key_path.is_file():
+            return
+        what = f"no key {config.key_path.name}"
     else:
         try:
             size: int | None = db.stat().st_size

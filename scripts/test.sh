@@ -22,6 +22,22 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x .venv/bin/promtool ]; then
   install -m 0755 "$tmp/usr/bin/promtool" .venv/bin/promtool
   rm -rf "$tmp"
 fi
+# The PostgreSQL store is tested on a private server the tests start (initdb
+# and pg_ctl from Debian's package; the package's own cluster is not started).
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "== installing the PostgreSQL server binaries (Debian package postgresql)" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  blocker=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    blocker=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$blocker" >/dev/null
+    $SUDO chmod 0755 "$blocker"
+  fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  [ -z "$blocker" ] || $SUDO rm -f "$blocker"
+fi
 # The report test renders the HTML report in headless Chromium (Debian package).
 if ! command -v chromium >/dev/null 2>&1; then
   echo "== installing chromium (Debian package, for the report rendering test)" >&2

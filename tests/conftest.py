@@ -22,9 +22,12 @@ from google.protobuf.message import Message
 from gateway.config import BrokerConfig, GatewayConfig, LimitsConfig, PipelineConfig
 from gateway.policy import CompiledPolicy, load_policy
 from gateway.service import GatewayService
-from gateway.store import SqliteConsentStore
+from gateway.store import ConsentStore, SqliteConsentStore
+from gateway.store.postgres import PostgresConsentStore
 from sim.broker import MosquittoBroker
 from telematics.v1 import privacy_pb2
+
+from .postgres import PrivatePostgres, server_binaries
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_POLICY = REPO / "config" / "policy.yaml"
@@ -71,16 +74,20 @@ class GatewayHarness:
     running: list[GatewayService] = field(default_factory=list)
     pipeline: PipelineConfig | None = None
     limits: LimitsConfig | None = None
+    store_url: str | None = None  # a PostgreSQL database instead of the state dir's SQLite
 
     async def start(self, policy: CompiledPolicy | None = None) -> GatewayService:
         config = gateway_config(self.vehicle_url, self.backend_url, self.state_dir, self.pipeline)
         if self.limits is not None:
             config.limits = self.limits
+        history = config.limits.history_per_vehicle
         service = GatewayService(
             config,
             policy or load_policy(DEFAULT_POLICY),
             KEY,
-            SqliteConsentStore.in_state_dir(self.state_dir, config.limits.history_per_vehicle),
+            SqliteConsentStore.in_state_dir(self.state_dir, history)
+            if self.store_url is None
+            else PostgresConsentStore(self.store_url, history),
         )
         await service.start()
         await asyncio.wait_for(service.ready.wait(), 10)
@@ -334,3 +341,29 @@ class GatewayProcess:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         return code
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL server for the session (skipped, saying why, where
+    its binaries are not installed: the test command installs them)."""
+    if server_binaries() is None:
+        pytest.skip("PostgreSQL server binaries not installed (scripts/test.sh installs them)")
+    server = PrivatePostgres()
+    server.start()
+    yield server
+    server.stop()
+
+
+STORE_BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], ConsentStore]:
+    """Opens the consent store of one backend; each call is a new connection
+    (a reopen, or another instance) to the same data."""
+    if request.param == "sqlite":
+        path = tmp_path / "state" / SqliteConsentStore.FILENAME
+        return lambda: SqliteConsentStore(path)
+    url = request.getfixturevalue("postgres").new_database()
+    return lambda: PostgresConsentStore(url)

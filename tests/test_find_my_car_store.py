@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,13 +36,16 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(path: Path) -> Iterator[SqliteConsentStore]:
-    s = SqliteConsentStore(path)
+def store(open_store: Callable[[], SqliteConsentStore]) -> Iterator[SqliteConsentStore]:
+    """On each backend (SQLite, PostgreSQL)."""
+    s = open_store()
     yield s
     s.close()
 
 
-def test_commands_round_trip_and_survive_reopen(path: Path, store: SqliteConsentStore) -> None:
+def test_commands_round_trip_and_survive_reopen(
+    open_store: Callable[[], SqliteConsentStore], store: SqliteConsentStore
+) -> None:
     store.apply_settings(snap(1))
     store.apply_settings(snap(1, vin=OTHER))
     assert store.find_my_car_commands() == {}
@@ -51,7 +54,7 @@ def test_commands_round_trip_and_survive_reopen(path: Path, store: SqliteConsent
     assert by_vin(store)[VIN].window_until == T0 + 421
     assert by_vin(store)[OTHER].window_until == 0.0
     store.close()
-    reopened = SqliteConsentStore(path)
+    reopened = open_store()
     try:
         assert reopened.find_my_car_commands() == {VIN: COMMANDS}
         # A save replaces the car's list (a spent fix, an expired command).

@@ -6,7 +6,7 @@ import functools
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,7 +51,16 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(path: Path) -> Iterator[SqliteConsentStore]:
+def store(open_store: Callable[[], SqliteConsentStore]) -> Iterator[SqliteConsentStore]:
+    """The store on each backend (SQLite, PostgreSQL): one suite for both."""
+    s = open_store()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(path: Path) -> Iterator[SqliteConsentStore]:
+    """For what only SQLite has (its file, WAL, older schema files)."""
     s = SqliteConsentStore(path)
     yield s
     s.close()
@@ -104,7 +113,9 @@ def test_lower_or_equal_revision_never_overwrites(store: SqliteConsentStore, lat
     assert [s.revision for s in store.history(VIN)] == [5]
 
 
-def test_open_window_persisted(path: Path, store: SqliteConsentStore) -> None:
+def test_open_window_persisted(
+    open_store: Callable[[], SqliteConsentStore], store: SqliteConsentStore
+) -> None:
     store.apply_settings(snap(1))
     store.apply_settings(snap(1, vin=OTHER))
     store.open_window(VIN, 1_800_000_120.25)
@@ -114,19 +125,19 @@ def test_open_window_persisted(path: Path, store: SqliteConsentStore) -> None:
     store.apply_settings(snap(2))
     assert by_vin(store)[VIN].window_until == 1_800_000_120.25
     store.close()
-    reopened = SqliteConsentStore(path)
+    reopened = open_store()
     try:
         assert by_vin(reopened)[VIN].window_until == 1_800_000_120.25
     finally:
         reopened.close()
 
 
-def test_survives_close_and_reopen(path: Path) -> None:
-    first = SqliteConsentStore(path)
+def test_survives_close_and_reopen(open_store: Callable[[], SqliteConsentStore]) -> None:
+    first = open_store()
     first.apply_settings(snap(1))
     first.apply_settings(snap(2, features={"voice_recognition": True}))
     first.close()
-    second = SqliteConsentStore(path)
+    second = open_store()
     try:
         assert by_vin(second)[VIN].snapshot == snap(2, features={"voice_recognition": True})
         assert [s.revision for s in second.history(VIN)] == [1, 2]
@@ -136,7 +147,10 @@ def test_survives_close_and_reopen(path: Path) -> None:
         second.close()
 
 
-def test_visible_to_another_connection_without_close(path: Path, store: SqliteConsentStore) -> None:
+def test_visible_to_another_connection_without_close(
+    path: Path, sqlite_store: SqliteConsentStore
+) -> None:
+    store = sqlite_store
     # Committed on return: a second reader (e.g. after a crash) sees it.
     store.apply_settings(snap(7))
     other = sqlite3.connect(path)
@@ -149,13 +163,13 @@ def test_visible_to_another_connection_without_close(path: Path, store: SqliteCo
     assert revision == 7
 
 
-def test_wal_and_synchronous_full(store: SqliteConsentStore) -> None:
-    db = store._db
+def test_wal_and_synchronous_full(sqlite_store: SqliteConsentStore) -> None:
+    db = sqlite_store._db
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
-def test_wal_mode_is_persistent_in_the_file(path: Path, store: SqliteConsentStore) -> None:
+def test_wal_mode_is_persistent_in_the_file(path: Path, sqlite_store: SqliteConsentStore) -> None:
     other = sqlite3.connect(path)
     try:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -163,9 +177,8 @@ def test_wal_mode_is_persistent_in_the_file(path: Path, store: SqliteConsentStor
         other.close()
 
 
-def test_schema_version_recorded(path: Path, store: SqliteConsentStore) -> None:
-    row = store._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert row == (str(SCHEMA_VERSION),)
+def test_schema_version_recorded(store: SqliteConsentStore) -> None:
+    assert store.meta("schema_version") == str(SCHEMA_VERSION)
 
 
 def test_newer_schema_is_refused(path: Path) -> None:
@@ -234,9 +247,11 @@ def test_policy_versions_only_move_forward_and_name_one_text(
     assert store.active_policy() == policy("2027.1.3")[0]
 
 
-def test_policy_version_check_reads_the_database(path: Path, store: SqliteConsentStore) -> None:
-    """Another connection (another process) sees what this one stored."""
-    other = SqliteConsentStore(path)
+def test_policy_version_check_reads_the_database(
+    open_store: Callable[[], SqliteConsentStore], store: SqliteConsentStore
+) -> None:
+    """Another connection (another process, another instance) sees what this one stored."""
+    other = open_store()
     try:
         store.save_policy(*policy("2027.2.1"))
         with pytest.raises(VersionConflict, match="not newer"):
@@ -249,12 +264,12 @@ def test_policy_version_check_reads_the_database(path: Path, store: SqliteConsen
 # ---------------------------------------------------------- location anchors
 
 
-def test_anchors_survive_reopen(path: Path) -> None:
-    first = SqliteConsentStore(path)
+def test_anchors_survive_reopen(open_store: Callable[[], SqliteConsentStore]) -> None:
+    first = open_store()
     first.save_anchors({VIN: LocationAnchor(1_800_000_000.0, 48.1, 11.5, 12_345.6)})
     first.save_anchors({OTHER: LocationAnchor(1_800_000_100.0, 52.5, 13.4)})
     first.close()
-    second = SqliteConsentStore(path)
+    second = open_store()
     try:
         assert dict(second.load_anchors()) == {
             VIN: LocationAnchor(1_800_000_000.0, 48.1, 11.5, 12_345.6),

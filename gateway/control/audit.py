@@ -91,11 +91,13 @@ def append(db: sqlite3.Connection, record: AuditRecord, key: bytes | None = None
     seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, GENESIS)
     body = _canonical(record.content)
     c_hash = content_hash(body, key)
-    digest = entry_hash(seq, record.at, record.actor, record.action, record.subject, c_hash, prev)
+    # The time as the column keeps it (a float): an int would hash otherwise.
+    at = float(record.at)
+    digest = entry_hash(seq, at, record.actor, record.action, record.subject, c_hash, prev)
     db.execute(
         "INSERT INTO audit_log (seq, at, actor, action, subject, content, content_hash,"
         " prev_hash, entry_hash) VALUES (?,?,?,?,?,?,?,?,?)",
-        (seq, record.at, record.actor, record.action, record.subject, body, c_hash, prev, digest),
+        (seq, at, record.actor, record.action, record.subject, body, c_hash, prev, digest),
     )
     return seq
 

@@ -246,6 +246,13 @@ class StoreDamaged(StoreError):
     """The file is not an intact consent store: only a backup brings its content back."""
 
 
+def _version_order(version: str) -> tuple[int, ...]:
+    try:
+        return version_key(version)
+    except ValueError:  # not a policy version (a store filled by other means)
+        return ()
+
+
 def _newer(version: str, than: str) -> bool:
     try:
         return version_key(version) > version_key(than)
@@ -399,7 +406,10 @@ class SqliteConsentStore:
                     db.execute("UPDATE access_log SET path=? WHERE rowid=?", (redacted, rowid))
                     changed += 1
             db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(KEYED_STEP),))
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('vacuum_pending', '1')")
+            db.execute(
+                "INSERT INTO meta VALUES ('vacuum_pending', '1')"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value"
+            )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -429,7 +439,11 @@ class SqliteConsentStore:
 
     def set_meta(self, key: str, value: str) -> None:
         self._write(
-            lambda db: db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            lambda db: db.execute(
+                "INSERT INTO meta VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
         )
 
     def holds_vehicle_data(self) -> bool:
@@ -654,7 +668,7 @@ class SqliteConsentStore:
         def tx(db: sqlite3.Connection) -> bool:
             if restricted:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO restrictions VALUES (?,?,?)",
+                    "INSERT INTO restrictions VALUES (?,?,?) ON CONFLICT DO NOTHING",
                     (vin, record.at, record.actor),
                 )
             else:
@@ -722,8 +736,10 @@ class SqliteConsentStore:
         def tx(db: sqlite3.Connection) -> dict[str, int]:
             if identity is not None:
                 db.execute(
-                    "INSERT OR REPLACE INTO vehicle_identity (subject, epoch, revision_floor,"
-                    " restricted, ownership) VALUES (?,?,?,?,?)",
+                    "INSERT INTO vehicle_identity (subject, epoch, revision_floor,"
+                    " restricted, ownership) VALUES (?,?,?,?,?) ON CONFLICT(subject) DO UPDATE"
+                    " SET epoch=excluded.epoch, revision_floor=excluded.revision_floor,"
+                    " restricted=excluded.restricted, ownership=excluded.ownership",
                     (
                         subject,
                         identity.epoch,
@@ -877,7 +893,8 @@ class SqliteConsentStore:
                 float(r[5]) if r[5] is not None else None,
                 bool(r[6]),
             )
-            for r in rows
+            # Pushed at the same moment: by version (any backend, same order).
+            for r in sorted(rows, key=lambda r: (float(r[4]), _version_order(str(r[0]))))
         ]
 
     def active_policy(self) -> StoredPolicy | None:
@@ -890,7 +907,7 @@ class SqliteConsentStore:
             db.executemany(
                 "INSERT INTO egress_counts VALUES (?,?,?,?,?,?) ON CONFLICT"
                 "(vin, day, stream, feature, policy_version) DO UPDATE SET"
-                " count = count + excluded.count",
+                " count = egress_counts.count + excluded.count",
                 [(c.vin, c.day, c.stream, c.feature, c.policy_version, c.count) for c in counts],
             )
 
@@ -957,7 +974,7 @@ class SqliteConsentStore:
             cur = db.execute(
                 "INSERT INTO dead_letters (created_at, expires_at, subject, kind, edge, stream,"
                 " feature, reason, code, attempts, size, sealed, recipient)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                 (
                     letter.created_at,
                     letter.expires_at,
@@ -974,7 +991,7 @@ class SqliteConsentStore:
                     letter.recipient,
                 ),
             )
-            new_id = int(cur.lastrowid or 0)
+            new_id = int(cur.fetchone()[0])
             evicted = db.execute(
                 "DELETE FROM dead_letters WHERE id <= ("
                 " SELECT id FROM dead_letters ORDER BY id DESC LIMIT 1 OFFSET ?)",
@@ -1051,7 +1068,7 @@ class SqliteConsentStore:
         def tx(db: sqlite3.Connection) -> ParkResult:
             cur = db.execute(
                 "INSERT INTO parked (subject, revision, parked_at, expires_at, stream, size,"
-                " sealed) VALUES (?,?,?,?,?,?,?)",
+                " sealed) VALUES (?,?,?,?,?,?,?) RETURNING id",
                 (
                     message.subject,
                     message.revision,
@@ -1062,7 +1079,7 @@ class SqliteConsentStore:
                     message.sealed,
                 ),
             )
-            new_id = int(cur.lastrowid or 0)
+            new_id = int(cur.fetchone()[0])
             evicted: list[tuple[int, str, int]] = []
             for where, params, bound in (
                 ("WHERE subject=?", (message.subject,), max_bytes_per_subject),
@@ -1072,7 +1089,7 @@ class SqliteConsentStore:
                     (int(r[0]), str(r[1]), int(r[2]))
                     for r in db.execute(
                         "SELECT id, stream, size FROM (SELECT id, stream, size,"
-                        f" sum(size) OVER (ORDER BY id DESC) AS total FROM parked {where})"
+                        f" sum(size) OVER (ORDER BY id DESC) AS total FROM parked {where}) newest"
                         " WHERE total > ? ORDER BY id",
                         (*params, bound),
                     )
@@ -1178,7 +1195,7 @@ class SqliteConsentStore:
         def tx(db: sqlite3.Connection) -> bool:
             if objected:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO objections VALUES (?,?,?,?)",
+                    "INSERT INTO objections VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
                     (subject, feature, record.at, record.actor),
                 )
             else:
@@ -1202,11 +1219,13 @@ class SqliteConsentStore:
     ) -> int:
         def tx(db: sqlite3.Connection) -> int:
             cur = db.execute(
-                "INSERT INTO incident_holds (opened_at, until, reason, actor) VALUES (?,?,?,?)",
+                "INSERT INTO incident_holds (opened_at, until, reason, actor) VALUES (?,?,?,?)"
+                " RETURNING id",
                 (opened_at, until, reason, record.actor),
             )
+            new_id = int(cur.fetchone()[0])
             audit.append(db, record, self._ledger_key)
-            return int(cur.lastrowid or 0)
+            return new_id
 
         return self._write(tx)
 
@@ -1268,7 +1287,7 @@ class SqliteConsentStore:
         self._write(
             lambda db: db.execute(
                 "INSERT INTO meta VALUES ('ready_probe', '') ON CONFLICT(key) DO UPDATE"
-                " SET value = CASE value WHEN '' THEN '.' ELSE '' END"
+                " SET value = CASE meta.value WHEN '' THEN '.' ELSE '' END"
             )
         )
 
