@@ -254,6 +254,31 @@ def key_figures(result: CheckResult, truth: list[dict[str, Any]], policy: Policy
             right == judged if judged else None,
         ),
         Figure(
+            "Message-centre messages (alerts, service adverts) reaching the car only when"
+            " allowed: not to an unknown car, not against a toggle, not after an objection",
+            f"{result.messages['delivered']} delivered, {result.messages['refused']} refused,"
+            f" {result.messages['leaked']} wrongly delivered, {result.messages['lost']} lost"
+            if result.messages
+            else "none sent",
+            "none wrongly delivered, none lost",
+            (result.messages["leaked"] + result.messages["lost"] == 0) if result.messages else None,
+        ),
+        Figure(
+            "DPO actions through the control API (ownership changes, objections to service"
+            " adverts) carried out",
+            ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(result.operator.items()))
+            or "none in this run",
+            "every one done; nothing of a previous owner after a change",
+            (
+                not any(k.endswith(":failed") for k in result.operator)
+                and not any(
+                    i.rule == "previous_owners_data_after_ownership_change" for i in result.issues
+                )
+            )
+            if result.operator
+            else None,
+        ),
+        Figure(
             "Approximate positions: median distance from the true position",
             "n/a" if median is None else f"{median:.0f} m ({positions} positions)",
             f"within one grid cell (at most {policy.cell_size_m:g} m), never exact",
@@ -342,9 +367,7 @@ def parse_transform(token: str, rule: StreamRule) -> tuple[str, str]:
         if not category:
             removes = ("remove", "odometer", "generalize", "enum")
             for_recipient = any(head in route.remove for route in rule.routes.values())
-            category = (
-                "removed" if rule.fields.get(head) in removes or for_recipient else "cleared"
-            )
+            category = "removed" if rule.fields.get(head) in removes or for_recipient else "cleared"
         return head, category
     return token, "other"
 

@@ -72,6 +72,10 @@ def test_key_figures_stand_next_to_their_targets(report: Report) -> None:
     assert figures["Leaks"] == ["0", "0", "met"]
     assert figures["Losses"] == ["0", "0", "met"]
     assert figures["Allowed messages delivered"] == ["100.0%", "100%", "met"]
+    centre = next(v for k, v in figures.items() if k.startswith("Message-centre"))
+    dpo = next(v for k, v in figures.items() if k.startswith("DPO actions"))
+    assert centre[2] == "met" and " delivered" in centre[0]
+    assert dpo[2] == "met" and "ownership change:done" in dpo[0]
     for name, (value, target, met) in figures.items():
         assert value and target and met in ("met", "MISSED", "nothing to judge"), name
 
@@ -88,6 +92,12 @@ def test_a_missed_target_says_so(report: Report) -> None:
     assert (figures["Leaks"].value, figures["Leaks"].met) == ("1", False)
     assert (figures["Losses"].value, figures["Losses"].met) == ("1", False)
     assert figures["Allowed messages delivered"].met is False
+    broken.messages = Counter({"delivered": 3, "leaked": 1})
+    broken.operator = Counter({"objection:failed": 1})
+    figures = {f.name.split(":")[0]: f for f in key_figures(broken, [], policy)}
+    centre = next(f for k, f in figures.items() if k.startswith("Message-centre"))
+    dpo = next(f for k, f in figures.items() if k.startswith("DPO actions"))
+    assert centre.met is False and dpo.met is False
 
 
 def test_field_summary_comes_from_the_policy_and_the_recording(report: Report) -> None:
