@@ -529,23 +529,27 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.statedir import INTERNAL_KEY_FILE
     from gateway.store import SqliteConsentStore, StoreError
+    from gateway.store.postgres import PostgresConsentStore
 
     state_dir = args.state_dir
     if state_dir is None and is_packaged_default(args.config):
         print(f"error: {_NO_STATE_DIR}", file=sys.stderr)
         return EXIT_CONFIG
+    store_url = None  # with --state-dir: that directory's SQLite store
     if state_dir is None:
         try:
-            state_dir = load_config(args.config).state_dir
+            loaded = load_config(args.config)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        state_dir, store_url = loaded.state_dir, loaded.store.url
     db = Path(state_dir) / SqliteConsentStore.FILENAME
-    if not db.exists():
+    if store_url is None and not db.exists():
         print(f"error: no consent store at {db}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        store = SqliteConsentStore(db)
+        # Reading only: the ledger of a running gateway's database verifies too.
+        store = SqliteConsentStore(db) if store_url is None else PostgresConsentStore(store_url)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -367,6 +367,13 @@ class StoreConfig(_Strict):
     # (PGPASSFILE), never in this file.
     url: str | None = Field(None, pattern=r"^postgres(ql)?://[^:@/\s]+(@|/|$)[^\s]*$")
 
+    @field_validator("url")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        if value is not None and "password=" in value.lower():
+            raise ValueError("no password in the URL: use a libpq password file (PGPASSFILE)")
+        return value
+
 
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

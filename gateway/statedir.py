@@ -201,13 +201,9 @@ def open_state(config: GatewayConfig) -> OpenState:
             if config.store.url is not None:
                 # Shared by the instances; the key and instance id stay here.
                 _make_private(key_path)
-                shared = PostgresConsentStore(config.store.url, config.limits.history_per_vehicle)
-                try:
-                    shared.claim_exclusive()
-                except StoreError:
-                    shared.close()
-                    raise
-                store: SqliteConsentStore = shared
+                store: SqliteConsentStore = PostgresConsentStore(
+                    config.store.url, config.limits.history_per_vehicle, exclusive=True
+                )
             else:
                 _check_store_file(db, key_path)
                 _make_private(
@@ -456,9 +452,15 @@ def rotate_key(config: GatewayConfig, now: float) -> Rotation:
     state_dir.lock()
     try:
         db = config.state_dir / SqliteConsentStore.FILENAME
-        if not db.exists():
+        if config.store.url is not None:
+            try:  # the gateway is stopped: its lock on the database is free
+                store: SqliteConsentStore = PostgresConsentStore(config.store.url, exclusive=True)
+            except StoreError as exc:
+                raise StateDirError(str(exc)) from exc
+        elif not db.exists():
             raise StateDirError(f"no consent store at {db}: nothing to rotate")
-        store = SqliteConsentStore(db)
+        else:
+            store = SqliteConsentStore(db)
         try:
             internal_path = config.state_dir / INTERNAL_KEY_FILE
             internal = _read_internal_key(internal_path)

@@ -23,20 +23,30 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x .venv/bin/promtool ]; then
   rm -rf "$tmp"
 fi
 # The PostgreSQL store is tested on a private server the tests start (initdb
-# and pg_ctl from Debian's package; the package's own cluster is not started).
+# and pg_ctl from Debian's package): the package creates no cluster of its own
+# (createcluster.conf, kept as ours) and starts no service while installing.
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   echo "== installing the PostgreSQL server binaries (Debian package postgresql)" >&2
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+    $SUDO mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+  fi
   blocker=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     blocker=/usr/sbin/policy-rc.d
+    trap '$SUDO rm -f "$blocker"' EXIT
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$blocker" >/dev/null
     $SUDO chmod 0755 "$blocker"
   fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-  [ -z "$blocker" ] || $SUDO rm -f "$blocker"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    -o Dpkg::Options::=--force-confold postgresql >/dev/null
+  if [ -n "$blocker" ]; then
+    $SUDO rm -f "$blocker"
+    trap - EXIT
+  fi
 fi
 # The report test renders the HTML report in headless Chromium (Debian package).
 if ! command -v chromium >/dev/null 2>&1; then

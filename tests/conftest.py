@@ -25,9 +25,8 @@ from gateway.service import GatewayService
 from gateway.store import ConsentStore, SqliteConsentStore
 from gateway.store.postgres import PostgresConsentStore
 from sim.broker import MosquittoBroker
+from sim.postgres import PrivatePostgres, server_binaries
 from telematics.v1 import privacy_pb2
-
-from .postgres import PrivatePostgres, server_binaries
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_POLICY = REPO / "config" / "policy.yaml"

@@ -18,10 +18,10 @@ from gateway.core.identity import subject
 from gateway.statedir import open_state
 from gateway.store.postgres import PostgresConsentStore, translate
 from sim.broker import MosquittoBroker
+from sim.postgres import PrivatePostgres
 from telematics.v1 import streams_pb2
 
 from .conftest import KEY, VIN, Car, Clients, GatewayHarness, gateway_config
-from .postgres import PrivatePostgres
 from .test_store import snap
 
 pytestmark = pytest.mark.integration
@@ -187,3 +187,36 @@ async def test_a_lost_database_connection_holds_the_pipeline_and_loses_nothing(
         assert [s.revision for s in service.store.history(service.audit_subject(VIN))] == [1, 2]
     finally:
         await harness.stop(service)
+
+
+def test_a_failed_write_lock_leaves_the_store_usable(postgres: PrivatePostgres) -> None:
+    """The write lock cannot be had (another writer holds it past our lock
+    timeout): that write fails, the connection is not left in an aborted
+    transaction, the next write works."""
+    import psycopg
+
+    from gateway.store.postgres import WRITE_LOCK
+
+    url = postgres.new_database()
+    store = PostgresConsentStore(url)
+    holder = psycopg.connect(url, autocommit=True)
+    try:
+        store._pg._connection().execute("SET lock_timeout = '200ms'")
+        holder.execute("SELECT pg_advisory_lock(%s)", (WRITE_LOCK,))
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            store.apply_settings(snap(1))
+        holder.execute("SELECT pg_advisory_unlock(%s)", (WRITE_LOCK,))
+        store.apply_settings(snap(2))
+        assert [v.snapshot.revision for v in store.load_all()] == [2]
+    finally:
+        holder.close()
+        store.close()
+
+
+def test_no_password_in_the_url_or_in_messages() -> None:
+    from gateway.store.postgres import redact_url
+
+    with pytest.raises(ValueError, match="password file"):
+        StoreConfig(url="postgresql://gw@db/x?password=hunter2")
+    assert "hunter2" not in redact_url("postgresql://gw:hunter2@db/x")
+    assert "hunter2" not in redact_url("postgresql://gw@db/x?sslmode=require&password=hunter2")

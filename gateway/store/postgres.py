@@ -15,7 +15,10 @@ raises, and the service retries it holding its pipeline (fail closed).
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -32,6 +35,7 @@ from gateway.store.sqlite import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("gateway.store")
 # pg_advisory_xact_lock key of the store's write transactions ("gw" "cs").
 WRITE_LOCK = 0x6777_6373
 # Session lock of the one gateway deciding with this database ("gw" "in"):
@@ -68,6 +72,12 @@ def translate(sql: str, has_params: bool) -> str:
     if has_params:
         sql = _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
     return sql
+
+
+def redact_url(url: str) -> str:
+    """A database URL fit for a message: no password, in the authority or the query."""
+    url = re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
 
 
 def _param(value: object) -> object:
@@ -109,6 +119,7 @@ class _Connection:
         self.url = url
         self._conn: psycopg.Connection[Any] | None = None
         self.exclusive = False  # hold INSTANCE_LOCK on every connection
+        self.claimed = False  # INSTANCE_LOCK was ours once
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
@@ -117,28 +128,50 @@ class _Connection:
                 row = conn.execute("SELECT pg_try_advisory_lock(%s)", (INSTANCE_LOCK,)).fetchone()
                 if not row or not row[0]:
                     conn.close()
+                    if self.claimed:
+                        # Lost with a dropped connection, and taken meanwhile:
+                        # deciding on would be two instances with their own
+                        # caches. Stop (fail closed); a supervisor restarts us.
+                        log.critical(
+                            "another gateway instance took this database while our"
+                            " connection was down: stopping"
+                        )
+                        os.kill(os.getpid(), signal.SIGTERM)
                     raise StoreError(
                         "another gateway instance is deciding with this database; one"
                         " instance per database until instances share their consent state"
                     )
+                self.claimed = True
             self._conn = conn
         return self._conn
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> _Cursor:
-        if sql.strip().upper() == "BEGIN IMMEDIATE":
-            conn = self._connection()
-            conn.execute("BEGIN")
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            return _Cursor(conn.cursor())
+        conn = self._connection()
         try:
-            cursor = self._connection().execute(
+            if sql.strip().upper() == "BEGIN IMMEDIATE":
+                conn.execute("BEGIN")
+                try:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                except psycopg.Error:
+                    # Never leave the connection in an aborted transaction.
+                    self._rollback(conn)
+                    raise
+                return _Cursor(conn.cursor())
+            cursor = conn.execute(
                 cast(Any, translate(sql, bool(params))),
                 [_param(p) for p in params] if params else None,
             )
-        except psycopg.OperationalError:
-            self.close()  # reopened on the next call
+        except psycopg.Error:
+            if conn.broken or conn.closed:
+                self.close()  # reopened on the next call
             raise
         return _Cursor(cursor)
+
+    def _rollback(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except psycopg.Error:
+            self.close()
 
     def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> _Cursor:
         conn = self._connection()
@@ -170,14 +203,19 @@ class _Location(str):
 class PostgresConsentStore(SqliteConsentStore):
     """ConsentStore on PostgreSQL (`[store] url = "postgresql://..."`)."""
 
-    def __init__(self, url: str, history_limit: int = HISTORY_LIMIT) -> None:
+    def __init__(
+        self, url: str, history_limit: int = HISTORY_LIMIT, *, exclusive: bool = False
+    ) -> None:
+        """`exclusive`: be the one gateway deciding with this database, claimed
+        before anything is written (a refused second one migrates nothing)."""
         # `path` names the store in messages: the URL without its password.
-        self.path = cast(Path, _Location(re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)))
+        self.path = cast(Path, _Location(redact_url(url)))
         self.history_limit = max(2, history_limit)
         self._lock = threading.Lock()
         self._keyed_step_pending = False
         self._ledger_key: bytes | None = None
         self._pg = _Connection(url)
+        self._pg.exclusive = exclusive
         self._db = cast(Any, self._pg)
         try:
             with self._lock:
@@ -229,15 +267,6 @@ class PostgresConsentStore(SqliteConsentStore):
                 except psycopg.Error:
                     self._pg.close()  # the connection is gone: so is the transaction
                 raise
-
-    def claim_exclusive(self) -> None:
-        """Be the one gateway deciding with this database (StoreError when
-        another holds it); held for the connection's life, taken again on a
-        reconnect, released when the process ends however it ends."""
-        with self._lock:
-            self._pg.close()
-            self._pg.exclusive = True
-            self._pg.execute("SELECT 1")
 
     def close(self) -> None:
         with self._lock:

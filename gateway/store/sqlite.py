@@ -917,7 +917,7 @@ class SqliteConsentStore:
     def egress_counts(self, vin: str) -> list[EgressCount]:
         rows = self._read(
             "SELECT vin, day, stream, feature, policy_version, count FROM egress_counts"
-            " WHERE vin=? ORDER BY day, stream",
+            " WHERE vin=? ORDER BY day, stream, feature, policy_version",
             (vin,),
         )
         return [

@@ -1,4 +1,4 @@
-"""A private PostgreSQL server for the tests: a throwaway cluster under a
+"""A private PostgreSQL server for tests and benchmarks: a throwaway cluster under a
 temporary directory, on a free port, owned by an unprivileged user (initdb
 refuses to run as root). Never the machine's own server."""
 
@@ -52,6 +52,14 @@ class PrivatePostgres:
         )
 
     def start(self) -> None:
+        """initdb and start; on any failure nothing is left running."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         data = self.root / "data"
         self._command(
             str(self.binaries / "initdb"),
