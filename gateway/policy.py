@@ -303,6 +303,9 @@ class CompiledStream:
     place_text_fields: tuple[str, ...] = ()
     # Who gets the stream, first the one whose pseudonyms predate recipients.
     routes: tuple[CompiledRoute, ...] = ()
+    # The one route when the stream has one getting exactly what the rules
+    # make (no removals, no pseudonym of its own): decided without copies.
+    plain_route: CompiledRoute | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1074,6 +1077,13 @@ def compile_policy(doc: PolicyDocument, *, digest: str = "") -> CompiledPolicy:
             enum_fields=() if legal else enums,
             place_text_fields=() if legal else named("place_text"),
             routes=routes,
+            plain_route=(
+                routes[0]
+                if len(routes) == 1
+                and not routes[0].remove_fields
+                and not routes[0].pseudonymize_vin
+                else None
+            ),
         )
         if placeholders:
             parts = tuple(None if _PLACEHOLDER.match(s) else s for s in segments)

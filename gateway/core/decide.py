@@ -358,22 +358,23 @@ def decide(
             return Drop(DropReason(answered.value), stream.key, vin=vin)
         new_state = with_find_my_car(state, answered)
     transforms, anchor = _transform(ctx, stream, message, vin, mode, anchors.get(vin), now)
-    routes = stream.routes or _IMPLICIT_ROUTES
-    if len(routes) == 1 and not routes[0].pseudonymize_vin and not routes[0].remove_fields:
-        # The common case: one recipient getting the stream as the rules make it.
-        only = routes[0]
+    plain = stream.plain_route
+    if plain is not None:
+        # The common case, known at policy load: one recipient getting the
+        # stream as the rules make it.
         return Forward(
-            topic=f"{only.prefix or ctx.backend_prefix}/{vin}/{relative}",
+            topic=f"{plain.prefix or ctx.backend_prefix}/{vin}/{relative}",
             payload=message.SerializeToString(),
-            user_properties=_properties(ctx.policy, stream, feature, transforms, only),
+            user_properties=_properties(ctx.policy, stream, feature, transforms, plain),
             vin=vin,
             stream=stream.key,
             feature=feature,
             transforms=tuple(transforms),
             anchor=anchor,
             state=new_state,
-            recipient=only.recipient,
+            recipient=plain.recipient,
         )
+    routes = stream.routes or _IMPLICIT_ROUTES
     if (
         app_id is not None
         and any(r.pseudonymize_vin for r in routes)
