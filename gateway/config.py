@@ -66,6 +66,14 @@ class BrokerConfig(_Strict):
     topic_prefix: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
     session_expiry_s: int = Field(86400, ge=0)
     keepalive_s: int = Field(30, ge=5, le=3600)
+    shared_group: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="vehicle_broker only: run as one of several instances sharing the"
+        " vehicle traffic (MQTT v5 shared subscription $share/{group}/...; commands from the"
+        " backend are shared the same way). Needs [store] url: the instances share their"
+        " consent state in PostgreSQL",
+    )
     tls_ca_file: Path | None = Field(
         None,
         description="PEM CA certificate(s) that sign the mqtts:// broker's certificate; "
@@ -534,6 +542,20 @@ class GatewayConfig(_Strict):
             except ConfigError as exc:
                 raise ConfigError(f"{name}: {exc}") from exc
         return access
+
+    @model_validator(mode="after")
+    def _shared_group(self) -> Self:
+        if self.backend_broker.shared_group is not None:
+            raise ValueError(
+                "backend_broker.shared_group: set shared_group on vehicle_broker only (the"
+                " backend subscriptions use the same group)"
+            )
+        if self.vehicle_broker.shared_group is not None and self.store.url is None:
+            raise ValueError(
+                "vehicle_broker.shared_group needs [store] url (postgresql://...): instances"
+                " sharing the traffic must share their consent state"
+            )
+        return self
 
     def client_id(self, broker: BrokerConfig) -> str:
         """The MQTT client id on `broker`: the configured one plus this instance's id.

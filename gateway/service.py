@@ -16,11 +16,13 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 import random
 import re
+import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -94,6 +96,10 @@ SETTINGS_STREAM = "avn/privacy"
 COMMAND_REDRIVE_TTL_S = 300.0  # older dead-lettered commands are answered `expired`
 ERASED_MEMORY_S = 3600.0  # far longer than anything stays in flight
 CHECKED_VINS_MAX = 100_000  # VINs remembered as having nothing stored (then forgotten)
+# Shared store: decisions of one message retried when another instance
+# changed the car's anchor or find-my-car state first; then it is refused.
+SHARED_STATE_ATTEMPTS = 3
+SUBJECTS_PER_READ = 500  # cars reloaded per store read (bounded statements)
 VEHICLE = "vehicle"
 BACKEND = "backend"
 ECALL = "ecall"  # the legal-obligation lane's vehicle-side connection
@@ -316,6 +322,17 @@ class GatewayService:
         # offered to the operator (sign and push), never applied by itself.
         self._policy_file: tuple[str, str, str] | None = None  # version, digest, path
         self.store_writable = True  # false while a durable write keeps failing
+        # One of several instances sharing the vehicle traffic and the store:
+        # before a message is decided, what the others committed since the
+        # last look is read (contract rule 21 across instances).
+        group = config.vehicle_broker.shared_group
+        self._shared = group is not None
+        self._share = f"$share/{group}/" if group is not None else ""
+        self._change_seq = 0  # position in the store's change log read up to
+        self._caught_up_at = float("-inf")  # monotonic time the last look began
+        # Shared: subject -> VIN of every car kept under its VIN, so a change
+        # another instance made to a subject lands on the right entry.
+        self._vins: dict[str, str] = {}
         self.metrics.store_writable.set(1)
         self.metrics.ready.set_function(lambda: 1.0 if all(self.readiness().values()) else 0.0)
 
@@ -323,6 +340,9 @@ class GatewayService:
 
     def load_state(self) -> int:
         """Enforce the last applied settings before any message is decided."""
+        if self._shared:
+            # Taken before the load: a change committed meanwhile is read again.
+            self._change_seq = self.store.change_position()
         policy = self.ctx.policy
         # Everything loaded is keyed by subject (the store never holds a VIN);
         # cars whose VIN was seen since the last load move back under it below.
@@ -357,8 +377,9 @@ class GatewayService:
             if kept is None or kept.refreshed_at < anchor.refreshed_at:
                 anchors[subject] = anchor
         self.anchors = anchors
-        self.histories = self._load_histories()
+        self.histories = self._load_histories(self.states)
         claimed, self._claimed = self._claimed, {}
+        self._vins.clear()
         self._unclaimed = set(self.states) | set(self.anchors) | set(self.histories)
         self._unclaimed |= self.restricted
         self._checked.clear()
@@ -369,14 +390,17 @@ class GatewayService:
         self._parked_count, self._parked_bytes, self._parked_subjects = count, size, subjects
         return len(self.states)
 
-    def _load_histories(self) -> dict[str, CaptureHistory]:
-        """The capture-time intervals of every car, from the settings history
-        (restriction periods included), compacted to the in-memory bound."""
+    def _load_histories(
+        self, states: dict[str, VehicleState], subjects: Collection[str] | None = None
+    ) -> dict[str, CaptureHistory]:
+        """The capture-time intervals of every car (or of `subjects`), from the
+        settings history (restriction periods included), compacted to the
+        in-memory bound; `states`: the cars' states by subject."""
         policy, limit = self.ctx.policy, self.config.limits.capture_intervals_per_vehicle
         histories: dict[str, CaptureHistory] = {}
         previous: tuple[str, int] = ("", 0)  # (vin, revision) of the row before
         latest_merged: set[str] = set()  # cars whose newest row folded settings in
-        for row in self.store.capture_history():
+        for row in self.store.capture_history(subjects):
             snapshot = row.snapshot
             vin = snapshot.vin
             state = state_from_snapshot(policy, snapshot)
@@ -405,13 +429,13 @@ class GatewayService:
             vin
             for vin, history in histories.items()
             if vin in latest_merged
-            and (current := self.states.get(vin)) is not None
+            and (current := states.get(vin)) is not None
             and history[-1].revision == current.revision
         }
-        if merged_latest or len(histories) < len(self.states):
-            for stored in self.store.load_all():
+        if merged_latest or len(histories) < len(states):
+            for stored in self.store.load_all(subjects):
                 vin = stored.snapshot.vin
-                current = self.states.get(vin)
+                current = states.get(vin)
                 if current is None or (vin in histories and vin not in merged_latest):
                     continue
                 # Settings without history rows (a store filled by other means)
@@ -529,7 +553,7 @@ class GatewayService:
             name=VEHICLE,
             endpoint=self._access[VEHICLE].endpoint,
             client_id=self.config.client_id(vcfg),
-            subscriptions=[f"{vcfg.topic_prefix}/#"],
+            subscriptions=[f"{self._share}{vcfg.topic_prefix}/#"],
             on_message=self._enqueue_vehicle_message,
             clean_start=False,  # persistent session: the broker queues while we are away
             session_expiry_s=vcfg.session_expiry_s or 86400,
@@ -545,7 +569,10 @@ class GatewayService:
             name=BACKEND,
             endpoint=self._access[BACKEND].endpoint,
             client_id=self.config.client_id(bcfg),
-            subscriptions=[f"{bcfg.topic_prefix}/+/cmd/+", f"{bcfg.topic_prefix}/+/msg/+"],
+            subscriptions=[
+                f"{self._share}{bcfg.topic_prefix}/+/cmd/+",
+                f"{self._share}{bcfg.topic_prefix}/+/msg/+",
+            ],
             on_message=self._queue.put_nowait,
             clean_start=bcfg.session_expiry_s == 0,
             session_expiry_s=bcfg.session_expiry_s,
@@ -583,6 +610,10 @@ class GatewayService:
             asyncio.create_task(self._expire_parked_periodically(), name="parked-expiry"),
             asyncio.create_task(self._publish_erasure_events(), name="erasure-events"),
         ]
+        if self._shared:
+            self._tasks.append(
+                asyncio.create_task(self._prune_changes_periodically(), name="change-log")
+            )
         if self._parked_count:
             self.spawn(self.run_control(self._release_applied_parked))
 
@@ -741,6 +772,8 @@ class GatewayService:
         """
         if self._stopping:
             return
+        if self._shared and self._windows:
+            await self._leave_share_group()
         self._stopping = True
         self._queue.put_nowait(None)
         timeout = self.config.pipeline.drain_timeout_s
@@ -761,6 +794,26 @@ class GatewayService:
         self._store_executor.shutdown(wait=True)
         self.store.close()
         log.info("gateway stopped", extra=self.summary())
+
+    async def _leave_share_group(self, quiet_s: float = 0.5) -> None:
+        """Scale-in strands nothing: UNSUBSCRIBE first, so the broker gives new
+        messages to the other members (also from this member's persistent
+        session), then decide and settle what it had sent here already, until
+        nothing has arrived for `quiet_s` (bounded by the drain timeout)."""
+        timeout = self.config.pipeline.drain_timeout_s or 30.0
+        deadline = time.monotonic() + timeout
+        for edge in (self.vehicle_edge, self.backend_edge):
+            if not await edge.unsubscribe_all(timeout):
+                log.warning("%s broker did not confirm leaving the shared group", edge.name)
+        quiet_since = time.monotonic()
+        while (now := time.monotonic()) < deadline:
+            await asyncio.sleep(0.05)
+            if not self._queue.empty() or any(len(w) for w in self._windows.values()):
+                quiet_since = now
+            elif now - quiet_since >= quiet_s:
+                log.info("left the shared group; nothing left in flight")
+                return
+        log.warning("left the shared group with messages still in flight (redelivered here)")
 
     def summary(self) -> dict[str, float]:
         m = self.metrics
@@ -819,19 +872,37 @@ class GatewayService:
         redriven: bool = False,
         only_recipient: str = "",
     ) -> None:
+        if self._shared and msg.received >= self._caught_up_at:
+            await self._catch_up()
         if self._unclaimed:
             self._claim_topic(msg.topic)
-        started = time.perf_counter()
-        decision = decide(
-            self.ctx,
-            msg.topic,
-            msg.payload,
-            self.states,
-            self.anchors,
-            self._clock(),
-            histories=self.histories,
-        )
-        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        conflicts = 0
+        while True:
+            started = time.perf_counter()
+            decision = decide(
+                self.ctx,
+                msg.topic,
+                msg.payload,
+                self.states,
+                self.anchors,
+                self._clock(),
+                histories=self.histories,
+            )
+            self.metrics.decision_seconds.observe(time.perf_counter() - started)
+            if (
+                not self._shared
+                or not isinstance(decision, Forward)
+                or (decision.anchor is None and decision.state is None)
+                or await self._claimed_shared(decision)
+            ):
+                break
+            # Another instance refreshed the car's anchor or spent a fix of its
+            # command first: decide again with what it stored.
+            conflicts += 1
+            if conflicts >= SHARED_STATE_ATTEMPTS:
+                self._refuse("shared_state_conflict", decision.stream, self._clock())
+                slot.settle()
+                return
         if isinstance(decision, Forward):
             if (
                 self._ecall_lane
@@ -846,16 +917,18 @@ class GatewayService:
             if decision.state is not None:
                 # A find-my-car fix spends its command's budget durably before
                 # it leaves: a restart never forwards it twice (fail closed).
-                await self._persist(
-                    self.store.save_find_my_car,
-                    self.audit_subject(decision.vin),
-                    decision.state.find_my_car,
-                    decision.state.window_until,
-                )
+                if not self._shared:  # shared: stored by _claimed_shared
+                    await self._persist(
+                        self.store.save_find_my_car,
+                        self.audit_subject(decision.vin),
+                        decision.state.find_my_car,
+                        decision.state.window_until,
+                    )
                 self.states[decision.vin] = decision.state
             if decision.anchor is not None:
                 self.anchors[decision.vin] = decision.anchor
-                self.accounting.anchor(decision.vin, decision.anchor)
+                if not self._shared:  # shared: stored by _claimed_shared, before it leaves
+                    self.accounting.anchor(decision.vin, decision.anchor)
             if not only_recipient:
                 # One message, however many recipients: a re-driven copy for
                 # one of them was counted with the message (it is not counted
@@ -928,7 +1001,17 @@ class GatewayService:
             if isinstance(slot, _ParkedSlot):  # released too early: stays parked
                 slot.keep()
                 return
-            await self._park(decision, msg, slot)
+            if not await self._park(decision, msg, slot):
+                # Applied meanwhile by another instance: decided with it now.
+                await self._reload_cars({self.audit_subject(decision.vin)}, frozenset())
+                state = self.states.get(decision.vin)
+                if state is not None and state.revision >= decision.revision:
+                    await self._handle_vehicle_message(
+                        msg, slot, redriven=redriven, only_recipient=only_recipient
+                    )
+                else:  # never expected: the store said it is applied
+                    self.metrics.inc(self.metrics.dropped, decision.stream, "settings_pending")
+                    slot.settle()
         elif isinstance(decision, ApplySettings):
             vin, now = decision.snapshot.vin, self._clock()
             if vin not in self.states and not self._new_vehicles.allow(now):
@@ -975,6 +1058,7 @@ class GatewayService:
             merge,
         )
         state = decision.state
+        self._bind(snapshot.vin, record.subject)
         if snapshot.vin not in self.states:
             self._claimed[snapshot.vin] = record.subject
             erased = self.ctx.identity.row(self.ctx.stable_key, snapshot.vin)
@@ -1022,18 +1106,191 @@ class GatewayService:
             self.config.limits.capture_intervals_per_vehicle,
         )
 
+    # ----------------------------------------------------- shared consent state
+
+    async def _catch_up(self) -> None:
+        """Read what other instances committed since the last look (one round
+        trip when nothing changed) and reload those cars, before a message
+        received after the last look is decided: whatever was committed before
+        the broker sent the message is then enforced on it (contract rule 21
+        with several instances). The store being unreachable holds the pipeline
+        (`_persist`): nothing is decided on a view that may be stale."""
+        self._caught_up_at = time.monotonic()
+        changes = await self._persist(self.store.changes_since, self._change_seq)
+        if changes.resync:
+            log.warning("fell behind the shared store's change log: reloading every car")
+            await self._adopt_stored_policy(reload=True)
+            return
+        if changes.policy:
+            await self._adopt_stored_policy()
+        if changes.states or changes.anchors:
+            await self._reload_cars(changes.states, changes.anchors)
+        self._change_seq = max(self._change_seq, changes.seq)
+
+    async def _adopt_stored_policy(self, reload: bool = False) -> None:
+        """Run the policy another instance pushed or rolled back to."""
+        active = await self._persist(self.store.active_policy)
+        if active is not None and active.digest != self.ctx.policy.digest:
+            try:
+                policy = parse_policy(active.yaml, source=f"stored policy {active.version}")
+                self.check_egress(policy)
+            except PolicyError as exc:
+                # Deciding on with the old policy could allow what the new one
+                # forbids: stop (fail closed); the start refuses it loudly.
+                log.critical(
+                    "cannot run policy %s another instance pushed: %s", active.version, exc
+                )
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise
+            await self._switch_policy(policy, active, reload=True)
+        elif reload:
+            await asyncio.get_running_loop().run_in_executor(self._store_executor, self.load_state)
+
+    async def _reload_cars(self, subjects: Collection[str], anchored: Collection[str]) -> None:
+        """Replace what is held of these cars by what the shared store holds."""
+        loaded = await self._persist(self._load_cars, frozenset(subjects), frozenset(anchored))
+        book = self.ctx.identity
+        for subject in loaded.subjects:
+            key = self._vins.get(subject, subject)
+            state = loaded.states.get(subject)
+            if state is None:
+                self.states.pop(key, None)
+            else:
+                self.states[key] = state
+            history = loaded.histories.get(subject)
+            if history is None:
+                self.histories.pop(key, None)
+            else:
+                self.histories[key] = history
+            self.restricted.discard(key)
+            if subject in loaded.restricted:
+                self.restricted.add(key)
+            objected = loaded.objections.get(subject)
+            if objected:
+                self._objections[subject] = objected
+            else:
+                self._objections.pop(subject, None)
+            row = loaded.identities.get(subject)
+            if row is not None:
+                book.rows[subject] = row
+                if key != subject:
+                    book.learn(key, row)
+            if key == subject:
+                # Its VIN was not seen here yet: claimed when it shows up.
+                if state is not None or history is not None or subject in loaded.restricted:
+                    self._unclaimed.add(subject)
+                    self._checked.clear()
+            elif state is None:
+                # Erased, or a new owner, on another instance.
+                self.anchors.pop(key, None)
+                self.accounting.forget(key)
+        for subject in loaded.anchored:
+            key = self._vins.get(subject, subject)
+            anchor = loaded.anchors.get(subject)
+            current = self.anchors.get(key)
+            if anchor is None:
+                self.anchors.pop(key, None)
+            elif current is None or anchor.refreshed_at >= current.refreshed_at:
+                self.anchors[key] = anchor
+                if key == subject:
+                    self._unclaimed.add(subject)
+                    self._checked.clear()
+        self.metrics.vehicles.set(len(self.states))
+
+    def _load_cars(self, subjects: frozenset[str], anchored: frozenset[str]) -> _LoadedCars:
+        """What the store holds of these cars (in the store's thread; reads only)."""
+        policy, now = self.ctx.policy, self._clock()
+        loaded = _LoadedCars(subjects, anchored)
+        ordered = sorted(subjects)
+        for start in range(0, len(ordered), SUBJECTS_PER_READ):
+            chunk = ordered[start : start + SUBJECTS_PER_READ]
+            restricted = self.store.restricted_vins(chunk)
+            identities = self.store.identities(chunk)
+            restricted |= {s for s, row in identities.items() if row.restricted}
+            commands = self.store.find_my_car_commands(chunk)
+            objections = self.store.objections(chunk)
+            states: dict[str, VehicleState] = {}
+            for stored in self.store.load_all(chunk):
+                subject = stored.snapshot.vin
+                state = state_from_snapshot(policy, stored.snapshot, stored.window_until)
+                if subject in restricted:
+                    state = dataclasses.replace(state, restricted=True)
+                if subject in commands:
+                    state = expire_find_my_car(
+                        with_find_my_car(state, commands[subject]), now, policy.window_s
+                    )
+                if subject in objections:
+                    state = dataclasses.replace(state, objected=objections[subject])
+                states[subject] = state
+            loaded.states.update(states)
+            loaded.histories.update(self._load_histories(states, chunk))
+            loaded.restricted |= restricted
+            loaded.identities.update(identities)
+            loaded.objections.update(objections)
+        chosen = sorted(anchored)
+        for start in range(0, len(chosen), SUBJECTS_PER_READ):
+            loaded.anchors.update(
+                self.store.load_anchors(chosen[start : start + SUBJECTS_PER_READ])
+            )
+        return loaded
+
+    async def _claimed_shared(self, decision: Forward) -> bool:
+        """Store what forwarding `decision` spends (a refreshed anchor, a fix of
+        a find-my-car command) unless another instance changed it since this
+        one last looked: rule 13's one refresh per interval and rule 17's fix
+        budget hold across instances. False: decide again (reloaded)."""
+        subject = self.audit_subject(decision.vin)
+        if decision.anchor is not None:
+            previous = self.anchors.get(decision.vin)
+            stored = await self._persist(
+                self.store.claim_anchor,
+                subject,
+                None if previous is None else previous.refreshed_at,
+                decision.anchor,
+            )
+            if stored is not None:
+                self.anchors[decision.vin] = stored
+                return False
+            self.anchors[decision.vin] = decision.anchor
+        if decision.state is not None and not await self._persist(
+            self.store.save_find_my_car,
+            subject,
+            decision.state.find_my_car,
+            decision.state.window_until,
+            self._change_seq,
+        ):
+            await self._reload_cars({subject}, frozenset())
+            return False
+        return True
+
+    def _bind(self, vin: str, subject: str) -> None:
+        """Shared: `vin`'s entries are kept under its VIN (see `_vins`)."""
+        if self._shared:
+            self._vins[subject] = vin
+
+    async def _prune_changes_periodically(self, interval: float = 60.0) -> None:
+        prune = getattr(self.store, "prune_changes", None)
+        while prune is not None:
+            await asyncio.sleep(interval)
+            try:
+                await self._persist_once(prune, self._clock())
+            except Exception as exc:
+                log.warning("pruning the shared store's change log failed: %s", exc)
+
     # ------------------------------------------------------------ parked messages
 
-    async def _park(self, decision: Hold, msg: InboundMessage, slot: Settleable) -> None:
+    async def _park(self, decision: Hold, msg: InboundMessage, slot: Settleable) -> bool:
         """Keep a message stating a revision not applied yet (contract rule 12):
         sealed in the store, acknowledged once durable (never in the ack window
-        waiting for settings), released when that revision is applied."""
+        waiting for settings), released when that revision is applied. False
+        (nothing done) when the store has that revision: another instance
+        applied it after this one last looked."""
         now = self._clock()
         hold_max = self.config.pipeline.hold_max_s
         if hold_max <= 0:
             self.metrics.inc(self.metrics.dropped, decision.stream, "settings_pending")
             slot.settle()
-            return
+            return True
         subject = self.audit_subject(decision.vin)
         expires_at = now + hold_max
         if slot.expires_at is not None:  # a re-driven dead letter keeps its expiry
@@ -1051,6 +1308,8 @@ class GatewayService:
         result = await self._persist(
             self.store.park, row, pipeline.parked_bytes_per_vehicle, pipeline.parked_bytes
         )
+        if result.applied:
+            return False
         self.metrics.inc(self.metrics.parked, decision.stream)
         self._parked_subjects.add(subject)
         self._parked_count += 1
@@ -1060,12 +1319,14 @@ class GatewayService:
             self._parked_bytes -= size
             self._refuse(DropReason.PARKED_EVICTED.value, stream, now)
         slot.settle()
+        return True
 
     async def _release_parked(self, vin: str, revision: int) -> None:
         """Decide again, in order, a car's messages parked for `revision` or
         older, now that it is applied (in the decision loop, like any message)."""
         subject = self.audit_subject(vin)
-        if subject not in self._parked_subjects:
+        if subject not in self._parked_subjects and not self._shared:
+            # Shared: another instance may have parked some (the store says).
             return
         rows = await self._persist(self.store.parked, subject)
         ready = [r for r in rows if r.revision <= revision]
@@ -1193,11 +1454,36 @@ class GatewayService:
         return decision
 
     async def _handle_command(self, msg: InboundMessage, slot: Settleable) -> None:
+        if self._shared and msg.received >= self._caught_up_at:
+            await self._catch_up()
         decision = self._decide_request(msg)
         if decision is None:
             self.metrics.dropped.labels("command", "unknown_topic").inc()
             slot.settle()
             return
+        if self._shared and decision.state is not None:
+            for _ in range(SHARED_STATE_ATTEMPTS):
+                if await self._persist(
+                    self.store.save_find_my_car,
+                    self.audit_subject(decision.vin),
+                    decision.state.find_my_car,
+                    decision.state.window_until,
+                    self._change_seq,
+                ):
+                    break
+                # Another instance took a command of the car meanwhile (its cap).
+                await self._reload_cars({self.audit_subject(decision.vin)}, frozenset())
+                decision = self._decide_request(msg)
+                if decision is None or decision.state is None:
+                    break
+            else:
+                self._refuse("shared_state_conflict", "command", self._clock())
+                slot.settle()
+                return
+            if decision is None:
+                self.metrics.dropped.labels("command", "unknown_topic").inc()
+                slot.settle()
+                return
         # The command name comes from the topic: only the policy's own are labels.
         policy = self.ctx.policy
         known = decision.command in policy.commands or decision.command in policy.messages
@@ -1206,12 +1492,13 @@ class GatewayService:
         if decision.state is not None:
             # The window and the command's place under the hourly cap are
             # durable before the command reaches the car.
-            await self._persist(
-                self.store.save_find_my_car,
-                self.audit_subject(decision.vin),
-                decision.state.find_my_car,
-                decision.state.window_until,
-            )
+            if not self._shared:  # shared: stored above, if nobody else changed them
+                await self._persist(
+                    self.store.save_find_my_car,
+                    self.audit_subject(decision.vin),
+                    decision.state.find_my_car,
+                    decision.state.window_until,
+                )
             self.states[decision.vin] = decision.state
         log.info(
             "command %s",
@@ -1304,6 +1591,7 @@ class GatewayService:
             return
         self._unclaimed.discard(subject)
         self._claimed[vin] = subject
+        self._bind(vin, subject)
         if (state := self.states.pop(subject, None)) is not None:
             self.states[vin] = state
             erased = self.ctx.identity.rows.get(subject)
@@ -1481,6 +1769,7 @@ class GatewayService:
                     await self._persist_once(self.store.append_audit, record)
                 changed = True
             if restricted:
+                self._bind(vin, subject)
                 self.restricted.add(vin)
             else:
                 self.restricted.discard(vin)
@@ -1563,6 +1852,7 @@ class GatewayService:
             )
             book.rows[subject] = survivor
             book.learn(vin, survivor)
+            self._bind(vin, subject)
             self.states.pop(vin, None)
             self.anchors.pop(vin, None)
             self.histories.pop(vin, None)
@@ -1645,6 +1935,7 @@ class GatewayService:
             )
             book.rows[subject] = survivor
             book.learn(vin, survivor)
+            self._bind(vin, subject)
             self.states.pop(vin, None)
             self.anchors.pop(vin, None)
             self.histories.pop(vin, None)
@@ -1914,9 +2205,7 @@ class GatewayService:
             )
         return outcome
 
-    def _pseudonym_targets(
-        self, used: set[tuple[str, str, str]]
-    ) -> list[tuple[str, str, str]]:
+    def _pseudonym_targets(self, used: set[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
         """(prefix, pseudonym scope, stream topic) of every pseudonym the car
         was sent under: per pseudonymized recipient of each stream it used (by
         `(stream, feature, day)`), per rotation period of an app."""
@@ -2227,3 +2516,17 @@ class _RedriveSlot:
 
 
 __all__ = ["AckWindow", "GatewayService", "PublishRefused"]
+
+
+@dataclass
+class _LoadedCars:
+    """Cars as a shared store holds them, by subject (`GatewayService._load_cars`)."""
+
+    subjects: frozenset[str]
+    anchored: frozenset[str]
+    states: dict[str, VehicleState] = dataclasses.field(default_factory=dict)
+    histories: dict[str, CaptureHistory] = dataclasses.field(default_factory=dict)
+    restricted: set[str] = dataclasses.field(default_factory=set)
+    identities: dict[str, IdentityRow] = dataclasses.field(default_factory=dict)
+    objections: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+    anchors: dict[str, LocationAnchor] = dataclasses.field(default_factory=dict)

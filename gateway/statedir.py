@@ -201,8 +201,13 @@ def open_state(config: GatewayConfig) -> OpenState:
             if config.store.url is not None:
                 # Shared by the instances; the key and instance id stay here.
                 _make_private(key_path)
+                # One of a shared group: its instance id is its lease on the database.
+                shared = config.vehicle_broker.shared_group is not None
                 store: SqliteConsentStore = PostgresConsentStore(
-                    config.store.url, config.limits.history_per_vehicle, exclusive=True
+                    config.store.url,
+                    config.limits.history_per_vehicle,
+                    exclusive=True,
+                    instance=state_dir.instance_id(config.instance_id, False) if shared else None,
                 )
             else:
                 _check_store_file(db, key_path)

@@ -149,7 +149,7 @@ def test_a_second_gateway_on_one_database_is_refused(
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "pseudonym.key").write_bytes(configs[0].key_path.read_bytes())
     try:
-        with pytest.raises(StateDirError, match="another gateway instance"):
+        with pytest.raises(StateDirError, match="another gateway is deciding"):
             open_state(configs[1])
     finally:
         first.store.close()

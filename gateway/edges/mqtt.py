@@ -21,7 +21,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -117,6 +117,9 @@ class InboundMessage:
     qos: int
     mid: int
     generation: int  # connection generation: acks never cross a reconnect
+    # When it arrived (monotonic): a shared store's changes committed before
+    # then are read before it is decided.
+    received: float = field(default_factory=time.monotonic)
 
 
 class PublishRefused(Exception):
@@ -452,6 +455,7 @@ class MqttEdge:
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
+        client.on_unsubscribe = self._handle_subscribe  # the same reason codes, by mid
         client.on_socket_open = self._socket_open
         client.on_socket_close = self._socket_close
         client.on_socket_register_write = self._socket_register_write
@@ -515,6 +519,26 @@ class MqttEdge:
             delay = reconnect_delay(backoff, random.random())
             backoff = min(backoff * 2, MAX_RECONNECT_DELAY_S)
             await asyncio.sleep(delay)
+
+    async def unsubscribe_all(self, timeout: float = 5.0) -> bool:
+        """UNSUBSCRIBE every filter (also from the persistent session: a later
+        reconnect subscribes nothing). A member leaving a shared subscription
+        this way gets no new messages, and the broker gives them to the other
+        members; what it sent already still arrives. False when the broker did
+        not confirm in time (not connected: the session keeps the filters)."""
+        topics, self.subscriptions = self.subscriptions, []
+        if not topics or not self._client.is_connected():
+            return not topics
+        result, mid = self._client.unsubscribe(topics)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return False
+        unsuback: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
+        self._subacks[mid] = unsuback
+        try:
+            codes = await asyncio.wait_for(unsuback, timeout)
+        except TimeoutError:
+            return False
+        return not any(c.is_failure for c in codes)
 
     async def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True

@@ -1,6 +1,7 @@
 """Durable per-vehicle state behind the ConsentStore interface."""
 
 from gateway.store.base import (
+    Changes,
     ConsentStore,
     EgressCount,
     HistoryRow,
@@ -13,6 +14,7 @@ from gateway.store.base import (
 from gateway.store.sqlite import SqliteConsentStore, StoreDamaged, StoreError
 
 __all__ = [
+    "Changes",
     "ConsentStore",
     "EgressCount",
     "HistoryRow",

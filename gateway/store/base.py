@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,6 +84,19 @@ class IncidentHold:
 class ParkResult:
     id: int
     evicted: tuple[tuple[int, str, int], ...]  # (id, stream, size) pushed out by the bounds
+    applied: bool = False  # not parked: the revision is applied (by another instance)
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What other instances committed to a shared store since a position of
+    its change log (`seq`: the new position)."""
+
+    seq: int
+    states: frozenset[str] = frozenset()  # cars whose settings, restriction, ... changed
+    anchors: frozenset[str] = frozenset()  # cars whose location anchor changed
+    policy: bool = False  # a policy was pushed or activated
+    resync: bool = False  # the log no longer reaches back that far: reload everything
 
 
 class ConsentStore(Protocol):
@@ -112,26 +125,35 @@ class ConsentStore(Protocol):
         """Record an open find-my-car window (gateway epoch seconds)."""
 
     def save_find_my_car(
-        self, vin: str, commands: tuple[FindMyCarCommand, ...], window_until: float
-    ) -> None:
+        self,
+        vin: str,
+        commands: tuple[FindMyCarCommand, ...],
+        window_until: float,
+        unchanged_since: int | None = None,
+    ) -> bool:
         """Replace the vehicle's find-my-car commands (contract rule 17: the
         commands-per-hour cap and spent fixes survive a restart) and its
-        window end, in one transaction."""
+        window end, in one transaction; with `unchanged_since`, only if no
+        other instance changed them after that position of the change log
+        (False otherwise, nothing written)."""
 
-    def find_my_car_commands(self) -> dict[str, tuple[FindMyCarCommand, ...]]:
-        """Every vehicle's find-my-car commands, oldest first."""
+    def find_my_car_commands(
+        self, subjects: Collection[str] | None = None
+    ) -> dict[str, tuple[FindMyCarCommand, ...]]:
+        """Every vehicle's find-my-car commands (or these cars'), oldest first."""
 
-    def load_all(self) -> Iterator[StoredVehicle]:
-        """Every vehicle with applied settings, for the in-memory hot path."""
+    def load_all(self, subjects: Collection[str] | None = None) -> Iterator[StoredVehicle]:
+        """Every vehicle with applied settings (or these), for the in-memory hot path."""
 
     def history(self, vin: str) -> list[SettingsSnapshot]:
         """Applied settings of one vehicle, oldest first."""
 
-    def capture_history(self) -> Iterator[HistoryRow]:
-        """Every settings history row, restriction periods included, grouped by
-        vehicle, oldest first (the in-memory capture-time intervals)."""
+    def capture_history(self, subjects: Collection[str] | None = None) -> Iterator[HistoryRow]:
+        """Every settings history row (or these cars'), restriction periods
+        included, grouped by vehicle, oldest first (the in-memory capture-time
+        intervals)."""
 
-    def restricted_vins(self) -> set[str]: ...
+    def restricted_vins(self, subjects: Collection[str] | None = None) -> set[str]: ...
 
     def restriction(self, vin: str) -> tuple[float, str] | None:
         """(since, actor) when processing of the vehicle's data is restricted."""
@@ -155,8 +177,8 @@ class ConsentStore(Protocol):
         floor, restriction: what survives) and queue `events` (due_at, topic,
         payload) for delayed publication."""
 
-    def identities(self) -> dict[str, IdentityRow]:
-        """What survived erasures, by subject."""
+    def identities(self, subjects: Collection[str] | None = None) -> dict[str, IdentityRow]:
+        """What survived erasures, by subject (or these subjects')."""
 
     def set_identity_restricted(self, subject: str, restricted: bool) -> bool: ...
 
@@ -185,8 +207,23 @@ class ConsentStore(Protocol):
     def save_anchors(self, anchors: Mapping[str, LocationAnchor]) -> None:
         """Make these the vehicles' location anchors (never an older one over a newer)."""
 
-    def load_anchors(self) -> Iterator[tuple[str, LocationAnchor]]:
-        """Every vehicle's location anchor, so a restart cannot force a refresh."""
+    def load_anchors(
+        self, subjects: Collection[str] | None = None
+    ) -> Iterator[tuple[str, LocationAnchor]]:
+        """Every vehicle's location anchor (or these cars'), so a restart cannot force a refresh."""
+
+    def claim_anchor(
+        self, vin: str, previous: float | None, anchor: LocationAnchor
+    ) -> LocationAnchor | None:
+        """Store `anchor` if the stored one is still the one refreshed at
+        `previous` (None: none): None when stored, else the one stored first."""
+
+    def change_position(self) -> int:
+        """The newest position of the change log (0 without one)."""
+
+    def changes_since(self, seq: int) -> Changes:
+        """What other instances sharing this store changed since `seq` of its
+        change log (a store no other instance writes: nothing, ever)."""
 
     def add_dead_letter(self, letter: DeadLetter, max_rows: int) -> tuple[int, int]:
         """Store a dead letter, evicting the oldest beyond `max_rows`: (id, evicted)."""
@@ -243,7 +280,7 @@ class ConsentStore(Protocol):
         Kept across settings changes and erasure; an ownership change drops
         them (they were the previous owner's). Returns whether it changed."""
 
-    def objections(self) -> dict[str, frozenset[str]]:
+    def objections(self, subjects: Collection[str] | None = None) -> dict[str, frozenset[str]]:
         """Objected features by subject."""
 
     def open_incident(

@@ -18,14 +18,17 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import psycopg
 
+from gateway.store.base import Changes
 from gateway.store.sqlite import (
     _SCHEMA,
     HISTORY_LIMIT,
@@ -38,10 +41,63 @@ T = TypeVar("T")
 log = logging.getLogger("gateway.store")
 # pg_advisory_xact_lock key of the store's write transactions ("gw" "cs").
 WRITE_LOCK = 0x6777_6373
-# Session lock of the one gateway deciding with this database ("gw" "in"):
-# until instances share their consent caches (issue 12), a second one would
-# decide on settings it never re-reads.
+# Session locks ("gw" "in"): a gateway without a shared group holds
+# (INSTANCE_LOCK, 0) exclusively, so it is the one deciding with this database;
+# gateways of a shared group hold it shared, plus (INSTANCE_LOCK, hash of their
+# instance id) exclusively: their lease, so that no two processes run as one
+# instance (they would take each other's MQTT sessions over). Held by the
+# connection: a crashed instance's lease ends with it.
 INSTANCE_LOCK = 0x6777_696E
+# Rows of the change log kept for instances that fell behind (seconds); one
+# further behind reloads everything.
+CHANGES_KEPT_S = 600.0
+# More changes than this since an instance last looked: it reloads everything.
+CHANGES_BATCH_MAX = 10_000
+# Tables whose rows decide messages, and the column naming the car. A trigger
+# logs every change to them (instances reload what others changed before they
+# decide: contract rule 21 across instances); the trigger takes the write lock
+# first, so log positions are handed out in commit order and an instance that
+# has read up to position N has seen every change committed before it.
+_LOGGED_TABLES = {
+    "vehicle_settings": "vin",
+    "settings_history": "vin",
+    "restrictions": "vin",
+    "objections": "subject",
+    "vehicle_identity": "subject",
+    "location_anchors": "vin",
+    "find_my_car_commands": "vin",
+    "parked": "subject",
+    "policies": "",
+}
+_CHANGE_LOG_SQL = f"""
+CREATE TABLE IF NOT EXISTS changes (
+    seq BIGSERIAL PRIMARY KEY,
+    tbl TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM clock_timestamp())
+);
+CREATE INDEX IF NOT EXISTS changes_at ON changes (at);
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    origin TEXT NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL
+);
+CREATE OR REPLACE FUNCTION gateway_log_change() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    r jsonb;
+BEGIN
+    PERFORM pg_advisory_xact_lock({0x6777_6373});
+    IF TG_OP = 'DELETE' THEN r := to_jsonb(OLD); ELSE r := to_jsonb(NEW); END IF;
+    INSERT INTO changes (tbl, subject, origin) VALUES (
+        TG_TABLE_NAME, coalesce(r ->> TG_ARGV[0], ''), current_setting('application_name'));
+    RETURN NULL;
+END $$;
+""" + "".join(
+    f"CREATE OR REPLACE TRIGGER {table}_changed AFTER INSERT OR UPDATE OR DELETE ON {table}"
+    f" FOR EACH ROW EXECUTE FUNCTION gateway_log_change('{column}');\n"
+    for table, column in _LOGGED_TABLES.items()
+)
 _PLACEHOLDER = re.compile(r"\?")
 _TABLE_INFO = re.compile(r"^PRAGMA table_info\((\w+)\)$")
 _HEX_ONLY = re.compile(r"(\w+) NOT GLOB '\*\[\^0-9a-f\]\*'")
@@ -118,32 +174,55 @@ class _Connection:
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn: psycopg.Connection[Any] | None = None
-        self.exclusive = False  # hold INSTANCE_LOCK on every connection
-        self.claimed = False  # INSTANCE_LOCK was ours once
+        self.exclusive = False  # hold the instance locks on every connection
+        self.instance: str | None = None  # instance id in a shared group
+        self.claimed = False  # the instance locks were ours once
+        # Names this process's writes in the change log (its own are skipped).
+        self.origin = f"privacy-gateway/{secrets.token_hex(8)}"
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=10, application_name=self.origin
+            )
             if self.exclusive:
-                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (INSTANCE_LOCK,)).fetchone()
-                if not row or not row[0]:
+                problem = self._claim(conn)
+                if problem is not None:
                     conn.close()
                     if self.claimed:
                         # Lost with a dropped connection, and taken meanwhile:
-                        # deciding on would be two instances with their own
-                        # caches. Stop (fail closed); a supervisor restarts us.
-                        log.critical(
-                            "another gateway instance took this database while our"
-                            " connection was down: stopping"
-                        )
+                        # deciding on would be two deciders without a shared
+                        # view. Stop (fail closed); a supervisor restarts us.
+                        log.critical("%s while our connection was down: stopping", problem)
                         os.kill(os.getpid(), signal.SIGTERM)
-                    raise StoreError(
-                        "another gateway instance is deciding with this database; one"
-                        " instance per database until instances share their consent state"
-                    )
+                    raise StoreError(problem)
                 self.claimed = True
             self._conn = conn
         return self._conn
+
+    def _claim(self, conn: psycopg.Connection[Any]) -> str | None:
+        """Take this instance's locks; what stands in the way, if anything."""
+        if self.instance is None:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s::int, 0)", (INSTANCE_LOCK,)
+            ).fetchone()
+            if not row or not row[0]:
+                return (
+                    "another gateway is deciding with this database (give every instance"
+                    " the same vehicle_broker.shared_group to run several)"
+                )
+            return None
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock_shared(%s::int, 0)", (INSTANCE_LOCK,)
+        ).fetchone()
+        if not row or not row[0]:
+            return "a gateway without a shared group is deciding with this database"
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(%s::int, hashtext(%s))", (INSTANCE_LOCK, self.instance)
+        ).fetchone()
+        if not row or not row[0]:
+            return f"another process runs as instance {self.instance!r} on this database"
+        return None
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> _Cursor:
         conn = self._connection()
@@ -204,10 +283,16 @@ class PostgresConsentStore(SqliteConsentStore):
     """ConsentStore on PostgreSQL (`[store] url = "postgresql://..."`)."""
 
     def __init__(
-        self, url: str, history_limit: int = HISTORY_LIMIT, *, exclusive: bool = False
+        self,
+        url: str,
+        history_limit: int = HISTORY_LIMIT,
+        *,
+        exclusive: bool = False,
+        instance: str | None = None,
     ) -> None:
-        """`exclusive`: be the one gateway deciding with this database, claimed
-        before anything is written (a refused second one migrates nothing)."""
+        """`exclusive`: decide with this database, claimed before anything is
+        written (a refused one migrates nothing): alone, or with `instance` as
+        one instance of a shared group (its id: a lease no other process gets)."""
         # `path` names the store in messages: the URL without its password.
         self.path = cast(Path, _Location(redact_url(url)))
         self.history_limit = max(2, history_limit)
@@ -216,13 +301,21 @@ class PostgresConsentStore(SqliteConsentStore):
         self._ledger_key: bytes | None = None
         self._pg = _Connection(url)
         self._pg.exclusive = exclusive
+        self._pg.instance = instance
         self._db = cast(Any, self._pg)
         try:
             with self._lock:
                 self._pg.execute("BEGIN IMMEDIATE")
                 try:
                     self._pg.executescript(schema_sql())
+                    self._pg.executescript(_CHANGE_LOG_SQL)
                     self._migrate()
+                    if instance is not None:
+                        self._pg.execute(
+                            "INSERT INTO instances VALUES (?,?,?) ON CONFLICT(id) DO UPDATE"
+                            " SET origin=excluded.origin, started_at=excluded.started_at",
+                            (instance, self._pg.origin, time.time()),
+                        )
                     self._pg.execute("COMMIT")
                 except BaseException:
                     self._pg.execute("ROLLBACK")
@@ -250,9 +343,7 @@ class PostgresConsentStore(SqliteConsentStore):
             for statement in MIGRATIONS.get(target, ()):
                 if not self._adds_existing_column(statement):
                     self._pg.execute(statement)
-            self._pg.execute(
-                "UPDATE meta SET value=? WHERE key='schema_version'", (str(target),)
-            )
+            self._pg.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(target),))
 
     def _write(self, fn: Callable[[Any], T]) -> T:
         with self._lock:
@@ -267,6 +358,64 @@ class PostgresConsentStore(SqliteConsentStore):
                 except psycopg.Error:
                     self._pg.close()  # the connection is gone: so is the transaction
                 raise
+
+    def _changed_since(self, db: Any, table: str, subject: str, seq: int) -> bool:
+        row = db.execute(
+            "SELECT 1 FROM changes WHERE seq > ? AND tbl=? AND subject=? AND origin <> ? LIMIT 1",
+            (seq, table, subject, self._pg.origin),
+        ).fetchone()
+        return row is not None
+
+    def change_position(self) -> int:
+        """The change log's newest position: what a start loads includes it."""
+        row = self._read("SELECT coalesce(max(seq), 0) FROM changes")[0]
+        return int(row[0])
+
+    def changes_since(self, seq: int) -> Changes:
+        """One round trip: other processes' changes after `seq`, and whether
+        the log was pruned past it."""
+        rows = self._read(
+            "SELECT seq, tbl, subject FROM changes WHERE seq > ? AND origin <> ?"
+            " UNION ALL SELECT -1, 'pruned', value FROM meta WHERE key='changes_pruned_through'"
+            " UNION ALL SELECT max(seq), 'position', '' FROM changes WHERE seq > ?"
+            f" ORDER BY 1 LIMIT {CHANGES_BATCH_MAX + 2}",
+            (seq, self._pg.origin, seq),
+        )
+        position, policy, resync = seq, False, len(rows) > CHANGES_BATCH_MAX
+        states: set[str] = set()
+        anchors: set[str] = set()
+        for at, table, subject in rows:
+            if table == "pruned":
+                resync = resync or int(subject) > seq
+            elif table == "position":
+                position = max(position, int(at or seq))
+            elif table == "policies":
+                policy = True
+            elif table == "location_anchors":
+                anchors.add(str(subject))
+            elif table != "parked":  # parked rows are looked up when settings apply
+                states.add(str(subject))
+        return Changes(position, frozenset(states), frozenset(anchors), policy, resync)
+
+    def prune_changes(self, now: float, kept_s: float = CHANGES_KEPT_S) -> int:
+        """Forget change-log rows older than `kept_s`; an instance that had not
+        read them reloads everything instead."""
+
+        def tx(db: Any) -> int:
+            row = db.execute(
+                "SELECT max(seq) FROM changes WHERE at < ?", (now - kept_s,)
+            ).fetchone()
+            if row is None or row[0] is None:
+                return 0
+            through = int(row[0])
+            db.execute(
+                "INSERT INTO meta VALUES ('changes_pruned_through', ?) ON CONFLICT(key)"
+                " DO UPDATE SET value=excluded.value",
+                (str(through),),
+            )
+            return int(db.execute("DELETE FROM changes WHERE seq <= ?", (through,)).rowcount)
+
+        return self._write(tx)
 
     def close(self) -> None:
         with self._lock:

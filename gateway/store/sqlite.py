@@ -9,7 +9,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from gateway.core.state import (
 from gateway.delivery import DeadLetter, DeadLetterKind
 from gateway.policy import VersionConflict, check_new_version, version_key
 from gateway.store.base import (
+    Changes,
     EgressCount,
     HistoryRow,
     IncidentHold,
@@ -562,12 +563,22 @@ class SqliteConsentStore:
             self._db.execute("UPDATE vehicle_settings SET window_until=? WHERE vin=?", (until, vin))
 
     def save_find_my_car(
-        self, vin: str, commands: tuple[FindMyCarCommand, ...], window_until: float
-    ) -> None:
+        self,
+        vin: str,
+        commands: tuple[FindMyCarCommand, ...],
+        window_until: float,
+        unchanged_since: int | None = None,
+    ) -> bool:
         """Replace the car's find-my-car commands (contract rule 17) and its
-        window end, in one transaction."""
+        window end, in one transaction. With `unchanged_since` (a position of
+        a shared store's change log), only if no other instance changed them
+        after it (it may have spent a fix): False, nothing written, otherwise."""
 
-        def tx(db: sqlite3.Connection) -> None:
+        def tx(db: sqlite3.Connection) -> bool:
+            if unchanged_since is not None and self._changed_since(
+                db, "find_my_car_commands", vin, unchanged_since
+            ):
+                return False
             db.execute("DELETE FROM find_my_car_commands WHERE vin=?", (vin,))
             db.executemany(
                 "INSERT INTO find_my_car_commands VALUES (?,?,?,?,?,?)",
@@ -579,22 +590,32 @@ class SqliteConsentStore:
             db.execute(
                 "UPDATE vehicle_settings SET window_until=? WHERE vin=?", (window_until, vin)
             )
+            return True
 
-        self._write(tx)
+        return self._write(tx)
 
-    def find_my_car_commands(self) -> dict[str, tuple[FindMyCarCommand, ...]]:
-        """Every car's find-my-car commands, oldest first (few cars have any)."""
+    def _changed_since(self, db: sqlite3.Connection, table: str, subject: str, seq: int) -> bool:
+        """Whether another instance changed `subject`'s rows of `table` after
+        position `seq` of the change log (an SQLite store has no other instance)."""
+        return False
+
+    def find_my_car_commands(
+        self, subjects: Collection[str] | None = None
+    ) -> dict[str, tuple[FindMyCarCommand, ...]]:
+        """Every car's find-my-car commands (or these cars'), oldest first (few cars have any)."""
         found: dict[str, list[FindMyCarCommand]] = {}
+        where, params = _one_car("vin", subjects)
         for vin, request_id, accepted_at, until, fixes in self._read(
             "SELECT vin, request_id, accepted_at, until, fixes FROM find_my_car_commands"
-            " ORDER BY vin, position"
+            f"{where} ORDER BY vin, position",
+            params,
         ):
             found.setdefault(str(vin), []).append(
                 FindMyCarCommand(str(request_id), float(accepted_at), float(until), int(fixes))
             )
         return {vin: tuple(commands) for vin, commands in found.items()}
 
-    def load_all(self) -> Iterator[StoredVehicle]:
+    def load_all(self, subjects: Collection[str] | None = None) -> Iterator[StoredVehicle]:
         """Stream every vehicle in batches.
 
         A fleet has few distinct feature maps (hundreds for a million cars):
@@ -607,6 +628,8 @@ class SqliteConsentStore:
             cursor = self._db.execute(
                 "SELECT vin, revision, privacy_mode, location, features, applied_at,"
                 " policy_version, source, window_until FROM vehicle_settings"
+                + _one_car("vin", subjects)[0],
+                _one_car("vin", subjects)[1],
             )
             while rows := cursor.fetchmany(10_000):
                 for row in rows:
@@ -626,13 +649,17 @@ class SqliteConsentStore:
             ).fetchall()
         return [_snapshot(r) for r in rows]
 
-    def capture_history(self) -> Iterator[HistoryRow]:
-        """Every history row (restriction periods included), by vehicle, oldest first."""
+    def capture_history(self, subjects: Collection[str] | None = None) -> Iterator[HistoryRow]:
+        """Every history row (restriction periods included), by vehicle, oldest
+        first (or these cars')."""
         decoded: dict[str, dict[str, bool]] = {}
         with self._lock:
             cursor = self._db.execute(
                 "SELECT vin, revision, privacy_mode, location, features, applied_at,"
-                " policy_version, source, merged FROM settings_history ORDER BY vin, id"
+                " policy_version, source, merged FROM settings_history"
+                + _one_car("vin", subjects)[0]
+                + " ORDER BY vin, id",
+                _one_car("vin", subjects)[1],
             )
             while rows := cursor.fetchmany(10_000):
                 for row in rows:
@@ -708,8 +735,9 @@ class SqliteConsentStore:
         )
         self._compact_history(vin)
 
-    def restricted_vins(self) -> set[str]:
-        return {str(r[0]) for r in self._read("SELECT vin FROM restrictions")}
+    def restricted_vins(self, subjects: Collection[str] | None = None) -> set[str]:
+        where, params = _one_car("vin", subjects)
+        return {str(r[0]) for r in self._read(f"SELECT vin FROM restrictions{where}", params)}
 
     def restriction(self, vin: str) -> tuple[float, str] | None:
         rows = self._read("SELECT since, actor FROM restrictions WHERE vin=?", (vin,))
@@ -781,12 +809,15 @@ class SqliteConsentStore:
 
     # ----------------------------------------------------------------- identity
 
-    def identities(self) -> dict[str, IdentityRow]:
+    def identities(self, subjects: Collection[str] | None = None) -> dict[str, IdentityRow]:
         """What survived erasures, by subject (only cars ever erased)."""
+        where, params = _one_car("subject", subjects)
         return {
             str(r[0]): IdentityRow(int(r[1]), int(r[2]), bool(r[3]), int(r[4]))
             for r in self._read(
                 "SELECT subject, epoch, revision_floor, restricted, ownership FROM vehicle_identity"
+                + where,
+                params,
             )
         }
 
@@ -946,23 +977,54 @@ class SqliteConsentStore:
         if anchors:
             self._write(tx)
 
-    def load_anchors(self) -> Iterator[tuple[str, LocationAnchor]]:
-        """Every vehicle's location anchor, streamed in batches."""
+    def claim_anchor(
+        self, vin: str, previous: float | None, anchor: LocationAnchor
+    ) -> LocationAnchor | None:
+        """Make `anchor` the car's anchor if the stored one is still the one
+        refreshed at `previous` (None: no anchor): the one refresh per interval
+        (rule 13) when several instances decide the car's messages. None when
+        it is stored; otherwise the anchor another instance stored first."""
+
+        def tx(db: sqlite3.Connection) -> LocationAnchor | None:
+            row = db.execute(
+                "SELECT refreshed_at, latitude, longitude, odometer_km FROM location_anchors"
+                " WHERE vin=?",
+                (vin,),
+            ).fetchone()
+            stored = None if row is None else _anchor(row)
+            if stored is not None and (previous is None or stored.refreshed_at > previous):
+                return stored
+            db.execute(
+                "INSERT INTO location_anchors VALUES (?,?,?,?,?) ON CONFLICT(vin) DO UPDATE SET"
+                " refreshed_at=excluded.refreshed_at, latitude=excluded.latitude,"
+                " longitude=excluded.longitude, odometer_km=excluded.odometer_km",
+                (vin, anchor.refreshed_at, anchor.latitude, anchor.longitude, anchor.odometer_km),
+            )
+            return None
+
+        return self._write(tx)
+
+    def load_anchors(
+        self, subjects: Collection[str] | None = None
+    ) -> Iterator[tuple[str, LocationAnchor]]:
+        """Every vehicle's location anchor (or these cars'), streamed in batches."""
+        where, params = _one_car("vin", subjects)
         with self._lock:
             cursor = self._db.execute(
                 "SELECT vin, refreshed_at, latitude, longitude, odometer_km FROM location_anchors"
+                + where,
+                params,
             )
             while rows := cursor.fetchmany(10_000):
                 for row in rows:
-                    yield (
-                        str(row[0]),
-                        LocationAnchor(
-                            float(row[1]),
-                            float(row[2]),
-                            float(row[3]),
-                            None if row[4] is None else float(row[4]),
-                        ),
-                    )
+                    yield str(row[0]), _anchor(row[1:])
+
+    def changes_since(self, seq: int) -> Changes:
+        """An SQLite store has one instance (its state directory is locked)."""
+        return Changes(seq)
+
+    def change_position(self) -> int:
+        return 0
 
     # ------------------------------------------------------------ dead letters
 
@@ -1066,6 +1128,13 @@ class SqliteConsentStore:
         when it alone is over: never refused, never blocking."""
 
         def tx(db: sqlite3.Connection) -> ParkResult:
+            applied = db.execute(
+                "SELECT revision FROM vehicle_settings WHERE vin=?", (message.subject,)
+            ).fetchone()
+            if applied is not None and int(applied[0]) >= message.revision:
+                # Applied meanwhile (by another instance; the same write lock
+                # orders both): decide it now, never wait for a revision that came.
+                return ParkResult(0, (), applied=True)
             cur = db.execute(
                 "INSERT INTO parked (subject, revision, parked_at, expires_at, stream, size,"
                 " sealed) VALUES (?,?,?,?,?,?,?) RETURNING id",
@@ -1208,10 +1277,11 @@ class SqliteConsentStore:
 
         return self._write(tx)
 
-    def objections(self) -> dict[str, frozenset[str]]:
+    def objections(self, subjects: Collection[str] | None = None) -> dict[str, frozenset[str]]:
         found: dict[str, set[str]] = {}
-        for subject, feature in self._read("SELECT subject, feature FROM objections"):
-            found.setdefault(str(subject), set()).add(str(feature))
+        where, params = _one_car("subject", subjects)
+        for car, feature in self._read(f"SELECT subject, feature FROM objections{where}", params):
+            found.setdefault(str(car), set()).add(str(feature))
         return {k: frozenset(v) for k, v in found.items()}
 
     def open_incident(
@@ -1306,4 +1376,18 @@ def _snapshot(row: tuple[object, ...], features: dict[str, bool] | None = None) 
         applied_at=float(row[5]),  # type: ignore[arg-type]
         policy_version=str(row[6]),
         source=str(row[7]),
+    )
+
+
+def _one_car(column: str, subjects: Collection[str] | None) -> tuple[str, tuple[object, ...]]:
+    """A WHERE clause selecting these cars' rows (None: every car's)."""
+    if subjects is None:
+        return "", ()
+    chosen = tuple(subjects)
+    return f" WHERE {column} IN ({','.join('?' * len(chosen)) or 'NULL'})", chosen
+
+
+def _anchor(row: Sequence[Any]) -> LocationAnchor:
+    return LocationAnchor(
+        float(row[0]), float(row[1]), float(row[2]), None if row[3] is None else float(row[3])
     )
