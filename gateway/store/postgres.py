@@ -368,8 +368,11 @@ class PostgresConsentStore(SqliteConsentStore):
 
     def change_position(self) -> int:
         """The change log's newest position: what a start loads includes it."""
-        row = self._read("SELECT coalesce(max(seq), 0) FROM changes")[0]
-        return int(row[0])
+        row = self._read(
+            "SELECT coalesce(max(seq), 0), (SELECT value FROM meta"
+            " WHERE key='changes_pruned_through') FROM changes"
+        )[0]
+        return max(int(row[0]), int(row[1] or 0))
 
     def changes_since(self, seq: int) -> Changes:
         """One round trip: other processes' changes after `seq`, and whether
