@@ -236,7 +236,8 @@ async def test_an_instance_that_stops_strands_nothing(
     rest. Without leaving first, Mosquitto keeps giving the stopped member's
     persistent session its share (#1747): those messages wait for it to
     come back (here: never), i.e. they are late or lost."""
-    a, b = await group.start("a"), await group.start("b")
+    await group.start("a")
+    b = await group.start("b")
     car = clients.car
     await car.settings(1, features={"remote_control": True})
     if not leave:
@@ -309,7 +310,8 @@ def test_anchor_and_find_my_car_claims_fail_when_another_instance_came_first(
         position = b.change_position()
         spent = (FindMyCarCommand("r1", 1.0, 100.0, 1),)
         assert a.save_find_my_car("s1", spent, 100.0, a.change_position())
-        assert not b.save_find_my_car("s1", (FindMyCarCommand("r1", 1.0, 100.0, 1),), 100.0, position)
+        other = (FindMyCarCommand("r1", 1.0, 100.0, 1),)
+        assert not b.save_find_my_car("s1", other, 100.0, position)
         assert b.save_find_my_car("s1", spent, 100.0, b.change_position())
     finally:
         a.close()
@@ -345,7 +347,7 @@ def test_instance_leases(postgres: PrivatePostgres) -> None:
     try:
         with pytest.raises(StoreError, match="instance 'a'"):
             PostgresConsentStore(url, exclusive=True, instance="a")
-        with pytest.raises(StoreError, match="same vehicle_broker.shared_group"):
+        with pytest.raises(StoreError, match=r"same vehicle_broker\.shared_group"):
             PostgresConsentStore(url, exclusive=True)
         PostgresConsentStore(url, exclusive=True, instance="b").close()
     finally:
