@@ -1064,11 +1064,14 @@ class Checker:
                 self._check_ip(getattr(original, name), getattr(received, name), add)
             elif action == "pseudonymize" and name != "payload":
                 cleared.append(name)
-                # A MAC is keyed per vehicle (one phone in two cars: two values).
+                # A MAC is keyed per vehicle (one phone in two cars: two values)
+                # and per owner (a new owner starts a new epoch).
                 purpose = f"bluetooth_mac/{vin}" if name == "bluetooth_mac" else "voice_session"
                 value = getattr(original, name)
                 if name == "bluetooth_mac":
                     value = value.upper()
+                    epoch = self.epoch_at(pub.vin, float(pub.record["wall_start"]))
+                    purpose += f"@{epoch}" if epoch else ""
                 self._check_pseudonym(purpose, value, getattr(received, name), add, name)
         # Everything the policy does not act on must arrive unchanged.
         left, right = cls(), cls()

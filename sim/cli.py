@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds to wait for the gateway to be ready (at start and after each fault)",
     )
+    from sim.group import add_parser as add_group_parser
+
+    add_group_parser(commands)
     return parser
 
 
@@ -238,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         from sim.chaos import chaos_main
 
         return chaos_main(args, console)
+    if args.command == "group":
+        from sim.group import group_main
+
+        return group_main(args, console)
     return 2
 
 

@@ -158,6 +158,11 @@ class Scenario:
         return self.sim_start_ms + self.duration_ms
 
 
+# A driver opens the privacy screen and changes one thing about once an hour
+# (the fleet's default).
+SETTINGS_CHANGES_PER_HOUR = 0.8
+
+
 def _poisson_times(
     rng: random.Random, start_ms: int, end_ms: int, per_hour: float
 ) -> Iterator[int]:
@@ -398,9 +403,15 @@ class _EventBuilder:
     """Turns one vehicle's activities into its publish/settings/command events."""
 
     def __init__(
-        self, rng: random.Random, vehicle: VehicleScenario, start_ms: int, end_ms: int
+        self,
+        rng: random.Random,
+        vehicle: VehicleScenario,
+        start_ms: int,
+        end_ms: int,
+        settings_per_hour: float = SETTINGS_CHANGES_PER_HOUR,
     ) -> None:
         self.rng = rng
+        self.settings_per_hour = settings_per_hour
         self.vehicle = vehicle
         self.profile = vehicle.profile
         self.start_ms = start_ms
@@ -741,7 +752,7 @@ class _EventBuilder:
             else rng.randint(1_000, 90_000)
         )
         self.add(SettingsEvent(first, current))
-        for t in _poisson_times(rng, first + MINUTE_MS, self.end_ms, 0.8):
+        for t in _poisson_times(rng, first + MINUTE_MS, self.end_ms, self.settings_per_hour):
             current = _change_settings(rng, current)
             self.add(SettingsEvent(t, current))
 
@@ -918,8 +929,14 @@ def _store_and_forward(
 
 
 def build_scenario(
-    seed: int, vehicle_count: int, duration_s: float, sim_start_ms: int = DEFAULT_SIM_START_MS
+    seed: int,
+    vehicle_count: int,
+    duration_s: float,
+    sim_start_ms: int = DEFAULT_SIM_START_MS,
+    settings_per_hour: float = SETTINGS_CHANGES_PER_HOUR,
 ) -> Scenario:
+    """`settings_per_hour`: each car's privacy-screen changes per simulated
+    hour after its first settings (a Poisson process)."""
     fleet_rng = random.Random(f"fleet:{seed}")
     vins = make_fleet_vins(fleet_rng, vehicle_count)
     end_ms = sim_start_ms + int(duration_s * 1000)
@@ -929,7 +946,7 @@ def build_scenario(
         profile = _make_profile(rng, index, vin, vehicle_count)
         activities, energy = _plan(rng, profile, sim_start_ms, end_ms)
         vehicle = VehicleScenario(profile, activities, _trace(activities), energy=energy)
-        builder = _EventBuilder(rng, vehicle, sim_start_ms, end_ms)
+        builder = _EventBuilder(rng, vehicle, sim_start_ms, end_ms, settings_per_hour)
         builder.settings_changes()
         trip_number = 0
         for activity in activities:
