@@ -1,10 +1,12 @@
-"""`python -m bench {all,core,throughput,latency,scale,bounds,peers,privacy}`: see
-docs/performance.md and docs/privacy.md.
+"""`python -m bench {all,core,throughput,latency,scale,bounds,peers,privacy,scale-out}`:
+see docs/performance.md, docs/privacy.md and docs/scaling.md.
 
 `all` runs core, throughput, latency and scale; `bounds` (the floods of
 contract rule 20, several minutes), `peers` (the gateway against a Node-RED
 flow doing the same work) and `privacy` (the attack benchmark, in process, a
-few minutes; `--short` for a quick one) run only when named."""
+few minutes; `--short` for a quick one) and `scale-out` (one gateway on SQLite
+against 1, 2 and 3 instances of a shared group on a private PostgreSQL) run
+only when named."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from rich.console import Console
 from bench.bounds import BoundsOptions, bench_bounds, print_bounds_table
 from bench.peers import PeerOptions, PeerUnavailable, bench_peers, peer_targets
 from bench.report import machine_info, print_table, targets, write_json
+from bench.scaleout import bench_scale_out, print_scale_out_table
 from bench.suite import (
     Context,
     Options,
@@ -35,11 +38,15 @@ BENCHMARKS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "latency": bench_latency,
     "scale": bench_scale,
 }
+# Run only when named.
+ON_DEMAND: dict[str, Callable[[Context], dict[str, Any]]] = {"scale-out": bench_scale_out}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("benchmark", choices=["all", *BENCHMARKS, "bounds", "peers", "privacy"])
+    parser.add_argument(
+        "benchmark", choices=["all", *BENCHMARKS, "bounds", "peers", "privacy", *ON_DEMAND]
+    )
     parser.add_argument("--rounds", type=int, default=3, help="A B A B rounds (median quoted)")
     parser.add_argument("--fleet", type=int, default=5_000, help="vehicles in the fleet")
     parser.add_argument("--messages", type=int, default=30_000, help="messages per throughput run")
@@ -123,12 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             t0 = time.perf_counter()
             console.print(f"[bold]{name}[/]")
-            results[name] = ctx_result = BENCHMARKS[name](ctx)
+            results[name] = ctx_result = {**BENCHMARKS, **ON_DEMAND}[name](ctx)
             ctx_result["seconds"] = time.perf_counter() - t0
     results["seconds"] = time.perf_counter() - started
     results["targets"] = [t.as_dict() for t in targets(results)]
     path = write_json(results, f"{args.benchmark}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    print_table(results, Console(width=160))
+    if "scale-out" in results:
+        print_scale_out_table(results["scale-out"], Console(width=160))
+    else:
+        print_table(results, Console(width=160))
     console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
     return 0
 

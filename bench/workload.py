@@ -23,6 +23,7 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 
+from gateway.core.identity import subject
 from gateway.keys import load_or_create_key
 from gateway.store import SqliteConsentStore
 from sim.model import (
@@ -121,7 +122,7 @@ def populate_store(state_dir: Path, fleet: Fleet, policy_version: str) -> Path:
     state_dir.mkdir(parents=True, exist_ok=True)
     # Settings come with the key they were pseudonymized under: the gateway
     # refuses a store with vehicles whose key is missing.
-    load_or_create_key(state_dir / "pseudonym.key")
+    key = load_or_create_key(state_dir / "pseudonym.key")
     SqliteConsentStore.in_state_dir(state_dir).close()
     path = state_dir / SqliteConsentStore.FILENAME
     now = time.time()
@@ -134,9 +135,10 @@ def populate_store(state_dir: Path, fleet: Fleet, policy_version: str) -> Path:
             encoded[key] = json.dumps(settings.features, sort_keys=True, separators=(",", ":"))
         return encoded[key]
 
-    rows = (
+    # The store names cars by a keyed hash of the VIN (schema 8), never the VIN.
+    rows = sorted(
         (
-            vin,
+            subject(key, vin),
             s.revision,
             int(s.privacy_mode),
             s.location,
@@ -146,8 +148,8 @@ def populate_store(state_dir: Path, fleet: Fleet, policy_version: str) -> Path:
             "vehicle",
             window_until if vin in fleet.windows else 0.0,
         )
+        for vin, s in fleet.settings.items()
         # Key order: appends to the WITHOUT ROWID b-tree instead of random inserts.
-        for vin, s in sorted(fleet.settings.items())
     )
     db = sqlite3.connect(path, isolation_level=None)
     try:

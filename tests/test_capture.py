@@ -323,7 +323,7 @@ def test_a_compacted_oldest_row_accepts_no_older_revision_after_a_restart(
                 limits=types.SimpleNamespace(capture_intervals_per_vehicle=32)
             ),
         )
-        loaded = GatewayService._load_histories(service)  # type: ignore[arg-type]
+        loaded = GatewayService._load_histories(service, service.states)  # type: ignore[arg-type]
     finally:
         store.close()
     decision = run(status(revision=2), loaded[VIN])
