@@ -116,7 +116,7 @@ def write_gateway_config(
     limit_lines = "".join(f"{key} = {value!r}\n" for key, value in (limits or {}).items())
     limits_section = f"\n[limits]\n{limit_lines}" if limits else ""
     control_section = (
-        _control_section()
+        control_section()
         if control is None
         else (
             f'\n[control]\nlisten = "127.0.0.1:{control[0]}"\n\n'
@@ -146,7 +146,7 @@ level = "INFO"
     return path
 
 
-def _control_section() -> str:
+def control_section() -> str:
     """The operator HTTP API (when this gateway version has one) on its own free
     port: kept running as in production, without clashing between gateways."""
     from gateway.config import GatewayConfig

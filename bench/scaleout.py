@@ -36,7 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from rich.console import Console
 from rich.table import Table
 
-from bench.procs import POLICY, Proc, cpu_seconds, start_gateway
+from bench.procs import POLICY, Proc, control_section, cpu_seconds, start_gateway
 from bench.suite import Context, encode, median, pct, policy_version
 from bench.wire import Publisher, Receiver
 from bench.workload import Fleet, VehicleMessage, marker_vin, populate_store, status_template
@@ -94,7 +94,10 @@ def forwarding_vins(fleet: Fleet) -> list[str]:
 def populate_postgres(url: str, fleet: Fleet, key: bytes, version: str) -> None:
     """The fleet's applied settings in the shared store (setup, not measured)."""
     store = PostgresConsentStore(url)
-    now = time.time()
+    # Applied a day before the workload's first capture time (header timestamps
+    # start at DEFAULT_SIM_START_MS): every message was captured under them
+    # (contract rule 11; settings applied after the capture would drop it).
+    now = DEFAULT_SIM_START_MS / 1000 - 86_400
     try:
         rows = [
             (
@@ -146,7 +149,7 @@ inflight = 512
 {store}
 [logging]
 level = "INFO"
-"""
+{control_section()}"""
     )
     return path
 
@@ -231,7 +234,7 @@ def run_deployment(
     sent_at = [0.0] * total
     started = time.perf_counter()
     publisher.send(packets, sent_at, rate=None)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 30
     while len(receiver.seqs) < total and time.monotonic() < deadline:
         time.sleep(0.01)
     last = max(receiver.times) if receiver.times else float("nan")

@@ -125,8 +125,11 @@ def populate_store(state_dir: Path, fleet: Fleet, policy_version: str) -> Path:
     key = load_or_create_key(state_dir / "pseudonym.key")
     SqliteConsentStore.in_state_dir(state_dir).close()
     path = state_dir / SqliteConsentStore.FILENAME
-    now = time.time()
-    window_until = now + 4 * 3600
+    # Applied a day before the workload's first capture time (header timestamps
+    # start at DEFAULT_SIM_START_MS): every message was captured under them
+    # (contract rule 11; settings applied after the capture would drop it).
+    now = DEFAULT_SIM_START_MS / 1000 - 86_400
+    window_until = time.time() + 4 * 3600  # the gateway runs on the real clock
     encoded: dict[int, str] = {}
 
     def features_json(settings: Settings) -> str:
