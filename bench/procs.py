@@ -115,7 +115,7 @@ def write_gateway_config(
     path = directory / f"{name}.toml"
     limit_lines = "".join(f"{key} = {value!r}\n" for key, value in (limits or {}).items())
     limits_section = f"\n[limits]\n{limit_lines}" if limits else ""
-    control_section = (
+    control_text = (
         control_section()
         if control is None
         else (
@@ -141,7 +141,7 @@ inflight = {inflight}
 {limits_section}
 [logging]
 level = "INFO"
-{control_section}"""
+{control_text}"""
     )
     return path
 
