@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -284,6 +285,9 @@ def probe_cross_instance(
     )
     client.on_message = on_message
     client.connect(host, port)
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # no Nagle delay in the measured round trip
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client.loop_start()
     client.subscribe(
         [
