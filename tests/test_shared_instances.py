@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from gateway.config import StoreConfig
@@ -372,3 +373,34 @@ def test_a_shared_group_needs_a_shared_store(tmp_path: Path) -> None:
     data["backend_broker"]["shared_group"] = "x"
     with pytest.raises(ValueError, match="vehicle_broker only"):
         type(config).model_validate(data)
+
+
+def test_a_database_the_previous_release_wrote_gets_the_change_log(
+    postgres: PrivatePostgres,
+) -> None:
+    """The previous release's PostgreSQL store had no change log: opening it
+    adds the table and triggers (nothing else changes), and from then on a
+    write by one store is seen by another."""
+    from gateway.store.postgres import schema_sql
+    from gateway.store.sqlite import SCHEMA_VERSION
+
+    from .test_store import snap
+
+    url = postgres.new_database()
+    with psycopg.connect(url, autocommit=True) as old:  # what the previous release created
+        old.execute(schema_sql())  # type: ignore[arg-type]
+        old.execute("INSERT INTO meta VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),))
+        old.execute(
+            "INSERT INTO vehicle_settings (vin, revision, privacy_mode, location, features,"
+            " applied_at, policy_version, source) VALUES ('s0', 1, 0, 2, '{}', 0, 'v', 'vehicle')"
+        )
+        assert old.execute("SELECT to_regclass('changes')").fetchone() == (None,)
+    a, b = PostgresConsentStore(url), PostgresConsentStore(url)
+    try:
+        assert [s.snapshot.revision for s in b.load_all()] == [1]  # kept
+        start = b.change_position()
+        a.apply_settings(snap(2, vin="s0"))
+        assert b.changes_since(start).states == {"s0"}
+    finally:
+        a.close()
+        b.close()
