@@ -333,6 +333,7 @@ class GatewayService:
         # Shared: subject -> VIN of every car kept under its VIN, so a change
         # another instance made to a subject lands on the right entry.
         self._vins: dict[str, str] = {}
+        self._halted = False  # shared: a policy another instance pushed cannot run here
         self.metrics.store_writable.set(1)
         self.metrics.ready.set_function(lambda: 1.0 if all(self.readiness().values()) else 0.0)
 
@@ -802,7 +803,12 @@ class GatewayService:
         nothing has arrived for `quiet_s` (bounded by the drain timeout)."""
         timeout = self.config.pipeline.drain_timeout_s or 30.0
         deadline = time.monotonic() + timeout
-        for edge in (self.vehicle_edge, self.backend_edge):
+        edges = [self.vehicle_edge, self.backend_edge]
+        if self.ecall_vehicle_edge is not None:
+            # Plain, not shared: left too, or its persistent session would
+            # queue every eCall for an instance that may never return.
+            edges.append(self.ecall_vehicle_edge)
+        for edge in edges:
             if not await edge.unsubscribe_all(timeout):
                 log.warning("%s broker did not confirm leaving the shared group", edge.name)
         quiet_since = time.monotonic()
@@ -813,7 +819,10 @@ class GatewayService:
             elif now - quiet_since >= quiet_s:
                 log.info("left the shared group; nothing left in flight")
                 return
-        log.warning("left the shared group with messages still in flight (redelivered here)")
+        log.warning(
+            "left the shared group with messages still in flight: the broker keeps them in"
+            " this instance's session until an instance with the same id connects"
+        )
 
     def summary(self) -> dict[str, float]:
         m = self.metrics
@@ -840,6 +849,12 @@ class GatewayService:
                 return
             if isinstance(msg, ControlOp):
                 try:
+                    if self._shared:
+                        # An operator's action starts from what every instance
+                        # committed (a restriction made elsewhere survives an
+                        # erasure made here; the epoch is the current one).
+                        self._caught_up_at = float("-inf")
+                        await self._catch_up()
                     msg.done.set_result(await msg.run())
                 except Exception as exc:
                     msg.done.set_exception(exc)
@@ -856,6 +871,8 @@ class GatewayService:
                     await self._handle_vehicle_message(msg, slot)
                 else:
                     await self._handle_command(msg, slot)
+            except _Halted:
+                continue  # not decided, not acknowledged: the broker redelivers it
             except Exception:
                 # A bug must not wedge the pipeline with a poison message:
                 # nothing was forwarded (fail closed); count it and go on.
@@ -1004,6 +1021,7 @@ class GatewayService:
             if not await self._park(decision, msg, slot):
                 # Applied meanwhile by another instance: decided with it now.
                 await self._reload_cars({self.audit_subject(decision.vin)}, frozenset())
+                self.claim(decision.vin)  # reloaded under its subject if never seen here
                 state = self.states.get(decision.vin)
                 if state is not None and state.revision >= decision.revision:
                     await self._handle_vehicle_message(
@@ -1115,6 +1133,8 @@ class GatewayService:
         the broker sent the message is then enforced on it (contract rule 21
         with several instances). The store being unreachable holds the pipeline
         (`_persist`): nothing is decided on a view that may be stale."""
+        if self._halted:
+            raise _Halted
         self._caught_up_at = time.monotonic()
         changes = await self._persist(self.store.changes_since, self._change_seq)
         if changes.resync:
@@ -1140,11 +1160,12 @@ class GatewayService:
                 log.critical(
                     "cannot run policy %s another instance pushed: %s", active.version, exc
                 )
+                self._halted = True  # nothing more is decided, not even while draining
                 os.kill(os.getpid(), signal.SIGTERM)
-                raise
+                raise _Halted from exc
             await self._switch_policy(policy, active, reload=True)
         elif reload:
-            await asyncio.get_running_loop().run_in_executor(self._store_executor, self.load_state)
+            await self._persist(self.load_state)  # retried, holding the pipeline
 
     async def _reload_cars(self, subjects: Collection[str], anchored: Collection[str]) -> None:
         """Replace what is held of these cars by what the shared store holds."""
@@ -1187,10 +1208,11 @@ class GatewayService:
         for subject in loaded.anchored:
             key = self._vins.get(subject, subject)
             anchor = loaded.anchors.get(subject)
-            current = self.anchors.get(key)
             if anchor is None:
-                self.anchors.pop(key, None)
-            elif current is None or anchor.refreshed_at >= current.refreshed_at:
+                self.anchors.pop(key, None)  # erased, or a new owner
+            else:
+                # The store's: every anchor of a shared store is claimed there
+                # before it is used, so it is never behind this instance's.
                 self.anchors[key] = anchor
                 if key == subject:
                     self._unclaimed.add(subject)
@@ -1198,7 +1220,13 @@ class GatewayService:
         self.metrics.vehicles.set(len(self.states))
 
     def _load_cars(self, subjects: frozenset[str], anchored: frozenset[str]) -> _LoadedCars:
-        """What the store holds of these cars (in the store's thread; reads only)."""
+        """What the store holds of these cars, as of one moment (an ownership
+        change between two reads would pair the new owner's settings with
+        the previous owner's epoch); in the store's thread, reads only."""
+        with self.store.read_snapshot():
+            return self._load_cars_now(subjects, anchored)
+
+    def _load_cars_now(self, subjects: frozenset[str], anchored: frozenset[str]) -> _LoadedCars:
         policy, now = self.ctx.policy, self._clock()
         loaded = _LoadedCars(subjects, anchored)
         ordered = sorted(subjects)
@@ -1259,9 +1287,18 @@ class GatewayService:
             decision.state.window_until,
             self._change_seq,
         ):
-            await self._reload_cars({subject}, frozenset())
+            self._caught_up_at = float("-inf")
+            await self._catch_up()  # reloads it and moves past the other's change
             return False
         return True
+
+    async def _stored_survivor(self, subject: str, survivor: IdentityRow) -> IdentityRow:
+        """Shared: what the store kept of an erased car (it never weakens what
+        another instance stored: a restriction, a later epoch or revision)."""
+        if not self._shared:
+            return survivor
+        stored = await self._persist_once(self.store.identities, [subject])
+        return stored.get(subject, survivor)
 
     def _bind(self, vin: str, subject: str) -> None:
         """Shared: `vin`'s entries are kept under its VIN (see `_vins`)."""
@@ -1273,7 +1310,7 @@ class GatewayService:
         while prune is not None:
             await asyncio.sleep(interval)
             try:
-                await self._persist_once(prune, self._clock())
+                await self._persist_once(prune)
             except Exception as exc:
                 log.warning("pruning the shared store's change log failed: %s", exc)
 
@@ -1472,7 +1509,8 @@ class GatewayService:
                 ):
                     break
                 # Another instance took a command of the car meanwhile (its cap).
-                await self._reload_cars({self.audit_subject(decision.vin)}, frozenset())
+                self._caught_up_at = float("-inf")
+                await self._catch_up()
                 decision = self._decide_request(msg)
                 if decision is None or decision.state is None:
                     break
@@ -1685,8 +1723,7 @@ class GatewayService:
             policy.per_app_features,
         ):
             # Which features a snapshot enables depends on the policy.
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._store_executor, self.load_state)
+            await self._persist(self.load_state)  # retried, holding the pipeline
         log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
 
     def _with_objections(self, subject: str, state: VehicleState) -> VehicleState:
@@ -1850,6 +1887,7 @@ class GatewayService:
             removed = await self._persist_once(
                 self.store.erase_vehicle, subject, subject, record, survivor, app_events
             )
+            survivor = await self._stored_survivor(subject, survivor)
             book.rows[subject] = survivor
             book.learn(vin, survivor)
             self._bind(vin, subject)
@@ -1933,6 +1971,7 @@ class GatewayService:
             removed = await self._persist_once(
                 self.store.erase_vehicle, subject, subject, record, survivor, (), False
             )
+            survivor = await self._stored_survivor(subject, survivor)
             book.rows[subject] = survivor
             book.learn(vin, survivor)
             self._bind(vin, subject)
@@ -2530,3 +2569,7 @@ class _LoadedCars:
     identities: dict[str, IdentityRow] = dataclasses.field(default_factory=dict)
     objections: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
     anchors: dict[str, LocationAnchor] = dataclasses.field(default_factory=dict)
+
+
+class _Halted(Exception):
+    """This instance must not decide any more (see `_adopt_stored_policy`)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -220,6 +221,9 @@ class ConsentStore(Protocol):
 
     def change_position(self) -> int:
         """The newest position of the change log (0 without one)."""
+
+    def read_snapshot(self) -> AbstractContextManager[None]:
+        """Reads made inside see one committed state of the store."""
 
     def changes_since(self, seq: int) -> Changes:
         """What other instances sharing this store changed since `seq` of its

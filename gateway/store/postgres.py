@@ -15,6 +15,7 @@ raises, and the service retries it holding its pipeline (fail closed).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -296,7 +297,7 @@ class PostgresConsentStore(SqliteConsentStore):
         # `path` names the store in messages: the URL without its password.
         self.path = cast(Path, _Location(redact_url(url)))
         self.history_limit = max(2, history_limit)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._keyed_step_pending = False
         self._ledger_key: bytes | None = None
         self._pg = _Connection(url)
@@ -360,11 +361,27 @@ class PostgresConsentStore(SqliteConsentStore):
                 raise
 
     def _changed_since(self, db: Any, table: str, subject: str, seq: int) -> bool:
+        """True also when the log no longer reaches back to `seq` (unknown: changed)."""
         row = db.execute(
-            "SELECT 1 FROM changes WHERE seq > ? AND tbl=? AND subject=? AND origin <> ? LIMIT 1",
+            "SELECT EXISTS (SELECT 1 FROM changes WHERE seq > ? AND tbl=? AND subject=?"
+            " AND origin <> ?), (SELECT value FROM meta WHERE key='changes_pruned_through')",
             (seq, table, subject, self._pg.origin),
         ).fetchone()
-        return row is not None
+        return row is None or bool(row[0]) or int(row[1] or 0) > seq
+
+    @contextlib.contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """Reads inside see one committed state (REPEATABLE READ): a car's
+        settings, identity and restriction as of one moment."""
+        with self._lock:
+            self._pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield
+            finally:
+                try:
+                    self._pg.execute("COMMIT")
+                except psycopg.Error:
+                    self._pg.close()
 
     def change_position(self) -> int:
         """The change log's newest position: what a start loads includes it."""
@@ -400,13 +417,16 @@ class PostgresConsentStore(SqliteConsentStore):
                 states.add(str(subject))
         return Changes(position, frozenset(states), frozenset(anchors), policy, resync)
 
-    def prune_changes(self, now: float, kept_s: float = CHANGES_KEPT_S) -> int:
-        """Forget change-log rows older than `kept_s`; an instance that had not
-        read them reloads everything instead."""
+    def prune_changes(self, kept_s: float = CHANGES_KEPT_S) -> int:
+        """Forget change-log rows older than `kept_s` on the database's clock
+        (the one that stamped them; an instance may run on another); an
+        instance that had not read them reloads everything instead."""
 
         def tx(db: Any) -> int:
             row = db.execute(
-                "SELECT max(seq) FROM changes WHERE at < ?", (now - kept_s,)
+                "SELECT max(seq) FROM changes"
+                " WHERE at < extract(epoch FROM clock_timestamp()) - ?",
+                (kept_s,),
             ).fetchone()
             if row is None or row[0] is None:
                 return 0

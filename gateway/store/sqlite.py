@@ -295,7 +295,7 @@ class SqliteConsentStore:
         with contextlib.suppress(FileExistsError):
             # Private from the start; SQLite gives -wal and -shm the same mode.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: reads inside read_snapshot
         self._keyed_step_pending = False
         self._ledger_key: bytes | None = None  # keyed content hashes once attached
         try:
@@ -594,6 +594,16 @@ class SqliteConsentStore:
 
         return self._write(tx)
 
+    @contextlib.contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """Reads inside see one committed state (a read transaction)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._db.execute("COMMIT")
+
     def _changed_since(self, db: sqlite3.Connection, table: str, subject: str, seq: int) -> bool:
         """Whether another instance changed `subject`'s rows of `table` after
         position `seq` of the change log (an SQLite store has no other instance)."""
@@ -763,6 +773,7 @@ class SqliteConsentStore:
 
         def tx(db: sqlite3.Connection) -> dict[str, int]:
             if identity is not None:
+                survivor = self._survivor(db, vin, subject, identity, scrub)
                 db.execute(
                     "INSERT INTO vehicle_identity (subject, epoch, revision_floor,"
                     " restricted, ownership) VALUES (?,?,?,?,?) ON CONFLICT(subject) DO UPDATE"
@@ -770,10 +781,10 @@ class SqliteConsentStore:
                     " restricted=excluded.restricted, ownership=excluded.ownership",
                     (
                         subject,
-                        identity.epoch,
-                        identity.revision_floor,
-                        int(identity.restricted),
-                        identity.ownership,
+                        survivor.epoch,
+                        survivor.revision_floor,
+                        int(survivor.restricted),
+                        survivor.ownership,
                     ),
                 )
             db.executemany(
@@ -806,6 +817,32 @@ class SqliteConsentStore:
             return removed
 
         return self._write(tx)
+
+    def _survivor(
+        self, db: sqlite3.Connection, vin: str, subject: str, identity: IdentityRow, erasure: bool
+    ) -> IdentityRow:
+        """`identity` never weaker than what is stored (another instance may
+        have restricted the car, applied a newer revision or ended an epoch
+        since the caller looked): the later epoch and owner, the higher
+        revision floor, and (an erasure, not a new owner) a restriction kept."""
+        row = db.execute(
+            "SELECT epoch, revision_floor, restricted, ownership FROM vehicle_identity"
+            " WHERE subject=?",
+            (subject,),
+        ).fetchone()
+        applied = db.execute(
+            "SELECT revision FROM vehicle_settings WHERE vin=?", (vin,)
+        ).fetchone()
+        restricted = db.execute("SELECT 1 FROM restrictions WHERE vin=?", (vin,)).fetchone()
+        epoch, floor, ownership = identity.epoch, identity.revision_floor, identity.ownership
+        if row is not None:
+            epoch = max(epoch, int(row[0]) + 1)
+            floor = max(floor, int(row[1]))
+            ownership = max(ownership, int(row[3]) + (0 if erasure else 1))
+        if applied is not None:
+            floor = max(floor, int(applied[0]))
+        keep = identity.restricted or (erasure and restricted is not None)
+        return IdentityRow(epoch, floor, keep, ownership)
 
     # ----------------------------------------------------------------- identity
 
