@@ -100,6 +100,10 @@ CHECKED_VINS_MAX = 100_000  # VINs remembered as having nothing stored (then for
 # changed the car's anchor or find-my-car state first; then it is refused.
 SHARED_STATE_ATTEMPTS = 3
 SUBJECTS_PER_READ = 500  # cars reloaded per store read (bounded statements)
+# Shared: a parked message whose revision was applied longer ago than the
+# longest release delay plus this is held by no instance (checked this often).
+ORPHAN_GRACE_S = 60.0
+ORPHAN_CHECK_S = 30.0
 VEHICLE = "vehicle"
 BACKEND = "backend"
 ECALL = "ecall"  # the legal-obligation lane's vehicle-side connection
@@ -615,7 +619,13 @@ class GatewayService:
             self._tasks.append(
                 asyncio.create_task(self._prune_changes_periodically(), name="change-log")
             )
-        if self._parked_count:
+        if self._shared:
+            # Another live instance may be holding applied rows for their
+            # release delay: only rows no instance holds are released.
+            self._tasks.append(
+                asyncio.create_task(self._release_orphans_periodically(), name="parked-orphans")
+            )
+        elif self._parked_count:
             self.spawn(self.run_control(self._release_applied_parked))
 
     @property
@@ -1460,12 +1470,76 @@ class GatewayService:
             except Exception as exc:
                 log.error("expiring parked messages failed: %s", exc)
 
+    async def _release_orphans_periodically(self, interval: float = ORPHAN_CHECK_S) -> None:
+        while True:
+            try:
+                await self.run_control(self._release_orphaned_parked)
+            except Exception as exc:
+                log.error("releasing orphaned parked messages failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def _release_orphaned_parked(self) -> int:
+        """Shared: parked messages whose revision was applied longer ago than
+        the longest release delay are held by no instance (the one that
+        applied it stopped or crashed before releasing them): released now,
+        as of when their revision was applied (so they do not expire for
+        having waited on a dead instance)."""
+        now = self._clock()
+        pipeline = self.config.pipeline
+        grace = pipeline.parked_app_release_max_delay_s + ORPHAN_GRACE_S
+        released = 0
+        rng = random.SystemRandom()
+        for row in await self._persist_once(self.store.parked):
+            since = self._applied_at(row)
+            if row.id in self._releasing or since is None or now - since < grace:
+                continue
+            released += 1
+            if self._pseudonymized_stream(row.stream) and pipeline.parked_app_release_max_delay_s:
+                # A delay of its own, as for any release (rule 15: no burst
+                # pairs the app's pseudonym with the car's VIN-keyed rows).
+                delay = rng.uniform(
+                    pipeline.parked_app_release_min_delay_s,
+                    pipeline.parked_app_release_max_delay_s,
+                )
+                self._releasing.add(row.id)
+                self.spawn(self._release_later([row], now + delay, since))
+            else:
+                await self._release_now([row], since)
+        return released
+
+    def _applied_at(self, row: ParkedMessage) -> float | None:
+        """When the revision `row` waits for was applied (None: not yet, or unknown car)."""
+        try:
+            topic, _ = self._park_seal.open(row.sealed, row.subject)
+        except ValueError:
+            return None
+        parts = split_vehicle_topic(self.ctx.vehicle_prefix, topic)
+        if parts is None:
+            return None
+        self.claim(parts[0])
+        state = self.states.get(parts[0])
+        if state is None or state.revision < row.revision:
+            return None
+        for interval in self.histories.get(parts[0], ()):
+            if interval.revision >= row.revision:
+                return interval.since
+        return 0.0  # applied, when unknown: long ago
+
     async def _expire_parked(self) -> int:
         expired = [
             e
             for e in await self._persist_once(self.store.expired_parked, self._clock())
             if e[0] not in self._releasing
         ]
+        if self._shared and expired:
+            # Applied rows are some instance's to release (or orphans), not expired.
+            ids = {e[0] for e in expired}
+            applied = {
+                r.id
+                for r in await self._persist_once(self.store.parked)
+                if r.id in ids and self._applied_at(r) is not None
+            }
+            expired = [e for e in expired if e[0] not in applied]
         if not expired:
             return 0
         deleted = await self._persist_once(self.store.delete_parked, [e[0] for e in expired])

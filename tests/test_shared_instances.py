@@ -460,3 +460,39 @@ async def test_ownership_changes_on_two_instances_start_two_epochs(
     await a.change_ownership(VIN, "dpo")
     row = a.store.identities()[a.audit_subject(VIN)]
     assert (row.epoch, row.ownership) == (2, 2)  # never a previous owner's epoch again
+
+
+async def test_a_parked_message_no_instance_holds_is_released(
+    group: Group, clients: Clients
+) -> None:
+    """A message parked for a revision that was then applied while no
+    instance was there to release it (the one that would have stopped):
+    the next instance that looks releases it, instead of it expiring."""
+    from .test_store import snap
+
+    a = await group.start("a")
+    car = clients.car
+    await car.settings(1, features={"remote_control": True})
+    car.revision = 2  # states a revision nobody applied yet: parked
+    await car.send("tbox/status", status(car))
+    await settled([a], 2)
+    assert a.store.parked(a.audit_subject(VIN))
+    await group.stop(a)
+    other = PostgresConsentStore(group.url)
+    try:  # revision 2 applied (long ago) by an instance that is gone now
+        other.apply_settings(
+            snap(
+                2,
+                vin=a.audit_subject(VIN),
+                features={"remote_control": True},
+                applied_at=time.time() - 1000,
+            )
+        )
+    finally:
+        other.close()
+    b = await group.start("b")
+    await clients.backend.wait_for(lambda: len(clients.backend.on("/tbox/status")) == 1)
+    deadline = time.monotonic() + 5
+    while b.store.parked(b.audit_subject(VIN)):  # removed once the forward is final
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
