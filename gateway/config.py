@@ -297,8 +297,7 @@ class PipelineConfig(_Strict):
     parked_app_release_max_delay_s: float = Field(
         600.0,
         ge=0,
-        description="upper bound of that random delay (never past the messages' own"
-        " maximum wait)",
+        description="upper bound of that random delay (never past the messages' own maximum wait)",
     )
 
     @model_validator(mode="after")
@@ -446,7 +445,6 @@ class ControlConfig(_Strict):
                 " or allow_plaintext = true to serve plain HTTP there anyway"
             )
         return self
-
 
     def all_tokens(self) -> list[TokenConfig]:
         """`tokens` plus the entries of `tokens_file`, read now (ConfigError

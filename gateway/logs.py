@@ -37,7 +37,7 @@ class TextFormatter(logging.Formatter):
 def _text_value(value: object) -> str:
     if not isinstance(value, str):  # numbers, flags, lists, dicts: compact JSON
         return json.dumps(value, default=str, separators=(",", ":"))
-    if not value or any(c.isspace() or c in "\"=" for c in value):
+    if not value or any(c.isspace() or c in '"=' for c in value):
         return json.dumps(value)
     return value
 

@@ -103,6 +103,7 @@ SUBJECTS_PER_READ = 500  # cars reloaded per store read (bounded statements)
 # Shared: a parked message whose revision was applied longer ago than the
 # longest release delay plus this is held by no instance (checked this often).
 ORPHAN_GRACE_S = 60.0
+CONTROL_CATCH_UP_S = 10.0  # shared: an operator's action reads the others' changes first
 ORPHAN_CHECK_S = 30.0
 VEHICLE = "vehicle"
 BACKEND = "backend"
@@ -864,12 +865,14 @@ class GatewayService:
                         # committed (a restriction made elsewhere survives an
                         # erasure made here; the epoch is the current one).
                         self._caught_up_at = float("-inf")
-                        await self._catch_up()
+                        # Bounded: with the store down the operation fails
+                        # (the caller is told) instead of waiting for ever.
+                        await asyncio.wait_for(self._catch_up(), CONTROL_CATCH_UP_S)
                     msg.done.set_result(await msg.run())
                 except Exception as exc:
                     msg.done.set_exception(exc)
                 continue
-            if msg.generation != edges[msg.source].generation:
+            if self._halted or msg.generation != edges[msg.source].generation:
                 # Received over a lost connection: the broker redelivers it.
                 if msg.source == VEHICLE:
                     self.budget.give(len(msg.payload))
@@ -1306,8 +1309,10 @@ class GatewayService:
         """Shared: what the store kept of an erased car (it never weakens what
         another instance stored: a restriction, a later epoch or revision)."""
         if not self._shared:
-            return survivor
-        stored = await self._persist_once(self.store.identities, [subject])
+            return survivor  # the store wrote exactly this (no other writer)
+        # The erasure is committed: retried until read (fail closed), so this
+        # instance's memory never keeps a weaker row than the store's.
+        stored = await self._persist(self.store.identities, [subject])
         return stored.get(subject, survivor)
 
     def _bind(self, vin: str, subject: str) -> None:
@@ -1484,12 +1489,14 @@ class GatewayService:
         applied it stopped or crashed before releasing them): released now,
         as of when their revision was applied (so they do not expire for
         having waited on a dead instance)."""
+        if not await self._persist_once(self.store.sweep_lease):
+            return 0  # another instance sweeps (one at a time: no row released twice)
         now = self._clock()
         pipeline = self.config.pipeline
         grace = pipeline.parked_app_release_max_delay_s + ORPHAN_GRACE_S
         released = 0
         rng = random.SystemRandom()
-        for row in await self._persist_once(self.store.parked):
+        for row in await self._persist_once(self.store.applied_parked, now - grace):
             since = self._applied_at(row)
             if row.id in self._releasing or since is None or now - since < grace:
                 continue
@@ -1533,13 +1540,8 @@ class GatewayService:
         ]
         if self._shared and expired:
             # Applied rows are some instance's to release (or orphans), not expired.
-            ids = {e[0] for e in expired}
-            applied = {
-                r.id
-                for r in await self._persist_once(self.store.parked)
-                if r.id in ids and self._applied_at(r) is not None
-            }
-            expired = [e for e in expired if e[0] not in applied]
+            waiting = set(await self._persist_once(self.store.unapplied_parked_ids))
+            expired = [e for e in expired if e[0] in waiting]
         if not expired:
             return 0
         deleted = await self._persist_once(self.store.delete_parked, [e[0] for e in expired])
@@ -1797,7 +1799,12 @@ class GatewayService:
             policy.per_app_features,
         ):
             # Which features a snapshot enables depends on the policy.
-            await self._persist(self.load_state)  # retried, holding the pipeline
+            if self._shared:  # retried, holding the pipeline: no stale view
+                await self._persist(self.load_state)
+            else:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._store_executor, self.load_state
+                )
         log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
 
     def _with_objections(self, subject: str, state: VehicleState) -> VehicleState:
@@ -1924,7 +1931,10 @@ class GatewayService:
             # epoch ending now) gets its own event at its recipient, later, after
             # a random delay.
             book, erasure = self.ctx.identity, self.config.erasure
-            epoch = book.epoch(vin)
+            # The epoch ending now: the stored row's when the VIN was not seen
+            # since the last start (its epoch is learned when it is).
+            known = book.rows.get(subject)
+            epoch = max(book.epoch(vin), known.epoch if known is not None else 0)
             rng = random.SystemRandom()
             # Refs made with a retired key may still be held downstream: each
             # gets its event too (the VIN event is one).
@@ -1955,7 +1965,7 @@ class GatewayService:
                     state.revision if state is not None else 0,
                     before.revision_floor if before is not None else 0,
                 ),
-                restricted=vin in self.restricted,
+                restricted=self.is_restricted(vin),  # also one kept from an earlier erasure
                 ownership=before.ownership if before is not None else 0,  # same grid offset
             )
             removed = await self._persist_once(
@@ -2031,7 +2041,7 @@ class GatewayService:
             book = self.ctx.identity
             state, before = self.states.get(vin), book.rows.get(subject)
             survivor = IdentityRow(
-                epoch=book.epoch(vin) + 1,
+                epoch=max(book.epoch(vin), before.epoch if before is not None else 0) + 1,
                 revision_floor=max(
                     state.revision if state is not None else 0,
                     before.revision_floor if before is not None else 0,

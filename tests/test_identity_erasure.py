@@ -150,9 +150,14 @@ def test_what_survives_an_erasure_is_kept_under_the_subject_hash(tmp_path: Path)
     assert store.identities() == {"s" * 64: row}
     ((event_id, due, topic, payload),) = store.pending_erasure_events()
     assert (due, topic, payload) == (5.0, "tsp/ref/avn/app/music/erasure", b"x")
-    # A later erasure of the same car keeps one row (the newest).
+    # A later erasure of the same car keeps one row (the newest), and the
+    # restriction stored with the first one (Art. 18: only lifting it, through
+    # the restriction endpoint, clears it; an erasure never does).
     store.erase_vehicle(VIN, "s" * 64, record, IdentityRow(3, 9, False))
-    assert store.identities() == {"s" * 64: IdentityRow(3, 9, False)}
+    assert store.identities() == {"s" * 64: IdentityRow(3, 9, True)}
+    assert store.set_identity_restricted("s" * 64, False)  # lifted
+    store.erase_vehicle(VIN, "s" * 64, record, IdentityRow(4, 9, False))
+    assert store.identities() == {"s" * 64: IdentityRow(4, 9, False)}
     store.delete_pending_erasure_event(event_id)
     assert store.pending_erasure_events() == []
     db = sqlite3.connect(tmp_path / "c.sqlite3")
@@ -184,3 +189,24 @@ def test_erasure_delays_are_validated() -> None:
         ErasureConfig(app_event_min_delay_s=600, app_event_max_delay_s=60)
     with pytest.raises(ValueError):
         ErasureConfig(app_event_min_delay_s=0)  # never at the same moment as the VIN event
+
+
+@pytest.mark.integration
+async def test_a_second_erasure_after_a_restart_keeps_the_restriction_and_the_epoch(
+    gateways: GatewayHarness, clients: Clients
+) -> None:
+    """After a restart, an erased car not seen since is known only by its
+    stored row: erasing it again ends the stored epoch (not epoch 0) and keeps
+    its restriction (it was kept restricted by the first erasure)."""
+    service = await gateways.start()
+    await clients.car.settings(4, features=APPS)
+    assert await service.set_restriction(VIN, True, "dpo-test")
+    await service.erase_vehicle(VIN, "dpo-test")
+    subject = service.audit_subject(VIN)
+    assert service.store.identities()[subject] == IdentityRow(1, 4, True)
+    await gateways.stop(service)
+    service = await gateways.start()
+    assert service.is_restricted(VIN)
+    await service.erase_vehicle(VIN, "dpo-test")
+    assert service.store.identities()[subject] == IdentityRow(2, 4, True)
+    assert service.ctx.identity.epoch(VIN) == 2  # memory agrees with the store

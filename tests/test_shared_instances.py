@@ -496,3 +496,19 @@ async def test_a_parked_message_no_instance_holds_is_released(
     while b.store.parked(b.audit_subject(VIN)):  # removed once the forward is final
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+def test_one_instance_at_a_time_sweeps_orphaned_parked_messages(
+    postgres: PrivatePostgres,
+) -> None:
+    """Two sweepers would each release the same orphan (a duplicate)."""
+    url = postgres.new_database()
+    a, b = PostgresConsentStore(url), PostgresConsentStore(url)
+    try:
+        assert a.sweep_lease() and a.sweep_lease()  # held, not stacked
+        assert not b.sweep_lease()
+        a.close()  # its connection ends: the lease with it
+        assert b.sweep_lease()
+    finally:
+        a.close()
+        b.close()

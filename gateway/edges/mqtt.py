@@ -464,9 +464,7 @@ class MqttEdge:
 
     # ------------------------------------------------------------------ public
 
-    def set_tls(
-        self, context: ssl.SSLContext, server_name: str | None, client_cert: bool
-    ) -> None:
+    def set_tls(self, context: ssl.SSLContext, server_name: str | None, client_cert: bool) -> None:
         """New TLS material (CA, client certificate) for the next connection;
         the current one, if any, is kept."""
         if not self.endpoint.tls:

@@ -222,6 +222,16 @@ class ConsentStore(Protocol):
     def change_position(self) -> int:
         """The newest position of the change log (0 without one)."""
 
+    def sweep_lease(self) -> bool:
+        """Whether this instance is the one releasing orphaned parked messages."""
+
+    def applied_parked(self, applied_before: float) -> list[ParkedMessage]:
+        """Parked messages whose car had a revision at least theirs applied
+        before `applied_before`."""
+
+    def unapplied_parked_ids(self) -> list[int]:
+        """Ids of parked messages still waiting for their revision."""
+
     def read_snapshot(self) -> AbstractContextManager[None]:
         """Reads made inside see one committed state of the store."""
 

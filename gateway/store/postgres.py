@@ -49,6 +49,9 @@ WRITE_LOCK = 0x6777_6373
 # instance (they would take each other's MQTT sessions over). Held by the
 # connection: a crashed instance's lease ends with it.
 INSTANCE_LOCK = 0x6777_696E
+# Session lock of the one instance that sweeps orphaned parked messages
+# ("gw" "sw"); another takes it over when that one's connection ends.
+SWEEP_LOCK = 0x6777_7377
 # Rows of the change log kept for instances that fell behind (seconds); one
 # further behind reloads everything.
 CHANGES_KEPT_S = 600.0
@@ -180,6 +183,7 @@ class _Connection:
         self.claimed = False  # the instance locks were ours once
         # Names this process's writes in the change log (its own are skipped).
         self.origin = f"privacy-gateway/{secrets.token_hex(8)}"
+        self._sweeper: psycopg.Connection[Any] | None = None  # holds SWEEP_LOCK
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
@@ -200,6 +204,15 @@ class _Connection:
                 self.claimed = True
             self._conn = conn
         return self._conn
+
+    def sweep_lease(self) -> bool:
+        conn = self._connection()
+        if self._sweeper is not conn:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (SWEEP_LOCK,)).fetchone()
+            if not row or not row[0]:
+                return False
+            self._sweeper = conn  # lost with this connection, taken again by the next call
+        return True
 
     def _claim(self, conn: psycopg.Connection[Any]) -> str | None:
         """Take this instance's locks; what stands in the way, if anything."""
@@ -381,7 +394,13 @@ class PostgresConsentStore(SqliteConsentStore):
                 try:
                     self._pg.execute("COMMIT")
                 except psycopg.Error:
-                    self._pg.close()
+                    self._pg.close()  # the transaction went with the connection
+
+    def sweep_lease(self) -> bool:
+        """Whether this instance is the one sweeping orphaned parked messages
+        (a session lock: held while its connection lives)."""
+        with self._lock:
+            return self._pg.sweep_lease()
 
     def change_position(self) -> int:
         """The change log's newest position: what a start loads includes it."""
@@ -424,8 +443,7 @@ class PostgresConsentStore(SqliteConsentStore):
 
         def tx(db: Any) -> int:
             row = db.execute(
-                "SELECT max(seq) FROM changes"
-                " WHERE at < extract(epoch FROM clock_timestamp()) - ?",
+                "SELECT max(seq) FROM changes WHERE at < extract(epoch FROM clock_timestamp()) - ?",
                 (kept_s,),
             ).fetchone()
             if row is None or row[0] is None:

@@ -596,13 +596,41 @@ class SqliteConsentStore:
 
     @contextlib.contextmanager
     def read_snapshot(self) -> Iterator[None]:
-        """Reads inside see one committed state (a read transaction)."""
+        """Reads inside see one committed state (a read transaction; inside a
+        transaction already open on this connection, that one)."""
         with self._lock:
-            self._db.execute("BEGIN")
+            began = not self._db.in_transaction
+            if began:
+                self._db.execute("BEGIN")
             try:
                 yield
             finally:
-                self._db.execute("COMMIT")
+                if began and self._db.in_transaction:
+                    self._db.execute("COMMIT")
+
+    def sweep_lease(self) -> bool:
+        """Whether this instance sweeps orphaned parked messages (a store no
+        other instance shares: always)."""
+        return True
+
+    def applied_parked(self, applied_before: float) -> list[ParkedMessage]:
+        """Parked messages whose car has a revision at least theirs applied
+        before `applied_before` (held by nobody once that is long enough ago)."""
+        return self._parked_rows(
+            " WHERE EXISTS (SELECT 1 FROM vehicle_settings v WHERE v.vin = parked.subject"
+            " AND v.revision >= parked.revision AND v.applied_at < ?) ORDER BY id",
+            (applied_before,),
+        )
+
+    def unapplied_parked_ids(self) -> list[int]:
+        """Ids of parked messages still waiting for their revision."""
+        return [
+            int(r[0])
+            for r in self._read(
+                "SELECT id FROM parked WHERE NOT EXISTS (SELECT 1 FROM vehicle_settings v"
+                " WHERE v.vin = parked.subject AND v.revision >= parked.revision)"
+            )
+        ]
 
     def _changed_since(self, db: sqlite3.Connection, table: str, subject: str, seq: int) -> bool:
         """Whether another instance changed `subject`'s rows of `table` after
@@ -830,9 +858,7 @@ class SqliteConsentStore:
             " WHERE subject=?",
             (subject,),
         ).fetchone()
-        applied = db.execute(
-            "SELECT revision FROM vehicle_settings WHERE vin=?", (vin,)
-        ).fetchone()
+        applied = db.execute("SELECT revision FROM vehicle_settings WHERE vin=?", (vin,)).fetchone()
         restricted = db.execute("SELECT 1 FROM restrictions WHERE vin=?", (vin,)).fetchone()
         epoch, floor, ownership = identity.epoch, identity.revision_floor, identity.ownership
         if row is not None:
@@ -841,7 +867,8 @@ class SqliteConsentStore:
             ownership = max(ownership, int(row[3]) + (0 if erasure else 1))
         if applied is not None:
             floor = max(floor, int(applied[0]))
-        keep = identity.restricted or (erasure and restricted is not None)
+        kept = row is not None and bool(row[2])  # restricted when erased before
+        keep = identity.restricted or (erasure and (restricted is not None or kept))
         return IdentityRow(epoch, floor, keep, ownership)
 
     # ----------------------------------------------------------------- identity
@@ -1209,16 +1236,19 @@ class SqliteConsentStore:
         self, subject: str | None = None, up_to_revision: int | None = None
     ) -> list[ParkedMessage]:
         """Parked messages, oldest first: of one car (keyed hash), up to a revision."""
-        sql = (
-            "SELECT id, subject, revision, parked_at, expires_at, stream, size, sealed FROM parked"
-        )
         if subject is None:
-            rows = self._read(sql + " ORDER BY id")
-        else:
-            rows = self._read(
-                sql + " WHERE subject=? AND revision<=? ORDER BY id",
-                (subject, MAX_SQLITE_INT if up_to_revision is None else up_to_revision),
-            )
+            return self._parked_rows(" ORDER BY id")
+        return self._parked_rows(
+            " WHERE subject=? AND revision<=? ORDER BY id",
+            (subject, MAX_SQLITE_INT if up_to_revision is None else up_to_revision),
+        )
+
+    def _parked_rows(self, where: str, params: tuple[object, ...] = ()) -> list[ParkedMessage]:
+        rows = self._read(
+            "SELECT id, subject, revision, parked_at, expires_at, stream, size, sealed FROM parked"
+            + where,
+            params,
+        )
         return [
             ParkedMessage(
                 subject=str(r[1]),
