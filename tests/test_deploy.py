@@ -624,3 +624,47 @@ def test_kubernetes_pod_runs_as_the_image_user_read_only() -> None:
         assert security["allowPrivilegeEscalation"] is False
         assert security["capabilities"]["drop"] == ["ALL"]
         assert container.spec["image"] == "privacy-gateway"  # kustomization sets the registry
+
+
+def test_kubernetes_shared_overlay_runs_instances_of_one_group_on_postgresql() -> None:
+    """deploy/kubernetes/shared: more replicas of one group, each pod's name
+    its instance id, init and gateway opening the store as the same instance
+    of the same group (otherwise init would be refused while the others run),
+    the password file mounted and nothing else changed."""
+    shared = K8S / "shared"
+    kustomization = yaml.safe_load((shared / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../"]
+    (patch_ref,) = kustomization["patches"]
+    patch = yaml.safe_load((shared / patch_ref["path"]).read_text())
+    base = manifests()["StatefulSet"]
+    assert (patch["kind"], patch["metadata"]["name"]) == ("StatefulSet", base["metadata"]["name"])
+    assert patch["spec"]["replicas"] > 1
+    spec = patch["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    _, init, main = pod()
+    for patched, original in (
+        (spec["initContainers"][0], init),
+        (spec["containers"][0], main),
+    ):
+        assert patched["name"] == original.spec["name"]
+        added = {e["name"]: e for e in patched["env"]}
+        assert added["GATEWAY_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+            "metadata.name"
+        )
+        environ = {
+            **image_env(),
+            **original.environ,
+            **{n: str(e["value"]) for n, e in added.items() if "value" in e},
+            "GATEWAY_INSTANCE_ID": "privacy-gateway-0",  # what the pod's name gives
+        }
+        for name in environ:
+            if name.startswith(ENV_PREFIX):
+                config_key(name)
+        config = effective_config(k8s_config_data(), environ)
+        assert config.vehicle_broker.shared_group and config.store.url
+        assert config.instance_id == "privacy-gateway-0"
+        (mount,) = patched["volumeMounts"]
+        secret = volumes[mount["name"]]["secret"]
+        items = {i["path"]: i["key"] for i in secret["items"]}
+        assert str(PurePosixPath(mount["mountPath"]) / next(iter(items))) == environ["PGPASSFILE"]
+        assert secret["defaultMode"] == 0o400  # libpq ignores a file others can read
