@@ -160,6 +160,19 @@ class GatewayProcess:
         self.stop()
 
 
+def write_dpo_token(out: Path) -> tuple[str, Path]:
+    """A dpo token of this run only: (the token, the control tokens file
+    holding its hash) for the scenario's DPO (ownership changes, objections)."""
+    token = secrets.token_urlsafe(32)
+    tokens_file = out / "control-tokens.toml"
+    tokens_file.write_text(
+        '[[tokens]]\nname = "sim-dpo"\nrole = "dpo"\n'
+        f'sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+    )
+    tokens_file.chmod(0o600)
+    return token, tokens_file
+
+
 def gateway_command(
     config: DemoConfig,
     broker_url: str,
@@ -206,13 +219,7 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> DemoOutcome:
     # The scenario's DPO (ownership changes, objections) uses the control API
     # with a token of this run only.
     control_port = free_port()
-    token = secrets.token_urlsafe(32)
-    tokens_file = out / "control-tokens.toml"
-    tokens_file.write_text(
-        '[[tokens]]\nname = "sim-dpo"\nrole = "dpo"\n'
-        f'sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
-    )
-    tokens_file.chmod(0o600)
+    token, tokens_file = write_dpo_token(out)
     own_command = config.gateway_command is None
     with MosquittoBroker() as broker:
         command = gateway_command(config, broker.url, state_dir, clock_file, control_port)

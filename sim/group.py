@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
-import secrets
 import shutil
 import sys
 import time
@@ -33,7 +31,7 @@ from gateway.clock import TimeMapping
 from gateway.keys import create_key
 from sim.broker import MosquittoBroker, free_port
 from sim.checker import CHECK_FILE, CheckResult, check_run, print_summary
-from sim.demo import GatewayProcess
+from sim.demo import GatewayProcess, write_dpo_token
 from sim.policy import DEFAULT_POLICY_PATH
 from sim.postgres import PrivatePostgres
 from sim.run import RunConfig, RunSummary, parse_duration, run_simulation
@@ -126,13 +124,7 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
     out.mkdir(parents=True)
     clock_file = out / "sim-clock.json"
     TimeMapping.frozen(DEFAULT_SIM_START_MS).write(clock_file)
-    token = secrets.token_urlsafe(32)
-    tokens_file = out / "control-tokens.toml"
-    tokens_file.write_text(
-        '[[tokens]]\nname = "sim-dpo"\nrole = "dpo"\n'
-        f'sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
-    )
-    tokens_file.chmod(0o600)
+    token, tokens_file = write_dpo_token(out)
     key = create_key(out / "pseudonym.key")
     postgres = PrivatePostgres()
     postgres.start()
