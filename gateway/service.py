@@ -103,7 +103,6 @@ SUBJECTS_PER_READ = 500  # cars reloaded per store read (bounded statements)
 # Shared: a parked message whose revision was applied longer ago than the
 # longest release delay plus this is held by no instance (checked this often).
 ORPHAN_GRACE_S = 60.0
-CONTROL_CATCH_UP_S = 10.0  # shared: an operator's action reads the others' changes first
 ORPHAN_CHECK_S = 30.0
 VEHICLE = "vehicle"
 BACKEND = "backend"
@@ -823,7 +822,7 @@ class GatewayService:
             if not await edge.unsubscribe_all(timeout):
                 log.warning("%s broker did not confirm leaving the shared group", edge.name)
         quiet_since = time.monotonic()
-        while (now := time.monotonic()) < deadline:
+        while not self._halted and (now := time.monotonic()) < deadline:
             await asyncio.sleep(0.05)
             if not self._queue.empty() or any(len(w) for w in self._windows.values()):
                 quiet_since = now
@@ -865,9 +864,9 @@ class GatewayService:
                         # committed (a restriction made elsewhere survives an
                         # erasure made here; the epoch is the current one).
                         self._caught_up_at = float("-inf")
-                        # Bounded: with the store down the operation fails
-                        # (the caller is told) instead of waiting for ever.
-                        await asyncio.wait_for(self._catch_up(), CONTROL_CATCH_UP_S)
+                        # With the store down the operation fails (the caller
+                        # is told) instead of waiting for ever.
+                        await self._catch_up(once=True)
                     msg.done.set_result(await msg.run())
                 except Exception as exc:
                     msg.done.set_exception(exc)
@@ -1139,26 +1138,36 @@ class GatewayService:
 
     # ----------------------------------------------------- shared consent state
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self, once: bool = False) -> None:
         """Read what other instances committed since the last look (one round
         trip when nothing changed) and reload those cars, before a message
         received after the last look is decided: whatever was committed before
         the broker sent the message is then enforced on it (contract rule 21
         with several instances). The store being unreachable holds the pipeline
-        (`_persist`): nothing is decided on a view that may be stale."""
+        (`_persist`): nothing is decided on a view that may be stale. `once`
+        (an operator's action): a store error fails it instead of waiting.
+
+        A look that did not complete (an error, a cancellation) does not
+        count: the next message looks again."""
         if self._halted:
             raise _Halted
-        self._caught_up_at = time.monotonic()
-        changes = await self._persist(self.store.changes_since, self._change_seq)
-        if changes.resync:
-            log.warning("fell behind the shared store's change log: reloading every car")
-            await self._adopt_stored_policy(reload=True)
-            return
-        if changes.policy:
-            await self._adopt_stored_policy()
-        if changes.states or changes.anchors:
-            await self._reload_cars(changes.states, changes.anchors)
-        self._change_seq = max(self._change_seq, changes.seq)
+        started = time.monotonic()
+        self._caught_up_at = started
+        persist = self._persist_once if once else self._persist
+        try:
+            changes = await persist(self.store.changes_since, self._change_seq)
+            if changes.resync:
+                log.warning("fell behind the shared store's change log: reloading every car")
+                await self._adopt_stored_policy(reload=True)
+                return
+            if changes.policy:
+                await self._adopt_stored_policy()
+            if changes.states or changes.anchors:
+                await self._reload_cars(changes.states, changes.anchors, once)
+            self._change_seq = max(self._change_seq, changes.seq)
+        except BaseException:
+            self._caught_up_at = float("-inf")
+            raise
 
     async def _adopt_stored_policy(self, reload: bool = False) -> None:
         """Run the policy another instance pushed or rolled back to."""
@@ -1180,9 +1189,12 @@ class GatewayService:
         elif reload:
             await self._persist(self.load_state)  # retried, holding the pipeline
 
-    async def _reload_cars(self, subjects: Collection[str], anchored: Collection[str]) -> None:
+    async def _reload_cars(
+        self, subjects: Collection[str], anchored: Collection[str], once: bool = False
+    ) -> None:
         """Replace what is held of these cars by what the shared store holds."""
-        loaded = await self._persist(self._load_cars, frozenset(subjects), frozenset(anchored))
+        persist = self._persist_once if once else self._persist
+        loaded = await persist(self._load_cars, frozenset(subjects), frozenset(anchored))
         book = self.ctx.identity
         for subject in loaded.subjects:
             key = self._vins.get(subject, subject)
@@ -1441,6 +1453,9 @@ class GatewayService:
             msg = InboundMessage("parked", topic, payload, 1, 0, 0)
             try:
                 await self._handle_vehicle_message(msg, slot)
+            except _Halted:
+                slot.keep()  # stays parked (acknowledged when parked: nothing else has it)
+                raise
             except Exception:
                 log.exception("internal error deciding a parked message")
                 self.metrics.internal_errors.inc()

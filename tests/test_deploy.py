@@ -630,7 +630,7 @@ def test_kubernetes_shared_overlay_runs_instances_of_one_group_on_postgresql() -
     """deploy/kubernetes/shared: more replicas of one group, each pod's name
     its instance id, init and gateway opening the store as the same instance
     of the same group (otherwise init would be refused while the others run),
-    the password file mounted and nothing else changed."""
+    the database password from a secret, nothing else changed."""
     shared = K8S / "shared"
     kustomization = yaml.safe_load((shared / "kustomization.yaml").read_text())
     assert kustomization["resources"] == ["../"]
@@ -640,7 +640,7 @@ def test_kubernetes_shared_overlay_runs_instances_of_one_group_on_postgresql() -
     assert (patch["kind"], patch["metadata"]["name"]) == ("StatefulSet", base["metadata"]["name"])
     assert patch["spec"]["replicas"] > 1
     spec = patch["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "volumes" not in spec  # nothing mounted beyond the base's
     _, init, main = pod()
     for patched, original in (
         (spec["initContainers"][0], init),
@@ -663,8 +663,10 @@ def test_kubernetes_shared_overlay_runs_instances_of_one_group_on_postgresql() -
         config = effective_config(k8s_config_data(), environ)
         assert config.vehicle_broker.shared_group and config.store.url
         assert config.instance_id == "privacy-gateway-0"
-        (mount,) = patched["volumeMounts"]
-        secret = volumes[mount["name"]]["secret"]
-        items = {i["path"]: i["key"] for i in secret["items"]}
-        assert str(PurePosixPath(mount["mountPath"]) / next(iter(items))) == environ["PGPASSFILE"]
-        assert secret["defaultMode"] == 0o400  # libpq ignores a file others can read
+        # The password reaches libpq as PGPASSWORD from a secret: never in the
+        # URL (refused), and not as a mounted file (fsGroup makes it group-
+        # readable, and libpq ignores a password file others can read).
+        assert "@" in config.store.url and ":" not in config.store.url.split("@")[0][13:]
+        password = added["PGPASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert password["name"] and password["key"]
+        assert "volumeMounts" not in patched

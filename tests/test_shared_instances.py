@@ -209,11 +209,12 @@ async def test_one_coarse_location_per_interval_across_instances(
     a, b = await group.start("a"), await group.start("b")
     car = clients.car
     await car.settings(1, features={"remote_control": True}, location=2)  # approximate
+    before = [vehicle_received(a), vehicle_received(b)]
     for i in range(30):
         # Across grid cells: ~1.1 km apart.
         await car.send("tbox/status", status(car, 48.1 + 0.01 * i, 11.5 + 0.01 * i))
-    await settled([a, b], 30)
-    assert vehicle_received(a) > 0 and vehicle_received(b) > 0
+    await settled([a, b], sum(before) + 30)
+    assert vehicle_received(a) > before[0] and vehicle_received(b) > before[1]
     values = {
         (m.position.latitude, m.position.longitude)
         for m in (
@@ -253,9 +254,11 @@ async def test_an_instance_that_stops_strands_nothing(
             await car.send("tbox/status", status(car))
             await asyncio.sleep(0.004)
 
+    before = vehicle_received(b)
     sender = asyncio.create_task(publish())
     await asyncio.sleep(0.3)
     await group.stop(b)
+    assert vehicle_received(b) > before  # b had its share when it stopped
     await sender
     if leave:
         await clients.backend.wait_for(
