@@ -62,6 +62,7 @@ class Deployment:
     procs: list[Proc] = field(default_factory=list)
     database: str = ""
     url: str = ""
+    xacts: int | None = None  # the database's transactions at the end of its last run
 
 
 def forward_messages(fleet: Fleet, count: int, vins: list[str]) -> list[VehicleMessage]:
@@ -195,15 +196,21 @@ def start_deployment(
     return deployment
 
 
+# Backends report their transaction counts at most once a second, an idle one
+# after up to 10 s: a count read sooner than this after a run misses some.
+STATS_FLUSH_S = 11.0
+
+
 def _postgres_pids(url: str) -> tuple[list[int], int]:
-    """Server processes of the database (its connections) and its transactions so far."""
+    """Every server process of the private cluster (connections, WAL writer,
+    checkpointer, autovacuum) and the database's transactions so far."""
     database = url.rsplit("/", 1)[1]
     admin_url = url.rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         pids = [
             int(r[0])
             for r in admin.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,)
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
             ).fetchall()
         ]
         admin.execute("SELECT pg_stat_clear_snapshot()")
@@ -225,27 +232,36 @@ def run_deployment(
     pg_pids: list[int] = []
     xacts0 = 0
     if deployment.url:
-        pg_pids, xacts0 = _postgres_pids(deployment.url)
+        # The count as of the end of this database's previous run (read after
+        # the backends reported it), or read now.
+        pg_pids, xacts_now = _postgres_pids(deployment.url)
+        xacts0 = deployment.xacts if deployment.xacts is not None else xacts_now
     broker_pid = ctx.broker.process.pid if ctx.broker.process else 0
+    pg0 = {pid: cpu_seconds(pid) for pid in pg_pids}
     cpu0 = {
         "gateways": sum(cpu_seconds(p.process.pid) for p in deployment.procs),
-        "postgresql": sum(cpu_seconds(p) for p in pg_pids),
         "broker": cpu_seconds(broker_pid),
     }
     sent_at = [0.0] * total
     started = time.perf_counter()
     publisher.send(packets, sent_at, rate=None)
-    deadline = time.monotonic() + 30
-    while len(receiver.seqs) < total and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while len(set(receiver.seqs)) < total and time.monotonic() < deadline:
         time.sleep(0.01)
     last = max(receiver.times) if receiver.times else float("nan")
     wall = last - started
+    # Processes present at both ends (one that ended mid-run is left out).
+    pg1 = {pid: cpu_seconds(pid) for pid in pg0}
     cpu = {
         "gateways": sum(cpu_seconds(p.process.pid) for p in deployment.procs) - cpu0["gateways"],
-        "postgresql": sum(cpu_seconds(p) for p in pg_pids) - cpu0["postgresql"],
+        "postgresql": sum(max(0.0, pg1[p] - pg0[p]) for p in pg0 if pg1[p] > 0),
         "broker": cpu_seconds(broker_pid) - cpu0["broker"],
     }
-    xacts = (_postgres_pids(deployment.url)[1] - xacts0) if deployment.url else 0
+    xacts = 0
+    if deployment.url:
+        time.sleep(STATS_FLUSH_S)
+        deployment.xacts = _postgres_pids(deployment.url)[1]
+        xacts = deployment.xacts - xacts0
     received = len(set(receiver.seqs))
     publisher.close()
     receiver.close()
@@ -264,7 +280,11 @@ def probe_cross_instance(
     """A toggle switched off, the car's next message sent once the gateway
     confirmed it: it must not arrive, whichever instance decides it."""
     host, port = ctx.host_port
-    vins = forwarding_vins(fleet)[:probes]
+    candidates = forwarding_vins(fleet)
+    vins = candidates[:probes]
+    # Positive control: a car left alone sends at the same moments; its
+    # messages must arrive (else "0 leaked" could mean "nothing arrives").
+    controls = candidates[probes : 2 * probes] or candidates[:1]
     applied: dict[tuple[str, int], float] = {}
     changed = threading.Condition()
     forwarded: set[int] = set()
@@ -298,7 +318,19 @@ def probe_cross_instance(
     time.sleep(0.5)
     latencies: list[float] = []
     probe_seqs: list[int] = []
+    control_seqs: list[int] = []
     template = status_template()
+
+    def status_of(vin: str, seq: int) -> bytes:
+        message = streams_pb2.VehicleStatus()
+        message.MergeFromString(template.SerializeToString())
+        message.header.vin = vin
+        message.header.seq = seq
+        message.header.timestamp_ms = int(time.time() * 1000)
+        # A v1 car: no causal token; only the shared store tells the other instances.
+        message.header.settings_revision = 0
+        return message.SerializeToString()
+
     try:
         for i, vin in enumerate(vins):
             known = fleet.settings[vin]
@@ -313,16 +345,16 @@ def probe_cross_instance(
                 if not changed.wait_for(lambda w=wanted: w in applied, timeout=10):  # type: ignore[misc]
                     continue
             latencies.append((applied[(vin, revision)] - sent) * 1000)
-            message = streams_pb2.VehicleStatus()
-            message.MergeFromString(template.SerializeToString())
-            message.header.vin = vin
-            message.header.seq = 800_000 + i
-            message.header.timestamp_ms = int(time.time() * 1000)
-            # A v1 car: no causal token; only the shared store tells the other instances.
-            message.header.settings_revision = 0
             probe_seqs.append(800_000 + i)
             client.publish(
-                f"{deployment.in_prefix}/{vin}/tbox/status", message.SerializeToString(), qos=1
+                f"{deployment.in_prefix}/{vin}/tbox/status", status_of(vin, 800_000 + i), qos=1
+            )
+            control = controls[i % len(controls)]
+            control_seqs.append(850_000 + i)
+            client.publish(
+                f"{deployment.in_prefix}/{control}/tbox/status",
+                status_of(control, 850_000 + i),
+                qos=1,
             )
         time.sleep(2.0)
     finally:
@@ -333,6 +365,8 @@ def probe_cross_instance(
         "confirmation_ms_p50": pct(latencies, 50),
         "confirmation_ms_p99": pct(latencies, 99),
         "leaked": len(forwarded & set(probe_seqs)),
+        "controls": len(control_seqs),
+        "controls_arrived": len(forwarded & set(control_seqs)),
     }
 
 
@@ -367,7 +401,8 @@ def bench_scale_out(ctx: Context) -> dict[str, Any]:
                 time.sleep(0.3)
         probe = probe_cross_instance(ctx, deployments[-1], fleet, 40)
         ctx.log(
-            f"  cross-instance probes: {probe['probes']}, leaked {probe['leaked']};"
+            f"  cross-instance probes: {probe['probes']}, leaked {probe['leaked']}"
+            f" (controls arrived {probe['controls_arrived']}/{probe['controls']});"
             f" confirmation p50 {probe['confirmation_ms_p50']:.1f} ms,"
             f" p99 {probe['confirmation_ms_p99']:.1f} ms"
         )
@@ -378,8 +413,11 @@ def bench_scale_out(ctx: Context) -> dict[str, Any]:
         postgres.stop()
 
     def med(name: str, *path: str) -> float:
+        """Median over the runs in which every message arrived."""
         values = []
         for fig in raw[name]:
+            if not fig["completed"]:
+                continue
             value: Any = fig
             for key in path:
                 value = value[key]
@@ -388,6 +426,7 @@ def bench_scale_out(ctx: Context) -> dict[str, Any]:
 
     summary = {
         name: {
+            "complete_runs": sum(1 for fig in raw[name] if fig["completed"]),
             "msg_s": med(name, "msg_s"),
             "gateway_cpu_us_per_msg": med(name, "cpu_us_per_msg", "gateways"),
             "postgresql_cpu_us_per_msg": med(name, "cpu_us_per_msg", "postgresql"),
@@ -437,6 +476,7 @@ def print_scale_out_table(results: dict[str, Any], console: Console) -> None:
     if probe:
         console.print(
             f"cross-instance probes (3 instances, v1 car, toggle off then its next message):"
-            f" {probe['probes']} sent, {probe['leaked']} leaked (target 0); confirmation"
+            f" {probe['probes']} sent, {probe['leaked']} leaked (target 0), untouched cars'"
+            f" messages arrived {probe['controls_arrived']}/{probe['controls']}; confirmation"
             f" p50 {probe['confirmation_ms_p50']:.1f} ms, p99 {probe['confirmation_ms_p99']:.1f} ms"
         )

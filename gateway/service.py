@@ -80,6 +80,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy import (
     CompiledPolicy,
     PolicyError,
+    VersionConflict,
     check_egress,
     parse_policy,
     version_key,
@@ -502,7 +503,15 @@ class GatewayService:
             },
             at=now,
         )
-        self.store.save_policy(record, audit)
+        try:
+            self.store.save_policy(record, audit)
+        except VersionConflict:
+            # Instances of a group started together on an empty store: another
+            # one recorded it first. Run what is stored, as on a later start.
+            if self.store.active_policy() is None:
+                raise
+            self._record_policy()
+            return
         self.policy_record = record
 
     def check_egress(self, policy: CompiledPolicy) -> None:

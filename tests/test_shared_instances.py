@@ -515,3 +515,14 @@ def test_one_instance_at_a_time_sweeps_orphaned_parked_messages(
     finally:
         a.close()
         b.close()
+
+
+async def test_instances_started_together_on_an_empty_store_all_start(
+    group: Group, clients: Clients
+) -> None:
+    """Each finds no policy recorded and records the configured one: the
+    later ones find it active (a version conflict) and run it, not crash."""
+    started = await asyncio.gather(*(group.start(name) for name in ("a", "b", "c")))
+    versions = {s.ctx.policy.version for s in started}
+    assert len(versions) == 1 and all(s.policy_record is not None for s in started)
+    assert len(started[0].store.policies()) == 1
