@@ -461,7 +461,10 @@ def rotate_key(config: GatewayConfig, now: float) -> Rotation:
             try:  # the gateway is stopped: its lock on the database is free
                 store: SqliteConsentStore = PostgresConsentStore(config.store.url, exclusive=True)
             except StoreError as exc:
-                raise StateDirError(str(exc)) from exc
+                raise StateDirError(
+                    f"{exc}. Stop every gateway on this database first (with a shared group:"
+                    " all its instances; then copy the new key files to each of them)"
+                ) from exc
         elif not db.exists():
             raise StateDirError(f"no consent store at {db}: nothing to rotate")
         else:

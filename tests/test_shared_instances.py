@@ -526,3 +526,20 @@ async def test_instances_started_together_on_an_empty_store_all_start(
     versions = {s.ctx.policy.version for s in started}
     assert len(versions) == 1 and all(s.policy_record is not None for s in started)
     assert len(started[0].store.policies()) == 1
+
+
+def test_rotating_the_key_while_an_instance_runs_is_refused_saying_what_to_do(
+    postgres: PrivatePostgres, tmp_path: Path
+) -> None:
+    from gateway.statedir import StateDirError, rotate_key
+
+    url = postgres.new_database()
+    running = PostgresConsentStore(url, exclusive=True, instance="a")
+    config = gateway_config("mqtt://127.0.0.1:1", "mqtt://127.0.0.1:1", tmp_path / "b")
+    config.store = StoreConfig(url=url)
+    (tmp_path / "b").mkdir(mode=0o700)
+    try:
+        with pytest.raises(StateDirError, match="Stop every gateway on this database first"):
+            rotate_key(config, time.time())
+    finally:
+        running.close()
