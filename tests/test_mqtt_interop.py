@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 import aiomqtt
 import pytest
 
-from gateway.edges.mqtt import BrokerEndpoint, InboundMessage, MqttEdge, _publish_properties
+from gateway.edges.mqtt import BrokerEndpoint, InboundMessage, MqttEdge
+from gateway.edges.mqtt_codec import publish_properties
 from sim.broker import MosquittoBroker
 
 pytestmark = pytest.mark.integration
@@ -151,7 +152,7 @@ async def test_the_broker_honours_the_receive_maximum_the_edge_announces() -> No
 def test_publish_properties_never_carry_a_topic_alias() -> None:
     """The edge's PUBLISH properties are its user properties and nothing else:
     no Topic Alias (0x23), so every PUBLISH names its topic in full."""
-    packed = _publish_properties([("recipient", "developer"), ("k", "v")]).pack()
+    packed = publish_properties([("recipient", "developer"), ("k", "v")])
     body = packed[1:]  # after the one-byte length (short here)
     assert packed[0] == len(body)
     offset, ids = 0, []

@@ -1,12 +1,17 @@
 """One MQTT v5 connection, driven by the asyncio event loop (no threads).
 
-paho-mqtt does the protocol; this module owns sockets, reconnects, publish
-confirmations and manual acknowledgements. It knows nothing about privacy.
+The packets are `gateway.edges.mqtt_codec`'s (pure, no I/O); this module
+owns the connection: asyncio transports (TLS included), reconnects, the
+session's packet ids and in-flight window, publish confirmations and manual
+acknowledgements. It knows nothing about privacy.
 
-Why paho and not aiomqtt: aiomqtt acknowledges a QoS 1 message to the broker
-before the application sees it, so a crash loses messages the broker believes
-delivered. paho's manual acknowledgement lets the gateway ack only once the
-message's outcome is final.
+Why not a general-purpose client: aiomqtt acknowledges a QoS 1 message to the
+broker before the application sees it, so a crash loses messages the broker
+believes delivered; paho allows manual acknowledgements but builds several
+objects per packet and hands every packet through three locks and a generic
+callback layer, which cost more CPU than the privacy decision itself
+(docs/performance.md). The gateway needs a small subset of MQTT v5, and owning
+it keeps the delivery guarantee in code this project tests.
 """
 
 from __future__ import annotations
@@ -22,15 +27,41 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
+from gateway.edges.mqtt_codec import (
+    CONNACK,
+    DISCONNECT,
+    DUP_FLAG,
+    NO_PROPERTIES,
+    PACKET_TOO_LARGE,
+    PINGREQ_PACKET,
+    PINGRESP,
+    PROTOCOL_ERROR,
+    PUBACK,
+    PUBLISH,
+    SESSION_TAKEN_OVER,
+    SUBACK,
+    SUBSCRIBE_OPTIONS,
+    UNSUBACK,
+    Connack,
+    PacketReader,
+    ProtocolError,
+    connect_packet,
+    decode_ack,
+    decode_connack,
+    decode_disconnect,
+    decode_publish,
+    decode_suback,
+    disconnect_packet,
+    puback_packet,
+    publish_header,
+    publish_properties,
+    publish_size,
+    reason_text,
+    subscribe_packet,
+    unsubscribe_packet,
+)
 
 log = logging.getLogger("gateway.mqtt")
 
@@ -132,25 +163,6 @@ class PublishRefused(Exception):
         self.code = code
 
 
-PACKET_TOO_LARGE = 0x95
-IMPLEMENTATION_SPECIFIC_ERROR = 0x83
-
-
-def _varint_size(value: int) -> int:
-    size = 1
-    while value >= 128:
-        value >>= 7
-        size += 1
-    return size
-
-
-def publish_packet_size(topic: str, payload: bytes, props: Properties | None) -> int:
-    """Bytes of a QoS 1 MQTT v5 PUBLISH on the wire (what Maximum Packet Size limits)."""
-    props_len = len(props.pack()) if props is not None else 1  # type: ignore[no-untyped-call]
-    remaining = 2 + len(topic.encode()) + 2 + props_len + len(payload)
-    return 1 + _varint_size(remaining) + remaining
-
-
 class TlsHandshakeError(ConnectionError):
     """The broker's TLS handshake failed or timed out: nothing was sent in clear."""
 
@@ -201,183 +213,61 @@ def _tls_failure(exc: BaseException, client_cert: bool | None = None) -> str:
     return text
 
 
-_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
-_SESSION_TAKEN_OVER = 0x8E  # DISCONNECT reason: another connection with our client id
-_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+TOPIC_NAME_INVALID = 0x90
 
 
-class _Client(mqtt.Client):
-    """paho client that accepts a socket connected by asyncio, with buffered socket I/O.
-
-    paho connects, and does the TLS handshake, with blocking calls; doing
-    both on the event loop ourselves keeps an unreachable or silent broker
-    from freezing the other side. A TLS socket arrives here already past its
-    handshake and is used as is: paho never wraps it again.
-
-    paho reads a packet with at least three recv() calls (command byte,
-    length bytes, body) and writes every packet with its own send(): at
-    thousands of messages a second the syscalls cost more than the privacy
-    decision. Reads are served from one large recv(); writes are collected
-    and flushed with one send() per event-loop pass (`flush`). Neither
-    changes what paho considers sent or received: a flushed buffer is no
-    different from data sitting in the kernel's socket buffer.
-    """
-
-    preconnected: socket.socket | None = None
-    _READ_SIZE = 1 << 18
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rbuf = b""
-        self._rpos = 0
-        self._wbuf = bytearray()
-        # Why the socket failed, when it did with an error: paho reports
-        # only "connection lost" (Unspecified error). With TLS 1.3 a broker
-        # refuses a client certificate after our side of the handshake is
-        # done, so its alert arrives here, with the first read.
-        self.socket_error: OSError | None = None
-
-    def _create_socket(self) -> Any:
-        self._rbuf, self._rpos, self._wbuf = b"", 0, bytearray()  # nothing crosses connections
-        self.socket_error = None
-        sock, self.preconnected = self.preconnected, None
-        if sock is None:  # not how MqttEdge connects; paho's own path (TLS included)
-            return super()._create_socket()
-        return sock  # paho makes it non-blocking
-
-    @property
-    def read_buffered(self) -> bool:
-        """Bytes received but not yet handed to paho. A TLS socket can hold
-        decrypted bytes that do not make the socket readable for epoll."""
-        if self._rpos < len(self._rbuf):
-            return True
-        sock = self._sock
-        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rpos >= len(self._rbuf):
-            try:
-                data = super()._sock_recv(max(bufsize, self._READ_SIZE))
-            except BlockingIOError:
-                raise
-            except OSError as exc:
-                self.socket_error = exc
-                raise
-            if len(data) <= bufsize:
-                self._rbuf, self._rpos = b"", 0
-                return data
-            self._rbuf, self._rpos = data, 0
-        end = self._rpos + bufsize
-        chunk = self._rbuf[self._rpos : end]
-        self._rpos = end
-        return chunk
-
-    def _sock_send(self, buf: bytes | bytearray) -> int:
-        if self._sock is None:
-            raise ConnectionError("self._sock is None")
-        self._wbuf += buf
-        return len(buf)
-
-    def flush(self) -> bool:
-        """Send what paho wrote; True when everything went out."""
-        if not self._wbuf or self._sock is None:
-            return True
-        try:
-            sent = self._sock.send(self._wbuf)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            return False
-        except OSError as exc:
-            self.socket_error = self._unread_alert() or exc
-            self._wbuf.clear()
-            self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-            return True
-        del self._wbuf[:sent]
-        return not self._wbuf
-
-    def _unread_alert(self) -> ssl.SSLError | None:
-        """After a failed write, the broker's TLS alert may still wait unread:
-        it says why the broker closed (e.g. it refused our client certificate
-        while our CONNECT was on its way)."""
-        sock = self._sock
-        if not isinstance(sock, ssl.SSLSocket):
-            return None
-        try:
-            sock.recv(1)
-        except ssl.SSLEOFError:
-            return None
-        except ssl.SSLWantReadError:
-            return None
-        except ssl.SSLError as alert:
-            return alert
-        except OSError:
-            return None
-        return None
-
-    def _update_inflight(self) -> MQTTErrorCode:
-        # paho scans every outgoing message on every PUBACK looking for queued
-        # ones (O(window) per ack). Only QoS>0 messages are kept, so when none
-        # is queued beyond the in-flight count there is nothing to find.
-        if len(self._out_messages) <= self._inflight_messages:
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return super()._update_inflight()
-
-    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
-        packet = self._in_packet["packet"]
-        if cmd != "PUBACK" or len(packet) != 2:
-            return super()._handle_pubackcomp(cmd)
-        # Success without reason code or properties, the usual PUBACK: skip
-        # building a ReasonCode and a Properties object per message.
-        mid = (packet[0] << 8) | packet[1]
-        with self._out_message_mutex:
-            if mid in self._out_messages:
-                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _sock_close(self) -> None:
-        # paho closes right after "sending" DISCONNECT: let it reach the socket first.
-        if self._sock is not None and self._wbuf:
-            with contextlib.suppress(OSError, ssl.SSLError):
-                self._sock.send(self._wbuf)
-        self._wbuf.clear()
-        self._rbuf, self._rpos = b"", 0
-        super()._sock_close()
+_Pending = tuple[bytes, bytes, bytes, "asyncio.Future[None]"]  # topic, properties, payload
 
 
-class _PackedProperties(Properties):
-    """PUBLISH properties packed once and reused (paho would rebuild and repack
-    them for every message; the gateway sends the same few sets over and over)."""
-
-    _packed: bytes
-
-    def __init__(self, user_properties: tuple[tuple[str, str], ...]) -> None:
-        super().__init__(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        self.UserProperty = list(user_properties)
-        object.__setattr__(self, "_packed", super().pack())  # type: ignore[no-untyped-call]
-
-    def pack(self) -> bytes:
-        return self._packed
+_PROPERTIES_CACHE: dict[tuple[tuple[str, str], ...], bytes] = {}
 
 
-_PROPERTIES_CACHE: dict[tuple[tuple[str, str], ...], _PackedProperties] = {}
-
-
-def _publish_properties(user_properties: Sequence[tuple[str, str]]) -> _PackedProperties:
+def cached_publish_properties(user_properties: Sequence[tuple[str, str]]) -> bytes:
+    """The property block of a PUBLISH, encoded once per distinct set (the
+    gateway sends the same few sets over and over)."""
     key = tuple(user_properties)
-    props = _PROPERTIES_CACHE.get(key)
-    if props is None:
+    block = _PROPERTIES_CACHE.get(key)
+    if block is None:
         if len(_PROPERTIES_CACHE) > 4096:  # bounded: transforms lists vary a little
             _PROPERTIES_CACHE.clear()
-        props = _PROPERTIES_CACHE[key] = _PackedProperties(key)
-    return props
+        block = _PROPERTIES_CACHE[key] = publish_properties(key)
+    return block
 
 
-_Pending = tuple[str, bytes, Properties | None, "asyncio.Future[None]"]
+class _Connection(asyncio.Protocol):
+    """One transport's events, handed to its edge. A new one per connection:
+    a late event of a connection the edge has given up is ignored."""
+
+    def __init__(self, edge: MqttEdge) -> None:
+        self.edge = edge
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.edge._connection_made(self, transport)
+
+    def data_received(self, data: bytes) -> None:
+        edge = self.edge
+        if edge._conn is self:
+            edge._data_received(data)
+
+    def eof_received(self) -> bool:
+        return False  # close: the broker hung up
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.edge._connection_lost(self, exc)
 
 
 class MqttEdge:
-    """An MQTT v5 client connection with reconnect, publish futures and manual acks."""
+    """An MQTT v5 client connection with reconnect, publish futures and manual acks.
 
-    _READ_BATCH = 256  # packets handled per event-loop wake-up
+    The packets are `mqtt_codec`'s; this class owns the session: packet ids,
+    the in-flight window (the broker's Receive Maximum and Maximum Packet
+    Size honoured), resending what was unacknowledged after a reconnect,
+    keepalive, back-pressure, and acknowledging a received message only when
+    its owner says so and only on the connection it came over.
+    """
+
+    _READ_BATCH = 256  # packets handled per event-loop pass
+    _READ_AHEAD = 4 << 20  # bytes read but not yet handled before the socket is paused
 
     def __init__(
         self,
@@ -412,55 +302,45 @@ class MqttEdge:
         self._tls_context = (tls_context or ssl.create_default_context()) if endpoint.tls else None
         self._tls_server_name = tls_server_name or endpoint.host
         self._tls_client_cert = tls_client_cert
+        self._password = endpoint.password
         self._on_state_change = on_state_change
         self.generation = 0
         self.ready = asyncio.Event()  # connected and subscribed
-        self._connack: asyncio.Future[ReasonCode] | None = None
+        self._loop = asyncio.get_running_loop()
         self._disconnected = asyncio.Event()
         self._stopping = False
-        self._loop = asyncio.get_running_loop()
-        self._publishes: dict[int, asyncio.Future[None]] = {}  # handed to paho, by mid
-        self._backlog: deque[_Pending] = deque()  # waiting for room in the in-flight window
-        self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
-        self._misc_task: asyncio.Task[None] | None = None
+        # The connection: its protocol object, transport, unparsed input and
+        # output not yet written.
+        self._conn: _Connection | None = None
+        self._transport: asyncio.Transport | None = None
+        self._reader = PacketReader()
+        self._out = bytearray()
+        self._flush_scheduled = False
+        self._process_scheduled = False
+        self._closing = False  # this connection is being closed: ignore what it sends
+        self._accepting = False  # CONNACK received on the current connection
+        self._connack: asyncio.Future[Connack] | None = None
+        self._peer_disconnect: tuple[int, str | None] | None = None
+        self._lost_reason: str | None = None
+        # Why the connection failed, when it did with an error (a TLS 1.3
+        # broker refuses a client certificate after our side of the
+        # handshake, so its alert ends the connection here).
+        self.socket_error: BaseException | None = None
+        # Publishes: sent and unacknowledged (by packet id, in send order),
+        # and waiting for room in the window, in order.
+        self._inflight: dict[int, _Pending] = {}
+        self._backlog: deque[_Pending] = deque()
+        self._inflight_limit = max_inflight_publishes
+        self._acks: dict[int, asyncio.Future[list[int]]] = {}  # SUBACK/UNSUBACK by packet id
+        self._next_id = 1
         # The broker's Maximum Packet Size (CONNACK): mosquitto disconnects a
         # client that sends more instead of refusing the one message.
         self.max_packet_size: int | None = None
-        self._sock: Any = None
-        self._write_scheduled = False
-        self._writer_added = False
-        self._read_scheduled = False
-        self._reading_paused = False  # actual state of the reader
-        self._pause_wanted = False  # what the owner asked for; survives a reconnect
-        self._accepting = False  # CONNACK received on the current connection
-        self._drain_scheduled = False
-
-        client = _Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-        )
-        client.manual_ack_set(True)
-        client.max_inflight_messages_set(max_inflight_publishes)
-        client.max_queued_messages_set(0)  # bounded by the service's window instead
-        client.connect_timeout = connect_timeout_s
-        if endpoint.username:
-            client.username_pw_set(endpoint.username, endpoint.password)
-        if self._tls_context is not None:
-            # The edge does the handshake itself (_tls_handshake). Set in paho
-            # too, so that even paho's own connect path could only speak TLS.
-            client.tls_set_context(self._tls_context)
-        client.on_connect = self._handle_connect
-        client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
-        client.on_publish = self._handle_publish
-        client.on_subscribe = self._handle_subscribe
-        client.on_unsubscribe = self._handle_subscribe  # the same reason codes, by mid
-        client.on_socket_open = self._socket_open
-        client.on_socket_close = self._socket_close
-        client.on_socket_register_write = self._socket_register_write
-        client.on_socket_unregister_write = self._socket_unregister_write
-        self._client = client
+        self._reading_paused = False  # what the owner asked for; survives a reconnect
+        self._transport_paused = False
+        self._keepalive_now = keepalive_s  # the broker may set another (CONNACK)
+        self._last_in = self._last_out = 0.0
+        self._ping_sent: float | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -472,16 +352,15 @@ class MqttEdge:
         self._tls_context = context
         self._tls_server_name = server_name or self.endpoint.host
         self._tls_client_cert = client_cert
-        self._client._ssl_context = context  # paho's own connect path, were it ever used
 
     def set_password(self, password: str | None) -> None:
         """Credentials for the next connection (the current one is kept)."""
         if self.endpoint.username:
-            self._client.username_pw_set(self.endpoint.username, password)
+            self._password = password
 
     @property
     def pending_publishes(self) -> int:
-        return len(self._publishes) + len(self._backlog)
+        return len(self._inflight) + len(self._backlog)
 
     async def run(self) -> None:
         """Connect, and reconnect with jittered exponential backoff, until stop()."""
@@ -491,7 +370,7 @@ class MqttEdge:
             try:
                 await self._connect_once()
                 backoff = 0.1
-                await self._disconnected.wait()
+                await self._watch()
             except TlsHandshakeError as exc:
                 log.warning(
                     "%s broker %s TLS handshake failed: %s",
@@ -500,8 +379,8 @@ class MqttEdge:
                     exc,
                     extra={"edge": self.name},
                 )
-                self._teardown_socket()
-            except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as exc:
+                self._abort()
+            except (OSError, TimeoutError, ConnectionError, ssl.SSLError, ProtocolError) as exc:
                 log.warning(
                     "%s broker %s unreachable: %s",
                     self.name,
@@ -509,7 +388,7 @@ class MqttEdge:
                     exc,
                     extra={"edge": self.name},
                 )
-                self._teardown_socket()
+                self._abort()
             if self._stopping:
                 break
             if time.monotonic() - started > 30:
@@ -525,26 +404,27 @@ class MqttEdge:
         members; what it sent already still arrives. False when the broker did
         not confirm in time (not connected: the session keeps the filters)."""
         topics, self.subscriptions = self.subscriptions, []
-        if not topics or not self._client.is_connected():
+        if not topics or not self._accepting:
             return not topics
-        result, mid = self._client.unsubscribe(topics)
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            return False
-        unsuback: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
-        self._subacks[mid] = unsuback
         try:
-            codes = await asyncio.wait_for(unsuback, timeout)
-        except TimeoutError:
+            codes = await asyncio.wait_for(
+                self._request(lambda packet_id: unsubscribe_packet(packet_id, topics)), timeout
+            )
+        except (TimeoutError, ConnectionError):
             return False
-        return not any(c.is_failure for c in codes)
+        return not any(code >= 0x80 for code in codes)
 
     async def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
-        if self._client.is_connected():
-            self._client.disconnect()
+        transport = self._transport
+        if transport is not None and not self._closing:
+            self._closing = True
+            self._write(disconnect_packet())
+            self._flush()
+            transport.close()  # after what is buffered has gone out
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._disconnected.wait(), timeout)
-        self._teardown_socket()
+        self._abort()
         self._disconnected.set()
 
     def publish(
@@ -555,95 +435,51 @@ class MqttEdge:
     ) -> asyncio.Future[None]:
         """QoS 1 publish; the future completes on PUBACK (or fails on a refusal).
 
-        While disconnected, paho keeps the message and resends it after the
-        reconnect, so the future simply completes later. Beyond the in-flight
-        window messages wait here, in order, rather than in paho: paho looks
-        for its queued messages with a scan of all of them on every PUBACK.
+        While disconnected, the message is kept and sent again after the
+        reconnect, so the future simply completes later. Beyond the broker's
+        Receive Maximum (and our own window) messages wait here, in order.
         """
-        props = _publish_properties(user_properties) if user_properties else None
+        props = cached_publish_properties(user_properties) if user_properties else NO_PROPERTIES
         future: asyncio.Future[None] = self._loop.create_future()
-        if (
-            not self._accepting
-            or self._backlog
-            or len(self._publishes) >= self._client._max_inflight_messages
-        ):
-            # Not connected yet: the broker's packet limit is unknown until its
-            # CONNACK, so nothing goes to paho (which would send it unchecked).
-            self._backlog.append((topic, payload, props, future))
-        elif not self._refuse_if_too_large(topic, payload, props, future):
-            self._hand_to_paho(topic, payload, props, future)
+        item = (topic.encode(), props, payload, future)
+        if self._accepting and not self._backlog and len(self._inflight) < self._inflight_limit:
+            self._send_publish(item)
+        else:
+            # Not connected yet: the broker's packet limit is unknown until
+            # its CONNACK, so nothing is sent unchecked.
+            self._backlog.append(item)
         return future
-
-    def _refuse_if_too_large(
-        self, topic: str, payload: bytes, props: Properties | None, future: asyncio.Future[None]
-    ) -> bool:
-        """Fail `future` with 0x95 when the packet exceeds the broker's Maximum
-        Packet Size: mosquitto disconnects a client that sends one (again after
-        every reconnect) instead of refusing the message."""
-        limit = self.max_packet_size
-        if limit is None or len(payload) + len(topic) + 64 <= limit:
-            return False
-        size = publish_packet_size(topic, payload, props)
-        if size <= limit:
-            return False
-        if not future.done():
-            future.set_exception(
-                PublishRefused(
-                    f"packet of {size} bytes exceeds the broker's maximum of {limit}",
-                    PACKET_TOO_LARGE,
-                )
-            )
-        return True
-
-    def _hand_to_paho(
-        self,
-        topic: str,
-        payload: bytes,
-        props: Properties | None,
-        future: asyncio.Future[None],
-    ) -> None:
-        info = self._client.publish(topic, payload, qos=1, properties=props)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            refusal = PublishRefused(
-                f"publish rejected locally: {info.rc!r}", IMPLEMENTATION_SPECIFIC_ERROR
-            )
-            future.set_exception(refusal)
-            return
-        self._publishes[info.mid] = future
-
-    def _drain_backlog(self) -> None:
-        self._drain_scheduled = False
-        if not self._accepting:
-            return
-        backlog, limit = self._backlog, self._client._max_inflight_messages
-        while backlog and len(self._publishes) < limit:
-            item = backlog.popleft()
-            if not self._refuse_if_too_large(*item):
-                self._hand_to_paho(*item)
-
-    def _refuse_held_too_large(self, client: mqtt.Client) -> None:
-        """On a (re)connect, before paho resends what it holds: the broker's limit
-        may be lower than the previous one's (a restart with a new config)."""
-        if self.max_packet_size is None:
-            return
-        with client._out_message_mutex:
-            for mid, message in list(client._out_messages.items()):
-                future = self._publishes.get(mid)
-                if future is None:
-                    continue
-                if self._refuse_if_too_large(
-                    message.topic, bytes(message.payload), message.properties, future
-                ):
-                    del client._out_messages[mid]
-                    del self._publishes[mid]
 
     def ack(self, mid: int, qos: int, generation: int) -> bool:
         """PUBACK a received message, unless it came over an earlier connection
-        (the broker redelivers those itself)."""
-        if qos == 0 or generation != self.generation or not self._client.is_connected():
+        (the broker redelivers those itself, and the packet id may name
+        another message now)."""
+        if qos == 0 or generation != self.generation or not self._accepting or self._closing:
             return False
-        self._client.ack(mid, qos)
+        self._write(puback_packet(mid))
         return True
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
+
+    def pause_reading(self) -> None:
+        """Stop taking packets off the socket: TCP back-pressure to the broker,
+        which then holds further messages itself. Needed because a broker may
+        send beyond our Receive Maximum (mosquitto 2.0 does once acks flow)."""
+        self._reading_paused = True
+        self._apply_reading()
+
+    def resume_reading(self) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        # Nothing was read while paused (the broker's PINGRESPs included):
+        # that is not a dead peer.
+        self._last_in = time.monotonic()
+        self._ping_sent = None
+        self._apply_reading()
+        self._schedule_process()  # packets may already sit in the reader
 
     # --------------------------------------------------------------- connect
 
@@ -665,25 +501,17 @@ class MqttEdge:
         except BaseException:
             sock.close()
             raise
+        conn = self._conn = _Connection(self)
+        self._connack = connack = self._loop.create_future()
+        self.socket_error = None
         if self._tls_context is not None:
-            sock = await self._tls_handshake(sock, self._tls_context)
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.ReceiveMaximum = self._receive_maximum  # the broker's in-flight window toward us
-        if self._session_expiry_s:
-            props.SessionExpiryInterval = self._session_expiry_s
-        self._connack = self._loop.create_future()
-        self._client.preconnected = sock
-        self._client.connect(
-            self.endpoint.host,
-            self.endpoint.port,
-            keepalive=self._keepalive_s,
-            clean_start=self._clean_start,
-            properties=props,
-        )
+            await self._tls_connect(sock, conn, self._tls_context)
+        else:
+            await self._loop.create_connection(lambda: conn, sock=sock)
         try:
-            reason = await asyncio.wait_for(self._connack, self._connect_timeout_s)
+            reply = await asyncio.wait_for(connack, self._connect_timeout_s)
         except TimeoutError:
-            self._client.disconnect()
+            self._abort()
             raise
         except ConnectionError as exc:
             tls_refusal = self._tls_refusal()
@@ -692,22 +520,22 @@ class MqttEdge:
                 # the handshake completed, and said no with an alert.
                 raise TlsHandshakeError(tls_refusal) from exc
             raise
-        if reason.is_failure:
-            raise ConnectionError(f"broker refused connection: {reason}")
+        if not reply.accepted:
+            why = reason_text(reply.reason)
+            if reply.reason_string:
+                why += f": {reply.reason_string}"
+            raise ConnectionError(f"broker refused connection: {why}")
         if self.subscriptions:
-            # Retain Handling 2: a retained message is never sent at subscribe
-            # time. Retained telemetry is old data whose capture-time consent is
-            # unknown, and a retained command would replay on every reconnect.
-            options = SubscribeOptions(qos=1, noLocal=True, retainHandling=2)
-            result, mid = self._client.subscribe([(t, options) for t in self.subscriptions])
-            if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-                raise ConnectionError(f"subscribe failed: {result!r}")
-            suback: asyncio.Future[list[ReasonCode]] = self._loop.create_future()
-            self._subacks[mid] = suback
-            codes = await asyncio.wait_for(suback, self._connect_timeout_s)
-            failed = [str(c) for c in codes if c.is_failure]
-            if failed:
-                raise ConnectionError(f"subscription refused: {failed}")
+            topics = list(self.subscriptions)
+            codes = await asyncio.wait_for(
+                self._request(
+                    lambda packet_id: subscribe_packet(packet_id, topics, SUBSCRIBE_OPTIONS)
+                ),
+                self._connect_timeout_s,
+            )
+            failed = [reason_text(code) for code in codes if code >= 0x80]
+            if failed or len(codes) != len(topics):
+                raise ConnectionError(f"subscription refused: {failed or codes}")
         self.ready.set()
         log.info(
             "%s broker connected: %s",
@@ -718,120 +546,254 @@ class MqttEdge:
         if self._on_state_change:
             self._on_state_change(self.name, True)
 
-    async def _tls_handshake(self, sock: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket:
-        """TLS over the connected non-blocking socket, driven by the event
-        loop and bounded by the connect timeout. Any failure closes the socket
-        and raises TlsHandshakeError: never a fallback to plaintext."""
+    async def _tls_connect(
+        self, sock: socket.socket, conn: _Connection, context: ssl.SSLContext
+    ) -> None:
+        """TLS over the connected socket, by the event loop and bounded by the
+        connect timeout. Any failure closes the socket and raises
+        TlsHandshakeError: never a fallback to plaintext."""
         try:
-            tls = context.wrap_socket(
-                sock, server_hostname=self._tls_server_name, do_handshake_on_connect=False
+            await asyncio.wait_for(
+                self._loop.create_connection(
+                    lambda: conn,
+                    sock=sock,
+                    ssl=context,
+                    server_hostname=self._tls_server_name,
+                    ssl_handshake_timeout=self._connect_timeout_s + 5,
+                ),
+                self._connect_timeout_s,
             )
-        except (ssl.SSLError, ValueError) as exc:
-            sock.close()
-            raise TlsHandshakeError(_tls_failure(exc)) from exc
-        except BaseException:
-            sock.close()
-            raise
-        try:
-            await asyncio.wait_for(self._drive_handshake(tls), self._connect_timeout_s)
         except TimeoutError as exc:
-            tls.close()
             raise TlsHandshakeError(
                 f"no handshake answer within {self._connect_timeout_s:g} s"
             ) from exc
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            tls.close()
             raise TlsHandshakeError(_tls_failure(exc, self._tls_client_cert)) from exc
-        except BaseException:
-            tls.close()
-            raise
-        return tls
-
-    async def _drive_handshake(self, tls: ssl.SSLSocket) -> None:
-        loop, fd = self._loop, tls.fileno()
-        while True:
-            try:
-                tls.do_handshake()
-                return
-            except ssl.SSLWantReadError:
-                wants_read = True
-            except ssl.SSLWantWriteError:
-                wants_read = False
-            ready: asyncio.Future[None] = loop.create_future()
-            if wants_read:
-                loop.add_reader(fd, _wake, ready)
-            else:
-                loop.add_writer(fd, _wake, ready)
-            try:
-                await ready
-            finally:
-                if wants_read:
-                    loop.remove_reader(fd)
-                else:
-                    loop.remove_writer(fd)
 
     def _tls_refusal(self) -> str | None:
         """The TLS alert (or reset) that ended the connection, in words, if any."""
-        error = self._client.socket_error
+        error = self.socket_error
         if self._tls_context is None or error is None:
             return None
         return _tls_failure(error, self._tls_client_cert)
 
-    # ------------------------------------------------------- paho callbacks
+    async def _watch(self) -> None:
+        """Keepalive until the connection ends."""
+        while not self._disconnected.is_set():
+            keepalive = self._keepalive_now
+            tick = min(1.0, max(keepalive / 4, 0.05)) if keepalive else 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._disconnected.wait(), tick)
+            if not self._disconnected.is_set():
+                self._keepalive()
 
-    def _handle_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: Any,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        server_max = getattr(properties, "ReceiveMaximum", None) if properties else None
-        packet_max = getattr(properties, "MaximumPacketSize", None) if properties else None
-        self.max_packet_size = int(packet_max) if packet_max else None
-        # paho does not honour the broker's Receive Maximum, and its public
-        # setter refuses to run once connected; paho resends queued messages
-        # right after this callback, so the limit is in place for them.
-        limit = min(self._max_inflight_publishes, int(server_max or 65535))
-        client._max_inflight_messages = limit
-        if not reason_code.is_failure:
+    def _keepalive(self) -> None:
+        keepalive = self._keepalive_now
+        if self._transport is None or self._closing or not keepalive:
+            return
+        now = time.monotonic()
+        if self._reading_paused and self._accepting:
+            # Back-pressure: the broker's PINGRESPs stay unread in the socket,
+            # so there is no answer to wait for. Keep its side alive.
+            if now - self._last_out >= keepalive / 2:
+                self._write(PINGREQ_PACKET)
+                self._flush()
+            return
+        if self._ping_sent is not None:
+            if now - self._ping_sent >= keepalive:
+                self._close_connection(f"no answer to a keepalive ping within {keepalive} s")
+            return
+        if now - self._last_out >= keepalive / 2 or now - self._last_in >= keepalive:
+            self._write(PINGREQ_PACKET)
+            self._flush()
+            self._ping_sent = now
+
+    # ------------------------------------------------------ connection events
+
+    def _connection_made(self, conn: _Connection, transport: asyncio.BaseTransport) -> None:
+        if conn is not self._conn:
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._reader = PacketReader()
+        self._out = bytearray()
+        self._closing = False
+        self._transport_paused = False
+        self._peer_disconnect = None
+        self._lost_reason = None
+        self._keepalive_now = self._keepalive_s
+        self._last_in = self._last_out = time.monotonic()
+        self._ping_sent = None
+        username = self.endpoint.username
+        self._write(
+            connect_packet(
+                self.client_id,
+                keepalive_s=self._keepalive_s,
+                clean_start=self._clean_start,
+                session_expiry_s=self._session_expiry_s,
+                receive_maximum=self._receive_maximum,
+                username=username,
+                password=self._password if username else None,
+            )
+        )
+        self._flush()
+
+    def _data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._last_in = time.monotonic()
+        self._reader.feed(data)
+        self._process()
+
+    def _schedule_process(self) -> None:
+        if not self._process_scheduled and self._transport is not None:
+            self._process_scheduled = True
+            self._loop.call_soon(self._process_again)
+
+    def _process_again(self) -> None:
+        self._process_scheduled = False
+        if self._transport is not None and not self._closing:
+            self._process()
+
+    def _process(self) -> None:
+        """Handle a bounded batch of received packets, then yield: the decide
+        loop and the writer get their turn even when the broker sends faster
+        than we decide."""
+        try:
+            self._handle_packets()
+        except ProtocolError as exc:
+            self._close_connection(f"protocol error: {exc}", exc.code)
+            return
+        if self._backlog and self._accepting and len(self._inflight) < self._inflight_limit:
+            self._drain_backlog()
+        self._apply_reading()
+
+    def _handle_packets(self) -> None:
+        reader, on_message, name = self._reader, self._on_message, self.name
+        inflight = self._inflight
+        for _ in range(self._READ_BATCH):
+            if self._reading_paused and self._accepting:
+                return  # resume_reading() picks up what is buffered
+            packet = reader.next()
+            if packet is None:
+                return
+            first, body = packet
+            kind = first >> 4
+            if kind == PUBLISH and self._accepting:
+                topic, qos, mid, payload = decode_publish(first, body)
+                on_message(InboundMessage(name, topic, payload, qos, mid, self.generation))
+            elif kind == PUBACK and self._accepting:
+                if len(body) == 2:  # success, the usual short form
+                    item = inflight.pop((body[0] << 8) | body[1], None)
+                    if item is not None and not item[3].done():
+                        item[3].set_result(None)
+                else:
+                    self._publish_answered(*decode_ack(body))
+            elif kind == PINGRESP:
+                self._ping_sent = None
+            else:
+                self._handle_control(first, body)
+            if self._closing:
+                return
+        self._schedule_process()  # the batch is used up: the rest on the next pass
+
+    def _handle_control(self, first: int, body: memoryview) -> None:
+        kind = first >> 4
+        if kind == CONNACK:
+            if self._accepting:
+                raise ProtocolError("second CONNACK", PROTOCOL_ERROR)
+            self._connack_received(decode_connack(body))
+        elif kind in (SUBACK, UNSUBACK) and self._accepting:
+            packet_id, codes = decode_suback(body)
+            future = self._acks.pop(packet_id, None)
+            if future is not None and not future.done():
+                future.set_result(codes)
+        elif kind == DISCONNECT:
+            self._peer_disconnect = decode_disconnect(body)
+            self._close_connection(None)
+        else:
+            raise ProtocolError(f"unexpected packet type {kind}", PROTOCOL_ERROR)
+
+    def _connack_received(self, reply: Connack) -> None:
+        if reply.accepted:
+            self.max_packet_size = reply.maximum_packet_size
+            self._inflight_limit = min(self._max_inflight_publishes, reply.receive_maximum)
+            if reply.server_keepalive_s is not None:
+                self._keepalive_now = reply.server_keepalive_s
             self._accepting = True
-            self._refuse_held_too_large(client)
-            if self._pause_wanted and self._sock is not None and not self._reading_paused:
-                # The owner paused reading before this reconnect: keep it paused
-                # once the CONNACK is read (what follows stays in the socket).
-                self._reading_paused = True
-                self._loop.remove_reader(self._sock)
-            # Bump here, not after the await: the broker redelivers unacked
-            # messages right behind CONNACK, often in the same read, and they
-            # belong to the new connection.
+            # Before the packets behind CONNACK (often in the same read): the
+            # broker's redeliveries belong to the new connection.
             self.generation += 1
-        if self._connack is not None and not self._connack.done():
-            self._connack.set_result(reason_code)
-        # After paho's resend of what it holds (right behind this callback):
-        # the new window may have room for waiting messages.
-        self._loop.call_soon(self._drain_backlog)
+            self._resend_inflight()
+            self._drain_backlog()
+        future = self._connack
+        if future is not None and not future.done():
+            future.set_result(reply)
 
-    def _handle_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: Any,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _resend_inflight(self) -> None:
+        """After a reconnect, what was sent and not acknowledged goes again,
+        marked DUP, oldest first; beyond the new window it waits at the front
+        of the backlog. The broker's limit may be lower than the previous
+        one's (a restart with a new config): what no longer fits is refused."""
+        held = list(self._inflight.items())
+        self._inflight.clear()
+        waiting: list[_Pending] = []
+        for packet_id, item in held:
+            if item[3].done():
+                continue  # cancelled by its owner
+            if self._refuse_if_too_large(item):
+                continue
+            if len(self._inflight) >= self._inflight_limit:
+                waiting.append(item)
+                continue
+            topic, props, payload, _ = item
+            self._inflight[packet_id] = item
+            header = publish_header(topic, packet_id, props, len(payload))
+            self._out += bytes([header[0] | DUP_FLAG])
+            self._out += memoryview(header)[1:]
+            self._out += payload
+        self._backlog.extendleft(reversed(waiting))
+        self._schedule_flush()
+
+    def _publish_answered(self, packet_id: int, reason: int) -> None:
+        item = self._inflight.pop(packet_id, None)
+        if item is None or item[3].done():
+            return
+        if reason >= 0x80:
+            item[3].set_exception(
+                PublishRefused(f"broker refused publish: {reason_text(reason)}", reason)
+            )
+        else:
+            item[3].set_result(None)
+
+    def _connection_lost(self, conn: _Connection, exc: Exception | None) -> None:
+        if conn is not self._conn:
+            return
+        if exc is not None and self.socket_error is None:
+            self.socket_error = exc
+        self._lost()
+
+    def _lost(self) -> None:
+        """The connection is over (closed by either side, or given up)."""
+        self._conn = None
+        self._transport = None
+        self._closing = False
+        self._out = bytearray()
+        self._reader = PacketReader()
         was_ready = self.ready.is_set()
         self.ready.clear()
         self._accepting = False
         self._disconnected.set()
-        if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(ConnectionError(f"disconnected: {reason_code}"))
-        for future in self._subacks.values():
-            if not future.done():
-                future.set_exception(ConnectionError("disconnected before SUBACK"))
-        self._subacks.clear()
-        if getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER:
+        why = self._why_lost()
+        future = self._connack
+        if future is not None and not future.done():
+            future.set_exception(ConnectionError(f"disconnected: {why}"))
+        for ack in self._acks.values():
+            if not ack.done():
+                ack.set_exception(ConnectionError("disconnected before SUBACK"))
+        self._acks.clear()
+        if self._peer_disconnect is not None and self._peer_disconnect[0] == SESSION_TAKEN_OVER:
             # Not a network problem: two processes share an identity and
             # will keep taking the session (and its queued messages) from
             # each other.
@@ -843,190 +805,142 @@ class MqttEdge:
                 extra={"edge": self.name, "client_id": self.client_id},
             )
         elif was_ready and not self._stopping:
-            error = self._client.socket_error
-            log.warning(
-                "%s broker connection lost: %s",
-                self.name,
-                _tls_failure(error) if error is not None else reason_code,
-                extra={"edge": self.name},
-            )
+            log.warning("%s broker connection lost: %s", self.name, why, extra={"edge": self.name})
         if self._on_state_change:
             self._on_state_change(self.name, False)
 
-    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._on_message(
-            InboundMessage(
-                source=self.name,
-                topic=msg.topic,
-                payload=bytes(msg.payload),
-                qos=msg.qos,
-                mid=msg.mid,
-                generation=self.generation,
-            )
-        )
+    def _why_lost(self) -> str:
+        if self._peer_disconnect is not None:
+            code, text = self._peer_disconnect
+            return f"the broker disconnected: {reason_text(code)}" + (f": {text}" if text else "")
+        if self._lost_reason is not None:
+            return self._lost_reason
+        if self.socket_error is not None:
+            return _tls_failure(self.socket_error)
+        return "the broker closed the connection"
 
-    def _handle_publish(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        future = self._publishes.pop(mid, None)
-        if self._backlog and not self._drain_scheduled:
-            # Not from inside this callback: paho still counts the acked
-            # message as in flight until the callback returns.
-            self._drain_scheduled = True
-            self._loop.call_soon(self._drain_backlog)
-        if future is None or future.done():
+    def _close_connection(self, reason: str | None, code: int | None = None) -> None:
+        """End the connection from our side (a DISCONNECT with `code` first, if
+        given); `reason` is what the log says."""
+        transport = self._transport
+        if transport is None or self._closing:
             return
-        if reason_code.is_failure:
-            future.set_exception(
-                PublishRefused(f"broker refused publish: {reason_code}", reason_code.value)
-            )
+        self._closing = True
+        self._lost_reason = reason
+        if code is not None:
+            self._write(disconnect_packet(code))
+            self._flush()
+            transport.close()
         else:
-            future.set_result(None)
+            transport.abort()
 
-    def _handle_subscribe(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason_codes: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
-        future = self._subacks.pop(mid, None)
-        if future is not None and not future.done():
-            future.set_result(reason_codes)
+    def _abort(self) -> None:
+        """Give the connection up now (connect failed, or stopping)."""
+        transport = self._transport
+        if transport is not None:
+            transport.abort()
+            self._lost()
+        self._conn = None
 
-    # ------------------------------------------------ socket <-> event loop
+    # ------------------------------------------------------------------ output
 
-    @property
-    def reading_paused(self) -> bool:
-        return self._reading_paused
+    def _write(self, data: bytes) -> None:
+        self._out += data
+        self._schedule_flush()
 
-    def pause_reading(self) -> None:
-        """Stop taking packets off the socket: TCP back-pressure to the broker,
-        which then holds further messages itself. Needed because a broker may
-        send beyond our Receive Maximum (mosquitto 2.0 does once acks flow)."""
-        self._pause_wanted = True
-        if self._reading_paused:
+    def _schedule_flush(self) -> None:
+        # Write once the current callbacks are done: one send() for everything
+        # they queued.
+        if not self._flush_scheduled and self._out:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self._transport
+        if transport is None or not self._out:
             return
-        self._reading_paused = True
-        if self._sock is not None:
-            self._loop.remove_reader(self._sock)
+        # A new buffer rather than clearing this one: the transport may keep
+        # a reference to it until it is sent.
+        data, self._out = self._out, bytearray()
+        transport.write(data)
+        self._last_out = time.monotonic()
 
-    def resume_reading(self) -> None:
-        self._pause_wanted = False
-        if not self._reading_paused:
+    def _request(self, packet: Callable[[int], bytes]) -> asyncio.Future[list[int]]:
+        """Send a SUBSCRIBE or UNSUBSCRIBE; the future gets its reason codes."""
+        packet_id = self._allocate_id()
+        future: asyncio.Future[list[int]] = self._loop.create_future()
+        self._acks[packet_id] = future
+        self._write(packet(packet_id))
+        return future
+
+    def _allocate_id(self) -> int:
+        for _ in range(0xFFFF):
+            packet_id = self._next_id
+            self._next_id = 1 if packet_id == 0xFFFF else packet_id + 1
+            if packet_id not in self._inflight and packet_id not in self._acks:
+                return packet_id
+        raise RuntimeError("every packet identifier is in use")
+
+    def _send_publish(self, item: _Pending) -> None:
+        if self._refuse_if_too_large(item):
             return
-        self._reading_paused = False
-        # Nothing was read while paused: paho must not take that for a dead peer.
-        self._client._last_bytes_received = time.monotonic()
-        if self._sock is not None:
-            self._loop.add_reader(self._sock, self._read)
-            if not self._read_scheduled:  # bytes may already sit in our buffer
-                self._read_scheduled = True
-                self._loop.call_soon(self._read_again)
+        topic, props, payload, _ = item
+        packet_id = self._allocate_id()
+        self._inflight[packet_id] = item
+        out = self._out
+        out += publish_header(topic, packet_id, props, len(payload))
+        out += payload
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
-    def _socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._sock = sock
-        # A new connection must read its CONNACK; the owner pauses again if needed.
-        self._reading_paused = False
-        self._loop.add_reader(sock, self._read)
-        if self._misc_task is None or self._misc_task.done():
-            self._misc_task = self._loop.create_task(self._misc_loop())
+    def _refuse_if_too_large(self, item: _Pending) -> bool:
+        """Fail the publish with 0x95 when the packet exceeds the broker's
+        Maximum Packet Size: mosquitto disconnects a client that sends one
+        (again after every reconnect) instead of refusing the message."""
+        topic, props, payload, future = item
+        if len(topic) > 0xFFFF:
+            refusal = PublishRefused("topic longer than 65,535 bytes", TOPIC_NAME_INVALID)
+            future.set_exception(refusal)
+            return True
+        limit = self.max_packet_size
+        if limit is None or len(payload) + len(topic) + len(props) + 9 <= limit:
+            return False
+        size = publish_size(topic, props, len(payload))
+        if size <= limit:
+            return False
+        if not future.done():
+            future.set_exception(
+                PublishRefused(
+                    f"packet of {size} bytes exceeds the broker's maximum of {limit}",
+                    PACKET_TOO_LARGE,
+                )
+            )
+        return True
 
-    def _read(self) -> None:
-        # A bounded batch per wake-up, then yield: the decide loop and the
-        # writer get their turn even when the broker sends faster than we
-        # decide (mosquitto 2.0 overshoots our Receive Maximum once acks
-        # flow). Bytes already in our buffer do not make the socket readable
-        # again, so a non-empty buffer reschedules the read itself.
-        client = self._client
-        for _ in range(self._READ_BATCH):
-            if self._reading_paused:
-                return  # resume_reading() picks up what is buffered
-            if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or not client.read_buffered:
-                break
-        if self._reading_paused:
+    def _drain_backlog(self) -> None:
+        backlog, inflight, limit = self._backlog, self._inflight, self._inflight_limit
+        while backlog and len(inflight) < limit and self._accepting:
+            item = backlog.popleft()
+            if not item[3].done():
+                self._send_publish(item)
+
+    # -------------------------------------------------------- back-pressure
+
+    def _apply_reading(self) -> None:
+        """Pause the socket while the owner wants no more (TCP back-pressure),
+        or while more than _READ_AHEAD bytes wait to be handled; never before
+        the CONNACK, which must be read."""
+        transport = self._transport
+        if transport is None or self._closing:
             return
-        if client.read_buffered and self._sock is not None and not self._read_scheduled:
-            self._read_scheduled = True  # at most one pending: reads must not crowd out the rest
-            self._loop.call_soon(self._read_again)
-
-    def _read_again(self) -> None:
-        self._read_scheduled = False
-        if self._sock is not None and not self._reading_paused:
-            self._read()
-
-    def _socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._loop.remove_reader(sock)
-        self._loop.remove_writer(sock)
-        self._write_scheduled = self._writer_added = False
-        if self._sock is sock:
-            self._sock = None
-
-    def _socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        # Write once the current callbacks are done (one send() for everything
-        # they queued) rather than on an epoll writability round trip: the
-        # socket is almost always writable. Only a full socket waits for epoll.
-        if not self._write_scheduled and not self._writer_added:
-            self._write_scheduled = True
-            self._loop.call_soon(self._write)
-
-    def _socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        pass  # _write decides, once the buffer is flushed
-
-    def _write(self) -> None:
-        self._write_scheduled = False
-        client, sock = self._client, self._sock
-        if sock is None:
-            return
-        client.loop_write()
-        done = client.flush()
-        if done and self._writer_added:
-            self._loop.remove_writer(sock)
-            self._writer_added = False
-        elif not done and not self._writer_added and self._sock is sock:
-            self._loop.add_writer(sock, self._write)
-            self._writer_added = True
-
-    def _teardown_socket(self) -> None:
-        if self._sock is not None:
-            self._loop.remove_reader(self._sock)
-            self._loop.remove_writer(self._sock)
-            self._sock = None
-        self._writer_added = False
-
-    async def _misc_loop(self) -> None:
-        """Keepalive pings and timeouts, once a second."""
-        while True:
-            await asyncio.sleep(1.0)
-            if self._sock is None:
-                if self._stopping:
-                    return
-                continue
-            if self._reading_paused:
-                self._keepalive_while_paused()
-                continue
-            rc = self._client.loop_misc()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and self._stopping:
-                return
-
-    def _keepalive_while_paused(self) -> None:
-        """While reading is paused (back-pressure) the broker's PINGRESPs stay
-        unread in the socket, so paho's keepalive check would drop a healthy
-        connection. Keep the broker's side alive with PINGREQs and skip the
-        check until reading resumes."""
-        client = self._client
-        if time.monotonic() - client._last_msg_out >= self._keepalive_s / 2:
-            client._send_pingreq()
-            client._ping_t = 0  # the answer is read when reading resumes
-            client._last_msg_out = time.monotonic()
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+        paused = self._accepting and (
+            self._reading_paused or self._reader.buffered > self._READ_AHEAD
+        )
+        if paused != self._transport_paused:
+            self._transport_paused = paused
+            if paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
