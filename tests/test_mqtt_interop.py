@@ -2,13 +2,18 @@
 the delivery guarantee rests on, whatever the client underneath. QoS 1
 redelivery after a reconnect, persistent sessions, the Receive Maximum the
 edge announces, full topic names (no aliases), large packets, keepalive. The
-TLS path is tests/test_tls.py and tests/test_broker_mtls.py."""
+TLS path is here too (large packets, back-pressure); TLS failures are in
+tests/test_tls.py and tests/test_broker_mtls.py. The edge's answers to what
+a real broker does not send (malformed packets, a resend's DUP flag) are in
+tests/test_mqtt_edge_faults.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiomqtt
 import pytest
@@ -16,6 +21,8 @@ import pytest
 from gateway.edges.mqtt import BrokerEndpoint, InboundMessage, MqttEdge
 from gateway.edges.mqtt_codec import publish_properties
 from sim.broker import MosquittoBroker
+
+from .test_tls import CertificateAuthority
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +54,8 @@ async def edge(
     persistent: bool = True,
     receive_maximum: int = 64,
     keepalive_s: int = 30,
+    tls_context: ssl.SSLContext | None = None,
+    max_inflight_publishes: int = 1024,
 ) -> AsyncIterator[MqttEdge]:
     e = MqttEdge(
         name="interop",
@@ -58,6 +67,8 @@ async def edge(
         session_expiry_s=600 if persistent else 0,
         receive_maximum=receive_maximum,
         keepalive_s=keepalive_s,
+        tls_context=tls_context,
+        max_inflight_publishes=max_inflight_publishes,
     )
     task = asyncio.create_task(e.run())
     try:
@@ -201,3 +212,63 @@ async def test_an_idle_connection_is_kept_alive() -> None:
             await publish(broker, b"after the pause")
             await inbox.until(lambda: len(inbox.messages) == 1)
             assert inbox.messages[0].generation == generation
+
+
+async def test_a_burst_beyond_the_window_arrives_complete_and_in_order() -> None:
+    """Ten times more publishes than the edge's window: the rest wait in
+    order and all of them arrive, over one connection."""
+    with MosquittoBroker() as broker:
+        inbox = Inbox()
+        async with (
+            edge(broker, inbox, max_inflight_publishes=16) as e,
+            client(broker, "interop-receiver") as receiver,
+        ):
+            await receiver.subscribe("out/#", qos=1)
+            generation = e.generation
+            futures = [e.publish(f"out/{n}", f"m{n}".encode()) for n in range(160)]
+            assert e.pending_publishes == 160
+            await asyncio.wait_for(asyncio.gather(*futures), 20)
+            got: list[str] = []
+            async with asyncio.timeout(10):
+                async for message in receiver.messages:
+                    got.append(message.topic.value)
+                    if len(got) == 160:
+                        break
+            assert got == [f"out/{n}" for n in range(160)]
+            assert e.generation == generation and e.pending_publishes == 0
+
+
+async def test_the_tls_path_carries_large_packets_both_ways(tmp_path: Path) -> None:
+    """Over mqtts:// (asyncio's TLS transport): a 1 MiB payload, many TLS
+    records, each way; acknowledgement after a pause of reading."""
+    ca = CertificateAuthority.create(tmp_path / "ca", "interop CA")
+    listener = ca.listener(tmp_path / "broker", ("127.0.0.1",))
+    context = ssl.create_default_context(cafile=str(ca.path))
+    big = bytes(range(256)) * 4096
+    with MosquittoBroker(tls=listener) as broker:
+        inbox = Inbox()
+        async with (
+            edge(broker, inbox, tls_context=context) as e,
+            aiomqtt.Client(
+                "127.0.0.1",
+                broker.port,
+                identifier="interop-tls-client",
+                protocol=aiomqtt.ProtocolVersion.V5,
+                tls_context=context,
+            ) as c,
+        ):
+            await c.subscribe("out/#", qos=1)
+            await asyncio.wait_for(e.publish("out/big", big), 10)
+            async with asyncio.timeout(10):
+                async for message in c.messages:
+                    assert bytes(message.payload) == big  # type: ignore[arg-type]
+                    break
+            e.pause_reading()
+            await c.publish("in/big", big, qos=1)
+            await c.publish("in/small", b"s", qos=1)
+            await asyncio.sleep(0.3)
+            assert inbox.messages == []  # paused: nothing taken off the socket
+            e.resume_reading()
+            await inbox.until(lambda: len(inbox.messages) == 2)
+            assert [m.payload for m in inbox.messages] == [big, b"s"]
+            assert all(e.ack(m.mid, m.qos, m.generation) for m in inbox.messages)
