@@ -207,11 +207,7 @@ def test_acks_and_disconnect() -> None:
 def test_subscribe_and_unsubscribe_layout() -> None:
     sub = codec.subscribe_packet(7, ["vehicle/#", "$share/g/tsp/+/cmd/+"], codec.SUBSCRIBE_OPTIONS)
     body = (
-        b"\x00\x07\x00"
-        + b"\x00\x09vehicle/#"
-        + b"\x25"
-        + b"\x00\x14$share/g/tsp/+/cmd/+"
-        + b"\x25"
+        b"\x00\x07\x00" + b"\x00\x09vehicle/#" + b"\x25" + b"\x00\x14$share/g/tsp/+/cmd/+" + b"\x25"
     )
     assert sub == b"\x82" + bytes([len(body)]) + body
     unsub = codec.unsubscribe_packet(8, ["vehicle/#"])

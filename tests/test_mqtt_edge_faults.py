@@ -111,62 +111,59 @@ async def running_edge(
 
 
 async def test_unacknowledged_publishes_are_resent_with_dup_and_their_packet_ids() -> None:
-    async with scripted_broker() as (port, peers):
-        async with running_edge(port, []) as e:
-            first_peer = await peers.get()
-            await first_peer.handshake()
-            futures = [e.publish("out/a", b"one"), e.publish("out/b", b"two")]
-            sent = [await first_peer.expect(codec.PUBLISH) for _ in range(2)]
-            assert [first for first, _ in sent] == [0x32, 0x32]  # QoS 1, not DUP
-            ids = [codec.decode_publish(*packet)[2] for packet in sent]
-            first_peer.close()  # no PUBACK: both still in flight
-            peer = await peers.get()
-            # Resent right behind CONNACK, before the subscription is renewed.
-            again = await peer.handshake()
-            assert [first for first, _ in again] == [0x3A, 0x3A]  # DUP set
-            decoded = [codec.decode_publish(*packet) for packet in again]
-            assert [(t, i, p) for t, _, i, p in decoded] == [
-                ("out/a", ids[0], b"one"),
-                ("out/b", ids[1], b"two"),
-            ]
-            assert not any(f.done() for f in futures)
-            for packet_id in ids:
-                peer.send(codec.puback_packet(packet_id))
-            await asyncio.wait_for(asyncio.gather(*futures), 5)
+    async with scripted_broker() as (port, peers), running_edge(port, []) as e:
+        first_peer = await peers.get()
+        await first_peer.handshake()
+        futures = [e.publish("out/a", b"one"), e.publish("out/b", b"two")]
+        sent = [await first_peer.expect(codec.PUBLISH) for _ in range(2)]
+        assert [first for first, _ in sent] == [0x32, 0x32]  # QoS 1, not DUP
+        ids = [codec.decode_publish(*packet)[2] for packet in sent]
+        first_peer.close()  # no PUBACK: both still in flight
+        peer = await peers.get()
+        # Resent right behind CONNACK, before the subscription is renewed.
+        again = await peer.handshake()
+        assert [first for first, _ in again] == [0x3A, 0x3A]  # DUP set
+        decoded = [codec.decode_publish(*packet) for packet in again]
+        assert [(t, i, p) for t, _, i, p in decoded] == [
+            ("out/a", ids[0], b"one"),
+            ("out/b", ids[1], b"two"),
+        ]
+        assert not any(f.done() for f in futures)
+        for packet_id in ids:
+            peer.send(codec.puback_packet(packet_id))
+        await asyncio.wait_for(asyncio.gather(*futures), 5)
 
 
 async def test_the_brokers_receive_maximum_bounds_what_is_unacknowledged() -> None:
-    async with scripted_broker() as (port, peers):
-        async with running_edge(port, []) as e:
-            peer = await peers.get()
-            await peer.handshake(b"\x03\x21\x00\x02")  # Receive Maximum 2
-            await asyncio.wait_for(e.ready.wait(), 5)
-            futures = [e.publish(f"out/{n}", b"x") for n in range(5)]
-            got = [codec.decode_publish(*await peer.expect(codec.PUBLISH)) for _ in range(2)]
-            await peer.nothing_within(0.3)  # the third waits for an acknowledgement
-            peer.send(codec.puback_packet(got[0][2]))
-            got.append(codec.decode_publish(*await peer.expect(codec.PUBLISH)))
-            await peer.nothing_within(0.3)
-            for topic, _, packet_id, _ in got[1:]:
-                peer.send(codec.puback_packet(packet_id))
-            got += [codec.decode_publish(*await peer.expect(codec.PUBLISH)) for _ in range(2)]
-            assert [topic for topic, *_ in got] == [f"out/{n}" for n in range(5)]
-            for _, _, packet_id, _ in got[3:]:
-                peer.send(codec.puback_packet(packet_id))
-            await asyncio.wait_for(asyncio.gather(*futures), 5)
+    async with scripted_broker() as (port, peers), running_edge(port, []) as e:
+        peer = await peers.get()
+        await peer.handshake(b"\x03\x21\x00\x02")  # Receive Maximum 2
+        await asyncio.wait_for(e.ready.wait(), 5)
+        futures = [e.publish(f"out/{n}", b"x") for n in range(5)]
+        got = [codec.decode_publish(*await peer.expect(codec.PUBLISH)) for _ in range(2)]
+        await peer.nothing_within(0.3)  # the third waits for an acknowledgement
+        peer.send(codec.puback_packet(got[0][2]))
+        got.append(codec.decode_publish(*await peer.expect(codec.PUBLISH)))
+        await peer.nothing_within(0.3)
+        for _topic, _, packet_id, _ in got[1:]:
+            peer.send(codec.puback_packet(packet_id))
+        got += [codec.decode_publish(*await peer.expect(codec.PUBLISH)) for _ in range(2)]
+        assert [topic for topic, *_ in got] == [f"out/{n}" for n in range(5)]
+        for _, _, packet_id, _ in got[3:]:
+            peer.send(codec.puback_packet(packet_id))
+        await asyncio.wait_for(asyncio.gather(*futures), 5)
 
 
 async def test_a_refused_publish_fails_its_future_with_the_reason() -> None:
-    async with scripted_broker() as (port, peers):
-        async with running_edge(port, []) as e:
-            peer = await peers.get()
-            await peer.handshake()
-            future = e.publish("out/denied", b"x")
-            packet_id = codec.decode_publish(*await peer.expect(codec.PUBLISH))[2]
-            peer.send(b"\x40\x03" + packet_id.to_bytes(2, "big") + b"\x87")
-            with pytest.raises(Exception, match=r"Not authorized \(0x87\)") as exc:
-                await asyncio.wait_for(future, 5)
-            assert getattr(exc.value, "code", None) == 0x87
+    async with scripted_broker() as (port, peers), running_edge(port, []) as e:
+        peer = await peers.get()
+        await peer.handshake()
+        future = e.publish("out/denied", b"x")
+        packet_id = codec.decode_publish(*await peer.expect(codec.PUBLISH))[2]
+        peer.send(b"\x40\x03" + packet_id.to_bytes(2, "big") + b"\x87")
+        with pytest.raises(Exception, match=r"Not authorized \(0x87\)") as exc:
+            await asyncio.wait_for(future, 5)
+        assert getattr(exc.value, "code", None) == 0x87
 
 
 async def test_a_malformed_packet_ends_the_connection_with_a_reason_and_delivers_nothing(
@@ -180,7 +177,7 @@ async def test_a_malformed_packet_ends_the_connection_with_a_reason_and_delivers
         await asyncio.wait_for(e.ready.wait(), 5)
         peer.send(b"\x36\x06\x00\x01a\x00\x01\x00")  # QoS 3
         peer.send(b"\x32\x06\x00\x01a\x00\x02\x00")  # a valid one behind it
-        first, body = await peer.expect(codec.DISCONNECT)
+        _first, body = await peer.expect(codec.DISCONNECT)
         assert body == bytes([codec.MALFORMED_PACKET])
         with pytest.raises(EOFError):
             await peer.packet()
