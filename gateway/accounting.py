@@ -35,8 +35,10 @@ class EgressAccounting:
         self,
         write: Callable[[list[EgressCount]], Awaitable[object]],
         write_anchors: Callable[[dict[str, LocationAnchor]], Awaitable[object]] | None = None,
+        subject: Callable[[str], str] = str,
     ) -> None:
         self._write = write
+        self._subject = subject  # how the rows written name a car (the store never sees VINs)
         self._write_anchors = write_anchors
         self._anchors: dict[str, LocationAnchor] = {}  # latest per vehicle, not yet written
         self._counts: dict[CountKey, int] = {}
@@ -101,7 +103,13 @@ class EgressAccounting:
             if anchors and self._write_anchors is not None:
                 await self._write_anchors(anchors)
             if counts:
-                await self._write([EgressCount(*key, n) for key, n in counts.items()])
+                subject = self._subject
+                await self._write(
+                    [
+                        EgressCount(subject(vin), day, stream, feature, version, n)
+                        for (vin, day, stream, feature, version), n in counts.items()
+                    ]
+                )
             self._committed = max(self._committed, upto)
             for then in waiting:
                 then()

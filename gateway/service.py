@@ -97,6 +97,7 @@ SETTINGS_STREAM = "avn/privacy"
 COMMAND_REDRIVE_TTL_S = 300.0  # older dead-lettered commands are answered `expired`
 ERASED_MEMORY_S = 3600.0  # far longer than anything stays in flight
 CHECKED_VINS_MAX = 100_000  # VINs remembered as having nothing stored (then forgotten)
+SUBJECTS_CACHED = 16_384  # VIN -> subject hashes remembered (then forgotten)
 # Shared store: decisions of one message retried when another instance
 # changed the car's anchor or find-my-car state first; then it is refused.
 SHARED_STATE_ATTEMPTS = 3
@@ -270,14 +271,14 @@ class GatewayService:
         # Features objected to per car (Art. 21), by subject: part of each state.
         self._objections: dict[str, frozenset[str]] = {}
         self.policy_record: StoredPolicy | None = None
+        self._subjects: dict[str, str] = {}  # VIN -> subject, see audit_subject
+        self._subjects_key: bytes | None = None
         self.accounting = EgressAccounting(
-            lambda rows: self._persist(
-                self.store.add_egress_counts,
-                [dataclasses.replace(r, vin=self.audit_subject(r.vin)) for r in rows],
-            ),
+            lambda rows: self._persist(self.store.add_egress_counts, rows),
             lambda anchors: self._persist(
                 self.store.save_anchors, {self.audit_subject(v): a for v, a in anchors.items()}
             ),
+            subject=self.audit_subject,
         )
         # The store keys cars by subject (a keyed hash of the VIN, never the
         # VIN). What a start loads waits under the subject until the car's VIN
@@ -983,7 +984,9 @@ class GatewayService:
                     decision.payload,
                     decision.user_properties,
                     lambda outcome: self._settle_forward(outcome, key, slot),
-                    self._undeliverable(DeadLetterKind.VEHICLE, decision, msg, slot.expires_at),
+                    lambda: self._undeliverable(
+                        DeadLetterKind.VEHICLE, decision, msg, slot.expires_at
+                    ),
                 )
                 return
             copies = [
@@ -1713,8 +1716,17 @@ class GatewayService:
 
     def audit_subject(self, vin: str) -> str:
         """Keyed hash of a VIN: how the store and the audit ledger name a car
-        (never the VIN itself)."""
-        return identity_subject(self.ctx.stable_key, vin)
+        (never the VIN itself). Remembered for the cars seen lately: every
+        forwarded message's egress count is written under it."""
+        key = self.ctx.stable_key
+        if key is not self._subjects_key:
+            self._subjects, self._subjects_key = {}, key
+        subject = self._subjects.get(vin)
+        if subject is None:
+            if len(self._subjects) >= SUBJECTS_CACHED:  # bounded: spoofed VINs
+                self._subjects.clear()
+            subject = self._subjects[vin] = identity_subject(key, vin)
+        return subject
 
     def claim(self, vin: str) -> None:
         """Move what was loaded for `vin` under its subject to its VIN (see
@@ -2419,7 +2431,7 @@ class GatewayService:
         payload: bytes,
         user_properties: Sequence[tuple[str, str]],
         on_done: Callable[[Outcome], None],
-        letter: Undeliverable,
+        letter: Undeliverable | Callable[[], Undeliverable],
         attempt: int = 0,
         **filing: Any,
     ) -> None:
@@ -2428,7 +2440,8 @@ class GatewayService:
         A lost connection is not a refusal (the message is resent after the
         reconnect and completes then). A transient refusal is retried for
         about a second; then, or at once for a permanent one, the message
-        becomes a dead letter.
+        becomes a dead letter (`letter`, or what it builds: most messages
+        never need one).
         """
         future = edge.publish(topic, payload, user_properties)
 
@@ -2456,8 +2469,9 @@ class GatewayService:
                     ),
                 )
                 return
+            kept = letter if isinstance(letter, Undeliverable) else letter()
             task = self.spawn(
-                self._dead_letter(edge.name, letter, code, str(exc), attempt + 1, **filing)
+                self._dead_letter(edge.name, kept, code, str(exc), attempt + 1, **filing)
             )
             task.add_done_callback(lambda t: self._filed(t, on_done))
 

@@ -672,6 +672,10 @@ class MqttEdge:
     def _handle_packets(self) -> None:
         reader, on_message, name = self._reader, self._on_message, self.name
         inflight = self._inflight
+        # When the bytes were read (one clock read per batch, not per packet):
+        # what a shared store's catch-up compares with. Never earlier than
+        # their arrival, which is what makes skipping a catch-up safe.
+        received = self._last_in
         for _ in range(self._READ_BATCH):
             if self._reading_paused and self._accepting:
                 return  # resume_reading() picks up what is buffered
@@ -682,7 +686,9 @@ class MqttEdge:
             kind = first >> 4
             if kind == PUBLISH and self._accepting:
                 topic, qos, mid, payload = decode_publish(first, body)
-                on_message(InboundMessage(name, topic, payload, qos, mid, self.generation))
+                on_message(
+                    InboundMessage(name, topic, payload, qos, mid, self.generation, received)
+                )
             elif kind == PUBACK and self._accepting:
                 if len(body) == 2:  # success, the usual short form
                     item = inflight.pop((body[0] << 8) | body[1], None)
