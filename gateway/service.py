@@ -2443,16 +2443,12 @@ class GatewayService:
         becomes a dead letter (`letter`, or what it builds: most messages
         never need one).
         """
-        future = edge.publish(topic, payload, user_properties)
 
-        def completed(fut: asyncio.Future[None]) -> None:
-            if fut.cancelled():
-                return
-            exc = fut.exception()
+        def completed(exc: PublishRefused | None) -> None:
             if exc is None:
                 on_done(Outcome.DELIVERED)
                 return
-            code = exc.code if isinstance(exc, PublishRefused) else 0x80
+            code = exc.code
             if is_transient(code) and attempt < len(RETRY_DELAYS_S):
                 self.metrics.publish_retries.labels(edge.name).inc()
                 asyncio.get_running_loop().call_later(
@@ -2475,7 +2471,7 @@ class GatewayService:
             )
             task.add_done_callback(lambda t: self._filed(t, on_done))
 
-        future.add_done_callback(completed)
+        edge.publish_then(topic, payload, user_properties, completed)
 
     def _filed(self, task: asyncio.Task[None], on_done: Callable[[Outcome], None]) -> None:
         """Acknowledge a dead letter only once it is stored; if filing failed (a

@@ -91,11 +91,17 @@ def _strictest(intervals: list[Interval] | CaptureHistory) -> VehicleState:
 
 def _overlapping(history: CaptureHistory, lo: float, hi: float) -> list[Interval]:
     """Intervals in force at some time of [lo, hi]."""
+    # From the newest back (messages are mostly recent), stopping at the
+    # interval in force at `lo`: every earlier one ended by then.
     found: list[Interval] = []
-    for i, interval in enumerate(history):
-        end = history[i + 1].since if i + 1 < len(history) else float("inf")
+    end = float("inf")
+    for interval in reversed(history):
         if interval.since <= hi and end > lo:
             found.append(interval)
+        if interval.since <= lo:
+            break
+        end = interval.since
+    found.reverse()
     return found
 
 

@@ -216,7 +216,9 @@ def _tls_failure(exc: BaseException, client_cert: bool | None = None) -> str:
 TOPIC_NAME_INVALID = 0x90
 
 
-_Pending = tuple[bytes, bytes, bytes, "asyncio.Future[None]"]  # topic, properties, payload
+# What the broker answered a publish: None (delivered) or why it refused.
+PublishDone = Callable[["PublishRefused | None"], None]
+_Pending = tuple[bytes, bytes, bytes, PublishDone]  # topic, properties, payload, on_done
 
 
 _PROPERTIES_CACHE: dict[tuple[tuple[str, str], ...], bytes] = {}
@@ -434,21 +436,45 @@ class MqttEdge:
         user_properties: Sequence[tuple[str, str]] = (),
     ) -> asyncio.Future[None]:
         """QoS 1 publish; the future completes on PUBACK (or fails on a refusal).
+        See `publish_then`."""
+        future: asyncio.Future[None] = self._loop.create_future()
+
+        def done(refusal: PublishRefused | None) -> None:
+            if future.done():
+                return
+            if refusal is None:
+                future.set_result(None)
+            else:
+                future.set_exception(refusal)
+
+        self.publish_then(topic, payload, user_properties, done)
+        return future
+
+    def publish_then(
+        self,
+        topic: str,
+        payload: bytes,
+        user_properties: Sequence[tuple[str, str]],
+        on_done: PublishDone,
+    ) -> None:
+        """QoS 1 publish; `on_done(None)` once the broker acknowledged it, or
+        `on_done(PublishRefused)` when it refused it (or it cannot be sent).
+        Exactly once, never from inside this call. A callback rather than a
+        future: this is the per-message path, and a future costs a loop
+        round trip per message.
 
         While disconnected, the message is kept and sent again after the
-        reconnect, so the future simply completes later. Beyond the broker's
-        Receive Maximum (and our own window) messages wait here, in order.
+        reconnect, so it simply completes later. Beyond the broker's Receive
+        Maximum (and our own window) messages wait here, in order.
         """
         props = cached_publish_properties(user_properties) if user_properties else NO_PROPERTIES
-        future: asyncio.Future[None] = self._loop.create_future()
-        item = (topic.encode(), props, payload, future)
+        item = (topic.encode(), props, payload, on_done)
         if self._accepting and not self._backlog and len(self._inflight) < self._inflight_limit:
             self._send_publish(item)
         else:
             # Not connected yet: the broker's packet limit is unknown until
             # its CONNACK, so nothing is sent unchecked.
             self._backlog.append(item)
-        return future
 
     def ack(self, mid: int, qos: int, generation: int) -> bool:
         """PUBACK a received message, unless it came over an earlier connection
@@ -692,8 +718,11 @@ class MqttEdge:
             elif kind == PUBACK and self._accepting:
                 if len(body) == 2:  # success, the usual short form
                     item = inflight.pop((body[0] << 8) | body[1], None)
-                    if item is not None and not item[3].done():
-                        item[3].set_result(None)
+                    if item is not None:
+                        try:
+                            item[3](None)
+                        except Exception:  # the owner's bug: not this connection's
+                            log.exception("%s publish completion failed", name)
                 else:
                     self._publish_answered(*decode_ack(body))
             elif kind == PINGRESP:
@@ -746,8 +775,6 @@ class MqttEdge:
         self._inflight.clear()
         waiting: list[_Pending] = []
         for packet_id, item in held:
-            if item[3].done():
-                continue  # cancelled by its owner
             if self._refuse_if_too_large(item):
                 continue
             if len(self._inflight) >= self._inflight_limit:
@@ -764,14 +791,15 @@ class MqttEdge:
 
     def _publish_answered(self, packet_id: int, reason: int) -> None:
         item = self._inflight.pop(packet_id, None)
-        if item is None or item[3].done():
+        if item is None:
             return
+        refusal = None
         if reason >= 0x80:
-            item[3].set_exception(
-                PublishRefused(f"broker refused publish: {reason_text(reason)}", reason)
-            )
-        else:
-            item[3].set_result(None)
+            refusal = PublishRefused(f"broker refused publish: {reason_text(reason)}", reason)
+        try:
+            item[3](refusal)
+        except Exception:  # the owner's bug: not this connection's
+            log.exception("%s publish completion failed", self.name)
 
     def _connection_lost(self, conn: _Connection, exc: Exception | None) -> None:
         if conn is not self._conn:
@@ -905,10 +933,10 @@ class MqttEdge:
         """Fail the publish with 0x95 when the packet exceeds the broker's
         Maximum Packet Size: mosquitto disconnects a client that sends one
         (again after every reconnect) instead of refusing the message."""
-        topic, props, payload, future = item
+        topic, props, payload, on_done = item
         if len(topic) > 0xFFFF:
             refusal = PublishRefused("topic longer than 65,535 bytes", TOPIC_NAME_INVALID)
-            future.set_exception(refusal)
+            self._loop.call_soon(on_done, refusal)  # never inside publish_then()
             return True
         limit = self.max_packet_size
         if limit is None or len(payload) + len(topic) + len(props) + 9 <= limit:
@@ -916,21 +944,16 @@ class MqttEdge:
         size = publish_size(topic, props, len(payload))
         if size <= limit:
             return False
-        if not future.done():
-            future.set_exception(
-                PublishRefused(
-                    f"packet of {size} bytes exceeds the broker's maximum of {limit}",
-                    PACKET_TOO_LARGE,
-                )
-            )
+        refusal = PublishRefused(
+            f"packet of {size} bytes exceeds the broker's maximum of {limit}", PACKET_TOO_LARGE
+        )
+        self._loop.call_soon(on_done, refusal)
         return True
 
     def _drain_backlog(self) -> None:
         backlog, inflight, limit = self._backlog, self._inflight, self._inflight_limit
         while backlog and len(inflight) < limit and self._accepting:
-            item = backlog.popleft()
-            if not item[3].done():
-                self._send_publish(item)
+            self._send_publish(backlog.popleft())
 
     # -------------------------------------------------------- back-pressure
 
