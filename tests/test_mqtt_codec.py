@@ -143,13 +143,27 @@ def test_reader_refuses_a_packet_above_its_limit() -> None:
         (0x32, b"\x00\x09ab", "topic longer than the packet"),
         (0x32, b"\x00\x01a\x00\x00\x00", "packet id 0"),
         (0x32, b"\x00\x01a\x00\x01", "without properties"),
-        (0x32, b"\x00\x01a\x00\x01\x05\x01", "properties longer than the packet"),
+        (0x32, b"\x00\x01a\x00\x01\x05\x01", "property block longer than the packet"),
+        (0x38, b"\x00\x01a\x00", "DUP at QoS 0"),
+        (0x32, b"\x00\x03a/+\x00\x01\x00", "wildcard"),
+        (0x32, b"\x00\x01a\x00\x01\x03\x23\x00\x01", "Topic Alias"),
         (0x30, b"\x00\x02\xff\xfe\x00", "not UTF-8"),
     ],
 )
 def test_malformed_publishes_are_protocol_errors(first: int, body: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
         codec.decode_publish(first, body)
+
+
+def test_strict_acks_and_disconnects() -> None:
+    with pytest.raises(ProtocolError, match="not a CONNACK reason"):
+        codec.decode_connack(b"\x00\x01")
+    with pytest.raises(ProtocolError, match="after the PUBACK properties"):
+        codec.decode_puback(b"\x00\x01\x00\x00\xff")
+    with pytest.raises(ProtocolError, match="without a reason code"):
+        codec.decode_suback(b"\x00\x01\x00")
+    with pytest.raises(ProtocolError, match="after the DISCONNECT properties"):
+        codec.decode_disconnect(b"\x00\x00\xff")
 
 
 def test_qos_0_publish_has_no_packet_id() -> None:
@@ -195,8 +209,8 @@ def test_malformed_connacks_are_protocol_errors(body: bytes, message: str) -> No
 
 def test_acks_and_disconnect() -> None:
     assert codec.puback_packet(0x1234) == b"\x40\x02\x12\x34"
-    assert codec.decode_ack(b"\x12\x34") == (0x1234, 0)
-    assert codec.decode_ack(b"\x12\x34\x87\x00") == (0x1234, 0x87)
+    assert codec.decode_puback(b"\x12\x34") == (0x1234, 0)
+    assert codec.decode_puback(b"\x12\x34\x87\x00") == (0x1234, 0x87)
     assert codec.decode_suback(b"\x00\x05\x00\x01\x87") == (5, [0x01, 0x87])
     assert codec.decode_disconnect(b"") == (0, None)
     assert codec.decode_disconnect(b"\x8e\x05\x1f\x00\x02hi") == (0x8E, "hi")

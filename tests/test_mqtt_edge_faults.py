@@ -89,7 +89,11 @@ async def scripted_broker() -> AsyncIterator[tuple[int, asyncio.Queue[Peer]]]:
 
 @contextlib.asynccontextmanager
 async def running_edge(
-    port: int, inbox: list[InboundMessage], *, keepalive_s: int = 30
+    port: int,
+    inbox: list[InboundMessage],
+    *,
+    keepalive_s: int = 30,
+    connect_timeout_s: float = 5.0,
 ) -> AsyncIterator[MqttEdge]:
     e = MqttEdge(
         name="scripted",
@@ -100,6 +104,7 @@ async def running_edge(
         clean_start=False,
         session_expiry_s=600,
         keepalive_s=keepalive_s,
+        connect_timeout_s=connect_timeout_s,
     )
     task = asyncio.create_task(e.run())
     try:
@@ -242,3 +247,94 @@ async def test_an_ack_is_sent_only_on_the_connection_the_message_came_over() -> 
         await asyncio.wait_for(e.ready.wait(), 5)
         assert not e.ack(message.mid, message.qos, message.generation)
         await again.nothing_within(0.3)
+
+
+def _publish(topic: str, packet_id: int, payload: bytes) -> bytes:
+    return codec.publish_header(topic.encode(), packet_id, codec.NO_PROPERTIES, len(payload)) + (
+        payload
+    )
+
+
+async def test_a_packet_larger_than_the_read_ahead_is_delivered() -> None:
+    """A 6 MiB message (more than the edge reads ahead of its owner) arrives
+    whole; it is not left half-read with the socket paused."""
+    inbox: list[InboundMessage] = []
+    big = bytes(range(256)) * (6 * 4096)
+    async with scripted_broker() as (port, peers), running_edge(port, inbox) as e:
+        peer = await peers.get()
+        await peer.handshake()
+        await asyncio.wait_for(e.ready.wait(), 5)
+        peer.send(_publish("in/big", 1, big))
+        peer.send(_publish("in/small", 2, b"s"))
+        async with asyncio.timeout(10):
+            while len(inbox) < 2:
+                await asyncio.sleep(0.02)
+        assert [(m.topic, m.payload) for m in inbox] == [("in/big", big), ("in/small", b"s")]
+
+
+async def test_a_reconnect_while_reading_is_paused_becomes_ready() -> None:
+    """The owner paused reading (back-pressure) when the connection dropped:
+    the new connection still reads its SUBACK and becomes ready, and the
+    pause holds for messages once it is."""
+    inbox: list[InboundMessage] = []
+    async with (
+        scripted_broker() as (port, peers),
+        # Paused, the socket is not read: the edge notices the broker has gone
+        # when its next keepalive ping cannot be written.
+        running_edge(port, inbox, connect_timeout_s=1.0, keepalive_s=1) as e,
+    ):
+        peer = await peers.get()
+        await peer.handshake()
+        await asyncio.wait_for(e.ready.wait(), 5)
+        e.pause_reading()
+        peer.close()
+        again = await peers.get()
+        await again.handshake()
+        await asyncio.wait_for(e.ready.wait(), 3)
+        generation = e.generation
+        again.send(_publish("in/x", 1, b"held"))
+        await asyncio.sleep(0.3)
+        assert inbox == []  # paused
+        e.resume_reading()
+        async with asyncio.timeout(5):
+            while not inbox:
+                await asyncio.sleep(0.01)
+        assert inbox[0].payload == b"held" and inbox[0].generation == generation
+
+
+async def test_a_protocol_error_close_does_not_wait_for_a_broker_that_stopped_reading() -> None:
+    """Our DISCONNECT cannot go out (the broker reads nothing and our buffer
+    is full): the connection is still given up, and the edge comes back."""
+    async with scripted_broker() as (port, peers), running_edge(port, []) as e:
+        peer = await peers.get()
+        await peer.handshake()
+        await asyncio.wait_for(e.ready.wait(), 5)
+        for n in range(64):  # several MiB the peer never reads
+            e.publish(f"out/{n}", bytes(256 * 1024))
+        await asyncio.sleep(0.5)
+        peer.send(b"\x36\x06\x00\x01a\x00\x01\x00")  # QoS 3
+        again = await asyncio.wait_for(peers.get(), 5)
+        await again.expect(codec.CONNECT)
+
+
+async def test_a_slow_broker_is_not_taken_for_a_dead_one() -> None:
+    """More queued than the broker reads for several keepalive periods, while
+    it keeps acknowledging: one connection throughout, everything delivered."""
+    async with scripted_broker() as (port, peers), running_edge(port, [], keepalive_s=1) as e:
+        peer = await peers.get()
+        await peer.handshake()
+        await asyncio.wait_for(e.ready.wait(), 5)
+        generation = e.generation
+        futures = [e.publish(f"out/{n}", bytes(100_000)) for n in range(60)]
+        acked = 0
+        async with asyncio.timeout(30):
+            while acked < 60:
+                first, body = await peer.packet()
+                if first >> 4 == codec.PUBLISH:
+                    peer.send(codec.puback_packet(codec.decode_publish(first, body)[2]))
+                    acked += 1
+                    await asyncio.sleep(0.06)  # about 1.6 MB/s: 4 s for all of it
+                elif first >> 4 == codec.PINGREQ:
+                    peer.send(b"\xd0\x00")
+        await asyncio.wait_for(asyncio.gather(*futures), 5)
+        assert e.generation == generation

@@ -27,30 +27,32 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from gateway.edges.mqtt_codec import (
     CONNACK,
     DISCONNECT,
     DUP_FLAG,
+    FIXED_FLAGS,
     NO_PROPERTIES,
     PACKET_TOO_LARGE,
     PINGREQ_PACKET,
     PINGRESP,
     PROTOCOL_ERROR,
-    PUBACK,
     PUBLISH,
     SESSION_TAKEN_OVER,
     SUBACK,
     SUBSCRIBE_OPTIONS,
+    TOPIC_NAME_INVALID,
     UNSUBACK,
     Connack,
     PacketReader,
     ProtocolError,
     connect_packet,
-    decode_ack,
     decode_connack,
     decode_disconnect,
+    decode_puback,
     decode_publish,
     decode_suback,
     disconnect_packet,
@@ -213,12 +215,17 @@ def _tls_failure(exc: BaseException, client_cert: bool | None = None) -> str:
     return text
 
 
-TOPIC_NAME_INVALID = 0x90
-
-
 # What the broker answered a publish: None (delivered) or why it refused.
 PublishDone = Callable[["PublishRefused | None"], None]
-_Pending = tuple[bytes, bytes, bytes, PublishDone]  # topic, properties, payload, on_done
+
+
+class _Pending(NamedTuple):
+    """A publish the broker has not acknowledged yet (sent or waiting)."""
+
+    topic: bytes
+    properties: bytes  # the encoded property block
+    payload: bytes
+    on_done: PublishDone
 
 
 _PROPERTIES_CACHE: dict[tuple[tuple[str, str], ...], bytes] = {}
@@ -254,6 +261,14 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False  # close: the broker hung up
 
+    def pause_writing(self) -> None:
+        if self.edge._conn is self:
+            self.edge._pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.edge._conn is self:
+            self.edge._resume_writing()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.edge._connection_lost(self, exc)
 
@@ -269,7 +284,8 @@ class MqttEdge:
     """
 
     _READ_BATCH = 256  # packets handled per event-loop pass
-    _READ_AHEAD = 4 << 20  # bytes read but not yet handled before the socket is paused
+    _READ_AHEAD = 4 << 20  # bytes of complete packets not yet handled before the socket is paused
+    _CLOSE_GRACE_S = 1.0  # for a DISCONNECT of ours to go out before the socket is closed
 
     def __init__(
         self,
@@ -333,13 +349,15 @@ class MqttEdge:
         self._inflight: dict[int, _Pending] = {}
         self._backlog: deque[_Pending] = deque()
         self._inflight_limit = max_inflight_publishes
-        self._acks: dict[int, asyncio.Future[list[int]]] = {}  # SUBACK/UNSUBACK by packet id
+        # SUBSCRIBE/UNSUBSCRIBE waiting for their SUBACK/UNSUBACK, by packet id.
+        self._requests: dict[int, asyncio.Future[list[int]]] = {}
         self._next_id = 1
         # The broker's Maximum Packet Size (CONNACK): mosquitto disconnects a
         # client that sends more instead of refusing the one message.
         self.max_packet_size: int | None = None
         self._reading_paused = False  # what the owner asked for; survives a reconnect
         self._transport_paused = False
+        self._writing_paused = False  # the transport's buffer is full: the broker is slow
         self._keepalive_now = keepalive_s  # the broker may set another (CONNACK)
         self._last_in = self._last_out = 0.0
         self._ping_sent: float | None = None
@@ -366,6 +384,12 @@ class MqttEdge:
 
     async def run(self) -> None:
         """Connect, and reconnect with jittered exponential backoff, until stop()."""
+        try:
+            await self._run()
+        finally:  # stopped, or cancelled: never leave a connection behind
+            self._abort()
+
+    async def _run(self) -> None:
         backoff = 0.1
         while not self._stopping:
             started = time.monotonic()
@@ -382,12 +406,12 @@ class MqttEdge:
                     extra={"edge": self.name},
                 )
                 self._abort()
-            except (OSError, TimeoutError, ConnectionError, ssl.SSLError, ProtocolError) as exc:
+            except (OSError, ProtocolError) as exc:  # timeouts, TLS and refusals included
                 log.warning(
                     "%s broker %s unreachable: %s",
                     self.name,
                     self.endpoint.redacted(),
-                    exc,
+                    str(exc) or type(exc).__name__,
                     extra={"edge": self.name},
                 )
                 self._abort()
@@ -414,7 +438,7 @@ class MqttEdge:
             )
         except (TimeoutError, ConnectionError):
             return False
-        return not any(code >= 0x80 for code in codes)
+        return len(codes) == len(topics) and not any(code >= 0x80 for code in codes)
 
     async def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
@@ -468,8 +492,13 @@ class MqttEdge:
         Maximum (and our own window) messages wait here, in order.
         """
         props = cached_publish_properties(user_properties) if user_properties else NO_PROPERTIES
-        item = (topic.encode(), props, payload, on_done)
-        if self._accepting and not self._backlog and len(self._inflight) < self._inflight_limit:
+        item = _Pending(topic.encode(), props, payload, on_done)
+        if (
+            self._accepting
+            and not self._backlog
+            and len(self._inflight) < self._inflight_limit
+            and not self._writing_paused
+        ):
             self._send_publish(item)
         else:
             # Not connected yet: the broker's packet limit is unknown until
@@ -524,9 +553,15 @@ class MqttEdge:
             # Nagle + delayed ACK add ~40 ms per hop.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.wait_for(self._loop.sock_connect(sock, address), self._connect_timeout_s)
+        except TimeoutError:
+            sock.close()
+            raise TimeoutError(f"no TCP connection within {self._connect_timeout_s:g} s") from None
         except BaseException:
             sock.close()
             raise
+        if self._stopping:  # stop() ran while we connected
+            sock.close()
+            raise ConnectionError("stopping")
         conn = self._conn = _Connection(self)
         self._connack = connack = self._loop.create_future()
         self.socket_error = None
@@ -534,11 +569,14 @@ class MqttEdge:
             await self._tls_connect(sock, conn, self._tls_context)
         else:
             await self._loop.create_connection(lambda: conn, sock=sock)
+        if self._stopping:
+            self._abort()
+            raise ConnectionError("stopping")
         try:
             reply = await asyncio.wait_for(connack, self._connect_timeout_s)
         except TimeoutError:
             self._abort()
-            raise
+            raise TimeoutError(f"no CONNACK within {self._connect_timeout_s:g} s") from None
         except ConnectionError as exc:
             tls_refusal = self._tls_refusal()
             if tls_refusal is not None:
@@ -553,16 +591,20 @@ class MqttEdge:
             raise ConnectionError(f"broker refused connection: {why}")
         if self.subscriptions:
             topics = list(self.subscriptions)
-            codes = await asyncio.wait_for(
-                self._request(
-                    lambda packet_id: subscribe_packet(packet_id, topics, SUBSCRIBE_OPTIONS)
-                ),
-                self._connect_timeout_s,
-            )
+            try:
+                codes = await asyncio.wait_for(
+                    self._request(
+                        lambda packet_id: subscribe_packet(packet_id, topics, SUBSCRIBE_OPTIONS)
+                    ),
+                    self._connect_timeout_s,
+                )
+            except TimeoutError:
+                raise TimeoutError(f"no SUBACK within {self._connect_timeout_s:g} s") from None
             failed = [reason_text(code) for code in codes if code >= 0x80]
             if failed or len(codes) != len(topics):
                 raise ConnectionError(f"subscription refused: {failed or codes}")
         self.ready.set()
+        self._apply_reading()  # the owner's pause holds from now on (see _handle_packets)
         log.info(
             "%s broker connected: %s",
             self.name,
@@ -599,8 +641,8 @@ class MqttEdge:
     def _tls_refusal(self) -> str | None:
         """The TLS alert (or reset) that ended the connection, in words, if any."""
         error = self.socket_error
-        if self._tls_context is None or error is None:
-            return None
+        if self._tls_context is None or not isinstance(error, ssl.SSLError):
+            return None  # a plain reset or timeout is not a TLS refusal
         return _tls_failure(error, self._tls_client_cert)
 
     async def _watch(self) -> None:
@@ -618,7 +660,13 @@ class MqttEdge:
         if self._transport is None or self._closing or not keepalive:
             return
         now = time.monotonic()
-        if self._reading_paused and self._accepting:
+        if self._writing_paused:
+            # Our PINGREQ waits behind data the broker has not read yet: judge
+            # it by what it sends (PUBACKs keep coming from a slow but live one).
+            if now - self._last_in >= 2 * keepalive:
+                self._close_connection(f"nothing from the broker for {2 * keepalive} s")
+            return
+        if self._reading_paused and self.ready.is_set():
             # Back-pressure: the broker's PINGRESPs stay unread in the socket,
             # so there is no answer to wait for. Keep its side alive.
             if now - self._last_out >= keepalive / 2:
@@ -626,7 +674,10 @@ class MqttEdge:
                 self._flush()
             return
         if self._ping_sent is not None:
-            if now - self._ping_sent >= keepalive:
+            # Dead when nothing at all came back for a keepalive period since
+            # the ping: behind megabytes of our publishes the PINGREQ reaches
+            # a slow broker late, while its PUBACKs show it is alive.
+            if now - max(self._ping_sent, self._last_in) >= keepalive:
                 self._close_connection(f"no answer to a keepalive ping within {keepalive} s")
             return
         if now - self._last_out >= keepalive / 2 or now - self._last_in >= keepalive:
@@ -646,6 +697,7 @@ class MqttEdge:
         self._out = bytearray()
         self._closing = False
         self._transport_paused = False
+        self._writing_paused = False
         self._peer_disconnect = None
         self._lost_reason = None
         self._keepalive_now = self._keepalive_s
@@ -691,6 +743,12 @@ class MqttEdge:
         except ProtocolError as exc:
             self._close_connection(f"protocol error: {exc}", exc.code)
             return
+        except Exception:
+            # The owner's bug, on a message it has not acknowledged: drop the
+            # connection so that the broker redelivers it (and what follows).
+            log.exception("%s handling a received packet failed", self.name)
+            self._close_connection("the received packet could not be handled")
+            return
         if self._backlog and self._accepting and len(self._inflight) < self._inflight_limit:
             self._drain_backlog()
         self._apply_reading()
@@ -703,8 +761,11 @@ class MqttEdge:
         # their arrival, which is what makes skipping a catch-up safe.
         received = self._last_in
         for _ in range(self._READ_BATCH):
-            if self._reading_paused and self._accepting:
-                return  # resume_reading() picks up what is buffered
+            if self._reading_paused and self.ready.is_set():
+                # resume_reading() picks up what is buffered. Not before the
+                # connection is ready: its SUBACK must be read, and what comes
+                # before it is bounded by our Receive Maximum.
+                return
             packet = reader.next()
             if packet is None:
                 return
@@ -715,17 +776,17 @@ class MqttEdge:
                 on_message(
                     InboundMessage(name, topic, payload, qos, mid, self.generation, received)
                 )
-            elif kind == PUBACK and self._accepting:
+            elif first == 0x40 and self._accepting:  # PUBACK
                 if len(body) == 2:  # success, the usual short form
                     item = inflight.pop((body[0] << 8) | body[1], None)
                     if item is not None:
                         try:
-                            item[3](None)
+                            item.on_done(None)
                         except Exception:  # the owner's bug: not this connection's
                             log.exception("%s publish completion failed", name)
                 else:
-                    self._publish_answered(*decode_ack(body))
-            elif kind == PINGRESP:
+                    self._publish_answered(*decode_puback(body))
+            elif first == 0xD0 and not body:  # PINGRESP
                 self._ping_sent = None
             else:
                 self._handle_control(first, body)
@@ -735,13 +796,17 @@ class MqttEdge:
 
     def _handle_control(self, first: int, body: memoryview) -> None:
         kind = first >> 4
+        if kind not in FIXED_FLAGS:
+            raise ProtocolError(f"unexpected packet type {kind}", PROTOCOL_ERROR)
+        if FIXED_FLAGS[kind] != first & 0x0F or (kind == PINGRESP and body):
+            raise ProtocolError(f"malformed fixed header 0x{first:02x}")
         if kind == CONNACK:
             if self._accepting:
                 raise ProtocolError("second CONNACK", PROTOCOL_ERROR)
             self._connack_received(decode_connack(body))
         elif kind in (SUBACK, UNSUBACK) and self._accepting:
             packet_id, codes = decode_suback(body)
-            future = self._acks.pop(packet_id, None)
+            future = self._requests.pop(packet_id, None)
             if future is not None and not future.done():
                 future.set_result(codes)
         elif kind == DISCONNECT:
@@ -797,7 +862,7 @@ class MqttEdge:
         if reason >= 0x80:
             refusal = PublishRefused(f"broker refused publish: {reason_text(reason)}", reason)
         try:
-            item[3](refusal)
+            item.on_done(refusal)
         except Exception:  # the owner's bug: not this connection's
             log.exception("%s publish completion failed", self.name)
 
@@ -823,10 +888,10 @@ class MqttEdge:
         future = self._connack
         if future is not None and not future.done():
             future.set_exception(ConnectionError(f"disconnected: {why}"))
-        for ack in self._acks.values():
+        for ack in self._requests.values():
             if not ack.done():
                 ack.set_exception(ConnectionError("disconnected before SUBACK"))
-        self._acks.clear()
+        self._requests.clear()
         if self._peer_disconnect is not None and self._peer_disconnect[0] == SESSION_TAKEN_OVER:
             # Not a network problem: two processes share an identity and
             # will keep taking the session (and its queued messages) from
@@ -864,9 +929,15 @@ class MqttEdge:
         if code is not None:
             self._write(disconnect_packet(code))
             self._flush()
-            transport.close()
+            transport.close()  # once the DISCONNECT is out...
+            # ...or at once if the broker is not reading either.
+            self._loop.call_later(self._CLOSE_GRACE_S, self._abort_if_current, transport)
         else:
             transport.abort()
+
+    def _abort_if_current(self, transport: asyncio.Transport) -> None:
+        if self._transport is transport:
+            self._abort()
 
     def _abort(self) -> None:
         """Give the connection up now (connect failed, or stopping)."""
@@ -904,7 +975,7 @@ class MqttEdge:
         """Send a SUBSCRIBE or UNSUBSCRIBE; the future gets its reason codes."""
         packet_id = self._allocate_id()
         future: asyncio.Future[list[int]] = self._loop.create_future()
-        self._acks[packet_id] = future
+        self._requests[packet_id] = future
         self._write(packet(packet_id))
         return future
 
@@ -912,7 +983,7 @@ class MqttEdge:
         for _ in range(0xFFFF):
             packet_id = self._next_id
             self._next_id = 1 if packet_id == 0xFFFF else packet_id + 1
-            if packet_id not in self._inflight and packet_id not in self._acks:
+            if packet_id not in self._inflight and packet_id not in self._requests:
                 return packet_id
         raise RuntimeError("every packet identifier is in use")
 
@@ -925,9 +996,7 @@ class MqttEdge:
         out = self._out
         out += publish_header(topic, packet_id, props, len(payload))
         out += payload
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._schedule_flush()
 
     def _refuse_if_too_large(self, item: _Pending) -> bool:
         """Fail the publish with 0x95 when the packet exceeds the broker's
@@ -952,7 +1021,7 @@ class MqttEdge:
 
     def _drain_backlog(self) -> None:
         backlog, inflight, limit = self._backlog, self._inflight, self._inflight_limit
-        while backlog and len(inflight) < limit and self._accepting:
+        while backlog and len(inflight) < limit and self._accepting and not self._writing_paused:
             self._send_publish(backlog.popleft())
 
     # -------------------------------------------------------- back-pressure
@@ -965,7 +1034,10 @@ class MqttEdge:
         if transport is None or self._closing:
             return
         paused = self._accepting and (
-            self._reading_paused or self._reader.buffered > self._READ_AHEAD
+            (self._reading_paused and self.ready.is_set())
+            # Complete packets waiting for the next pass (an incomplete large
+            # one must be read to the end: pausing then would never resume).
+            or (self._process_scheduled and self._reader.buffered > self._READ_AHEAD)
         )
         if paused != self._transport_paused:
             self._transport_paused = paused
@@ -973,3 +1045,15 @@ class MqttEdge:
                 transport.pause_reading()
             else:
                 transport.resume_reading()
+
+    def _pause_writing(self) -> None:
+        """The transport's buffer is over its high-water mark: the broker reads
+        slower than we write. New publishes wait in the backlog meanwhile."""
+        self._writing_paused = True
+
+    def _resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._ping_sent is not None:
+            self._ping_sent = time.monotonic()  # it waited in the buffer until now
+        if self._backlog and self._accepting:
+            self._drain_backlog()

@@ -31,6 +31,7 @@ MALFORMED_PACKET = 0x81
 PROTOCOL_ERROR = 0x82
 IMPLEMENTATION_SPECIFIC_ERROR = 0x83
 SESSION_TAKEN_OVER = 0x8E
+TOPIC_NAME_INVALID = 0x90
 PACKET_TOO_LARGE = 0x95
 
 REASON_NAMES = {
@@ -328,7 +329,7 @@ class Connack:
 
     @property
     def accepted(self) -> bool:
-        return self.reason < 0x80
+        return self.reason == SUCCESS
 
 
 def decode_connack(body: bytes | memoryview) -> Connack:
@@ -341,6 +342,8 @@ def decode_connack(body: bytes | memoryview) -> Connack:
         props, _, stop = decode_properties(body, 2, len(body))
         if stop != len(body):
             raise ProtocolError("bytes after the CONNACK properties")
+    if 0 < body[1] < 0x80:
+        raise ProtocolError(f"CONNACK reason 0x{body[1]:02x} is not a CONNACK reason")
     receive_maximum = props.get(0x21, 65535)
     packet_max = props.get(0x27)
     keepalive = props.get(0x13)
@@ -363,6 +366,8 @@ def decode_publish(first_byte: int, body: bytes | memoryview) -> tuple[str, int,
     qos = (first_byte >> 1) & 0x03
     if qos == 3:
         raise ProtocolError("PUBLISH with QoS 3")
+    if qos == 0 and first_byte & DUP_FLAG:
+        raise ProtocolError("PUBLISH with DUP at QoS 0")
     if qos == 2:
         raise ProtocolError("PUBLISH with QoS 2 (never subscribed)", PROTOCOL_ERROR)
     n = len(body)
@@ -377,6 +382,8 @@ def decode_publish(first_byte: int, body: bytes | memoryview) -> tuple[str, int,
         topic = str(body[2:end], "utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("PUBLISH topic is not UTF-8") from None
+    if "+" in topic or "#" in topic:
+        raise ProtocolError("PUBLISH topic name with a wildcard", PROTOCOL_ERROR)
     packet_id = 0
     if qos:
         if end + 2 > n:
@@ -387,21 +394,23 @@ def decode_publish(first_byte: int, body: bytes | memoryview) -> tuple[str, int,
         end += 2
     if end >= n:
         raise ProtocolError("PUBLISH without properties")
-    size = body[end]
-    if size < 0x80:  # the usual case: a short block, skipped without parsing
-        end += 1 + size
+    if body[end] == 0:  # the usual case: no properties
+        end += 1
     else:
-        size, end = decode_varint(body, end)
-        end += size
-    if end > n:
-        raise ProtocolError("PUBLISH properties longer than the packet")
+        props, _, end = decode_properties(body, end, n)
+        if 0x23 in props:
+            raise ProtocolError("PUBLISH with a Topic Alias (none was allowed)", PROTOCOL_ERROR)
     return topic, qos, packet_id, bytes(body[end:])
 
 
-def decode_ack(body: bytes | memoryview) -> tuple[int, int]:
+def decode_puback(body: bytes | memoryview) -> tuple[int, int]:
     """(packet id, reason code) of a PUBACK."""
     if len(body) < 2:
         raise ProtocolError("PUBACK shorter than 2 bytes")
+    if len(body) > 3:
+        _, _, end = decode_properties(body, 3, len(body))
+        if end != len(body):
+            raise ProtocolError("bytes after the PUBACK properties")
     return (body[0] << 8) | body[1], body[2] if len(body) > 2 else SUCCESS
 
 
@@ -410,6 +419,8 @@ def decode_suback(body: bytes | memoryview) -> tuple[int, list[int]]:
     if len(body) < 3:
         raise ProtocolError("SUBACK/UNSUBACK shorter than 3 bytes")
     _, _, i = decode_properties(body, 2, len(body))
+    if i == len(body):
+        raise ProtocolError("SUBACK/UNSUBACK without a reason code")
     return (body[0] << 8) | body[1], list(body[i:])
 
 
@@ -419,10 +430,16 @@ def decode_disconnect(body: bytes | memoryview) -> tuple[int, str | None]:
         return SUCCESS, None
     reason_string = None
     if len(body) > 1:
-        props, _, _ = decode_properties(body, 1, len(body))
+        props, _, end = decode_properties(body, 1, len(body))
+        if end != len(body):
+            raise ProtocolError("bytes after the DISCONNECT properties")
         text = props.get(0x1F)
         reason_string = str(text) if text is not None else None
     return body[0], reason_string
+
+
+# The fixed-header flags each packet from the broker must carry (PUBLISH's vary).
+FIXED_FLAGS = {CONNACK: 0, PUBACK: 0, SUBACK: 0, UNSUBACK: 0, PINGRESP: 0, DISCONNECT: 0}
 
 
 class PacketReader:
