@@ -253,3 +253,21 @@ def test_oversized_settings_are_dropped_before_they_are_parsed() -> None:
     huge = b"\x1a" + b"\xff" * (POLICY.max_payload_bytes_default + 10)  # not even valid
     decision = decide_message(CTX, f"vehicle/{VIN}/avn/privacy", huge, {}, {}, 1e9)
     assert isinstance(decision, Drop) and decision.reason is DropReason.OVERSIZED
+
+
+def test_counts_added_up_between_reads_are_all_exposed() -> None:
+    """`inc` adds up in a dictionary; any read of the registry (a scrape,
+    `value`) sees every increment made before it, and none twice."""
+    from prometheus_client import generate_latest
+
+    metrics = GatewayMetrics()
+    for _ in range(3):
+        metrics.inc(metrics.received, "vehicle")
+    assert b'gateway_messages_received_total{source="vehicle"} 3.0' in generate_latest(
+        metrics.registry
+    )
+    metrics.inc(metrics.received, "vehicle")
+    metrics.inc(metrics.received, "backend")
+    assert metrics.value("gateway_messages_received_total", source="vehicle") == 4
+    assert metrics.value("gateway_messages_received_total", source="backend") == 1
+    assert metrics.value("gateway_messages_received_total", source="vehicle") == 4

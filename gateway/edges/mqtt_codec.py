@@ -470,6 +470,10 @@ class PacketReader:
     def feed(self, data: bytes) -> None:
         if not data:
             return
+        if self._pos >= len(self._buf) and not self._pending:
+            # The usual case: everything before was taken, start on this.
+            self._buf, self._view, self._pos = data, memoryview(data), 0
+            return
         self._pending.append(data)
         self._pending_size += len(data)
         if self._need and len(self._buf) - self._pos + self._pending_size < self._need:
