@@ -233,3 +233,18 @@ def test_subscribe_and_unsubscribe_layout() -> None:
 def test_reason_text_names_the_code() -> None:
     assert codec.reason_text(0x87) == "Not authorized (0x87)"
     assert codec.reason_text(0xFE) == "Unknown reason (0xfe)"
+
+
+def test_publish_properties_are_skipped_and_subscription_ids_may_repeat() -> None:
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.UserProperty = [("a", "b"), ("c", "d")]
+    props.ContentType = "application/x-protobuf"
+    block = props.pack()  # type: ignore[no-untyped-call]
+    assert codec.decode_publish(0x32, b"\x00\x01t\x00\x07" + block + b"payload") == (
+        "t",
+        1,
+        7,
+        b"payload",
+    )
+    two_ids = b"\x04\x0b\x01\x0b\x02"  # Subscription Identifier 1 and 2
+    assert codec.decode_publish(0x30, b"\x00\x01t" + two_ids + b"p")[3] == b"p"

@@ -125,8 +125,10 @@ async def test_unacknowledged_publishes_are_resent_with_dup_and_their_packet_ids
         ids = [codec.decode_publish(*packet)[2] for packet in sent]
         first_peer.close()  # no PUBACK: both still in flight
         peer = await peers.get()
-        # Resent right behind CONNACK, before the subscription is renewed.
-        again = await peer.handshake()
+        # The subscription is renewed first (its SUBACK must not wait behind
+        # the resends), then the resends follow.
+        assert await peer.handshake() == []
+        again = [await peer.expect(codec.PUBLISH) for _ in range(2)]
         assert [first for first, _ in again] == [0x3A, 0x3A]  # DUP set
         decoded = [codec.decode_publish(*packet) for packet in again]
         assert [(t, i, p) for t, _, i, p in decoded] == [
@@ -338,3 +340,50 @@ async def test_a_slow_broker_is_not_taken_for_a_dead_one() -> None:
                     peer.send(b"\xd0\x00")
         await asyncio.wait_for(asyncio.gather(*futures), 5)
         assert e.generation == generation
+
+
+async def test_messages_before_the_suback_wait_while_paused_and_keep_their_order() -> None:
+    """Reading was paused when the connection dropped. The new connection
+    must read on to its SUBACK, past what the broker sends first: those
+    messages are held, not handed over, until reading resumes; then all
+    arrive in order, the held ones first."""
+    inbox: list[InboundMessage] = []
+    async with (
+        scripted_broker() as (port, peers),
+        running_edge(port, inbox, keepalive_s=1) as e,
+    ):
+        peer = await peers.get()
+        await peer.handshake()
+        await asyncio.wait_for(e.ready.wait(), 5)
+        e.pause_reading()
+        peer.close()
+        again = await peers.get()
+        await again.expect(codec.CONNECT)
+        again.send(b"\x20\x03\x01\x00\x00")  # CONNACK, session present
+        again.send(b"".join(_publish("in/before", n, b"b%d" % n) for n in range(1, 51)))
+        _, body = await again.expect(codec.SUBSCRIBE)
+        again.send(b"\x90\x04" + body[:2] + b"\x00\x01")
+        again.send(b"".join(_publish("in/after", n, b"a%d" % n) for n in range(51, 61)))
+        await asyncio.wait_for(e.ready.wait(), 5)
+        await asyncio.sleep(0.3)
+        assert inbox == []  # paused: nothing handed over, before the SUBACK or after
+        e.resume_reading()
+        async with asyncio.timeout(5):
+            while len(inbox) < 60:
+                await asyncio.sleep(0.01)
+        assert [m.mid for m in inbox] == list(range(1, 61))
+        assert {m.generation for m in inbox} == {e.generation}
+
+
+async def test_ready_is_not_left_set_for_a_connection_that_ended_while_subscribing() -> None:
+    async with scripted_broker() as (port, peers), running_edge(port, []) as e:
+        peer = await peers.get()
+        await peer.expect(codec.CONNECT)
+        peer.send(b"\x20\x03\x00\x00\x00")
+        _, body = await peer.expect(codec.SUBSCRIBE)
+        # SUBACK and a DISCONNECT (server shutting down) in one write.
+        peer.send(b"\x90\x04" + body[:2] + b"\x00\x01" + codec.disconnect_packet(0x8B))
+        again = await asyncio.wait_for(peers.get(), 5)  # it comes back...
+        assert not e.ready.is_set()  # ...and was never taken for ready meanwhile
+        await again.handshake()
+        await asyncio.wait_for(e.ready.wait(), 5)

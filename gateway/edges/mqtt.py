@@ -356,7 +356,16 @@ class MqttEdge:
         # client that sends more instead of refusing the one message.
         self.max_packet_size: int | None = None
         self._reading_paused = False  # what the owner asked for; survives a reconnect
+        # The connection's SUBACK has been read: from then on the owner's pause
+        # stops reading. Before it, messages are read (to reach the SUBACK)
+        # and, while paused, held here until resume_reading().
+        self._subscribed = False
+        self._subscribe_request: asyncio.Future[list[int]] | None = None
+        self._held: deque[InboundMessage] = deque()
+        self._held_bytes = 0
         self._transport_paused = False
+        self._write_progress_at = 0.0  # when the transport's buffer last shrank
+        self._write_buffer_seen = 0
         self._writing_paused = False  # the transport's buffer is full: the broker is slow
         self._keepalive_now = keepalive_s  # the broker may set another (CONNACK)
         self._last_in = self._last_out = 0.0
@@ -483,7 +492,8 @@ class MqttEdge:
     ) -> None:
         """QoS 1 publish; `on_done(None)` once the broker acknowledged it, or
         `on_done(PublishRefused)` when it refused it (or it cannot be sent).
-        Exactly once, never from inside this call. A callback rather than a
+        Once, never from inside this call; never if the edge is stopped first
+        (what it was for stays unacknowledged upstream and is redelivered). A callback rather than a
         future: this is the per-message path, and a future costs a loop
         round trip per message.
 
@@ -540,6 +550,7 @@ class MqttEdge:
 
     async def _connect_once(self) -> None:
         self._disconnected.clear()
+        self.ready.clear()
         infos = await self._loop.getaddrinfo(
             self.endpoint.host, self.endpoint.port, type=socket.SOCK_STREAM
         )
@@ -589,20 +600,18 @@ class MqttEdge:
             if reply.reason_string:
                 why += f": {reply.reason_string}"
             raise ConnectionError(f"broker refused connection: {why}")
-        if self.subscriptions:
-            topics = list(self.subscriptions)
+        request, topics = self._subscribe_request, list(self.subscriptions)
+        if request is not None:  # sent right behind CONNACK, before any resend
             try:
-                codes = await asyncio.wait_for(
-                    self._request(
-                        lambda packet_id: subscribe_packet(packet_id, topics, SUBSCRIBE_OPTIONS)
-                    ),
-                    self._connect_timeout_s,
-                )
+                codes = await asyncio.wait_for(request, self._connect_timeout_s)
             except TimeoutError:
+                self._abort()
                 raise TimeoutError(f"no SUBACK within {self._connect_timeout_s:g} s") from None
             failed = [reason_text(code) for code in codes if code >= 0x80]
             if failed or len(codes) != len(topics):
                 raise ConnectionError(f"subscription refused: {failed or codes}")
+        if self._conn is not conn or not self._accepting:
+            raise ConnectionError("the connection ended while subscribing")
         self.ready.set()
         self._apply_reading()  # the owner's pause holds from now on (see _handle_packets)
         log.info(
@@ -662,11 +671,19 @@ class MqttEdge:
         now = time.monotonic()
         if self._writing_paused:
             # Our PINGREQ waits behind data the broker has not read yet: judge
-            # it by what it sends (PUBACKs keep coming from a slow but live one).
-            if now - self._last_in >= 2 * keepalive:
-                self._close_connection(f"nothing from the broker for {2 * keepalive} s")
+            # it by what it does, PUBACKs arriving (when we read) or our
+            # buffer shrinking (a slow but live broker does either).
+            size = self._transport.get_write_buffer_size()
+            if size < self._write_buffer_seen:
+                self._write_progress_at = now
+            self._write_buffer_seen = size
+            alive_at = self._write_progress_at
+            if not (self._reading_paused and self._subscribed):
+                alive_at = max(alive_at, self._last_in)
+            if now - alive_at >= 2 * keepalive:
+                self._close_connection(f"the broker took nothing for {2 * keepalive} s")
             return
-        if self._reading_paused and self.ready.is_set():
+        if self._reading_paused and self._subscribed:
             # Back-pressure: the broker's PINGRESPs stay unread in the socket,
             # so there is no answer to wait for. Keep its side alive.
             if now - self._last_out >= keepalive / 2:
@@ -698,6 +715,8 @@ class MqttEdge:
         self._closing = False
         self._transport_paused = False
         self._writing_paused = False
+        self._subscribed = False
+        self._subscribe_request = None
         self._peer_disconnect = None
         self._lost_reason = None
         self._keepalive_now = self._keepalive_s
@@ -760,12 +779,14 @@ class MqttEdge:
         # what a shared store's catch-up compares with. Never earlier than
         # their arrival, which is what makes skipping a catch-up safe.
         received = self._last_in
+        held = self._held
+        while held and not self._reading_paused:
+            message = held.popleft()
+            self._held_bytes -= len(message.payload)
+            on_message(message)
         for _ in range(self._READ_BATCH):
-            if self._reading_paused and self.ready.is_set():
-                # resume_reading() picks up what is buffered. Not before the
-                # connection is ready: its SUBACK must be read, and what comes
-                # before it is bounded by our Receive Maximum.
-                return
+            if self._reading_paused and self._subscribed:
+                return  # resume_reading() picks up what is buffered
             packet = reader.next()
             if packet is None:
                 return
@@ -773,9 +794,11 @@ class MqttEdge:
             kind = first >> 4
             if kind == PUBLISH and self._accepting:
                 topic, qos, mid, payload = decode_publish(first, body)
-                on_message(
-                    InboundMessage(name, topic, payload, qos, mid, self.generation, received)
-                )
+                message = InboundMessage(name, topic, payload, qos, mid, self.generation, received)
+                if self._reading_paused:  # paused before the SUBACK came: keep it for later
+                    self._hold(message)
+                else:
+                    on_message(message)
             elif first == 0x40 and self._accepting:  # PUBACK
                 if len(body) == 2:  # success, the usual short form
                     item = inflight.pop((body[0] << 8) | body[1], None)
@@ -794,6 +817,15 @@ class MqttEdge:
                 return
         self._schedule_process()  # the batch is used up: the rest on the next pass
 
+    def _hold(self, message: InboundMessage) -> None:
+        """A message read while paused, to reach this connection's SUBACK.
+        Bounded: beyond the read-ahead the connection is given up (the broker
+        keeps the messages and redelivers them)."""
+        self._held.append(message)
+        self._held_bytes += len(message.payload)
+        if self._held_bytes > self._READ_AHEAD:
+            self._close_connection("too much arrived before the subscription was confirmed")
+
     def _handle_control(self, first: int, body: memoryview) -> None:
         kind = first >> 4
         if kind not in FIXED_FLAGS:
@@ -807,6 +839,8 @@ class MqttEdge:
         elif kind in (SUBACK, UNSUBACK) and self._accepting:
             packet_id, codes = decode_suback(body)
             future = self._requests.pop(packet_id, None)
+            if future is not None and future is self._subscribe_request:
+                self._subscribed = True  # at once: the owner's pause holds from the next packet
             if future is not None and not future.done():
                 future.set_result(codes)
         elif kind == DISCONNECT:
@@ -825,6 +859,15 @@ class MqttEdge:
             # Before the packets behind CONNACK (often in the same read): the
             # broker's redeliveries belong to the new connection.
             self.generation += 1
+            if self.subscriptions:
+                # Ahead of the resends: its SUBACK must not wait for megabytes
+                # of them to reach a slow broker.
+                topics = list(self.subscriptions)
+                self._subscribe_request = self._request(
+                    lambda packet_id: subscribe_packet(packet_id, topics, SUBSCRIBE_OPTIONS)
+                )
+            else:
+                self._subscribed = True
             self._resend_inflight()
             self._drain_backlog()
         future = self._connack
@@ -880,6 +923,9 @@ class MqttEdge:
         self._closing = False
         self._out = bytearray()
         self._reader = PacketReader()
+        self._held.clear()  # never handed over, never acknowledged: redelivered
+        self._held_bytes = 0
+        self._subscribed = False
         was_ready = self.ready.is_set()
         self.ready.clear()
         self._accepting = False
@@ -946,6 +992,7 @@ class MqttEdge:
             transport.abort()
             self._lost()
         self._conn = None
+        self.ready.clear()
 
     # ------------------------------------------------------------------ output
 
@@ -1034,7 +1081,7 @@ class MqttEdge:
         if transport is None or self._closing:
             return
         paused = self._accepting and (
-            (self._reading_paused and self.ready.is_set())
+            (self._reading_paused and self._subscribed)
             # Complete packets waiting for the next pass (an incomplete large
             # one must be read to the end: pausing then would never resume).
             or (self._process_scheduled and self._reader.buffered > self._READ_AHEAD)
@@ -1050,10 +1097,12 @@ class MqttEdge:
         """The transport's buffer is over its high-water mark: the broker reads
         slower than we write. New publishes wait in the backlog meanwhile."""
         self._writing_paused = True
+        self._write_progress_at = time.monotonic()
+        self._write_buffer_seen = self._transport.get_write_buffer_size() if self._transport else 0
 
     def _resume_writing(self) -> None:
         self._writing_paused = False
         if self._ping_sent is not None:
             self._ping_sent = time.monotonic()  # it waited in the buffer until now
-        if self._backlog and self._accepting:
+        if self._backlog and self._accepting and not self._closing:
             self._drain_backlog()

@@ -397,10 +397,42 @@ def decode_publish(first_byte: int, body: bytes | memoryview) -> tuple[str, int,
     if body[end] == 0:  # the usual case: no properties
         end += 1
     else:
-        props, _, end = decode_properties(body, end, n)
-        if 0x23 in props:
-            raise ProtocolError("PUBLISH with a Topic Alias (none was allowed)", PROTOCOL_ERROR)
+        end = _skip_publish_properties(body, end, n)
     return topic, qos, packet_id, bytes(body[end:])
+
+
+def _skip_publish_properties(buf: bytes | memoryview, i: int, end: int) -> int:
+    """Past a PUBLISH's properties without decoding them (the gateway reads
+    none); only a Topic Alias is refused: none was allowed. Subscription
+    Identifiers may repeat."""
+    size, i = decode_varint(buf, i)
+    stop = i + size
+    if stop > end:
+        raise ProtocolError("property block longer than the packet")
+    while i < stop:
+        ident = buf[i]
+        i += 1
+        kind = _PROPERTY_TYPES.get(ident)
+        if kind is None:
+            raise ProtocolError(f"unknown property 0x{ident:02x}")
+        if ident == 0x23:
+            raise ProtocolError("PUBLISH with a Topic Alias (none was allowed)", PROTOCOL_ERROR)
+        if kind == _BYTE:
+            i += 1
+        elif kind == _U16:
+            i += 2
+        elif kind == _U32:
+            i += 4
+        elif kind == _VARINT:
+            _, i = decode_varint(buf, i)
+        else:  # string, binary: one length-prefixed value; a pair: two
+            for _ in range(2 if kind == _PAIR else 1):
+                if i + 2 > stop:
+                    raise ProtocolError("truncated property")
+                i += 2 + ((buf[i] << 8) | buf[i + 1])
+        if i > stop:
+            raise ProtocolError("truncated property")
+    return stop
 
 
 def decode_puback(body: bytes | memoryview) -> tuple[int, int]:
