@@ -387,3 +387,30 @@ async def test_ready_is_not_left_set_for_a_connection_that_ended_while_subscribi
         assert not e.ready.is_set()  # ...and was never taken for ready meanwhile
         await again.handshake()
         await asyncio.wait_for(e.ready.wait(), 5)
+
+
+async def test_publishes_to_a_broker_that_reads_nothing_wait_in_order_not_in_buffers() -> None:
+    """20 MB published to a broker that has stopped reading: what is handed
+    to the socket stays about a megabyte; the rest waits in the backlog, and
+    all of it arrives in order once the broker reads again."""
+    async with scripted_broker() as (port, peers), running_edge(port, []) as e:
+        peer = await peers.get()
+        await peer.handshake()
+        await asyncio.wait_for(e.ready.wait(), 5)
+        futures = [e.publish(f"out/{n}", bytes(200_000)) for n in range(100)]
+        await asyncio.sleep(0.5)
+        transport = e._transport
+        assert transport is not None
+        buffered = transport.get_write_buffer_size() + len(e._out)
+        assert buffered < 3_000_000, buffered
+        assert len(e._backlog) > 50
+        got: list[str] = []
+        async with asyncio.timeout(20):
+            while len(got) < 100:
+                first, body = await peer.packet()
+                if first >> 4 == codec.PUBLISH:
+                    topic, _, packet_id, _ = codec.decode_publish(first, body)
+                    got.append(topic)
+                    peer.send(codec.puback_packet(packet_id))
+        assert got == [f"out/{n}" for n in range(100)]
+        await asyncio.wait_for(asyncio.gather(*futures), 5)

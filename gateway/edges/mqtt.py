@@ -285,6 +285,7 @@ class MqttEdge:
 
     _READ_BATCH = 256  # packets handled per event-loop pass
     _READ_AHEAD = 4 << 20  # bytes of complete packets not yet handled before the socket is paused
+    _WRITE_AHEAD = 1 << 20  # publish bytes buffered per event-loop pass; the rest waits in order
     _CLOSE_GRACE_S = 1.0  # for a DISCONNECT of ours to go out before the socket is closed
 
     def __init__(
@@ -508,6 +509,7 @@ class MqttEdge:
             and not self._backlog
             and len(self._inflight) < self._inflight_limit
             and not self._writing_paused
+            and len(self._out) < self._WRITE_AHEAD
         ):
             self._send_publish(item)
         else:
@@ -1015,8 +1017,10 @@ class MqttEdge:
         # A new buffer rather than clearing this one: the transport may keep
         # a reference to it until it is sent.
         data, self._out = self._out, bytearray()
-        transport.write(data)
+        transport.write(data)  # may call pause_writing() at once
         self._last_out = time.monotonic()
+        if self._backlog and self._accepting and not self._writing_paused and not self._closing:
+            self._drain_backlog()  # what waited for this buffer to go out
 
     def _request(self, packet: Callable[[int], bytes]) -> asyncio.Future[list[int]]:
         """Send a SUBSCRIBE or UNSUBSCRIBE; the future gets its reason codes."""
@@ -1068,7 +1072,13 @@ class MqttEdge:
 
     def _drain_backlog(self) -> None:
         backlog, inflight, limit = self._backlog, self._inflight, self._inflight_limit
-        while backlog and len(inflight) < limit and self._accepting and not self._writing_paused:
+        while (
+            backlog
+            and len(inflight) < limit
+            and self._accepting
+            and not self._writing_paused
+            and len(self._out) < self._WRITE_AHEAD
+        ):
             self._send_publish(backlog.popleft())
 
     # -------------------------------------------------------- back-pressure
