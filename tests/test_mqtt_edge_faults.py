@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -414,3 +415,38 @@ async def test_publishes_to_a_broker_that_reads_nothing_wait_in_order_not_in_buf
                     peer.send(codec.puback_packet(packet_id))
         assert got == [f"out/{n}" for n in range(100)]
         await asyncio.wait_for(asyncio.gather(*futures), 5)
+
+
+async def test_stop_during_a_connect_leaves_no_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() while the TCP connect is under way: the connect that completes
+    afterwards is closed at once, nothing is sent, run() ends."""
+    loop = asyncio.get_running_loop()
+    real_connect = loop.sock_connect
+    connecting, release = asyncio.Event(), asyncio.Event()
+
+    async def held_connect(sock: socket.socket, address: object) -> None:
+        connecting.set()
+        await release.wait()
+        await real_connect(sock, address)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "sock_connect", held_connect)
+    async with scripted_broker() as (port, peers):
+        e = MqttEdge(
+            name="scripted",
+            endpoint=BrokerEndpoint("127.0.0.1", port),
+            client_id="scripted-edge",
+            subscriptions=["in/#"],
+            on_message=lambda _: None,
+            clean_start=True,
+        )
+        task = asyncio.create_task(e.run())
+        await asyncio.wait_for(connecting.wait(), 5)
+        stopping = asyncio.create_task(e.stop(timeout=1.0))
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.wait_for(stopping, 5)
+        await asyncio.wait_for(task, 5)  # run() returns by itself
+        peer = await asyncio.wait_for(peers.get(), 5)  # TCP did connect...
+        with pytest.raises(EOFError):
+            await peer.packet(timeout=2)  # ...but no CONNECT came, and it is closed
+        assert not e.ready.is_set()
