@@ -317,6 +317,9 @@ class GatewayService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self.ready = asyncio.Event()
+        # The first retention purge of this start has run (ready waits for it:
+        # what is past retention is gone before anything is served).
+        self._purged_once = asyncio.Event()
         self.vehicle_edge: MqttEdge
         self.backend_edge: MqttEdge
         self._windows: dict[str, AckWindow] = {}
@@ -780,6 +783,7 @@ class GatewayService:
     async def _announce_ready(self) -> None:
         for edge in self.edges:
             await edge.ready.wait()
+        await self._purged_once.wait()
         self.ready.set()
         log.info(
             "gateway ready: policy %s, %d known vehicles",
@@ -2296,6 +2300,7 @@ class GatewayService:
                 await self.purge_retention()
             except Exception as exc:
                 log.error("retention purge failed: %s", exc)
+            self._purged_once.set()  # also after a failure: it is retried in an hour
             await asyncio.sleep(interval)
 
     async def purge_retention(self) -> dict[str, int]:
