@@ -112,6 +112,12 @@ def _instance(
         "GATEWAY_STORE__URL": store_url,
         "GATEWAY_INSTANCE_ID": name,
         "GATEWAY_CONTROL__TOKENS_FILE": str(token),
+        # A persistent backend session: a command or message-centre message in
+        # flight to an instance killed mid-way stays in its session and comes
+        # back when it restarts under the same id (with a clean session the
+        # broker drops it with the session; mosquitto does not hand a shared
+        # subscriber's unacknowledged messages to the other members).
+        "GATEWAY_BACKEND_BROKER__SESSION_EXPIRY_S": "3600",
     }
     return Instance(name, state_dir, port, command, env, config.out_dir)
 
