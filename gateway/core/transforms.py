@@ -5,7 +5,6 @@ Nothing here does I/O or reads a clock. Keys are passed in explicitly.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import math
@@ -25,8 +24,8 @@ def pseudonym(key: bytes, purpose: str, value: str) -> str:
     The purpose separates domains: the same VIN gets unrelated pseudonyms in
     different apps, and a MAC pseudonym cannot be matched against a VIN one.
     """
-    mac = hmac.new(key, purpose.encode() + b"\x00" + value.encode(), hashlib.sha256)
-    return mac.hexdigest()[:32]
+    # hmac.digest: the one-shot C path, a third of hmac.new's cost per call.
+    return hmac.digest(key, purpose.encode() + b"\x00" + value.encode(), "sha256").hex()[:32]
 
 
 # Pseudonym domain per field name; the field name itself when not listed.
@@ -54,7 +53,7 @@ def grid_offset(key: bytes, vin: str) -> GridOffset:
     storing anything, and unknowable to anyone without the key. Averaging many
     coarse reports of a parked car converges on the cell centre, not the car.
     """
-    digest = hmac.new(key, b"grid-offset\x00" + vin.encode(), hashlib.sha256).digest()
+    digest = hmac.digest(key, b"grid-offset\x00" + vin.encode(), "sha256")
     a, b = struct.unpack_from(">QQ", digest)
     return GridOffset(a / 2.0**64, b / 2.0**64)
 
@@ -147,6 +146,23 @@ def truncate_ip(value: str) -> str:
     IPv4-compatible and ISATAP addresses carry the client's IPv4 below /48.
     """
     text = value.strip()
+    if len(text) <= _LONGEST_CACHED_ADDRESS:
+        return _truncate_remembered(text)
+    return _truncate(text)
+
+
+# A car keeps its address for hours, and parsing an IPv6 one costs ~10 µs:
+# results are remembered. Only address-sized texts (the longest IPv6 text with
+# an IPv4 tail is 45 characters), so the cache stays a few MiB whatever cars send.
+_LONGEST_CACHED_ADDRESS = 64
+
+
+@lru_cache(maxsize=16_384)
+def _truncate_remembered(text: str) -> str:
+    return _truncate(text)
+
+
+def _truncate(text: str) -> str:
     fast = _ipv4_slash24(text)
     if fast is not None:
         return fast
