@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import random
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -272,6 +274,85 @@ def test_vin_in_opaque_app_bytes_is_found_in_common_encodings(form: str) -> None
 @pytest.mark.parametrize("form", sorted(_encodings(OTHER_VIN)))
 def test_another_cars_vin_is_not_this_cars_vin(form: str) -> None:
     assert not vin_in_bytes(_encodings(OTHER_VIN)[form], VIN)
+
+
+def _vin_in_bytes_reference(data: bytes, vin: str) -> bool:
+    """The detector's rules written plainly, every form tried on every input:
+    what the fast path (preconditions before each form) must agree with."""
+    strip = b" \t\r\n\x00-_.:/\\|,;'\"+"
+
+    def canon(b: bytes) -> bytes:
+        return b.translate(None, strip).lower()
+
+    def hex_runs(flat: bytes) -> bool:
+        for run in re.findall(rb"[0-9a-f]{34,}", flat):
+            for start in (0, 1):
+                part = run[start : start + (len(run) - start) // 2 * 2]
+                if target in canon(bytes.fromhex(part.decode())):
+                    return True
+        return False
+
+    target = canon(vin.encode())
+    flat = canon(data)
+    if target in flat or hex_runs(flat):
+        return True
+    low = data.lower()
+    unescaped = low
+    for prefix in (b"\\u00", b"\\x", b"%", b"0x", b"&#x"):
+        unescaped = unescaped.replace(prefix, b"")
+    if hex_runs(canon(unescaped.replace(b";", b""))):
+        return True
+    for match in re.finditer(rb"\d{1,3}(?:[^0-9a-z]{1,4}\d{1,3}){16,}", low):
+        numbers = [int(n) for n in re.findall(rb"\d{1,3}", match.group())]
+        if max(numbers) < 256 and target in canon(bytes(numbers)):
+            return True
+    compact = data.translate(None, b" \t\r\n")
+    for run in re.findall(rb"[A-Za-z0-9+/_-]{23,}", compact):
+        run = run.translate(bytes.maketrans(b"-_", b"+/"))
+        for start in range(4):
+            part = run[start:]
+            if len(part) % 4 == 1:
+                part = part[:-1]
+            try:
+                decoded = base64.b64decode(part + b"=" * (-len(part) % 4))
+            except ValueError:
+                continue
+            if target in canon(decoded):
+                return True
+    return False
+
+
+def test_vin_search_agrees_with_its_plain_reference() -> None:
+    """Random mixes of the encodings, cut at random points, in random bytes and
+    among digits and separators (which is where the decimal-list precondition
+    and the escape check decide): the fast search finds exactly what trying
+    every form on every input finds."""
+    rng = random.Random(20261204)
+    pieces = [*_encodings(VIN).values(), *_encodings(OTHER_VIN).values()]
+    noise = [b"0123456789", b", ", b"&#", b";", b"%", b"0x", b"\\x", b"\\u00", b"[", b" "]
+    found = 0
+    for _ in range(3000):
+        parts: list[bytes] = []
+        for _ in range(rng.randint(1, 6)):
+            kind = rng.random()
+            if kind < 0.3:
+                piece = rng.choice(pieces)
+                cut = rng.randint(0, len(piece))
+                # Whole, or cut at either end (most cuts break the form).
+                parts.append(rng.choice((piece, piece[cut:], piece[:cut])))
+            elif kind < 0.6:
+                parts.append(bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40))))
+            elif kind < 0.8:
+                parts.append(
+                    " ".join(str(rng.randint(0, 300)) for _ in range(rng.randint(10, 25))).encode()
+                )
+            else:
+                parts.append(rng.choice(noise) * rng.randint(1, 3))
+        data = b"".join(parts)
+        expected = _vin_in_bytes_reference(data, VIN)
+        assert vin_in_bytes(data, VIN) == expected, data
+        found += expected
+    assert 300 < found < 2700  # both outcomes well represented
 
 
 def test_ordinary_app_payloads_pass() -> None:
