@@ -15,12 +15,12 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import random
 import re
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
@@ -366,9 +366,7 @@ class GatewayService:
         find_my_car = self.store.find_my_car_commands()
         now = self._clock()
         for stored in self.store.load_all():
-            # Interned: the same car's subject keys its state, its history and
-            # its anchor, each read from its own row (one string, not three).
-            subject = sys.intern(stored.snapshot.vin)
+            subject = stored.snapshot.vin
             state = state_from_snapshot(policy, stored.snapshot, stored.window_until)
             erased = book.rows.get(subject)  # its epoch is set when its VIN is seen
             if erased is not None and erased.restricted:
@@ -383,18 +381,28 @@ class GatewayService:
         # Anchors do not depend on the policy: on a policy switch the ones set
         # since the last commit (still only in memory) must not fall back to
         # older stored ones, or the next message would refresh early (rule 13).
-        anchors = {sys.intern(s): a for s, a in self.store.load_anchors()}
+        # The same car's subject keys its state, its history and its anchor,
+        # each read from its own row: one string, not three. Deduplicated by a
+        # map dropped after the load, not sys.intern, whose table keeps an
+        # entry per car for good (39 B a car).
+        canonical = {subject: subject for subject in states}
+        anchors = {canonical.get(s, s): a for s, a in self.store.load_anchors()}
         for key, anchor in self.anchors.items():
             subject = self._claimed.get(key, key)
             kept = anchors.get(subject)
             if kept is None or kept.refreshed_at < anchor.refreshed_at:
                 anchors[subject] = anchor
         self.anchors = anchors
-        self.histories = self._load_histories(self.states)
+        self.histories = self._load_histories(self.states, canonical=canonical)
+        del canonical
         claimed, self._claimed = self._claimed, {}
         self._vins.clear()
-        self._unclaimed = set(self.states) | set(self.anchors) | set(self.histories)
-        self._unclaimed |= self.restricted
+        # Built key by key: a union (or update) with a sized collection
+        # presizes the table as if every key were new, which for the same
+        # subjects twice over doubles its memory per car.
+        self._unclaimed = set(
+            itertools.chain(self.states, self.anchors, self.histories, self.restricted)
+        )
         self._checked.clear()
         for vin in claimed:
             self.claim(vin)
@@ -404,18 +412,25 @@ class GatewayService:
         return len(self.states)
 
     def _load_histories(
-        self, states: dict[str, VehicleState], subjects: Collection[str] | None = None
+        self,
+        states: dict[str, VehicleState],
+        subjects: Collection[str] | None = None,
+        *,
+        canonical: dict[str, str] | None = None,
     ) -> dict[str, CaptureHistory]:
         """The capture-time intervals of every car (or of `subjects`), from the
         settings history (restriction periods included), compacted to the
-        in-memory bound; `states`: the cars' states by subject."""
+        in-memory bound; `states`: the cars' states by subject; `canonical`:
+        each of their keys by itself (the string the histories are keyed by)."""
+        if canonical is None:
+            canonical = {subject: subject for subject in states}
         policy, limit = self.ctx.policy, self.config.limits.capture_intervals_per_vehicle
         histories: dict[str, CaptureHistory] = {}
         previous: tuple[str, int] = ("", 0)  # (vin, revision) of the row before
         latest_merged: set[str] = set()  # cars whose newest row folded settings in
         for row in self.store.capture_history(subjects):
             snapshot = row.snapshot
-            vin = sys.intern(snapshot.vin)  # the states' key (see load_state)
+            vin = canonical.get(snapshot.vin, snapshot.vin)  # the states' key
             state = state_from_snapshot(policy, snapshot)
             if row.merged == 0 and snapshot.source == RESTRICTION_SOURCES[0]:
                 state = dataclasses.replace(state, restricted=True)
@@ -447,7 +462,7 @@ class GatewayService:
         }
         if merged_latest or len(histories) < len(states):
             for stored in self.store.load_all(subjects):
-                vin = sys.intern(stored.snapshot.vin)
+                vin = canonical.get(stored.snapshot.vin, stored.snapshot.vin)
                 current = states.get(vin)
                 if current is None or (vin in histories and vin not in merged_latest):
                     continue

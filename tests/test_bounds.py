@@ -271,3 +271,59 @@ def test_counts_added_up_between_reads_are_all_exposed() -> None:
     assert metrics.value("gateway_messages_received_total", source="vehicle") == 4
     assert metrics.value("gateway_messages_received_total", source="backend") == 1
     assert metrics.value("gateway_messages_received_total", source="vehicle") == 4
+
+
+def test_a_feature_map_shared_by_cars_is_judged_under_each_policy() -> None:
+    """Loads hand every car of one stored feature map the same dict, and its
+    enabled set is remembered by the map's identity: another policy must not
+    get the set the previous one gave the same map."""
+    import dataclasses
+
+    from gateway.core import SettingsSnapshot
+    from gateway.core.state import LocationMode
+
+    features: dict[str, bool] = {}  # nothing said: each policy's defaults apply
+
+    def enabled(policy: object) -> frozenset[str]:
+        snapshot = SettingsSnapshot(
+            "1HGCM82633A004352", 1, False, LocationMode.PRECISE, features, 0.0, ""
+        )
+        return state_from_snapshot(policy, snapshot).enabled  # type: ignore[arg-type]
+
+    assert enabled(POLICY) == POLICY.default_on != frozenset()
+    stricter = dataclasses.replace(POLICY, default_on=frozenset())
+    assert enabled(stricter) == frozenset()
+    assert enabled(POLICY) == POLICY.default_on
+
+
+def test_loading_a_fleet_keeps_one_set_slot_per_unclaimed_car(tmp_path: Path) -> None:
+    """The subjects loaded and not seen since are one set sized for them once:
+    built as a union of the states', histories' and anchors' keys it was sized
+    for all of them together (85 B a car instead of 42 at 200k cars)."""
+    import sys
+
+    from gateway.core import SettingsSnapshot
+    from gateway.core.state import LocationMode
+    from gateway.service import GatewayService
+
+    from .conftest import KEY, gateway_config
+
+    store = SqliteConsentStore.in_state_dir(tmp_path)
+    policy = POLICY
+    cars = 3_000
+    for i in range(cars):
+        store.apply_settings(
+            SettingsSnapshot(f"S{i:063d}", 1, False, LocationMode.APPROXIMATE, {}, 1.0, "")
+        )
+    config = gateway_config("mqtt://127.0.0.1:1", "mqtt://127.0.0.1:1", tmp_path, None)
+    service = GatewayService(config, policy, KEY, store)
+    try:
+        assert service.load_state() == cars
+        assert len(service.histories) == cars  # every car has a history to fold in
+        one_by_one = set()
+        for subject in service.states:
+            one_by_one.add(subject)
+        assert service._unclaimed == one_by_one
+        assert sys.getsizeof(service._unclaimed) <= sys.getsizeof(one_by_one)
+    finally:
+        store.close()

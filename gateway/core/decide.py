@@ -807,7 +807,7 @@ def state_from_snapshot(
     identical states are one object (what makes a million vehicles cheap to
     hold and fast to load).
     """
-    enabled = _enabled_features(policy, tuple(snapshot.features.items()))
+    enabled = _enabled_for_map(policy, snapshot.features)
     key = (
         snapshot.revision,
         snapshot.privacy_mode,
@@ -886,6 +886,26 @@ def _enabled_features(
                 enabled.add(sys.intern(feature_id))
         enabled_set = cache.put(features, _intern_set(frozenset(enabled)))
     return enabled_set
+
+
+# Feature maps by identity (the map kept alive by its entry, so an id is never
+# reused while remembered): a store decodes each distinct JSON text once and
+# hands every car of it the same map, so a restart of a million cars skips
+# building and hashing the items of each. Bounded by entries: a map holds at
+# most the policy's features and the consent caps.
+_ENABLED_BY_MAP: dict[int, tuple[CompiledPolicy, Mapping[str, bool], frozenset[str]]] = {}
+_MAPS_REMEMBERED = 1024
+
+
+def _enabled_for_map(policy: CompiledPolicy, features: Mapping[str, bool]) -> frozenset[str]:
+    hit = _ENABLED_BY_MAP.get(id(features))
+    if hit is not None and hit[1] is features and hit[0] is policy:
+        return hit[2]
+    enabled = _enabled_features(policy, tuple(features.items()))
+    if len(_ENABLED_BY_MAP) >= _MAPS_REMEMBERED:
+        _ENABLED_BY_MAP.clear()
+    _ENABLED_BY_MAP[id(features)] = (policy, features, enabled)
+    return enabled
 
 
 _SET_CACHE: ByteBoundedMemo[frozenset[str], frozenset[str]] = ByteBoundedMemo(
