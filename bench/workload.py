@@ -114,7 +114,8 @@ def make_fleet(size: int, seed: int = 1) -> Fleet:
 
 
 def populate_store(state_dir: Path, fleet: Fleet, policy_version: str) -> Path:
-    """Write the fleet's applied settings straight into the gateway's SQLite store.
+    """Write the fleet's applied settings (and their history) straight into the
+    gateway's SQLite store.
 
     The schema comes from SqliteConsentStore itself; rows go in with one
     executemany in one transaction (the benchmark's setup, not a measurement).
@@ -163,6 +164,13 @@ def populate_store(state_dir: Path, fleet: Fleet, policy_version: str) -> Path:
             " features, applied_at, policy_version, source, window_until)"
             " VALUES (?,?,?,?,?,?,?,?,?)",
             rows,
+        )
+        # And its history row, as the gateway writes with every applied
+        # snapshot (contract v2, rule 11): a restart reads both.
+        db.execute(
+            "INSERT INTO settings_history (vin, revision, privacy_mode, location, features,"
+            " applied_at, policy_version, source) SELECT vin, revision, privacy_mode, location,"
+            " features, applied_at, policy_version, source FROM vehicle_settings ORDER BY vin"
         )
         db.execute("COMMIT")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
