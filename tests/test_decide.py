@@ -1357,3 +1357,24 @@ def test_an_off_for_a_feature_the_policy_does_not_know_yet_survives_a_policy_tha
     # Bounded: a car cannot grow its stored snapshot with made-up offs.
     many = kept_features(POLICY, {f"made_up_{i:04d}": False for i in range(1000)})
     assert len(many) <= 40
+
+
+def test_a_topic_naming_a_stored_subject_is_not_a_vehicle() -> None:
+    """After a restart the service keeps a car not seen since under its
+    subject (a keyed hash), in the same states map the decision reads. A
+    message whose topic names that subject is no car's: dropped as an invalid
+    VIN, never decided under the car's settings (nor published under the
+    subject, which no backend may learn)."""
+    from gateway.core.identity import subject as subject_of
+
+    subject = subject_of(KEY, VIN)
+    msg = sample("tbox/status", vin=subject)
+    decision = decide(
+        CTX,
+        f"vehicle/{subject}/tbox/status",
+        msg.SerializeToString(),
+        {subject: state({"remote_control": True})},
+        {},
+        NOW,
+    )
+    dropped(decision, DropReason.INVALID_VIN)

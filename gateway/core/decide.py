@@ -279,9 +279,9 @@ def decide(
     if route is None:
         return Drop(DropReason.UNKNOWN_TOPIC, "", vin=vin, detail=relative)
     stream, app_id = route
-    # A car with state has a valid VIN (settings are applied for no other), so
-    # the pattern is matched only for the rest.
-    if vin not in states and not is_valid_vin(vin):
+    # Always matched, also for a car with state: the service keeps cars not
+    # seen since a restart under their subject, which no VIN pattern admits.
+    if not is_valid_vin(vin):
         return Drop(DropReason.INVALID_VIN, stream.key, detail=vin)
     if len(payload) > stream.max_payload_bytes and not stream.legal_obligation:
         # Before parsing: a flood of huge payloads costs no protobuf work.
