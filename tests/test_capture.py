@@ -329,3 +329,84 @@ def test_a_compacted_oldest_row_accepts_no_older_revision_after_a_restart(
     decision = run(status(revision=2), loaded[VIN])
     assert isinstance(decision, Drop)
     assert decision.reason is DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    specs=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.booleans(),
+            st.sampled_from([LocationMode.OFF, LocationMode.APPROXIMATE, LocationMode.PRECISE]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    stated_pick=st.integers(min_value=-1, max_value=4),
+    offset_s=st.sampled_from(
+        [None, -7200.0, -SKEW - 1, -SKEW / 2, 0.0, SKEW / 2, SKEW + 1, 1800.0, 10_000.0]
+    ),
+    anchor=st.integers(min_value=0, max_value=3),
+    age_s=st.sampled_from([30.0, SKEW + 30, 5000.0]),
+)
+def test_the_common_case_shortcut_decides_as_the_capture_history_does(
+    specs: list[tuple[bool, bool, LocationMode, bool]],
+    stated_pick: int,
+    offset_s: float | None,
+    anchor: int,
+    age_s: float,
+) -> None:
+    """`decide` skips the history lookup when a message can only have been
+    captured under the settings in force now (stated revision the applied one,
+    or none stated, stamped after the last interval began). Whatever the
+    history, revision, timestamp (a future one counts as now) and age of the
+    last interval, the outcome equals what the capture history itself says:
+    the refusal, or the stricter location mode."""
+    from gateway.core.capture import stricter_mode
+
+    intervals = []
+    for i, (privacy, status_on, location, restricted) in enumerate(specs):
+        st_ = state(i + 1, privacy=privacy, status=status_on, location=location)
+        if restricted and i < len(specs) - 1:  # a restriction period in the past
+            st_ = dataclasses.replace(st_, restricted=True)
+        intervals.append((i + 1, T0 + i * 3600, st_))
+    hist = history(*intervals)
+    last = hist[-1]
+    stated = 0 if stated_pick < 0 else min(stated_pick, last.revision)
+    since = hist[min(anchor, len(hist) - 1)].since
+    now = last.since + age_s  # the last interval began that long ago
+    ts = 0 if offset_s is None else ms(since + offset_s)
+    decision = run(status(stated, ts), hist, now=now)
+
+    current = last.state
+    expected: DropReason | LocationMode
+    captured = capture_state(hist, stated, ts, now, SKEW)
+    if current.restricted:
+        expected = DropReason.RESTRICTED
+    elif current.privacy_mode:
+        expected = DropReason.PRIVACY_MODE
+    elif "remote_control" not in current.enabled:
+        expected = DropReason.FEATURE_DISABLED
+    elif captured is None:
+        expected = DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS
+    elif captured.restricted:
+        expected = DropReason.RESTRICTED
+    elif captured.privacy_mode:
+        expected = DropReason.PRIVACY_MODE
+    elif "remote_control" not in captured.enabled:
+        expected = DropReason.FEATURE_DISABLED
+    else:
+        expected = stricter_mode(current.location, captured.location)
+    if isinstance(expected, DropReason):
+        assert isinstance(decision, Drop), (decision, expected)
+        assert decision.reason is expected, (decision, expected)
+        return
+    assert isinstance(decision, Forward), (decision, expected)
+    shown = {
+        LocationMode.OFF: "clear:position",
+        LocationMode.APPROXIMATE: "coarsen:position",
+        LocationMode.PRECISE: None,
+    }[expected]
+    position_transforms = [t for t in decision.transforms if t.endswith(":position")]
+    assert position_transforms == ([shown] if shown else []), (decision.transforms, expected)

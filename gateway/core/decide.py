@@ -334,16 +334,24 @@ def decide(
             return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
         last = history[-1]
         stamped = header.timestamp_ms
+        settled_ms = (last.since + ctx.capture_skew_s) * 1000
         if not (
-            stated == last.revision == last.first_revision
-            and (len(history) == 1 or history[-2].revision < stated)
-            and (stamped <= 0 or stamped >= (last.since + ctx.capture_skew_s) * 1000)
+            # A future stamp counts as now: both must be past the margin.
+            (stamped <= 0 or (stamped >= settled_ms and now * 1000 >= settled_ms))
+            and (
+                stated == 0
+                or (
+                    stated == last.revision == last.first_revision
+                    and (len(history) == 1 or history[-2].revision < stated)
+                )
+            )
         ):
             # Not the common case (stated = applied, the only interval of it,
-            # stamped after it began: captured under the settings in force
-            # now, checked above). A record stamped before the interval began
-            # may have been captured during a restriction or before an
-            # erasure, which no revision outranks.
+            # or no revision stated; stamped after the interval began, or not
+            # stamped: captured under the settings in force now, checked
+            # above). A record stamped before the interval began may have been
+            # captured during a restriction or before an erasure, which no
+            # revision outranks.
             captured = capture_state(history, stated, header.timestamp_ms, now, ctx.capture_skew_s)
             if captured is None:
                 return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
