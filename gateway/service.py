@@ -66,6 +66,7 @@ from gateway.core.identity import (
 )
 from gateway.core.identity import subject as identity_subject
 from gateway.core.state import is_valid_vin
+from gateway.core.transforms import forget_addresses
 from gateway.delivery import (
     RETRY_DELAYS_S,
     DeadLetter,
@@ -2041,6 +2042,7 @@ class GatewayService:
                 self._parked_count, self._parked_bytes = count, size
                 self._parked_subjects = subjects
             self.accounting.forget(vin)
+            forget_addresses()  # the cache of truncations is keyed by full addresses
             self._erased[vin] = now
             for old in [v for v, at in self._erased.items() if now - at > ERASED_MEMORY_S]:
                 del self._erased[old]

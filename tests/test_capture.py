@@ -410,3 +410,24 @@ def test_the_common_case_shortcut_decides_as_the_capture_history_does(
     }[expected]
     position_transforms = [t for t in decision.transforms if t.endswith(":position")]
     assert position_transforms == ([shown] if shown else []), (decision.transforms, expected)
+
+
+def test_the_shortcut_agrees_with_the_history_at_the_margin_and_after_a_clock_step() -> None:
+    """Two cases found by review of the shortcut: a stamp on the margin, where
+    milliseconds and seconds round differently, and a history whose last
+    interval began before the first (the gateway's clock was set back)."""
+    since = 1806247047.6990001
+    restricted = dataclasses.replace(state(1), restricted=True)
+    hist = history((1, since - 3600, restricted), (2, since, state(2)))
+    stamped = -(-int((since + SKEW) * 1000 * 1000) // 1000)  # ceil of the margin in ms
+    for stated in (0, 2):
+        expected = capture_state(hist, stated, stamped, since + 5000, SKEW)
+        decision = run(status(stated, stamped), hist, now=since + 5000)
+        assert expected is not None
+        assert isinstance(decision, Drop) == expected.restricted, (stated, decision)
+    stepped_back = history((1, T1, state(1)), (2, T0, state(2)))
+    for stated in (0, 2):
+        assert capture_state(stepped_back, stated, ms(T0 + 300), T0 + 600, SKEW) is None
+        decision = run(status(stated, ms(T0 + 300)), stepped_back, now=T0 + 600)
+        assert isinstance(decision, Drop)
+        assert decision.reason is DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS

@@ -49,6 +49,30 @@ async def next_applied(clients: Clients) -> privacy_pb2.PrivacyApplied:
 
 
 @pytest.mark.integration
+async def test_erasure_leaves_no_full_ip_address_in_memory(
+    gateways: GatewayHarness, clients: Clients
+) -> None:
+    """Truncated addresses are remembered per full address (a car keeps its
+    address for hours): an erasure drops them all, so the car's full address
+    does not outlive it in the gateway's memory."""
+    from gateway.core.transforms import forget_addresses, remembered_addresses
+
+    service = await gateways.start()
+    forget_addresses()
+    await clients.car.settings(1, features={"remote_control": True})
+    connectivity = streams_pb2.Connectivity(ip_address="2001:db8:85a3:8d3:1319:8a2e:370:7348")
+    await clients.car.send("tbox/connectivity", clients.car.header(connectivity))
+    await clients.car.barrier()
+    forwarded = clients.backend.on("/tbox/connectivity")
+    assert forwarded, clients.backend.topics()
+    shown = streams_pb2.Connectivity.FromString(forwarded[0].payload)  # type: ignore[arg-type]
+    assert shown.ip_address == "2001:db8:85a3::"
+    assert remembered_addresses() >= 1
+    await service.erase_vehicle(VIN, "dpo-test")
+    assert remembered_addresses() == 0
+
+
+@pytest.mark.integration
 async def test_erasure_events_pair_nothing_and_the_car_is_asked_again(
     gateways: GatewayHarness, clients: Clients
 ) -> None:

@@ -334,10 +334,13 @@ def decide(
             return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
         last = history[-1]
         stamped = header.timestamp_ms
-        settled_ms = (last.since + ctx.capture_skew_s) * 1000
+        # The earliest time the message may have been captured, as capture_state
+        # computes it (a future stamp counts as now, in seconds, so the two agree
+        # to the last bit), past the start of the last interval and of the first
+        # (not the same when the clock was set back).
+        earliest = min(stamped / 1000.0, now) - ctx.capture_skew_s
         if not (
-            # A future stamp counts as now: both must be past the margin.
-            (stamped <= 0 or (stamped >= settled_ms and now * 1000 >= settled_ms))
+            (stamped <= 0 or (earliest >= last.since and earliest >= history[0].since))
             and (
                 stated == 0
                 or (
@@ -809,7 +812,9 @@ def state_from_snapshot(
     """The enforceable state of a snapshot under a policy.
 
     Features the snapshot does not mention take the policy default (never on
-    for consent); unknown feature ids are ignored.
+    for consent); unknown feature ids are ignored. The snapshot's feature map
+    is read, not copied, and remembered by identity: it must not change
+    afterwards (the store and the settings decision build one per snapshot).
 
     States are immutable, and a fleet shares a few thousand distinct ones:
     identical states are one object (what makes a million vehicles cheap to

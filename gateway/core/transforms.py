@@ -162,6 +162,16 @@ def _truncate_remembered(text: str) -> str:
     return _truncate(text)
 
 
+def forget_addresses() -> None:
+    """Drop the remembered addresses (their keys are cars' full IP addresses):
+    after an erasure none of them stays in memory, whichever car it was."""
+    _truncate_remembered.cache_clear()
+
+
+def remembered_addresses() -> int:
+    return _truncate_remembered.cache_info().currsize
+
+
 def _truncate(text: str) -> str:
     fast = _ipv4_slash24(text)
     if fast is not None:
