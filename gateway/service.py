@@ -366,9 +366,21 @@ class GatewayService:
         # Contract rule 17: the commands-per-hour cap and spent fixes survive a restart.
         find_my_car = self.store.find_my_car_commands()
         now = self._clock()
+        # Each car's history as its settings row gives it, for the cars whose
+        # one history row mirrors it (see _load_histories).
+        mirrored: dict[str, CaptureHistory] = {}
         for stored in self.store.load_all():
-            subject = stored.snapshot.vin
-            state = state_from_snapshot(policy, stored.snapshot, stored.window_until)
+            snapshot = stored.snapshot
+            subject = snapshot.vin
+            mirrored[subject] = (
+                Interval(
+                    snapshot.revision,
+                    snapshot.revision,
+                    snapshot.applied_at,
+                    state_from_snapshot(policy, snapshot),
+                ),
+            )
+            state = state_from_snapshot(policy, snapshot, stored.window_until)
             erased = book.rows.get(subject)  # its epoch is set when its VIN is seen
             if erased is not None and erased.restricted:
                 self.restricted.add(subject)
@@ -394,8 +406,8 @@ class GatewayService:
             if kept is None or kept.refreshed_at < anchor.refreshed_at:
                 anchors[subject] = anchor
         self.anchors = anchors
-        self.histories = self._load_histories(self.states, canonical=canonical)
-        del canonical
+        self.histories = self._load_histories(self.states, canonical=canonical, mirrored=mirrored)
+        del canonical, mirrored
         claimed, self._claimed = self._claimed, {}
         self._vins.clear()
         # Built key by key: a union (or update) with a sized collection
@@ -418,20 +430,28 @@ class GatewayService:
         subjects: Collection[str] | None = None,
         *,
         canonical: dict[str, str] | None = None,
+        mirrored: dict[str, CaptureHistory] | None = None,
     ) -> dict[str, CaptureHistory]:
         """The capture-time intervals of every car (or of `subjects`), from the
         settings history (restriction periods included), compacted to the
         in-memory bound; `states`: the cars' states by subject; `canonical`:
-        each of their keys by itself (the string the histories are keyed by)."""
+        each of their keys by itself (the string the histories are keyed by).
+
+        `mirrored` (a full load): every car's history as its settings row gives
+        it when its one history row mirrors that row (filled in and returned):
+        only the cars whose history is more than that are read, and those
+        without any history row are taken out again."""
         if canonical is None:
             canonical = {subject: subject for subject in states}
         policy, limit = self.ctx.policy, self.config.limits.capture_intervals_per_vehicle
-        histories: dict[str, CaptureHistory] = {}
+        histories: dict[str, CaptureHistory] = {} if mirrored is None else mirrored
         previous: tuple[str, int] = ("", 0)  # (vin, revision) of the row before
         latest_merged: set[str] = set()  # cars whose newest row folded settings in
-        for row in self.store.capture_history(subjects):
+        for row in self.store.capture_history(subjects, mirrors=mirrored is None):
             snapshot = row.snapshot
             vin = canonical.get(snapshot.vin, snapshot.vin)  # the states' key
+            if mirrored is not None and vin != previous[0]:
+                histories.pop(vin, None)  # its rows make its history, not its settings
             state = state_from_snapshot(policy, snapshot)
             if row.merged == 0 and snapshot.source == RESTRICTION_SOURCES[0]:
                 state = dataclasses.replace(state, restricted=True)
@@ -450,6 +470,9 @@ class GatewayService:
                 latest_merged.discard(vin)
             interval = Interval(first, snapshot.revision, snapshot.applied_at, state)
             histories[vin] = append(histories.get(vin), interval, limit)
+        if mirrored is not None:
+            for subject in self.store.settings_without_history(subjects):
+                histories.pop(subject, None)
         # A latest row that folded in settings over the rate limit holds the
         # strictest of them under the current revision; the current revision's
         # own settings are known exactly (applied now): an interval of their own

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +27,7 @@ from gateway.core.decide import state_from_snapshot
 from gateway.core.state import strictest
 from gateway.metrics import GatewayMetrics
 from gateway.policy import PolicyError, load_policy, parse_policy
-from gateway.store import SqliteConsentStore
+from gateway.store import ConsentStore, SqliteConsentStore
 from telematics.v1 import streams_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,5 +327,58 @@ def test_loading_a_fleet_keeps_one_set_slot_per_unclaimed_car(tmp_path: Path) ->
             one_by_one.add(subject)
         assert service._unclaimed == one_by_one
         assert sys.getsizeof(service._unclaimed) <= sys.getsizeof(one_by_one)
+    finally:
+        store.close()
+
+
+def test_a_restart_reads_only_histories_that_are_more_than_their_settings(
+    tmp_path: Path, open_store: Callable[[], ConsentStore]
+) -> None:
+    """A full load takes a car's history from its settings row when its one
+    history row mirrors it, and reads the rows of every other car. The result
+    is the history the rows themselves give, for each kind of car: one row,
+    several, a merged row, a restriction, a row that differs from the
+    settings, settings without any history row."""
+    from gateway.control.audit import AuditRecord
+    from gateway.core import SettingsSnapshot
+    from gateway.core.state import LocationMode
+    from gateway.service import GatewayService
+
+    from .conftest import KEY, gateway_config
+
+    store = open_store()
+    assert isinstance(store, SqliteConsentStore)  # PostgreSQL's store is one too
+
+    def snap(car: str, revision: int, at: float, **features: bool) -> SettingsSnapshot:
+        on = features or {"remote_control": True}
+        return SettingsSnapshot(car, revision, False, LocationMode.APPROXIMATE, on, at, "")
+
+    cars = {kind: f"{kind:x<64}" for kind in ("one", "two", "merged", "restricted", "odd", "bare")}
+    for car in cars.values():
+        store.apply_settings(snap(car, 1, 100.0))
+    store.open_window(cars["bare"], 5e9)  # its state differs from its snapshot's
+    store.apply_settings(snap(cars["two"], 2, 200.0, remote_control=False))
+    store.apply_settings(snap(cars["merged"], 2, 200.0, remote_control=False), merge=True)
+    store.apply_settings(snap(cars["merged"], 3, 210.0), merge=True)
+    store.set_restriction(
+        cars["restricted"], True, AuditRecord("dpo", "restriction_set", "", {}, 300.0)
+    )
+
+    def tamper(db: Any) -> None:
+        db.execute("UPDATE settings_history SET applied_at = 99.0 WHERE vin = ?", (cars["odd"],))
+        db.execute("DELETE FROM settings_history WHERE vin = ?", (cars["bare"],))
+
+    store._write(tamper)
+    config = gateway_config("mqtt://127.0.0.1:1", "mqtt://127.0.0.1:1", tmp_path, None)
+    service = GatewayService(config, POLICY, KEY, store)
+    try:
+        assert service.load_state() == len(cars)
+        read_in_full = service._load_histories(service.states)
+        assert service.histories == read_in_full
+        assert len(service.histories[cars["two"]]) == 2
+        assert service.histories[cars["odd"]][0].since == 99.0
+        assert service.histories[cars["bare"]][0].since == 100.0
+        skipped = {row.snapshot.vin for row in store.capture_history(mirrors=False)}
+        assert skipped == {cars[k] for k in ("two", "merged", "restricted", "odd")}
     finally:
         store.close()

@@ -149,10 +149,18 @@ class ConsentStore(Protocol):
     def history(self, vin: str) -> list[SettingsSnapshot]:
         """Applied settings of one vehicle, oldest first."""
 
-    def capture_history(self, subjects: Collection[str] | None = None) -> Iterator[HistoryRow]:
+    def capture_history(
+        self, subjects: Collection[str] | None = None, *, mirrors: bool = True
+    ) -> Iterator[HistoryRow]:
         """Every settings history row (or these cars'), restriction periods
         included, grouped by vehicle, oldest first (the in-memory capture-time
-        intervals)."""
+        intervals). With `mirrors=False`, a car whose whole history is one
+        unmerged row equal to its applied settings is left out: its interval
+        follows from the settings row (most cars, at a restart)."""
+
+    def settings_without_history(self, subjects: Collection[str] | None = None) -> set[str]:
+        """Cars with applied settings and no history row (a store filled by
+        other means, or written before histories were kept)."""
 
     def restricted_vins(self, subjects: Collection[str] | None = None) -> set[str]: ...
 

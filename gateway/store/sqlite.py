@@ -687,17 +687,24 @@ class SqliteConsentStore:
             ).fetchall()
         return [_snapshot(r) for r in rows]
 
-    def capture_history(self, subjects: Collection[str] | None = None) -> Iterator[HistoryRow]:
+    def capture_history(
+        self, subjects: Collection[str] | None = None, *, mirrors: bool = True
+    ) -> Iterator[HistoryRow]:
         """Every history row (restriction periods included), by vehicle, oldest
-        first (or these cars')."""
+        first (or these cars'); without the cars whose history only mirrors
+        their settings when `mirrors` is False (see ConsentStore)."""
         decoded: dict[str, dict[str, bool]] = {}
+        where, params = _one_car("vin", subjects)
+        if not mirrors:
+            where = (where + " AND" if where else " WHERE") + _NOT_A_MIRROR
+            params = (*params, *RESTRICTION_SOURCES)
         with self._lock:
             cursor = self._db.execute(
                 "SELECT vin, revision, privacy_mode, location, features, applied_at,"
                 " policy_version, source, merged FROM settings_history"
-                + _one_car("vin", subjects)[0]
+                + where
                 + " ORDER BY vin, id",
-                _one_car("vin", subjects)[1],
+                params,
             )
             while rows := cursor.fetchmany(10_000):
                 for row in rows:
@@ -706,6 +713,18 @@ class SqliteConsentStore:
                     if features is None:
                         features = decoded[text] = json.loads(text)
                     yield HistoryRow(_snapshot(row, features), int(row[8]))
+
+    def settings_without_history(self, subjects: Collection[str] | None = None) -> set[str]:
+        where, params = _one_car("s.vin", subjects)
+        return {
+            str(row[0])
+            for row in self._read(
+                "SELECT s.vin FROM vehicle_settings s"
+                + (where + " AND" if where else " WHERE")
+                + " NOT EXISTS (SELECT 1 FROM settings_history h WHERE h.vin = s.vin)",
+                params,
+            )
+        }
 
     # ------------------------------------------------------------ transactions
 
@@ -1444,6 +1463,20 @@ def _snapshot(row: tuple[object, ...], features: dict[str, bool] | None = None) 
         policy_version=str(row[6]),
         source=str(row[7]),
     )
+
+
+# A car's history is more than a mirror of its settings: several rows, a
+# merged row, a restriction row, or one row that differs from its settings
+# (or has none). One pass over the history index and a key lookup per row,
+# a fraction of reading and decoding every row.
+_NOT_A_MIRROR = (
+    " vin IN (SELECT h.vin FROM settings_history h LEFT JOIN vehicle_settings s"
+    " ON s.vin = h.vin GROUP BY h.vin HAVING COUNT(*) > 1 OR SUM(CASE WHEN h.merged = 0"
+    " AND s.vin IS NOT NULL AND h.revision = s.revision AND h.privacy_mode = s.privacy_mode"
+    " AND h.location = s.location AND h.features = s.features"
+    " AND h.applied_at = s.applied_at AND h.policy_version = s.policy_version"
+    " AND h.source = s.source AND h.source NOT IN (?, ?) THEN 0 ELSE 1 END) > 0)"
+)
 
 
 def _one_car(column: str, subjects: Collection[str] | None) -> tuple[str, tuple[object, ...]]:
