@@ -372,15 +372,15 @@ class GatewayService:
         for stored in self.store.load_all():
             snapshot = stored.snapshot
             subject = snapshot.vin
+            plain = state_from_snapshot(policy, snapshot)
             mirrored[subject] = (
-                Interval(
-                    snapshot.revision,
-                    snapshot.revision,
-                    snapshot.applied_at,
-                    state_from_snapshot(policy, snapshot),
-                ),
+                Interval(snapshot.revision, snapshot.revision, snapshot.applied_at, plain),
             )
-            state = state_from_snapshot(policy, snapshot, stored.window_until)
+            state = (
+                plain  # no window: the same state (window_until 0.0 is the default)
+                if stored.window_until == 0.0
+                else state_from_snapshot(policy, snapshot, stored.window_until)
+            )
             erased = book.rows.get(subject)  # its epoch is set when its VIN is seen
             if erased is not None and erased.restricted:
                 self.restricted.add(subject)
