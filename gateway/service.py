@@ -103,6 +103,7 @@ SUBJECTS_CACHED = 16_384  # VIN -> subject hashes remembered (then forgotten)
 # Shared store: decisions of one message retried when another instance
 # changed the car's anchor or find-my-car state first; then it is refused.
 SHARED_STATE_ATTEMPTS = 3
+_NO_OBJECTIONS: frozenset[str] = frozenset()
 SUBJECTS_PER_READ = 500  # cars reloaded per store read (bounded statements)
 # Shared: a parked message whose revision was applied longer ago than the
 # longest release delay plus this is held by no instance (checked this often).
@@ -1890,7 +1891,7 @@ class GatewayService:
         log.info("policy %s active", policy.version, extra={"policy_version": policy.version})
 
     def _with_objections(self, subject: str, state: VehicleState) -> VehicleState:
-        objected = self._objections.get(subject, frozenset())
+        objected = self._objections.get(subject, _NO_OBJECTIONS)
         if objected == state.objected:
             return state
         return dataclasses.replace(state, objected=objected)
