@@ -478,10 +478,10 @@ class GatewayService:
         # strictest of them under the current revision; the current revision's
         # own settings are known exactly (applied now): an interval of their own
         # from when they were applied, the merged one keeps the revisions before.
-        merged_latest = {
+        merged_latest = {  # from the few merged cars, not every car's history
             vin
-            for vin, history in histories.items()
-            if vin in latest_merged
+            for vin in latest_merged
+            if (history := histories.get(vin)) is not None
             and (current := states.get(vin)) is not None
             and history[-1].revision == current.revision
         }
