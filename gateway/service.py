@@ -446,7 +446,8 @@ class GatewayService:
             canonical = {subject: subject for subject in states}
         policy, limit = self.ctx.policy, self.config.limits.capture_intervals_per_vehicle
         histories: dict[str, CaptureHistory] = {} if mirrored is None else mirrored
-        previous: tuple[str, int] = ("", 0)  # (vin, revision) of the row before
+        # (vin, revision) of the row before; None matches no car's key, not even "".
+        previous: tuple[str | None, int] = (None, 0)
         latest_merged: set[str] = set()  # cars whose newest row folded settings in
         for row in self.store.capture_history(subjects, mirrors=mirrored is None):
             snapshot = row.snapshot

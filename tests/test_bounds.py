@@ -353,7 +353,8 @@ def test_a_restart_reads_only_histories_that_are_more_than_their_settings(
         on = features or {"remote_control": True}
         return SettingsSnapshot(car, revision, False, LocationMode.APPROXIMATE, on, at, "")
 
-    cars = {kind: f"{kind:x<64}" for kind in ("one", "two", "merged", "restricted", "odd", "bare")}
+    kinds = ("one", "two", "merged", "restricted", "lifted", "odd", "version", "bare")
+    cars = {kind: f"{kind:x<64}" for kind in kinds}
     for car in cars.values():
         store.apply_settings(snap(car, 1, 100.0))
     store.open_window(cars["bare"], 5e9)  # its state differs from its snapshot's
@@ -363,10 +364,23 @@ def test_a_restart_reads_only_histories_that_are_more_than_their_settings(
     store.set_restriction(
         cars["restricted"], True, AuditRecord("dpo", "restriction_set", "", {}, 300.0)
     )
+    for restricted, at in ((True, 300.0), (False, 400.0)):
+        store.set_restriction(
+            cars["lifted"], restricted, AuditRecord("dpo", "restriction", "", {}, at)
+        )
 
     def tamper(db: Any) -> None:
         db.execute("UPDATE settings_history SET applied_at = 99.0 WHERE vin = ?", (cars["odd"],))
         db.execute("DELETE FROM settings_history WHERE vin = ?", (cars["bare"],))
+        # Retention left only the lift of a restriction; a policy rollback
+        # changed the version the settings name.
+        db.execute(
+            "DELETE FROM settings_history WHERE vin = ? AND source <> 'restriction_lifted'",
+            (cars["lifted"],),
+        )
+        db.execute(
+            "UPDATE vehicle_settings SET policy_version = 'v0' WHERE vin = ?", (cars["version"],)
+        )
 
     store._write(tamper)
     config = gateway_config("mqtt://127.0.0.1:1", "mqtt://127.0.0.1:1", tmp_path, None)
@@ -379,6 +393,8 @@ def test_a_restart_reads_only_histories_that_are_more_than_their_settings(
         assert service.histories[cars["odd"]][0].since == 99.0
         assert service.histories[cars["bare"]][0].since == 100.0
         skipped = {row.snapshot.vin for row in store.capture_history(mirrors=False)}
-        assert skipped == {cars[k] for k in ("two", "merged", "restricted", "odd")}
+        assert skipped == {
+            cars[k] for k in ("two", "merged", "restricted", "lifted", "odd", "version")
+        }
     finally:
         store.close()

@@ -1467,8 +1467,9 @@ def _snapshot(row: tuple[object, ...], features: dict[str, bool] | None = None) 
 
 # A car's history is more than a mirror of its settings: several rows, a
 # merged row, a restriction row, or one row that differs from its settings
-# (or has none). One pass over the history index and a key lookup per row,
-# a fraction of reading and decoding every row.
+# (or has none). One pass over the history (each row's flags and text
+# compared in SQL, a key lookup of its settings row): a fraction of reading
+# and decoding every row in Python.
 _NOT_A_MIRROR = (
     " vin IN (SELECT h.vin FROM settings_history h LEFT JOIN vehicle_settings s"
     " ON s.vin = h.vin GROUP BY h.vin HAVING COUNT(*) > 1 OR SUM(CASE WHEN h.merged = 0"
