@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.core import (
@@ -332,6 +332,16 @@ def test_a_compacted_oldest_row_accepts_no_older_revision_after_a_restart(
 
 
 @settings(max_examples=400, deadline=None)
+@example(  # the fault it found: stamped ahead, a restriction ended within the margin
+    specs=[
+        (False, True, LocationMode.PRECISE, True),
+        (False, True, LocationMode.PRECISE, False),
+    ],
+    stated_pick=2,
+    offset_s=10_000.0,
+    anchor=1,
+    age_s=30.0,
+)
 @given(
     specs=st.lists(
         st.tuples(
@@ -379,25 +389,24 @@ def test_the_common_case_shortcut_decides_as_the_capture_history_does(
     ts = 0 if offset_s is None else ms(since + offset_s)
     decision = run(status(stated, ts), hist, now=now)
 
+    def refusal(st_: VehicleState) -> DropReason | None:
+        if st_.restricted:
+            return DropReason.RESTRICTED
+        if st_.privacy_mode:
+            return DropReason.PRIVACY_MODE
+        if "remote_control" not in st_.enabled:
+            return DropReason.FEATURE_DISABLED
+        return None
+
     current = last.state
-    expected: DropReason | LocationMode
+    expected: DropReason | LocationMode | None
     captured = capture_state(hist, stated, ts, now, SKEW)
-    if current.restricted:
-        expected = DropReason.RESTRICTED
-    elif current.privacy_mode:
-        expected = DropReason.PRIVACY_MODE
-    elif "remote_control" not in current.enabled:
-        expected = DropReason.FEATURE_DISABLED
-    elif captured is None:
-        expected = DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS
-    elif captured.restricted:
-        expected = DropReason.RESTRICTED
-    elif captured.privacy_mode:
-        expected = DropReason.PRIVACY_MODE
-    elif "remote_control" not in captured.enabled:
-        expected = DropReason.FEATURE_DISABLED
-    else:
-        expected = stricter_mode(current.location, captured.location)
+    expected = refusal(current)
+    if expected is None:
+        if captured is None:
+            expected = DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS
+        else:
+            expected = refusal(captured) or stricter_mode(current.location, captured.location)
     if isinstance(expected, DropReason):
         assert isinstance(decision, Drop), (decision, expected)
         assert decision.reason is expected, (decision, expected)
