@@ -76,6 +76,8 @@ class Proc:
                 self.process.kill()
                 self.process.wait()
         self._drain.join(timeout=2)
+        if self.process.stderr is not None and not self._drain.is_alive():
+            self.process.stderr.close()
 
 
 def cpu_seconds(pid: int) -> float:

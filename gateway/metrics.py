@@ -10,6 +10,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -66,6 +67,7 @@ class GatewayMetrics:
         r.register(_FlushPending(self))
         ProcessCollector(registry=r)  # process_*: CPU, memory, open fds, start time
         PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)  # python_gc_*: collections per generation (see cli's tuning)
         self.version = package_version()
         self.commit = build_commit()
         self.build_info = Gauge(
