@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from importlib import metadata, resources
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import (
@@ -11,13 +13,13 @@ from prometheus_client import (
     Counter,
     Gauge,
     GCCollector,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 OTHER = "other"
 DISTRIBUTION = "vehicle-privacy-gateway"
@@ -147,12 +149,7 @@ class GatewayMetrics:
         self.internal_errors = Counter(
             "gateway_internal_errors_total", "Messages that raised inside the gateway", registry=r
         )
-        self.decision_seconds = Histogram(
-            "gateway_decision_seconds",
-            "Time to decide one message (decode, decide, transform, encode)",
-            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2),
-            registry=r,
-        )
+        self.decision_seconds = DecisionTimes(r)
         self.inflight = Gauge(
             "gateway_inflight_messages", "Received but not yet acknowledged", ["source"], registry=r
         )
@@ -217,6 +214,42 @@ class GatewayMetrics:
     def value(self, name: str, **labels: str) -> float:
         """Current value of a sample (tests and the shutdown summary)."""
         return self.registry.get_sample_value(name, labels) or 0.0
+
+
+class DecisionTimes(Collector):
+    """gateway_decision_seconds, a histogram counted here and exposed when the
+    registry is read. prometheus_client's Histogram takes two locks and walks
+    its buckets on every observation (about 1 µs, a third of deciding a
+    dropped message); this is one bisection and one list increment."""
+
+    NAME = "gateway_decision_seconds"
+    HELP = "Time to decide one message (decode, decide, transform, encode)"
+    BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 1e-2)
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._counts = [0] * (len(self.BUCKETS) + 1)  # the last: above every bound
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, seconds: float) -> None:
+        # A bucket counts what is <= its bound: the first bound not below it.
+        self._counts[bisect_left(self.BUCKETS, seconds)] += 1
+        self._sum += seconds
+
+    def collect(self) -> list[Metric]:
+        bounds = [*map(floatToGoString, self.BUCKETS), "+Inf"]
+        cumulative = list(accumulate(self._counts))
+        return [
+            HistogramMetricFamily(
+                self.NAME,
+                self.HELP,
+                buckets=list(zip(bounds, cumulative, strict=True)),
+                sum_value=self._sum,
+            )
+        ]
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.NAME, self.HELP)]
 
 
 class _FlushPending(Collector):

@@ -193,16 +193,10 @@ class AckWindow:
     overtakes an earlier message still in flight.
     """
 
-    def __init__(
-        self,
-        edge: MqttEdge,
-        on_size: Callable[[int], None],
-        budget: IngressBudget | None = None,
-    ) -> None:
+    def __init__(self, edge: MqttEdge, budget: IngressBudget | None = None) -> None:
         self._edge = edge
         self.budget = budget  # given back as each message settles
         self._pending: deque[_Slot] = deque()
-        self._on_size = on_size
         self.drained = asyncio.Event()
         self.drained.set()
 
@@ -217,12 +211,48 @@ class AckWindow:
         while pending and pending[0].done:
             slot = pending.popleft()
             self._edge.ack(slot.mid, slot.qos, slot.generation)
-        self._on_size(len(pending))
         if not pending:
             self.drained.set()
 
     def __len__(self) -> int:
         return len(self._pending)
+
+
+class DecisionQueue:
+    """What the decision loop takes in turn: messages from the edges'
+    callbacks, operators' actions, and None to stop.
+
+    A deque and one waiter. asyncio.Queue's bookkeeping (unfinished-task
+    counts, an Event cleared on every put, putters woken on every get) cost
+    ten calls per message; nothing here waits for room (the edges pause
+    reading instead, see IngressBudget).
+    """
+
+    __slots__ = ("_waiter", "items")
+
+    def __init__(self) -> None:
+        self.items: deque[InboundMessage | ControlOp | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: InboundMessage | ControlOp | None) -> None:
+        self.items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # done: its getter was cancelled
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until something is queued (at once if something is)."""
+        while not self.items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await waiter
+
+    def qsize(self) -> int:
+        return len(self.items)
+
+    def empty(self) -> bool:
+        return not self.items
 
 
 @dataclass(slots=True)
@@ -269,7 +299,7 @@ class GatewayService:
         # Per car, the settings intervals applied (consent at capture time).
         self.histories: dict[str, CaptureHistory] = {}
         self._clock = clock
-        self._queue: asyncio.Queue[InboundMessage | ControlOp | None] = asyncio.Queue()
+        self._queue = DecisionQueue()
         self.restricted: set[str] = set()
         # Features objected to per car (Art. 21), by subject: part of each state.
         self._objections: dict[str, frozenset[str]] = {}
@@ -658,11 +688,11 @@ class GatewayService:
         self.metrics.inflight_bytes.set_function(lambda: float(budget.bytes))
         self.metrics.ingress_paused.set_function(lambda: 1.0 if budget.paused else 0.0)
         for edge in self.edges:
-            self._windows[edge.name] = AckWindow(
-                edge,
-                self.metrics.inflight.labels(edge.name).set,
-                self.budget if edge is self.vehicle_edge else None,
+            window = self._windows[edge.name] = AckWindow(
+                edge, self.budget if edge is self.vehicle_edge else None
             )
+            # Read when scraped: a gauge set on every acknowledgement takes a lock each time.
+            self.metrics.inflight.labels(edge.name).set_function(window.__len__)
         self._tasks = [
             *(asyncio.create_task(e.run(), name=f"{e.name}-edge") for e in self.edges),
             asyncio.create_task(self._decide_loop(), name="decide-loop"),
@@ -911,8 +941,11 @@ class GatewayService:
     async def _decide_loop(self) -> None:
         edges = {VEHICLE: self.vehicle_edge, BACKEND: self.backend_edge}
         queue = self._queue
+        items = queue.items
         while True:
-            msg = await queue.get()
+            if not items:
+                await queue.wait()
+            msg = items.popleft()
             if msg is None or self._stopping:
                 return
             if isinstance(msg, ControlOp):

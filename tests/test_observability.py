@@ -4,6 +4,7 @@ the Grafana dashboard and Prometheus alert rules under deploy/ checked against i
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -351,3 +352,32 @@ def test_scrape_example_is_valid_and_names_the_job_the_alerts_select() -> None:
     assert job["authorization"]["credentials_file"]  # /metrics wants a token
     down = next(r for r in alert_rules() if r["alert"] == "PrivacyGatewayDown")
     assert f'job="{job["job_name"]}"' in down["expr"]
+
+
+def test_decision_times_expose_what_a_prometheus_histogram_would() -> None:
+    """gateway_decision_seconds is counted by the gateway itself (cheaper per
+    message): same buckets, same boundary rule (a value equal to a bound is in
+    that bucket), same count and sum as prometheus_client's Histogram."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from gateway.metrics import DecisionTimes
+
+    ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    ours = DecisionTimes(ours_registry)
+    reference = Histogram(
+        DecisionTimes.NAME,
+        DecisionTimes.HELP,
+        buckets=DecisionTimes.BUCKETS,
+        registry=reference_registry,
+    )
+    rng = random.Random(7)
+    values = [*DecisionTimes.BUCKETS, 0.0, 1.0, *(rng.uniform(0, 0.012) for _ in range(500))]
+    values += [
+        rng.choice(DecisionTimes.BUCKETS) * (1 + rng.choice((-1e-12, 1e-12))) for _ in range(200)
+    ]
+    for value in values:
+        ours.observe(value)
+        reference.observe(value)
+    assert samples(generate_latest(ours_registry).decode()) == samples(
+        generate_latest(reference_registry).decode()
+    )
