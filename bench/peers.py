@@ -344,8 +344,10 @@ class PeerOptions:
     fleet_size: int = 2_000
 
 
-def _start(ctx: Context, red: Path, fleet: Fleet, tag: str) -> tuple[Variant, Variant]:
-    from bench.procs import start_gateway, write_gateway_config
+def _start(
+    ctx: Context, red: Path, fleet: Fleet, tag: str, floor: bool
+) -> tuple[Variant, Variant, Variant | None]:
+    from bench.procs import start_gateway, start_relay, write_gateway_config
 
     url = ctx.broker.url
     state = ctx.tmp / f"{tag}-gateway-state"
@@ -357,11 +359,16 @@ def _start(ctx: Context, red: Path, fleet: Fleet, tag: str) -> tuple[Variant, Va
     flow_dir = ctx.tmp / f"{tag}-node-red"
     write_flow(flow_dir, ctx.broker.port, fleet, pvp, pbp)
     peer = Variant("node-red", pvp, pbp, start_node_red(red, flow_dir, f"{tag}-node-red"))
-    for v in (gateway, peer):
-        assert v.proc is not None
-        v.proc.wait_ready(90)
+    edge = None
+    if floor:
+        evp, ebp = f"{tag}ev", f"{tag}eb"
+        edge = Variant("edge", evp, ebp, start_relay("edge", f"{tag}-edge", url, evp, ebp))
+    for v in (gateway, peer, edge):
+        if v is not None:
+            assert v.proc is not None
+            v.proc.wait_ready(90)
     time.sleep(0.5)  # Node-RED subscribes just after it logs the connection
-    return gateway, peer
+    return gateway, peer, edge
 
 
 def run_workload(
@@ -372,24 +379,23 @@ def run_workload(
     messages: list[VehicleMessage],
     warmup: list[VehicleMessage],
     rounds: int,
+    floor: bool = False,
 ) -> dict[str, Any]:
-    gateway, peer = _start(ctx, red, fleet, name[:2])
+    """`floor`: also the gateway's MQTT edge relaying alone (bench/relays.py)."""
+    gateway, peer, edge = _start(ctx, red, fleet, name[:2], floor)
+    variants = [v for v in (gateway, peer, edge) if v is not None]
     json_messages = as_json(messages)
     json_warmup = as_json(warmup)
-    raw: dict[str, list[dict[str, Any]]] = {"gateway": [], "node-red": []}
+    raw: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
     try:
         packets = {
-            "gateway": encode(messages, gateway.in_prefix),
-            "node-red": encode(json_messages, peer.in_prefix),
+            v.name: encode(json_messages if v is peer else messages, v.in_prefix) for v in variants
         }
-        warm = {
-            "gateway": encode(warmup, gateway.in_prefix),
-            "node-red": encode(json_warmup, peer.in_prefix),
-        }
-        for v in (gateway, peer):
+        warm = {v.name: encode(json_warmup if v is peer else warmup, v.in_prefix) for v in variants}
+        for v in variants:
             run_once(ctx, v, warm[v.name], rate=None, label=f"warm-{name}-{v.name}")
         for r in range(rounds):
-            order = (gateway, peer) if r % 2 == 0 else (peer, gateway)
+            order = variants if r % 2 == 0 else variants[::-1]
             for v in order:
                 res = run_once(ctx, v, packets[v.name], rate=None, label=f"{name}-{v.name}-{r}")
                 fig = throughput_figures(res, len(messages))
@@ -403,7 +409,7 @@ def run_workload(
                 )
                 time.sleep(0.3)
     finally:
-        stop_variants([gateway, peer])
+        stop_variants(variants)
 
     def med(variant: str, key: str, sub: str | None = None) -> float:
         return median([f[key][sub] if sub else f[key] for f in raw[variant]])
@@ -443,6 +449,7 @@ def bench_peers(ctx: Context, options: PeerOptions) -> dict[str, Any]:
         all_forward_messages(fleet, options.messages),
         all_forward_messages(fleet, WARMUP, seed=9),
         options.rounds,
+        floor=True,
     )
     mixed = make_fleet(options.fleet_size)
     result["mixed"] = run_workload(
@@ -466,6 +473,11 @@ def peer_targets(result: dict[str, Any]) -> list[Target]:
         " (acknowledges on arrival, no end-to-end guarantee, JSON);"
         f" broker {g['cpu_us_per_msg']['broker']:.1f} µs/msg"
     )
+    if "edge" in fwd:  # the gateway's MQTT edge relaying, nothing else: the floor
+        e = fwd["edge"]
+        detail += (
+            f"; MQTT edge alone {e['msg_s']:,.0f} msg/s, {e['cpu_us_per_msg']['system']:.1f} µs/msg"
+        )
     mixed = result["mixed"]["median"]
     return [
         Target(

@@ -180,6 +180,8 @@ def start_gateway(
     return Proc(name, argv, "gateway ready")
 
 
-def start_naive_relay(name: str, broker_url: str, in_prefix: str, out_prefix: str) -> Proc:
-    argv = [sys.executable, "-m", "bench.relays", "naive", broker_url, in_prefix, out_prefix]
+def start_relay(kind: str, name: str, broker_url: str, in_prefix: str, out_prefix: str) -> Proc:
+    """`kind`: "naive" (aiomqtt, one publish at a time) or "edge" (the gateway's
+    MQTT edge and nothing else); see bench/relays.py."""
+    argv = [sys.executable, "-m", "bench.relays", kind, broker_url, in_prefix, out_prefix]
     return Proc(name, argv, "relay ready")

@@ -4,6 +4,13 @@
     An aiomqtt subscriber that awaits each QoS 1 publish in turn: what a
     straightforward asyncio relay looks like (and it acks before processing).
 
+`python -m bench.relays edge URL IN_PREFIX OUT_PREFIX`
+    The gateway's own MQTT edge (`MqttEdge`, one connection each way) relaying
+    QoS 1 with the gateway's user properties and acknowledging each message
+    after the backend's PUBACK, in order: no decision, no store, no metrics,
+    no decision queue. What any design built on this edge and asyncio pays
+    per message before it does anything (the floor `bench peers` reports).
+
 `python -m bench.relays noop run --config ... (gateway run arguments)`
     The real gateway process (CLI, GatewayService, MqttEdge pair, AckWindow,
     metrics, logging) with only the decision core replaced by a pass-through:
@@ -85,12 +92,49 @@ async def naive_relay(url: str, in_prefix: str, out_prefix: str) -> None:
             await outbound.publish(out_prefix + message.topic.value[cut:], payload, qos=1)
 
 
+async def edge_relay(url: str, in_prefix: str, out_prefix: str) -> None:
+    from gateway.edges.mqtt import BrokerEndpoint, InboundMessage, MqttEdge, PublishRefused
+
+    endpoint = BrokerEndpoint.parse(url)
+    cut = len(in_prefix)
+
+    def relay(message: InboundMessage) -> None:
+        def done(refusal: PublishRefused | None) -> None:
+            # PUBACKs come back in the order sent: acknowledgements stay in order.
+            vehicle.ack(message.mid, message.qos, message.generation)
+
+        backend.publish_then(out_prefix + message.topic[cut:], message.payload, _PROPERTIES, done)
+
+    vehicle = MqttEdge(
+        name="vehicle",
+        endpoint=endpoint,
+        client_id=f"edge-relay-in-{in_prefix}",
+        subscriptions=[f"{in_prefix}/#"],
+        on_message=relay,
+        clean_start=True,
+    )
+    backend = MqttEdge(
+        name="backend",
+        endpoint=endpoint,
+        client_id=f"edge-relay-out-{in_prefix}",
+        subscriptions=[],
+        on_message=lambda message: None,
+        clean_start=True,
+    )
+    tasks = [asyncio.create_task(vehicle.run()), asyncio.create_task(backend.run())]
+    await vehicle.ready.wait()
+    await backend.ready.wait()
+    print("relay ready", file=sys.stderr, flush=True)
+    await asyncio.gather(*tasks)
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "noop":
         return run_noop(argv[1:])
-    if argv and argv[0] == "naive" and len(argv) == 4:
+    relays = {"naive": naive_relay, "edge": edge_relay}
+    if argv and argv[0] in relays and len(argv) == 4:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(naive_relay(argv[1], argv[2], argv[3]))
+            asyncio.run(relays[argv[0]](argv[1], argv[2], argv[3]))
         return 0
     print(__doc__, file=sys.stderr)
     return 2

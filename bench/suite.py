@@ -27,7 +27,7 @@ from bench.procs import (
     Proc,
     cpu_seconds,
     start_gateway,
-    start_naive_relay,
+    start_relay,
     write_gateway_config,
 )
 from bench.wire import Publisher, Receiver, publish_packet
@@ -283,7 +283,7 @@ def start_variants(ctx: Context, names: list[str], fleet: Fleet, tag: str) -> li
             variants.append(Variant(name, vp, vp))
             continue
         if name == "naive":
-            proc = start_naive_relay(f"{tag}-naive", url, vp, bp)
+            proc = start_relay("naive", f"{tag}-naive", url, vp, bp)
         else:
             state = ctx.tmp / f"{tag}-{name}-state"
             populate_store(state, fleet, version)

@@ -19,6 +19,7 @@ from bench.workload import make_fleet, make_messages, marker_vin
 from gateway.core.decide import DecisionContext, Forward, decide
 from gateway.core.state import LocationMode, SettingsSnapshot
 from gateway.policy import load_policy
+from sim.broker import MosquittoBroker
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "config" / "policy.yaml"
@@ -119,3 +120,32 @@ def test_the_node_red_function_forwards_what_the_gateway_forwards(tmp_path: Path
         (m.vin, m.stream) for m, a, b in zip(messages, expected, forwarded, strict=True) if a != b
     ]
     assert mismatches == []
+
+
+def test_the_edge_floor_relays_every_message_and_acknowledges_it(
+    broker: MosquittoBroker,
+) -> None:
+    """`bench peers` quotes the gateway's MQTT edge relaying alone as the floor
+    of the design: it must forward every message, in order (else its CPU per
+    message would flatter the floor), which it can only do for more than its
+    Receive Maximum (512) if it acknowledges them too."""
+    from bench.peers import all_forward_fleet, all_forward_messages
+    from bench.procs import start_relay
+    from bench.suite import encode
+    from bench.wire import Publisher, Receiver
+
+    count = 2_000
+    relay = start_relay("edge", "edge-floor", broker.url, "fin", "fout")
+    try:
+        relay.wait_ready(30)
+        fleet = all_forward_fleet(100)
+        receiver = Receiver("127.0.0.1", broker.port, "floor-recv", ["fout/#"], side_suffix=b"/x")
+        publisher = Publisher("127.0.0.1", broker.port, "floor-gen")
+        receiver.expect(count)
+        publisher.send(encode(all_forward_messages(fleet, count), "fin"), [0.0] * count)
+        assert receiver.done.wait(60), "not every message was relayed"
+        assert [s for s in receiver.seqs if s > 0] == list(range(1, count + 1))
+        publisher.close()
+        receiver.close()
+    finally:
+        relay.stop()
