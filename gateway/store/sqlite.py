@@ -1022,7 +1022,7 @@ class SqliteConsentStore:
                 "INSERT INTO egress_counts VALUES (?,?,?,?,?,?) ON CONFLICT"
                 "(vin, day, stream, feature, policy_version) DO UPDATE SET"
                 " count = egress_counts.count + excluded.count",
-                [(c.vin, c.day, c.stream, c.feature, c.policy_version, c.count) for c in counts],
+                counts,  # rows in column order
             )
 
         if counts:
