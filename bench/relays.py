@@ -7,9 +7,10 @@
 `python -m bench.relays edge URL IN_PREFIX OUT_PREFIX`
     The gateway's own MQTT edge (`MqttEdge`, one connection each way) relaying
     QoS 1 with the gateway's user properties and acknowledging each message
-    after the backend's PUBACK, in order: no decision, no store, no metrics,
-    no decision queue. What any design built on this edge and asyncio pays
-    per message before it does anything (the floor `bench peers` reports).
+    after the backend's PUBACK, in order, with the gateway's collector
+    settings: no decision, no store, no metrics, no decision queue. What any
+    design built on this edge and asyncio pays per message before it does
+    anything (the floor `bench peers` reports).
 
 `python -m bench.relays noop run --config ... (gateway run arguments)`
     The real gateway process (CLI, GatewayService, MqttEdge pair, AckWindow,
@@ -93,6 +94,7 @@ async def naive_relay(url: str, in_prefix: str, out_prefix: str) -> None:
 
 
 async def edge_relay(url: str, in_prefix: str, out_prefix: str) -> None:
+    from gateway.cli import tune_garbage_collector
     from gateway.edges.mqtt import BrokerEndpoint, InboundMessage, MqttEdge, PublishRefused
 
     endpoint = BrokerEndpoint.parse(url)
@@ -124,6 +126,7 @@ async def edge_relay(url: str, in_prefix: str, out_prefix: str) -> None:
     tasks = [asyncio.create_task(vehicle.run()), asyncio.create_task(backend.run())]
     await vehicle.ready.wait()
     await backend.ready.wait()
+    tune_garbage_collector()  # as the gateway process runs the edge
     print("relay ready", file=sys.stderr, flush=True)
     await asyncio.gather(*tasks)
 

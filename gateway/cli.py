@@ -806,7 +806,7 @@ async def reload_config(
 GC_YOUNG_THRESHOLD = 50_000
 
 
-def _tune_garbage_collector() -> None:
+def tune_garbage_collector() -> None:
     """Once the state is loaded: freeze it (the loaded cars, the policy, the
     modules) out of every later collection, which then traverses only what was
     allocated since, and raise the young threshold (GC_YOUNG_THRESHOLD)."""
@@ -876,7 +876,7 @@ def _run(
             log.error("refusing to start: the last accepted policy no longer validates: %s", exc)
             raise SystemExit(EXIT_CONFIG) from exc
         finally:
-            _tune_garbage_collector()
+            tune_garbage_collector()
         try:
             await control.start()
         except OSError as exc:
