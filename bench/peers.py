@@ -363,10 +363,14 @@ def _start(
     if floor:
         evp, ebp = f"{tag}ev", f"{tag}eb"
         edge = Variant("edge", evp, ebp, start_relay("edge", f"{tag}-edge", url, evp, ebp))
-    for v in (gateway, peer, edge):
-        if v is not None:
+    started = [v for v in (gateway, peer, edge) if v is not None]
+    try:
+        for v in started:
             assert v.proc is not None
             v.proc.wait_ready(90)
+    except BaseException:
+        stop_variants(started)  # none left running behind a failed start
+        raise
     time.sleep(0.5)  # Node-RED subscribes just after it logs the connection
     return gateway, peer, edge
 

@@ -342,7 +342,16 @@ class Receiver:
                 i = end
             buf = buf[i:]
             if acks:
-                sock.sendall(b"".join(acks))
+                try:
+                    sock.sendall(b"".join(acks))
+                except OSError:  # closed while this batch was read: the run is over
+                    return
 
     def close(self) -> None:
+        """DISCONNECT, then wait for the reading thread to stop before the
+        socket is closed under it."""
+        with contextlib.suppress(OSError):
+            self.conn.sock.sendall(DISCONNECT)
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
         self.conn.close()

@@ -14,7 +14,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -799,20 +799,39 @@ async def reload_config(
 # default threshold had the collector traverse the same in-flight messages
 # every few hundred messages, promote them, and run a full collection over
 # every loaded car every few thousand: a quarter of the gateway's CPU on the
-# all-forward benchmark (docs/performance.md). 50,000 is above what a full
-# window holds; all it delays is the freeing of reference cycles (objects
-# freed by their reference count, which is nearly all, go at once), and
-# those stay bounded by the same 50,000.
+# all-forward benchmark (docs/performance.md). The threshold stays above
+# what a full window holds (GC_YOUNG_PER_INFLIGHT tracked objects per
+# message in flight, with margin). All it delays is the freeing of
+# reference cycles: objects freed by their reference count, nearly all of
+# them, go at once, and the message path leaves none (counted: no cycle
+# left behind by thousands of forwarded, dropped, malformed and settings
+# messages).
 GC_YOUNG_THRESHOLD = 50_000
+GC_YOUNG_PER_INFLIGHT = 25
 
 
-def tune_garbage_collector() -> None:
+def tune_garbage_collector(inflight: int = 0) -> None:
     """Once the state is loaded: freeze it (the loaded cars, the policy, the
     modules) out of every later collection, which then traverses only what was
-    allocated since, and raise the young threshold (GC_YOUNG_THRESHOLD)."""
+    allocated since, and raise the young threshold (see GC_YOUNG_THRESHOLD)
+    for `inflight` messages in flight."""
     gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    young = max(GC_YOUNG_THRESHOLD, GC_YOUNG_PER_INFLIGHT * inflight)
+    gc.set_threshold(young, *gc.get_threshold()[1:])
     gc.enable()
+
+
+@contextlib.contextmanager
+def collection_paused_while_loading(inflight: int) -> Iterator[None]:
+    """No collection while the state loads: a fleet is millions of objects
+    that live as long as the process, and collections during the load would
+    traverse them again and again (seconds at a million cars). Tuned and on
+    again afterwards, also when the start fails."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        tune_garbage_collector(inflight)
 
 
 def _run(
@@ -866,17 +885,14 @@ def _run(
             config.state_dir,
             extra={"version": __version__},
         )
-        # Loading a fleet allocates millions of objects that live as long as
-        # the process: collections during the load would traverse them again
-        # and again (seconds at a million cars).
-        gc.disable()
-        try:
-            await service.start()  # runs the last accepted policy (stored), if any
-        except PolicyError as exc:
-            log.error("refusing to start: the last accepted policy no longer validates: %s", exc)
-            raise SystemExit(EXIT_CONFIG) from exc
-        finally:
-            tune_garbage_collector()
+        with collection_paused_while_loading(config.pipeline.inflight):
+            try:
+                await service.start()  # runs the last accepted policy (stored), if any
+            except PolicyError as exc:
+                log.error(
+                    "refusing to start: the last accepted policy no longer validates: %s", exc
+                )
+                raise SystemExit(EXIT_CONFIG) from exc
         try:
             await control.start()
         except OSError as exc:

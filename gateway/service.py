@@ -243,7 +243,9 @@ class DecisionQueue:
                 waiter.set_result(None)
 
     async def wait(self) -> None:
-        """Until something is queued (at once if something is)."""
+        """Until something is queued (at once if something is). One waiter:
+        the decision loop."""
+        assert self._waiter is None or self._waiter.done(), "a second waiter"
         while not self.items:
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             await waiter

@@ -122,6 +122,7 @@ def test_the_node_red_function_forwards_what_the_gateway_forwards(tmp_path: Path
     assert mismatches == []
 
 
+@pytest.mark.integration
 def test_the_edge_floor_relays_every_message_and_acknowledges_it(
     broker: MosquittoBroker,
 ) -> None:
@@ -141,11 +142,13 @@ def test_the_edge_floor_relays_every_message_and_acknowledges_it(
         fleet = all_forward_fleet(100)
         receiver = Receiver("127.0.0.1", broker.port, "floor-recv", ["fout/#"], side_suffix=b"/x")
         publisher = Publisher("127.0.0.1", broker.port, "floor-gen")
-        receiver.expect(count)
-        publisher.send(encode(all_forward_messages(fleet, count), "fin"), [0.0] * count)
-        assert receiver.done.wait(60), "not every message was relayed"
-        assert [s for s in receiver.seqs if s > 0] == list(range(1, count + 1))
-        publisher.close()
-        receiver.close()
+        try:
+            receiver.expect(count)
+            publisher.send(encode(all_forward_messages(fleet, count), "fin"), [0.0] * count)
+            assert receiver.done.wait(60), "not every message was relayed"
+            assert [s for s in receiver.seqs if s > 0] == list(range(1, count + 1))
+        finally:
+            publisher.close()
+            receiver.close()
     finally:
         relay.stop()

@@ -9,16 +9,21 @@ the collector's counts read from the process' own /metrics."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import secrets
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from bench.peers import all_forward_fleet, all_forward_messages
 from bench.procs import start_gateway, write_gateway_config
 from bench.suite import encode, policy_version
 from bench.wire import Publisher, Receiver
 from bench.workload import populate_store
+from gateway.cli import GC_YOUNG_PER_INFLIGHT, collection_paused_while_loading
 from gateway.control.api import hash_token
 from sim.broker import MosquittoBroker, free_port
 
@@ -42,6 +47,7 @@ def collections(port: int, token: str) -> dict[str, float]:
     return counts
 
 
+@pytest.mark.integration
 def test_forwarding_runs_no_full_collection_and_rare_young_ones(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
@@ -59,13 +65,15 @@ def test_forwarding_runs_no_full_collection_and_rare_young_ones(
         packets = encode(all_forward_messages(fleet, MESSAGES), "gcv")
         receiver = Receiver("127.0.0.1", broker.port, "gc-recv", ["gcb/#"], side_suffix=b"/x")
         publisher = Publisher("127.0.0.1", broker.port, "gc-gen")
-        receiver.expect(MESSAGES)
-        publisher.send(packets, [0.0] * MESSAGES)
-        assert receiver.done.wait(120), "not every message was forwarded"
-        time.sleep(0.3)  # the last acknowledgements
-        after = collections(port, token)
-        publisher.close()
-        receiver.close()
+        try:
+            receiver.expect(MESSAGES)
+            publisher.send(packets, [0.0] * MESSAGES)
+            assert receiver.done.wait(120), "not every message was forwarded"
+            time.sleep(0.3)  # the last acknowledgements
+            after = collections(port, token)
+        finally:
+            publisher.close()
+            receiver.close()
     finally:
         gateway.stop()
     ran = {generation: after[generation] - before[generation] for generation in before}
@@ -73,3 +81,26 @@ def test_forwarding_runs_no_full_collection_and_rare_young_ones(
     # thousand messages, a full collection per 1,000 messages here.
     assert ran["2"] == 0, ran
     assert ran["0"] <= MESSAGES / 1_000, ran
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_collector_is_on_and_tuned_after_the_load_also_when_the_start_fails(
+    fails: bool,
+) -> None:
+    """Collection is off while the state loads, and on again afterwards, with
+    the loaded objects frozen and the young threshold sized for the in-flight
+    window (a collector left off would pass the test above)."""
+    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
+    kept = [[n] for n in range(1_000)]  # what a load leaves behind
+    try:
+        with contextlib.suppress(RuntimeError), collection_paused_while_loading(inflight=4_000):
+            assert not gc.isenabled()
+            if fails:
+                raise RuntimeError("the start failed")
+        assert gc.isenabled()
+        assert gc.get_threshold()[0] == GC_YOUNG_PER_INFLIGHT * 4_000
+        assert gc.get_freeze_count() >= frozen + len(kept)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        gc.enable()
