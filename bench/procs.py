@@ -80,10 +80,16 @@ class Proc:
             self.process.stderr.close()
 
 
-def cpu_seconds(pid: int) -> float:
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process' main thread: the event loop of the
+    gateway and the relays (the rest is threads: the gateway's store writer)."""
+    return cpu_seconds(pid, f"/proc/{pid}/task/{pid}/stat")
+
+
+def cpu_seconds(pid: int, stat: str | None = None) -> float:
     """User + system CPU time of a process (from /proc; no psutil needed)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat or f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
