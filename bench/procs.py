@@ -22,7 +22,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Proc:
-    def __init__(self, name: str, argv: list[str], ready_marker: str) -> None:
+    def __init__(self, name: str, argv: list[str], ready_marker: str, cwd: Path = REPO) -> None:
         self.name = name
         self.argv = argv
         self.started = time.perf_counter()
@@ -32,7 +32,7 @@ class Proc:
         self.lines: deque[str] = deque(maxlen=200)
         self.process = subprocess.Popen(
             argv,
-            cwd=REPO,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -166,9 +166,16 @@ def control_section() -> str:
 
 
 def start_gateway(
-    name: str, config: Path, broker_url: str, state_dir: Path, *, noop: bool = False
+    name: str,
+    config: Path,
+    broker_url: str,
+    state_dir: Path,
+    *,
+    noop: bool = False,
+    cwd: Path = REPO,
 ) -> Proc:
-    """`python -m gateway run ...`, or the same CLI with a pass-through decision core."""
+    """`python -m gateway run ...`, or the same CLI with a pass-through decision core.
+    `cwd`: the tree whose gateway runs (another one: the baseline, bench/baseline.py)."""
     module = ["-m", "bench.relays", "noop"] if noop else ["-m", "gateway"]
     argv = [
         sys.executable,
@@ -183,7 +190,7 @@ def start_gateway(
         "--state-dir",
         str(state_dir),
     ]
-    return Proc(name, argv, "gateway ready")
+    return Proc(name, argv, "gateway ready", cwd)
 
 
 def start_relay(kind: str, name: str, broker_url: str, in_prefix: str, out_prefix: str) -> Proc:

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.baseline import BaselineUnavailable, checkout, prepare, start_baseline
 from bench.procs import (
     POLICY,
     Proc,
@@ -285,6 +286,17 @@ def start_variants(ctx: Context, names: list[str], fleet: Fleet, tag: str) -> li
             continue
         if name == "naive":
             proc = start_relay("naive", f"{tag}-naive", url, vp, bp)
+        elif name == "baseline":
+            try:
+                tree = ctx.tmp / "baseline-tree"
+                if not tree.exists():
+                    checkout(tree)
+                state = ctx.tmp / f"{tag}-{name}-state"
+                config = prepare(tree, fleet, state, ctx.tmp / "configs", f"{tag}-{name}", vp, bp)
+            except BaselineUnavailable as exc:
+                ctx.log(f"  baseline left out: {exc}")
+                continue
+            proc = start_baseline(tree, f"{tag}-{name}", config, url, state)
         else:
             state = ctx.tmp / f"{tag}-{name}-state"
             populate_store(state, fleet, version)
@@ -402,10 +414,10 @@ def throughput_figures(result: RunResult, total: int) -> dict[str, Any]:
 def bench_throughput(ctx: Context) -> dict[str, Any]:
     opts = ctx.options
     fleet = ctx.fleet(opts.fleet_size)
-    names = ["broker", "naive", "noop", "gateway"]
     messages = make_messages(fleet, opts.flood_messages, seed=5)
     warmup = make_messages(fleet, 3_000, seed=6)
-    variants = start_variants(ctx, names, fleet, "t")
+    variants = start_variants(ctx, ["broker", "naive", "noop", "gateway", "baseline"], fleet, "t")
+    names = [v.name for v in variants]  # the baseline may be left out (said so)
     raw: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     try:
         for v in variants:
@@ -434,6 +446,8 @@ def bench_throughput(ctx: Context) -> dict[str, Any]:
         "gateway_vs_broker": paired("gateway", "broker"),
         "noop_vs_broker": paired("noop", "broker"),
     }
+    if "baseline" in raw:
+        ratios["gateway_vs_baseline"] = paired("gateway", "baseline")
     return {
         "messages": len(messages),
         "fleet": fleet.coverage(),
