@@ -31,7 +31,7 @@ class LocationMode(IntEnum):
     def effective(self) -> LocationMode:
         """UNSPECIFIED (or anything unknown) is enforced as OFF: fail closed."""
         # A dictionary lookup: the comparison of enum members costs ten times as much.
-        return _EFFECTIVE_MODES.get(self, LocationMode.OFF)
+        return EFFECTIVE_MODES.get(self, LocationMode.OFF)
 
     @classmethod
     def parse(cls, value: int | str) -> LocationMode:
@@ -45,7 +45,7 @@ class LocationMode(IntEnum):
 
 
 _MODES_BY_VALUE: dict[int, LocationMode] = {int(m): m for m in LocationMode}
-_EFFECTIVE_MODES = {m: m for m in (LocationMode.APPROXIMATE, LocationMode.PRECISE)}
+EFFECTIVE_MODES = {m: m for m in (LocationMode.APPROXIMATE, LocationMode.PRECISE)}
 
 
 @dataclass(frozen=True, slots=True)
