@@ -7,6 +7,7 @@ no broker, no clock (time is passed in).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import re
 from pathlib import Path
@@ -1378,3 +1379,26 @@ def test_a_topic_naming_a_stored_subject_is_not_a_vehicle() -> None:
         NOW,
     )
     dropped(decision, DropReason.INVALID_VIN)
+
+
+def test_user_properties_are_remembered_per_feature_and_transforms_and_bounded() -> None:
+    """The plain path's user properties come from a memo keyed by stream, route,
+    feature and transforms: each call gets what `_properties` builds for exactly
+    its arguments, and the memo stays bounded whatever features cars name
+    (per-app features come from topics)."""
+    decide_module = importlib.import_module("gateway.core.decide")  # not the function
+    ctx = DecisionContext(POLICY, KEY)
+    route = POLICY.route("tbox/status")
+    assert route is not None
+    stream = route[0]
+    target = stream.plain_route or stream.routes[0]
+    for i in range(6000):
+        feature = f"third_party.app{i}"
+        transforms = ("coarsen:position",) if i % 2 else ()
+        got = ctx.properties(stream, feature, transforms, target)
+        assert got == decide_module._properties(POLICY, stream, feature, transforms, target)
+        assert dict(got)["feature"] == feature
+        assert dict(got)["transforms"] == ",".join(transforms)
+    assert 0 < len(ctx._properties_memo) <= decide_module._PROPERTIES_REMEMBERED
+    # Another context (a policy swap) starts with its own memo.
+    assert not DecisionContext(POLICY, KEY)._properties_memo
