@@ -124,3 +124,29 @@ def prepare(
 def start_baseline(tree: Path, name: str, config: Path, broker_url: str, state_dir: Path) -> Proc:
     """`python -m gateway run` of the baseline tree (its own modules: run from it)."""
     return start_gateway(name, config, broker_url, state_dir, cwd=tree)
+
+
+def tree_in(directory: Path) -> Path:
+    """The baseline's tree under a run's directory, checked out on first use."""
+    tree = directory / "baseline-tree"
+    if not tree.exists():
+        checkout(tree)
+    return tree
+
+
+def core_rates(tree: Path, rounds: int) -> list[float]:
+    """The baseline's own `bench core` (its rules, its mix of messages): its
+    per-round decisions per second."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "core", "--rounds", str(rounds)],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    results = sorted((tree / "bench" / "results").glob("core-*.json"))
+    if done.returncode != 0 or not results:
+        raise BaselineUnavailable(f"the baseline's core benchmark failed: {done.stderr[-2000:]}")
+    rates = json.loads(results[-1].read_text())["core"]["rates_msg_s"]
+    results[-1].unlink()  # the next call reads its own
+    return [float(r) for r in rates]
