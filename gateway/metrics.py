@@ -53,6 +53,10 @@ def build_commit() -> str:
     return commit or UNKNOWN
 
 
+# Distinct (stream, feature, transforms) counted between two flushes at most.
+FORWARD_KINDS_PENDING = 1024
+
+
 class GatewayMetrics:
     def __init__(self, max_series: int = 500) -> None:
         # Label values come partly from cars (app ids): a metric holds at most
@@ -66,6 +70,9 @@ class GatewayMetrics:
         # collect() flushes before a counter is read): prometheus_client
         # takes a lock per increment, which cost more than the dictionary.
         self._pending: dict[Any, int] = {}
+        # Forwarded messages by (stream, feature, transforms): one count per
+        # message for what were 1 + len(transforms) increments.
+        self._pending_forwards: dict[tuple[str, str, tuple[str, ...]], int] = {}
         r.register(_FlushPending(self))
         ProcessCollector(registry=r)  # process_*: CPU, memory, open fds, start time
         PlatformCollector(registry=r)  # python_info
@@ -190,7 +197,7 @@ class GatewayMetrics:
         self.build_info.clear()
         self.build_info.labels(self.version, version, self.commit).set(1)
 
-    def inc(self, metric: Counter, *labels: str) -> None:
+    def inc(self, metric: Counter, *labels: str, count: int = 1) -> None:
         key = (metric, labels)
         child = self._children.get(key)
         if child is None:
@@ -203,10 +210,27 @@ class GatewayMetrics:
                 self._series[metric] = series + 1
                 child = self._children[key] = metric.labels(*labels)
         pending = self._pending
-        pending[child] = pending.get(child, 0) + 1
+        pending[child] = pending.get(child, 0) + count
+
+    def forwarded_message(self, stream: str, feature: str, transforms: tuple[str, ...]) -> None:
+        """A forwarded message: `forwarded` for its stream and feature and
+        `transforms` once per transform, counted together until the next flush."""
+        key = (stream, feature, transforms)
+        pending = self._pending_forwards
+        pending[key] = pending.get(key, 0) + 1
+        if len(pending) >= FORWARD_KINDS_PENDING:  # features named by cars (app ids): bounded
+            self._flush_forwards()
+
+    def _flush_forwards(self) -> None:
+        pending, self._pending_forwards = self._pending_forwards, {}
+        for (stream, feature, transforms), n in pending.items():
+            self.inc(self.forwarded, stream, feature, count=n)
+            for transform in transforms:
+                self.inc(self.transforms, transform, count=n)
 
     def flush(self) -> None:
         """Hand the counts added up by `inc` to their counters."""
+        self._flush_forwards()
         pending, self._pending = self._pending, {}
         for child, count in pending.items():
             child.inc(count)

@@ -1056,9 +1056,9 @@ class GatewayService:
                 # one of them was counted with the message (it is not counted
                 # at all when every copy was refused and is re-driven one by
                 # one: the one undercount we accept).
-                self.metrics.inc(self.metrics.forwarded, decision.stream, decision.feature)
-                for transform in decision.transforms:
-                    self.metrics.inc(self.metrics.transforms, transform)
+                self.metrics.forwarded_message(
+                    decision.stream, decision.feature, decision.transforms
+                )
             key = self._count_key(decision)
             if not decision.also and not only_recipient:
                 self._deliver(

@@ -25,7 +25,7 @@ from gateway.core import decide as decide_message
 from gateway.core.cache import ByteBoundedMemo, strings_size
 from gateway.core.decide import state_from_snapshot
 from gateway.core.state import strictest
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import FORWARD_KINDS_PENDING, GatewayMetrics
 from gateway.policy import PolicyError, load_policy, parse_policy
 from gateway.store import ConsentStore, SqliteConsentStore
 from telematics.v1 import streams_pb2
@@ -128,15 +128,52 @@ def test_metric_label_sets_are_capped_and_fold_into_other() -> None:
     metrics = GatewayMetrics(max_series=10)
     for i in range(50):
         metrics.inc(metrics.forwarded, "avn/app/{app_id}", f"third_party.app{i}")
-    assert metrics.value(
-        "gateway_messages_forwarded_total", stream="avn/app/{app_id}", feature="third_party.app3"
-    ) == 1
+    assert (
+        metrics.value(
+            "gateway_messages_forwarded_total",
+            stream="avn/app/{app_id}",
+            feature="third_party.app3",
+        )
+        == 1
+    )
     assert metrics.value("gateway_messages_forwarded_total", stream="other", feature="other") == 40
     series = [
-        s for m in metrics.registry.collect() for s in m.samples
+        s
+        for m in metrics.registry.collect()
+        for s in m.samples
         if s.name == "gateway_messages_forwarded_total"
     ]
     assert len(series) == 11
+
+
+def test_forwarded_messages_are_counted_per_kind_and_bounded_between_scrapes() -> None:
+    """`forwarded_message` adds up (stream, feature, transforms) until the
+    registry is read: the totals are those of one increment per message and per
+    transform, the label cap holds, and features named by cars (app ids) cannot
+    grow what waits for the next scrape."""
+    metrics = GatewayMetrics(max_series=10)
+    for _ in range(5):
+        metrics.forwarded_message("tbox/status", "remote_control", ("coarsen:position",))
+    for i in range(3000):
+        transforms = ("coarsen:position", "anchor:odometer_km") if i % 3 else ()
+        metrics.forwarded_message("avn/app/{app_id}", f"third_party.app{i}", transforms)
+        assert len(metrics._pending_forwards) <= FORWARD_KINDS_PENDING
+    value = metrics.value
+    assert (
+        value("gateway_messages_forwarded_total", stream="tbox/status", feature="remote_control")
+        == 5
+    )
+    assert (
+        value(
+            "gateway_messages_forwarded_total",
+            stream="avn/app/{app_id}",
+            feature="third_party.app3",
+        )
+        == 1
+    )
+    assert value("gateway_messages_forwarded_total", stream="other", feature="other") == 3000 - 9
+    assert value("gateway_transforms_total", transform="coarsen:position") == 2000 + 5
+    assert value("gateway_transforms_total", transform="anchor:odometer_km") == 2000
 
 
 def test_token_bucket_and_window_counter() -> None:
@@ -172,8 +209,13 @@ def test_settings_history_is_compacted_and_merged_conservatively(tmp_path: Path)
             on = revision != 7  # revision 7 withdrew consent for a moment
             store.apply_settings(
                 SettingsSnapshot(
-                    VIN, revision, False, LocationMode.PRECISE, {"remote_control": on},
-                    float(revision), "1",
+                    VIN,
+                    revision,
+                    False,
+                    LocationMode.PRECISE,
+                    {"remote_control": on},
+                    float(revision),
+                    "1",
                 )
             )
         history = store.history(VIN)
@@ -226,9 +268,7 @@ def test_history_of_a_v1_store_gains_the_merged_column(tmp_path: Path) -> None:
 
 
 def test_memos_keyed_by_car_input_stay_within_their_byte_budget() -> None:
-    memo: ByteBoundedMemo[tuple[tuple[str, bool], ...], int] = ByteBoundedMemo(
-        10_000, strings_size
-    )
+    memo: ByteBoundedMemo[tuple[tuple[str, bool], ...], int] = ByteBoundedMemo(10_000, strings_size)
     for i in range(1000):
         key = tuple((f"third_party.{'a' * 90}{i}.{j}", True) for j in range(5))
         assert memo.put(key, i) == i

@@ -229,18 +229,29 @@ class _Pending(NamedTuple):
 
 
 _PROPERTIES_CACHE: dict[tuple[tuple[str, str], ...], bytes] = {}
+# The last set seen and its block, by identity: the decision core hands the
+# same tuple object for every message of a kind, and hashing a tuple of
+# pairs (never cached by Python) costs more than the rest of this function.
+# Holding the set keeps its id from being reused.
+_last_properties: tuple[object, bytes] = ((), b"")
 
 
 def cached_publish_properties(user_properties: Sequence[tuple[str, str]]) -> bytes:
     """The property block of a PUBLISH, encoded once per distinct set (the
     gateway sends the same few sets over and over)."""
+    global _last_properties
+    last, block = _last_properties
+    if user_properties is last:
+        return block
     key = tuple(user_properties)
-    block = _PROPERTIES_CACHE.get(key)
-    if block is None:
+    found = _PROPERTIES_CACHE.get(key)
+    if found is None:
         if len(_PROPERTIES_CACHE) > 4096:  # bounded: transforms lists vary a little
             _PROPERTIES_CACHE.clear()
-        block = _PROPERTIES_CACHE[key] = publish_properties(key)
-    return block
+        found = _PROPERTIES_CACHE[key] = publish_properties(key)
+    if type(user_properties) is tuple:  # immutable: what its identity names cannot change
+        _last_properties = (user_properties, found)
+    return found
 
 
 class _Connection(asyncio.Protocol):
