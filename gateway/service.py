@@ -1001,13 +1001,14 @@ class GatewayService:
         conflicts = 0
         while True:
             started = time.perf_counter()
+            now = self._clock()
             decision = decide(
                 self.ctx,
                 msg.topic,
                 msg.payload,
                 self.states,
                 self.anchors,
-                self._clock(),
+                now,
                 histories=self.histories,
             )
             self.metrics.decision_seconds.observe(time.perf_counter() - started)
@@ -1059,7 +1060,7 @@ class GatewayService:
                 self.metrics.forwarded_message(
                     decision.stream, decision.feature, decision.transforms
                 )
-            key = self._count_key(decision)
+            key = self._count_key(decision, now)  # counted on the day it was decided
             if not decision.also and not only_recipient:
                 self._deliver(
                     self.backend_edge,
@@ -2400,8 +2401,10 @@ class GatewayService:
             log.info("purged what is past retention: %s", removed)
         return removed
 
-    def _count_key(self, decision: Forward) -> tuple[str, str, str, str, str]:
-        day = self.accounting.day(self._clock())
+    def _count_key(
+        self, decision: Forward, now: float | None = None
+    ) -> tuple[str, str, str, str, str]:
+        day = self.accounting.day(self._clock() if now is None else now)
         return (decision.vin, day, decision.stream, decision.feature, self.ctx.policy.version)
 
     def _settle_forward(

@@ -1050,9 +1050,13 @@ class MqttEdge:
         raise RuntimeError("every packet identifier is in use")
 
     def _send_publish(self, item: _Pending) -> None:
-        if self._refuse_if_too_large(item):
-            return
         topic, props, payload, _ = item
+        limit = self.max_packet_size
+        if (
+            len(topic) > 0xFFFF
+            or (limit is not None and len(payload) + len(topic) + len(props) + 9 > limit)
+        ) and self._refuse_if_too_large(item):  # (its first checks, inline: the usual case)
+            return
         packet_id = self._allocate_id()
         self._inflight[packet_id] = item
         out = self._out

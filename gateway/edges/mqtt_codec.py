@@ -96,6 +96,8 @@ class ProtocolError(ValueError):
 def encode_varint(value: int) -> bytes:
     if value < 128:
         return _SMALL_VARINTS[value]
+    if value < 16_384:  # most PUBLISH packets: two bytes, no loop
+        return bytes((value & 0x7F | 0x80, value >> 7))
     if value > MAX_REMAINING_LENGTH:
         raise ValueError(f"{value} does not fit a variable byte integer")
     out = bytearray()
