@@ -22,6 +22,8 @@ import hashlib
 import inspect
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -40,13 +42,15 @@ class BaselineUnavailable(RuntimeError):
 
 
 def fleet_cars(fleet: Fleet) -> list[list[object]]:
-    """What both trees must agree on: the cars, which are known, and their
-    settings. (Also run inside the baseline tree, from this source.)"""
+    """What both trees must agree on: the cars, which are known, their
+    settings and which have a find-my-car window open. (Also run inside the
+    baseline tree, from this source.) Not the revision numbers: v1 predates
+    messages that state one (contract v2, rule 11) and never reads it."""
     cars: list[list[object]] = []
     for vin in fleet.vins:
         s = fleet.settings.get(vin)
         known = [] if s is None else [s.privacy_mode, s.location, sorted(s.features.items())]
-        cars.append([vin, *known])
+        cars.append([vin, vin in fleet.windows, *known])
     return cars
 
 
@@ -115,10 +119,35 @@ def prepare(
     expected = fleet_digest(fleet_cars(fleet))
     argv = [sys.executable, "-c", source, str(len(fleet.vins)), expected, str(state)]
     argv += [str(configs), name, vehicle_prefix, backend_prefix]
-    done = subprocess.run(argv, cwd=tree, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise BaselineUnavailable(f"preparing the baseline failed: {done.stderr[-2000:].strip()}")
-    return Path(done.stdout.strip().splitlines()[-1])
+    returncode, out, err = _run_in(tree, argv, timeout=600)
+    if returncode != 0 or not out.strip():
+        raise BaselineUnavailable(f"preparing the baseline failed: {err[-2000:].strip()}")
+    return Path(out.strip().splitlines()[-1])
+
+
+def _run_in(tree: Path, argv: list[str], timeout: float) -> tuple[int, str, str]:
+    """Run `argv` from the baseline's tree in its own process group; past the
+    timeout the whole group is stopped (a benchmark run starts a broker)."""
+    proc = subprocess.Popen(
+        argv,
+        cwd=tree,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        raise BaselineUnavailable(f"the baseline did not finish within {timeout:.0f} s") from exc
+    return proc.returncode, out, err
 
 
 def start_baseline(tree: Path, name: str, config: Path, broker_url: str, state_dir: Path) -> Proc:
@@ -137,16 +166,11 @@ def tree_in(directory: Path) -> Path:
 def core_rates(tree: Path, rounds: int) -> list[float]:
     """The baseline's own `bench core` (its rules, its mix of messages): its
     per-round decisions per second."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "core", "--rounds", str(rounds)],
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    argv = [sys.executable, "-m", "bench", "core", "--rounds", str(rounds)]
+    returncode, _out, err = _run_in(tree, argv, timeout=1800)
     results = sorted((tree / "bench" / "results").glob("core-*.json"))
-    if done.returncode != 0 or not results:
-        raise BaselineUnavailable(f"the baseline's core benchmark failed: {done.stderr[-2000:]}")
+    if returncode != 0 or not results:
+        raise BaselineUnavailable(f"the baseline's core benchmark failed: {err[-2000:]}")
     rates = json.loads(results[-1].read_text())["core"]["rates_msg_s"]
     results[-1].unlink()  # the next call reads its own
     return [float(r) for r in rates]

@@ -823,7 +823,7 @@ class GatewayService:
             slot.settle()
             return
         self._ecall_taken.add(_digest(msg))
-        self.metrics.inc(self.metrics.forwarded, decision.stream, decision.feature)
+        self.metrics.forwarded_message(decision.stream, decision.feature, ())
         key = self._count_key(decision)
         self._deliver(
             self.ecall_backend_edge,

@@ -1400,5 +1400,7 @@ def test_user_properties_are_remembered_per_feature_and_transforms_and_bounded()
         assert dict(got)["feature"] == feature
         assert dict(got)["transforms"] == ",".join(transforms)
     assert 0 < len(ctx._properties_memo) <= decide_module._PROPERTIES_REMEMBERED
-    # Another context (a policy swap) starts with its own memo.
-    assert not DecisionContext(POLICY, KEY)._properties_memo
+    # A policy swap (the service replaces its context so) starts with its own memo.
+    swapped = dataclasses.replace(ctx, policy=POLICY)
+    assert swapped._properties_memo is not ctx._properties_memo
+    assert not swapped._properties_memo

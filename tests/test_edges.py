@@ -112,3 +112,15 @@ def test_valid_url_with_credentials_still_parses() -> None:
     endpoint = BrokerEndpoint.parse("mqtts://user:p%40ss@broker:8883")
     assert (endpoint.username, endpoint.password, endpoint.port) == ("user", "p@ss", 8883)
     assert "p@ss" not in endpoint.redacted()
+
+
+def test_publish_property_blocks_are_those_of_their_sets_whatever_came_before() -> None:
+    """The edge reuses the last block by the identity of its set (the decision
+    core hands the same tuple for every message of a kind): each call still
+    gets the block of exactly its own set, the empty one included."""
+    from gateway.edges.mqtt_codec import publish_properties
+
+    status = (("policy-version", "1"), ("feature", "remote_control"), ("transforms", "coarsen"))
+    nav = (("policy-version", "1"), ("feature", "online_navigation"), ("transforms", ""))
+    for props in [(), status, status, nav, list(status), status, (), nav, ()]:
+        assert mqtt.cached_publish_properties(props) == publish_properties(props)

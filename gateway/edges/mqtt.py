@@ -233,7 +233,7 @@ _PROPERTIES_CACHE: dict[tuple[tuple[str, str], ...], bytes] = {}
 # same tuple object for every message of a kind, and hashing a tuple of
 # pairs (never cached by Python) costs more than the rest of this function.
 # Holding the set keeps its id from being reused.
-_last_properties: tuple[object, bytes] = ((), b"")
+_last_properties: tuple[object, bytes] = (object(), NO_PROPERTIES)  # matches no set
 
 
 def cached_publish_properties(user_properties: Sequence[tuple[str, str]]) -> bytes:
