@@ -202,8 +202,9 @@ class AckWindow:
 
     def open(self, msg: InboundMessage) -> _Slot:
         slot = _Slot(self, msg)
+        if not self._pending:  # `drained` is set exactly while nothing is pending
+            self.drained.clear()
         self._pending.append(slot)
-        self.drained.clear()
         return slot
 
     def release(self) -> None:
