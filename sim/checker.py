@@ -65,6 +65,13 @@ REFRESH_TOLERANCE = 0.25  # of an interval
 # A message published this long (wall seconds) before a DPO action may still be
 # in the gateway's queue when the action runs: decided before it or after.
 OPERATOR_SLACK_S = 1.0
+# The gateway's default `pipeline.capture_skew_s` (contract rule 11), which
+# the simulator's runs keep.
+CAPTURE_SKEW_S = 180.0
+# Between the gateway applying a car's first settings and the car getting
+# its PrivacyApplied (wall seconds): messages captured this close to the
+# boundary are not judged.
+FIRST_SETTINGS_TOLERANCE_WALL_S = 0.5
 REQUIRED_PROPERTIES = ("policy-version", "feature", "legal-basis", "retention-days", "transforms")
 CHECK_FILE = "check.json"
 GEOPOINT = "telematics.v1.GeoPoint"
@@ -355,8 +362,8 @@ class Checker:
         # as forwarded: (recorder wall time, value), for the refresh-interval rule.
         # (backend arrival wall, car publish wall, value): the gateway decided
         # in between (later than the publish after an outage or a restart).
-        self.anchor_values: dict[str, list[tuple[float, float, tuple[float, float]]]] = (
-            defaultdict(list)
+        self.anchor_values: dict[str, list[tuple[float, float, tuple[float, float]]]] = defaultdict(
+            list
         )
         self.odometer_values: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         self.tallies: dict[str, StreamTally] = defaultdict(StreamTally)
@@ -900,7 +907,45 @@ class Checker:
                 # Published just before the change: the gateway may have decided
                 # it before (forwarded) or after (dropped, the car unknown).
                 return AMBIGUOUS
-        return self._capture_decision(pub, arrival)
+        decided = self._capture_decision(pub, arrival)
+        if decided in (PASS, AMBIGUOUS):
+            return self._before_known_settings(pub) or decided
+        return decided
+
+    def _gateway_time(self, wall: float) -> float:
+        """The gateway's clock at a wall time (inverse of `_gateway_to_wall`)."""
+        return self._sim_start_s + (wall - self._fleet_wall_start) / self.gateway_wall_per_s
+
+    def _before_known_settings(self, pub: Published) -> str | None:
+        """Contract rule 11 before a car's first settings: the gateway knows
+        nothing of the time before it applied them, so it drops what was
+        captured before then (`captured_before_known_settings`), whatever the
+        car had set: a message stating its revision when even the latest time
+        the skew margin allows is earlier, one stating none when its stamp is.
+        It happens when a car's first settings wait for a gateway that is down
+        or slow: at a compressed clock a second of restart is minutes. When the
+        gateway applied them is known here from the wall time the car got its
+        PrivacyApplied: near that boundary the message is not judged."""
+        applied = self.settings_applied_wall.get(pub.vin)
+        if not applied:
+            return None
+        first = self._gateway_time(min(wall for wall, _ in applied))
+        stamped = int(pub.record.get("header_ts_ms") or pub.ts_ms) / 1000.0
+        latest = stamped + CAPTURE_SKEW_S if int(pub.record.get("capture_rev") or 0) else stamped
+        tolerance = FIRST_SETTINGS_TOLERANCE_WALL_S / self.gateway_wall_per_s
+        if latest < first - tolerance:
+            return "captured_before_known_settings"
+        if latest < first + tolerance:
+            return AMBIGUOUS
+        return None
+        first = self._gateway_time(min(wall for wall, _ in applied))
+        earliest = int(pub.record.get("header_ts_ms") or pub.ts_ms) / 1000.0 - CAPTURE_SKEW_S
+        tolerance = FIRST_SETTINGS_TOLERANCE_WALL_S / self.gateway_wall_per_s
+        if earliest < first - tolerance:
+            return "captured_before_known_settings"
+        if earliest < first + tolerance:
+            return AMBIGUOUS
+        return None
 
     def epoch_at(self, vin: str, wall: float) -> int:
         """The car's pseudonym epoch for a message published at `wall`: one
@@ -1304,9 +1349,7 @@ class Checker:
                 items = sorted(items, key=lambda item: item[0])
                 last_change: float | None = None
                 changes = [start for _, start, _ in self.ownership.get(vin, ())]
-                for (before_wall, _, before), (wall, published, value) in itertools.pairwise(
-                    items
-                ):
+                for (before_wall, _, before), (wall, published, value) in itertools.pairwise(items):
                     if any(before_wall <= start <= published for start in changes):
                         # A new owner: a new grid offset and anchor, a new series.
                         last_change = None

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from sim.checker import (
+    CAPTURE_SKEW_S,
+    FIRST_SETTINGS_TOLERANCE_WALL_S,
     LEAK,
     LOSS,
     OVER_COARSENING,
@@ -777,3 +779,59 @@ def test_an_extra_recipient_copy_is_a_leak(clean_run: Run) -> None:
     )
     extra = [*clean_run.recording, recording[position]]
     assert (LEAK, "copy_without_message") in rules(check(clean_run, extra))
+
+
+# --- rule 11 before a car's first settings -------------------------------------------
+def _captured_before_first_settings(run: Run) -> tuple[list[Record], Published, int, int]:
+    """The truth with one delivered status message re-stamped well before the
+    gateway applied its car's first settings (a car whose first settings wait
+    for a gateway that is down): the truth, the message, its recording index and
+    the new header timestamp."""
+    pub, position = find_delivered(run, "tbox/status")
+    checker = Checker(run.truth, run.recording, run.policy, run.key)
+    first_wall = min(wall for wall, _ in checker.settings_applied_wall[pub.vin])
+    tolerance = FIRST_SETTINGS_TOLERANCE_WALL_S / checker.gateway_wall_per_s
+    # Even the latest capture time the skew margin allows is before them.
+    stamped_s = checker._gateway_time(first_wall) - CAPTURE_SKEW_S - 2 * tolerance
+    header_ts_ms = int(stamped_s * 1000)
+    truth = copy.deepcopy(run.truth)
+    for record in truth:
+        if record.get("type") == "publish" and pub_key(Published(record, b"", None)) == pub_key(
+            pub
+        ):
+            record["header_ts_ms"] = header_ts_ms
+            break
+    else:
+        raise AssertionError("the message is not in the truth")
+    return truth, pub, position, header_ts_ms
+
+
+def test_a_message_captured_before_the_first_settings_is_not_a_loss(clean_run: Run) -> None:
+    """The gateway knows nothing of a car before its first settings (rule 11):
+    it drops what was captured earlier than that minus its skew margin, as a
+    slow restart under a compressed clock makes happen (a chaos run saw it)."""
+    truth, _, position, _ = _captured_before_first_settings(clean_run)
+    recording = [r for n, r in enumerate(clean_run.recording) if n != position]
+    run = dataclasses.replace(clean_run, truth=truth)
+    result = check(run, recording)
+    assert result.issues == []
+    assert sum(t.dropped["captured_before_known_settings"] for t in result.tallies.values()) >= 1
+
+
+def test_a_message_captured_before_the_first_settings_that_arrives_is_a_leak(
+    clean_run: Run,
+) -> None:
+    truth, pub, position, header_ts_ms = _captured_before_first_settings(clean_run)
+
+    def restamp(message: Any) -> None:
+        message.header.timestamp_ms = header_ts_ms
+
+    recording = edit_recorded(clean_run, position, pub.stream, restamp)
+    result = check(dataclasses.replace(clean_run, truth=truth), recording)
+    assert rules(result) == {(LEAK, "forwarded_captured_before_known_settings")}
+
+
+def test_the_checker_assumes_the_gateways_default_skew_margin() -> None:
+    from gateway.config import PipelineConfig
+
+    assert PipelineConfig.model_fields["capture_skew_s"].default == CAPTURE_SKEW_S
