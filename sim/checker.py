@@ -938,14 +938,6 @@ class Checker:
         if latest < first + tolerance:
             return AMBIGUOUS
         return None
-        first = self._gateway_time(min(wall for wall, _ in applied))
-        earliest = int(pub.record.get("header_ts_ms") or pub.ts_ms) / 1000.0 - CAPTURE_SKEW_S
-        tolerance = FIRST_SETTINGS_TOLERANCE_WALL_S / self.gateway_wall_per_s
-        if earliest < first - tolerance:
-            return "captured_before_known_settings"
-        if earliest < first + tolerance:
-            return AMBIGUOUS
-        return None
 
     def epoch_at(self, vin: str, wall: float) -> int:
         """The car's pseudonym epoch for a message published at `wall`: one
