@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import math
 import re
 from pathlib import Path
@@ -32,7 +33,7 @@ from gateway.core import (
     decide_command,
     state_from_snapshot,
 )
-from gateway.core.decide import applied_message, kept_features
+from gateway.core.decide import applied_message, kept_features, split_vehicle_topic
 from gateway.core.identity import pseudonymize_vehicle_field
 from gateway.core.transforms import (
     coarse_cell_degrees,
@@ -1404,3 +1405,32 @@ def test_user_properties_are_remembered_per_feature_and_transforms_and_bounded()
     swapped = dataclasses.replace(ctx, policy=POLICY)
     assert swapped._properties_memo is not ctx._properties_memo
     assert not swapped._properties_memo
+
+
+def test_the_inline_topic_split_agrees_with_split_vehicle_topic() -> None:
+    """`decide` splits the topic inline (hot path); the rest of the gateway
+    calls `split_vehicle_topic`. Both must refuse exactly the same topics."""
+    segments = ["", "vehicle", "vehicles", "v", VIN, "tbox", "status", "a", "b"]
+    for prefix in ("vehicle", "v", "a/b", ""):
+        ctx = DecisionContext(POLICY, KEY, vehicle_prefix=prefix)
+        topics = {
+            "",
+            "/",
+            "//",
+            prefix,
+            f"{prefix}/",
+            f"{prefix}//x",
+            f"{prefix}x/{VIN}/tbox/status",
+        }
+        for n in range(1, 5):
+            for parts in itertools.product(segments, repeat=n):
+                topics.add("/".join(parts))
+        for topic in topics:
+            got = decide(ctx, topic, b"", {}, {}, NOW)
+            refused = (
+                isinstance(got, Drop)
+                and got.reason is DropReason.UNKNOWN_TOPIC
+                and got.vin == ""
+                and got.detail == topic
+            )
+            assert refused == (split_vehicle_topic(prefix, topic) is None), (prefix, topic)
