@@ -62,8 +62,8 @@ SLACK = 1.01  # 1 % slack on the approximate-location cell bounds
 # interval on the gateway's clock; the recorder sees forwards a little later
 # than the gateway decided them, so changes this much closer still pass.
 REFRESH_TOLERANCE = 0.25  # of an interval
-# A message published this long (wall seconds) before a DPO action may still be
-# in the gateway's queue when the action runs: decided before it or after.
+# A message published this long (wall seconds) before a DPO action may still
+# be in the gateway's queue when the action runs: decided before it or after.
 OPERATOR_SLACK_S = 1.0
 # The gateway's default `pipeline.capture_skew_s` (contract rule 11), which
 # the simulator's runs keep.
@@ -374,11 +374,18 @@ class Checker:
         )
         self.settings: dict[str, dict[int, Settings]] = defaultdict(dict)
         self.settings_applied_wall: dict[str, list[tuple[float, Settings]]] = defaultdict(list)
+        # Every revision each car sent: (wall time sent, settings), in order.
+        self.settings_sent_wall: dict[str, list[tuple[float, Settings]]] = defaultdict(list)
         self.settings_timeouts = 0
+        self._decision_lag_s = 0.0  # see _longest_decision_lag
         for record in truth:
             if record["type"] == "settings":
                 snapshot = Settings.from_json(record["settings"])
                 self.settings[record["vin"]][snapshot.revision] = snapshot
+                if "wall_sent" in record:
+                    self.settings_sent_wall[record["vin"]].append(
+                        (float(record["wall_sent"]), snapshot)
+                    )
                 if record.get("applied"):
                     self.settings_applied_wall[record["vin"]].append(
                         (float(record["wall_applied"]), snapshot)
@@ -747,16 +754,35 @@ class Checker:
             keys.append((str(record["header_vin"]), pub.stream, int(record["seq"]), header_ts))
         return keys
 
+    def _matches(
+        self, pub: Published, index: dict[tuple[Any, ...], list[Recorded]]
+    ) -> list[Recorded]:
+        """The forwarded copies of one message."""
+        matches: list[Recorded] = []
+        for key in self._keys_for(pub):
+            matches.extend(r for r in index.get(key, []) if r not in matches)
+        if pub.stream.startswith(APP_STREAM_PREFIX):
+            matches = [r for r in matches if r.stream == pub.stream]
+        return matches
+
+    def _longest_decision_lag(self, index: dict[tuple[Any, ...], list[Recorded]]) -> float:
+        """The longest any message that arrived took from its publish to its
+        first copy (wall seconds): how late this run's gateway got to a
+        message, a killed instance's redelivered share included."""
+        lags = [
+            min(rec.wall for rec in matches) - float(pub.record["wall_end"])
+            for pub in self.published
+            if (matches := self._matches(pub, index))
+        ]
+        return max([0.0, *lags])
+
     def _check_publishes(self, index: dict[tuple[Any, ...], list[Recorded]]) -> None:
+        self._decision_lag_s = self._longest_decision_lag(index)
         for pub in self.published:
             record = pub.record
             tally = self.tallies[pub.stream]
             tally.published += 1
-            matches: list[Recorded] = []
-            for key in self._keys_for(pub):
-                matches.extend(r for r in index.get(key, []) if r not in matches)
-            if pub.stream.startswith(APP_STREAM_PREFIX):
-                matches = [r for r in matches if r.stream == pub.stream]
+            matches = self._matches(pub, index)
             for rec in matches:
                 rec.matched = True
             if matches:
@@ -770,6 +796,8 @@ class Checker:
                 continue
             purpose = str(record.get("purpose"))
             decision = purpose if purpose in MUST_NOT_ARRIVE else self._decision(pub)
+            if decision == PASS and not matches and self._dropped_by_later_settings(pub):
+                decision = AMBIGUOUS
             if decision == PASS:
                 tally.must_pass += 1
                 if not matches:
@@ -794,15 +822,13 @@ class Checker:
                         )
                     )
                 tally.duplicates += len(matches) - 1
-                settings = self._candidates_allowing(pub)
                 for rec in matches:
-                    self._check_forwarded(pub, rec, settings)
+                    self._check_forwarded(pub, rec, self._candidates_allowing(pub, rec.wall))
                 self.outcomes.append((pub.vin, pub.stream, "delivered"))
             elif decision == AMBIGUOUS:
                 tally.ambiguous += 1
-                settings = self._candidates_allowing(pub)
                 for rec in matches:
-                    self._check_forwarded(pub, rec, settings)
+                    self._check_forwarded(pub, rec, self._candidates_allowing(pub, rec.wall))
                 self.outcomes.append(
                     (pub.vin, pub.stream, "ambiguous_delivered" if matches else "ambiguous_dropped")
                 )
@@ -978,9 +1004,49 @@ class Checker:
             return None
         return self.settings.get(str(pub.record["vin"]), {}).get(revision)
 
-    def _candidates_allowing(self, pub: Published) -> list[Settings | None]:
-        """Settings under which this message may be forwarded (to judge its transforms)."""
+    def _sent_after(self, pub: Published, until: float) -> list[Settings]:
+        """The revisions the car sent after it published this message and
+        before `until` (wall). The gateway decides a message under the settings
+        it holds when it gets to it: a later revision applied first (by another
+        instance of a group, while the broker held the message behind this one's
+        Receive Maximum) counts too, and can only make the decision stricter,
+        since the settings it was captured under still bound it (rules 11, 21)."""
+        published = float(pub.record["wall_start"])
+        return [
+            s for sent, s in self.settings_sent_wall.get(pub.vin, ()) if published < sent < until
+        ]
+
+    def _dropped_by_later_settings(self, pub: Published) -> bool:
+        """Whether a revision the car sent just after this message would drop
+        it: then missing it is not judged a loss. "Just after": within the
+        longest any message of the run took to arrive, as it may have waited
+        that long for the gateway (queued behind others, or held in a killed
+        instance's session until it was back)."""
+        if self.policy.is_legal_obligation(pub.stream):
+            return False
+        until = float(pub.record["wall_end"]) + self._decision_lag_s
+        return any(
+            decide_message(self.policy, pub.stream, later, True) not in (PASS, AMBIGUOUS)
+            for later in self._sent_after(pub, until)
+        )
+
+    def _candidates_allowing(
+        self, pub: Published, decided_by: float | None = None
+    ) -> list[Settings | None]:
+        """Settings under which this message may be forwarded (to judge its
+        transforms); `decided_by`: the wall time the gateway had decided it by
+        (a copy's arrival), so the car's later revisions sent before count too."""
         candidates = self._settings_candidates(pub.record)
+        if decided_by is not None and not self.policy.is_legal_obligation(pub.stream):
+            # Never looser than the settings in force when it was published: a
+            # later revision's location mode counts only where it is stricter.
+            candidates += [
+                later
+                if base is None
+                else dataclasses.replace(later, location=_stricter(later.location, base.location))
+                for later in self._sent_after(pub, decided_by)
+                for base in candidates
+            ]
         allowing = [
             s
             for s in candidates

@@ -835,3 +835,157 @@ def test_the_checker_assumes_the_gateways_default_skew_margin() -> None:
     from gateway.config import PipelineConfig
 
     assert PipelineConfig.model_fields["capture_skew_s"].default == CAPTURE_SKEW_S
+
+
+# --- a later settings revision decided first (a group of instances) --------------------
+def _battery_stripped_under_the_next_settings(
+    run: Run, sent_at: Callable[[Published, Record], float]
+) -> tuple[Run, list[Record], Published, int]:
+    """A battery message that had to arrive with its charger's place (precise),
+    arriving without it, as the gateway forwards it under location off; and the
+    truth with the car's next revision (location off) sent at `sent_at(pub,
+    copy)`. A CI run of `sim group` saw this: an instance got to the message
+    after another had applied the car's next settings."""
+    pub, position = find_delivered(
+        run,
+        "tbox/battery",
+        lambda p, s: (
+            s is not None
+            and s.location == common_pb2.LOCATION_PRECISE
+            and p.message is not None
+            and p.message.HasField("charging_location")
+            and bool(p.message.evse_id)
+        ),
+    )
+    candidates = Checker(run.truth, run.recording, run.policy, run.key)._settings_candidates(
+        pub.record
+    )
+    assert candidates[0] is not None
+    later = dataclasses.replace(candidates[0], revision=10**6, location=common_pb2.LOCATION_OFF)
+
+    def strip(message: Any) -> None:
+        message.ClearField("charging_location")
+        message.ClearField("evse_id")
+
+    recording = edit_recorded(run, position, "tbox/battery", strip)
+    for prop in recording[position]["props"]:
+        if prop[0] == "transforms":
+            prop[1] = "location_off"
+    truth = [
+        *copy.deepcopy(run.truth),
+        {
+            "type": "settings",
+            "vin": pub.vin,
+            "ts_ms": pub.ts_ms + 1,
+            "seq": 0,
+            "settings": later.to_json(),
+            "wall_sent": sent_at(pub, run.recording[position]),
+            "applied": True,
+            "wall_applied": sent_at(pub, run.recording[position]),
+        },
+    ]
+    return dataclasses.replace(run, truth=truth), recording, pub, position
+
+
+def test_a_copy_decided_under_the_cars_next_settings_is_not_over_coarsening(
+    clean_run: Run,
+) -> None:
+    """Sent after the message and before its copy arrived: the gateway may
+    have applied them first (rule 21 asks for at least the settings committed
+    before the message was dispatched; later ones are stricter, never looser)."""
+    run, recording, _, _ = _battery_stripped_under_the_next_settings(
+        clean_run, lambda pub, copy: (float(pub.record["wall_end"]) + float(copy["wall"])) / 2
+    )
+    assert check(run, recording).issues == []
+    # Without those settings it is over-coarsening (the check is not blind).
+    assert (OVER_COARSENING, "geopoint_removed") in rules(check(clean_run, recording))
+
+
+def test_a_copy_coarser_than_settings_sent_after_it_arrived_is_over_coarsening(
+    clean_run: Run,
+) -> None:
+    run, recording, _, _ = _battery_stripped_under_the_next_settings(
+        clean_run, lambda pub, copy: float(copy["wall"]) + 0.5
+    )
+    assert (OVER_COARSENING, "geopoint_removed") in rules(check(run, recording))
+
+
+def test_a_later_looser_revision_does_not_excuse_a_finer_location(clean_run: Run) -> None:
+    """A later revision counts only where it is stricter: a precise position
+    forwarded for a car in approximate mode stays a leak when its next
+    settings (sent before the copy arrived) are precise, also for a car that
+    states no revision (so no capture settings bound it)."""
+    pub, position = find_delivered(
+        clean_run, "tbox/status", mode_is(common_pb2.LOCATION_APPROXIMATE)
+    )
+    checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
+    candidates = checker._settings_candidates(pub.record)
+    assert candidates[0] is not None
+    later = dataclasses.replace(candidates[0], revision=10**6, location=common_pb2.LOCATION_PRECISE)
+    sent = float(pub.record["wall_end"]) + 0.001
+    truth = [
+        *copy.deepcopy(clean_run.truth),
+        {
+            "type": "settings",
+            "vin": pub.vin,
+            "ts_ms": pub.ts_ms + 1,
+            "seq": 0,
+            "settings": later.to_json(),
+            "wall_sent": sent,
+            "applied": True,
+            "wall_applied": sent,
+        },
+    ]
+    for record in truth:
+        if record["type"] == "publish" and pub_key(Published(record, b"", None)) == pub_key(pub):
+            record.pop("capture_rev", None)
+    sent_position = original(pub).position
+
+    def exact(message: Any) -> None:
+        message.position.CopyFrom(sent_position)
+
+    recording = edit_recorded(clean_run, position, "tbox/status", exact)
+    recording[position]["wall"] = sent + 0.5
+    result = check(dataclasses.replace(clean_run, truth=truth), recording)
+    assert (LEAK, "location_finer_than_mode") in rules(result)
+
+
+def test_a_message_dropped_by_the_cars_next_settings_is_not_a_loss(clean_run: Run) -> None:
+    """Missing, and the car switched the feature off just after publishing it
+    (sooner than the slowest message of the run took to arrive, so the gateway
+    may have got to it later): not judged. Switched off later: a loss."""
+    pub, position = find_delivered(clean_run, "tbox/status")
+    checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
+    lag = checker._longest_decision_lag(checker._index_recording())
+    assert lag > 0
+    candidates = checker._settings_candidates(pub.record)
+    assert candidates[0] is not None
+    feature = clean_run.policy.feature_for("tbox/status")
+    off = dataclasses.replace(
+        candidates[0],
+        revision=10**6,
+        features={**candidates[0].features, feature: False},
+    )
+    recording = [r for n, r in enumerate(clean_run.recording) if n != position]
+
+    def with_off_sent(after_s: float) -> CheckResult:
+        sent = float(pub.record["wall_end"]) + after_s
+        truth = [
+            *copy.deepcopy(clean_run.truth),
+            {
+                "type": "settings",
+                "vin": pub.vin,
+                "ts_ms": pub.ts_ms + 1,
+                "seq": 0,
+                "settings": off.to_json(),
+                "wall_sent": sent,
+                "applied": True,
+                "wall_applied": sent,
+            },
+        ]
+        return check(dataclasses.replace(clean_run, truth=truth), recording)
+
+    soon = with_off_sent(lag / 2)
+    assert soon.losses == 0 and soon.issues == [], soon.issues
+    assert any(o == (pub.vin, "tbox/status", "ambiguous_dropped") for o in soon.outcomes)
+    assert with_off_sent(lag * 2 + 0.1).losses == 1
