@@ -137,6 +137,17 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 "200k was 1.17-1.27x v1's 158-171k",
             )
         )
+        if core.get("python_rates_msg_s"):
+            out.append(
+                Target(
+                    "decision core compiled / as Python, same run (info)",
+                    core.get("median_vs_python", math.nan),
+                    ">=",
+                    0.0,
+                    "x",
+                    "mypyc (scripts/compile_core.py)",
+                )
+            )
     sc = results.get("scale")
     if sc:
         out.append(

@@ -9,9 +9,12 @@ alternately (A B C D, A B C D, ...) and medians are quoted.
 from __future__ import annotations
 
 import gc
+import json
 import math
+import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +29,7 @@ from typing import Any
 from bench.baseline import BaselineUnavailable, core_rates, prepare, start_baseline, tree_in
 from bench.procs import (
     POLICY,
+    REPO,
     Proc,
     cpu_seconds,
     main_thread_cpu_seconds,
@@ -114,17 +118,28 @@ def median(values: list[float]) -> float:
 # Decision core alone
 
 
-def bench_core(ctx: Context) -> dict[str, Any]:
-    """decide() over the realistic mix: decode, decide, transform, encode; no I/O."""
-    from gateway.core import DecisionContext, Drop, Forward, SettingsSnapshot, state_from_snapshot
+@dataclass
+class CoreWork:
+    """The decision core's benchmark input: the mix of messages for a fleet,
+    every car's state and settings history, as the service holds them."""
+
+    fleet: Fleet
+    dctx: Any
+    work: list[tuple[str, bytes]]
+    messages: list[VehicleMessage]
+    states: dict[str, Any]
+    histories: dict[str, Any]
+    now: float
+
+
+def core_work(fleet_size: int, messages: int, now: float) -> CoreWork:
+    from gateway.core import DecisionContext, SettingsSnapshot, state_from_snapshot
     from gateway.core.capture import Interval
     from gateway.core.state import LocationMode
     from gateway.policy import load_policy
 
-    opts = ctx.options
     policy = load_policy(POLICY)
-    fleet = ctx.fleet(opts.fleet_size)
-    now = time.time()
+    fleet = make_fleet(fleet_size)
     states = {}
     for vin, s in fleet.settings.items():
         snapshot = SettingsSnapshot(
@@ -133,9 +148,7 @@ def bench_core(ctx: Context) -> dict[str, Any]:
         states[vin] = state_from_snapshot(
             policy, snapshot, now + 3600 if vin in fleet.windows else 0.0
         )
-    dctx = DecisionContext(policy=policy, key=bytes(range(32)))
-    messages = make_messages(fleet, opts.core_messages, seed=4)
-    work = [(f"vehicle/{m.vin}/{m.stream}", m.payload) for m in messages]
+    mix = make_messages(fleet, messages, seed=4)
     # Contract v2 in place: consent at capture time (rule 11) against each
     # car's settings history, as the service decides (one interval per car,
     # applied before the fleet's first capture).
@@ -144,27 +157,84 @@ def bench_core(ctx: Context) -> dict[str, Any]:
         vin: (Interval(state.revision, state.revision, since, state),)
         for vin, state in states.items()
     }
+    return CoreWork(
+        fleet,
+        DecisionContext(policy=policy, key=bytes(range(32))),
+        [(f"vehicle/{m.vin}/{m.stream}", m.payload) for m in mix],
+        mix,
+        states,
+        histories,
+        now,
+    )
 
-    def run(decide: Callable[..., Any]) -> tuple[float, Counter[str]]:
-        fixes: dict[str, Any] = {}
-        outcomes: Counter[str] = Counter()
-        started = time.perf_counter()
-        for topic, payload in work:
-            decision = decide(dctx, topic, payload, states, fixes, now, histories)
-            if type(decision) is Forward and decision.anchor is not None:
-                fixes[decision.vin] = decision.anchor
-        elapsed = time.perf_counter() - started
-        # Outcome tally outside the timed loop.
-        for topic, payload in work[:20_000]:
-            d = decide(dctx, topic, payload, states, fixes, now, histories)
-            outcomes[
-                "forward"
-                if isinstance(d, Forward)
-                else f"drop:{d.reason.value}"
-                if isinstance(d, Drop)
-                else "other"
-            ] += 1
-        return elapsed, outcomes
+
+def core_round(core: CoreWork) -> tuple[float, Counter[str]]:
+    """One pass of decide() over the mix: seconds, and the outcomes of the first 20k."""
+    from gateway.core import Drop, Forward, decide
+
+    fixes: dict[str, Any] = {}
+    outcomes: Counter[str] = Counter()
+    dctx, states, now, histories = core.dctx, core.states, core.now, core.histories
+    started = time.perf_counter()
+    for topic, payload in core.work:
+        decision = decide(dctx, topic, payload, states, fixes, now, histories)
+        if type(decision) is Forward and decision.anchor is not None:
+            fixes[decision.vin] = decision.anchor
+    elapsed = time.perf_counter() - started
+    # Outcome tally outside the timed loop.
+    for topic, payload in core.work[:20_000]:
+        d = decide(dctx, topic, payload, states, fixes, now, histories)
+        outcomes[
+            "forward"
+            if isinstance(d, Forward)
+            else f"drop:{d.reason.value}"
+            if isinstance(d, Drop)
+            else "other"
+        ] += 1
+    return elapsed, outcomes
+
+
+def core_rates_here(fleet_size: int, messages: int, rounds: int) -> list[float]:
+    """Decisions per second of `rounds` passes (after a warm-up) in this process."""
+    core = core_work(fleet_size, messages, time.time())
+    core_round(core)  # warm-up: caches, allocator
+    rates = []
+    for _ in range(rounds):
+        gc.collect()
+        elapsed, _ = core_round(core)
+        rates.append(len(core.work) / elapsed)
+    return rates
+
+
+def python_core_rates(fleet_size: int, messages: int, rounds: int) -> list[float]:
+    """This tree's core run as Python (GATEWAY_CORE=python), in a process of
+    its own: the compiled core's baseline in the same run."""
+    code = (
+        "import json, sys; from bench.suite import core_rates_here;"
+        " print(json.dumps(core_rates_here(*map(int, sys.argv[1:]))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(fleet_size), str(messages), str(rounds)],
+        cwd=REPO,
+        env={**os.environ, "GATEWAY_CORE": "python"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the Python core's rounds failed: {done.stderr[-2000:]}")
+    return [float(r) for r in json.loads(done.stdout.splitlines()[-1])]
+
+
+def bench_core(ctx: Context) -> dict[str, Any]:
+    """decide() over the realistic mix: decode, decide, transform, encode; no I/O."""
+    import gateway.core
+
+    opts = ctx.options
+    core = core_work(opts.fleet_size, opts.core_messages, time.time())
+    dctx, work, messages = core.dctx, core.work, core.messages
+    states, now, histories = core.states, core.now, core.histories
 
     from gateway.core import decide
 
@@ -180,14 +250,25 @@ def bench_core(ctx: Context) -> dict[str, Any]:
     except BaselineUnavailable as exc:
         tree = None
         ctx.log(f"  v1 core left out: {exc}")
-    run(decide)  # warm-up: caches, allocator
+    # The same core run as Python, before and after (when this one is compiled).
+    python: list[float] = []
+    if gateway.core.COMPILED:
+        python += python_core_rates(opts.fleet_size, opts.core_messages, 3)
+        ctx.log(f"  this core as Python (same run, before): {median(python):,.0f} msg/s")
+    else:
+        ctx.log("  the core is not compiled (scripts/compile_core.py): it runs as Python")
+    core_round(core)  # warm-up: caches, allocator
     rates: list[float] = []
     outcomes: Counter[str] = Counter()
     for r in range(max(opts.rounds, 3)):
         gc.collect()
-        elapsed, outcomes = run(decide)
+        elapsed, outcomes = core_round(core)
         rates.append(len(work) / elapsed)
         ctx.log(f"  core round {r + 1}: {rates[-1]:,.0f} msg/s")
+    if python:
+        after = python_core_rates(opts.fleet_size, opts.core_messages, 3)
+        python += after
+        ctx.log(f"  this core as Python (same run, after): {median(after):,.0f} msg/s")
     if tree is not None:
         try:
             after = core_rates(tree, 3)
@@ -207,15 +288,18 @@ def bench_core(ctx: Context) -> dict[str, Any]:
     )
     return {
         "messages": len(work),
+        "compiled": gateway.core.COMPILED,
         "rates_msg_s": rates,
         "median_msg_s": median(rates),
         "baseline_rates_msg_s": baseline,
         "median_vs_baseline": median(rates) / median(baseline) if baseline else math.nan,
+        "python_rates_msg_s": python,
+        "median_vs_python": median(rates) / median(python) if python else math.nan,
         "outcomes_first_20k": dict(outcomes.most_common()),
         "per_stream_us": per_stream,
         "vin_detection": detection,
         "mix": templates().mix(),
-        "fleet": fleet.coverage(),
+        "fleet": core.fleet.coverage(),
     }
 
 

@@ -33,6 +33,7 @@ from gateway.budget import IngressBudget, RecentDigests, TokenBucket, WindowCoun
 from gateway.config import BrokerAccess, GatewayConfig
 from gateway.control.audit import AuditRecord
 from gateway.core import (
+    COMPILED,
     ApplySettings,
     DecisionContext,
     Drop,
@@ -860,9 +861,10 @@ class GatewayService:
         await self._purged_once.wait()
         self.ready.set()
         log.info(
-            "gateway ready: policy %s, %d known vehicles",
+            "gateway ready: policy %s, %d known vehicles, decision core %s",
             self.ctx.policy.version,
             len(self.states),
+            "compiled" if COMPILED else "as Python",
             extra={"policy_version": self.ctx.policy.version},
         )
 

@@ -7,6 +7,9 @@
 #
 #   sh scripts/install-runtime.sh deps VENV      # needs only pyproject.toml
 #   sh scripts/install-runtime.sh project VENV   # needs the source, adds no dependency
+#   sh scripts/install-runtime.sh compile VENV   # the decision core to C (mypyc):
+#       needs compile_core.py beside it and a C compiler; mypy is installed
+#       into a directory of its own for the build and removed, never into VENV
 #
 # Run from the directory holding pyproject.toml; PYTHON (default python3) is
 # the interpreter whose pip does the installing.
@@ -14,8 +17,8 @@ set -eu
 mode="${1:-}"
 venv="${2:-}"
 python="${PYTHON:-python3}"
-if [ -z "$venv" ] || { [ "$mode" != deps ] && [ "$mode" != project ]; }; then
-  echo "usage: $0 deps|project VENV" >&2
+if [ -z "$venv" ] || { [ "$mode" != deps ] && [ "$mode" != project ] && [ "$mode" != compile ]; }; then
+  echo "usage: $0 deps|project|compile VENV" >&2
   exit 2
 fi
 [ -x "$venv/bin/python" ] || "$python" -m venv --without-pip "$venv"
@@ -29,6 +32,19 @@ for requirement in tomllib.load(open("pyproject.toml", "rb"))["project"]["depend
     print(requirement)' >"$requirements"
   install --requirement "$requirements"
   rm -f "$requirements"
-else
+elif [ "$mode" = project ]; then
   install --no-deps .
+else
+  tools="$(mktemp -d)"
+  mypy="$("$python" -c 'import tomllib
+dev = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]
+print(next(r for r in dev if r.startswith("mypy")))')"
+  # mypyc builds the extensions with setuptools.
+  "$python" -m pip --disable-pip-version-check install --quiet --target "$tools" "$mypy" setuptools
+  # -I: the installed package, not the source tree beside this script.
+  package="$("$venv/bin/python" -I -c 'import gateway, os; print(os.path.dirname(gateway.__file__))')"
+  PYTHONPATH="$tools" "$venv/bin/python" "$(dirname "$0")/compile_core.py" --package "$package"
+  rm -rf "$tools"
+  "$venv/bin/python" -I -c 'import gateway.core, sys; sys.exit(not gateway.core.COMPILED)' \
+    || { echo "the decision core did not compile" >&2; exit 1; }
 fi

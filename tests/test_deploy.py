@@ -221,6 +221,8 @@ def test_dockerfile_installs_dependencies_in_their_own_layer_before_the_source()
     assert [r.words()[:3] for r in runs] == [
         ["sh", "install-runtime.sh", "deps"],
         ["sh", "install-runtime.sh", "project"],
+        ["command", "-v", "cc"],  # a C compiler, for this stage only
+        ["sh", "install-runtime.sh", "compile"],  # the decision core (mypyc)
     ]
     deps_at = build.index(runs[0])
     before = [c for c in copies(build[:deps_at])]
@@ -296,7 +298,10 @@ def _run_build_stage(src: Path, venv: Path) -> None:
                     target = target / Path(source).name
                 if (REPO / source).is_dir():
                     shutil.copytree(
-                        REPO / source, target, ignore=shutil.ignore_patterns("__pycache__")
+                        REPO / source,
+                        target,
+                        # As .dockerignore: the checkout's own compiled core stays out.
+                        ignore=shutil.ignore_patterns("__pycache__", "_compiled"),
                     )
                 else:
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -327,6 +332,9 @@ for package in (gateway, telematics):
 absent = ["sim", "bench", "tests", "pytest", "hypothesis", "grpc_tools", "mypy", "ruff", "pip"]
 present = [name for name in absent if importlib.util.find_spec(name) is not None]
 assert not present, present
+import gateway.core  # the build stage compiled the decision core for this interpreter
+assert gateway.core.COMPILED
+assert sys.modules["gateway.core.decide"].__file__.startswith(sys.prefix)
 print(metadata.version("vehicle-privacy-gateway"))
 """
 

@@ -121,7 +121,7 @@ def coarsen_geopoint(point: common_pb2.GeoPoint, cell_size_m: float, offset: Gri
     point.horizontal_accuracy_m = cell_size_m
 
 
-def generalize_number(value: float, step: float) -> float:
+def generalize_number(value: int | float, step: float) -> int | float:
     """`value` rounded to the nearest multiple of `step` (halves away from
     zero), so published values lie on the policy's step grid. Integer inputs
     stay integers (the policy refuses a fractional step for them)."""
