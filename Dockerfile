@@ -30,12 +30,12 @@ COPY README.md ./
 COPY gateway ./gateway
 COPY telematics ./telematics
 RUN sh install-runtime.sh project /opt/privacy-gateway
-# The decision core compiled to C (mypyc): a compiler and mypy in this stage
-# only; the runtime gets the built modules and neither tool.
+# The decision core and the MQTT codec compiled to C (mypyc): a compiler and
+# mypy in this stage only; the runtime gets the built modules and neither tool.
 RUN command -v cc >/dev/null || (apt-get update -qq \
  && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null \
  && rm -rf /var/lib/apt/lists/*)
-COPY scripts/compile_core.py ./
+COPY scripts/compile_native.py ./
 RUN sh install-runtime.sh compile /opt/privacy-gateway
 
 FROM ${PYTHON_IMAGE} AS runtime

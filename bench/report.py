@@ -145,7 +145,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
                     ">=",
                     0.0,
                     "x",
-                    "mypyc (scripts/compile_core.py)",
+                    "mypyc (scripts/compile_native.py)",
                 )
             )
     sc = results.get("scale")

@@ -207,7 +207,7 @@ def core_rates_here(fleet_size: int, messages: int, rounds: int) -> list[float]:
 
 
 def python_core_rates(fleet_size: int, messages: int, rounds: int) -> list[float]:
-    """This tree's core run as Python (GATEWAY_CORE=python), in a process of
+    """This tree's core run as Python (GATEWAY_NATIVE=python), in a process of
     its own: the compiled core's baseline in the same run."""
     code = (
         "import json, sys; from bench.suite import core_rates_here;"
@@ -216,7 +216,7 @@ def python_core_rates(fleet_size: int, messages: int, rounds: int) -> list[float
     done = subprocess.run(
         [sys.executable, "-c", code, str(fleet_size), str(messages), str(rounds)],
         cwd=REPO,
-        env={**os.environ, "GATEWAY_CORE": "python"},
+        env={**os.environ, "GATEWAY_NATIVE": "python"},
         capture_output=True,
         text=True,
         timeout=1800,
@@ -256,7 +256,7 @@ def bench_core(ctx: Context) -> dict[str, Any]:
         python += python_core_rates(opts.fleet_size, opts.core_messages, 3)
         ctx.log(f"  this core as Python (same run, before): {median(python):,.0f} msg/s")
     else:
-        ctx.log("  the core is not compiled (scripts/compile_core.py): it runs as Python")
+        ctx.log("  the core is not compiled (scripts/compile_native.py): it runs as Python")
     core_round(core)  # warm-up: caches, allocator
     rates: list[float] = []
     outcomes: Counter[str] = Counter()

@@ -28,12 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from gateway import compiled
 from gateway.accounting import EgressAccounting
 from gateway.budget import IngressBudget, RecentDigests, TokenBucket, WindowCounter
 from gateway.config import BrokerAccess, GatewayConfig
 from gateway.control.audit import AuditRecord
 from gateway.core import (
-    COMPILED,
     ApplySettings,
     DecisionContext,
     Drop,
@@ -861,10 +861,10 @@ class GatewayService:
         await self._purged_once.wait()
         self.ready.set()
         log.info(
-            "gateway ready: policy %s, %d known vehicles, decision core %s",
+            "gateway ready: policy %s, %d known vehicles, decision core and MQTT codec %s",
             self.ctx.policy.version,
             len(self.states),
-            "compiled" if COMPILED else "as Python",
+            "compiled" if compiled.active() else "as Python",
             extra={"policy_version": self.ctx.policy.version},
         )
 

@@ -34,10 +34,11 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-# The decision core compiled to C (mypyc, from the dev dependencies): a C
-# compiler and the interpreter's headers from Debian's packages when missing.
-# Rebuilt only when its sources changed; if it cannot be built the core runs
-# as Python (the same decisions, slower) and the tests say so.
+# The decision core and the MQTT codec compiled to C (mypyc, from the dev
+# dependencies): a C compiler and the interpreter's headers from Debian's
+# packages when missing. Rebuilt only when their sources changed; if they
+# cannot be built they run as Python (the same results, slower) and the tests
+# say so.
 if ! command -v cc >/dev/null 2>&1 \
   || ! .venv/bin/python -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'; then
   echo "== installing a C compiler and the Python headers (Debian packages gcc, python3-dev)" >&2
@@ -46,5 +47,5 @@ if ! command -v cc >/dev/null 2>&1 \
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc python3-dev >/dev/null
 fi
-.venv/bin/python scripts/compile_core.py \
-  || echo "== the decision core was not compiled: it runs as Python" >&2
+.venv/bin/python scripts/compile_native.py \
+  || echo "== the compiled modules were not built: they run as Python" >&2

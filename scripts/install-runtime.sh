@@ -7,8 +7,8 @@
 #
 #   sh scripts/install-runtime.sh deps VENV      # needs only pyproject.toml
 #   sh scripts/install-runtime.sh project VENV   # needs the source, adds no dependency
-#   sh scripts/install-runtime.sh compile VENV   # the decision core to C (mypyc):
-#       needs compile_core.py beside it and a C compiler; mypy is installed
+#   sh scripts/install-runtime.sh compile VENV   # the per-message path to C (mypyc):
+#       needs compile_native.py beside it and a C compiler; mypy is installed
 #       into a directory of its own for the build and removed, never into VENV
 #
 # Run from the directory holding pyproject.toml; PYTHON (default python3) is
@@ -43,8 +43,8 @@ print(next(r for r in dev if r.startswith("mypy")))')"
   "$python" -m pip --disable-pip-version-check install --quiet --target "$tools" "$mypy" setuptools
   # -I: the installed package, not the source tree beside this script.
   package="$("$venv/bin/python" -I -c 'import gateway, os; print(os.path.dirname(gateway.__file__))')"
-  PYTHONPATH="$tools" "$venv/bin/python" "$(dirname "$0")/compile_core.py" --package "$package"
+  PYTHONPATH="$tools" "$venv/bin/python" "$(dirname "$0")/compile_native.py" --package "$package"
   rm -rf "$tools"
-  "$venv/bin/python" -I -c 'import gateway.core, sys; sys.exit(not gateway.core.COMPILED)' \
-    || { echo "the decision core did not compile" >&2; exit 1; }
+  "$venv/bin/python" -I -c 'import gateway.compiled, sys; sys.exit(not gateway.compiled.active())' \
+    || { echo "the compiled modules were not built" >&2; exit 1; }
 fi

@@ -222,7 +222,7 @@ def test_dockerfile_installs_dependencies_in_their_own_layer_before_the_source()
         ["sh", "install-runtime.sh", "deps"],
         ["sh", "install-runtime.sh", "project"],
         ["command", "-v", "cc"],  # a C compiler, for this stage only
-        ["sh", "install-runtime.sh", "compile"],  # the decision core (mypyc)
+        ["sh", "install-runtime.sh", "compile"],  # the per-message path (mypyc)
     ]
     deps_at = build.index(runs[0])
     before = [c for c in copies(build[:deps_at])]
@@ -273,7 +273,8 @@ def test_dockerfile_runtime_is_non_root_with_probe_healthcheck_ports_and_state_v
     volumes = json.loads(by_keyword["VOLUME"].args)
     assert str(args.state_dir) in volumes
     copied = {
-        str(PurePosixPath(dest) / PurePosixPath(s).name) for _, sources, dest in copies(runtime)
+        str(PurePosixPath(dest) / PurePosixPath(s).name)
+        for _, sources, dest in copies(runtime)
         for s in sources
     }
     assert str(args.config) in copied and "/app/config/policy.yaml" in copied
@@ -332,9 +333,11 @@ for package in (gateway, telematics):
 absent = ["sim", "bench", "tests", "pytest", "hypothesis", "grpc_tools", "mypy", "ruff", "pip"]
 present = [name for name in absent if importlib.util.find_spec(name) is not None]
 assert not present, present
-import gateway.core  # the build stage compiled the decision core for this interpreter
-assert gateway.core.COMPILED
-assert sys.modules["gateway.core.decide"].__file__.startswith(sys.prefix)
+import gateway.core, gateway.edges  # the build stage compiled them for this interpreter
+assert gateway.core.COMPILED and gateway.edges.COMPILED
+for name in ("gateway.core.decide", "gateway.edges.mqtt_codec"):
+    assert sys.modules[name].__file__.startswith(sys.prefix), name
+    assert sys.modules[name].__file__.endswith(".so"), name
 print(metadata.version("vehicle-privacy-gateway"))
 """
 
@@ -426,9 +429,10 @@ def test_systemd_unit_is_hardened_restarts_quickly_and_agrees_with_the_gateway()
 
     argv = shlex.split(one["Service.ExecStart"])
     assert argv[0] == f"{UNIT_PREFIX}/bin/privacy-gateway"  # the project's console script
-    assert "privacy-gateway" in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
-        "scripts"
-    ]
+    assert (
+        "privacy-gateway"
+        in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    )
     args = build_parser().parse_args(argv[1:])
     assert args.command == "run"
     assert str(args.state_dir) == f"/var/lib/{one['Service.StateDirectory']}"

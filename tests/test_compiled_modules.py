@@ -1,6 +1,7 @@
-"""The decision core compiled with mypyc (scripts/compile_core.py) decides
-exactly as the Python source does, is what the set-up loads, and is never
-loaded once its sources changed (issue 13: CPU per message)."""
+"""The decision core and the MQTT codec compiled with mypyc
+(scripts/compile_native.py) give exactly what their Python sources give, are
+what the set-up loads, and are never loaded once a source changed (issue 13:
+CPU per message)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ DECIDE_THE_MIX = """
 import hashlib, json, sys, time
 from collections import Counter
 import gateway.core as core
+from gateway import compiled
+from gateway.edges import mqtt_codec as codec
 from gateway.core import DecisionContext, Forward, SettingsSnapshot, state_from_snapshot
 from gateway.core.capture import Interval
 from gateway.core.state import LocationMode
@@ -42,21 +45,30 @@ since = DEFAULT_SIM_START_MS / 1000 - 3600
 histories = {v: (Interval(s.revision, s.revision, since, s),) for v, s in states.items()}
 dctx = DecisionContext(policy=policy, key=bytes(range(32)))
 digest, kinds, fixes = hashlib.sha256(), Counter(), {}
-for m in make_messages(fleet, int(sys.argv[1]), seed=4):
+reader = codec.PacketReader()
+for n, m in enumerate(make_messages(fleet, int(sys.argv[1]), seed=4)):
     d = core.decide(dctx, f"vehicle/{m.vin}/{m.stream}", m.payload, states, fixes, now, histories)
     if type(d) is Forward and d.anchor is not None:
         fixes[d.vin] = d.anchor
     digest.update(repr(d).encode() + b"\\n")
     kinds[type(d).__name__ + ":" + str(getattr(d, "reason", ""))] += 1
-module = sys.modules["gateway.core.decide"].__file__
-print(json.dumps({"compiled": core.COMPILED, "module": module, "digest": digest.hexdigest(),
+    if type(d) is Forward:
+        # What the edge sends for it, and what reading that back gives.
+        topic, props = d.topic.encode(), codec.publish_properties(d.user_properties)
+        packet = codec.publish_header(topic, n % 65535 + 1, props, len(d.payload)) + d.payload
+        reader.feed(packet)
+        first, body = reader.next()
+        decoded = codec.decode_publish(first, body)
+        digest.update(packet + repr(decoded).encode())
+modules = {n: sys.modules[n].__file__ for n in ("gateway.core.decide", "gateway.edges.mqtt_codec")}
+print(json.dumps({"compiled": compiled.active(), "modules": modules, "digest": digest.hexdigest(),
                   "kinds": kinds}))
 """
 
 
-def decide_the_mix(messages: int, core: str = "") -> dict[str, object]:
+def decide_the_mix(messages: int, native: str = "") -> dict[str, object]:
     # One hash seed: reprs of frozensets list members in hash order.
-    env = {**os.environ, "GATEWAY_CORE": core, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "GATEWAY_NATIVE": native, "PYTHONHASHSEED": "0"}
     done = subprocess.run(
         [sys.executable, "-c", DECIDE_THE_MIX, str(messages)],
         cwd=REPO,
@@ -71,20 +83,23 @@ def decide_the_mix(messages: int, core: str = "") -> dict[str, object]:
     return result
 
 
-def test_the_set_up_loads_the_compiled_core() -> None:
-    """The test command's set-up compiles the core; a machine without a C
-    compiler gets one installed by it (scripts/bootstrap.sh)."""
+def test_the_set_up_loads_the_compiled_modules() -> None:
+    """The test command's set-up builds them; a machine without a C compiler
+    gets one installed by it (scripts/bootstrap.sh)."""
     import gateway.core
+    import gateway.edges.mqtt_codec
 
-    assert gateway.core.COMPILED, "run scripts/bootstrap.sh (it compiles the core)"
-    assert sys.modules["gateway.core.decide"].__file__.endswith(".so")  # type: ignore[union-attr]
+    assert gateway.core.COMPILED and gateway.edges.COMPILED, "run scripts/bootstrap.sh"
+    for name in ("gateway.core.decide", "gateway.edges.mqtt_codec"):
+        assert str(sys.modules[name].__file__).endswith(".so"), name
 
 
-def test_compiled_and_python_cores_decide_the_mix_alike() -> None:
+def test_compiled_and_python_modules_decide_and_encode_the_mix_alike() -> None:
     compiled = decide_the_mix(12_000)
     python = decide_the_mix(12_000, "python")
     assert compiled["compiled"] is True and python["compiled"] is False
-    assert str(python["module"]).endswith("decide.py")
+    assert all(str(f).endswith(".so") for f in compiled["modules"].values())  # type: ignore[attr-defined]
+    assert all(str(f).endswith(".py") for f in python["modules"].values())  # type: ignore[attr-defined]
     kinds = Counter(compiled["kinds"])  # type: ignore[arg-type]
     # The mix reaches the paths that matter: forwards and several drop reasons.
     assert kinds["Forward:"] > 1000, kinds
@@ -95,19 +110,20 @@ def test_compiled_and_python_cores_decide_the_mix_alike() -> None:
 
 def test_an_edited_source_runs_as_python(tmp_path: Path) -> None:
     """A compiled build older than its sources is never loaded: a developer's
-    edit to decide.py takes effect at once (as Python) and the start says so."""
+    edit to decide.py takes effect at once (as Python) and the log says so."""
     copy = tmp_path / "gateway"
     shutil.copytree(REPO / "gateway", copy, ignore=shutil.ignore_patterns("__pycache__"))
     probe = (
-        "import sys, gateway.core as c;"
-        " print(c.COMPILED, sys.modules['gateway.core.decide'].__file__)"
+        "import sys, gateway.core, gateway.edges.mqtt_codec;"
+        " print(sys.modules['gateway.core.decide'].__file__,"
+        " sys.modules['gateway.edges.mqtt_codec'].__file__)"
     )
 
     def load() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-c", probe],
             cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}", "GATEWAY_CORE": ""},
+            env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}", "GATEWAY_NATIVE": ""},
             capture_output=True,
             text=True,
             timeout=60,
@@ -115,9 +131,16 @@ def test_an_edited_source_runs_as_python(tmp_path: Path) -> None:
         )
 
     unchanged = load()
-    assert unchanged.stdout.startswith(f"True {copy}"), unchanged.stdout + unchanged.stderr
+    files = unchanged.stdout.split()
+    assert len(files) == 2 and all(f.startswith(f"{copy}/_compiled/") for f in files), (
+        unchanged.stdout + unchanged.stderr
+    )
     decide_py = copy / "core" / "decide.py"
     decide_py.write_text(decide_py.read_text() + "\n# edited\n")
     edited = load()
-    assert edited.stdout.startswith(f"False {copy}/core/decide.py"), edited.stdout + edited.stderr
-    assert "compiled decision core was built from another decide.py" in edited.stderr
+    # One group: the codec is not loaded compiled beside a Python core either.
+    assert edited.stdout.split() == [
+        f"{copy}/core/decide.py",
+        f"{copy}/edges/mqtt_codec.py",
+    ], edited.stdout + edited.stderr
+    assert "built from other sources (core/decide.py)" in edited.stderr
