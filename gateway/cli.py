@@ -1099,11 +1099,14 @@ def _explain_state(policy: CompiledPolicy, vin: str, raw: Any) -> VehicleState |
         return None
     if not isinstance(raw, dict):
         raise ValueError("settings must be a JSON object or 'unknown'")
+    location = raw.get("location", "off")
+    if isinstance(location, bool) or not isinstance(location, str | int):
+        raise ValueError(f"location must be a mode name or number, not {location!r}")
     snapshot = SettingsSnapshot(
         vin=vin,
         revision=int(raw.get("revision", 1)),
         privacy_mode=bool(raw.get("privacy_mode", False)),
-        location=LocationMode.parse(raw.get("location", "off")),
+        location=LocationMode.parse(location),
         features={str(k): bool(v) for k, v in raw.get("features", {}).items()},
         applied_at=0.0,
         policy_version=policy.version,

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.machinery
+import importlib.util
 import json
 import logging
 import os
@@ -25,16 +27,25 @@ from pathlib import Path
 BUILD_DIR = "_compiled"  # in the gateway package
 MANIFEST = "manifest.json"
 PACKAGE = Path(__file__).parent
+# What the compiled modules were type-checked against besides themselves (in
+# the gateway package; and the protobuf stubs): mypyc builds those types in and
+# checks them at run time, so a change there makes the build stale too.
+DEPENDENCIES = ("policy.py",)
 
 log = logging.getLogger(__name__)
 
 
 def sources_digest(package: Path, modules: list[str]) -> dict[str, str]:
-    """sha256 of each module's source, by its path in the package ("core/decide.py")."""
-    return {
-        f"{module}.py": hashlib.sha256((package / f"{module}.py").read_bytes()).hexdigest()
-        for module in modules
-    }
+    """sha256 of each compiled module's source ("core/decide.py"), of its
+    dependencies, and of the telematics package's stubs ("telematics/...")."""
+    files = {f"{module}.py": package / f"{module}.py" for module in modules}
+    files.update({name: package / name for name in DEPENDENCIES})
+    spec = importlib.util.find_spec("telematics")
+    if spec is not None and spec.submodule_search_locations:
+        stubs = Path(next(iter(spec.submodule_search_locations)))
+        for stub in sorted(stubs.rglob("*.pyi")):
+            files[f"telematics/{stub.relative_to(stubs).as_posix()}"] = stub
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
 
 
 def interpreter() -> dict[str, str]:
@@ -44,9 +55,17 @@ def interpreter() -> dict[str, str]:
     }
 
 
+def _file_digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 @functools.cache
 def build() -> Path | None:
-    """The compiled build, when it matches its sources and this interpreter."""
+    """The compiled build, when it is whole, matches its sources and this
+    interpreter, and loads; otherwise None (the sources run)."""
     if os.environ.get("GATEWAY_NATIVE", "").lower() == "python":
         return None
     root = PACKAGE / BUILD_DIR
@@ -54,6 +73,7 @@ def build() -> Path | None:
         manifest = json.loads((root / MANIFEST).read_text())
         modules = [str(m) for m in manifest["modules"]]
         recorded = dict(manifest["sources"])
+        files = {str(name): str(digest) for name, digest in manifest["files"].items()}
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not modules or {k: manifest.get(k) for k in interpreter()} != interpreter():
@@ -62,7 +82,9 @@ def build() -> Path | None:
         current = sources_digest(PACKAGE, modules)
     except OSError:
         return None
-    changed = sorted(name for name, digest in current.items() if recorded.get(name) != digest)
+    changed = sorted(
+        set(current) ^ set(recorded) | {n for n in current if recorded.get(n) != current[n]}
+    )
     if changed:
         log.warning(
             "the compiled modules were built from other sources (%s): running them as"
@@ -70,9 +92,23 @@ def build() -> Path | None:
             ", ".join(changed),
         )
         return None
+    # A truncated or damaged library would crash the process as it loads.
+    damaged = [name for name, digest in files.items() if _file_digest(root / name) != digest]
+    shared = [name.split(".", 1)[0] for name in files if "/" not in name]
+    if damaged or len(shared) != 1:
+        log.warning(
+            "the compiled build is incomplete or damaged (%s): running as Python",
+            ", ".join(damaged or files),
+        )
+        return None
     # mypyc's shared library of the group is imported by its top-level name.
-    if str(root) not in sys.path:
-        sys.path.append(str(root))
+    sys.path.append(str(root))
+    try:
+        importlib.import_module(shared[0])
+    except (ImportError, OSError) as exc:  # another libc, a truncated file
+        sys.path.remove(str(root))
+        log.warning("the compiled build does not load (%s): running as Python", exc)
+        return None
     return root
 
 

@@ -19,6 +19,8 @@ the two).
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -56,21 +58,36 @@ ignore_missing_imports = True
 
 
 def manifest_for(package: Path) -> dict[str, object]:
-    # The package's own helpers: the manifest is what gateway.compiled checks.
+    """What gateway.compiled checks (its own helpers), and the mypy that built it."""
     sys.path.insert(0, str(package.parent))
     try:
         from gateway.compiled import interpreter, sources_digest
     finally:
         sys.path.pop(0)
-    return {"modules": MODULES, **interpreter(), "sources": sources_digest(package, MODULES)}
+    from mypy.version import __version__ as mypy_version
+
+    return {
+        "modules": MODULES,
+        **interpreter(),
+        "sources": sources_digest(package, MODULES),
+        "mypy": mypy_version,
+    }
 
 
 def up_to_date(package: Path) -> bool:
+    root = package / BUILD_DIR
     try:
-        recorded = json.loads((package / BUILD_DIR / "manifest.json").read_text())
-    except (OSError, ValueError):
+        recorded = json.loads((root / "manifest.json").read_text())
+        files = dict(recorded.pop("files"))
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    return bool(recorded == manifest_for(package))
+    return recorded == manifest_for(package) and all(
+        (root / name).is_file() and _digest(root / name) == digest for name, digest in files.items()
+    )
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _missing_tool() -> str | None:
@@ -84,23 +101,31 @@ def _missing_tool() -> str | None:
 
 
 def compile_native(package: Path, force: bool = False) -> int:
-    if not force and up_to_date(package):
-        print("compiled modules: up to date", file=sys.stderr)
-        return 0
     missing = _missing_tool()
     if missing is not None:
         print(f"compiled modules: not built ({missing}); they run as Python", file=sys.stderr)
         return 0
+    # One build at a time per package (two set-ups at once would interleave).
+    lock_name = hashlib.sha256(str(package).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"compile-native-{lock_name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and up_to_date(package):
+            print("compiled modules: up to date", file=sys.stderr)
+            return 0
+        return _build(package)
+
+
+def _build(package: Path) -> int:
     telematics = importlib.util.find_spec("telematics")
     if telematics is None or not telematics.submodule_search_locations:
         print("compiled modules: the telematics package is not importable", file=sys.stderr)
         return 1
     manifest = manifest_for(package)
     suffix = str(manifest["extension_suffix"])
-    staged = package / f"{BUILD_DIR}.new"
+    staged = Path(tempfile.mkdtemp(prefix=f"{BUILD_DIR}.new-", dir=package))
     with tempfile.TemporaryDirectory(prefix="compile-native-") as tmp:
         work = Path(tmp)
-        skip = shutil.ignore_patterns("__pycache__", BUILD_DIR, f"{BUILD_DIR}.new", "*.so")
+        skip = shutil.ignore_patterns("__pycache__", f"{BUILD_DIR}*", "*.so")
         shutil.copytree(package, work / "gateway", ignore=skip)
         shutil.copytree(
             next(iter(telematics.submodule_search_locations)), work / "telematics", ignore=skip
@@ -117,19 +142,19 @@ def compile_native(package: Path, force: bool = False) -> int:
             check=False,
         )
         if done.returncode != 0:
+            shutil.rmtree(staged, ignore_errors=True)
             print(done.stdout[-4000:], done.stderr[-4000:], sep="\n", file=sys.stderr)
             print("compiled modules: mypyc failed; they run as Python", file=sys.stderr)
             return 1
-        shutil.rmtree(staged, ignore_errors=True)
-        for module in MODULES:
-            built = work / "gateway" / f"{module}{suffix}"
-            target = staged / "gateway" / f"{module}{suffix}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(built, target)
+        names = [f"gateway/{module}{suffix}" for module in MODULES]
         # mypyc's shared library of the group, imported by its top-level name.
-        for shared in work.glob(f"*__mypyc{suffix}"):
-            shutil.copy2(shared, staged / shared.name)
+        names += [shared.name for shared in work.glob(f"*__mypyc{suffix}")]
+        for name in names:
+            (staged / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(work / name, staged / name)
+        manifest["files"] = {name: _digest(staged / name) for name in names}
         (staged / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # A process starting in between finds no build and runs the sources.
     target = package / BUILD_DIR
     shutil.rmtree(target, ignore_errors=True)
     staged.rename(target)

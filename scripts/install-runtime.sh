@@ -36,11 +36,17 @@ elif [ "$mode" = project ]; then
   install --no-deps .
 else
   tools="$(mktemp -d)"
-  mypy="$("$python" -c 'import tomllib
+  # The dev environment's mypy and protobuf stubs (what the tested build was
+  # compiled with) and setuptools (mypyc builds the extensions with it).
+  requirements="$(mktemp)"
+  "$python" -c 'import tomllib
 dev = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]
-print(next(r for r in dev if r.startswith("mypy")))')"
-  # mypyc builds the extensions with setuptools.
-  "$python" -m pip --disable-pip-version-check install --quiet --target "$tools" "$mypy" setuptools
+for r in dev:
+    if r.startswith(("mypy", "types-protobuf", "setuptools")):
+        print(r)' >"$requirements"
+  "$python" -m pip --disable-pip-version-check install --quiet --target "$tools" \
+    --requirement "$requirements"
+  rm -f "$requirements"
   # -I: the installed package, not the source tree beside this script.
   package="$("$venv/bin/python" -I -c 'import gateway, os; print(os.path.dirname(gateway.__file__))')"
   PYTHONPATH="$tools" "$venv/bin/python" "$(dirname "$0")/compile_native.py" --package "$package"

@@ -65,6 +65,10 @@ REFRESH_TOLERANCE = 0.25  # of an interval
 # A message published this long (wall seconds) before a DPO action may still
 # be in the gateway's queue when the action runs: decided before it or after.
 OPERATOR_SLACK_S = 1.0
+# A car's messages published this close together (wall seconds) waited about
+# as long for the gateway: the slowest of them bounds how late it got to one
+# that did not arrive (see Checker._decision_lag).
+LAG_NEIGHBOURHOOD_WALL_S = 5.0
 # The gateway's default `pipeline.capture_skew_s` (contract rule 11), which
 # the simulator's runs keep.
 CAPTURE_SKEW_S = 180.0
@@ -374,17 +378,19 @@ class Checker:
         )
         self.settings: dict[str, dict[int, Settings]] = defaultdict(dict)
         self.settings_applied_wall: dict[str, list[tuple[float, Settings]]] = defaultdict(list)
-        # Every revision each car sent: (wall time sent, settings), in order.
-        self.settings_sent_wall: dict[str, list[tuple[float, Settings]]] = defaultdict(list)
+        # Every revision each car sent: (wall time sent, settings, whether the
+        # car got its PrivacyApplied), in order.
+        self.settings_sent_wall: dict[str, list[tuple[float, Settings, bool]]] = defaultdict(list)
         self.settings_timeouts = 0
-        self._decision_lag_s = 0.0  # see _longest_decision_lag
+        # Per car: (publish wall, publish-to-first-copy wall) of what arrived.
+        self._lags: dict[str, list[tuple[float, float]]] = {}
         for record in truth:
             if record["type"] == "settings":
                 snapshot = Settings.from_json(record["settings"])
                 self.settings[record["vin"]][snapshot.revision] = snapshot
                 if "wall_sent" in record:
                     self.settings_sent_wall[record["vin"]].append(
-                        (float(record["wall_sent"]), snapshot)
+                        (float(record["wall_sent"]), snapshot, bool(record.get("applied")))
                     )
                 if record.get("applied"):
                     self.settings_applied_wall[record["vin"]].append(
@@ -765,19 +771,41 @@ class Checker:
             matches = [r for r in matches if r.stream == pub.stream]
         return matches
 
-    def _longest_decision_lag(self, index: dict[tuple[Any, ...], list[Recorded]]) -> float:
-        """The longest any message that arrived took from its publish to its
-        first copy (wall seconds): how late this run's gateway got to a
-        message, a killed instance's redelivered share included."""
-        lags = [
-            min(rec.wall for rec in matches) - float(pub.record["wall_end"])
-            for pub in self.published
-            if (matches := self._matches(pub, index))
-        ]
-        return max([0.0, *lags])
+    def _arrival_lags(
+        self, index: dict[tuple[Any, ...], list[Recorded]]
+    ) -> dict[str, list[tuple[float, float]]]:
+        """Per car, for each of its messages that arrived (eCall and messages
+        that must not arrive left out): its publish wall time and how long it
+        took to its first copy."""
+        lags: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for pub in self.published:
+            if self.policy.is_legal_obligation(pub.stream) or (
+                str(pub.record.get("purpose")) in MUST_NOT_ARRIVE
+            ):
+                continue
+            if matches := self._matches(pub, index):
+                published = float(pub.record["wall_end"])
+                lags[pub.vin].append((published, min(r.wall for r in matches) - published))
+        return lags
+
+    def _decision_lag(self, pub: Published) -> float:
+        """How late the gateway may have got to this message: the longest its
+        car's messages published within LAG_NEIGHBOURHOOD_WALL_S of it took to
+        arrive (queued behind others, or held in a killed instance's session
+        until it was back). Local to the car and the moment, so one slow
+        stretch of a run excuses nothing elsewhere."""
+        published = float(pub.record["wall_end"])
+        return max(
+            (
+                lag
+                for at, lag in self._lags.get(pub.vin, ())
+                if abs(at - published) <= LAG_NEIGHBOURHOOD_WALL_S
+            ),
+            default=0.0,
+        )
 
     def _check_publishes(self, index: dict[tuple[Any, ...], list[Recorded]]) -> None:
-        self._decision_lag_s = self._longest_decision_lag(index)
+        self._lags = self._arrival_lags(index)
         for pub in self.published:
             record = pub.record
             tally = self.tallies[pub.stream]
@@ -1004,7 +1032,9 @@ class Checker:
             return None
         return self.settings.get(str(pub.record["vin"]), {}).get(revision)
 
-    def _sent_after(self, pub: Published, until: float) -> list[Settings]:
+    def _sent_after(
+        self, pub: Published, until: float, *, applied_only: bool = False
+    ) -> list[Settings]:
         """The revisions the car sent after it published this message and
         before `until` (wall). The gateway decides a message under the settings
         it holds when it gets to it: a later revision applied first (by another
@@ -1013,21 +1043,21 @@ class Checker:
         since the settings it was captured under still bound it (rules 11, 21)."""
         published = float(pub.record["wall_start"])
         return [
-            s for sent, s in self.settings_sent_wall.get(pub.vin, ()) if published < sent < until
+            s
+            for sent, s, applied in self.settings_sent_wall.get(pub.vin, ())
+            if published < sent < until and (applied or not applied_only)
         ]
 
     def _dropped_by_later_settings(self, pub: Published) -> bool:
-        """Whether a revision the car sent just after this message would drop
-        it: then missing it is not judged a loss. "Just after": within the
-        longest any message of the run took to arrive, as it may have waited
-        that long for the gateway (queued behind others, or held in a killed
-        instance's session until it was back)."""
+        """Whether a revision the car sent (and saw applied) just after this
+        message would drop it: then missing it is not judged a loss. "Just
+        after": sooner than the gateway may have got to it (_decision_lag)."""
         if self.policy.is_legal_obligation(pub.stream):
             return False
-        until = float(pub.record["wall_end"]) + self._decision_lag_s
+        until = float(pub.record["wall_end"]) + self._decision_lag(pub)
         return any(
             decide_message(self.policy, pub.stream, later, True) not in (PASS, AMBIGUOUS)
-            for later in self._sent_after(pub, until)
+            for later in self._sent_after(pub, until, applied_only=True)
         )
 
     def _candidates_allowing(
@@ -1038,14 +1068,20 @@ class Checker:
         (a copy's arrival), so the car's later revisions sent before count too."""
         candidates = self._settings_candidates(pub.record)
         if decided_by is not None and not self.policy.is_legal_obligation(pub.stream):
-            # Never looser than the settings in force when it was published: a
-            # later revision's location mode counts only where it is stricter.
-            candidates += [
-                later
-                if base is None
-                else dataclasses.replace(later, location=_stricter(later.location, base.location))
-                for later in self._sent_after(pub, decided_by)
+            # Never looser than settings in force when it was published that
+            # let it through: a later revision's location mode counts only
+            # where it is stricter than one of those (settings that drop it, or
+            # none yet, bound nothing: the copy is judged under the others).
+            bases = [
+                base
                 for base in candidates
+                if base is not None
+                and decide_message(self.policy, pub.stream, base, True) in (PASS, AMBIGUOUS)
+            ]
+            candidates += [
+                dataclasses.replace(later, location=_stricter(later.location, base.location))
+                for later in self._sent_after(pub, decided_by)
+                for base in bases
             ]
         allowing = [
             s

@@ -177,6 +177,17 @@ def test_explain_payload_that_does_not_fit_exits_2() -> None:
     assert "VehicleStatus" in result.stderr
 
 
+def test_explain_settings_with_a_location_that_is_no_mode_exit_2() -> None:
+    """A clear error, the same whether the core runs compiled or as Python."""
+    result = gateway(
+        "explain", "--policy", POLICY, "--settings", '{"location": null}',
+        "--topic", f"vehicle/{VIN}/tbox/status", "--payload-json", json.dumps(STATUS),
+    )
+    assert result.returncode == 2, result.stdout
+    assert "location must be a mode name or number, not None" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_explain_broken_policy_exits_2(broken_policy: Path) -> None:
     result = gateway(
         "explain", "--policy", broken_policy, "--settings", "unknown",

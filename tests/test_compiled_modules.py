@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,20 +109,22 @@ def test_compiled_and_python_modules_decide_and_encode_the_mix_alike() -> None:
     assert compiled["digest"] == python["digest"]
 
 
-def test_an_edited_source_runs_as_python(tmp_path: Path) -> None:
-    """A compiled build older than its sources is never loaded: a developer's
-    edit to decide.py takes effect at once (as Python) and the log says so."""
+PROBE = (
+    "import sys, gateway.core, gateway.edges.mqtt_codec;"
+    " print(sys.modules['gateway.core.decide'].__file__,"
+    " sys.modules['gateway.edges.mqtt_codec'].__file__)"
+)
+
+
+def copy_and_load(tmp_path: Path) -> tuple[Path, Callable[[], subprocess.CompletedProcess[str]]]:
+    """A copy of the gateway package with its build, and a probe that imports
+    it and prints which files the core and codec came from."""
     copy = tmp_path / "gateway"
     shutil.copytree(REPO / "gateway", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    probe = (
-        "import sys, gateway.core, gateway.edges.mqtt_codec;"
-        " print(sys.modules['gateway.core.decide'].__file__,"
-        " sys.modules['gateway.edges.mqtt_codec'].__file__)"
-    )
 
     def load() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", probe],
+            [sys.executable, "-c", PROBE],
             cwd=tmp_path,
             env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}", "GATEWAY_NATIVE": ""},
             capture_output=True,
@@ -130,6 +133,33 @@ def test_an_edited_source_runs_as_python(tmp_path: Path) -> None:
             check=False,
         )
 
+    return copy, load
+
+
+def test_a_build_that_does_not_load_runs_as_python(tmp_path: Path) -> None:
+    """A truncated or missing shared library (another libc, a copy that broke)
+    must not keep the gateway from starting: the sources run, and it says so."""
+    copy, load = copy_and_load(tmp_path)
+    (shared,) = (copy / "_compiled").glob("*__mypyc*")
+    shared.write_bytes(shared.read_bytes()[:4096])
+    truncated = load()
+    assert truncated.returncode == 0, truncated.stderr
+    assert truncated.stdout.split() == [
+        f"{copy}/core/decide.py",
+        f"{copy}/edges/mqtt_codec.py",
+    ], truncated.stdout + truncated.stderr
+    assert "the compiled build is incomplete or damaged" in truncated.stderr
+    shared.unlink()
+    missing = load()
+    assert missing.returncode == 0 and missing.stdout.split()[0] == f"{copy}/core/decide.py"
+    assert "the compiled build is incomplete or damaged" in missing.stderr
+
+
+def test_an_edited_source_runs_as_python(tmp_path: Path) -> None:
+    """A compiled build older than its sources is never loaded: a developer's
+    edit to decide.py takes effect at once (as Python) and the log says so.
+    The same for what it was type-checked against (the policy module)."""
+    copy, load = copy_and_load(tmp_path)
     unchanged = load()
     files = unchanged.stdout.split()
     assert len(files) == 2 and all(f.startswith(f"{copy}/_compiled/") for f in files), (
@@ -144,3 +174,8 @@ def test_an_edited_source_runs_as_python(tmp_path: Path) -> None:
         f"{copy}/edges/mqtt_codec.py",
     ], edited.stdout + edited.stderr
     assert "built from other sources (core/decide.py)" in edited.stderr
+    decide_py.write_text(decide_py.read_text().removesuffix("\n# edited\n"))
+    assert load().stdout.split()[0].startswith(f"{copy}/_compiled/")  # restored: compiled
+    policy_py = copy / "policy.py"
+    policy_py.write_text(policy_py.read_text() + "\n# edited\n")
+    assert load().stdout.split()[0] == f"{copy}/core/decide.py"

@@ -22,6 +22,7 @@ import pytest
 from sim.checker import (
     CAPTURE_SKEW_S,
     FIRST_SETTINGS_TOLERANCE_WALL_S,
+    LAG_NEIGHBOURHOOD_WALL_S,
     LEAK,
     LOSS,
     OVER_COARSENING,
@@ -952,11 +953,14 @@ def test_a_later_looser_revision_does_not_excuse_a_finer_location(clean_run: Run
 
 def test_a_message_dropped_by_the_cars_next_settings_is_not_a_loss(clean_run: Run) -> None:
     """Missing, and the car switched the feature off just after publishing it
-    (sooner than the slowest message of the run took to arrive, so the gateway
-    may have got to it later): not judged. Switched off later: a loss."""
+    (sooner than its messages of that moment took to arrive, so the gateway
+    may have got to it later): not judged. Switched off later, or never seen
+    applied by the car: a loss."""
     pub, position = find_delivered(clean_run, "tbox/status")
-    checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
-    lag = checker._longest_decision_lag(checker._index_recording())
+    recording = [r for n, r in enumerate(clean_run.recording) if n != position]
+    checker = Checker(clean_run.truth, recording, clean_run.policy, clean_run.key)
+    checker._lags = checker._arrival_lags(checker._index_recording())
+    lag = checker._decision_lag(pub)
     assert lag > 0
     candidates = checker._settings_candidates(pub.record)
     assert candidates[0] is not None
@@ -966,9 +970,8 @@ def test_a_message_dropped_by_the_cars_next_settings_is_not_a_loss(clean_run: Ru
         revision=10**6,
         features={**candidates[0].features, feature: False},
     )
-    recording = [r for n, r in enumerate(clean_run.recording) if n != position]
 
-    def with_off_sent(after_s: float) -> CheckResult:
+    def with_off_sent(after_s: float, applied: bool = True) -> CheckResult:
         sent = float(pub.record["wall_end"]) + after_s
         truth = [
             *copy.deepcopy(clean_run.truth),
@@ -979,8 +982,8 @@ def test_a_message_dropped_by_the_cars_next_settings_is_not_a_loss(clean_run: Ru
                 "seq": 0,
                 "settings": off.to_json(),
                 "wall_sent": sent,
-                "applied": True,
-                "wall_applied": sent,
+                "applied": applied,
+                "wall_applied": sent if applied else None,
             },
         ]
         return check(dataclasses.replace(clean_run, truth=truth), recording)
@@ -989,3 +992,76 @@ def test_a_message_dropped_by_the_cars_next_settings_is_not_a_loss(clean_run: Ru
     assert soon.losses == 0 and soon.issues == [], soon.issues
     assert any(o == (pub.vin, "tbox/status", "ambiguous_dropped") for o in soon.outcomes)
     assert with_off_sent(lag * 2 + 0.1).losses == 1
+    assert with_off_sent(lag / 2, applied=False).losses == 1
+
+
+def test_the_lag_that_excuses_a_missing_message_is_its_cars_at_that_moment(
+    clean_run: Run,
+) -> None:
+    """One message that took long to arrive (a backend outage, a killed
+    instance) excuses nothing of another car or of another moment."""
+    checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
+    lags = checker._arrival_lags(checker._index_recording())
+    vin, items = next((v, i) for v, i in lags.items() if len(i) > 2)
+    slow_at = items[0][0]
+    lags[vin][0] = (slow_at, 60.0)
+    checker._lags = lags
+    by_vin = {p.vin: p for p in checker.published}
+    other_car = next(p for v, p in by_vin.items() if v != vin)
+    later = next(
+        p
+        for p in checker.published
+        if p.vin == vin and float(p.record["wall_end"]) > slow_at + LAG_NEIGHBOURHOOD_WALL_S
+    )
+    assert checker._decision_lag(other_car) < 60.0
+    assert checker._decision_lag(later) < 60.0
+    same_moment = Published({**later.record, "wall_end": slow_at + 1.0}, b"", None)
+    assert checker._decision_lag(same_moment) == 60.0
+
+
+def test_settings_that_drop_a_message_bound_nothing_for_its_copy(clean_run: Run) -> None:
+    """Published under settings that drop it (privacy mode on) with a
+    revision pending that lets it through approximately, then the car goes
+    precise before the copy arrives: the copy must still be approximate. A
+    precise one is a leak, not excused by combining the later precise
+    revision with the privacy-mode settings."""
+    pub, position = find_delivered(
+        clean_run, "tbox/status", mode_is(common_pb2.LOCATION_APPROXIMATE)
+    )
+    checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
+    approximate = checker._settings_candidates(pub.record)[0]
+    assert approximate is not None
+    privacy = dataclasses.replace(
+        approximate, revision=10**6, privacy_mode=True, location=common_pb2.LOCATION_PRECISE
+    )
+    precise = dataclasses.replace(
+        approximate, revision=10**6 + 1, location=common_pb2.LOCATION_PRECISE
+    )
+    sent = float(pub.record["wall_end"]) + 0.001
+    truth = copy.deepcopy(clean_run.truth)
+    for record in truth:
+        if record["type"] == "publish" and pub_key(Published(record, b"", None)) == pub_key(pub):
+            record.pop("capture_rev", None)
+            record["applied_rev"], record["pending_rev"] = privacy.revision, approximate.revision
+    for settings, at in ((privacy, float(pub.record["wall_start"]) - 1.0), (precise, sent)):
+        truth.append(
+            {
+                "type": "settings",
+                "vin": pub.vin,
+                "ts_ms": pub.ts_ms,
+                "seq": 0,
+                "settings": settings.to_json(),
+                "wall_sent": at,
+                "applied": True,
+                "wall_applied": at,
+            }
+        )
+    sent_position = original(pub).position
+
+    def exact(message: Any) -> None:
+        message.position.CopyFrom(sent_position)
+
+    recording = edit_recorded(clean_run, position, "tbox/status", exact)
+    recording[position]["wall"] = sent + 0.5
+    result = check(dataclasses.replace(clean_run, truth=truth), recording)
+    assert (LEAK, "location_finer_than_mode") in rules(result)
