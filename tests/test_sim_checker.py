@@ -575,6 +575,23 @@ def test_refresh_sooner_than_the_interval_is_a_leak(clean_run: Run) -> None:
 # --- consent at capture time and the causal token (contract rules 11, 12) ----------
 
 
+def settings_sent(
+    pub: Published, settings: Settings, wall: float, *, applied: bool = True, ts_ms: int = 0
+) -> Record:
+    """The truth's record of the car of `pub` sending `settings` at `wall`
+    (and seeing it applied then, unless not `applied`)."""
+    return {
+        "type": "settings",
+        "vin": pub.vin,
+        "ts_ms": ts_ms or pub.ts_ms,
+        "seq": 0,
+        "settings": settings.to_json(),
+        "wall_sent": wall,
+        "applied": applied,
+        "wall_applied": wall if applied else None,
+    }
+
+
 def with_capture(run: Run, pub: Published, revision: int, settings: Settings | None) -> Run:
     """The run's ground truth, claiming `pub` was captured under `revision`
     (with `settings`, applied, when given)."""
@@ -588,18 +605,7 @@ def with_capture(run: Run, pub: Published, revision: int, settings: Settings | N
             record["capture_rev"] = revision
             record["uploaded_late"] = True
     if settings is not None:
-        truth.append(
-            {
-                "type": "settings",
-                "vin": pub.vin,
-                "ts_ms": pub.ts_ms,
-                "seq": 0,
-                "settings": settings.to_json(),
-                "wall_sent": pub.record["wall_start"],
-                "applied": True,
-                "wall_applied": pub.record["wall_start"],
-            }
-        )
+        truth.append(settings_sent(pub, settings, pub.record["wall_start"]))
     return Run(truth, run.recording, run.policy, run.key)
 
 
@@ -872,19 +878,8 @@ def _battery_stripped_under_the_next_settings(
     for prop in recording[position]["props"]:
         if prop[0] == "transforms":
             prop[1] = "location_off"
-    truth = [
-        *copy.deepcopy(run.truth),
-        {
-            "type": "settings",
-            "vin": pub.vin,
-            "ts_ms": pub.ts_ms + 1,
-            "seq": 0,
-            "settings": later.to_json(),
-            "wall_sent": sent_at(pub, run.recording[position]),
-            "applied": True,
-            "wall_applied": sent_at(pub, run.recording[position]),
-        },
-    ]
+    sent = sent_at(pub, run.recording[position])
+    truth = [*copy.deepcopy(run.truth), settings_sent(pub, later, sent, ts_ms=pub.ts_ms + 1)]
     return dataclasses.replace(run, truth=truth), recording, pub, position
 
 
@@ -924,19 +919,7 @@ def test_a_later_looser_revision_does_not_excuse_a_finer_location(clean_run: Run
     assert candidates[0] is not None
     later = dataclasses.replace(candidates[0], revision=10**6, location=common_pb2.LOCATION_PRECISE)
     sent = float(pub.record["wall_end"]) + 0.001
-    truth = [
-        *copy.deepcopy(clean_run.truth),
-        {
-            "type": "settings",
-            "vin": pub.vin,
-            "ts_ms": pub.ts_ms + 1,
-            "seq": 0,
-            "settings": later.to_json(),
-            "wall_sent": sent,
-            "applied": True,
-            "wall_applied": sent,
-        },
-    ]
+    truth = [*copy.deepcopy(clean_run.truth), settings_sent(pub, later, sent, ts_ms=pub.ts_ms + 1)]
     for record in truth:
         if record["type"] == "publish" and pub_key(Published(record, b"", None)) == pub_key(pub):
             record.pop("capture_rev", None)
@@ -975,16 +958,7 @@ def test_a_message_dropped_by_the_cars_next_settings_is_not_a_loss(clean_run: Ru
         sent = float(pub.record["wall_end"]) + after_s
         truth = [
             *copy.deepcopy(clean_run.truth),
-            {
-                "type": "settings",
-                "vin": pub.vin,
-                "ts_ms": pub.ts_ms + 1,
-                "seq": 0,
-                "settings": off.to_json(),
-                "wall_sent": sent,
-                "applied": applied,
-                "wall_applied": sent if applied else None,
-            },
+            settings_sent(pub, off, sent, applied=applied, ts_ms=pub.ts_ms + 1),
         ]
         return check(dataclasses.replace(clean_run, truth=truth), recording)
 
@@ -1044,18 +1018,7 @@ def test_settings_that_drop_a_message_bound_nothing_for_its_copy(clean_run: Run)
             record.pop("capture_rev", None)
             record["applied_rev"], record["pending_rev"] = privacy.revision, approximate.revision
     for settings, at in ((privacy, float(pub.record["wall_start"]) - 1.0), (precise, sent)):
-        truth.append(
-            {
-                "type": "settings",
-                "vin": pub.vin,
-                "ts_ms": pub.ts_ms,
-                "seq": 0,
-                "settings": settings.to_json(),
-                "wall_sent": at,
-                "applied": True,
-                "wall_applied": at,
-            }
-        )
+        truth.append(settings_sent(pub, settings, at))
     sent_position = original(pub).position
 
     def exact(message: Any) -> None:
