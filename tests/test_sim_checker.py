@@ -592,6 +592,30 @@ def settings_sent(
     }
 
 
+def publish_record(truth: list[Record], pub: Published) -> Record:
+    """The truth's record of publishing `pub`."""
+    return next(
+        r
+        for r in truth
+        if r.get("type") == "publish" and pub_key(Published(r, b"", None)) == pub_key(pub)
+    )
+
+
+def check_precise_copy(
+    run: Run, truth: list[Record], pub: Published, position: int, *, arrives: float
+) -> CheckResult:
+    """The check of `truth` with the copy of `pub` (a status message) carrying
+    the car's exact position and arriving at `arrives`."""
+    sent_position = original(pub).position
+
+    def exact(message: Any) -> None:
+        message.position.CopyFrom(sent_position)
+
+    recording = edit_recorded(run, position, "tbox/status", exact)
+    recording[position]["wall"] = arrives
+    return check(dataclasses.replace(run, truth=truth), recording)
+
+
 def with_capture(run: Run, pub: Published, revision: int, settings: Settings | None) -> Run:
     """The run's ground truth, claiming `pub` was captured under `revision`
     (with `settings`, applied, when given)."""
@@ -920,18 +944,10 @@ def test_a_later_looser_revision_does_not_excuse_a_finer_location(clean_run: Run
     later = dataclasses.replace(candidates[0], revision=10**6, location=common_pb2.LOCATION_PRECISE)
     sent = float(pub.record["wall_end"]) + 0.001
     truth = [*copy.deepcopy(clean_run.truth), settings_sent(pub, later, sent, ts_ms=pub.ts_ms + 1)]
-    for record in truth:
-        if record["type"] == "publish" and pub_key(Published(record, b"", None)) == pub_key(pub):
-            record.pop("capture_rev", None)
-    sent_position = original(pub).position
-
-    def exact(message: Any) -> None:
-        message.position.CopyFrom(sent_position)
-
-    recording = edit_recorded(clean_run, position, "tbox/status", exact)
-    recording[position]["wall"] = sent + 0.5
-    result = check(dataclasses.replace(clean_run, truth=truth), recording)
-    assert (LEAK, "location_finer_than_mode") in rules(result)
+    publish_record(truth, pub).pop("capture_rev", None)
+    assert (LEAK, "location_finer_than_mode") in rules(
+        check_precise_copy(clean_run, truth, pub, position, arrives=sent + 0.5)
+    )
 
 
 def test_a_message_dropped_by_the_cars_next_settings_is_not_a_loss(clean_run: Run) -> None:
@@ -1013,18 +1029,11 @@ def test_settings_that_drop_a_message_bound_nothing_for_its_copy(clean_run: Run)
     )
     sent = float(pub.record["wall_end"]) + 0.001
     truth = copy.deepcopy(clean_run.truth)
-    for record in truth:
-        if record["type"] == "publish" and pub_key(Published(record, b"", None)) == pub_key(pub):
-            record.pop("capture_rev", None)
-            record["applied_rev"], record["pending_rev"] = privacy.revision, approximate.revision
+    record = publish_record(truth, pub)
+    record.pop("capture_rev", None)
+    record["applied_rev"], record["pending_rev"] = privacy.revision, approximate.revision
     for settings, at in ((privacy, float(pub.record["wall_start"]) - 1.0), (precise, sent)):
         truth.append(settings_sent(pub, settings, at))
-    sent_position = original(pub).position
-
-    def exact(message: Any) -> None:
-        message.position.CopyFrom(sent_position)
-
-    recording = edit_recorded(clean_run, position, "tbox/status", exact)
-    recording[position]["wall"] = sent + 0.5
-    result = check(dataclasses.replace(clean_run, truth=truth), recording)
-    assert (LEAK, "location_finer_than_mode") in rules(result)
+    assert (LEAK, "location_finer_than_mode") in rules(
+        check_precise_copy(clean_run, truth, pub, position, arrives=sent + 0.5)
+    )
