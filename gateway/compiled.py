@@ -55,11 +55,17 @@ def interpreter() -> dict[str, str]:
     }
 
 
-def _file_digest(path: Path) -> str | None:
+def file_digest(path: Path) -> str | None:
+    """sha256 of a file; None when it cannot be read."""
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+def damaged(root: Path, files: dict[str, str]) -> list[str]:
+    """The built files (relative to `root`) missing or not as recorded."""
+    return [name for name, digest in files.items() if file_digest(root / name) != digest]
 
 
 @functools.cache
@@ -83,7 +89,7 @@ def build() -> Path | None:
     except OSError:
         return None
     changed = sorted(
-        set(current) ^ set(recorded) | {n for n in current if recorded.get(n) != current[n]}
+        n for n in current.keys() | recorded.keys() if current.get(n) != recorded.get(n)
     )
     if changed:
         log.warning(
@@ -93,12 +99,12 @@ def build() -> Path | None:
         )
         return None
     # A truncated or damaged library would crash the process as it loads.
-    damaged = [name for name, digest in files.items() if _file_digest(root / name) != digest]
+    bad = damaged(root, files)
     shared = [name.split(".", 1)[0] for name in files if "/" not in name]
-    if damaged or len(shared) != 1:
+    if bad or len(shared) != 1:
         log.warning(
             "the compiled build is incomplete or damaged (%s): running as Python",
-            ", ".join(damaged or files),
+            ", ".join(bad or files),
         )
         return None
     # mypyc's shared library of the group is imported by its top-level name.

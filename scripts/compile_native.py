@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 # Paths in the gateway package, without ".py". Pure, synchronous and typed;
@@ -44,7 +45,6 @@ MODULES = [
     "core/decide",
     "edges/mqtt_codec",
 ]
-BUILD_DIR = "_compiled"  # as gateway.compiled.BUILD_DIR (this script may run without it)
 
 # Typing for compilation only: the strict check is `mypy` in the test command.
 # Compiling needs the types of these modules and of what they call, not the
@@ -57,37 +57,38 @@ ignore_missing_imports = True
 """
 
 
-def manifest_for(package: Path) -> dict[str, object]:
-    """What gateway.compiled checks (its own helpers), and the mypy that built it."""
+def package_helpers(package: Path) -> ModuleType:
+    """`gateway.compiled` of the package being built: the manifest is what it checks."""
     sys.path.insert(0, str(package.parent))
     try:
-        from gateway.compiled import interpreter, sources_digest
+        from gateway import compiled
     finally:
         sys.path.pop(0)
+    return compiled
+
+
+def manifest_for(package: Path) -> dict[str, object]:
+    """What gateway.compiled checks, and the mypy that built it."""
     from mypy.version import __version__ as mypy_version
 
+    helpers = package_helpers(package)
     return {
         "modules": MODULES,
-        **interpreter(),
-        "sources": sources_digest(package, MODULES),
+        **helpers.interpreter(),
+        "sources": helpers.sources_digest(package, MODULES),
         "mypy": mypy_version,
     }
 
 
 def up_to_date(package: Path) -> bool:
-    root = package / BUILD_DIR
+    helpers = package_helpers(package)
+    root = package / helpers.BUILD_DIR
     try:
-        recorded = json.loads((root / "manifest.json").read_text())
+        recorded = json.loads((root / helpers.MANIFEST).read_text())
         files = dict(recorded.pop("files"))
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return recorded == manifest_for(package) and all(
-        (root / name).is_file() and _digest(root / name) == digest for name, digest in files.items()
-    )
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return recorded == manifest_for(package) and not helpers.damaged(root, files)
 
 
 def _missing_tool() -> str | None:
@@ -120,12 +121,14 @@ def _build(package: Path) -> int:
     if telematics is None or not telematics.submodule_search_locations:
         print("compiled modules: the telematics package is not importable", file=sys.stderr)
         return 1
+    helpers = package_helpers(package)
+    build_dir = helpers.BUILD_DIR
     manifest = manifest_for(package)
     suffix = str(manifest["extension_suffix"])
-    staged = Path(tempfile.mkdtemp(prefix=f"{BUILD_DIR}.new-", dir=package))
+    staged = Path(tempfile.mkdtemp(prefix=f"{build_dir}.new-", dir=package))
     with tempfile.TemporaryDirectory(prefix="compile-native-") as tmp:
         work = Path(tmp)
-        skip = shutil.ignore_patterns("__pycache__", f"{BUILD_DIR}*", "*.so")
+        skip = shutil.ignore_patterns("__pycache__", f"{build_dir}*", "*.so")
         shutil.copytree(package, work / "gateway", ignore=skip)
         shutil.copytree(
             next(iter(telematics.submodule_search_locations)), work / "telematics", ignore=skip
@@ -152,10 +155,10 @@ def _build(package: Path) -> int:
         for name in names:
             (staged / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(work / name, staged / name)
-        manifest["files"] = {name: _digest(staged / name) for name in names}
-        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest["files"] = {name: helpers.file_digest(staged / name) for name in names}
+        (staged / helpers.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     # A process starting in between finds no build and runs the sources.
-    target = package / BUILD_DIR
+    target = package / build_dir
     shutil.rmtree(target, ignore_errors=True)
     staged.rename(target)
     print(f"compiled modules: built {len(MODULES)} into {target}", file=sys.stderr)

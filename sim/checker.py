@@ -1060,14 +1060,12 @@ class Checker:
             for later in self._sent_after(pub, until, applied_only=True)
         )
 
-    def _candidates_allowing(
-        self, pub: Published, decided_by: float | None = None
-    ) -> list[Settings | None]:
+    def _candidates_allowing(self, pub: Published, decided_by: float) -> list[Settings | None]:
         """Settings under which this message may be forwarded (to judge its
         transforms); `decided_by`: the wall time the gateway had decided it by
         (a copy's arrival), so the car's later revisions sent before count too."""
         candidates = self._settings_candidates(pub.record)
-        if decided_by is not None and not self.policy.is_legal_obligation(pub.stream):
+        if not self.policy.is_legal_obligation(pub.stream):
             # Never looser than settings in force when it was published that
             # let it through: a later revision's location mode counts only
             # where it is stricter than one of those (settings that drop it, or
