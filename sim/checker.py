@@ -65,9 +65,9 @@ REFRESH_TOLERANCE = 0.25  # of an interval
 # A message published this long (wall seconds) before a DPO action may still
 # be in the gateway's queue when the action runs: decided before it or after.
 OPERATOR_SLACK_S = 1.0
-# A car's messages published this close together (wall seconds) waited about
-# as long for the gateway: the slowest of them bounds how late it got to one
-# that did not arrive (see Checker._decision_lag).
+# Messages (of any car) and settings sent this close together (wall seconds)
+# met the same gateway instances in the same state: the slowest of them bounds
+# how late an instance got to one that did not arrive (Checker._decision_lag).
 LAG_NEIGHBOURHOOD_WALL_S = 5.0
 # The gateway's default `pipeline.capture_skew_s` (contract rule 11), which
 # the simulator's runs keep.
@@ -382,8 +382,10 @@ class Checker:
         # car got its PrivacyApplied), in order.
         self.settings_sent_wall: dict[str, list[tuple[float, Settings, bool]]] = defaultdict(list)
         self.settings_timeouts = 0
-        # Per car: (publish wall, publish-to-first-copy wall) of what arrived.
-        self._lags: dict[str, list[tuple[float, float]]] = {}
+        # (sent wall, how long the gateway took to it) of every message that
+        # arrived and every settings revision applied, in order of sending.
+        self._lags: list[tuple[float, float]] = []
+        self._settings_lags: list[tuple[float, float]] = []  # the revisions' part
         for record in truth:
             if record["type"] == "settings":
                 snapshot = Settings.from_json(record["settings"])
@@ -396,6 +398,9 @@ class Checker:
                     self.settings_applied_wall[record["vin"]].append(
                         (float(record["wall_applied"]), snapshot)
                     )
+                    if "wall_sent" in record:
+                        sent = float(record["wall_sent"])
+                        self._settings_lags.append((sent, float(record["wall_applied"]) - sent))
                 else:
                     self.settings_timeouts += 1
         # The scenario's DPO actions that the gateway accepted: ownership
@@ -773,11 +778,12 @@ class Checker:
 
     def _arrival_lags(
         self, index: dict[tuple[Any, ...], list[Recorded]]
-    ) -> dict[str, list[tuple[float, float]]]:
-        """Per car, for each of its messages that arrived (eCall and messages
-        that must not arrive left out): its publish wall time and how long it
-        took to its first copy."""
-        lags: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    ) -> list[tuple[float, float]]:
+        """For each message that arrived (eCall and messages that must not
+        arrive left out): its publish wall time and how long it took to its
+        first copy; for each settings revision a car saw applied: when it was
+        sent and how long it took to be applied. Sorted by the first."""
+        lags: list[tuple[float, float]] = []
         for pub in self.published:
             if self.policy.is_legal_obligation(pub.stream) or (
                 str(pub.record.get("purpose")) in MUST_NOT_ARRIVE
@@ -785,24 +791,23 @@ class Checker:
                 continue
             if matches := self._matches(pub, index):
                 published = float(pub.record["wall_end"])
-                lags[pub.vin].append((published, min(r.wall for r in matches) - published))
+                lags.append((published, min(r.wall for r in matches) - published))
+        lags.extend(self._settings_lags)
+        lags.sort()
         return lags
 
     def _decision_lag(self, pub: Published) -> float:
-        """How late the gateway may have got to this message: the longest its
-        car's messages published within LAG_NEIGHBOURHOOD_WALL_S of it took to
-        arrive (queued behind others, or held in a killed instance's session
-        until it was back). Local to the car and the moment, so one slow
-        stretch of a run excuses nothing elsewhere."""
+        """How late the gateway may have got to this message: the longest any
+        message or settings revision sent within LAG_NEIGHBOURHOOD_WALL_S of it
+        took to be decided. Any car's: cars share the instances, and one that
+        stalls (a pause, a restart, a slow store) holds whatever the broker gave
+        it then, of every car. Local to the moment, so a slow stretch of a run
+        excuses nothing elsewhere."""
         published = float(pub.record["wall_end"])
-        return max(
-            (
-                lag
-                for at, lag in self._lags.get(pub.vin, ())
-                if abs(at - published) <= LAG_NEIGHBOURHOOD_WALL_S
-            ),
-            default=0.0,
-        )
+        lags = self._lags
+        start = bisect.bisect_left(lags, (published - LAG_NEIGHBOURHOOD_WALL_S, float("-inf")))
+        end = bisect.bisect_right(lags, (published + LAG_NEIGHBOURHOOD_WALL_S, float("inf")))
+        return max((lag for _, lag in lags[start:end]), default=0.0)
 
     def _check_publishes(self, index: dict[tuple[Any, ...], list[Recorded]]) -> None:
         self._lags = self._arrival_lags(index)

@@ -2,6 +2,9 @@
 subscription and one PostgreSQL consent store, the seeded fleet, kill -9 of
 one instance mid-run and its restart under the same instance id, then the
 conformance checker (contract rules 12 and 21 across instances; issue 12).
+Another instance is paused (SIGSTOP) a few times for seconds, as a long
+garbage-collection pause, a starved CPU or a stopped VM would: whatever the
+broker handed it meanwhile is decided late, under the settings it finds then.
 
 A private Mosquitto and a private PostgreSQL cluster (initdb on a free port
 under the output directory's temp space; never the machine's own servers).
@@ -9,7 +12,7 @@ Every instance has its own state directory (instance id, control port) and
 the same pseudonymization key. The scenario's DPO (ownership changes,
 objections) talks to the first instance only; the others learn of its
 actions from the store's change log, which is what the run checks. The
-instance that is killed is the last one.
+instance that is killed is the last one; the one paused is the second.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +55,9 @@ class GroupConfig:
     speedup: float = 240
     seed: int = 1
     kill_at: float | None = 0.4  # share of the run's wall time; None: no kill
+    # When the second instance is paused (shares of the run's wall time), and for how long.
+    pause_at: tuple[float, ...] = (0.55, 0.7, 0.85)
+    pause_s: float = 2.0
     # Privacy-screen changes per car per simulated hour: 30 times the fleet's
     # default, so that changes and the next messages race across instances.
     settings_per_hour: float = 24.0
@@ -136,6 +144,7 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
     postgres.start()
     instances: list[Instance] = []
     kills: list[dict[str, float]] = []
+    pauses: list[dict[str, float]] = []
     try:
         store_url = postgres.new_database()
         with MosquittoBroker() as broker:
@@ -160,19 +169,36 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
                 killed = time.time()
                 code = await asyncio.to_thread(victim.process.kill)
                 await asyncio.to_thread(victim.start, config.ready_timeout_s)
-                kills.append(
-                    {"instance_exit": float(code or 0), "down_s": time.time() - killed}
-                )
+                kills.append({"instance_exit": float(code or 0), "down_s": time.time() - killed})
                 console.print(
                     f"instance {victim.name} killed (exit {code}) and back under the same"
                     f" id after {time.time() - killed:.2f}s"
                 )
+
+            paused = instances[1 % len(instances)]
+
+            async def pause_one() -> None:
+                started = time.monotonic()
+                for share in config.pause_at:
+                    await asyncio.sleep(max(0.0, started + wall_s * share - time.monotonic()))
+                    assert paused.process is not None and paused.process.process is not None
+                    pid = paused.process.process.pid
+                    at = time.time()
+                    os.kill(pid, signal.SIGSTOP)
+                    try:
+                        await asyncio.sleep(config.pause_s)
+                    finally:
+                        os.kill(pid, signal.SIGCONT)
+                    pauses.append({"at_s": round(share * wall_s, 2), "paused_s": time.time() - at})
+                console.print(f"instance {paused.name} paused {len(pauses)}x")
 
             tasks: list[asyncio.Task[None]] = []
 
             async def on_connected() -> None:
                 if config.kill_at is not None and config.instances > 1:
                     tasks.append(asyncio.create_task(kill_one()))
+                if config.pause_at and config.pause_s > 0 and config.instances > 1:
+                    tasks.append(asyncio.create_task(pause_one()))
 
             async def before_drain() -> None:
                 await asyncio.gather(*tasks)
@@ -230,6 +256,7 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
         "speedup": config.speedup,
         "seed": config.seed,
         "kills": kills,
+        "pauses": pauses,
         "exit_codes": exit_codes,
         "settings_per_car_hour": config.settings_per_hour,
         "settings_sent": summary.settings_sent,
@@ -248,10 +275,11 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
 def add_parser(commands: Any) -> None:
     group = commands.add_parser(
         "group",
-        help="N gateway instances on one shared group and PostgreSQL, kill -9 of one, checker",
+        help="N gateway instances, one shared group and PostgreSQL, kill -9, pauses, checker",
         description="Several real gateway processes share the vehicle traffic (MQTT v5 shared"
         " subscription) and the consent state (a private PostgreSQL); one is killed with -9"
-        " mid-run and restarted under its instance id; exit 1 on any leak or loss.",
+        " mid-run and restarted under its instance id, another is paused (SIGSTOP) three times;"
+        " exit 1 on any leak or loss.",
     )
     group.add_argument("--instances", type=int, default=3, help="gateway processes (3)")
     group.add_argument("--vehicles", type=int, default=20, help="fleet size (20)")
@@ -270,6 +298,12 @@ def add_parser(commands: Any) -> None:
         default=0.4,
         help="when the last instance is killed, as a share of the run (0.4); negative: never",
     )
+    group.add_argument(
+        "--pause",
+        type=float,
+        default=2.0,
+        help="seconds the second instance is paused (SIGSTOP), three times (2.0; 0: never)",
+    )
     group.add_argument("--out", type=Path, default=Path("out/group"), help="output directory")
     group.add_argument("--policy", type=Path, default=DEFAULT_POLICY_PATH, help="policy.yaml")
     group.add_argument("--no-live", action="store_true", help="no live progress display")
@@ -285,6 +319,7 @@ def group_main(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
         settings_per_hour=args.settings_per_hour,
         kill_at=None if args.kill_at < 0 else args.kill_at,
+        pause_s=max(0.0, args.pause),
         policy_path=args.policy,
         live=not args.no_live,
     )

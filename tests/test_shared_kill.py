@@ -2,7 +2,9 @@
 subscription and one PostgreSQL store, a seeded fleet changing its privacy
 settings 30 times as often as usual (changes and the next messages race
 across instances), the last instance killed with -9 mid-run and restarted
-under its instance id; the checker judges every message (issue 12, item 4)."""
+under its instance id, another paused (SIGSTOP) three times for 2 s (what the
+broker gave it meanwhile is decided late, under the settings it finds then);
+the checker judges every message (issue 12, item 4)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def test_three_instances_one_killed_no_leak_no_loss(tmp_path: Path) -> None:
     report = json.loads((out / "group.json").read_text())
     problems = json.dumps(report)[:2000] + done.stderr[-3000:]
     assert len(report["kills"]) == 1 and report["kills"][0]["instance_exit"] == -9, problems
+    assert [p["paused_s"] >= 2.0 for p in report["pauses"]] == [True] * 3, problems
     assert report["settings_sent"] > 200, problems  # a high rate of changes
     assert report["leaks"] == 0, problems
     assert report["losses"] == 0, problems

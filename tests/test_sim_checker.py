@@ -985,28 +985,46 @@ def test_a_message_dropped_by_the_cars_next_settings_is_not_a_loss(clean_run: Ru
     assert with_off_sent(lag / 2, applied=False).losses == 1
 
 
-def test_the_lag_that_excuses_a_missing_message_is_its_cars_at_that_moment(
-    clean_run: Run,
-) -> None:
-    """One message that took long to arrive (a backend outage, a killed
-    instance) excuses nothing of another car or of another moment."""
+def test_the_lag_that_excuses_a_missing_message_is_that_moments(clean_run: Run) -> None:
+    """One message that took long to arrive (a paused or killed instance holds
+    whatever the broker gave it, of every car) bounds how late any car's
+    message of that moment was decided, and excuses nothing of another moment."""
     checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
     lags = checker._arrival_lags(checker._index_recording())
-    vin, items = next((v, i) for v, i in lags.items() if len(i) > 2)
-    slow_at = items[0][0]
-    lags[vin][0] = (slow_at, 60.0)
+    slow = len(lags) // 2
+    slow_at = lags[slow][0]
+    lags[slow] = (slow_at, 60.0)
     checker._lags = lags
-    by_vin = {p.vin: p for p in checker.published}
-    other_car = next(p for v, p in by_vin.items() if v != vin)
-    later = next(
-        p
-        for p in checker.published
-        if p.vin == vin and float(p.record["wall_end"]) > slow_at + LAG_NEIGHBOURHOOD_WALL_S
+    slow_car = next(p for p in checker.published if float(p.record["wall_end"]) == slow_at)
+    other_car = next(p for p in checker.published if p.vin != slow_car.vin)
+    at_the_moment = Published({**other_car.record, "wall_end": slow_at + 1.0}, b"", None)
+    assert checker._decision_lag(at_the_moment) == 60.0
+    for moment in (
+        slow_at - LAG_NEIGHBOURHOOD_WALL_S - 1.0,
+        slow_at + LAG_NEIGHBOURHOOD_WALL_S + 1,
+    ):
+        elsewhen = Published({**slow_car.record, "wall_end": moment}, b"", None)
+        assert checker._decision_lag(elsewhen) < 60.0
+
+
+def test_a_revision_applied_late_bounds_the_decision_lag_of_its_moment(clean_run: Run) -> None:
+    """A settings revision the gateway took long to apply shows an instance
+    that was late then, as a late message does."""
+    checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
+    pub = checker.published[len(checker.published) // 2]
+    published = float(pub.record["wall_end"])
+    before = checker._arrival_lags(checker._index_recording())
+    assert max(lag for _, lag in before) < 30.0
+    candidates = checker._settings_candidates(pub.record)
+    assert candidates[0] is not None
+    late = dataclasses.replace(candidates[0], revision=10**6)
+    record = settings_sent(pub, late, published - 2.0, ts_ms=pub.ts_ms + 1)
+    record["wall_applied"] = published + 30.0
+    checker = Checker(
+        [*clean_run.truth, record], clean_run.recording, clean_run.policy, clean_run.key
     )
-    assert checker._decision_lag(other_car) < 60.0
-    assert checker._decision_lag(later) < 60.0
-    same_moment = Published({**later.record, "wall_end": slow_at + 1.0}, b"", None)
-    assert checker._decision_lag(same_moment) == 60.0
+    checker._lags = checker._arrival_lags(checker._index_recording())
+    assert checker._decision_lag(pub) == pytest.approx(32.0)
 
 
 def test_settings_that_drop_a_message_bound_nothing_for_its_copy(clean_run: Run) -> None:
