@@ -647,6 +647,33 @@ async def test_export_flush_does_not_wait_for_traffic_to_stop() -> None:
     assert written
 
 
+async def test_counts_commit_at_once_after_a_quiet_spell_then_at_the_pace() -> None:
+    """A lone message waits for no timer; under load commits start at most once
+    per pace (here 10 s, so the second cannot have committed yet), and an
+    export's flush does not wait for the pace."""
+    commits: list[int] = []
+
+    async def write(rows: list[object]) -> None:
+        commits.append(len(rows))
+
+    accounting = EgressAccounting(write, pace_s=10.0)  # type: ignore[arg-type]
+    runner = asyncio.create_task(accounting.run())
+    durable: list[str] = []
+    try:
+        key = (VIN, "2026-11-23", "tbox/status", "remote_control", "p")
+        accounting.record(key, lambda: durable.append("first"))
+        await _wait(lambda: durable == ["first"])
+        accounting.record(key, lambda: durable.append("second"))
+        accounting.record(key, lambda: durable.append("third"))
+        await asyncio.sleep(0.3)
+        assert durable == ["first"] and commits == [1]
+        await asyncio.wait_for(accounting.flush(), 2)
+        assert durable == ["first", "second", "third"] and commits == [1, 1]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_back_pressure_outlasts_the_keepalive_without_a_reconnect(tmp_path: Path) -> None:
     """While reading is paused the broker's PINGRESPs stay unread: v1's keepalive
     check then dropped the vehicle connection after 2x keepalive, the new
