@@ -220,34 +220,3 @@ def test_no_password_in_the_url_or_in_messages() -> None:
         StoreConfig(url="postgresql://gw@db/x?password=hunter2")
     assert "hunter2" not in redact_url("postgresql://gw:hunter2@db/x")
     assert "hunter2" not in redact_url("postgresql://gw@db/x?sslmode=require&password=hunter2")
-
-
-def test_instances_folding_one_egress_journal_count_each_message_once(
-    postgres: PrivatePostgres,
-) -> None:
-    """Several instances append to one journal and fold it at the same time
-    (every append of theirs is due to fold): each count lands in egress_counts
-    exactly once."""
-    from gateway.store import EgressCount
-
-    url = postgres.new_database()
-    stores = [PostgresConsentStore(url) for _ in range(3)]
-    count = EgressCount(VIN, "2026-12-01", "tbox/status", "remote_control", "p", 1)
-
-    def write(store: PostgresConsentStore) -> None:
-        for _ in range(40):
-            store._fold_due = 0.0  # fold with every append
-            store.add_egress_counts([count, count._replace(stream="tbox/trip")])
-
-    threads = [threading.Thread(target=write, args=(s,)) for s in stores]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    try:
-        counts = {c.stream: c.count for c in stores[1].egress_counts(VIN)}
-        assert counts == {"tbox/status": 120, "tbox/trip": 120}
-        assert stores[0]._read("SELECT COUNT(*) FROM egress_journal")[0][0] == 0
-    finally:
-        for store in stores:
-            store.close()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import shutil
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -528,100 +526,3 @@ def test_what_the_gateway_holds_is_bounded_by_the_declared_retention(
     # A car's newest settings row stays, however old.
     assert store.purge_retention({}, 10_000 * day, 0.0)["settings_history"] == 0
     assert [h.revision for h in store.history(VIN)] == [2]
-
-
-def _journal_rows(store: SqliteConsentStore) -> int:
-    return int(store._read("SELECT COUNT(*) FROM egress_journal")[0][0])
-
-
-def _counted(store: SqliteConsentStore) -> int:
-    return int(store._read("SELECT COUNT(*) FROM egress_counts")[0][0])
-
-
-def test_egress_counts_are_appended_per_commit_and_folded_on_read(
-    store: SqliteConsentStore,
-) -> None:
-    """One journal row per commit (not one upsert per car); a read folds the
-    journal first, so it sees every count, summed."""
-    from gateway.store import EgressCount
-
-    status = EgressCount(VIN, "2026-12-01", "tbox/status", "remote_control", "p", 2)
-    trip = EgressCount(OTHER, "2026-12-01", "tbox/trip", "energy_consumption", "p", 1)
-    store._fold_due = time.monotonic() + 3600  # the first append folds what a crash left
-    store.add_egress_counts([status, trip])
-    store.add_egress_counts([status._replace(count=3)])
-    store.add_egress_counts([])  # nothing: no row
-    assert (_journal_rows(store), _counted(store)) == (2, 0)
-    assert store.holds_vehicle_data()
-    assert store.egress_counts(VIN) == [status._replace(count=5)]
-    assert store.egress_counts(OTHER) == [trip]
-    assert (_journal_rows(store), _counted(store)) == (0, 2)
-    store.add_egress_counts([status])
-    assert store.egress_counts(VIN) == [status._replace(count=7)]
-
-
-def test_the_egress_journal_is_folded_when_due(
-    store: SqliteConsentStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Bounded: folded once EGRESS_FOLD_ROWS commits wait, or EGRESS_FOLD_S after the last fold."""
-    from gateway.store import EgressCount
-    from gateway.store import sqlite as sqlite_store
-
-    count = EgressCount(VIN, "2026-12-01", "tbox/status", "remote_control", "p", 1)
-    monkeypatch.setattr(sqlite_store, "EGRESS_FOLD_ROWS", 3)
-    store._fold_due = time.monotonic() + 3600
-    store.add_egress_counts([count])
-    store.add_egress_counts([count])
-    assert (_journal_rows(store), _counted(store)) == (2, 0)
-    store.add_egress_counts([count])
-    assert (_journal_rows(store), _counted(store)) == (0, 1)
-    store.add_egress_counts([count])
-    assert _journal_rows(store) == 1
-    store._fold_due = 0.0  # EGRESS_FOLD_S passed
-    store.add_egress_counts([count])
-    assert _journal_rows(store) == 0
-    assert [c.count for c in store.egress_counts(VIN)] == [5]
-
-
-def test_erasure_removes_the_cars_counts_still_in_the_journal(store: SqliteConsentStore) -> None:
-    from gateway.store import EgressCount
-
-    store.apply_settings(snap(1))
-    store.add_egress_counts(
-        [
-            EgressCount(VIN, "2026-12-01", "tbox/status", "remote_control", "p", 4),
-            EgressCount(OTHER, "2026-12-01", "tbox/status", "remote_control", "p", 1),
-        ]
-    )
-    removed = store.erase_vehicle(VIN, "s", AuditRecord("dpo", "erasure", "s", {}, 2.0))
-    assert removed["egress_counts"] == 1
-    assert store.egress_counts(VIN) == []
-    assert [c.count for c in store.egress_counts(OTHER)] == [1]
-
-
-def test_counts_of_schema_12_are_kept_and_added_to(tmp_path: Path) -> None:
-    """A store the previous release wrote (schema 12: counts upserted in
-    egress_counts) opens at schema 13 with its counts; new ones add to them."""
-    from gateway.store import EgressCount
-
-    path = tmp_path / SqliteConsentStore.FILENAME
-    shutil.copy(Path(__file__).parent / "data" / "consent-schema12.sqlite3", path)
-    db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("12",)
-    db.close()
-    store = SqliteConsentStore(path)
-    try:
-        store.attach_key(KEY, functools.partial(subject, KEY))
-        assert store.meta("schema_version") == str(SCHEMA_VERSION) == "13"
-        car = subject(KEY, "WVWZZZ1JZXW000001")
-        before = {c.stream: c.count for c in store.egress_counts(car)}
-        assert before == {"tbox/status": 8, "avn/nav": 2}
-        store.add_egress_counts(
-            [EgressCount(car, "2026-12-01", "tbox/status", "remote_control", "2026.12.1", 1)]
-        )
-        assert {c.stream: c.count for c in store.egress_counts(car)} == {
-            "tbox/status": 9,
-            "avn/nav": 2,
-        }
-    finally:
-        store.close()

@@ -45,24 +45,11 @@ from gateway.store.base import (
 # incident_holds (protocol data kept during a security incident). 10:
 # vehicle_identity.ownership (a new owner, a new grid offset). 11: objections
 # (Art. 21, per car and legitimate-interest feature). 12:
-# dead_letters.recipient (streams with several recipients). 13:
-# egress_journal (egress counts appended per commit, folded into
-# egress_counts now and then; an older gateway would not see them). New
+# dead_letters.recipient (streams with several recipients). New
 # tables are created by the schema script on every open; their versions only
 # record the step.
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 12
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
-# Egress counts are appended to egress_journal, one row per commit (one short
-# append instead of an upsert per car: most of the store's work per forwarded
-# message), and folded into egress_counts at least this often, or once this
-# many commits wait; every read, purge and erasure of the counts folds first.
-EGRESS_FOLD_S = 5.0
-EGRESS_FOLD_ROWS = 2000
-_EGRESS_UPSERT = (
-    "INSERT INTO egress_counts VALUES (?,?,?,?,?,?) ON CONFLICT"
-    "(vin, day, stream, feature, policy_version) DO UPDATE SET"
-    " count = egress_counts.count + excluded.count"
-)
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
 # version N, run in one transaction with recording N. A new table needs no
 # entry (_SCHEMA creates what is missing); a new column of an existing table
@@ -106,7 +93,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     10: ("ALTER TABLE vehicle_identity ADD COLUMN ownership INTEGER NOT NULL DEFAULT 0",),
     11: (),  # objections: a new table
     12: ("ALTER TABLE dead_letters ADD COLUMN recipient TEXT NOT NULL DEFAULT ''",),
-    13: (),  # egress_journal: a new table
 }
 KEYED_STEP = 8
 # settings_history rows that record a restriction being set or lifted (Art. 18)
@@ -177,10 +163,6 @@ CREATE TABLE IF NOT EXISTS egress_counts (
     count          INTEGER NOT NULL,
     PRIMARY KEY (vin, day, stream, feature, policy_version)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS egress_journal (
-    id     INTEGER PRIMARY KEY,
-    counts TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS access_log (
     at     REAL NOT NULL,
     client TEXT NOT NULL,
@@ -300,10 +282,6 @@ class SqliteConsentStore:
     """
 
     FILENAME = "consent.sqlite3"
-    # The egress journal (also PostgreSQL's, which does not run __init__):
-    # rows appended since the last fold, and when the next one is due.
-    _journal_rows = 0
-    _fold_due = 0.0
 
     def __init__(self, path: str | Path, history_limit: int = HISTORY_LIMIT) -> None:
         """Open (or create) the store; StoreError when it is damaged or unusable.
@@ -472,7 +450,7 @@ class SqliteConsentStore:
     def holds_vehicle_data(self) -> bool:
         """Whether anything about a vehicle was ever written (keyed with the
         pseudonymization key: audit subjects; downstream: pseudonyms)."""
-        for table in (*_VEHICLE_TABLES, "parked", "egress_journal"):
+        for table in (*_VEHICLE_TABLES, "parked"):
             if self._read(f"SELECT 1 FROM {table} LIMIT 1"):
                 return True
         # Policy entries name a version; every other entry names a vehicle.
@@ -860,7 +838,6 @@ class SqliteConsentStore:
                 "INSERT INTO pending_erasure_events (due_at, topic, payload) VALUES (?,?,?)",
                 events,
             )
-            self._fold_egress(db)  # the car's counts still in the journal go too
             removed = {
                 table: db.execute(f"DELETE FROM {table} WHERE vin=?", (vin,)).rowcount
                 for table in (
@@ -1040,39 +1017,18 @@ class SqliteConsentStore:
     # --------------------------------------------------------- egress counters
 
     def add_egress_counts(self, counts: list[EgressCount]) -> None:
-        """Durable when it returns (appended to the journal; see EGRESS_FOLD_S)."""
-        if not counts:
-            return
-        journal = json.dumps(counts, separators=(",", ":"))  # rows in column order
-
         def tx(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO egress_journal (counts) VALUES (?)", (journal,))
-            self._journal_rows += 1
-            if self._journal_rows >= EGRESS_FOLD_ROWS or time.monotonic() >= self._fold_due:
-                self._fold_egress(db)
+            db.executemany(
+                "INSERT INTO egress_counts VALUES (?,?,?,?,?,?) ON CONFLICT"
+                "(vin, day, stream, feature, policy_version) DO UPDATE SET"
+                " count = egress_counts.count + excluded.count",
+                counts,  # rows in column order
+            )
 
-        self._write(tx)
-
-    def _fold_egress(self, db: sqlite3.Connection) -> None:
-        """Move the journal into egress_counts, in the caller's transaction
-        (write transactions are serialised, on PostgreSQL across instances
-        too; DELETE ... RETURNING takes exactly the rows it folds)."""
-        self._journal_rows = 0
-        self._fold_due = time.monotonic() + EGRESS_FOLD_S
-        totals: dict[tuple[str, str, str, str, str], int] = {}
-        for (text,) in db.execute("DELETE FROM egress_journal RETURNING counts").fetchall():
-            for vin, day, stream, feature, version, count in json.loads(text):
-                key = (vin, day, stream, feature, version)
-                totals[key] = totals.get(key, 0) + int(count)
-        if totals:
-            db.executemany(_EGRESS_UPSERT, [(*key, n) for key, n in totals.items()])
-
-    def fold_egress_counts(self) -> None:
-        """Fold the journal now (reads of the counts do it themselves)."""
-        self._write(self._fold_egress)
+        if counts:
+            self._write(tx)
 
     def egress_counts(self, vin: str) -> list[EgressCount]:
-        self.fold_egress_counts()
         rows = self._read(
             "SELECT vin, day, stream, feature, policy_version, count FROM egress_counts"
             " WHERE vin=? ORDER BY day, stream, feature, policy_version",
@@ -1366,7 +1322,6 @@ class SqliteConsentStore:
         audit_content_before: float,
     ) -> dict[str, int]:
         def tx(db: sqlite3.Connection) -> dict[str, int]:
-            self._fold_egress(db)
             counts = sum(
                 db.execute(
                     "DELETE FROM egress_counts WHERE stream=? AND day<?", (stream, day)
