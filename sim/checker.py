@@ -26,7 +26,7 @@ import json
 import math
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,10 +65,18 @@ REFRESH_TOLERANCE = 0.25  # of an interval
 # A message published this long (wall seconds) before a DPO action may still
 # be in the gateway's queue when the action runs: decided before it or after.
 OPERATOR_SLACK_S = 1.0
-# Messages (of any car) and settings sent this close together (wall seconds)
-# met the same gateway instances in the same state: the slowest of them bounds
-# how late an instance got to one that did not arrive (Checker._decision_lag).
+# How late the gateway may have got to a message that did not arrive
+# (Checker._decision_lag), from wall seconds around its publication: its car's
+# messages this close took about as long (queued behind the same ones) ...
 LAG_NEIGHBOURHOOD_WALL_S = 5.0
+# ... any car's messages and settings this close met the same instances in the
+# same state (an instance that stalls unannounced, a starved CPU, holds
+# every car's share) ...
+MOMENT_WALL_S = 0.5
+# ... and a stall the run made (STALLS_FILE: an instance paused or killed)
+# holds what was published from this long before it began until it ended.
+STALL_LEAD_WALL_S = 0.5
+STALLS_FILE = "stalls.json"
 # The gateway's default `pipeline.capture_skew_s` (contract rule 11), which
 # the simulator's runs keep.
 CAPTURE_SKEW_S = 180.0
@@ -335,11 +343,14 @@ class Checker:
         policy: Policy,
         key: bytes | None = None,
         dead_letters: list[DeadLetterRecord] | None = None,
+        stalls: Sequence[tuple[float, float]] = (),
     ) -> None:
         """`dead_letters`: the gateway's dead-letter store (None: not known). Given, a
         missing message a dead letter stands for is counted as dead-lettered, not
-        lost (see sim.deadletters.account_losses)."""
+        lost (see sim.deadletters.account_losses). `stalls`: (wall start, wall
+        end) of each time the run stopped a gateway instance (STALLS_FILE)."""
         self.policy = policy
+        self.stalls = sorted(stalls)
         self.key = key
         self.dead_letters = dead_letters
         self.legal_arrivals: list[Arrival] = []
@@ -383,8 +394,10 @@ class Checker:
         self.settings_sent_wall: dict[str, list[tuple[float, Settings, bool]]] = defaultdict(list)
         self.settings_timeouts = 0
         # (sent wall, how long the gateway took to it) of every message that
-        # arrived and every settings revision applied, in order of sending.
+        # arrived and every settings revision applied, in order of sending; and
+        # per car, of its messages.
         self._lags: list[tuple[float, float]] = []
+        self._car_lags: dict[str, list[tuple[float, float]]] = {}
         self._settings_lags: list[tuple[float, float]] = []  # the revisions' part
         for record in truth:
             if record["type"] == "settings":
@@ -778,12 +791,14 @@ class Checker:
 
     def _arrival_lags(
         self, index: dict[tuple[Any, ...], list[Recorded]]
-    ) -> list[tuple[float, float]]:
+    ) -> tuple[list[tuple[float, float]], dict[str, list[tuple[float, float]]]]:
         """For each message that arrived (eCall and messages that must not
         arrive left out): its publish wall time and how long it took to its
-        first copy; for each settings revision a car saw applied: when it was
-        sent and how long it took to be applied. Sorted by the first."""
+        first copy; with each settings revision a car saw applied (when it was
+        sent, how long it took to be applied), sorted by the first. And the
+        messages' part per car."""
         lags: list[tuple[float, float]] = []
+        per_car: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for pub in self.published:
             if self.policy.is_legal_obligation(pub.stream) or (
                 str(pub.record.get("purpose")) in MUST_NOT_ARRIVE
@@ -791,26 +806,45 @@ class Checker:
                 continue
             if matches := self._matches(pub, index):
                 published = float(pub.record["wall_end"])
-                lags.append((published, min(r.wall for r in matches) - published))
+                lag = (published, min(r.wall for r in matches) - published)
+                lags.append(lag)
+                per_car[pub.vin].append(lag)
         lags.extend(self._settings_lags)
         lags.sort()
-        return lags
+        return lags, per_car
 
-    def _decision_lag(self, pub: Published) -> float:
-        """How late the gateway may have got to this message: the longest any
-        message or settings revision sent within LAG_NEIGHBOURHOOD_WALL_S of it
-        took to be decided. Any car's: cars share the instances, and one that
-        stalls (a pause, a restart, a slow store) holds whatever the broker gave
-        it then, of every car. Local to the moment, so a slow stretch of a run
-        excuses nothing elsewhere."""
-        published = float(pub.record["wall_end"])
+    def _slowest(self, since: float, until: float) -> float:
+        """The longest any message or revision sent in [since, until] took."""
         lags = self._lags
-        start = bisect.bisect_left(lags, (published - LAG_NEIGHBOURHOOD_WALL_S, float("-inf")))
-        end = bisect.bisect_right(lags, (published + LAG_NEIGHBOURHOOD_WALL_S, float("inf")))
+        start = bisect.bisect_left(lags, (since, float("-inf")))
+        end = bisect.bisect_right(lags, (until, float("inf")))
         return max((lag for _, lag in lags[start:end]), default=0.0)
 
+    def _decision_lag(self, pub: Published) -> float:
+        """How late the gateway may have got to this message: as late as its
+        car's messages of that stretch (LAG_NEIGHBOURHOOD_WALL_S), or any car's
+        of that moment (MOMENT_WALL_S), took; published while the run stopped
+        an instance (or just before), until that instance was back and had
+        worked off what it held. Local to the car and the moment, so a slow
+        stretch of a run excuses nothing elsewhere."""
+        published = float(pub.record["wall_end"])
+        lag = max(
+            (
+                lag
+                for at, lag in self._car_lags.get(pub.vin, ())
+                if abs(at - published) <= LAG_NEIGHBOURHOOD_WALL_S
+            ),
+            default=0.0,
+        )
+        lag = max(lag, self._slowest(published - MOMENT_WALL_S, published + MOMENT_WALL_S))
+        for start, end in self.stalls:
+            if start - STALL_LEAD_WALL_S <= published <= end:
+                held = self._slowest(start - STALL_LEAD_WALL_S, end)
+                lag = max(lag, end - published, held - (published - start))
+        return lag
+
     def _check_publishes(self, index: dict[tuple[Any, ...], list[Recorded]]) -> None:
-        self._lags = self._arrival_lags(index)
+        self._lags, self._car_lags = self._arrival_lags(index)
         for pub in self.published:
             record = pub.record
             tally = self.tallies[pub.stream]
@@ -2000,8 +2034,17 @@ def check_run(
     if policy_path is None:
         meta = next((r for r in truth if r["type"] == "meta"), {})
         policy_path = Path(meta.get("policy_path") or DEFAULT_POLICY_PATH)
+    stalls_path = out_dir / STALLS_FILE
+    stalls = (
+        [
+            (float(s["wall_start"]), float(s["wall_end"]))
+            for s in json.loads(stalls_path.read_text())
+        ]
+        if stalls_path.exists()
+        else []
+    )
     return Checker(
-        truth, recording, load_policy(policy_path), load_key(state_dir), dead_letters
+        truth, recording, load_policy(policy_path), load_key(state_dir), dead_letters, stalls
     ).run()
 
 

@@ -12,7 +12,9 @@ Every instance has its own state directory (instance id, control port) and
 the same pseudonymization key. The scenario's DPO (ownership changes,
 objections) talks to the first instance only; the others learn of its
 actions from the store's change log, which is what the run checks. The
-instance that is killed is the last one; the one paused is the second.
+instance that is killed is the last one; the one paused is the second (the
+first of two). Each stall (wall times) goes to STALLS_FILE for the checker:
+what an instance held then may have been decided late.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from gateway.about import DEFAULT_CONFIG
 from gateway.clock import TimeMapping
 from gateway.keys import create_key
 from sim.broker import MosquittoBroker, free_port
-from sim.checker import CHECK_FILE, CheckResult, check_run, print_summary
+from sim.checker import CHECK_FILE, STALLS_FILE, CheckResult, check_run, print_summary
 from sim.demo import GatewayProcess, write_dpo_token
 from sim.policy import DEFAULT_POLICY_PATH
 from sim.postgres import PrivatePostgres
@@ -145,6 +147,7 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
     instances: list[Instance] = []
     kills: list[dict[str, float]] = []
     pauses: list[dict[str, float]] = []
+    stalls: list[dict[str, object]] = []
     try:
         store_url = postgres.new_database()
         with MosquittoBroker() as broker:
@@ -169,13 +172,22 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
                 killed = time.time()
                 code = await asyncio.to_thread(victim.process.kill)
                 await asyncio.to_thread(victim.start, config.ready_timeout_s)
-                kills.append({"instance_exit": float(code or 0), "down_s": time.time() - killed})
+                back = time.time()
+                kills.append({"instance_exit": float(code or 0), "down_s": back - killed})
+                stalls.append(
+                    {
+                        "instance": victim.name,
+                        "kind": "kill",
+                        "wall_start": killed,
+                        "wall_end": back,
+                    }
+                )
                 console.print(
                     f"instance {victim.name} killed (exit {code}) and back under the same"
                     f" id after {time.time() - killed:.2f}s"
                 )
 
-            paused = instances[1 % len(instances)]
+            paused = instances[1] if len(instances) > 2 else instances[0]
 
             async def pause_one() -> None:
                 started = time.monotonic()
@@ -189,7 +201,16 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
                         await asyncio.sleep(config.pause_s)
                     finally:
                         os.kill(pid, signal.SIGCONT)
-                    pauses.append({"at_s": round(share * wall_s, 2), "paused_s": time.time() - at})
+                    resumed = time.time()
+                    pauses.append({"at_s": round(share * wall_s, 2), "paused_s": resumed - at})
+                    stalls.append(
+                        {
+                            "instance": paused.name,
+                            "kind": "pause",
+                            "wall_start": at,
+                            "wall_end": resumed,
+                        }
+                    )
                 console.print(f"instance {paused.name} paused {len(pauses)}x")
 
             tasks: list[asyncio.Task[None]] = []
@@ -245,6 +266,7 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
             if instance.process is not None:
                 instance.process.stop()
         postgres.stop()
+    (out / STALLS_FILE).write_text(json.dumps(stalls, indent=2))
     result = check_run(out, state_dir=instances[0].state_dir, policy_path=config.policy_path)
     summary_json = result.summary_json()
     summary_json["issues"] = [issue.to_json() for issue in result.issues[:5000]]
@@ -265,6 +287,9 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
         "received": summary.received,
         "leaks": result.leaks,
         "losses": result.losses,
+        # Missing, but a revision its car sent while the gateway may not yet
+        # have got to it drops it (not judged: see Checker._decision_lag).
+        "missing_not_judged": sum(1 for o in result.outcomes if o[2] == "ambiguous_dropped"),
         "other_issues": len(result.issues) - result.leaks - result.losses,
         "exit_code": result.exit_code(),
     }

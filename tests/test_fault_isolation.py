@@ -649,26 +649,36 @@ async def test_export_flush_does_not_wait_for_traffic_to_stop() -> None:
 
 async def test_counts_commit_at_once_after_a_quiet_spell_then_at_the_pace() -> None:
     """A lone message waits for no timer; under load commits start at most once
-    per pace (here 10 s, so the second cannot have committed yet), and an
+    per pace (1 s here: the second cannot have committed 0.2 s after the
+    first); after a quiet spell of a pace the next commits at once again; an
     export's flush does not wait for the pace."""
     commits: list[int] = []
 
     async def write(rows: list[object]) -> None:
         commits.append(len(rows))
 
-    accounting = EgressAccounting(write, pace_s=10.0)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    accounting = EgressAccounting(write, pace_s=1.0)  # type: ignore[arg-type]
     runner = asyncio.create_task(accounting.run())
     durable: list[str] = []
+    key = (VIN, "2026-11-23", "tbox/status", "remote_control", "p")
     try:
-        key = (VIN, "2026-11-23", "tbox/status", "remote_control", "p")
         accounting.record(key, lambda: durable.append("first"))
         await _wait(lambda: durable == ["first"])
         accounting.record(key, lambda: durable.append("second"))
         accounting.record(key, lambda: durable.append("third"))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)
         assert durable == ["first"] and commits == [1]
-        await asyncio.wait_for(accounting.flush(), 2)
+        await _wait(lambda: len(durable) == 3)  # one commit for both, at the pace
         assert durable == ["first", "second", "third"] and commits == [1, 1]
+        await asyncio.sleep(1.1)  # quiet for a pace
+        recorded = loop.time()
+        accounting.record(key, lambda: durable.append("after a quiet spell"))
+        await _wait(lambda: len(durable) == 4)
+        assert loop.time() - recorded < 0.6
+        accounting.record(key, lambda: durable.append("exported"))
+        await asyncio.wait_for(accounting.flush(), 0.6)
+        assert durable[-1] == "exported" and commits == [1, 1, 1, 1]
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

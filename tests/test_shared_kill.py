@@ -40,6 +40,10 @@ def test_three_instances_one_killed_no_leak_no_loss(tmp_path: Path) -> None:
     assert report["settings_sent"] > 200, problems  # a high rate of changes
     assert report["leaks"] == 0, problems
     assert report["losses"] == 0, problems
+    # What the checker leaves unjudged stays the exception (2 in a typical run:
+    # a message missing because the car's next settings, sent while the
+    # gateway may not have got to it yet, drop it).
+    assert report["missing_not_judged"] <= 8, problems
     assert done.returncode == 0, problems
     # Every instance decided part of the traffic: each applied some of the
     # fleet's settings (it logs every one it applies).

@@ -25,7 +25,9 @@ from sim.checker import (
     LAG_NEIGHBOURHOOD_WALL_S,
     LEAK,
     LOSS,
+    MOMENT_WALL_S,
     OVER_COARSENING,
+    STALL_LEAD_WALL_S,
     USER_PROPERTIES,
     WRONG_TRANSFORM,
     Checker,
@@ -958,7 +960,7 @@ def test_a_message_dropped_by_the_cars_next_settings_is_not_a_loss(clean_run: Ru
     pub, position = find_delivered(clean_run, "tbox/status")
     recording = [r for n, r in enumerate(clean_run.recording) if n != position]
     checker = Checker(clean_run.truth, recording, clean_run.policy, clean_run.key)
-    checker._lags = checker._arrival_lags(checker._index_recording())
+    checker._lags, checker._car_lags = checker._arrival_lags(checker._index_recording())
     lag = checker._decision_lag(pub)
     assert lag > 0
     candidates = checker._settings_candidates(pub.record)
@@ -985,46 +987,88 @@ def test_a_message_dropped_by_the_cars_next_settings_is_not_a_loss(clean_run: Ru
     assert with_off_sent(lag / 2, applied=False).losses == 1
 
 
-def test_the_lag_that_excuses_a_missing_message_is_that_moments(clean_run: Run) -> None:
-    """One message that took long to arrive (a paused or killed instance holds
-    whatever the broker gave it, of every car) bounds how late any car's
-    message of that moment was decided, and excuses nothing of another moment."""
+def test_the_lag_that_excuses_a_missing_message_is_its_cars_stretch_or_that_moment(
+    clean_run: Run,
+) -> None:
+    """One message that took long to arrive bounds how late the gateway got to
+    its car's messages of that stretch, and to any car's of that moment (an
+    instance that stalls holds every car's share), and excuses nothing of
+    another car a little later or of its car another time."""
     checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
-    lags = checker._arrival_lags(checker._index_recording())
-    slow = len(lags) // 2
-    slow_at = lags[slow][0]
-    lags[slow] = (slow_at, 60.0)
-    checker._lags = lags
-    slow_car = next(p for p in checker.published if float(p.record["wall_end"]) == slow_at)
+    lags, car_lags = checker._arrival_lags(checker._index_recording())
+    slow_car = next(p for p in checker.published if len(car_lags.get(p.vin, ())) > 2)
+    slow_at, _ = car_lags[slow_car.vin][1]
+    car_lags[slow_car.vin][1] = (slow_at, 60.0)
+    lags[lags.index(next(lag for lag in lags if lag[0] == slow_at))] = (slow_at, 60.0)
+    checker._lags, checker._car_lags = lags, car_lags
     other_car = next(p for p in checker.published if p.vin != slow_car.vin)
-    at_the_moment = Published({**other_car.record, "wall_end": slow_at + 1.0}, b"", None)
-    assert checker._decision_lag(at_the_moment) == 60.0
-    for moment in (
-        slow_at - LAG_NEIGHBOURHOOD_WALL_S - 1.0,
-        slow_at + LAG_NEIGHBOURHOOD_WALL_S + 1,
-    ):
-        elsewhen = Published({**slow_car.record, "wall_end": moment}, b"", None)
-        assert checker._decision_lag(elsewhen) < 60.0
+
+    def lag_of(pub: Published, published: float) -> float:
+        return checker._decision_lag(Published({**pub.record, "wall_end": published}, b"", None))
+
+    assert lag_of(slow_car, slow_at + LAG_NEIGHBOURHOOD_WALL_S - 0.5) == 60.0
+    assert lag_of(other_car, slow_at + MOMENT_WALL_S - 0.1) == 60.0
+    assert lag_of(other_car, slow_at + MOMENT_WALL_S + 1.0) < 60.0
+    assert lag_of(slow_car, slow_at + LAG_NEIGHBOURHOOD_WALL_S + 1.0) < 60.0
+    assert lag_of(slow_car, slow_at - LAG_NEIGHBOURHOOD_WALL_S - 1.0) < 60.0
 
 
 def test_a_revision_applied_late_bounds_the_decision_lag_of_its_moment(clean_run: Run) -> None:
     """A settings revision the gateway took long to apply shows an instance
-    that was late then, as a late message does."""
+    that was late then, as a late message does; not at another moment."""
     checker = Checker(clean_run.truth, clean_run.recording, clean_run.policy, clean_run.key)
     pub = checker.published[len(checker.published) // 2]
     published = float(pub.record["wall_end"])
-    before = checker._arrival_lags(checker._index_recording())
-    assert max(lag for _, lag in before) < 30.0
+    lags, _ = checker._arrival_lags(checker._index_recording())
+    assert max(lag for _, lag in lags) < 30.0
     candidates = checker._settings_candidates(pub.record)
     assert candidates[0] is not None
     late = dataclasses.replace(candidates[0], revision=10**6)
-    record = settings_sent(pub, late, published - 2.0, ts_ms=pub.ts_ms + 1)
-    record["wall_applied"] = published + 30.0
-    checker = Checker(
-        [*clean_run.truth, record], clean_run.recording, clean_run.policy, clean_run.key
+
+    def lag_with_revision_sent(before_s: float) -> float:
+        record = settings_sent(pub, late, published - before_s, ts_ms=pub.ts_ms + 1)
+        record["wall_applied"] = published + 30.0
+        checker = Checker(
+            [*clean_run.truth, record], clean_run.recording, clean_run.policy, clean_run.key
+        )
+        checker._lags, checker._car_lags = checker._arrival_lags(checker._index_recording())
+        return checker._decision_lag(pub)
+
+    assert lag_with_revision_sent(0.2) == pytest.approx(30.2)
+    assert lag_with_revision_sent(MOMENT_WALL_S + 1.0) < 30.0
+
+
+def test_a_message_the_run_stalled_may_be_dropped_by_the_next_settings(clean_run: Run) -> None:
+    """Published while the run had an instance stopped (or just before): the
+    instance may have got to it when it was back, under the settings of then,
+    so missing it is not a loss when a revision sent before then drops it.
+    The same message outside any stall, or with the stall elsewhere, is lost."""
+    pub, position = find_delivered(clean_run, "tbox/status")
+    recording = [r for n, r in enumerate(clean_run.recording) if n != position]
+    published = float(pub.record["wall_end"])
+    candidates = Checker(
+        clean_run.truth, recording, clean_run.policy, clean_run.key
+    )._settings_candidates(pub.record)
+    assert candidates[0] is not None
+    feature = clean_run.policy.feature_for("tbox/status")
+    off = dataclasses.replace(
+        candidates[0], revision=10**6, features={**candidates[0].features, feature: False}
     )
-    checker._lags = checker._arrival_lags(checker._index_recording())
-    assert checker._decision_lag(pub) == pytest.approx(32.0)
+    truth = [
+        *copy.deepcopy(clean_run.truth),
+        settings_sent(pub, off, published + 1.0, ts_ms=pub.ts_ms + 1),
+    ]
+
+    def losses(stalls: list[tuple[float, float]]) -> int:
+        return (
+            Checker(truth, recording, clean_run.policy, clean_run.key, stalls=stalls).run().losses
+        )
+
+    assert losses([(published - 0.2, published + 1.5)]) == 0  # held until after the revision
+    assert losses([(published - STALL_LEAD_WALL_S + 0.1, published + 1.5)]) == 0  # just before
+    assert losses([]) == 1
+    assert losses([(published - 0.2, published + 0.5)]) == 1  # back before the revision
+    assert losses([(published + 10.0, published + 12.0)]) == 1  # another moment
 
 
 def test_settings_that_drop_a_message_bound_nothing_for_its_copy(clean_run: Run) -> None:
