@@ -690,11 +690,19 @@ async def test_back_pressure_outlasts_the_keepalive_without_a_reconnect(tmp_path
     connection read freely, and the budget never paused it again (the broker
     redelivered everything on top)."""
     pipeline = PipelineConfig(inflight=32, max_bytes=1 << 20, drain_timeout_s=5)
-    with MosquittoBroker() as vehicle_broker, MosquittoBroker() as backend_broker:
+    with (
+        MosquittoBroker() as vehicle_broker,
+        MosquittoBroker(persistence=True) as backend_broker,
+    ):
         harness = GatewayHarness(
             vehicle_broker.url, backend_broker.url, tmp_path / "state", pipeline=pipeline
         )
         service = await harness.start()
+        # The backend's session, kept across the outage: the gateway may
+        # reconnect and deliver before the recorder is back (a race that lost
+        # the first messages and failed this test once in a CI run).
+        async with recording(backend_broker, persistent=True):
+            pass
         async with car_on(vehicle_broker, harness) as car:
             await car.settings(1, features={"remote_control": True})
             backend_broker.stop_keep_state()
@@ -706,7 +714,7 @@ async def test_back_pressure_outlasts_the_keepalive_without_a_reconnect(tmp_path
             held = len(service._windows["vehicle"]) + service._queue.qsize()
             assert held <= 33, held
             backend_broker.start()
-            async with recording(backend_broker) as recorder:
+            async with recording(backend_broker, persistent=True) as recorder:
                 want = {m.header.seq for m in sent}
                 await recorder.wait_for(
                     lambda: (
