@@ -342,6 +342,7 @@ class GatewayService:
         # Erased VINs (recently): messages decided before the erasure that
         # complete afterwards leave no count and no dead letter behind.
         self._erased: dict[str, float] = {}
+        self._erasing: set[str] = set()  # VINs whose erasure is being written
         self._erasure_events_changed = asyncio.Event()
         limits = config.limits
         self._new_vehicles = TokenBucket(limits.new_vehicles_per_s, limits.new_vehicles_burst)
@@ -2091,9 +2092,8 @@ class GatewayService:
                 restricted=self.is_restricted(vin),  # also one kept from an earlier erasure
                 ownership=before.ownership if before is not None else 0,  # same grid offset
             )
-            removed = await self._persist_once(
-                self.store.erase_vehicle, subject, subject, record, survivor, app_events
-            )
+            removed = await self._erase_in_store(vin, subject, record, survivor, app_events)
+            self._erased[vin] = now  # before any other task runs: see _settle_forward
             survivor = await self._stored_survivor(subject, survivor)
             book.rows[subject] = survivor
             book.learn(vin, survivor)
@@ -2107,7 +2107,6 @@ class GatewayService:
                 self._parked_subjects = subjects
             self.accounting.forget(vin)
             forget_addresses()  # the cache of truncations is keyed by full addresses
-            self._erased[vin] = now
             for old in [v for v, at in self._erased.items() if now - at > ERASED_MEMORY_S]:
                 del self._erased[old]
             self.metrics.vehicles.set(len(self.states))
@@ -2176,9 +2175,7 @@ class GatewayService:
             record = AuditRecord(
                 actor=actor, action="ownership_changed", subject=subject, content={}, at=now
             )
-            removed = await self._persist_once(
-                self.store.erase_vehicle, subject, subject, record, survivor, (), False
-            )
+            removed = await self._erase_in_store(vin, subject, record, survivor, (), False)
             survivor = await self._stored_survivor(subject, survivor)
             book.rows[subject] = survivor
             book.learn(vin, survivor)
@@ -2404,6 +2401,30 @@ class GatewayService:
             log.info("purged what is past retention: %s", removed)
         return removed
 
+    async def _erase_in_store(
+        self,
+        vin: str,
+        subject: str,
+        record: AuditRecord,
+        survivor: IdentityRow,
+        events: Sequence[tuple[float, str, bytes]],
+        scrub: bool = True,
+    ) -> dict[str, int]:
+        """The store's erasure of a car (or of its previous owner's data).
+        Nothing is counted for the car meanwhile: a count whose commit queued
+        behind the erasure's transaction would write the car's row again. (If
+        the erasure fails, what was forwarded meanwhile stays uncounted: an
+        undercount, never a row left behind.)"""
+        self.accounting.forget(vin)
+        self._erasing.add(vin)
+        try:
+            # The store names the car by its subject, never the VIN.
+            return await self._persist_once(
+                self.store.erase_vehicle, subject, subject, record, survivor, events, scrub
+            )
+        finally:
+            self._erasing.discard(vin)
+
     def _count_key(
         self, decision: Forward, now: float | None = None
     ) -> tuple[str, str, str, str, str]:
@@ -2420,7 +2441,7 @@ class GatewayService:
     ) -> None:
         """A forwarded message is acknowledged once its egress count is durable;
         a dead letter is acknowledged at once (it was never sent)."""
-        if outcome is not Outcome.DELIVERED or key[0] in self._erased:
+        if outcome is not Outcome.DELIVERED or key[0] in self._erased or key[0] in self._erasing:
             # Never sent, or sent for a car erased meanwhile: nothing to count
             # (a count written now would outlive the erasure).
             slot.settle()

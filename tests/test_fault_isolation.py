@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -578,6 +579,38 @@ async def test_erasure_is_final_for_messages_still_in_flight(tmp_path: Path) -> 
             await service.accounting.flush()
             assert service.store.egress_counts(VIN) == []
             assert [d.stream for d in service.store.dead_letters()] == []
+
+
+async def test_a_count_committed_during_the_erasure_does_not_outlive_it(tmp_path: Path) -> None:
+    """A message forwarded just before an erasure waits for its egress count;
+    a commit of that count queued behind the erasure's transaction (the store
+    runs one at a time) wrote the erased car's row again."""
+    with MosquittoBroker() as broker:
+        async with running(broker, tmp_path) as (harness, clients):
+            service = await harness.start()
+            car = clients.car
+            await car.settings(1, features={"remote_control": True})
+            await car.send("tbox/status", status(car))
+            await _wait(lambda: bool(clients.backend.on("/tbox/status")))
+            service.accounting._pace_s = 60.0  # the next count stays pending
+            await car.send("tbox/status", status(car))
+            await _wait(lambda: any(k[0] == VIN for k in service.accounting.pending_keys()))
+            subject = service.audit_subject(VIN)
+            loop = asyncio.get_running_loop()
+            erasing = asyncio.Event()
+            erase_in_store = service.store.erase_vehicle
+
+            def slow_erase(*args: Any, **kwargs: Any) -> dict[str, int]:
+                loop.call_soon_threadsafe(erasing.set)
+                time.sleep(0.3)  # the count's commit is queued meanwhile
+                return erase_in_store(*args, **kwargs)
+
+            service.store.erase_vehicle = slow_erase  # type: ignore[method-assign]
+            erase = asyncio.create_task(service.erase_vehicle(VIN, "dpo-test"))
+            await asyncio.wait_for(erasing.wait(), 10)
+            await asyncio.wait_for(service.accounting.flush(), 10)
+            await asyncio.wait_for(erase, 10)
+            assert service.store.egress_counts(subject) == []
 
 
 async def test_dead_lettered_command_too_old_is_answered_expired_not_run(
