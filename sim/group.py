@@ -146,8 +146,7 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
     postgres.start()
     instances: list[Instance] = []
     kills: list[dict[str, float]] = []
-    pauses: list[dict[str, float]] = []
-    stalls: list[dict[str, object]] = []
+    stalls: list[dict[str, str | float]] = []
     try:
         store_url = postgres.new_database()
         with MosquittoBroker() as broker:
@@ -201,17 +200,15 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
                         await asyncio.sleep(config.pause_s)
                     finally:
                         os.kill(pid, signal.SIGCONT)
-                    resumed = time.time()
-                    pauses.append({"at_s": round(share * wall_s, 2), "paused_s": resumed - at})
                     stalls.append(
                         {
                             "instance": paused.name,
                             "kind": "pause",
                             "wall_start": at,
-                            "wall_end": resumed,
+                            "wall_end": time.time(),
                         }
                     )
-                console.print(f"instance {paused.name} paused {len(pauses)}x")
+                console.print(f"instance {paused.name} paused {len(config.pause_at)}x")
 
             tasks: list[asyncio.Task[None]] = []
 
@@ -278,7 +275,11 @@ def run_group(config: GroupConfig, console: Console | None = None) -> GroupOutco
         "speedup": config.speedup,
         "seed": config.seed,
         "kills": kills,
-        "pauses": pauses,
+        "pauses": [
+            {"paused_s": float(s["wall_end"]) - float(s["wall_start"])}
+            for s in stalls
+            if s["kind"] == "pause"
+        ],
         "exit_codes": exit_codes,
         "settings_per_car_hour": config.settings_per_hour,
         "settings_sent": summary.settings_sent,
