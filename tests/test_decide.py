@@ -1400,11 +1400,29 @@ def test_user_properties_are_remembered_per_feature_and_transforms_and_bounded()
         assert got == decide_module._properties(POLICY, stream, feature, transforms, target)
         assert dict(got)["feature"] == feature
         assert dict(got)["transforms"] == ",".join(transforms)
-    assert 0 < len(ctx._properties_memo) <= decide_module._PROPERTIES_REMEMBERED
+    assert 0 < len(ctx._properties_memo) <= decide_module._MEMO_ENTRIES
     # A policy swap (the service replaces its context so) starts with its own memo.
     swapped = dataclasses.replace(ctx, policy=POLICY)
     assert swapped._properties_memo is not ctx._properties_memo
     assert not swapped._properties_memo
+
+
+def test_routes_are_remembered_and_bounded_and_unknown_topics_are_not() -> None:
+    """The context remembers the policy's route per topic: the same answer as
+    the policy for every topic, bounded whatever app ids cars send, nothing
+    remembered for a topic no stream has, and a new memo with a new policy."""
+    decide_module = importlib.import_module("gateway.core.decide")
+    ctx = DecisionContext(POLICY, KEY)
+    topics = ["tbox/status", "avn/nav", "tbox/nope", "avn/app/x/y", "avn/app/bad id"]
+    topics += [f"avn/app/app{i}" for i in range(6000)]
+    for _ in range(2):
+        for relative in topics:
+            assert ctx.route(relative) == POLICY.route(relative), relative
+    assert 0 < len(ctx._routes_memo) <= decide_module._MEMO_ENTRIES
+    assert not {"tbox/nope", "avn/app/x/y", "avn/app/bad id"} & set(ctx._routes_memo)
+    assert ctx.route("avn/app/app5999") == (POLICY.route("avn/app/app5999"))
+    swapped = dataclasses.replace(ctx, policy=POLICY)
+    assert not swapped._routes_memo
 
 
 def test_the_inline_topic_split_agrees_with_split_vehicle_topic() -> None:

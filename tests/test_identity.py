@@ -355,6 +355,41 @@ def test_vin_search_agrees_with_its_plain_reference() -> None:
     assert 300 < found < 2700  # both outcomes well represented
 
 
+def test_the_pseudonym_the_gateway_wrote_is_searched_as_a_separator() -> None:
+    """A pseudonymized copy holds its own pseudonym (32 hex characters, which
+    read as a base64 run): the search treats it as a separator. Whatever the
+    car wrote around it is searched whole, so a VIN the car put next to it,
+    in any form, is still found."""
+    rng = random.Random(20261205)
+    pieces = [*_encodings(VIN).values(), *_encodings(OTHER_VIN).values()]
+    for _ in range(1500):
+        written = rng.getrandbits(128).to_bytes(16, "big").hex().encode()
+        parts = [
+            rng.choice(pieces)
+            if rng.random() < 0.4
+            else bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 30)))
+            for _ in range(rng.randint(1, 4))
+        ]
+        data = b""
+        separated = b""
+        for part in parts:
+            if rng.random() < 0.6:
+                data += written
+                separated += b"\xff"
+            data += part
+            separated += part
+        found = vin_in_bytes(data, VIN, written)
+        assert found == _vin_in_bytes_reference(separated, VIN), data
+        if any(_vin_in_bytes_reference(part, VIN) for part in parts):
+            assert found, data
+    # Next to it in base64, hex and plain text (the forms a run can swallow).
+    raw = VIN.encode()
+    written = b"0f" * 16
+    for form in (base64.b64encode(raw), raw.hex().encode(), raw):
+        assert vin_in_bytes(written + form + written, VIN, written)
+        assert vin_in_bytes(form + written, VIN, written)
+
+
 def test_ordinary_app_payloads_pass() -> None:
     for body in (b'{"track": 7}', bytes(range(256)) * 4, base64.b64encode(bytes(range(200)))):
         msg = app_message("music", 1, TS_MS)

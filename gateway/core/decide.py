@@ -130,6 +130,26 @@ class DecisionContext:
         dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     )
 
+    # Routed topics (relative to vehicle/{vin}/): a template route (an app id
+    # in the topic) is a split, a scan and a regex match, and policy.route is
+    # not compiled. Bounded the same way: app ids come from cars.
+    _routes_memo: dict[str, tuple[CompiledStream, str | None]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def route(self, relative: str) -> tuple[CompiledStream, str | None] | None:
+        """The policy's route of a topic relative to vehicle/{vin}/."""
+        memo = self._routes_memo
+        found = memo.get(relative)
+        if found is None:
+            found = self.policy.route(relative)
+            if found is None:
+                return None  # not remembered: unknown topics cost their lookup
+            if len(memo) >= _MEMO_ENTRIES:
+                memo.clear()
+            memo[relative] = found
+        return found
+
     def consent_outdated(self, version: str, stream: str) -> bool:
         """Whether a consent given under `version` does not cover `stream` as
         the active policy defines it. A version never stored is not judged."""
@@ -148,7 +168,7 @@ class DecisionContext:
         key = (id(stream), id(route), feature, transforms)
         found = memo.get(key)
         if found is None:
-            if len(memo) >= _PROPERTIES_REMEMBERED:
+            if len(memo) >= _MEMO_ENTRIES:
                 memo.clear()
             found = memo[key] = _properties(self.policy, stream, feature, transforms, route)
         return found
@@ -158,7 +178,7 @@ class DecisionContext:
         return self.internal_key if self.internal_key is not None else self.key
 
 
-_PROPERTIES_REMEMBERED = 4096
+_MEMO_ENTRIES = 4096
 _RESTRICTED = DropReason.RESTRICTED
 _PRIVACY_MODE = DropReason.PRIVACY_MODE
 _FEATURE_DISABLED = DropReason.FEATURE_DISABLED
@@ -244,6 +264,46 @@ class Hold(NamedTuple):
 
 Decision = Forward | Drop | ApplySettings | Hold
 
+# A named tuple's constructor is a generated Python function (a lambda around
+# tuple.__new__): from compiled code, the frame it costs is a twentieth of
+# deciding a message. The two decisions nearly every message ends in are
+# built with tuple.__new__ directly, every field given.
+_new_tuple = tuple.__new__
+
+
+def _forward(
+    topic: str,
+    payload: bytes,
+    user_properties: tuple[tuple[str, str], ...],
+    vin: str,
+    stream: str,
+    feature: str,
+    transforms: tuple[str, ...],
+    anchor: LocationAnchor | None,
+    state: VehicleState | None,
+    recipient: str,
+) -> Forward:
+    return _new_tuple(
+        Forward,
+        (
+            topic,
+            payload,
+            user_properties,
+            vin,
+            stream,
+            feature,
+            transforms,
+            anchor,
+            state,
+            recipient,
+            (),  # also
+        ),
+    )
+
+
+def _drop(reason: DropReason, stream: str, vin: str = "", detail: str = "") -> Drop:
+    return _new_tuple(Drop, (reason, stream, vin, detail, None))
+
 
 @dataclass(frozen=True, slots=True)
 class CommandDecision:
@@ -298,34 +358,34 @@ def decide(
     if not (sep and relative and topic[start - 1 : start] == "/") or not topic.startswith(
         ctx.vehicle_prefix
     ):
-        return Drop(DropReason.UNKNOWN_TOPIC, "", detail=topic)
+        return _drop(DropReason.UNKNOWN_TOPIC, "", detail=topic)
     if relative == SETTINGS_TOPIC:
         if len(payload) > ctx.policy.max_payload_bytes_default:
             # Before parsing: a map of a million feature ids costs seconds and
             # several times its size in memory.
-            return Drop(DropReason.OVERSIZED, SETTINGS_TOPIC, vin=vin, detail=str(len(payload)))
+            return _drop(DropReason.OVERSIZED, SETTINGS_TOPIC, vin=vin, detail=str(len(payload)))
         if not is_valid_vin(vin):
-            return Drop(DropReason.INVALID_VIN, SETTINGS_TOPIC, detail=vin)
+            return _drop(DropReason.INVALID_VIN, SETTINGS_TOPIC, detail=vin)
         return _decide_settings(ctx, vin, payload, states.get(vin), now)
-    route = ctx.policy.route(relative)
+    route = ctx.route(relative)
     if route is None:
-        return Drop(DropReason.UNKNOWN_TOPIC, "", vin=vin, detail=relative)
+        return _drop(DropReason.UNKNOWN_TOPIC, "", vin=vin, detail=relative)
     stream, app_id = route
     # Always matched, also for a car with state: the service keeps cars not
     # seen since a restart under their subject, which no VIN pattern admits.
     if not is_valid_vin(vin):
-        return Drop(DropReason.INVALID_VIN, stream.key, detail=vin)
+        return _drop(DropReason.INVALID_VIN, stream.key, detail=vin)
     if len(payload) > stream.max_payload_bytes and not stream.legal_obligation:
         # Before parsing: a flood of huge payloads costs no protobuf work.
-        return Drop(DropReason.OVERSIZED, stream.key, vin=vin, detail=str(len(payload)))
+        return _drop(DropReason.OVERSIZED, stream.key, vin=vin, detail=str(len(payload)))
     message = stream.message_cls()
     try:
         message.ParseFromString(payload)
     except DecodeError:
-        return Drop(DropReason.UNDECODABLE, stream.key, vin=vin)
+        return _drop(DropReason.UNDECODABLE, stream.key, vin=vin)
     header: common_pb2.Header = message.header  # type: ignore[attr-defined]
     if header.vin != vin:
-        return Drop(DropReason.VIN_MISMATCH, stream.key, vin=vin, detail=header.vin[:32])
+        return _drop(DropReason.VIN_MISMATCH, stream.key, vin=vin, detail=header.vin[:32])
     feature = stream.feature if app_id is None else f"{stream.feature}.{app_id}"
     if stream.legal_obligation:
         # Legal obligation (eCall): always forwarded; byte for byte when it conforms.
@@ -351,21 +411,21 @@ def decide(
     if histories is not None and stated > (state.revision if state is not None else 0):
         return Hold(vin, stream.key, stated)
     if state is None:
-        return Drop(DropReason.UNKNOWN_VEHICLE, stream.key, vin=vin)
+        return _drop(DropReason.UNKNOWN_VEHICLE, stream.key, vin=vin)
     if state.restricted or state.privacy_mode or feature not in state.enabled or state.objected:
         # (Only then: most messages of an enabled feature pay no call.)
         refused = _refused(state, stream, feature, vin, "")
         if refused is not None:
             return refused
     if stream.legal_basis == "consent" and ctx.consent_outdated(state.consent_version, stream.key):
-        return Drop(DropReason.CONSENT_OUTDATED, stream.key, vin=vin, detail=state.consent_version)
+        return _drop(DropReason.CONSENT_OUTDATED, stream.key, vin=vin, detail=state.consent_version)
     mode = EFFECTIVE_MODES.get(state.location, _OFF)  # LocationMode.effective, inline
     if histories is not None:
         history = histories.get(vin)
         if history is None:
             # Applied settings without a history (never both in the service):
             # nothing is known about the time before them.
-            return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
+            return _drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
         last = history[-1]
         stamped = header.timestamp_ms
         # The earliest time the message may have been captured, as capture_state
@@ -391,17 +451,17 @@ def decide(
             # revision outranks.
             captured = capture_state(history, stated, header.timestamp_ms, now, ctx.capture_skew_s)
             if captured is None:
-                return Drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
+                return _drop(DropReason.CAPTURED_BEFORE_KNOWN_SETTINGS, stream.key, vin=vin)
             refused = _refused(captured, stream, feature, vin, "at_capture")
             if refused is not None:
                 return refused
             mode = stricter_mode(mode, captured.location)
     if stream.location_purpose and mode is _OFF:
-        return Drop(DropReason.LOCATION_OFF, stream.key, vin=vin)
+        return _drop(DropReason.LOCATION_OFF, stream.key, vin=vin)
     new_state: VehicleState | None = None
     if stream.requires_window:
         if not state.window_open(now):
-            return Drop(DropReason.NO_WINDOW, stream.key, vin=vin)
+            return _drop(DropReason.NO_WINDOW, stream.key, vin=vin)
         # Contract rule 17: only a fix that answers an open command, within its budget.
         answered = findmycar.answer(
             findmycar.live_commands(state, now, ctx.policy.window_s),
@@ -410,7 +470,7 @@ def decide(
             ctx.policy.fixes_per_command,
         )
         if isinstance(answered, findmycar.FixRefusal):
-            return Drop(DropReason(answered.value), stream.key, vin=vin)
+            return _drop(DropReason(answered.value), stream.key, vin=vin)
         new_state = with_find_my_car(state, answered)
     transforms, anchor = _transform(ctx, stream, message, vin, mode, anchors.get(vin), now)
     plain = stream.plain_route
@@ -418,8 +478,7 @@ def decide(
         # The common case, known at policy load: one recipient getting the
         # stream as the rules make it.
         done = tuple(transforms)
-        # Positional: keywords cost a named tuple twice as much.
-        return Forward(
+        return _forward(
             f"{plain.prefix or ctx.backend_prefix}/{vin}/{relative}",  # topic
             message.SerializeToString(),  # payload
             ctx.properties(stream, feature, done, plain),  # user_properties
@@ -437,7 +496,7 @@ def decide(
         and any(r.pseudonymize_vin for r in routes)
         and (other := app_id_mismatch(message, app_id)) is not None
     ):
-        return Drop(DropReason.APP_ID_MISMATCH, stream.key, vin=vin, detail=other[:32])
+        return _drop(DropReason.APP_ID_MISMATCH, stream.key, vin=vin, detail=other[:32])
     copies: list[Egress] = []
     first_done = transforms
     for i, target in enumerate(routes):
@@ -456,7 +515,7 @@ def decide(
         if egress is None:
             # The car put its VIN somewhere we cannot rewrite (opaque app
             # bytes), in clear or in a common encoding (best effort).
-            return Drop(DropReason.VIN_IN_PAYLOAD, stream.key, vin=vin)
+            return _drop(DropReason.VIN_IN_PAYLOAD, stream.key, vin=vin)
         copies.append(egress)
     first = copies[0]
     return Forward(
@@ -504,7 +563,7 @@ def _route_copy(
         pseudonymize_header(ctx.key, message.header, ref, step_ms)  # type: ignore[attr-defined]
         transforms.append("pseudonymize:vin")
     out = message.SerializeToString()
-    if route.pseudonymize_vin and vin_in_bytes(out, vin):
+    if route.pseudonymize_vin and vin_in_bytes(out, vin, ref.encode()):
         return None
     return Egress(
         route.recipient,
@@ -520,13 +579,13 @@ def _refused(
     # Positional (reason, stream, vin, detail): a third of a dropped message's
     # decision is building its Drop.
     if state.restricted:
-        return Drop(_RESTRICTED, stream.key, vin, when)
+        return _drop(_RESTRICTED, stream.key, vin, when)
     if state.privacy_mode:
-        return Drop(_PRIVACY_MODE, stream.key, vin, when)
+        return _drop(_PRIVACY_MODE, stream.key, vin, when)
     if feature not in state.enabled:
-        return Drop(_FEATURE_DISABLED, stream.key, vin, f"{feature} {when}" if when else feature)
+        return _drop(_FEATURE_DISABLED, stream.key, vin, f"{feature} {when}" if when else feature)
     if state.objected and feature in state.objected:
-        return Drop(DropReason.OBJECTED, stream.key, vin, feature)
+        return _drop(DropReason.OBJECTED, stream.key, vin, feature)
     return None
 
 
