@@ -42,6 +42,7 @@ MODULES = [
     "core/transforms",
     "core/findmycar",
     "core/ecall",
+    "core/header_peek",
     "core/decide",
     "edges/mqtt_codec",
 ]

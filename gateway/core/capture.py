@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Final
 
 from gateway.core.state import LocationMode, VehicleState
 
@@ -35,7 +36,7 @@ class Interval:
 # Oldest first, never empty (a car without applied settings has no history).
 CaptureHistory = tuple[Interval, ...]
 
-_STRICTNESS = {LocationMode.OFF: 0, LocationMode.APPROXIMATE: 1, LocationMode.PRECISE: 2}
+_STRICTNESS: Final = {LocationMode.OFF: 0, LocationMode.APPROXIMATE: 1, LocationMode.PRECISE: 2}
 
 
 def stricter_mode(a: LocationMode, b: LocationMode) -> LocationMode:

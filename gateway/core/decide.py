@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from google.protobuf.message import DecodeError, Message
 
@@ -21,6 +21,7 @@ from gateway.core import findmycar
 from gateway.core.cache import ENTRY_OVERHEAD, ByteBoundedMemo, strings_size
 from gateway.core.capture import CaptureHistory, capture_state, stricter_mode
 from gateway.core.ecall import conform_ecall
+from gateway.core.header_peek import peek_header
 from gateway.core.identity import (
     IdentityBook,
     app_id_mismatch,
@@ -57,20 +58,20 @@ from gateway.policy import (
 )
 from telematics.v1 import command_pb2, common_pb2, privacy_pb2, streams_pb2
 
-SETTINGS_TOPIC = "avn/privacy"
-APPLIED_TOPIC = "avn/privacy/applied"
-MAX_REVISION = 2**63 - 1  # PrivacySettings.revision is uint64; stores keep signed 64-bit
+SETTINGS_TOPIC: Final = "avn/privacy"
+APPLIED_TOPIC: Final = "avn/privacy/applied"
+MAX_REVISION: Final = 2**63 - 1  # PrivacySettings.revision is uint64; stores keep signed 64-bit
 # Per-app consents kept from one snapshot (contract rule 20). Only consents
 # that are on are kept: an absent per-app feature is off, so dropping the
 # rest never enables anything, and nothing a car sends grows the store
 # beyond this.
-MAX_APP_CONSENTS = 64
+MAX_APP_CONSENTS: Final = 64
 # Explicit offs of feature ids the policy does not know yet, kept so a later
 # policy that adds such a feature (on by default) cannot re-enable what the
 # driver switched off. Bounded like the consents; an off never enables anything.
-MAX_UNKNOWN_OFFS = 32
-FEATURE_ID_PATTERN = re.compile(r"[a-z][a-z0-9_]*(\.[A-Za-z0-9_-]+)?")
-MAX_FEATURE_ID = 96
+MAX_UNKNOWN_OFFS: Final = 32
+FEATURE_ID_PATTERN: Final = re.compile(r"[a-z][a-z0-9_]*(\.[A-Za-z0-9_-]+)?")
+MAX_FEATURE_ID: Final = 96
 
 
 class DropReason(StrEnum):
@@ -178,19 +179,19 @@ class DecisionContext:
         return self.internal_key if self.internal_key is not None else self.key
 
 
-_MEMO_ENTRIES = 4096
-_RESTRICTED = DropReason.RESTRICTED
-_PRIVACY_MODE = DropReason.PRIVACY_MODE
-_FEATURE_DISABLED = DropReason.FEATURE_DISABLED
+_MEMO_ENTRIES: Final = 4096
+_RESTRICTED: Final = DropReason.RESTRICTED
+_PRIVACY_MODE: Final = DropReason.PRIVACY_MODE
+_FEATURE_DISABLED: Final = DropReason.FEATURE_DISABLED
 
 # Module constants: an enum member looked up on its class costs more than the
 # comparison, several times per message.
-_OFF = LocationMode.OFF
-_APPROXIMATE = LocationMode.APPROXIMATE
-_PRECISE = LocationMode.PRECISE
+_OFF: Final = LocationMode.OFF
+_APPROXIMATE: Final = LocationMode.APPROXIMATE
+_PRECISE: Final = LocationMode.PRECISE
 
 # A stream of a compiled policy that predates recipients (built by hand).
-_IMPLICIT_ROUTES = (
+_IMPLICIT_ROUTES: Final = (
     CompiledRoute(
         IMPLICIT_RECIPIENT_ID,
         None,
@@ -378,6 +379,24 @@ def decide(
     if len(payload) > stream.max_payload_bytes and not stream.legal_obligation:
         # Before parsing: a flood of huge payloads costs no protobuf work.
         return _drop(DropReason.OVERSIZED, stream.key, vin=vin, detail=str(len(payload)))
+    feature = stream.feature if app_id is None else f"{stream.feature}.{app_id}"
+    if not stream.legal_obligation:
+        known = states.get(vin)
+        if known is not None and (
+            known.restricted or known.privacy_mode or feature not in known.enabled or known.objected
+        ):
+            # Dropped under the car's settings now, whatever its capture time
+            # (rule 11), unless it names another VIN or is held (rule 12): the
+            # header alone decides, without parsing the message.
+            refused = _refused(known, stream, feature, vin, "")
+            if refused is not None:
+                peeked = peek_header(payload)
+                if (
+                    peeked is not None
+                    and peeked[0] == vin
+                    and (histories is None or peeked[1] <= known.revision)
+                ):
+                    return refused
     message = stream.message_cls()
     try:
         message.ParseFromString(payload)
@@ -386,7 +405,6 @@ def decide(
     header: common_pb2.Header = message.header  # type: ignore[attr-defined]
     if header.vin != vin:
         return _drop(DropReason.VIN_MISMATCH, stream.key, vin=vin, detail=header.vin[:32])
-    feature = stream.feature if app_id is None else f"{stream.feature}.{app_id}"
     if stream.legal_obligation:
         # Legal obligation (eCall): always forwarded; byte for byte when it conforms.
         trimmed = (
@@ -1004,7 +1022,7 @@ def _enabled_features(
 # building and hashing the items of each. Bounded by entries: a map holds at
 # most the policy's features and the consent caps.
 _ENABLED_BY_MAP: dict[int, tuple[CompiledPolicy, Mapping[str, bool], frozenset[str]]] = {}
-_MAPS_REMEMBERED = 1024
+_MAPS_REMEMBERED: Final = 1024
 
 
 def _enabled_for_map(policy: CompiledPolicy, features: Mapping[str, bool]) -> frozenset[str]:

@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Final
 
 from google.protobuf.message import Message
 
@@ -27,10 +28,10 @@ from telematics.v1 import common_pb2, privacy_pb2
 
 # Header fields a pseudonymized message keeps (rewritten); every other one,
 # present or added later (settings_revision), is cleared.
-KEPT_HEADER_FIELDS = frozenset({"vin", "seq", "timestamp_ms"})
+KEPT_HEADER_FIELDS: Final = frozenset({"vin", "seq", "timestamp_ms"})
 # Purpose of the keyed VIN hash that names a car inside the gateway (audit
 # subject, identity row, log reference).
-SUBJECT_PURPOSE = "audit-subject"
+SUBJECT_PURPOSE: Final = "audit-subject"
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,20 +168,20 @@ def app_id_mismatch(message: Message, app_id: str) -> str | None:
 
 # Dropped before comparing: separators people and encoders put between
 # characters, and NUL (UTF-16LE/BE text of ASCII becomes ASCII).
-_STRIP = b" \t\r\n\x00-_.:/\\|,;'\"+"
-_URLSAFE = bytes.maketrans(b"-_", b"+/")
-_HEX_CHARS = b"0123456789abcdef"  # searched in lower-cased text
-_B64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_"
-_MIN_HEX_RUN = 34  # 17 characters
-_MIN_B64_RUN = 23  # 17 bytes
+_STRIP: Final = b" \t\r\n\x00-_.:/\\|,;'\"+"
+_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+_HEX_CHARS: Final = b"0123456789abcdef"  # searched in lower-cased text
+_B64_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_"
+_MIN_HEX_RUN: Final = 34  # 17 characters
+_MIN_B64_RUN: Final = 23  # 17 bytes
 
 
 def _class_table(members: bytes) -> bytes:
     return bytes(ord("x") if c in members else ord(".") for c in range(256))
 
 
-_HEX_TABLE = _class_table(_HEX_CHARS)
-_B64_TABLE = _class_table(_B64_CHARS)
+_HEX_TABLE: Final = _class_table(_HEX_CHARS)
+_B64_TABLE: Final = _class_table(_B64_CHARS)
 
 
 def _runs(data: bytes, table: bytes, min_len: int) -> Iterator[bytes]:
@@ -198,16 +199,16 @@ def _runs(data: bytes, table: bytes, min_len: int) -> Iterator[bytes]:
 
 
 # Escapes that write one byte as hex digits (`\\u00` for text of ASCII).
-_HEX_ESCAPES = (b"\\u00", b"\\x", b"%", b"0x", b"&#x")
+_HEX_ESCAPES: Final = (b"\\u00", b"\\x", b"%", b"0x", b"&#x")
 # At least 17 numbers of 1-3 digits with short separators between them.
-_DECIMAL_LIST = re.compile(rb"\d{1,3}(?:[^0-9a-z]{1,4}\d{1,3}){16,}")
-_DECIMAL = re.compile(rb"\d{1,3}")
+_DECIMAL_LIST: Final = re.compile(rb"\d{1,3}(?:[^0-9a-z]{1,4}\d{1,3}){16,}")
+_DECIMAL: Final = re.compile(rb"\d{1,3}")
 # Lower-cased bytes by class for the decimal list's precondition: each of its
 # 16 repeats starts where a separator ([^0-9a-z]) meets a digit.
-_DECIMAL_CLASS_TABLE = bytes(
+_DECIMAL_CLASS_TABLE: Final = bytes(
     ord("d") if 48 <= c <= 57 else ord("a") if 97 <= c <= 122 else ord("s") for c in range(256)
 )
-_DECIMAL_REPEATS = 16
+_DECIMAL_REPEATS: Final = 16
 
 
 def _in_hex_runs(flat: bytes, target: bytes) -> bool:

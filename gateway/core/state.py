@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Final
 
 from telematics.v1 import common_pb2
 
 # ISO 3779: 17 characters, no I, O or Q.
 _VIN_CHARS = "[A-HJ-NPR-Z0-9]{17}"
 # \A..\Z, not ^..$: Python's `$` also matches before a trailing newline.
-VIN_PATTERN = re.compile(rf"\A{_VIN_CHARS}\Z")
+VIN_PATTERN: Final = re.compile(rf"\A{_VIN_CHARS}\Z")
 # The same for JSON Schema / OpenAPI, whose ECMA-262 `$` is the end of input
 # (and which has no \Z).
 VIN_SCHEMA_PATTERN = f"^{_VIN_CHARS}$"
@@ -45,7 +46,7 @@ class LocationMode(IntEnum):
 
 
 _MODES_BY_VALUE: dict[int, LocationMode] = {int(m): m for m in LocationMode}
-EFFECTIVE_MODES = {m: m for m in (LocationMode.APPROXIMATE, LocationMode.PRECISE)}
+EFFECTIVE_MODES: Final = {m: m for m in (LocationMode.APPROXIMATE, LocationMode.PRECISE)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,7 @@ class SettingsSnapshot:
     source: str = "vehicle"
 
 
-_STRICTNESS = {  # lower is stricter; anything unknown is enforced as OFF
+_STRICTNESS: Final = {  # lower is stricter; anything unknown is enforced as OFF
     LocationMode.OFF: 0,
     LocationMode.UNSPECIFIED: 0,
     LocationMode.APPROXIMATE: 1,

@@ -11,17 +11,18 @@ import math
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Final
 
 from telematics.v1 import common_pb2
 
-METRES_PER_DEGREE_LAT = 111_320.0
-_MIN_COS_LAT = 0.01  # keeps longitude cells finite near the poles
+METRES_PER_DEGREE_LAT: Final = 111_320.0
+_MIN_COS_LAT: Final = 0.01  # keeps longitude cells finite near the poles
 
 
-_SHA256_BLOCK = 64
+_SHA256_BLOCK: Final = 64
 # Byte maps XOR-ing every key byte with HMAC's inner and outer pad.
-_IPAD = bytes(b ^ 0x36 for b in range(256))
-_OPAD = bytes(b ^ 0x5C for b in range(256))
+_IPAD: Final = bytes(b ^ 0x36 for b in range(256))
+_OPAD: Final = bytes(b ^ 0x5C for b in range(256))
 
 
 @lru_cache(maxsize=64)
@@ -61,7 +62,7 @@ def pseudonym(key: bytes, purpose: str, value: str) -> str:
 
 
 # Pseudonym domain per field name; the field name itself when not listed.
-_FIELD_PURPOSE = {"session_id": "voice_session"}
+_FIELD_PURPOSE: Final = {"session_id": "voice_session"}
 
 
 def pseudonymize_field(key: bytes, field_name: str, value: str) -> str:
@@ -186,7 +187,7 @@ def truncate_ip(value: str) -> str:
 # A car keeps its address for hours, and parsing an IPv6 one costs ~10 µs:
 # results are remembered. Only address-sized texts (the longest IPv6 text with
 # an IPv4 tail is 45 characters), so the cache stays a few MiB whatever cars send.
-_LONGEST_CACHED_ADDRESS = 64
+_LONGEST_CACHED_ADDRESS: Final = 64
 
 
 @lru_cache(maxsize=16_384)
