@@ -4,7 +4,11 @@ the ones the full parse reaches."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 from google.protobuf.message import DecodeError, Message
 from hypothesis import given, settings
@@ -26,6 +30,7 @@ from tests.test_decide import (
     state,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 CLASSES = sorted({cls for _, cls in STREAMS.values()}, key=lambda c: c.DESCRIPTOR.full_name)
 
 
@@ -135,6 +140,99 @@ def test_a_revision_past_64_bits_is_left_to_the_parser() -> None:
         parsed = _parsed_header(streams_pb2.VehicleStatus, payload)
         assert parsed == (VIN, value % 2**64)
         assert peek_header(payload) in (None, parsed)
+
+
+V = VIN.encode()
+# Found by a review: each one read by the first version of the reader, and
+# each one read differently (or refused) by a parser.
+ODD_ENCODINGS = {
+    # protobuf's pure-Python parser looks fields up by their tag bytes: a
+    # padded tag is another (unknown) field to it, the header to upb.
+    "padded header tag": b"\x8a\x00\x13\x0a\x11" + V,
+    "padded revision tag after revision 5": b"\x0a\x18\x0a\x11" + V + b"\x20\x05\xa0\x00\x01",
+    "padded VIN tag after another VIN": b"\x0a\x27\x0a\x11WVWZZZ1JZXW000002\x8a\x00\x11" + V,
+    # upb refuses these.
+    "earlier VIN not UTF-8": b"\x0a\x16\x0a\x01\xff\x0a\x11" + V,
+    "6-byte header tag": b"\x8a\x80\x80\x80\x80\x00\x13\x0a\x11" + V,
+    "6-byte VIN tag": b"\x0a\x18\x8a\x80\x80\x80\x80\x00\x11" + V,
+    "tag past 32 bits": b"\x0a\x13\x0a\x11" + V + b"\x80\x80\x80\x80\x10\x00",
+    "6-byte VIN length": b"\x0a\x18\x0a\x91\x80\x80\x80\x80\x00" + V,
+}
+
+
+def test_tags_and_lengths_not_in_their_shortest_form_are_left_to_the_parser() -> None:
+    for name, payload in ODD_ENCODINGS.items():
+        assert peek_header(payload) is None, name
+        # And the decision is the full parse's: undecodable, a spoof, held,
+        # or (what the parser reads is this car at an applied revision) the
+        # setting's drop.
+        parsed = _parsed_header(streams_pb2.VehicleStatus, payload)
+        decision = _decide(payload)
+        if parsed is None:
+            dropped(decision, DropReason.UNDECODABLE)
+        elif parsed[0] != VIN:
+            dropped(decision, DropReason.VIN_MISMATCH)
+        elif parsed[1] > PRIVACY.revision:
+            assert isinstance(decision, Hold) and decision.revision == parsed[1], name
+        else:
+            dropped(decision, DropReason.PRIVACY_MODE)
+
+
+def test_the_reader_agrees_with_protobufs_pure_python_parser_too() -> None:
+    """The differential check of this file, under the other protobuf backend
+    (a deployment may run it): in a subprocess, as the backend is chosen at
+    import."""
+    script = """
+import random
+from google.protobuf.internal import api_implementation
+from google.protobuf.message import DecodeError
+from gateway.core.header_peek import peek_header
+from telematics.v1 import streams_pb2
+from tests.test_header_peek import ODD_ENCODINGS
+assert api_implementation.Type() == "python", api_implementation.Type()
+rng = random.Random(7)
+cases = list(ODD_ENCODINGS.values())
+base = streams_pb2.VehicleStatus()
+base.header.vin = "WVWZZZ1JZXW000001"
+base.header.settings_revision = 3
+base.fuel_level_pct = 50.0
+plain = base.SerializeToString()
+for _ in range(6000):
+    data = bytearray(plain + bytes(rng.randrange(256) for _ in range(rng.randint(0, 4))))
+    for _ in range(rng.randint(0, 2)):
+        data.insert(rng.randrange(len(data)), rng.choice([0x80, 0x00, 0x0a, 0x20, 0x8a, 0xa0]))
+    cases.append(bytes(data))
+answered = 0
+for payload in cases:
+    got = peek_header(payload)
+    if got is None:
+        continue
+    answered += 1
+    message = streams_pb2.VehicleStatus()
+    try:
+        message.ParseFromString(payload)
+    except (DecodeError, UnicodeDecodeError):
+        continue
+    assert got == (message.header.vin, message.header.settings_revision), payload
+assert answered > 300, answered
+print("ok", answered)
+"""
+    env = {**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok")
+
+
+def test_a_flood_of_tiny_fields_is_left_to_the_parser() -> None:
+    # 32,768 two-byte fields and no header: the walk stops early (the parser
+    # refuses or reads such a payload on its own).
+    header = common_pb2.Header(vin=VIN).SerializeToString()
+    flood = b"\x58\x00" * 32_768
+    assert peek_header(flood) is None
+    assert peek_header(b"\x0a" + _varint(len(header)) + header + flood) is None
+    assert peek_header(b"\x0a" + _varint(len(header)) + header + b"\x58\x00" * 100) == (VIN, 0)
 
 
 def _varint(value: int) -> bytes:

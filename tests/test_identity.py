@@ -356,38 +356,60 @@ def test_vin_search_agrees_with_its_plain_reference() -> None:
 
 
 def test_the_pseudonym_the_gateway_wrote_is_searched_as_a_separator() -> None:
-    """A pseudonymized copy holds its own pseudonym (32 hex characters, which
-    read as a base64 run): the search treats it as a separator. Whatever the
-    car wrote around it is searched whole, so a VIN the car put next to it,
-    in any form, is still found."""
+    """A pseudonymized copy holds its own pseudonym in its header (32 hex
+    characters, which read as a base64 run): that one occurrence is searched
+    as a separator. Whatever the car wrote is searched whole, the same value
+    in the car's bytes included, so a VIN next to or around it is found."""
     rng = random.Random(20261205)
     pieces = [*_encodings(VIN).values(), *_encodings(OTHER_VIN).values()]
+    at = 4
     for _ in range(1500):
         written = rng.getrandbits(128).to_bytes(16, "big").hex().encode()
         parts = [
             rng.choice(pieces)
             if rng.random() < 0.4
+            else written
+            if rng.random() < 0.2
             else bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 30)))
             for _ in range(rng.randint(1, 4))
         ]
-        data = b""
-        separated = b""
-        for part in parts:
-            if rng.random() < 0.6:
-                data += written
-                separated += b"\xff"
-            data += part
-            separated += part
-        found = vin_in_bytes(data, VIN, written)
-        assert found == _vin_in_bytes_reference(separated, VIN), data
+        # Parts apart (a decimal list within 4 bytes of digits is a longer
+        # list, which the search takes whole), but
+        # the first one right after the pseudonym.
+        car = (b"\xfe" * 5).join(parts)
+        data = b"\n4\n " + written + car
+        found = vin_in_bytes(data, VIN, written, at)
+        assert found == _vin_in_bytes_reference(b"\n4\n \xff" + car, VIN), data
         if any(_vin_in_bytes_reference(part, VIN) for part in parts):
             assert found, data
+        # Not where the gateway wrote it: nothing is taken out.
+        assert vin_in_bytes(data, VIN, written, at + 1) == _vin_in_bytes_reference(data, VIN)
     # Next to it in base64, hex and plain text (the forms a run can swallow).
     raw = VIN.encode()
     written = b"0f" * 16
     for form in (base64.b64encode(raw), raw.hex().encode(), raw):
-        assert vin_in_bytes(written + form + written, VIN, written)
-        assert vin_in_bytes(form + written, VIN, written)
+        assert vin_in_bytes(b"\n4\n " + written + form, VIN, written, at)
+    # A car that learnt its pseudonym (from its app's backend) and found that
+    # it begins with the VIN's last character writes the rest of the VIN
+    # before it: the whole VIN is in what leaves, and it is found.
+    ref = b"1" + b"a" * 31
+    assert VIN.endswith("1")
+    data = b"\n4\n " + ref + b"\x12\x30" + VIN[:-1].encode() + ref
+    assert vin_in_bytes(data, VIN, ref, at)
+
+
+def test_a_pseudonymized_copy_holds_its_pseudonym_where_the_search_expects_it() -> None:
+    # The search treats the header's pseudonym as a separator only at this
+    # place (anywhere else it is searched, at four base64 decodes a copy).
+    for stream in ("avn/nav", "avn/search", "avn/app/music"):
+        decision = send(ctx(), stream, sample(stream))
+        assert isinstance(decision, Forward)
+        copies = [decision, *decision.also]
+        refs = [(c.topic.split("/")[1], c.payload) for c in copies]
+        pseudonymized = [(r, p) for r, p in refs if r != VIN]
+        assert pseudonymized, stream
+        for ref, payload in pseudonymized:
+            assert payload[4:36] == ref.encode(), stream
 
 
 def test_ordinary_app_payloads_pass() -> None:

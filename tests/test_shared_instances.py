@@ -16,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -363,6 +366,32 @@ def test_instance_leases(postgres: PrivatePostgres) -> None:
     finally:
         alone.close()
     PostgresConsentStore(url, exclusive=True, instance="a").close()  # its lease ended with it
+
+
+def test_a_closed_store_leaves_its_locks_before_close_returns(postgres: PrivatePostgres) -> None:
+    """The server drops a session's locks when its backend process exits,
+    after the client has gone: on a busy machine a successor that claims at
+    once found them held ("another gateway is deciding"), which failed a CI
+    run. A backend stopped for a second stands in for the busy server."""
+    url = postgres.new_database()
+    first = PostgresConsentStore(url, exclusive=True)
+    with psycopg.connect(url, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert row is not None
+    backend = int(row[0])
+    os.kill(backend, signal.SIGSTOP)
+    resume = threading.Timer(1.0, os.kill, (backend, signal.SIGCONT))
+    resume.start()
+    try:
+        first.close()
+        PostgresConsentStore(url, exclusive=True).close()
+    finally:
+        resume.cancel()
+        with contextlib.suppress(ProcessLookupError):  # exited once resumed
+            os.kill(backend, signal.SIGCONT)
 
 
 def test_a_shared_group_needs_a_shared_store(tmp_path: Path) -> None:

@@ -581,7 +581,7 @@ def _route_copy(
         pseudonymize_header(ctx.key, message.header, ref, step_ms)  # type: ignore[attr-defined]
         transforms.append("pseudonymize:vin")
     out = message.SerializeToString()
-    if route.pseudonymize_vin and vin_in_bytes(out, vin, ref.encode()):
+    if route.pseudonymize_vin and vin_in_bytes(out, vin, ref.encode(), _REF_AT):
         return None
     return Egress(
         route.recipient,
@@ -589,6 +589,13 @@ def _route_copy(
         out,
         _properties(ctx.policy, stream, feature, transforms, route),
     )
+
+
+# Where a pseudonymized copy's serialization holds its pseudonym: the header
+# (field 1) comes first, and the VIN field (its field 1, now the 32-character
+# pseudonym) first in it: tag, header length (one byte: a pseudonymized
+# header is under 128 bytes), tag, 32. Elsewhere, the search covers it too.
+_REF_AT: Final = 4
 
 
 def _refused(

@@ -231,7 +231,7 @@ def _target(vin: str) -> bytes:
     return _canon(vin.encode())
 
 
-def vin_in_bytes(data: bytes, vin: str, written: bytes = b"") -> bool:
+def vin_in_bytes(data: bytes, vin: str, written: bytes = b"", written_at: int = 0) -> bool:
     """Whether `data` holds the VIN: in any letter case, with separators, as
     UTF-16LE/BE, as hex, or as base64 (standard or URL-safe, any alignment).
     A detector, not a guarantee: encrypted or otherwise encoded VINs pass.
@@ -239,17 +239,17 @@ def vin_in_bytes(data: bytes, vin: str, written: bytes = b"") -> bool:
     Every pseudonymized copy pays for this search, so each encoding is tried
     only where its necessary condition holds (cheap C-speed scans first).
 
-    `written`: a value the gateway wrote itself (the copy's pseudonym, a keyed
-    hash), searched as a separator. Its 32 hex characters read as a base64
-    run, which cost four decodes per copy, two thirds of the search. No VIN
-    is in it, and the car's bytes on either side are searched whole; a car
-    that learnt its pseudonym from its app's backend gains nothing by putting
-    it between parts of a VIN, since any filler there defeats the search."""
+    `written` at `written_at`: the value the gateway wrote there itself (the
+    copy's pseudonym in its header, a keyed hash), searched as a separator.
+    Its 32 hex characters read as a base64 run, which cost four decodes per
+    copy, two thirds of the search. Only that one occurrence: the same value
+    in the car's own bytes is searched as they are, so a car that learnt its
+    pseudonym cannot splice a VIN around it."""
     target = _target(vin)
     if not target:
         return False
-    if written:
-        data = data.replace(written, b"\xff")
+    if written and data.startswith(written, written_at):
+        data = data[:written_at] + b"\xff" + data[written_at + len(written) :]
     flat = _canon(data)
     if target in flat or _in_hex_runs(flat, target):
         return True

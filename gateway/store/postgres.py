@@ -280,6 +280,14 @@ class _Connection:
     def close(self) -> None:
         if self._conn is not None:
             try:
+                if self.exclusive and not self._conn.closed and not self._conn.broken:
+                    # The server drops a session's locks when its backend
+                    # exits, which is after the disconnect and, on a busy
+                    # server, after a successor's claim: a restarted gateway
+                    # would be refused as "another gateway". Released here,
+                    # they are gone when close returns.
+                    with contextlib.suppress(psycopg.Error):  # gone with it, as before
+                        self._conn.execute("SELECT pg_advisory_unlock_all()")
                 self._conn.close()
             finally:
                 self._conn = None
