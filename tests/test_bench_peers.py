@@ -152,3 +152,34 @@ def test_the_edge_floor_relays_every_message_and_acknowledges_it(
             receiver.close()
     finally:
         relay.stop()
+
+
+def test_the_gateways_cpu_is_also_quoted_against_what_ran_beside_it() -> None:
+    """Per round, the gateway's CPU per message over the broker's in the same
+    round and over Node-RED's and the edge's in the neighbouring rounds: the
+    machine's phase moves all of them together."""
+    from bench.peers import peer_targets
+
+    def fig(system: float, broker: float) -> dict[str, object]:
+        return {
+            "msg_s": 10_000.0,
+            "cpu_us_per_msg": {"system": system, "system_main_thread": system, "broker": broker},
+        }
+
+    gateway = [fig(30, 30), fig(60, 40), fig(45, 50)]
+    raw = {"gateway": gateway, "node-red": [fig(60, 1), fig(60, 1), fig(90, 1)]}
+    raw["edge"] = [fig(20, 1), fig(30, 1), fig(45, 1)]
+    median_of = {name: figs[1] for name, figs in raw.items()}
+    result = {
+        "peer": "node-red 4",
+        "all_forward": {"raw": raw, "median": median_of, "median_throughput_gateway_vs_peer": 1.0},
+        "mixed": {
+            "median": {"gateway": fig(1, 1), "node-red": fig(1, 1)},
+            "median_throughput_gateway_vs_peer": 1.0,
+        },
+    }
+    relative = {t.name.split(" / ")[1].split("'s")[0]: t for t in peer_targets(result)[3:]}
+    assert relative["broker"].value == 1.0  # 1.0, 1.5, 0.9
+    assert relative["node-red"].value == 0.5  # 0.5, 1.0, 0.5
+    assert relative["edge"].value == 1.5  # 1.5, 2.0, 1.0
+    assert "rounds 1.00, 1.50, 0.90" in relative["broker"].detail
