@@ -380,23 +380,28 @@ def decide(
         # Before parsing: a flood of huge payloads costs no protobuf work.
         return _drop(DropReason.OVERSIZED, stream.key, vin=vin, detail=str(len(payload)))
     feature = stream.feature if app_id is None else f"{stream.feature}.{app_id}"
-    if not stream.legal_obligation:
-        known = states.get(vin)
-        if known is not None and (
-            known.restricted or known.privacy_mode or feature not in known.enabled or known.objected
-        ):
-            # Dropped under the car's settings now, whatever its capture time
-            # (rule 11), unless it names another VIN or is held (rule 12): the
-            # header alone decides, without parsing the message.
-            refused = _refused(known, stream, feature, vin, "")
-            if refused is not None:
-                peeked = peek_header(payload)
-                if (
-                    peeked is not None
-                    and peeked[0] == vin
-                    and (histories is None or peeked[1] <= known.revision)
-                ):
-                    return refused
+    state = states.get(vin)
+    # The drop under the car's settings now, whatever the capture time (rule
+    # 11); taken below unless the message names another VIN or is held (rule
+    # 12). Computed only then: most messages of an enabled feature pay no call.
+    refused: Drop | None = None
+    if (
+        state is not None
+        and not stream.legal_obligation
+        and (
+            state.restricted or state.privacy_mode or feature not in state.enabled or state.objected
+        )
+    ):
+        refused = _refused(state, stream, feature, vin, "")
+        if refused is not None:
+            # The header alone decides, without parsing the message.
+            peeked = peek_header(payload)
+            if (
+                peeked is not None
+                and peeked[0] == vin
+                and (histories is None or peeked[1] <= state.revision)
+            ):
+                return refused
     message = stream.message_cls()
     try:
         message.ParseFromString(payload)
@@ -424,17 +429,13 @@ def decide(
             transforms=done,
             recipient=only.recipient,
         )
-    state = states.get(vin)
     stated = header.settings_revision
     if histories is not None and stated > (state.revision if state is not None else 0):
         return Hold(vin, stream.key, stated)
     if state is None:
         return _drop(DropReason.UNKNOWN_VEHICLE, stream.key, vin=vin)
-    if state.restricted or state.privacy_mode or feature not in state.enabled or state.objected:
-        # (Only then: most messages of an enabled feature pay no call.)
-        refused = _refused(state, stream, feature, vin, "")
-        if refused is not None:
-            return refused
+    if refused is not None:
+        return refused
     if stream.legal_basis == "consent" and ctx.consent_outdated(state.consent_version, stream.key):
         return _drop(DropReason.CONSENT_OUTDATED, stream.key, vin=vin, detail=state.consent_version)
     mode = EFFECTIVE_MODES.get(state.location, _OFF)  # LocationMode.effective, inline
