@@ -4,9 +4,10 @@ see docs/performance.md, docs/privacy.md and docs/scaling.md.
 `all` runs core, throughput, latency and scale; `bounds` (the floods of
 contract rule 20, several minutes), `peers` (the gateway against a Node-RED
 flow doing the same work) and `privacy` (the attack benchmark, in process, a
-few minutes; `--short` for a quick one) and `scale-out` (one gateway on SQLite
-against 1, 2 and 3 instances of a shared group on a private PostgreSQL) run
-only when named."""
+few minutes; `--short` for a quick one), `scale-out` (one gateway on SQLite
+against 1, 2 and 3 instances of a shared group on a private PostgreSQL) and
+`egress-store` (what a forwarded message's count costs the SQLite store, fresh
+and holding weeks of counts) run only when named."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ ON_DEMAND: dict[str, Callable[[Context], dict[str, Any]]] = {"scale-out": bench_
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "benchmark", choices=["all", *BENCHMARKS, "bounds", "peers", "privacy", *ON_DEMAND]
+        "benchmark",
+        choices=["all", *BENCHMARKS, "bounds", "peers", "privacy", "egress-store", *ON_DEMAND],
     )
     parser.add_argument("--rounds", type=int, default=3, help="A B A B rounds (median quoted)")
     parser.add_argument("--fleet", type=int, default=5_000, help="vehicles in the fleet")
@@ -71,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="bounds: deadline per flood in s (default 180, plus publishing time when paced)",
     )
+    parser.add_argument(
+        "--counts-kept-days",
+        type=int,
+        default=0,
+        help="peers: the gateway's store holds this many days of egress counts (default 0)",
+    )
     parser.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
     parser.add_argument("--short", action="store_true", help="privacy: 100 cars over 2 days (CI)")
     parser.add_argument("--cars", type=int, default=None, help="privacy: cars (1,000)")
@@ -87,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.benchmark == "privacy":
         return run_privacy(args, argv)
+    if args.benchmark == "egress-store":
+        return run_egress_store(args, argv)
     options = Options(
         rounds=args.rounds,
         fleet_size=args.fleet,
@@ -116,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             messages=8_000 if args.quick else 20_000,
             rounds=args.rounds,
             fleet_size=min(args.fleet, 2_000),
+            counts_kept_days=args.counts_kept_days,
         )
         return run_peers(peers, options, argv, console)
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
@@ -139,6 +150,35 @@ def main(argv: list[str] | None = None) -> int:
         print_scale_out_table(results["scale-out"], Console(width=160))
     else:
         print_table(results, Console(width=160))
+    console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
+    return 0
+
+
+def run_egress_store(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from bench.egress_store import (
+        EgressStoreOptions,
+        bench_egress_store,
+        print_egress_store_table,
+    )
+
+    options = EgressStoreOptions(rounds=args.rounds)
+    if args.quick:
+        options = EgressStoreOptions(fleets=(2_000,), history_days=(0, 7), counts=10_000, rounds=1)
+    console = Console(stderr=True)
+    console.print("[bold]egress-store[/]")
+    results: dict[str, Any] = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "options": vars(options),
+    }
+    started = time.perf_counter()
+    results["egress_store"] = bench_egress_store(
+        options, lambda text: console.print(text, highlight=False)
+    )
+    results["seconds"] = time.perf_counter() - started
+    path = write_json(results, f"egress-store-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    print_egress_store_table(results["egress_store"], Console(width=160))
     console.print(f"{results['seconds']:.0f} s; raw figures in {path}")
     return 0
 

@@ -342,16 +342,30 @@ class PeerOptions:
     messages: int = 20_000
     rounds: int = 3
     fleet_size: int = 2_000
+    # The gateway's store holds this many days of every car's egress counts
+    # (0: a store in its first day, the targets' setting; see
+    # bench/egress_store.py for what the days kept cost).
+    counts_kept_days: int = 0
+
+
+def counted_streams() -> list[tuple[str, str]]:
+    """(stream, feature) of every stream whose counts a store keeps, app
+    streams left out (their features are per app)."""
+    from gateway.policy import load_policy
+
+    return [(s.key, s.feature) for s in load_policy(POLICY).streams if "{" not in s.key]
 
 
 def _start(
-    ctx: Context, red: Path, fleet: Fleet, tag: str, floor: bool
+    ctx: Context, red: Path, fleet: Fleet, tag: str, floor: bool, counts_kept_days: int = 0
 ) -> tuple[Variant, Variant, Variant | None]:
     from bench.procs import start_gateway, start_relay, write_gateway_config
 
     url = ctx.broker.url
     state = ctx.tmp / f"{tag}-gateway-state"
-    populate_store(state, fleet, policy_version())
+    populate_store(
+        state, fleet, policy_version(), counts_kept=(counts_kept_days, counted_streams())
+    )
     gvp, gbp = f"{tag}gv", f"{tag}gb"
     config = write_gateway_config(ctx.tmp / "configs", f"{tag}-gateway", gvp, gbp)
     gateway = Variant("gateway", gvp, gbp, start_gateway(f"{tag}-gateway", config, url, state))
@@ -384,9 +398,10 @@ def run_workload(
     warmup: list[VehicleMessage],
     rounds: int,
     floor: bool = False,
+    counts_kept_days: int = 0,
 ) -> dict[str, Any]:
     """`floor`: also the gateway's MQTT edge relaying alone (bench/relays.py)."""
-    gateway, peer, edge = _start(ctx, red, fleet, name[:2], floor)
+    gateway, peer, edge = _start(ctx, red, fleet, name[:2], floor, counts_kept_days)
     variants = [v for v in (gateway, peer, edge) if v is not None]
     json_messages = as_json(messages)
     json_warmup = as_json(warmup)
@@ -445,7 +460,10 @@ def bench_peers(ctx: Context, options: PeerOptions) -> dict[str, Any]:
     from bench.workload import make_fleet
 
     red = ensure_node_red(ctx.log)
-    result: dict[str, Any] = {"peer": f"node-red {node_red_version(red)}"}
+    result: dict[str, Any] = {
+        "peer": f"node-red {node_red_version(red)}",
+        "counts_kept_days": options.counts_kept_days,
+    }
     fleet = all_forward_fleet(options.fleet_size)
     result["all_forward"] = run_workload(
         ctx,
@@ -456,6 +474,7 @@ def bench_peers(ctx: Context, options: PeerOptions) -> dict[str, Any]:
         all_forward_messages(fleet, WARMUP, seed=9),
         options.rounds,
         floor=True,
+        counts_kept_days=options.counts_kept_days,
     )
     mixed = make_fleet(options.fleet_size)
     result["mixed"] = run_workload(
@@ -466,6 +485,7 @@ def bench_peers(ctx: Context, options: PeerOptions) -> dict[str, Any]:
         make_messages(mixed, options.messages, seed=5),
         make_messages(mixed, WARMUP, seed=6),
         options.rounds,
+        counts_kept_days=options.counts_kept_days,
     )
     return result
 
@@ -485,6 +505,8 @@ def peer_targets(result: dict[str, Any]) -> list[Target]:
         detail += (
             f"; MQTT edge alone {e['msg_s']:,.0f} msg/s, {e['cpu_us_per_msg']['system']:.1f} µs/msg"
         )
+    if result.get("counts_kept_days"):
+        detail += f"; the gateway's store holding {result['counts_kept_days']} days of counts"
     mixed = result["mixed"]["median"]
     # The same CPU figure against what ran beside it: the machine's speed moves
     # 1.5-3x between phases, these ratios much less.

@@ -17,7 +17,9 @@ import random
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 
@@ -113,9 +115,20 @@ def make_fleet(size: int, seed: int = 1) -> Fleet:
     return Fleet(vins, settings, windows)
 
 
-def populate_store(state_dir: Path, fleet: Fleet, policy_version: str) -> Path:
+def populate_store(
+    state_dir: Path,
+    fleet: Fleet,
+    policy_version: str,
+    *,
+    counts_kept: tuple[int, Sequence[tuple[str, str]]] = (0, ()),
+) -> Path:
     """Write the fleet's applied settings (and their history) straight into the
     gateway's SQLite store.
+
+    `counts_kept` = (days, [(stream, feature), ...]): also every car's egress
+    counts of those streams for that many days before today, as a store in
+    service holds them for the streams' retention (the day's counts then go
+    in among them; see bench/egress_store.py).
 
     The schema comes from SqliteConsentStore itself; rows go in with one
     executemany in one transaction (the benchmark's setup, not a measurement).
@@ -171,6 +184,24 @@ def populate_store(state_dir: Path, fleet: Fleet, policy_version: str) -> Path:
             "INSERT INTO settings_history (vin, revision, privacy_mode, location, features,"
             " applied_at, policy_version, source) SELECT vin, revision, privacy_mode, location,"
             " features, applied_at, policy_version, source FROM vehicle_settings ORDER BY vin"
+        )
+        days, streams = counts_kept
+        today = datetime.now(UTC).date()
+        db.executemany(
+            "INSERT INTO egress_counts VALUES (?,?,?,?,?,?)",
+            sorted(
+                (
+                    row[0],
+                    (today - timedelta(days=d)).isoformat(),
+                    stream,
+                    feature,
+                    policy_version,
+                    5,
+                )
+                for row in rows
+                for d in range(1, days + 1)
+                for stream, feature in streams
+            ),
         )
         db.execute("COMMIT")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
