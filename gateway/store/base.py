@@ -211,9 +211,12 @@ class ConsentStore(Protocol):
 
     def active_policy(self) -> StoredPolicy | None: ...
 
-    def add_egress_counts(self, counts: list[EgressCount]) -> None: ...
+    def add_egress_counts(self, counts: list[EgressCount]) -> None:
+        """Add these counts; durable when this returns (the acknowledgements wait for it)."""
 
-    def egress_counts(self, vin: str) -> list[EgressCount]: ...
+    def egress_counts(self, vin: str) -> list[EgressCount]:
+        """`vin`'s counts (every one written, in its row yet or not), by day,
+        stream, feature and policy version."""
 
     def save_anchors(self, anchors: Mapping[str, LocationAnchor]) -> None:
         """Make these the vehicles' location anchors (never an older one over a newer)."""

@@ -321,6 +321,9 @@ class PostgresConsentStore(SqliteConsentStore):
         self._lock = threading.RLock()
         self._keyed_step_pending = False
         self._ledger_key: bytes | None = None
+        # Counts straight into the table: a journal's waiting counts would be
+        # each instance's own, and an older instance would erase without it.
+        self._egress = None
         self._pg = _Connection(url)
         self._pg.exclusive = exclusive
         self._pg.instance = instance

@@ -35,6 +35,7 @@ from gateway.store.base import (
     StoredPolicy,
     StoredVehicle,
 )
+from gateway.store.egress_journal import UPSERT_COUNTS, EgressJournal
 
 # 1: v1 gateway. 2: dead_letters. 3: settings_history.merged (snapshots
 # compacted into one row). 4: parked (messages held for a settings revision not
@@ -48,7 +49,7 @@ from gateway.store.base import (
 # dead_letters.recipient (streams with several recipients). New
 # tables are created by the schema script on every open; their versions only
 # record the step.
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 HISTORY_LIMIT = 1000  # settings history rows per vehicle before the oldest are merged
 # How an older store is brought to SCHEMA_VERSION: the statements that produce
 # version N, run in one transaction with recording N. A new table needs no
@@ -93,6 +94,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     10: ("ALTER TABLE vehicle_identity ADD COLUMN ownership INTEGER NOT NULL DEFAULT 0",),
     11: (),  # objections: a new table
     12: ("ALTER TABLE dead_letters ADD COLUMN recipient TEXT NOT NULL DEFAULT ''",),
+    # egress_journal: a new table. A version step all the same: the previous
+    # release would not see the counts it holds (nor erase them).
+    13: (),
 }
 KEYED_STEP = 8
 # settings_history rows that record a restriction being set or lifted (Art. 18)
@@ -163,6 +167,12 @@ CREATE TABLE IF NOT EXISTS egress_counts (
     count          INTEGER NOT NULL,
     PRIMARY KEY (vin, day, stream, feature, policy_version)
 ) WITHOUT ROWID;
+-- Counts not yet in egress_counts, one JSON row per commit (SQLite only:
+-- gateway/store/egress_journal.py).
+CREATE TABLE IF NOT EXISTS egress_journal (
+    seq    INTEGER PRIMARY KEY,
+    counts TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS access_log (
     at     REAL NOT NULL,
     client TEXT NOT NULL,
@@ -283,11 +293,19 @@ class SqliteConsentStore:
 
     FILENAME = "consent.sqlite3"
 
-    def __init__(self, path: str | Path, history_limit: int = HISTORY_LIMIT) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        history_limit: int = HISTORY_LIMIT,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """Open (or create) the store; StoreError when it is damaged or unusable.
 
         Integrity is checked on every open: a damaged page found later would
         surface as a failed write, and the pipeline holds until writes work.
+        `clock`: how long egress counts have waited in the journal (tests and
+        benchmarks run it faster).
         """
         self.path = Path(path)
         self.history_limit = max(2, history_limit)
@@ -298,6 +316,7 @@ class SqliteConsentStore:
         self._lock = threading.RLock()  # reentrant: reads inside read_snapshot
         self._keyed_step_pending = False
         self._ledger_key: bytes | None = None  # keyed content hashes once attached
+        self._egress: EgressJournal | None = EgressJournal(clock)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
@@ -322,6 +341,8 @@ class SqliteConsentStore:
             with self._lock:
                 self._db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
                 self._migrate()
+                if self._egress is not None:
+                    self._egress.load(self._db)
         except sqlite3.Error as exc:
             raise _store_error(self.path, exc) from exc
 
@@ -450,7 +471,7 @@ class SqliteConsentStore:
     def holds_vehicle_data(self) -> bool:
         """Whether anything about a vehicle was ever written (keyed with the
         pseudonymization key: audit subjects; downstream: pseudonyms)."""
-        for table in (*_VEHICLE_TABLES, "parked"):
+        for table in (*_VEHICLE_TABLES, "parked", "egress_journal"):
             if self._read(f"SELECT 1 FROM {table} LIMIT 1"):
                 return True
         # Policy entries name a version; every other entry names a vehicle.
@@ -861,9 +882,20 @@ class SqliteConsentStore:
                     "DELETE FROM objections WHERE subject=?", (subject,)
                 ).rowcount
             audit.append(db, record, self._ledger_key)
+            if journal is not None:
+                # No journal row may keep a count of the car (nor the fact
+                # that it had one): rewritten without them.
+                waiting, apply = journal.compact(db, lambda key: key[0] == vin)
+                after_commit.append(apply)
+                removed["egress_counts"] += waiting
             return removed
 
-        return self._write(tx)
+        journal, after_commit = self._egress, list[Callable[[], None]]()
+        with self._lock:
+            result = self._write(tx)
+            for apply in after_commit:
+                apply()
+            return result
 
     def _survivor(
         self, db: sqlite3.Connection, vin: str, subject: str, identity: IdentityRow, erasure: bool
@@ -1017,27 +1049,32 @@ class SqliteConsentStore:
     # --------------------------------------------------------- egress counters
 
     def add_egress_counts(self, counts: list[EgressCount]) -> None:
-        def tx(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "INSERT INTO egress_counts VALUES (?,?,?,?,?,?) ON CONFLICT"
-                "(vin, day, stream, feature, policy_version) DO UPDATE SET"
-                " count = egress_counts.count + excluded.count",
-                counts,  # rows in column order
-            )
-
-        if counts:
-            self._write(tx)
+        """Durable when this returns: in the journal (SQLite, see
+        gateway/store/egress_journal.py) or in the table (PostgreSQL)."""
+        if not counts:
+            return
+        journal = self._egress
+        if journal is None:
+            self._write(lambda db: db.executemany(UPSERT_COUNTS, counts))  # column order
+            return
+        with self._lock:  # the journal changes only with what was committed
+            self._write(lambda db: journal.append(db, counts))()
+            if journal.compaction_due:
+                self._write(lambda db: journal.compact(db)[1])()
 
     def egress_counts(self, vin: str) -> list[EgressCount]:
-        rows = self._read(
-            "SELECT vin, day, stream, feature, policy_version, count FROM egress_counts"
-            " WHERE vin=? ORDER BY day, stream, feature, policy_version",
-            (vin,),
-        )
-        return [
-            EgressCount(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]))
-            for r in rows
-        ]
+        with self._lock:
+            rows = self._read(
+                "SELECT vin, day, stream, feature, policy_version, count FROM egress_counts"
+                " WHERE vin=?",
+                (vin,),
+            )
+            waiting = self._egress.waiting(vin) if self._egress is not None else []
+        totals: dict[tuple[str, str, str, str, str], int] = {}
+        for r in (*rows, *waiting):
+            key = (str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]))
+            totals[key] = totals.get(key, 0) + int(r[5])
+        return [EgressCount(*k, n) for k, n in sorted(totals.items(), key=lambda kv: kv[0][1:])]
 
     # --------------------------------------------------------- location anchors
 
@@ -1340,9 +1377,22 @@ class SqliteConsentStore:
                 " AND length(subject)=32 AND subject NOT GLOB '*[^0-9a-f]*'",
                 (audit_content_before,),
             ).rowcount
+            if journal is not None:
+                # Counts waiting for their row are recent; the journal is
+                # rewritten all the same, so no row keeps a count past its day.
+                waiting, apply = journal.compact(
+                    db, lambda key: key[1] < counts_before.get(key[2], "")
+                )
+                after_commit.append(apply)
+                counts += waiting
             return {"egress_counts": counts, "settings_history": history, "audit_content": content}
 
-        return self._write(tx)
+        journal, after_commit = self._egress, list[Callable[[], None]]()
+        with self._lock:
+            result = self._write(tx)
+            for apply in after_commit:
+                apply()
+            return result
 
     def set_objection(
         self, subject: str, feature: str, objected: bool, record: AuditRecord
