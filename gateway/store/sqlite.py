@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -114,6 +115,7 @@ _VEHICLE_TABLES = (
     "find_my_car_commands",
 )
 T = TypeVar("T")
+log = logging.getLogger("gateway.store")
 # A VIN in an access-log path (access logs of schema < 8 may name one).
 _VIN_IN_PATH = re.compile(r"(/vehicles/)([A-HJ-NPR-Z0-9]{17})(?=/|$)", re.IGNORECASE)
 MAX_SQLITE_INT = 2**63 - 1
@@ -1060,7 +1062,12 @@ class SqliteConsentStore:
         with self._lock:  # the journal changes only with what was committed
             self._write(lambda db: journal.append(db, counts))()
             if journal.compaction_due:
-                self._write(lambda db: journal.compact(db)[1])()
+                # The counts are committed: a failed compaction must not make the
+                # caller write them again. It is tried again with the next commit.
+                try:
+                    self._write(lambda db: journal.compact(db)[1])()
+                except sqlite3.Error as exc:
+                    log.warning("egress journal not compacted (tried again later): %s", exc)
 
     def egress_counts(self, vin: str) -> list[EgressCount]:
         with self._lock:
