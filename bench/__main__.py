@@ -163,7 +163,7 @@ def run_egress_store(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     options = EgressStoreOptions(rounds=args.rounds)
     if args.quick:
-        options = EgressStoreOptions(fleets=(2_000,), history_days=(0, 7), counts=10_000, rounds=1)
+        options = EgressStoreOptions(loads=((2_000, 25_000.0),), history_days=(0, 7), rounds=1)
     console = Console(stderr=True)
     console.print("[bold]egress-store[/]")
     results: dict[str, Any] = {

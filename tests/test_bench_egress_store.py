@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import bench.egress_store as bench_egress
 from bench.egress_store import (
     TODAY,
     DirectUpsert,
@@ -24,61 +25,76 @@ from bench.suite import policy_version
 from bench.workload import make_fleet, populate_store
 from gateway.core.identity import subject
 from gateway.keys import load_or_create_key
+from gateway.store import egress_journal
 from gateway.store.sqlite import SqliteConsentStore
 
 
+@pytest.fixture
+def short_journal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counts fold after 0.2 simulated seconds: a cycle is a few commits."""
+    monkeypatch.setattr(egress_journal, "FOLD_AFTER_S", 0.2)
+    monkeypatch.setattr(bench_egress, "FOLD_AFTER_S", 0.2)
+
+
 @pytest.mark.parametrize("mode", ["direct", "journal"])
-def test_a_round_counts_every_message_it_writes(tmp_path: Path, mode: str) -> None:
+def test_a_round_counts_every_message_it_writes(
+    tmp_path: Path, mode: str, short_journal: None
+) -> None:
     cars = subjects(40)
     path = tmp_path / "s.sqlite3"
     prefill(path, cars, 3)
     clock = SimulatedClock()
-    options = EgressStoreOptions(batch=25, counts=300, every_s=10.0)
+    options = EgressStoreOptions(cycles=2.0)
     store = SqliteConsentStore(path, clock=clock)
     try:
         if mode == "direct":
             direct = DirectUpsert(path)
             try:
-                cpu, wall = count_round(direct, clock, cars, options, seed=1)
+                figures = count_round(direct, clock, cars, 1_000.0, options, seed=1)
             finally:
                 direct.close()
         else:
-            cpu, wall = count_round(store.add_egress_counts, clock, cars, options, seed=1)
-        # The warm-up covers the journal's wait and one period of every car.
-        assert clock.now >= 30.0 + options.every_s
-        today = TODAY.isoformat()
-        reopened = SqliteConsentStore(path)
-        per_day: dict[str, int] = {}
+            figures = count_round(store.add_egress_counts, clock, cars, 1_000.0, options, seed=1)
+    finally:
+        store.close()
+    # 1,000 msg/s: 4 counts per 4 ms commit; a car every 0.04 s; a cycle
+    # 0.24 s: 61 warm-up commits, then 120 timed ones (2 cycles).
+    assert len(figures.commit_ms) == 120
+    assert figures.cpu_us > 0 and figures.wall_us > 0
+    assert 0 < figures.commit_pct(50) <= figures.commit_pct(99) <= max(figures.commit_ms)
+    reopened = SqliteConsentStore(path)
+    per_day: dict[str, int] = {}
+    try:
         for car in cars:
             for row in reopened.egress_counts(car):
                 per_day[row.day] = per_day.get(row.day, 0) + row.count
-        reopened.close()
     finally:
-        store.close()
-    assert cpu > 0 and wall > 0
-    # The warm-up's counts and the timed ones, all there: a commit is 6.25
-    # simulated seconds (25 of 40 cars sending every 10 s), the warm-up 7
-    # commits (past 30 + 10 s), then 12 timed ones.
-    assert per_day.pop(today) == (7 + 12) * 25
+        reopened.close()
+    assert per_day.pop(TODAY.isoformat()) == (61 + 120) * 4  # every count written
     # The history: three earlier days, five per car each.
     assert sorted(per_day) == ["2026-12-02", "2026-12-03", "2026-12-04"]
     assert set(per_day.values()) == {5 * len(cars)}
 
 
-def test_the_short_run_compares_the_journal_with_direct_upserts(tmp_path: Path) -> None:
+def test_the_short_run_compares_the_journal_with_direct_upserts(
+    tmp_path: Path, short_journal: None
+) -> None:
     lines: list[str] = []
     result = bench_egress_store(
-        EgressStoreOptions(
-            fleets=(50,), history_days=(0, 2), batch=10, counts=200, rounds=2, every_s=5.0
-        ),
+        EgressStoreOptions(loads=((50, 2_000.0),), history_days=(0, 2), rounds=2, cycles=1.0),
         lines.append,
         directory=tmp_path,
     )
     cases = result["cases"]
-    assert [(c["fleet"], c["history_days"]) for c in cases] == [(50, 0), (50, 2)]
+    assert [(c["fleet"], c["rate"], c["batch"], c["history_days"]) for c in cases] == [
+        (50, 2_000.0, 8, 0),
+        (50, 2_000.0, 8, 2),
+    ]
     for c in cases:
         for mode in ("direct", "journal"):
-            assert len(c[mode]["cpu_us_per_count"]) == 2 and c[mode]["median_cpu_us"] > 0
+            figures = c[mode]
+            assert len(figures["cpu_us_per_count"]) == 2 and figures["median_cpu_us"] > 0
+            assert 0 < figures["commit_p99_ms"] <= figures["commit_max_ms"]
         assert c["direct_vs_journal_cpu"] == (
             c["direct"]["median_cpu_us"] / c["journal"]["median_cpu_us"]
         )

@@ -413,15 +413,16 @@ def test_a_database_the_previous_release_wrote_gets_the_change_log(
     """The previous release's PostgreSQL store had no change log: opening it
     adds the table and triggers (nothing else changes), and from then on a
     write by one store is seen by another."""
-    from gateway.store.postgres import schema_sql
-    from gateway.store.sqlite import SCHEMA_VERSION
+    from gateway.store.postgres import POSTGRES_SCHEMA_VERSION, schema_sql
 
     from .test_store import snap
 
     url = postgres.new_database()
     with psycopg.connect(url, autocommit=True) as old:  # what the previous release created
         old.execute(schema_sql())  # type: ignore[arg-type]
-        old.execute("INSERT INTO meta VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),))
+        old.execute(
+            "INSERT INTO meta VALUES ('schema_version', %s)", (str(POSTGRES_SCHEMA_VERSION),)
+        )
         old.execute(
             "INSERT INTO vehicle_settings (vin, revision, privacy_mode, location, features,"
             " applied_at, policy_version, source) VALUES ('s0', 1, 0, 2, '{}', 0, 'v', 'vehicle')"

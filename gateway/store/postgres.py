@@ -34,9 +34,13 @@ from gateway.store.sqlite import (
     _SCHEMA,
     HISTORY_LIMIT,
     SCHEMA_VERSION,
+    SQLITE_ONLY_STEPS,
     SqliteConsentStore,
     StoreError,
 )
+
+# The schema a PostgreSQL database is at: SQLite's, less its own steps.
+POSTGRES_SCHEMA_VERSION = max(v for v in range(1, SCHEMA_VERSION + 1) if v not in SQLITE_ONLY_STEPS)
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.store")
@@ -353,18 +357,20 @@ class PostgresConsentStore(SqliteConsentStore):
         row = self._pg.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             self._pg.execute(
-                "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT INTO meta VALUES ('schema_version', ?)", (str(POSTGRES_SCHEMA_VERSION),)
             )
             return
         version = int(row[0])
-        if version > SCHEMA_VERSION:
+        if version > POSTGRES_SCHEMA_VERSION:
             raise StoreError(
                 f"consent store {self.path} was written by a newer gateway "
-                f"(schema {version} > {SCHEMA_VERSION}); run that version"
+                f"(schema {version} > {POSTGRES_SCHEMA_VERSION}); run that version"
             )
         from gateway.store.sqlite import MIGRATIONS
 
-        for target in range(version + 1, SCHEMA_VERSION + 1):
+        for target in range(version + 1, POSTGRES_SCHEMA_VERSION + 1):
+            if target in SQLITE_ONLY_STEPS:
+                continue
             for statement in MIGRATIONS.get(target, ()):
                 if not self._adds_existing_column(statement):
                     self._pg.execute(statement)

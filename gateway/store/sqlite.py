@@ -95,10 +95,25 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     10: ("ALTER TABLE vehicle_identity ADD COLUMN ownership INTEGER NOT NULL DEFAULT 0",),
     11: (),  # objections: a new table
     12: ("ALTER TABLE dead_letters ADD COLUMN recipient TEXT NOT NULL DEFAULT ''",),
-    # egress_journal: a new table. A version step all the same: the previous
-    # release would not see the counts it holds (nor erase them).
+    # egress_journal (SQLite only: _SQLITE_SCHEMA): a new table. A version
+    # step all the same: the previous release would not see the counts it
+    # holds (nor erase them). PostgreSQL stays at 12 (SQLITE_ONLY_STEPS).
     13: (),
 }
+# Steps a PostgreSQL database does not take (nothing it stores changes): a
+# previous release sharing it keeps opening it.
+SQLITE_ONLY_STEPS = frozenset({13})
+# Counts not yet in egress_counts, one JSON row per commit (SQLite only:
+# gateway/store/egress_journal.py). `cycle`: a row of a checkpoint not yet
+# in effect (0: in effect); `first_day`: the earliest day it names.
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS egress_journal (
+    seq       INTEGER PRIMARY KEY,
+    counts    TEXT NOT NULL,
+    first_day TEXT NOT NULL,
+    cycle     INTEGER NOT NULL DEFAULT 0
+);
+"""
 KEYED_STEP = 8
 # settings_history rows that record a restriction being set or lifted (Art. 18)
 # rather than settings the car sent: what was allowed from then on, for the
@@ -169,12 +184,6 @@ CREATE TABLE IF NOT EXISTS egress_counts (
     count          INTEGER NOT NULL,
     PRIMARY KEY (vin, day, stream, feature, policy_version)
 ) WITHOUT ROWID;
--- Counts not yet in egress_counts, one JSON row per commit (SQLite only:
--- gateway/store/egress_journal.py).
-CREATE TABLE IF NOT EXISTS egress_journal (
-    seq    INTEGER PRIMARY KEY,
-    counts TEXT NOT NULL
-);
 CREATE TABLE IF NOT EXISTS access_log (
     at     REAL NOT NULL,
     client TEXT NOT NULL,
@@ -341,7 +350,7 @@ class SqliteConsentStore:
                     + "; ".join(problems)
                 )
             with self._lock:
-                self._db.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+                self._db.executescript("BEGIN;" + _SCHEMA + _SQLITE_SCHEMA + "COMMIT;")
                 self._migrate()
                 if self._egress is not None:
                     self._egress.load(self._db)
@@ -473,7 +482,8 @@ class SqliteConsentStore:
     def holds_vehicle_data(self) -> bool:
         """Whether anything about a vehicle was ever written (keyed with the
         pseudonymization key: audit subjects; downstream: pseudonyms)."""
-        for table in (*_VEHICLE_TABLES, "parked", "egress_journal"):
+        journal = ("egress_journal",) if self._egress is not None else ()  # SQLite only
+        for table in (*_VEHICLE_TABLES, "parked", *journal):
             if self._read(f"SELECT 1 FROM {table} LIMIT 1"):
                 return True
         # Policy entries name a version; every other entry names a vehicle.
@@ -861,6 +871,13 @@ class SqliteConsentStore:
                 "INSERT INTO pending_erasure_events (due_at, topic, payload) VALUES (?,?,?)",
                 events,
             )
+            waiting_only = 0
+            if journal is not None:
+                # No journal row may keep a count of the car (nor the fact
+                # that it had one).
+                gone, apply = journal.remove_vehicle(db, vin)
+                after_commit.append(apply)
+                waiting_only = len(gone) - journal.keys_in_table(db, gone)
             removed = {
                 table: db.execute(f"DELETE FROM {table} WHERE vin=?", (vin,)).rowcount
                 for table in (
@@ -884,12 +901,7 @@ class SqliteConsentStore:
                     "DELETE FROM objections WHERE subject=?", (subject,)
                 ).rowcount
             audit.append(db, record, self._ledger_key)
-            if journal is not None:
-                # No journal row may keep a count of the car (nor the fact
-                # that it had one): rewritten without them.
-                waiting, apply = journal.compact(db, lambda key: key[0] == vin)
-                after_commit.append(apply)
-                removed["egress_counts"] += waiting
+            removed["egress_counts"] += waiting_only  # each count key once
             return removed
 
         journal, after_commit = self._egress, list[Callable[[], None]]()
@@ -1061,13 +1073,13 @@ class SqliteConsentStore:
             return
         with self._lock:  # the journal changes only with what was committed
             self._write(lambda db: journal.append(db, counts))()
-            if journal.compaction_due:
-                # The counts are committed: a failed compaction must not make the
-                # caller write them again. It is tried again with the next commit.
+            if journal.checkpoint_due:
+                # The counts are committed: a failed checkpoint must not make the
+                # caller write them again.
                 try:
-                    self._write(lambda db: journal.compact(db)[1])()
+                    self._write(journal.checkpoint_step)()
                 except sqlite3.Error as exc:
-                    log.warning("egress journal not compacted (tried again later): %s", exc)
+                    journal.checkpoint_failed(exc)
 
     def egress_counts(self, vin: str) -> list[EgressCount]:
         with self._lock:
@@ -1366,7 +1378,14 @@ class SqliteConsentStore:
         audit_content_before: float,
     ) -> dict[str, int]:
         def tx(db: sqlite3.Connection) -> dict[str, int]:
-            counts = sum(
+            waiting_only = 0
+            if journal is not None:
+                # Counts waiting for their row are recent; the rows that name
+                # an older day lose it all the same.
+                gone, apply = journal.remove_before(db, counts_before)
+                after_commit.append(apply)
+                waiting_only = len(gone) - journal.keys_in_table(db, gone)
+            counts = waiting_only + sum(
                 db.execute(
                     "DELETE FROM egress_counts WHERE stream=? AND day<?", (stream, day)
                 ).rowcount
@@ -1384,14 +1403,6 @@ class SqliteConsentStore:
                 " AND length(subject)=32 AND subject NOT GLOB '*[^0-9a-f]*'",
                 (audit_content_before,),
             ).rowcount
-            if journal is not None:
-                # Counts waiting for their row are recent; the journal is
-                # rewritten all the same, so no row keeps a count past its day.
-                waiting, apply = journal.compact(
-                    db, lambda key: key[1] < counts_before.get(key[2], "")
-                )
-                after_commit.append(apply)
-                counts += waiting
             return {"egress_counts": counts, "settings_history": history, "audit_content": content}
 
         journal, after_commit = self._egress, list[Callable[[], None]]()
