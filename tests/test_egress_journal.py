@@ -50,11 +50,18 @@ def table_rows(path: Path) -> Counter[tuple[str, ...]]:
 
 
 def journal_net(path: Path) -> tuple[int, Counter[tuple[str, ...]], int]:
-    """(rows, what they add up to, counts in them)"""
+    """(rows in effect, what they add up to, counts in them)"""
     db = sqlite3.connect(path)
     try:
+        meta = db.execute("SELECT value FROM meta WHERE key='egress_checkpoint'").fetchone()
+        b = int(meta[0]) if meta else 0
         rows = [
-            json.loads(t) for (t,) in db.execute("SELECT counts FROM egress_journal WHERE cycle=0")
+            json.loads(t)
+            for (t,) in db.execute(
+                "SELECT counts FROM egress_journal"
+                " WHERE (cycle = 0 AND seq > ?) OR (cycle = ? AND ? > 0)",
+                (b, b, b),
+            )
         ]
     finally:
         db.close()
@@ -63,6 +70,15 @@ def journal_net(path: Path) -> tuple[int, Counter[tuple[str, ...]], int]:
         for *key, n in row:
             net[tuple(key)] += n
     return len(rows), +net, sum(len(row) for row in rows)  # +net: zero entries dropped
+
+
+def all_rows(path: Path) -> list[list[list[object]]]:
+    """Every journal row, in effect or not."""
+    db = sqlite3.connect(path)
+    try:
+        return [json.loads(t) for (t,) in db.execute("SELECT counts FROM egress_journal")]
+    finally:
+        db.close()
 
 
 def totals(store: SqliteConsentStore, cars: list[str] = CARS) -> Counter[tuple[str, ...]]:
@@ -123,13 +139,16 @@ def test_a_count_is_durable_when_written_and_folded_once_it_has_waited(path: Pat
 def test_every_count_is_counted_once_through_folds_reopens_and_compactions(
     path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Compacted after 7 rows (seeds 0, 1) or 30 counts in them (seeds 2, 3).
+    # A checkpoint after 7 rows (seeds 0, 1) or 30 counts in them (seeds 2, 3).
     by_rows = seed < 2
-    monkeypatch.setattr(egress_journal, "COMPACT_AFTER_ROWS", 7 if by_rows else 10_000)
-    monkeypatch.setattr(egress_journal, "COMPACT_AFTER_COUNTS", 10_000 if by_rows else 30)
+    monkeypatch.setattr(egress_journal, "CHECKPOINT_AFTER_ROWS", 7 if by_rows else 10**6)
+    monkeypatch.setattr(egress_journal, "CHECKPOINT_MIN_COUNTS", 10**6 if by_rows else 30)
+    monkeypatch.setattr(egress_journal, "CHECKPOINT_RATIO", 1)
     monkeypatch.setattr(egress_journal, "FOLD_AT_LEAST", 5)
-    # A checkpoint takes several commits: restarts fall in the middle of some.
+    # A checkpoint takes several commits, and so does deleting the rows it
+    # replaced: restarts fall in the middle of both.
     monkeypatch.setattr(egress_journal, "CHECKPOINT_CHUNK", 16)
+    monkeypatch.setattr(egress_journal, "DEAD_ROWS_PER_COMMIT", 3)
     rng, clock = random.Random(seed), Clock()
     expected: Counter[tuple[str, ...]] = Counter()
     store = SqliteConsentStore(path, clock=clock)
@@ -148,12 +167,13 @@ def test_every_count_is_counted_once_through_folds_reopens_and_compactions(
                 store = SqliteConsentStore(path, clock=clock)
             if step % 25 == 0:
                 rows, net, entries = journal_net(path)
-                # At most 80 keys (40 cars, 2 days) waiting: a checkpoint takes at
-                # most 5 commits, each adding up to 2 rows and 24 counts.
+                # At most 80 keys (40 cars, 2 days) wait: a checkpoint takes at
+                # most 5 commits after the dead rows are gone (a few commits).
                 if by_rows:
-                    assert rows <= 7 + 2 * 5 + 2
+                    assert rows <= 25
                 else:
-                    assert entries <= 80 + 30 + 24 * 5
+                    assert entries <= 80 + 30 + 24 * 12
+                assert len(all_rows(path)) <= 60  # dead ones included
                 assert table_rows(path) + net == expected
                 assert totals(store) == expected
     finally:
@@ -290,41 +310,37 @@ def test_postgresql_writes_counts_straight_into_their_rows(
         assert not in_rows and tables == 1 and version == "13"
 
 
-def test_a_failed_checkpoint_neither_fails_the_write_nor_loses_a_count(
+def test_a_failed_upkeep_neither_fails_the_write_nor_loses_a_count(
     path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The counts are committed before the checkpoint: raising then would make
-    the caller write them again (counted twice). A failing one is tried again
-    after as many rows again, not at every commit, and said once."""
-    monkeypatch.setattr(egress_journal, "COMPACT_AFTER_ROWS", 2)
-    failures = 0
-    step = egress_journal.EgressJournal.checkpoint_step
+    """The counts are committed before the upkeep: raising then would make
+    the caller write them again (counted twice). A failing one is not tried
+    at every commit, and is said once."""
+    monkeypatch.setattr(egress_journal, "CHECKPOINT_AFTER_ROWS", 20)
+    attempts = 0
+    upkeep = egress_journal.EgressJournal.upkeep
 
     def failing(self: egress_journal.EgressJournal, db: sqlite3.Connection) -> object:
-        nonlocal failures
-        if failures < 2:
-            failures += 1
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 3:
             raise sqlite3.OperationalError("database or disk is full")
-        return step(self, db)
+        return upkeep(self, db)
 
-    monkeypatch.setattr(egress_journal.EgressJournal, "checkpoint_step", failing)
+    monkeypatch.setattr(egress_journal.EgressJournal, "upkeep", failing)
     store = SqliteConsentStore(path, clock=Clock())
     try:
-        # A row per commit: tried at 3 rows (fails), again at 3 + 2 (fails), not
-        # at the rows between.
-        for n in range(1, 7):
+        for n in range(1, 31):  # a row per commit: due from the 21st on
             store.add_egress_counts([count(CARS[0], n)])
-        assert failures == 2
-        assert caplog.text.count("egress journal checkpoint failed") == 1
-        store.add_egress_counts([count(CARS[0], 7)])
-        store.add_egress_counts([count(CARS[0], 8)])
-        assert journal_net(path)[0] <= 3  # the third try went through
-        assert [c.count for c in store.egress_counts(CARS[0])] == [36]
+        assert 3 < attempts < 10  # 21, 23, 25 failed; then every commit while under way
+        assert caplog.text.count("egress journal upkeep failed") == 1
+        assert journal_net(path)[0] <= 10  # a checkpoint went through
+        assert [c.count for c in store.egress_counts(CARS[0])] == [465]
     finally:
         store.close()
     reopened = SqliteConsentStore(path)
     try:
-        assert [c.count for c in reopened.egress_counts(CARS[0])] == [36]
+        assert [c.count for c in reopened.egress_counts(CARS[0])] == [465]
     finally:
         reopened.close()
 
@@ -332,20 +348,25 @@ def test_a_failed_checkpoint_neither_fails_the_write_nor_loses_a_count(
 def test_no_journal_row_is_larger_than_a_commit_or_a_checkpoint_chunk(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A checkpoint writes `pending` a chunk per commit: no commit waits for all
-    of it (the stall that made an earlier journal fold 5 s of counts at once)."""
-    monkeypatch.setattr(egress_journal, "COMPACT_AFTER_ROWS", 5)
+    """A checkpoint writes what waits a chunk per commit, and its dead rows
+    go a few per commit: no commit waits for all of it (the stall that made
+    an earlier journal fold 5 s of counts at once)."""
+    monkeypatch.setattr(egress_journal, "CHECKPOINT_AFTER_ROWS", 5)
     monkeypatch.setattr(egress_journal, "CHECKPOINT_CHUNK", 25)
+    monkeypatch.setattr(egress_journal, "DEAD_ROWS_PER_COMMIT", 4)
     cars = [f"{i:032x}" for i in range(400)]
     store = SqliteConsentStore(path, clock=Clock())  # nothing is folded: 400 wait
     try:
         for i in range(0, 400, 10):
             store.add_egress_counts([count(car) for car in cars[i : i + 10]])
-        db = sqlite3.connect(path)
-        sizes = [len(json.loads(t)) for (t,) in db.execute("SELECT counts FROM egress_journal")]
-        db.close()
+        sizes = [len(row) for row in all_rows(path)]
         assert max(sizes) <= 25
-        assert len(sizes) < 40  # checkpoints put in effect: fewer rows than commits
+        assert len(sizes) < 40  # checkpoints put in effect, dead rows deleted
         assert totals(store, cars) == Counter({tuple(count(c)[:5]): 1 for c in cars})
     finally:
         store.close()
+    reopened = SqliteConsentStore(path)
+    try:
+        assert totals(reopened, cars) == Counter({tuple(count(c)[:5]): 1 for c in cars})
+    finally:
+        reopened.close()

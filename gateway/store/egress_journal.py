@@ -19,9 +19,13 @@ counted twice or lost.
 
 The journal is kept short by checkpoints, a chunk per commit so that no
 commit waits long: `pending` as of the last row B is written in chunks
-marked with the checkpoint (not in effect), and the transaction that writes
-the last chunk deletes the rows up to B and puts the chunks in effect. A
-crash in between leaves the old rows in effect and the chunks ignored.
+marked with B (`cycle`, not in effect), and the commit of the last chunk
+records B as the checkpoint in effect (meta `egress_checkpoint`). From then
+on the rows in effect are the chunks of B and the rows after B; every row
+up to B is dead and deleted a few per commit. A crash before that record
+leaves the old rows in effect and the chunks ignored. A checkpoint starts
+once the rows hold several times what waits (it costs what waits, so it is
+paid for by as many counts again), or after CHECKPOINT_AFTER_ROWS rows.
 
 An erasure or a retention purge takes its counts out of every row that
 names them (and drops a checkpoint under way), in its own transaction, so
@@ -55,26 +59,29 @@ FOLD_AFTER_S = 30.0
 FOLD_AT_LEAST = 256
 # Counts waiting, at most (oldest folded first beyond it): bounds memory.
 MAX_PENDING = 50_000
-# Journal rows, or counts in them, before a checkpoint starts: what a start
-# reads back stays small.
-COMPACT_AFTER_ROWS = 2_000
-COMPACT_AFTER_COUNTS = 200_000
-# Counts a checkpoint writes per commit: a few milliseconds at most.
+# A checkpoint starts when the rows in effect hold this many times what waits
+# (and at least CHECKPOINT_MIN_COUNTS), or after this many rows: what a
+# start reads back stays bounded.
+CHECKPOINT_RATIO = 4
+CHECKPOINT_MIN_COUNTS = 50_000
+CHECKPOINT_AFTER_ROWS = 20_000
+# Counts a checkpoint writes per commit, and dead rows deleted per commit:
+# a few milliseconds at most.
 CHECKPOINT_CHUNK = 2_000
+DEAD_ROWS_PER_COMMIT = 32
+_META_KEY = "egress_checkpoint"
 
 UPSERT_COUNTS = (
     "INSERT INTO egress_counts VALUES (?,?,?,?,?,?) ON CONFLICT"
     "(vin, day, stream, feature, policy_version) DO UPDATE SET"
     " count = egress_counts.count + excluded.count"
 )
-_INSERT = "INSERT INTO egress_journal (counts, first_day, cycle) VALUES (?,?,?)"
+_INSERT = "INSERT INTO egress_journal (cycle, first_day, counts) VALUES (?,?,?)"
 
 
-def _insert(db: sqlite3.Connection, entries: Sequence[Entry], cycle: int = 0) -> int:
-    """Append one row; its seq."""
+def _insert(db: sqlite3.Connection, entries: Sequence[Entry], cycle: int = 0) -> None:
     text = json.dumps(entries, separators=(",", ":"))
-    cursor = db.execute(_INSERT, (text, min(e[1] for e in entries), cycle))
-    return int(cursor.lastrowid or 0)
+    db.execute(_INSERT, (cycle, min(e[1] for e in entries), text))
 
 
 class _Checkpoint:
@@ -98,8 +105,10 @@ class EgressJournal:
         self._pending: dict[CountKey, list[float]] = {}
         self._rows = 0  # journal rows in effect
         self._entries = 0  # counts in them
-        self._checkpoint: _Checkpoint | None = None
-        self._not_before_rows = 0  # after a failed checkpoint: as many rows again
+        self._effective = 0  # the checkpoint in effect: rows up to it are dead
+        self._dead_upto = 0  # dead rows may remain up to this seq
+        self._checkpoint: _Checkpoint | None = None  # under way
+        self._not_before_rows = 0  # after a failed upkeep: as many rows again
         self._failing = False
         self._clock = clock
 
@@ -108,10 +117,14 @@ class EgressJournal:
 
     def load(self, db: sqlite3.Connection) -> None:
         """`pending` from the journal as the last run left it (a checkpoint
-        left unfinished is not in effect: its rows are dropped by the next)."""
+        left unfinished is not in effect)."""
+        row = db.execute("SELECT value FROM meta WHERE key=?", (_META_KEY,)).fetchone()
+        self._effective = int(row[0]) if row else 0
         pending: dict[CountKey, list[float]] = {}
         now, rows, entries = self._clock(), 0, 0
-        for (text,) in db.execute("SELECT counts FROM egress_journal WHERE cycle=0 ORDER BY seq"):
+        for (text,) in db.execute(
+            f"SELECT counts FROM egress_journal WHERE {self._in_effect()} ORDER BY seq"
+        ):
             rows += 1
             counts = json.loads(text)
             entries += len(counts)
@@ -120,19 +133,25 @@ class EgressJournal:
                 entry[0] += n
         self._pending = {k: v for k, v in pending.items() if v[0] != 0}
         self._rows, self._entries = rows, entries
+        self._dead_upto = self._effective
         self._checkpoint = None
+
+    def _in_effect(self) -> str:
+        """SQL: the rows in effect (the checkpoint's chunks and the rows after it)."""
+        b = self._effective
+        return f"((cycle = 0 AND seq > {b}) OR (cycle = {b} AND {b} > 0))"
 
     # ------------------------------------------------------------------ counts
 
     def append(self, db: sqlite3.Connection, counts: list[EgressCount]) -> Callable[[], None]:
-        """In a write transaction: journal `counts`, fold what is due. Returns
-        what to apply once it is committed."""
+        """In a write transaction: journal `counts`, fold what is due (its
+        negation in the same row). Returns what to apply once it is committed."""
         now = self._clock()
-        _insert(db, counts)  # an EgressCount is its row, in column order
         folded = self._due(now, max(FOLD_AT_LEAST, len(counts)))
         if folded:
             db.executemany(UPSERT_COUNTS, folded)
-            _insert(db, [(*r[:5], -r[5]) for r in folded])
+        # An EgressCount is its row, in column order.
+        _insert(db, [*counts, *((*r[:5], -r[5]) for r in folded)])
 
         def apply() -> None:
             pending = self._pending
@@ -149,7 +168,7 @@ class EgressJournal:
                     pending[key] = [c.count, now]
                 else:
                     waiting[0] += c.count
-            self._rows += 2 if folded else 1
+            self._rows += 1
             self._entries += len(counts) + len(folded)
 
         return apply
@@ -170,54 +189,78 @@ class EgressJournal:
         """`vin`'s counts not yet in the table."""
         return [EgressCount(*k, int(v[0])) for k, v in self._pending.items() if k[0] == vin]
 
-    # ------------------------------------------------------------- checkpoints
+    # ------------------------------------------------------------------ upkeep
 
     @property
-    def checkpoint_due(self) -> bool:
-        return self._checkpoint is not None or (
-            self._rows >= self._not_before_rows
-            and (self._rows > COMPACT_AFTER_ROWS or self._entries > COMPACT_AFTER_COUNTS)
-        )
+    def upkeep_due(self) -> bool:
+        """A checkpoint under way or due, or dead rows to delete."""
+        return self._checkpoint is not None or self._dead_upto > 0 or self._checkpoint_wanted()
 
-    def checkpoint_step(self, db: sqlite3.Connection) -> Callable[[], None]:
-        """In a write transaction: start a checkpoint or write its next chunk;
-        the last chunk puts it in effect. Returns what to apply once committed."""
+    def upkeep(self, db: sqlite3.Connection) -> Callable[[], None]:
+        """In a write transaction: delete a few dead rows; start a checkpoint
+        or write its next chunk (the last one puts it in effect). Returns
+        what to apply once committed."""
+        dead_left = self._dead_upto
+        if dead_left:
+            deleted = db.execute(
+                "DELETE FROM egress_journal WHERE seq IN (SELECT seq FROM egress_journal"
+                " WHERE seq <= ? ORDER BY seq LIMIT ?)",
+                (self._dead_upto, DEAD_ROWS_PER_COMMIT),
+            ).rowcount
+            if deleted < DEAD_ROWS_PER_COMMIT:
+                dead_left = 0
         cp = self._checkpoint
-        if cp is None:
-            db.execute("DELETE FROM egress_journal WHERE cycle != 0")  # an unfinished one
+        if cp is None and not dead_left and self._checkpoint_wanted():
             upto = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM egress_journal").fetchone()[0])
             snapshot = [(*k, int(v[0])) for k, v in self._pending.items()]
             cp = _Checkpoint(upto, self._rows, self._entries, snapshot)
-        chunk = cp.snapshot[cp.written : cp.written + CHECKPOINT_CHUNK]
-        if chunk:
-            _insert(db, chunk, cycle=cp.upto)
-        finished = cp.written + len(chunk) >= len(cp.snapshot)
-        if finished:
-            db.execute("DELETE FROM egress_journal WHERE seq <= ? AND cycle = 0", (cp.upto,))
-            db.execute("UPDATE egress_journal SET cycle = 0 WHERE cycle = ?", (cp.upto,))
+        chunk: list[Entry] = []
+        finished = False
+        if cp is not None:
+            chunk = cp.snapshot[cp.written : cp.written + CHECKPOINT_CHUNK]
+            if chunk:
+                _insert(db, chunk, cycle=cp.upto)
+            finished = cp.written + len(chunk) >= len(cp.snapshot)
+            if finished:
+                db.execute(
+                    "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
+                    " SET value=excluded.value",
+                    (_META_KEY, str(cp.upto)),
+                )
         started = cp
 
         def apply() -> None:
+            self._dead_upto = dead_left
+            self._not_before_rows, self._failing = 0, False
+            if started is None:
+                return
             started.written += len(chunk)
             started.chunks += 1 if chunk else 0
             if finished:
                 self._rows += started.chunks - started.rows
                 self._entries += len(started.snapshot) - started.entries
+                self._effective = self._dead_upto = started.upto
                 self._checkpoint = None
             else:
                 self._checkpoint = started
-            self._not_before_rows = 0
-            self._failing = False
 
         return apply
 
-    def checkpoint_failed(self, exc: Exception) -> None:
-        """Dropped (its rows are not in effect), tried again after as many
-        rows again: a disk too full for a chunk must not cost every commit."""
+    def _checkpoint_wanted(self) -> bool:
+        return self._rows >= self._not_before_rows and (
+            self._rows > CHECKPOINT_AFTER_ROWS
+            or self._entries > max(CHECKPOINT_MIN_COUNTS, CHECKPOINT_RATIO * len(self._pending))
+        )
+
+    def upkeep_failed(self, exc: Exception) -> None:
+        """The checkpoint under way is dropped (its chunks are not in effect);
+        tried again after as many rows again: a disk too full for a chunk
+        must not cost every commit."""
         self._checkpoint = None
-        self._not_before_rows = self._rows + COMPACT_AFTER_ROWS
+        self._not_before_rows = self._rows + max(1, CHECKPOINT_AFTER_ROWS // 10)
+        self._dead_upto = 0  # tried again with the next checkpoint
         if not self._failing:
-            log.warning("egress journal checkpoint failed (tried again later): %s", exc)
+            log.warning("egress journal upkeep failed (tried again later): %s", exc)
         self._failing = True
 
     # ----------------------------------------------------------------- removal
@@ -231,35 +274,42 @@ class EgressJournal:
     ) -> tuple[list[CountKey], Callable[[], None]]:
         """In a write transaction: take the counts `drop` selects out of every
         journal row that may hold them (`rows_where`) and out of `pending`;
-        a checkpoint under way is dropped. Returns the waiting keys removed,
-        and what to apply once committed."""
-        db.execute("DELETE FROM egress_journal WHERE cycle != 0")
+        a checkpoint under way is dropped (its chunks that name them are
+        deleted; the rest wait to be deleted as dead rows). Returns the
+        waiting keys removed, and what to apply once committed."""
         rows = 0
         entries = 0
-        for seq, text in db.execute(
-            f"SELECT seq, counts FROM egress_journal WHERE cycle = 0 AND ({rows_where})", params
+        b = self._effective
+        for seq, cycle, text in db.execute(
+            f"SELECT seq, cycle, counts FROM egress_journal WHERE {rows_where}", params
         ).fetchall():
             row: list[Entry] = [tuple(e) for e in json.loads(text)]
             kept = [e for e in row if not drop(e)]
             if len(kept) == len(row):
                 continue
-            entries += len(row) - len(kept)
-            if kept:
+            in_effect = (cycle == 0 and seq > b) or (b > 0 and cycle == b)
+            if kept and in_effect:
                 db.execute(
                     "UPDATE egress_journal SET counts=?, first_day=? WHERE seq=?",
                     (json.dumps(kept, separators=(",", ":")), min(e[1] for e in kept), seq),
                 )
-            else:
+            else:  # emptied, dead, or a chunk of a checkpoint under way (dropped)
                 db.execute("DELETE FROM egress_journal WHERE seq=?", (seq,))
-                rows += 1
+                rows += 1 if in_effect else 0
+            if in_effect:
+                entries += len(row) - len(kept)
         gone = [k for k in self._pending if drop(k)]
+
+        dropped = self._checkpoint
 
         def apply() -> None:
             for key in gone:
                 del self._pending[key]
             self._rows -= rows
             self._entries -= entries
-            self._checkpoint = None
+            if dropped is not None:
+                # Its chunks are dead: deleted once a later checkpoint is in effect.
+                self._checkpoint = None
 
         return gone, apply
 

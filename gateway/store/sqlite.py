@@ -104,14 +104,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 # previous release sharing it keeps opening it.
 SQLITE_ONLY_STEPS = frozenset({13})
 # Counts not yet in egress_counts, one JSON row per commit (SQLite only:
-# gateway/store/egress_journal.py). `cycle`: a row of a checkpoint not yet
-# in effect (0: in effect); `first_day`: the earliest day it names.
+# gateway/store/egress_journal.py). The small columns first: a scan reads
+# them without the row's overflow pages.
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS egress_journal (
-    seq       INTEGER PRIMARY KEY,
-    counts    TEXT NOT NULL,
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: rows up to a checkpoint are dead
+    cycle     INTEGER NOT NULL,
     first_day TEXT NOT NULL,
-    cycle     INTEGER NOT NULL DEFAULT 0
+    counts    TEXT NOT NULL
 );
 """
 KEYED_STEP = 8
@@ -1073,13 +1073,13 @@ class SqliteConsentStore:
             return
         with self._lock:  # the journal changes only with what was committed
             self._write(lambda db: journal.append(db, counts))()
-            if journal.checkpoint_due:
-                # The counts are committed: a failed checkpoint must not make the
+            if journal.upkeep_due:
+                # The counts are committed: a failed upkeep must not make the
                 # caller write them again.
                 try:
-                    self._write(journal.checkpoint_step)()
+                    self._write(journal.upkeep)()
                 except sqlite3.Error as exc:
-                    journal.checkpoint_failed(exc)
+                    journal.upkeep_failed(exc)
 
     def egress_counts(self, vin: str) -> list[EgressCount]:
         with self._lock:
