@@ -131,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_peers(peers, options, argv, console)
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     results: dict[str, Any] = {
-        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        **run_header(argv),
         "options": vars(options),
     }
     started = time.perf_counter()
@@ -154,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_header(argv: list[str] | None) -> dict[str, Any]:
+    """What every results file starts with: the command, when, the machine."""
+    return {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+    }
+
+
 def run_egress_store(args: argparse.Namespace, argv: list[str] | None) -> int:
     from bench.egress_store import (
         EgressStoreOptions,
@@ -167,9 +174,7 @@ def run_egress_store(args: argparse.Namespace, argv: list[str] | None) -> int:
     console = Console(stderr=True)
     console.print("[bold]egress-store[/]")
     results: dict[str, Any] = {
-        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        **run_header(argv),
         "options": vars(options),
     }
     started = time.perf_counter()
@@ -233,9 +238,7 @@ def run_privacy_wire(args: argparse.Namespace, argv: list[str] | None) -> int:
     console = Console(stderr=True)
     console.print(f"[bold]privacy through Mosquitto[/] {options.cars} cars, {options.days} days")
     results: dict[str, Any] = {
-        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        **run_header(argv),
     }
     results |= run_wire(options, lambda text: console.print(text, highlight=False))
     path = write_json(results, f"privacy-wire-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -248,9 +251,7 @@ def run_bounds(
     bounds: BoundsOptions, options: Options, argv: list[str] | None, console: Console
 ) -> int:
     results: dict[str, Any] = {
-        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        **run_header(argv),
     }
     started = time.perf_counter()
     with context(options, lambda text: console.print(text, highlight=False)) as ctx:
@@ -267,9 +268,7 @@ def run_peers(
     peers: PeerOptions, options: Options, argv: list[str] | None, console: Console
 ) -> int:
     results: dict[str, Any] = {
-        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        **run_header(argv),
         "options": vars(peers),
     }
     started = time.perf_counter()

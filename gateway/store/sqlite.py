@@ -773,6 +773,18 @@ class SqliteConsentStore:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def _write_then_apply(
+        self, fn: Callable[[sqlite3.Connection, list[Callable[[], None]]], T]
+    ) -> T:
+        """`_write(fn)`; what `fn` queues runs once it is committed, under the
+        lock: the egress journal changes only with what was committed."""
+        after_commit: list[Callable[[], None]] = []
+        with self._lock:
+            result = self._write(lambda db: fn(db, after_commit))
+            for apply in after_commit:
+                apply()
+            return result
+
     def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
@@ -851,7 +863,9 @@ class SqliteConsentStore:
         stored under `subject`, and `events` (due_at, topic, payload) are
         queued for publication after their delay."""
 
-        def tx(db: sqlite3.Connection) -> dict[str, int]:
+        journal = self._egress
+
+        def tx(db: sqlite3.Connection, after_commit: list[Callable[[], None]]) -> dict[str, int]:
             if identity is not None:
                 survivor = self._survivor(db, vin, subject, identity, scrub)
                 db.execute(
@@ -904,12 +918,7 @@ class SqliteConsentStore:
             removed["egress_counts"] += waiting_only  # each count key once
             return removed
 
-        journal, after_commit = self._egress, list[Callable[[], None]]()
-        with self._lock:
-            result = self._write(tx)
-            for apply in after_commit:
-                apply()
-            return result
+        return self._write_then_apply(tx)
 
     def _survivor(
         self, db: sqlite3.Connection, vin: str, subject: str, identity: IdentityRow, erasure: bool
@@ -1377,7 +1386,9 @@ class SqliteConsentStore:
         history_before: float,
         audit_content_before: float,
     ) -> dict[str, int]:
-        def tx(db: sqlite3.Connection) -> dict[str, int]:
+        journal = self._egress
+
+        def tx(db: sqlite3.Connection, after_commit: list[Callable[[], None]]) -> dict[str, int]:
             waiting_only = 0
             if journal is not None:
                 # Counts waiting for their row are recent; the rows that name
@@ -1405,12 +1416,7 @@ class SqliteConsentStore:
             ).rowcount
             return {"egress_counts": counts, "settings_history": history, "audit_content": content}
 
-        journal, after_commit = self._egress, list[Callable[[], None]]()
-        with self._lock:
-            result = self._write(tx)
-            for apply in after_commit:
-                apply()
-            return result
+        return self._write_then_apply(tx)
 
     def set_objection(
         self, subject: str, feature: str, objected: bool, record: AuditRecord
