@@ -170,7 +170,7 @@ def run_egress_store(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     options = EgressStoreOptions(rounds=args.rounds)
     if args.quick:
-        options = EgressStoreOptions(loads=((2_000, 25_000.0),), history_days=(0, 7), rounds=1)
+        options = EgressStoreOptions(loads=((2_000, 25_000.0, 1),), history_days=(0, 7), rounds=1)
     console = Console(stderr=True)
     console.print("[bold]egress-store[/]")
     results: dict[str, Any] = {

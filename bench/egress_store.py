@@ -25,6 +25,7 @@ stall shows there, not in the mean).
 
 from __future__ import annotations
 
+import itertools
 import random
 import shutil
 import sqlite3
@@ -45,19 +46,24 @@ from gateway.store import EgressCount
 from gateway.store.egress_journal import FOLD_AFTER_S, UPSERT_COUNTS
 from gateway.store.sqlite import SqliteConsentStore
 
-STREAM, FEATURE, VERSION = "tbox/status", "remote_control", "2026.1"
+VERSION = "2026.1"
+# What counts a message: its car (a subject), stream and feature.
+Source = tuple[str, str, str]
 TODAY = date(2026, 12, 5)
 MODES = ("direct", "journal")
 
 
 @dataclass
 class EgressStoreOptions:
-    # (cars, forwarded msg/s): the peers benchmark's load; a larger fleet at
-    # the same rate (a car every 2 s); the larger fleet at a car every 10 s.
-    loads: tuple[tuple[int, float], ...] = (
-        (2_000, 25_000.0),
-        (50_000, 25_000.0),
-        (50_000, 5_000.0),
+    # (cars, forwarded msg/s, streams per car): the peers benchmark's load; a
+    # larger fleet at the same rate (a car every 2 s); the same with four
+    # streams per car (more keys than may wait); the larger fleet at a car
+    # every 10 s.
+    loads: tuple[tuple[int, float, int], ...] = (
+        (2_000, 25_000.0, 1),
+        (50_000, 25_000.0, 1),
+        (50_000, 25_000.0, 4),
+        (50_000, 5_000.0, 1),
     )
     history_days: tuple[int, ...] = (0, 30)
     rounds: int = 2
@@ -83,22 +89,30 @@ def subjects(fleet: int) -> list[str]:
     return [f"{random.Random(i).getrandbits(128):032x}" for i in range(fleet)]
 
 
-def prefill(path: Path, cars: list[str], days: int) -> None:
-    """A store holding `days` earlier days of counts for every car, in its rows."""
+def sources(fleet: int, streams: int) -> list[Source]:
+    """Every car with the first `streams` of the policy's counted streams."""
+    from bench.peers import counted_streams
+
+    kinds = counted_streams()[:streams]
+    return [(car, stream, feature) for car in subjects(fleet) for stream, feature in kinds]
+
+
+def prefill(path: Path, keys: list[Source], days: int) -> None:
+    """A store holding `days` earlier days of counts for every car and stream, in its rows."""
     SqliteConsentStore(path).close()  # the schema
     write = DirectUpsert(path)
     try:
         for day in range(1, days + 1):
             stamp = (TODAY - timedelta(days=day)).isoformat()
-            write([EgressCount(c, stamp, STREAM, FEATURE, VERSION, 5) for c in cars])
+            write([EgressCount(c, stamp, st, f, VERSION, 5) for c, st, f in keys])
     finally:
         write.close()
 
 
-def traffic(cars: list[str], seed: int) -> Iterator[str]:
-    """Each car once per period, in a new random order each period."""
+def traffic(keys: list[Source], seed: int) -> Iterator[Source]:
+    """Each car and stream once per period, in a new random order each period."""
     rng = random.Random(seed)
-    order = list(cars)
+    order = list(keys)
     while True:
         rng.shuffle(order)
         yield from order
@@ -136,22 +150,22 @@ class RoundFigures:
 def count_round(
     write: Callable[[list[EgressCount]], None],
     clock: SimulatedClock,
-    cars: list[str],
+    keys: list[Source],
     rate: float,
     options: EgressStoreOptions,
     seed: int,
 ) -> RoundFigures:
-    """Counts of `rate` msg/s from `cars`, each once per period, in commits of
+    """Counts of `rate` msg/s from `keys`, each once per period, in commits of
     a pace's worth; timed after the warm-up."""
     today = TODAY.isoformat()
-    source = traffic(cars, seed)
+    source = traffic(keys, seed)
     batch = options.batch(rate)
     step = batch / rate  # simulated seconds per commit
-    cycle_s = FOLD_AFTER_S + len(cars) / rate
+    cycle_s = FOLD_AFTER_S + len(keys) / rate
     warm = int(cycle_s / step) + 1
     commits = max(1, int(options.cycles * cycle_s / step))
     batches = [
-        [EgressCount(next(source), today, STREAM, FEATURE, VERSION, 1) for _ in range(batch)]
+        [EgressCount(c, today, st, f, VERSION, 1) for c, st, f in itertools.islice(source, batch)]
         for _ in range(warm + commits)
     ]
     for rows in batches[:warm]:
@@ -175,13 +189,14 @@ def bench_egress_store(
     cases: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-egress-", dir=directory or Path.home()) as tmp:
         # On the real disk (not tmpfs): the fsync costs what it costs.
-        for fleet in sorted({f for f, _ in options.loads}):
-            cars = subjects(fleet)
+        for fleet, streams in sorted({(f, n) for f, _, n in options.loads}):
+            keys = sources(fleet, streams)
             for days in options.history_days:
-                seeded = Path(tmp) / f"{fleet}-{days}.sqlite3"
-                prefill(seeded, cars, days)
-                for rate in [r for f, r in options.loads if f == fleet]:
-                    cases.append(_case(options, Path(tmp), seeded, cars, rate, days, log))
+                seeded = Path(tmp) / f"{fleet}-{streams}-{days}.sqlite3"
+                prefill(seeded, keys, days)
+                for rate in [r for f, r, n in options.loads if (f, n) == (fleet, streams)]:
+                    case = _case(options, Path(tmp), seeded, keys, rate, days, log)
+                    cases.append({**case, "fleet": fleet, "streams": streams})
                 seeded.unlink()
     return {"fold_after_s": FOLD_AFTER_S, "cases": cases}
 
@@ -190,7 +205,7 @@ def _case(
     options: EgressStoreOptions,
     tmp: Path,
     seeded: Path,
-    cars: list[str],
+    keys: list[Source],
     rate: float,
     days: int,
     log: Callable[[str], None],
@@ -204,24 +219,23 @@ def _case(
             if mode == "direct":
                 direct = DirectUpsert(path)
                 try:
-                    figures[mode].append(count_round(direct, clock, cars, rate, options, r))
+                    figures[mode].append(count_round(direct, clock, keys, rate, options, r))
                 finally:
                     direct.close()
             else:
                 store = SqliteConsentStore(path, clock=clock)
                 try:
                     figures[mode].append(
-                        count_round(store.add_egress_counts, clock, cars, rate, options, r)
+                        count_round(store.add_egress_counts, clock, keys, rate, options, r)
                     )
                 finally:
                     store.close()
             for suffix in ("", "-wal", "-shm"):
                 path.with_name(path.name + suffix).unlink(missing_ok=True)
     case: dict[str, Any] = {
-        "fleet": len(cars),
         "rate": rate,
         "batch": options.batch(rate),
-        "every_s": len(cars) / rate,
+        "every_s": len(keys) / rate,  # per car and stream
         "history_days": days,
     }
     for mode in MODES:
@@ -240,7 +254,8 @@ def _case(
     )
     d, j = case["direct"], case["journal"]
     log(
-        f"  {len(cars):>7,} cars at {rate:,.0f} msg/s, {days:>2} days kept: CPU µs per count"
+        f"  {len(keys):>7,} cars x streams at {rate:,.0f} msg/s, {days:>2} days kept:"
+        " CPU µs per count"
         f" direct {d['median_cpu_us']:.1f}, journal {j['median_cpu_us']:.1f};"
         f" commit p99/max ms direct {d['commit_p99_ms']:.1f}/{d['commit_max_ms']:.0f},"
         f" journal {j['commit_p99_ms']:.1f}/{j['commit_max_ms']:.0f}"
@@ -253,13 +268,14 @@ def print_egress_store_table(result: dict[str, Any], console: Console) -> None:
         title="egress count cost on the store: CPU (wall) µs per count, medians;"
         " commit p99 / max ms, worst round"
     )
-    columns = ("cars", "msg/s", "per commit", "days kept", "direct upserts", "journal")
+    columns = ("cars", "streams", "msg/s", "per commit", "days kept", "direct upserts", "journal")
     for col in (*columns, "direct / journal"):
         table.add_column(col, justify="right")
     for c in result["cases"]:
         d, j = c["direct"], c["journal"]
         table.add_row(
             f"{c['fleet']:,}",
+            str(c["streams"]),
             f"{c['rate']:,.0f}",
             str(c["batch"]),
             str(c["history_days"]),

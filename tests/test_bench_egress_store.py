@@ -18,7 +18,7 @@ from bench.egress_store import (
     bench_egress_store,
     count_round,
     prefill,
-    subjects,
+    sources,
 )
 from bench.peers import counted_streams
 from bench.suite import policy_version
@@ -40,9 +40,10 @@ def short_journal(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_round_counts_every_message_it_writes(
     tmp_path: Path, mode: str, short_journal: None
 ) -> None:
-    cars = subjects(40)
+    keys = sources(40, 1)
+    cars = [k[0] for k in keys]
     path = tmp_path / "s.sqlite3"
-    prefill(path, cars, 3)
+    prefill(path, keys, 3)
     clock = SimulatedClock()
     options = EgressStoreOptions(cycles=2.0)
     store = SqliteConsentStore(path, clock=clock)
@@ -50,11 +51,11 @@ def test_a_round_counts_every_message_it_writes(
         if mode == "direct":
             direct = DirectUpsert(path)
             try:
-                figures = count_round(direct, clock, cars, 1_000.0, options, seed=1)
+                figures = count_round(direct, clock, keys, 1_000.0, options, seed=1)
             finally:
                 direct.close()
         else:
-            figures = count_round(store.add_egress_counts, clock, cars, 1_000.0, options, seed=1)
+            figures = count_round(store.add_egress_counts, clock, keys, 1_000.0, options, seed=1)
     finally:
         store.close()
     # 1,000 msg/s: 4 counts per 4 ms commit; a car every 0.04 s; a cycle
@@ -81,14 +82,18 @@ def test_the_short_run_compares_the_journal_with_direct_upserts(
 ) -> None:
     lines: list[str] = []
     result = bench_egress_store(
-        EgressStoreOptions(loads=((50, 2_000.0),), history_days=(0, 2), rounds=2, cycles=1.0),
+        EgressStoreOptions(
+            loads=((50, 2_000.0, 1), (20, 2_000.0, 3)), history_days=(0, 2), rounds=2, cycles=1.0
+        ),
         lines.append,
         directory=tmp_path,
     )
     cases = result["cases"]
-    assert [(c["fleet"], c["rate"], c["batch"], c["history_days"]) for c in cases] == [
-        (50, 2_000.0, 8, 0),
-        (50, 2_000.0, 8, 2),
+    assert [(c["fleet"], c["streams"], c["batch"], c["history_days"]) for c in cases] == [
+        (20, 3, 8, 0),
+        (20, 3, 8, 2),
+        (50, 1, 8, 0),
+        (50, 1, 8, 2),
     ]
     for c in cases:
         for mode in ("direct", "journal"):
@@ -98,7 +103,9 @@ def test_the_short_run_compares_the_journal_with_direct_upserts(
         assert c["direct_vs_journal_cpu"] == (
             c["direct"]["median_cpu_us"] / c["journal"]["median_cpu_us"]
         )
-    assert len(lines) == 2 and "2 days kept" in lines[1]
+    assert len(lines) == 4 and "2 days kept" in lines[1]
+    # Three streams per car: each car and stream once per period.
+    assert cases[0]["every_s"] == 20 * 3 / 2_000.0
     assert not list(tmp_path.iterdir())  # the stores are gone
 
 

@@ -135,7 +135,7 @@ def test_a_count_is_durable_when_written_and_folded_once_it_has_waited(path: Pat
         reopened.close()
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_every_count_is_counted_once_through_folds_reopens_and_compactions(
     path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,6 +149,8 @@ def test_every_count_is_counted_once_through_folds_reopens_and_compactions(
     # replaced: restarts fall in the middle of both.
     monkeypatch.setattr(egress_journal, "CHECKPOINT_CHUNK", 16)
     monkeypatch.setattr(egress_journal, "DEAD_ROWS_PER_COMMIT", 3)
+    if seed >= 4:  # fewer keys may wait than arrive: the rest go straight to their rows
+        monkeypatch.setattr(egress_journal, "MAX_PENDING", 15)
     rng, clock = random.Random(seed), Clock()
     expected: Counter[tuple[str, ...]] = Counter()
     store = SqliteConsentStore(path, clock=clock)
@@ -370,3 +372,46 @@ def test_no_journal_row_is_larger_than_a_commit_or_a_checkpoint_chunk(
         assert totals(reopened, cars) == Counter({tuple(count(c)[:5]): 1 for c in cars})
     finally:
         reopened.close()
+
+
+def test_an_upkeep_that_fails_otherwise_does_not_fail_the_write_either(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only a database error: a MemoryError while copying what waits,
+    raised after the counts are committed, would have the caller retry them."""
+    monkeypatch.setattr(egress_journal, "CHECKPOINT_AFTER_ROWS", 2)
+
+    def out_of_memory(self: egress_journal.EgressJournal, db: sqlite3.Connection) -> object:
+        raise MemoryError
+
+    monkeypatch.setattr(egress_journal.EgressJournal, "upkeep", out_of_memory)
+    store = SqliteConsentStore(path, clock=Clock())
+    try:
+        for n in (1, 2, 3, 4):
+            store.add_egress_counts([count(CARS[0], n)])
+        assert [c.count for c in store.egress_counts(CARS[0])] == [10]
+    finally:
+        store.close()
+
+
+def test_keys_beyond_what_may_wait_cost_one_upsert_each(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many keys per car (a stream each): those that find no room under
+    MAX_PENDING go straight into their rows, journaled not at all; the keys
+    that wait keep waiting."""
+    monkeypatch.setattr(egress_journal, "MAX_PENDING", 10)
+    store = SqliteConsentStore(path, clock=Clock())
+    try:
+        streams = [f"s{i}" for i in range(4)]
+        for _ in range(3):
+            store.add_egress_counts([count(car, stream=s) for car in CARS[:5] for s in streams])
+        _, net, entries = journal_net(path)
+        assert len(net) == 10 and set(net.values()) == {3}  # ten keys waited, three counts each
+        assert entries == 30  # nothing else was journaled
+        assert len(table_rows(path)) == 10 and set(table_rows(path).values()) == {3}
+        assert totals(store, CARS[:5]) == Counter(
+            {tuple(count(car, stream=s)[:5]): 3 for car in CARS[:5] for s in streams}
+        )
+    finally:
+        store.close()

@@ -38,6 +38,7 @@ own `pending`, and an older instance would erase without the journal.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sqlite3
@@ -51,13 +52,18 @@ log = logging.getLogger("gateway.store")
 # (vin, day, stream, feature, policy version): the table's key columns
 CountKey = tuple[str, str, str, str, str]
 Entry = tuple[str, str, str, str, str, int]
+# A key's count waiting, and since when (immutable: a checkpoint copies the
+# dict, not every value).
+Waiting = tuple[int, float]
 # How long a count may wait in the journal before its car's row gets it.
 # Messages of one car and stream within this time cost one upsert.
 FOLD_AFTER_S = 30.0
 # Each commit folds at least this many due counts (and at least as many as it
 # appends): the journal keeps up with any rate of new cars.
 FOLD_AT_LEAST = 256
-# Counts waiting, at most (oldest folded first beyond it): bounds memory.
+# Keys waiting, at most: bounds memory. A commit's counts of keys that find no
+# room go straight into their rows (as without a journal), so many keys per
+# car cost no more than upserting them.
 MAX_PENDING = 50_000
 # A checkpoint starts when the rows in effect hold this many times what waits
 # (and at least CHECKPOINT_MIN_COUNTS), or after this many rows: what a
@@ -70,6 +76,7 @@ CHECKPOINT_AFTER_ROWS = 20_000
 CHECKPOINT_CHUNK = 2_000
 DEAD_ROWS_PER_COMMIT = 32
 _META_KEY = "egress_checkpoint"
+
 
 UPSERT_COUNTS = (
     "INSERT INTO egress_counts VALUES (?,?,?,?,?,?) ON CONFLICT"
@@ -85,10 +92,15 @@ def _insert(db: sqlite3.Connection, entries: Sequence[Entry], cycle: int = 0) ->
 
 
 class _Checkpoint:
-    def __init__(self, upto: int, rows: int, entries: int, snapshot: list[Entry]) -> None:
+    def __init__(
+        self, upto: int, rows: int, entries: int, snapshot: dict[CountKey, Waiting]
+    ) -> None:
         self.upto = upto  # the last row it replaces (also its cycle id)
         self.rows, self.entries = rows, entries  # what it replaces
-        self.snapshot = snapshot  # `pending` as of `upto`
+        # `pending` as of `upto`: a copy of the dict (its values are immutable),
+        # read a chunk at a time.
+        self.size = len(snapshot)
+        self.items = iter(snapshot.items())
         self.written = 0  # of snapshot
         self.chunks = 0
 
@@ -101,8 +113,8 @@ class EgressJournal:
     commit (the callables returned)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        # key -> [count, when it began waiting]; insertion order is that order.
-        self._pending: dict[CountKey, list[float]] = {}
+        # key -> (count, when it began waiting); insertion order is that order.
+        self._pending: dict[CountKey, Waiting] = {}
         self._rows = 0  # journal rows in effect
         self._entries = 0  # counts in them
         self._effective = 0  # the checkpoint in effect: rows up to it are dead
@@ -120,7 +132,7 @@ class EgressJournal:
         left unfinished is not in effect)."""
         row = db.execute("SELECT value FROM meta WHERE key=?", (_META_KEY,)).fetchone()
         self._effective = int(row[0]) if row else 0
-        pending: dict[CountKey, list[float]] = {}
+        pending: dict[CountKey, int] = {}
         now, rows, entries = self._clock(), 0, 0
         for (text,) in db.execute(
             f"SELECT counts FROM egress_journal WHERE {self._in_effect()} ORDER BY seq"
@@ -129,9 +141,9 @@ class EgressJournal:
             counts = json.loads(text)
             entries += len(counts)
             for vin, day, stream, feature, version, n in counts:
-                entry = pending.setdefault((vin, day, stream, feature, version), [0, now])
-                entry[0] += n
-        self._pending = {k: v for k, v in pending.items() if v[0] != 0}
+                key = (vin, day, stream, feature, version)
+                pending[key] = pending.get(key, 0) + n
+        self._pending = {k: (n, now) for k, n in pending.items() if n != 0}
         self._rows, self._entries = rows, entries
         self._dead_upto = self._effective
         self._checkpoint = None
@@ -145,31 +157,50 @@ class EgressJournal:
 
     def append(self, db: sqlite3.Connection, counts: list[EgressCount]) -> Callable[[], None]:
         """In a write transaction: journal `counts`, fold what is due (its
-        negation in the same row). Returns what to apply once it is committed."""
+        negation in the same row). Counts of new keys that find no room under
+        MAX_PENDING go straight into their rows. Returns what to apply once
+        it is committed."""
         now = self._clock()
+        pending = self._pending
         folded = self._due(now, max(FOLD_AT_LEAST, len(counts)))
-        if folded:
-            db.executemany(UPSERT_COUNTS, folded)
-        # An EgressCount is its row, in column order.
-        _insert(db, [*counts, *((*r[:5], -r[5]) for r in folded)])
+        room = MAX_PENDING - len(pending) + len(folded)
+        refolded = {row[:5] for row in folded}  # their new counts wait anew
+        journaled: list[EgressCount] = []
+        direct: list[EgressCount] = []
+        new: set[CountKey] = set()
+        for c in counts:
+            key = (c.vin, c.day, c.stream, c.feature, c.policy_version)
+            if key in new or (key in pending and key not in refolded):
+                journaled.append(c)
+            elif room > 0:
+                room -= 1
+                new.add(key)
+                journaled.append(c)
+            else:
+                direct.append(c)
+        if folded or direct:
+            db.executemany(UPSERT_COUNTS, [*folded, *direct])
+        if journaled or folded:
+            # An EgressCount is its row, in column order.
+            _insert(db, [*journaled, *((*r[:5], -r[5]) for r in folded)])
 
         def apply() -> None:
-            pending = self._pending
             for row in folded:
                 key = row[:5]
-                entry = pending[key]
-                entry[0] -= row[5]
-                if entry[0] == 0:
+                n, since = pending[key]
+                if n == row[5]:
                     del pending[key]
-            for c in counts:
+                else:  # never: a fold takes all that waits
+                    pending[key] = (n - row[5], since)
+            for c in journaled:
                 key = (c.vin, c.day, c.stream, c.feature, c.policy_version)
                 waiting = pending.get(key)
-                if waiting is None:
-                    pending[key] = [c.count, now]
-                else:
-                    waiting[0] += c.count
-            self._rows += 1
-            self._entries += len(counts) + len(folded)
+                pending[key] = (
+                    (c.count, now) if waiting is None else (waiting[0] + c.count, waiting[1])
+                )
+            if journaled or folded:
+                self._rows += 1
+                self._entries += len(journaled) + len(folded)
 
         return apply
 
@@ -182,12 +213,12 @@ class EgressJournal:
         for key, (n, since) in self._pending.items():  # oldest first
             if len(due) >= limit or (len(due) >= over and now - since < FOLD_AFTER_S):
                 break
-            due.append((*key, int(n)))
+            due.append((*key, n))
         return due
 
     def waiting(self, vin: str) -> list[EgressCount]:
         """`vin`'s counts not yet in the table."""
-        return [EgressCount(*k, int(v[0])) for k, v in self._pending.items() if k[0] == vin]
+        return [EgressCount(*k, v[0]) for k, v in self._pending.items() if k[0] == vin]
 
     # ------------------------------------------------------------------ upkeep
 
@@ -212,15 +243,14 @@ class EgressJournal:
         cp = self._checkpoint
         if cp is None and not dead_left and self._checkpoint_wanted():
             upto = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM egress_journal").fetchone()[0])
-            snapshot = [(*k, int(v[0])) for k, v in self._pending.items()]
-            cp = _Checkpoint(upto, self._rows, self._entries, snapshot)
+            cp = _Checkpoint(upto, self._rows, self._entries, self._pending.copy())
         chunk: list[Entry] = []
         finished = False
         if cp is not None:
-            chunk = cp.snapshot[cp.written : cp.written + CHECKPOINT_CHUNK]
+            chunk = [(*k, v[0]) for k, v in itertools.islice(cp.items, CHECKPOINT_CHUNK)]
             if chunk:
                 _insert(db, chunk, cycle=cp.upto)
-            finished = cp.written + len(chunk) >= len(cp.snapshot)
+            finished = cp.written + len(chunk) >= cp.size
             if finished:
                 db.execute(
                     "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
@@ -238,7 +268,7 @@ class EgressJournal:
             started.chunks += 1 if chunk else 0
             if finished:
                 self._rows += started.chunks - started.rows
-                self._entries += len(started.snapshot) - started.entries
+                self._entries += started.size - started.entries
                 self._effective = self._dead_upto = started.upto
                 self._checkpoint = None
             else:

@@ -1087,7 +1087,7 @@ class SqliteConsentStore:
                 # caller write them again.
                 try:
                     self._write(journal.upkeep)()
-                except sqlite3.Error as exc:
+                except Exception as exc:  # any: the caller would write the counts again
                     journal.upkeep_failed(exc)
 
     def egress_counts(self, vin: str) -> list[EgressCount]:
