@@ -26,12 +26,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from gateway.core.state import LocationAnchor
-from gateway.store import EgressCount
+from gateway.store import CountKey, EgressCount
 
 log = logging.getLogger("gateway.accounting")
 
-# (vin, day, stream, feature, policy version)
-CountKey = tuple[str, str, str, str, str]
 # At most one commit per this much time under load (see above); well inside
 # the vehicle-side keepalive and Receive Maximum window.
 COMMIT_PACE_S = 0.004

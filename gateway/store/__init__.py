@@ -3,6 +3,7 @@
 from gateway.store.base import (
     Changes,
     ConsentStore,
+    CountKey,
     EgressCount,
     HistoryRow,
     IncidentHold,
@@ -16,6 +17,7 @@ from gateway.store.sqlite import SqliteConsentStore, StoreDamaged, StoreError
 __all__ = [
     "Changes",
     "ConsentStore",
+    "CountKey",
     "EgressCount",
     "HistoryRow",
     "IncidentHold",

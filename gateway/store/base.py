@@ -24,6 +24,10 @@ class StoredPolicy:
     active: bool
 
 
+# An egress count's key: (vin, day, stream, feature, policy version).
+CountKey = tuple[str, str, str, str, str]
+
+
 class EgressCount(NamedTuple):
     """Messages forwarded for one vehicle, per day, stream, feature and policy
     version. A named tuple: one is built per car in every commit of the

@@ -45,12 +45,10 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from gateway.store.base import EgressCount
+from gateway.store.base import CountKey, EgressCount
 
 log = logging.getLogger("gateway.store")
 
-# (vin, day, stream, feature, policy version): the table's key columns
-CountKey = tuple[str, str, str, str, str]
 Entry = tuple[str, str, str, str, str, int]
 # A key's count waiting, and since when (immutable: a checkpoint copies the
 # dict, not every value).
@@ -123,9 +121,6 @@ class EgressJournal:
         self._not_before_rows = 0  # after a failed upkeep: as many rows again
         self._failing = False
         self._clock = clock
-
-    def __len__(self) -> int:
-        return len(self._pending)
 
     def load(self, db: sqlite3.Connection) -> None:
         """`pending` from the journal as the last run left it (a checkpoint
